@@ -1,0 +1,292 @@
+//! Chunking: splitting a document into pieces that each fit the embedding model.
+//!
+//! [`Chunker`] sizes chunks in the embedding model's own tokens with `text-splitter`
+//! (semantic boundaries: headings, paragraphs, sentences, words, graphemes), then checks every
+//! chunk against the limit and hard-splits the rare chunk that is still too long:
+//! text-splitter does not measure sections of at most `max_tokens` bytes, assuming a token
+//! spans at least one byte, which a tokenizer whose normaliser expands text (NFKC `ﷺ`, a
+//! `Replace` rule) can break. BERT WordPiece never does, so for it the check is a safety net.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
+use tokenizers::{PostProcessor, Tokenizer};
+
+/// How a document's text is structured, which decides where chunk boundaries go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChunkFormat {
+    /// Plain text: split at blank lines, line breaks, sentences, words.
+    Text,
+    /// CommonMark/GFM: split at headings, blocks (paragraphs, code fences, lists), then as text.
+    Markdown,
+}
+
+impl ChunkFormat {
+    /// The format for a MIME content type: `text/plain` is [`ChunkFormat::Text`],
+    /// `text/markdown` and `text/x-markdown` are [`ChunkFormat::Markdown`]. Case-insensitive;
+    /// parameters such as `; charset=utf-8` are ignored. `None` for anything else.
+    pub fn from_content_type(ct: &str) -> Option<Self> {
+        let essence = ct.split(';').next().unwrap_or_default().trim();
+        if essence.eq_ignore_ascii_case("text/plain") {
+            Some(Self::Text)
+        } else if essence.eq_ignore_ascii_case("text/markdown")
+            || essence.eq_ignore_ascii_case("text/x-markdown")
+        {
+            Some(Self::Markdown)
+        } else {
+            None
+        }
+    }
+}
+
+/// One piece of a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Position in the document, counting from 0 without gaps.
+    pub index: usize,
+    /// The chunk's text, a slice of the document (leading and trailing whitespace trimmed).
+    pub text: String,
+    /// Where the text is in the document, in bytes: `&content[byte_range] == text`.
+    pub byte_range: Range<usize>,
+    /// Number of tokens of `text`, not counting the special tokens the model adds
+    /// (`[CLS]`/`[SEP]` for BERT).
+    pub tokens: usize,
+}
+
+/// Invalid chunk sizes given to [`Chunker::new`].
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// `max_tokens` is 0.
+    #[error("chunk size must be at least 1 token")]
+    ZeroMaxTokens,
+    /// The overlap is not smaller than the chunk size.
+    #[error("chunk overlap ({overlap} tokens) must be smaller than the chunk size ({max_tokens})")]
+    OverlapTooLarge {
+        /// Requested overlap.
+        overlap: usize,
+        /// Requested chunk size.
+        max_tokens: usize,
+    },
+    /// A chunk plus the model's special tokens would not fit the model's input.
+    #[error(
+        "chunk size {max_tokens} + {special_tokens} special tokens exceeds the model's limit of {model_max_tokens} tokens"
+    )]
+    ExceedsModelLimit {
+        /// Requested chunk size.
+        max_tokens: usize,
+        /// Special tokens the tokenizer adds to every input.
+        special_tokens: usize,
+        /// Most tokens the model reads, special tokens included.
+        model_max_tokens: usize,
+    },
+    /// The tokenizer's truncation could not be turned off.
+    #[error("cannot configure the tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Splits documents into chunks of at most a fixed number of model tokens.
+///
+/// Built once (the splitters are reused for every document); `Send + Sync`, so share it
+/// with an [`Arc`] across tasks.
+pub struct Chunker {
+    tokenizer: Arc<Tokenizer>,
+    text: TextSplitter<TokenCounter>,
+    markdown: MarkdownSplitter<TokenCounter>,
+    max_tokens: usize,
+    overlap: usize,
+    model_max_tokens: usize,
+}
+
+impl Chunker {
+    /// A chunker producing chunks of at most `max_tokens` tokens (counted with `tokenizer`,
+    /// WITHOUT special tokens), consecutive chunks sharing up to `overlap` tokens.
+    /// `model_max_tokens` is the embedder's maximum input including special tokens
+    /// (`[CLS]`/`[SEP]`, 2 for BERT, as the tokenizer's post-processor reports).
+    ///
+    /// Truncation and padding configured in `tokenizer` are turned off, so sizes count every
+    /// token.
+    ///
+    /// # Errors
+    ///
+    /// [`ChunkError`] if `max_tokens` is 0, `overlap >= max_tokens`, or `max_tokens` plus the
+    /// special tokens exceeds `model_max_tokens`.
+    pub fn new(
+        mut tokenizer: Tokenizer,
+        max_tokens: usize,
+        overlap: usize,
+        model_max_tokens: usize,
+    ) -> Result<Self, ChunkError> {
+        if max_tokens == 0 {
+            return Err(ChunkError::ZeroMaxTokens);
+        }
+        if overlap >= max_tokens {
+            return Err(ChunkError::OverlapTooLarge {
+                overlap,
+                max_tokens,
+            });
+        }
+        let special_tokens = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_tokens.saturating_add(special_tokens) > model_max_tokens {
+            return Err(ChunkError::ExceedsModelLimit {
+                max_tokens,
+                special_tokens,
+                model_max_tokens,
+            });
+        }
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| ChunkError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
+        let tokenizer = Arc::new(tokenizer);
+
+        let config = || {
+            ChunkConfig::new(max_tokens)
+                .with_sizer(TokenCounter(Arc::clone(&tokenizer)))
+                .with_overlap(overlap)
+                .map_err(|_| ChunkError::OverlapTooLarge {
+                    overlap,
+                    max_tokens,
+                })
+        };
+        let text = TextSplitter::new(config()?);
+        let markdown = MarkdownSplitter::new(config()?);
+        Ok(Self {
+            tokenizer,
+            text,
+            markdown,
+            max_tokens,
+            overlap,
+            model_max_tokens,
+        })
+    }
+
+    /// Splits `content` into chunks numbered from 0 in document order. Empty or
+    /// whitespace-only content gives no chunks. Every chunk's `byte_range` slices `content`
+    /// back to its `text`, and no chunk has more than `max_tokens` tokens (so, with the
+    /// special tokens, it fits the model) — unless a single character alone tokenises into
+    /// more, which no BERT WordPiece tokenizer does.
+    pub fn split(&self, content: &str, format: ChunkFormat) -> Vec<Chunk> {
+        if content.trim().is_empty() {
+            return Vec::new();
+        }
+        let pieces: Vec<(usize, &str)> = match format {
+            ChunkFormat::Text => self.text.chunk_indices(content).collect(),
+            ChunkFormat::Markdown => self.markdown.chunk_indices(content).collect(),
+        };
+        let mut chunks = Vec::with_capacity(pieces.len());
+        for (offset, text) in pieces {
+            let tokens = self.count(text);
+            if tokens <= self.max_tokens {
+                self.push(&mut chunks, content, offset..offset + text.len(), tokens);
+            } else {
+                self.hard_split(&mut chunks, content, offset..offset + text.len());
+            }
+        }
+        chunks
+    }
+
+    /// Number of tokens of `text` without special tokens.
+    fn count(&self, text: &str) -> usize {
+        count_tokens(&self.tokenizer, text)
+    }
+
+    /// Appends `content[range]` trimmed, unless it is only whitespace.
+    fn push(&self, chunks: &mut Vec<Chunk>, content: &str, range: Range<usize>, tokens: usize) {
+        let Some(range) = trimmed(content, range) else {
+            return;
+        };
+        chunks.push(Chunk {
+            index: chunks.len(),
+            text: content[range.clone()].to_owned(),
+            byte_range: range,
+            tokens,
+        });
+    }
+
+    /// Cuts an over-long piece into consecutive pieces of at most `max_tokens` tokens,
+    /// ignoring semantic boundaries (last resort).
+    fn hard_split(&self, chunks: &mut Vec<Chunk>, content: &str, range: Range<usize>) {
+        let mut start = range.start;
+        while let Some(rest) = trimmed(content, start..range.end) {
+            let text = &content[rest.clone()];
+            let tokens = self.count(text);
+            if tokens <= self.max_tokens {
+                self.push(chunks, content, rest, tokens);
+                return;
+            }
+            let cut = self.cut_point(text);
+            let piece = rest.start..rest.start + cut;
+            let piece_tokens = self.count(&content[piece.clone()]);
+            self.push(chunks, content, piece, piece_tokens);
+            start = rest.start + cut;
+        }
+    }
+
+    /// A byte index `0 < cut <= text.len()` on a char boundary such that `text[..cut]` has at
+    /// most `max_tokens` tokens (or is a single character). `text` has more than
+    /// `max_tokens` tokens.
+    ///
+    /// Bisects over char boundaries, keeping `text[..lo]` fitting and `text[..hi]` not. The
+    /// pieces text-splitter over-fills are short (it only skips measuring sections of at most
+    /// `max_tokens` bytes), so this takes a handful of tokenizer calls.
+    fn cut_point(&self, text: &str) -> usize {
+        let mut lo = text.chars().next().map_or(text.len(), char::len_utf8);
+        let mut hi = text.len();
+        if self.count(&text[..lo]) > self.max_tokens {
+            return lo;
+        }
+        loop {
+            let mut mid = text.floor_char_boundary(lo + (hi - lo) / 2);
+            if mid <= lo {
+                mid = text.ceil_char_boundary(lo + 1);
+            }
+            if mid >= hi {
+                return lo;
+            }
+            if self.count(&text[..mid]) <= self.max_tokens {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Chunker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chunker")
+            .field("max_tokens", &self.max_tokens)
+            .field("overlap", &self.overlap)
+            .field("model_max_tokens", &self.model_max_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sizes chunks in tokens without special tokens. Unlike `text-splitter`'s own sizer for
+/// [`Tokenizer`] it never panics: if the tokenizer fails, the byte length stands in (an
+/// over-estimate for WordPiece, so chunks only get smaller).
+struct TokenCounter(Arc<Tokenizer>);
+
+impl ChunkSizer for TokenCounter {
+    fn size(&self, chunk: &str) -> usize {
+        count_tokens(&self.0, chunk)
+    }
+}
+
+fn count_tokens(tokenizer: &Tokenizer, text: &str) -> usize {
+    tokenizer
+        .encode_fast(text, false)
+        .map_or(text.len(), |encoding| encoding.len())
+}
+
+/// `range` without leading and trailing whitespace; `None` if nothing is left.
+fn trimmed(content: &str, range: Range<usize>) -> Option<Range<usize>> {
+    let text = &content[range.clone()];
+    let start = range.start + (text.len() - text.trim_start().len());
+    let end = range.end - (text.len() - text.trim_end().len());
+    (start < end).then_some(start..end)
+}

@@ -1,0 +1,416 @@
+//! [`CandleEmbedder`]: a BERT-family sentence-transformers model run in process with candle.
+//!
+//! The model is loaded once (f32, CPU) and shared behind an [`Arc`]. Async callers go through
+//! one dedicated OS thread that owns a handle to the model and serves requests in order:
+//!
+//! - inference is CPU-bound and already parallel inside candle's matrix multiplications, so
+//!   running several batches at once (as `spawn_blocking` per call would) only oversubscribes
+//!   the cores and makes every call slower; one thread gives a natural FIFO queue instead;
+//! - the tokio runtime never runs inference, and tokio's blocking pool stays free for file I/O;
+//! - a request whose caller has gone away (its future was dropped) is skipped, and a panic
+//!   inside inference is caught and reported as [`EmbedError::Inference`] without killing
+//!   the thread.
+//!
+//! [`CandleEmbedder::embed_blocking`] runs the same code on the caller's thread (benches, tests).
+
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use serde::Deserialize;
+use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams};
+use tokio::sync::oneshot;
+
+use super::{EmbedError, Embedder, Fingerprint};
+
+const CONFIG_FILE: &str = "config.json";
+const TOKENIZER_FILE: &str = "tokenizer.json";
+const WEIGHTS_FILE: &str = "model.safetensors";
+const POOLING_FILE: &str = "1_Pooling/config.json";
+const SENTENCE_BERT_FILE: &str = "sentence_bert_config.json";
+
+/// Mean pooling divides by the number of real tokens, clamped like sentence-transformers does.
+const MIN_TOKEN_COUNT: f64 = 1e-9;
+/// L2 normalisation divides by the norm, clamped like `torch.nn.functional.normalize`.
+const MIN_NORM: f64 = 1e-12;
+
+/// A sentence-transformers model (BERT architecture, mean pooling, L2-normalised output)
+/// running on the CPU with candle.
+///
+/// Cloning is cheap: clones share the model and the embedding thread, which stops when the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct CandleEmbedder {
+    inner: Arc<Inner>,
+    requests: mpsc::Sender<Request>,
+}
+
+/// The loaded model; shared by the embedding thread and [`CandleEmbedder::embed_blocking`].
+struct Inner {
+    model: BertModel,
+    /// Tokenizer for inference: truncates to `max_seq_length`, never pads (batches are padded
+    /// by hand to their longest member).
+    inference_tokenizer: Tokenizer,
+    /// The same tokenizer without truncation or padding, for counting tokens.
+    plain_tokenizer: Tokenizer,
+    pad_id: u32,
+    fingerprint: Fingerprint,
+    max_seq_length: usize,
+    batch_size: usize,
+}
+
+/// One async embedding request for the embedding thread.
+struct Request {
+    texts: Vec<String>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>,
+}
+
+/// The part of `sentence_bert_config.json` this embedder reads.
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+impl CandleEmbedder {
+    /// Loads a Hugging Face sentence-transformers model directory: `config.json`,
+    /// `tokenizer.json` and `model.safetensors` are required; `1_Pooling/config.json` and
+    /// `sentence_bert_config.json` are read when present. Inputs are processed `batch_size`
+    /// texts per forward pass (0 is treated as 1).
+    ///
+    /// Inputs are truncated to `max_seq_length` tokens from `sentence_bert_config.json`
+    /// (capped at, and defaulting to, `max_position_embeddings` from `config.json`).
+    ///
+    /// # Errors
+    ///
+    /// - [`EmbedError::ModelMissing`] naming the directory or required file that is absent;
+    /// - [`EmbedError::ModelLoad`] if a file cannot be read or parsed, the weights do not
+    ///   match the config, the pooling is not mean pooling, or the embedding thread cannot
+    ///   be started.
+    pub fn load(model_dir: &Path, batch_size: usize) -> Result<Self, EmbedError> {
+        let inner = Arc::new(Inner::load(model_dir, batch_size.max(1))?);
+        let (requests, receiver) = mpsc::channel();
+        let worker_inner = Arc::clone(&inner);
+        thread::Builder::new()
+            .name("rag-ingest-embed".to_owned())
+            .spawn(move || serve(&worker_inner, &receiver))
+            .map_err(|e| EmbedError::ModelLoad {
+                path: model_dir.to_path_buf(),
+                reason: format!("cannot start the embedding thread: {e}"),
+            })?;
+        tracing::info!(
+            model = %inner.fingerprint.model,
+            dims = inner.fingerprint.dims,
+            max_seq_length = inner.max_seq_length,
+            batch_size = inner.batch_size,
+            dir = %model_dir.display(),
+            "embedding model loaded"
+        );
+        Ok(Self { inner, requests })
+    }
+
+    /// Embeds `texts` synchronously on the caller's thread, returning one L2-normalised
+    /// vector per text, in input order. Inputs longer than the model's maximum are truncated.
+    /// Blocks for the whole forward pass: do not call from async code (use
+    /// [`Embedder::embed`]).
+    ///
+    /// # Errors
+    ///
+    /// [`EmbedError::Tokenize`] if the tokenizer rejects an input, [`EmbedError::Inference`]
+    /// if the forward pass fails.
+    pub fn embed_blocking(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.inner.embed(texts)
+    }
+
+    /// The model's tokenizer with truncation and padding turned off, so that it counts every
+    /// token of its input (the chunker uses it to size chunks in model tokens).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.plain_tokenizer
+    }
+}
+
+impl fmt::Debug for CandleEmbedder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CandleEmbedder")
+            .field("fingerprint", &self.inner.fingerprint)
+            .field("max_seq_length", &self.inner.max_seq_length)
+            .field("batch_size", &self.inner.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Embedder for CandleEmbedder {
+    fn fingerprint(&self) -> &Fingerprint {
+        &self.inner.fingerprint
+    }
+
+    fn max_input_tokens(&self) -> usize {
+        self.inner.max_seq_length
+    }
+
+    fn embed(
+        &self,
+        texts: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send {
+        let requests = self.requests.clone();
+        async move {
+            if texts.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (reply, response) = oneshot::channel();
+            requests
+                .send(Request { texts, reply })
+                .map_err(|_| EmbedError::WorkerGone)?;
+            response.await.map_err(|_| EmbedError::WorkerGone)?
+        }
+    }
+}
+
+/// The embedding thread: serves requests until every [`CandleEmbedder`] clone is dropped.
+fn serve(inner: &Inner, requests: &mpsc::Receiver<Request>) {
+    while let Ok(Request { texts, reply }) = requests.recv() {
+        if reply.is_closed() {
+            // The caller stopped waiting; don't spend CPU on an answer nobody reads.
+            continue;
+        }
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let result = panic::catch_unwind(AssertUnwindSafe(|| inner.embed(&texts)))
+            .unwrap_or_else(|_| Err(EmbedError::Inference("inference panicked".to_owned())));
+        // A send error only means the caller went away meanwhile.
+        let _ = reply.send(result);
+    }
+}
+
+impl Inner {
+    fn load(dir: &Path, batch_size: usize) -> Result<Self, EmbedError> {
+        if !dir.is_dir() {
+            return Err(EmbedError::ModelMissing {
+                path: dir.to_path_buf(),
+            });
+        }
+        let config_path = required_file(dir, CONFIG_FILE)?;
+        let tokenizer_path = required_file(dir, TOKENIZER_FILE)?;
+        let weights_path = required_file(dir, WEIGHTS_FILE)?;
+
+        let config: Config = read_json(&config_path)?;
+        let max_seq_length = read_max_seq_length(dir, &config)?;
+        check_pooling(dir, config.hidden_size)?;
+
+        let mut plain_tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| load_error(&tokenizer_path, e))?;
+        let pad_id = plain_tokenizer
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| u32::try_from(config.pad_token_id).ok())
+            .unwrap_or(0);
+        // tokenizer.json may carry its own truncation/padding (all-MiniLM-L6-v2: 128, fixed).
+        plain_tokenizer
+            .with_truncation(None)
+            .map_err(|e| load_error(&tokenizer_path, e))?;
+        plain_tokenizer.with_padding(None);
+        let vocab = plain_tokenizer.get_vocab_size(true);
+        if vocab > config.vocab_size {
+            return Err(load_error(
+                &tokenizer_path,
+                format!(
+                    "tokenizer has {vocab} tokens but the model only {}",
+                    config.vocab_size
+                ),
+            ));
+        }
+        let special = plain_tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_seq_length <= special {
+            return Err(load_error(
+                &dir.join(SENTENCE_BERT_FILE),
+                format!(
+                    "max_seq_length {max_seq_length} leaves no room besides {special} special tokens"
+                ),
+            ));
+        }
+        let mut inference_tokenizer = plain_tokenizer.clone();
+        inference_tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| load_error(&tokenizer_path, e))?;
+
+        let model = load_weights(&weights_path, &config)?;
+        let fingerprint = Fingerprint {
+            model: model_id(dir),
+            dims: config.hidden_size,
+            pooling: "mean".to_owned(),
+            normalized: true,
+        };
+        Ok(Self {
+            model,
+            inference_tokenizer,
+            plain_tokenizer,
+            pad_id,
+            fingerprint,
+            max_seq_length,
+            batch_size,
+        })
+    }
+
+    /// Tokenises everything, sorts by token count so each sub-batch pads little, runs the
+    /// sub-batches and puts the vectors back in input order.
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encodings = self
+            .inference_tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+
+        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for indices in order.chunks(self.batch_size) {
+            let batch: Vec<&Encoding> = indices.iter().map(|&i| &encodings[i]).collect();
+            let embedded = self
+                .forward(&batch)
+                .map_err(|e| EmbedError::Inference(e.to_string()))?;
+            if embedded.len() != indices.len() {
+                return Err(EmbedError::Inference(format!(
+                    "model returned {} vectors for {} inputs",
+                    embedded.len(),
+                    indices.len()
+                )));
+            }
+            for (&i, vector) in indices.iter().zip(embedded) {
+                vectors[i] = vector;
+            }
+        }
+        Ok(vectors)
+    }
+
+    /// One forward pass over `batch`, padded to its longest member; mean pooling over the
+    /// attention mask, then L2 normalisation.
+    fn forward(&self, batch: &[&Encoding]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let rows = batch.len();
+        let width = batch.iter().map(|e| e.len()).max().unwrap_or(0);
+        let mut ids = vec![self.pad_id; rows * width];
+        let mut type_ids = vec![0u32; rows * width];
+        let mut mask = vec![0u32; rows * width];
+        for (row, encoding) in batch.iter().enumerate() {
+            let start = row * width;
+            let len = encoding.len();
+            ids[start..start + len].copy_from_slice(encoding.get_ids());
+            type_ids[start..start + len].copy_from_slice(encoding.get_type_ids());
+            mask[start..start + len].copy_from_slice(encoding.get_attention_mask());
+        }
+        let device = &self.model.device;
+        let ids = Tensor::from_vec(ids, (rows, width), device)?;
+        let type_ids = Tensor::from_vec(type_ids, (rows, width), device)?;
+        let mask = Tensor::from_vec(mask, (rows, width), device)?;
+
+        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (rows, width, dims)
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (rows, width, 1)
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // (rows, dims)
+        let counts = mask.sum(1)?.clamp(MIN_TOKEN_COUNT, f64::MAX)?; // (rows, 1)
+        let mean = summed.broadcast_div(&counts)?;
+        let norms = mean
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(MIN_NORM, f64::MAX)?;
+        mean.broadcast_div(&norms)?.to_vec2::<f32>()
+    }
+}
+
+/// `dir/name` if it is a file, else [`EmbedError::ModelMissing`] naming it.
+fn required_file(dir: &Path, name: &str) -> Result<PathBuf, EmbedError> {
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(EmbedError::ModelMissing { path })
+    }
+}
+
+fn load_error(path: &Path, reason: impl fmt::Display) -> EmbedError {
+    EmbedError::ModelLoad {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, EmbedError> {
+    let bytes = std::fs::read(path).map_err(|e| load_error(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| load_error(path, e))
+}
+
+/// `max_seq_length` from `sentence_bert_config.json`, capped at the position embeddings.
+fn read_max_seq_length(dir: &Path, config: &Config) -> Result<usize, EmbedError> {
+    let path = dir.join(SENTENCE_BERT_FILE);
+    let configured = if path.exists() {
+        read_json::<SentenceBertConfig>(&path)?.max_seq_length
+    } else {
+        None
+    };
+    Ok(configured.map_or(config.max_position_embeddings, |n| {
+        n.min(config.max_position_embeddings)
+    }))
+}
+
+/// Accepts only mean pooling (the default when `1_Pooling/config.json` is absent).
+fn check_pooling(dir: &Path, hidden_size: usize) -> Result<(), EmbedError> {
+    let path = dir.join(POOLING_FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let pooling: serde_json::Map<String, serde_json::Value> = read_json(&path)?;
+    if let Some(dims) = pooling.get("word_embedding_dimension")
+        && dims.as_u64() != Some(hidden_size as u64)
+    {
+        return Err(load_error(
+            &path,
+            format!("word_embedding_dimension {dims} differs from hidden_size {hidden_size}"),
+        ));
+    }
+    let enabled: Vec<&str> = pooling
+        .iter()
+        .filter(|(key, value)| key.starts_with("pooling_mode_") && value.as_bool() == Some(true))
+        .map(|(key, _)| key.as_str())
+        .collect();
+    if enabled != ["pooling_mode_mean_tokens"] {
+        return Err(load_error(
+            &path,
+            format!("only mean pooling is supported, the model enables {enabled:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn load_weights(path: &Path, config: &Config) -> Result<BertModel, EmbedError> {
+    // SAFETY: the file is memory-mapped only while the weights are copied into tensors
+    // (the VarBuilder is dropped at the end of this function); like every mmap user we rely
+    // on nobody truncating model.safetensors during those moments.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
+        .map_err(|e| load_error(path, e))?;
+    // Exports of `BertModel` name tensors `embeddings.*`; exports of BERT pre-training heads
+    // (`BertForMaskedLM`, ...) prefix them with `bert.`.
+    let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+        vb.pp("bert")
+    } else {
+        vb
+    };
+    BertModel::load(vb, config).map_err(|e| load_error(path, e))
+}
+
+/// `sentence-transformers/<directory name>`, the usual Hugging Face id of such a model.
+fn model_id(dir: &Path) -> String {
+    let resolved = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let name = resolved
+        .file_name()
+        .map_or_else(|| "unknown".into(), |n| n.to_string_lossy());
+    format!("sentence-transformers/{name}")
+}

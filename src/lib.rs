@@ -1,0 +1,15 @@
+//! rag-ingest: a queue-driven ingestion worker for retrieval-augmented generation.
+
+pub mod chunk;
+pub mod config;
+pub mod embed;
+pub mod error;
+pub mod message;
+pub mod process;
+pub mod queue;
+pub mod retry;
+pub mod search;
+pub mod setup;
+pub mod store;
+pub mod telemetry;
+pub mod tenant;

@@ -1,0 +1,423 @@
+//! Document messages: wire schema v1 (a JSON body) and its validation.
+//!
+//! ```json
+//! { "schema": 1, "op": "upsert", "tenant_id": "acme", "document_id": "handbook/retries.md",
+//!   "version": 3, "content_type": "text/markdown", "content": "…", "metadata": {}, "request_id": "…" }
+//! ```
+//! [`decode`] turns a delivery body into a [`Document`] or a [`Rejection`] whose
+//! [`ErrorKind`] says exactly what was wrong. Every rejection is permanent: the message goes
+//! to the dead-letter queue. Nothing in here panics on any input.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use crate::chunk::ChunkFormat;
+use crate::error::ErrorKind;
+use crate::tenant::{TenantError, TenantId};
+
+/// The only wire-schema version this build speaks.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Longest accepted `document_id`, in bytes.
+pub const MAX_DOCUMENT_ID_BYTES: usize = 512;
+
+/// What a message asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or replace the document's chunks.
+    Upsert,
+    /// Remove every chunk of the document.
+    Delete,
+}
+
+impl Op {
+    /// The wire name (`upsert` or `delete`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// A validated document message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// Upsert or delete.
+    pub op: Op,
+    /// Owning tenant (allowed by the pipeline).
+    pub tenant: TenantId,
+    /// Producer's identifier of the document, unique per tenant.
+    pub document_id: String,
+    /// Optional monotonic version; an older version never overwrites a newer one.
+    pub version: Option<u64>,
+    /// MIME type of `content` (`text/plain` or `text/markdown`).
+    pub content_type: String,
+    /// The text (empty for deletes).
+    pub content: String,
+    /// Free-form metadata stored with every chunk.
+    pub metadata: Map<String, Value>,
+    /// Correlation id for logs, if the producer set one.
+    pub request_id: Option<String>,
+}
+
+impl Document {
+    /// A new upsert of `content` with content type `text/plain`, no version and no metadata.
+    pub fn upsert(
+        tenant: TenantId,
+        document_id: impl Into<String>,
+        content: impl Into<String>,
+    ) -> Self {
+        Document {
+            op: Op::Upsert,
+            tenant,
+            document_id: document_id.into(),
+            version: None,
+            content_type: "text/plain".into(),
+            content: content.into(),
+            metadata: Map::new(),
+            request_id: None,
+        }
+    }
+
+    /// A delete of `document_id`.
+    pub fn delete(tenant: TenantId, document_id: impl Into<String>) -> Self {
+        Document {
+            op: Op::Delete,
+            content: String::new(),
+            ..Document::upsert(tenant, document_id, "")
+        }
+    }
+
+    /// The chunking format of the content type (`None` if unsupported).
+    pub fn format(&self) -> Option<ChunkFormat> {
+        ChunkFormat::from_content_type(&self.content_type)
+    }
+
+    /// Serialises the document as a wire schema v1 JSON body.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut body = Map::new();
+        body.insert("schema".into(), Value::from(SCHEMA_VERSION));
+        body.insert("op".into(), Value::from(self.op.as_str()));
+        body.insert("tenant_id".into(), Value::from(self.tenant.as_str()));
+        body.insert("document_id".into(), Value::from(self.document_id.as_str()));
+        if let Some(v) = self.version {
+            body.insert("version".into(), Value::from(v));
+        }
+        if self.op == Op::Upsert {
+            body.insert(
+                "content_type".into(),
+                Value::from(self.content_type.as_str()),
+            );
+            body.insert("content".into(), Value::from(self.content.as_str()));
+        }
+        if !self.metadata.is_empty() {
+            body.insert("metadata".into(), Value::Object(self.metadata.clone()));
+        }
+        if let Some(r) = &self.request_id {
+            body.insert("request_id".into(), Value::from(r.as_str()));
+        }
+        Value::Object(body).to_string().into_bytes()
+    }
+}
+
+/// Why a message was refused: a kind for machines, a reason for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {reason}")]
+pub struct Rejection {
+    /// The taxonomy kind (always permanent).
+    pub kind: ErrorKind,
+    /// A sentence saying what is wrong.
+    pub reason: String,
+}
+
+impl Rejection {
+    fn new(kind: ErrorKind, reason: impl Into<String>) -> Self {
+        Rejection {
+            kind,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a message is checked against.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Tenants whose documents are accepted.
+    pub allowed_tenants: BTreeSet<TenantId>,
+    /// Largest accepted content, in bytes.
+    pub max_document_bytes: usize,
+}
+
+/// The tenant named by a message body, if it can be read at all (used to label rejections).
+pub fn peek_tenant(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("tenant_id")?.as_str().map(str::to_owned)
+}
+
+/// Decodes and validates a wire schema v1 body.
+///
+/// Fails with a [`Rejection`] naming the first problem found: `invalid_encoding` (not UTF-8),
+/// `invalid_json` (not JSON, not an object), `invalid_field` (a field of the wrong type,
+/// unknown `op`, missing `content` or `schema`),
+/// `unsupported_schema`, `missing_tenant`, `unknown_tenant`, `invalid_document_id`,
+/// `empty_content`, `unsupported_content_type` or `content_too_large`.
+pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
+    // A JSON-escaped body can be up to 6 bytes per content byte; refuse anything that
+    // cannot possibly hold an acceptable document before parsing it.
+    let body_cap = rules
+        .max_document_bytes
+        .saturating_mul(6)
+        .saturating_add(64 * 1024);
+    if body.len() > body_cap {
+        return Err(Rejection::new(
+            ErrorKind::ContentTooLarge,
+            format!(
+                "message body is {} bytes; content may be at most {} bytes",
+                body.len(),
+                rules.max_document_bytes
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Rejection::new(
+            ErrorKind::InvalidEncoding,
+            format!("message body is not valid UTF-8 ({e})"),
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        Rejection::new(
+            ErrorKind::InvalidJson,
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(Rejection::new(
+            ErrorKind::InvalidJson,
+            "body must be a JSON object",
+        ));
+    };
+
+    match obj.get("schema") {
+        None => {
+            return Err(Rejection::new(
+                ErrorKind::InvalidField,
+                "missing field `schema` (expected 1)",
+            ));
+        }
+        Some(Value::Number(n)) if n.as_u64() == Some(SCHEMA_VERSION) => {}
+        Some(Value::Number(n)) => {
+            return Err(Rejection::new(
+                ErrorKind::UnsupportedSchema,
+                format!("schema {n} is not supported; this worker speaks schema {SCHEMA_VERSION}"),
+            ));
+        }
+        Some(other) => return Err(wrong_type("schema", "an integer", other)),
+    }
+
+    let op = match obj.get("op") {
+        None | Some(Value::Null) => Op::Upsert,
+        Some(Value::String(s)) if s == "upsert" => Op::Upsert,
+        Some(Value::String(s)) if s == "delete" => Op::Delete,
+        Some(Value::String(s)) => {
+            return Err(Rejection::new(
+                ErrorKind::InvalidField,
+                format!("field `op` is {s:?}; expected \"upsert\" or \"delete\""),
+            ));
+        }
+        Some(other) => return Err(wrong_type("op", "a string", other)),
+    };
+
+    let tenant = match obj.get("tenant_id") {
+        None | Some(Value::Null) => {
+            return Err(Rejection::new(
+                ErrorKind::MissingTenant,
+                "missing field `tenant_id`",
+            ));
+        }
+        Some(Value::String(s)) => TenantId::new(s.clone()).map_err(|e| match e {
+            TenantError::Empty => {
+                Rejection::new(ErrorKind::MissingTenant, "field `tenant_id` is empty")
+            }
+            other => Rejection::new(
+                ErrorKind::MissingTenant,
+                format!("field `tenant_id`: {other}"),
+            ),
+        })?,
+        Some(other) => return Err(wrong_type("tenant_id", "a string", other)),
+    };
+    if !rules.allowed_tenants.contains(&tenant) {
+        return Err(Rejection::new(
+            ErrorKind::UnknownTenant,
+            format!("tenant {tenant:?} is not in this pipeline's tenants.allowed"),
+        ));
+    }
+
+    let document_id = match obj.get("document_id") {
+        None | Some(Value::Null) => {
+            return Err(Rejection::new(
+                ErrorKind::InvalidDocumentId,
+                "missing field `document_id`",
+            ));
+        }
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err(Rejection::new(
+                ErrorKind::InvalidDocumentId,
+                "field `document_id` is empty",
+            ));
+        }
+        Some(Value::String(s)) if s.len() > MAX_DOCUMENT_ID_BYTES => {
+            return Err(Rejection::new(
+                ErrorKind::InvalidDocumentId,
+                format!(
+                    "field `document_id` is {} bytes; the limit is {MAX_DOCUMENT_ID_BYTES}",
+                    s.len()
+                ),
+            ));
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(wrong_type("document_id", "a string", other)),
+    };
+
+    let version = match obj.get("version") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(other) => return Err(wrong_type("version", "a non-negative integer", other)),
+    };
+
+    let metadata = match obj.get("metadata") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => return Err(wrong_type("metadata", "an object", other)),
+    };
+
+    let request_id = match obj.get("request_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => return Err(wrong_type("request_id", "a string", other)),
+    };
+
+    let content_type = match obj.get("content_type") {
+        None | Some(Value::Null) => "text/plain".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => return Err(wrong_type("content_type", "a string", other)),
+    };
+
+    let content = match (op, obj.get("content")) {
+        (Op::Delete, None | Some(Value::Null)) => String::new(),
+        (Op::Upsert, None | Some(Value::Null)) => {
+            return Err(Rejection::new(
+                ErrorKind::InvalidField,
+                "missing field `content`",
+            ));
+        }
+        (_, Some(Value::String(s))) => s.clone(),
+        (_, Some(other)) => return Err(wrong_type("content", "a string", other)),
+    };
+
+    if op == Op::Upsert {
+        if content.len() > rules.max_document_bytes {
+            return Err(Rejection::new(
+                ErrorKind::ContentTooLarge,
+                format!(
+                    "content is {} bytes; limits.max_document_bytes is {}",
+                    content.len(),
+                    rules.max_document_bytes
+                ),
+            ));
+        }
+        if content.trim().is_empty() {
+            return Err(Rejection::new(
+                ErrorKind::EmptyContent,
+                "field `content` is empty",
+            ));
+        }
+        if ChunkFormat::from_content_type(&content_type).is_none() {
+            return Err(Rejection::new(
+                ErrorKind::UnsupportedContentType,
+                format!(
+                    "content type {content_type:?} is not supported; use text/plain or text/markdown"
+                ),
+            ));
+        }
+    }
+
+    Ok(Document {
+        op,
+        tenant,
+        document_id,
+        version,
+        content_type,
+        content,
+        metadata,
+        request_id,
+    })
+}
+
+fn wrong_type(field: &str, expected: &str, got: &Value) -> Rejection {
+    let got = match got {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    Rejection::new(
+        ErrorKind::InvalidField,
+        format!("field `{field}` must be {expected}, got {got}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            allowed_tenants: [TenantId::new("acme").expect("valid")].into(),
+            max_document_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn round_trips_through_the_wire() {
+        let mut doc = Document::upsert(TenantId::new("acme").expect("valid"), "a.md", "héllo 世界");
+        doc.version = Some(7);
+        doc.content_type = "text/markdown".into();
+        doc.metadata.insert("title".into(), Value::from("T"));
+        doc.request_id = Some("r1".into());
+        assert_eq!(decode(&doc.to_wire(), &rules()), Ok(doc));
+        let del = Document::delete(TenantId::new("acme").expect("valid"), "a.md");
+        assert_eq!(decode(&del.to_wire(), &rules()), Ok(del));
+    }
+
+    #[test]
+    fn op_defaults_to_upsert_and_content_type_to_plain_text() {
+        let doc = decode(
+            br#"{"schema":1,"tenant_id":"acme","document_id":"d","content":"x"}"#,
+            &rules(),
+        )
+        .expect("valid");
+        assert_eq!(doc.op, Op::Upsert);
+        assert_eq!(doc.content_type, "text/plain");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let err = decode(
+            br#"{"schema":1,"tenant_id":"acme","document_id":"d","content":"x","version":"3"}"#,
+            &rules(),
+        )
+        .expect_err("invalid");
+        assert_eq!(err.kind, ErrorKind::InvalidField);
+        assert!(err.reason.contains("`version`"), "{}", err.reason);
+    }
+
+    #[test]
+    fn peek_tenant_reads_what_it_can() {
+        assert_eq!(peek_tenant(br#"{"tenant_id":"x"}"#), Some("x".into()));
+        assert_eq!(peek_tenant(b"\xff"), None);
+    }
+}

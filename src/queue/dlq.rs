@@ -1,0 +1,324 @@
+//! The dead-letter queue: putting failed messages there (with their reason), inspecting it
+//! without losing anything, and replaying matching messages to the main queue.
+
+use std::collections::BTreeMap;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+
+use super::headers::{
+    H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
+    H_REPROCESSED, H_TENANT, death_reason, get_str, get_u64, set_str, set_u64,
+};
+use super::publish::{open_channel, publish_confirmed};
+use super::{EXCHANGE, QueueError, Topology};
+use crate::config::PipelineConfig;
+use crate::error::ErrorKind;
+use crate::message::peek_tenant;
+use crate::process::Failure;
+
+/// Publishes a copy of a failed message (original body and properties, plus the failure
+/// headers) straight to `queue` and waits for the confirm.
+///
+/// Used for the DLQ and for delayed-retry tiers. Fails with [`QueueError`]; the caller must
+/// then leave the source delivery unacked.
+pub(crate) async fn republish_failed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: &BasicProperties,
+    failure: &Failure,
+    attempts: u64,
+) -> Result<(), QueueError> {
+    let now = chrono::Utc::now().to_rfc3339();
+    let old = properties.headers();
+    let mut headers = old.clone().unwrap_or_default();
+    if get_str(old, H_FIRST_FAILED_AT).is_none() {
+        set_str(&mut headers, H_FIRST_FAILED_AT, &now);
+    }
+    set_str(&mut headers, H_LAST_FAILED_AT, &now);
+    set_str(&mut headers, H_ERROR_KIND, failure.kind.as_str());
+    set_str(&mut headers, H_ERROR, &failure.reason);
+    set_str(&mut headers, H_ERROR_STAGE, failure.stage.as_str());
+    set_u64(&mut headers, H_ATTEMPTS, attempts);
+    let props = properties.clone().with_headers(headers);
+    publish_confirmed(channel, "", queue, body, props).await
+}
+
+/// Which DLQ messages an operation applies to. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    /// Only this tenant's messages.
+    pub tenant: Option<String>,
+    /// Only this error kind (`x-error-kind`, or `delivery_limit` for broker dead letters).
+    pub kind: Option<String>,
+    /// Only this document id.
+    pub document: Option<String>,
+    /// At most this many matching messages.
+    pub limit: Option<usize>,
+}
+
+/// One dead-lettered message, as read from the DLQ.
+#[derive(Debug, Clone)]
+pub struct DlqEntry {
+    /// Error kind (`unknown` if the message carries none).
+    pub kind: String,
+    /// Tenant from the `x-tenant-id` header or the body, if any.
+    pub tenant: Option<String>,
+    /// Document id from the body, if it can be read.
+    pub document_id: Option<String>,
+    /// Failure stage.
+    pub stage: Option<String>,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// Attempts made.
+    pub attempts: Option<u64>,
+    /// First failure time.
+    pub first_failed_at: Option<String>,
+    /// Last failure time.
+    pub last_failed_at: Option<String>,
+    /// Every header, rendered for display.
+    pub headers: BTreeMap<String, String>,
+    /// The original body.
+    pub body: Vec<u8>,
+}
+
+impl DlqEntry {
+    fn from_parts(properties: &BasicProperties, body: &[u8]) -> Self {
+        let h = properties.headers();
+        let kind = get_str(h, H_ERROR_KIND)
+            .or_else(|| {
+                death_reason(h).map(|r| match r.as_str() {
+                    "delivery_limit" => ErrorKind::DeliveryLimit.as_str().to_string(),
+                    other => other.to_string(),
+                })
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let document_id = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("document_id")?.as_str().map(str::to_owned));
+        let headers = h
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), render(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        DlqEntry {
+            kind,
+            tenant: get_str(h, H_TENANT).or_else(|| peek_tenant(body)),
+            document_id,
+            stage: get_str(h, H_ERROR_STAGE),
+            error: get_str(h, H_ERROR),
+            attempts: get_u64(h, H_ATTEMPTS),
+            first_failed_at: get_str(h, H_FIRST_FAILED_AT),
+            last_failed_at: get_str(h, H_LAST_FAILED_AT),
+            headers,
+            body: body.to_vec(),
+        }
+    }
+
+    fn matches(&self, filter: &DlqFilter) -> bool {
+        filter
+            .tenant
+            .as_ref()
+            .is_none_or(|t| self.tenant.as_ref() == Some(t))
+            && filter.kind.as_ref().is_none_or(|k| &self.kind == k)
+            && filter
+                .document
+                .as_ref()
+                .is_none_or(|d| self.document_id.as_ref() == Some(d))
+    }
+}
+
+fn render(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Counts of DLQ messages by kind, tenant and stage.
+#[derive(Debug, Clone, Default)]
+pub struct DlqSummary {
+    /// Messages read.
+    pub total: usize,
+    /// Count per error kind.
+    pub by_kind: BTreeMap<String, usize>,
+    /// Count per tenant (`-` for none).
+    pub by_tenant: BTreeMap<String, usize>,
+    /// Count per stage (`-` for none).
+    pub by_stage: BTreeMap<String, usize>,
+    /// Earliest `x-last-failed-at` seen.
+    pub oldest: Option<String>,
+    /// Latest `x-last-failed-at` seen.
+    pub newest: Option<String>,
+}
+
+impl DlqSummary {
+    fn add(&mut self, e: &DlqEntry) {
+        self.total += 1;
+        *self.by_kind.entry(e.kind.clone()).or_default() += 1;
+        *self
+            .by_tenant
+            .entry(e.tenant.clone().unwrap_or_else(|| "-".into()))
+            .or_default() += 1;
+        *self
+            .by_stage
+            .entry(e.stage.clone().unwrap_or_else(|| "-".into()))
+            .or_default() += 1;
+        if let Some(t) = &e.last_failed_at {
+            if self.oldest.as_ref().is_none_or(|o| t < o) {
+                self.oldest = Some(t.clone());
+            }
+            if self.newest.as_ref().is_none_or(|n| t > n) {
+                self.newest = Some(t.clone());
+            }
+        }
+    }
+}
+
+/// Reads every message of the DLQ and returns the summary plus the entries matching
+/// `filter` (up to its limit). Nothing is removed: the messages are fetched unacknowledged
+/// and handed back to the broker when the channel closes.
+///
+/// Fails with [`QueueError`] if the broker cannot be reached.
+pub async fn inspect_dlq(
+    config: &PipelineConfig,
+    filter: &DlqFilter,
+) -> Result<(DlqSummary, Vec<DlqEntry>), QueueError> {
+    let topology = Topology::new(config);
+    let (conn, channel) = open_channel(config, &topology).await?;
+    let mut summary = DlqSummary::default();
+    let mut selected = Vec::new();
+    let mut held = Vec::new();
+    while let Some(msg) = channel
+        .basic_get(topology.dlq().into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        let entry = DlqEntry::from_parts(&msg.delivery.properties, &msg.delivery.data);
+        summary.add(&entry);
+        if entry.matches(filter) && filter.limit.is_none_or(|l| selected.len() < l) {
+            selected.push(entry);
+        }
+        held.push(msg.delivery.delivery_tag);
+    }
+    release(&channel, &held).await;
+    let _ = channel.close(200, "inspected".into()).await;
+    let _ = conn.close(200, "inspected".into()).await;
+    Ok((summary, selected))
+}
+
+/// What a reprocess run did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default)]
+pub struct ReprocessReport {
+    /// Messages moved (or that would be moved) back to the main queue.
+    pub moved: DlqSummary,
+    /// Messages left in the DLQ.
+    pub kept: usize,
+}
+
+/// Moves DLQ messages matching `filter` back to the main queue: attempts and failure
+/// headers are cleared, `x-reprocessed` is incremented, body and other properties are kept.
+/// Each message is acked from the DLQ only after its copy is confirmed. With `dry_run`
+/// nothing changes. `on_progress` is called after each message read.
+///
+/// Fails with [`QueueError`]; a message whose copy was not confirmed stays in the DLQ.
+pub async fn reprocess(
+    config: &PipelineConfig,
+    filter: &DlqFilter,
+    dry_run: bool,
+    mut on_progress: impl FnMut(usize),
+) -> Result<ReprocessReport, QueueError> {
+    let topology = Topology::new(config);
+    let (conn, channel) = open_channel(config, &topology).await?;
+    let mut report = ReprocessReport::default();
+    let mut held = Vec::new();
+    let mut seen = 0usize;
+    let result: Result<(), QueueError> = async {
+        while let Some(msg) = channel
+            .basic_get(topology.dlq().into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            seen += 1;
+            on_progress(seen);
+            let d = msg.delivery;
+            let entry = DlqEntry::from_parts(&d.properties, &d.data);
+            let wanted =
+                entry.matches(filter) && filter.limit.is_none_or(|l| report.moved.total < l);
+            if !wanted || dry_run {
+                if wanted {
+                    report.moved.add(&entry);
+                } else {
+                    report.kept += 1;
+                }
+                held.push(d.delivery_tag);
+                continue;
+            }
+            let props = replay_properties(&d.properties);
+            publish_confirmed(&channel, EXCHANGE, topology.routing_key(), &d.data, props).await?;
+            channel
+                .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await?;
+            report.moved.add(&entry);
+        }
+        Ok(())
+    }
+    .await;
+    release(&channel, &held).await;
+    let _ = channel.close(200, "reprocessed".into()).await;
+    let _ = conn.close(200, "reprocessed".into()).await;
+    result.map(|()| report)
+}
+
+fn replay_properties(properties: &BasicProperties) -> BasicProperties {
+    let old = properties.headers();
+    let reprocessed = get_u64(old, H_REPROCESSED).unwrap_or(0) + 1;
+    let mut headers = FieldTable::default();
+    if let Some(table) = old {
+        for (k, v) in table.inner() {
+            let drop = matches!(
+                k.as_str(),
+                H_ATTEMPTS
+                    | H_ERROR
+                    | H_ERROR_KIND
+                    | H_ERROR_STAGE
+                    | H_FIRST_FAILED_AT
+                    | H_LAST_FAILED_AT
+                    | H_REPROCESSED
+                    | "x-death"
+                    | "x-first-death-exchange"
+                    | "x-first-death-queue"
+                    | "x-first-death-reason"
+                    | "x-last-death-exchange"
+                    | "x-last-death-queue"
+                    | "x-last-death-reason"
+                    | "x-delivery-count"
+            );
+            if !drop {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    set_u64(&mut headers, H_REPROCESSED, reprocessed);
+    properties.clone().with_headers(headers)
+}
+
+/// Hands held deliveries back to the broker (requeue) so they stay in the DLQ.
+async fn release(channel: &Channel, tags: &[u64]) {
+    for tag in tags {
+        let _ = channel
+            .basic_nack(
+                *tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            )
+            .await;
+    }
+}

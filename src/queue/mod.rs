@@ -1,0 +1,63 @@
+//! Everything AMQP: queue topology, confirmed publishing, dead-lettering and the consume
+//! loop. This layer knows nothing about embeddings; it turns [`crate::process`] outcomes
+//! into acks, delayed retries and dead letters.
+
+mod consume;
+mod dlq;
+mod headers;
+mod publish;
+mod topology;
+
+pub use consume::{RunOptions, Worker, WorkerError, WorkerReport};
+pub use dlq::{DlqEntry, DlqFilter, DlqSummary, ReprocessReport, inspect_dlq, reprocess};
+pub use headers::{
+    H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
+    H_REPROCESSED, H_TENANT,
+};
+pub use publish::{Submitter, publish_confirmed};
+pub use topology::{DLX, EXCHANGE, Topology};
+
+use crate::config::redact_url;
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The connection to the broker could not be opened.
+    #[error("cannot connect to RabbitMQ at {url}: {source}")]
+    Connect {
+        /// The broker URL, password redacted.
+        url: String,
+        /// The client's error.
+        source: lapin::Error,
+    },
+    /// A queue or exchange exists with other arguments than this pipeline declares.
+    #[error(
+        "{what} already exists with different arguments: {server}. To migrate: stop the workers, move or drain its messages, delete it (rabbitmqctl delete_queue {what}) and start a worker again, which re-declares it; or use another pipeline name"
+    )]
+    TopologyMismatch {
+        /// The queue or exchange name.
+        what: String,
+        /// The broker's message (it names the differing argument).
+        server: String,
+    },
+    /// The broker refused to confirm a publish (nack) or returned it as unroutable.
+    #[error("the broker did not confirm the publish to {target}: {reason}")]
+    NotConfirmed {
+        /// Exchange/routing key or queue.
+        target: String,
+        /// Nack or return.
+        reason: String,
+    },
+    /// Any other AMQP failure (connection or channel lost, protocol error).
+    #[error("RabbitMQ error: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+impl QueueError {
+    pub(crate) fn connect(url: &str, source: lapin::Error) -> Self {
+        QueueError::Connect {
+            url: redact_url(url),
+            source,
+        }
+    }
+}

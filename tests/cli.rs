@@ -1,0 +1,147 @@
+//! The real binary: argument and config errors are named; submit, worker and search work
+//! together through RabbitMQ.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestPipeline;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
+}
+
+fn write_config(t: &TestPipeline) -> std::path::PathBuf {
+    let c = &t.config;
+    let path = t.dir.path().join("pipeline.toml");
+    let text = format!(
+        "name = \"{}\"\n[broker]\nurl = \"{}\"\nprefetch = 8\n[tenants]\nallowed = [\"acme\", \"globex\"]\n[chunking]\nmax_tokens = 64\noverlap = 8\n[embedder]\nkind = \"candle\"\nmodel_dir = \"{}\"\nbatch_size = 16\n[store]\nkind = \"edge\"\npath = \"{}\"\ncollection = \"c\"\n[limits]\nmax_document_bytes = 100000\n",
+        c.name,
+        c.broker.url,
+        c.embedder.model_dir.display(),
+        c.store.path.display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn a_bad_config_names_the_field() {
+    let t = TestPipeline::new("cli-bad", "");
+    let path = write_config(&t);
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("overlap = 8", "overlap = 99");
+    std::fs::write(&path, text).expect("write");
+    let out = bin()
+        .args(["search", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme", "q"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chunking.overlap"), "{err}");
+}
+
+#[test]
+fn a_missing_model_says_how_to_get_it() {
+    let t = TestPipeline::new("cli-model", "");
+    let path = write_config(&t);
+    let out = bin()
+        .args(["embed", "--pipeline"])
+        .arg(&path)
+        .arg("hello")
+        .env("RAG_INGEST_MODEL_DIR", t.dir.path().join("nowhere"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scripts/fetch-model.sh"), "{err}");
+}
+
+#[test]
+fn a_bad_argument_is_named() {
+    let out = bin()
+        .args(["search", "--top-k", "many", "q", "--tenant", "a"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--top-k"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_worker_search_through_the_binary() {
+    let t = TestPipeline::new("cli", "");
+    let path = write_config(&t);
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/acme");
+    let out = bin()
+        .args(["submit", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme"])
+        .arg(&docs)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("submitted 4 of 4"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let out = bin()
+        .args(["worker", "--exit-when-idle", "--pipeline"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stored=4"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = bin()
+        .args(["search", "--json", "--pipeline"])
+        .arg(&path)
+        .args([
+            "--tenant",
+            "acme",
+            "--top-k",
+            "2",
+            "getting money back for a taxi",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(hits[0]["document_id"], "expenses.txt", "{hits:#}");
+
+    let out = bin()
+        .args(["embed", "--pipeline"])
+        .arg(&path)
+        .args(["one", "two"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let lines: Vec<Vec<f32>> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("vector"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0].len(), 384);
+
+    t.delete_queues().await;
+}
