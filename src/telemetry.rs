@@ -17,7 +17,7 @@ pub enum LogFormat {
 /// Installs the global subscriber writing to stderr. Calling it twice has no effect.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,qdrant_edge=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,qdrant_edge=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
