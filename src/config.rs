@@ -10,14 +10,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
 
 /// Environment variable overriding `broker.url`.
 pub const ENV_AMQP_URL: &str = "RAG_INGEST_AMQP_URL";
-/// Environment variable overriding `embedder.model_dir`.
+/// Environment variable overriding `embedder.model_dir` (and `embedder.fallback.model_dir`
+/// when the fallback is a candle model).
 pub const ENV_MODEL_DIR: &str = "RAG_INGEST_MODEL_DIR";
 /// Environment variable overriding `store.path`.
 pub const ENV_STORE_PATH: &str = "RAG_INGEST_STORE_PATH";
+/// Environment variable overriding `store.qdrant.url`.
+pub const ENV_QDRANT_URL: &str = "RAG_INGEST_QDRANT_URL";
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -113,19 +117,290 @@ pub struct ChunkingConfig {
 pub enum EmbedderKind {
     /// In-process candle BERT model.
     Candle,
+    /// Any OpenAI-compatible `POST {base_url}/v1/embeddings` endpoint (OpenAI, vLLM, TEI,
+    /// Ollama, LiteLLM, infinity).
+    OpenAi,
 }
 
-/// `[embedder]`: the model.
+impl EmbedderKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbedderKind::Candle => "candle",
+            EmbedderKind::OpenAi => "openai",
+        }
+    }
+}
+
+/// `[embedder]` (and `[embedder.fallback]`): the model.
+///
+/// `kind = "candle"` needs `model_dir`; its fingerprint comes from the model files.
+/// `kind = "openai"` needs `base_url`, `model` and the explicit fingerprint
+/// (`fingerprint_model`, `dims`, `pooling`, `normalized`), which must describe what the remote
+/// model really computes: it is compared with the collection's and with the fallback's.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedderConfig {
     /// Implementation.
     pub kind: EmbedderKind,
-    /// Hugging Face model directory (relative to this file; env `RAG_INGEST_MODEL_DIR`).
+    /// candle: Hugging Face model directory (relative to this file; env
+    /// `RAG_INGEST_MODEL_DIR`). Unused by openai.
+    #[serde(default)]
     pub model_dir: PathBuf,
-    /// Texts per forward pass.
+    /// candle: texts per forward pass; openai: most texts per HTTP request.
     pub batch_size: usize,
+    /// openai: endpoint root; requests go to `{base_url}/v1/embeddings` (a trailing `/v1` is
+    /// not doubled).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// openai: the `model` sent in every request.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// openai: NAME of the environment variable holding the API key (sent as
+    /// `Authorization: Bearer …`); unset means no `Authorization` header.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// openai: `dimensions` sent in every request (models that can shorten their vectors);
+    /// must equal `dims`.
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    /// openai: fingerprint model identity, e.g. `sentence-transformers/all-MiniLM-L6-v2`.
+    #[serde(default)]
+    pub fingerprint_model: Option<String>,
+    /// openai: fingerprint vector dimension.
+    #[serde(default)]
+    pub dims: Option<usize>,
+    /// openai: fingerprint pooling, e.g. `mean`.
+    #[serde(default)]
+    pub pooling: Option<String>,
+    /// openai: fingerprint normalisation (true when vectors are L2-normalised).
+    #[serde(default)]
+    pub normalized: Option<bool>,
+    /// openai: the most tokens the remote model reads per input (the chunker keeps chunks
+    /// within it). Default 512.
+    #[serde(default)]
+    pub max_input_tokens: Option<usize>,
+    /// openai: token budget of one request; batches are split so that each request's inputs
+    /// add up to at most this many tokens. Unset: split by `batch_size` only.
+    #[serde(default)]
+    pub max_request_tokens: Option<usize>,
+    /// openai: a `tokenizer.json` of the remote model (relative to this file), used to count
+    /// tokens for `max_request_tokens` and by the chunker. Without it tokens are estimated
+    /// as UTF-8 bytes + 4 (an upper bound), and the chunker uses a candle fallback's tokenizer.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// openai: timeout of one HTTP request, in milliseconds.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// openai: HTTP requests in flight at once, over all messages of this worker.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// openai: retries of one request answered 429 or 503, inside the embedder (honouring
+    /// `Retry-After`). Other transient failures are retried by the worker (`[retry]`).
+    #[serde(default = "default_rate_limit_retries")]
+    pub rate_limit_retries: u32,
+    /// openai: the longest `Retry-After` the embedder waits for, in milliseconds; a longer
+    /// one fails the call at once (transient) and the worker's delayed retry takes over.
+    #[serde(default = "default_max_retry_after_ms")]
+    pub max_retry_after_ms: u64,
+    /// openai: consecutive transient failures that open the circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// openai: milliseconds the open breaker fails calls fast before letting a probe through.
+    #[serde(default = "default_breaker_open_ms")]
+    pub breaker_open_ms: u64,
+    /// `[embedder.fallback]`: an embedder of the same vector space used while this one's
+    /// circuit breaker is open or a call to it fails transiently (same fields; no nested
+    /// fallback).
+    #[serde(default)]
+    pub fallback: Option<Box<EmbedderConfig>>,
 }
+
+impl EmbedderConfig {
+    /// The fingerprint configured for an openai embedder; `None` for candle (whose
+    /// fingerprint comes from the model files) or when a field is missing.
+    pub fn configured_fingerprint(&self) -> Option<Fingerprint> {
+        if self.kind != EmbedderKind::OpenAi {
+            return None;
+        }
+        Some(Fingerprint {
+            model: self.fingerprint_model.clone()?,
+            dims: self.dims?,
+            pooling: self.pooling.clone()?,
+            normalized: self.normalized?,
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if !self.model_dir.as_os_str().is_empty() {
+            self.model_dir = base.join(&self.model_dir);
+        }
+        if let Some(tokenizer) = &self.tokenizer {
+            self.tokenizer = Some(base.join(tokenizer));
+        }
+        if let Some(fallback) = &mut self.fallback {
+            fallback.resolve_paths(base);
+        }
+    }
+
+    /// Checks this embedder's fields; `prefix` is `embedder` or `embedder.fallback`.
+    fn validate(
+        &self,
+        prefix: &str,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("{prefix}.{name}");
+        if self.batch_size == 0 || self.batch_size > 1024 {
+            return Err(fail(
+                &field("batch_size"),
+                format!("{} must be between 1 and 1024", self.batch_size),
+            ));
+        }
+        let remote_only: [(&str, bool); 11] = [
+            ("base_url", self.base_url.is_some()),
+            ("model", self.model.is_some()),
+            ("api_key_env", self.api_key_env.is_some()),
+            ("dimensions", self.dimensions.is_some()),
+            ("fingerprint_model", self.fingerprint_model.is_some()),
+            ("dims", self.dims.is_some()),
+            ("pooling", self.pooling.is_some()),
+            ("normalized", self.normalized.is_some()),
+            ("max_input_tokens", self.max_input_tokens.is_some()),
+            ("max_request_tokens", self.max_request_tokens.is_some()),
+            ("tokenizer", self.tokenizer.is_some()),
+        ];
+        match self.kind {
+            EmbedderKind::Candle => {
+                if self.model_dir.as_os_str().is_empty() {
+                    return Err(fail(
+                        &field("model_dir"),
+                        "is required for kind \"candle\"".into(),
+                    ));
+                }
+                if let Some((name, _)) = remote_only.iter().find(|(_, set)| *set) {
+                    return Err(fail(
+                        &field(name),
+                        "is only for kind \"openai\" (a candle model's fingerprint, limits and tokenizer come from its files)".into(),
+                    ));
+                }
+            }
+            EmbedderKind::OpenAi => self.validate_remote(&field, fail)?,
+        }
+        Ok(())
+    }
+
+    fn validate_remote(
+        &self,
+        field: &dyn Fn(&str) -> String,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let required = |name: &str| fail(&field(name), "is required for kind \"openai\"".into());
+        let base_url = self
+            .base_url
+            .as_deref()
+            .ok_or_else(|| required("base_url"))?;
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+            || base_url.len() <= "https://".len()
+        {
+            return Err(fail(
+                &field("base_url"),
+                format!(
+                    "{:?} must be an http:// or https:// URL",
+                    redact_url(base_url)
+                ),
+            ));
+        }
+        if self.model.as_deref().is_none_or(|m| m.trim().is_empty()) {
+            return Err(required("model"));
+        }
+        if let Some(name) = &self.api_key_env
+            && (name.is_empty()
+                || name.starts_with(|c: char| c.is_ascii_digit())
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(fail(
+                &field("api_key_env"),
+                format!(
+                    "{name:?} must be the NAME of an environment variable (letters, digits, '_'), not the key itself"
+                ),
+            ));
+        }
+        if self
+            .fingerprint_model
+            .as_deref()
+            .is_none_or(|m| m.trim().is_empty())
+        {
+            return Err(required("fingerprint_model"));
+        }
+        let dims = self.dims.ok_or_else(|| required("dims"))?;
+        if dims == 0 {
+            return Err(fail(&field("dims"), "must be at least 1".into()));
+        }
+        if self.pooling.as_deref().is_none_or(|p| p.trim().is_empty()) {
+            return Err(required("pooling"));
+        }
+        if self.normalized.is_none() {
+            return Err(required("normalized"));
+        }
+        if let Some(dimensions) = self.dimensions
+            && dimensions != dims
+        {
+            return Err(fail(
+                &field("dimensions"),
+                format!(
+                    "{dimensions} must equal dims ({dims}): the fingerprint must describe the vectors the provider returns"
+                ),
+            ));
+        }
+        let max_input = self
+            .max_input_tokens
+            .unwrap_or(DEFAULT_REMOTE_MAX_INPUT_TOKENS);
+        if max_input < 8 {
+            return Err(fail(
+                &field("max_input_tokens"),
+                format!("{max_input} is too small; use at least 8"),
+            ));
+        }
+        if let Some(budget) = self.max_request_tokens
+            && budget < max_input
+        {
+            return Err(fail(
+                &field("max_request_tokens"),
+                format!(
+                    "{budget} must be at least max_input_tokens ({max_input}) so that every chunk fits in a request"
+                ),
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(fail(
+                &field("request_timeout_ms"),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.max_concurrent_requests == 0 || self.max_concurrent_requests > 1024 {
+            return Err(fail(
+                &field("max_concurrent_requests"),
+                format!(
+                    "{} must be between 1 and 1024",
+                    self.max_concurrent_requests
+                ),
+            ));
+        }
+        if self.breaker_failures == 0 {
+            return Err(fail(
+                &field("breaker_failures"),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.breaker_open_ms == 0 {
+            return Err(fail(&field("breaker_open_ms"), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Per-input token limit of an openai embedder without `max_input_tokens`.
+pub const DEFAULT_REMOTE_MAX_INPUT_TOKENS: usize = 512;
 
 /// Store implementations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -133,6 +408,18 @@ pub struct EmbedderConfig {
 pub enum StoreKind {
     /// Embedded Qdrant Edge on local disk.
     Edge,
+    /// A Qdrant server over gRPC (`[store.qdrant]`).
+    Qdrant,
+}
+
+impl StoreKind {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Edge => "edge",
+            StoreKind::Qdrant => "qdrant",
+        }
+    }
 }
 
 /// `[store]`: the vector store.
@@ -142,9 +429,90 @@ pub struct StoreConfig {
     /// Implementation.
     pub kind: StoreKind,
     /// Data directory for `edge` (relative to this file; env `RAG_INGEST_STORE_PATH`).
+    /// Required for `edge`, unused by `qdrant` (empty when not set).
+    #[serde(default)]
     pub path: PathBuf,
     /// Collection name.
     pub collection: String,
+    /// Most points in one write request (1 to 10 000); larger upserts are split.
+    #[serde(default = "default_max_batch_points")]
+    pub max_batch_points: usize,
+    /// Most bytes in one write request (1 KiB to 256 MiB); larger upserts are split. A Qdrant
+    /// server refuses requests above its `service.max_request_size_mb` (32 MiB by default).
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// `[store.qdrant]`: the server, for `kind = "qdrant"` (ignored by `edge`).
+    #[serde(default)]
+    pub qdrant: QdrantConfig,
+}
+
+/// An API key read from the environment. Its `Debug` output is `ApiKey(***)`, so it never
+/// shows up in logs or error messages by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps `key`.
+    pub fn new(key: impl Into<String>) -> Self {
+        ApiKey(key.into())
+    }
+
+    /// The key itself, to hand to a client. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+/// `[store.qdrant]`: how to reach a Qdrant server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QdrantConfig {
+    /// gRPC URL (`http://` or `https://`, port 6334 by default; env `RAG_INGEST_QDRANT_URL`).
+    #[serde(default = "default_qdrant_url")]
+    pub url: String,
+    /// NAME of the environment variable holding the API key; unset means no key. The key
+    /// itself never goes in the file.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The key read from `api_key_env` when the config was loaded (only for `kind = "qdrant"`).
+    #[serde(skip)]
+    pub api_key: Option<ApiKey>,
+    /// Deadline of one request in milliseconds (also bounds `wait=true` writes).
+    #[serde(default = "default_qdrant_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Deadline for connecting, in milliseconds.
+    #[serde(default = "default_qdrant_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// In-process retries of one request on transient gRPC failures (0 to 20).
+    #[serde(default = "default_qdrant_retries")]
+    pub retries: u32,
+    /// First retry delay in milliseconds (doubles each time, with jitter).
+    #[serde(default = "default_qdrant_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    /// Largest retry delay in milliseconds.
+    #[serde(default = "default_qdrant_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+impl Default for QdrantConfig {
+    fn default() -> Self {
+        QdrantConfig {
+            url: default_qdrant_url(),
+            api_key_env: None,
+            api_key: None,
+            timeout_ms: default_qdrant_timeout_ms(),
+            connect_timeout_ms: default_qdrant_connect_timeout_ms(),
+            retries: default_qdrant_retries(),
+            backoff_min_ms: default_qdrant_backoff_min_ms(),
+            backoff_max_ms: default_qdrant_backoff_max_ms(),
+        }
+    }
 }
 
 /// `[limits]`: what a single message may hold.
@@ -216,6 +584,24 @@ impl Default for WorkerConfig {
 fn default_delivery_limit() -> u32 {
     5
 }
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_concurrent_requests() -> usize {
+    4
+}
+fn default_rate_limit_retries() -> u32 {
+    2
+}
+fn default_max_retry_after_ms() -> u64 {
+    30_000
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_open_ms() -> u64 {
+    30_000
+}
 fn default_max_attempts() -> u32 {
     5
 }
@@ -239,6 +625,38 @@ fn default_shutdown_grace_secs() -> u64 {
 }
 fn default_reconnect_give_up_secs() -> u64 {
     300
+}
+fn default_max_batch_points() -> usize {
+    crate::store::DEFAULT_MAX_BATCH_POINTS
+}
+fn default_max_batch_bytes() -> usize {
+    crate::store::DEFAULT_MAX_BATCH_BYTES
+}
+fn default_qdrant_url() -> String {
+    "http://127.0.0.1:6334".to_string()
+}
+fn default_qdrant_timeout_ms() -> u64 {
+    10_000
+}
+fn default_qdrant_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_qdrant_retries() -> u32 {
+    3
+}
+fn default_qdrant_backoff_min_ms() -> u64 {
+    100
+}
+fn default_qdrant_backoff_max_ms() -> u64 {
+    2_000
+}
+
+/// Whether `name` can be the name of an environment variable (letters, digits, '_', not
+/// starting with a digit).
+fn is_env_var_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 impl PipelineConfig {
@@ -280,15 +698,64 @@ impl PipelineConfig {
             config.broker.url = url;
         }
         if let Some(dir) = env(ENV_MODEL_DIR) {
+            if let Some(fallback) = &mut config.embedder.fallback
+                && fallback.kind == EmbedderKind::Candle
+            {
+                fallback.model_dir = PathBuf::from(&dir);
+            }
             config.embedder.model_dir = PathBuf::from(dir);
         }
         if let Some(dir) = env(ENV_STORE_PATH) {
             config.store.path = PathBuf::from(dir);
         }
-        config.embedder.model_dir = base.join(&config.embedder.model_dir);
-        config.store.path = base.join(&config.store.path);
+        if let Some(url) = env(ENV_QDRANT_URL) {
+            config.store.qdrant.url = url;
+        }
+        config.embedder.resolve_paths(base);
+        if !config.store.path.as_os_str().is_empty() {
+            config.store.path = base.join(&config.store.path);
+        }
+        config.resolve_qdrant_api_key(origin, &env)?;
         config.validate(origin)?;
         Ok(config)
+    }
+
+    /// For `store.kind = "qdrant"` with `store.qdrant.api_key_env`: reads the key from that
+    /// environment variable. Fails naming `store.qdrant.api_key_env` if the name is not an
+    /// environment variable name or the variable is unset or empty (the key is never shown).
+    fn resolve_qdrant_api_key(
+        &mut self,
+        origin: &Path,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if self.store.kind != StoreKind::Qdrant {
+            return Ok(());
+        }
+        let Some(name) = &self.store.qdrant.api_key_env else {
+            return Ok(());
+        };
+        let fail = |problem: String| ConfigError::Field {
+            path: origin.to_path_buf(),
+            field: "store.qdrant.api_key_env".to_string(),
+            problem,
+        };
+        if !is_env_var_name(name) {
+            return Err(fail(
+                "must be the NAME of an environment variable (letters, digits, '_'), not the key \
+                 itself"
+                    .into(),
+            ));
+        }
+        match env(name) {
+            Some(key) if !key.trim().is_empty() => {
+                self.store.qdrant.api_key = Some(ApiKey(key));
+                Ok(())
+            }
+            _ => Err(fail(format!(
+                "environment variable {name} is not set or empty; export the Qdrant API key in \
+                 it, or remove api_key_env for a server without authentication"
+            ))),
+        }
     }
 
     /// The allowed tenants, validated.
@@ -373,12 +840,7 @@ impl PipelineConfig {
                 ),
             ));
         }
-        if self.embedder.batch_size == 0 || self.embedder.batch_size > 1024 {
-            return Err(fail(
-                "embedder.batch_size",
-                format!("{} must be between 1 and 1024", self.embedder.batch_size),
-            ));
-        }
+        self.validate_embedder(&fail)?;
         if self.store.collection.is_empty()
             || !self
                 .store
@@ -394,6 +856,7 @@ impl PipelineConfig {
                 ),
             ));
         }
+        self.validate_store(&fail)?;
         if self.limits.max_document_bytes == 0 {
             return Err(fail(
                 "limits.max_document_bytes",
@@ -424,6 +887,141 @@ impl PipelineConfig {
                     "{} must be between 1 and broker.prefetch ({})",
                     self.worker.concurrency, self.broker.prefetch
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[embedder]` and `[embedder.fallback]`: each on its own, then their fingerprints
+    /// against each other when both are configured explicitly (a candle model's fingerprint
+    /// is only known once loaded: `setup::embedder` checks that case).
+    fn validate_embedder(
+        &self,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        self.embedder.validate("embedder", fail)?;
+        let tokenizer_required = || {
+            fail(
+                "embedder.tokenizer",
+                "is required for kind \"openai\" unless the fallback is a candle model: chunks are sized in the model's own tokens".into(),
+            )
+        };
+        let Some(fallback) = &self.embedder.fallback else {
+            if self.embedder.kind == EmbedderKind::OpenAi && self.embedder.tokenizer.is_none() {
+                return Err(tokenizer_required());
+            }
+            return Ok(());
+        };
+        if fallback.fallback.is_some() {
+            return Err(fail(
+                "embedder.fallback.fallback",
+                "a fallback cannot have a fallback of its own".into(),
+            ));
+        }
+        fallback.validate("embedder.fallback", fail)?;
+        if let (Some(primary), Some(other)) = (
+            self.embedder.configured_fingerprint(),
+            fallback.configured_fingerprint(),
+        ) && primary != other
+        {
+            return Err(fail(
+                "embedder.fallback",
+                format!(
+                    "fingerprint {} differs from the primary's {}: a fallback must produce the same vector space (model, dims, pooling, normalisation)",
+                    other.id(),
+                    primary.id()
+                ),
+            ));
+        }
+        if self.embedder.kind == EmbedderKind::OpenAi
+            && self.embedder.tokenizer.is_none()
+            && fallback.kind != EmbedderKind::Candle
+        {
+            return Err(tokenizer_required());
+        }
+        Ok(())
+    }
+
+    /// `[store]` and `[store.qdrant]` besides the collection name.
+    fn validate_store(
+        &self,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let store = &self.store;
+        if store.kind == StoreKind::Edge && store.path.as_os_str().is_empty() {
+            return Err(fail(
+                "store.path",
+                "is required for kind \"edge\" (the data directory)".into(),
+            ));
+        }
+        if store.max_batch_points == 0 || store.max_batch_points > 10_000 {
+            return Err(fail(
+                "store.max_batch_points",
+                format!("{} must be between 1 and 10000", store.max_batch_points),
+            ));
+        }
+        if store.max_batch_bytes < 1024 || store.max_batch_bytes > 256 * 1024 * 1024 {
+            return Err(fail(
+                "store.max_batch_bytes",
+                format!(
+                    "{} must be between 1024 and 268435456 (256 MiB); a Qdrant server refuses \
+                     requests above its max_request_size_mb (32 MiB by default)",
+                    store.max_batch_bytes
+                ),
+            ));
+        }
+        if store.kind != StoreKind::Qdrant {
+            return Ok(());
+        }
+        let q = &store.qdrant;
+        let after_scheme = q
+            .url
+            .strip_prefix("http://")
+            .or_else(|| q.url.strip_prefix("https://"));
+        if let Some(rest) = after_scheme
+            && rest
+                .split('/')
+                .next()
+                .is_some_and(|authority| authority.contains('@'))
+        {
+            return Err(fail(
+                "store.qdrant.url",
+                format!(
+                    "{:?} must not carry credentials; put the API key in the environment \
+                     variable named by store.qdrant.api_key_env",
+                    redact_url(&q.url)
+                ),
+            ));
+        }
+        if after_scheme.is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
+            return Err(fail(
+                "store.qdrant.url",
+                format!(
+                    "{:?} must be an http:// or https:// URL with a host, e.g. \
+                     http://127.0.0.1:6334 (the gRPC port)",
+                    redact_url(&q.url)
+                ),
+            ));
+        }
+        if q.timeout_ms == 0 {
+            return Err(fail("store.qdrant.timeout_ms", "must be at least 1".into()));
+        }
+        if q.connect_timeout_ms == 0 {
+            return Err(fail(
+                "store.qdrant.connect_timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        if q.retries > 20 {
+            return Err(fail(
+                "store.qdrant.retries",
+                format!("{} must be between 0 and 20", q.retries),
+            ));
+        }
+        if q.backoff_min_ms == 0 || q.backoff_min_ms > q.backoff_max_ms {
+            return Err(fail(
+                "store.qdrant.backoff_min_ms",
+                "must be at least 1 and not above store.qdrant.backoff_max_ms".into(),
             ));
         }
         Ok(())
@@ -571,5 +1169,224 @@ max_document_bytes = 1000
             "amqp://127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://a:b@h/%2f"), "amqp://a:***@h/%2f");
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    const EDGE: &str = r#"
+name = "t"
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+prefetch = 8
+[tenants]
+allowed = ["acme"]
+[chunking]
+max_tokens = 200
+overlap = 20
+[embedder]
+kind = "candle"
+model_dir = "models/m"
+batch_size = 16
+[store]
+kind = "edge"
+path = "data"
+collection = "docs"
+[limits]
+max_document_bytes = 1000
+"#;
+
+    const QDRANT: &str = r#"
+name = "t"
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+prefetch = 8
+[tenants]
+allowed = ["acme"]
+[chunking]
+max_tokens = 200
+overlap = 20
+[embedder]
+kind = "candle"
+model_dir = "models/m"
+batch_size = 16
+[store]
+kind = "qdrant"
+collection = "docs"
+[store.qdrant]
+url = "http://qdrant:6334"
+api_key_env = "MY_QDRANT_KEY"
+[limits]
+max_document_bytes = 1000
+"#;
+
+    fn parse_with(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<PipelineConfig, ConfigError> {
+        PipelineConfig::from_toml_str(text, Path::new("p.toml"), Path::new("/base"), env)
+    }
+
+    fn key_env(name: &str) -> Option<String> {
+        (name == "MY_QDRANT_KEY").then(|| "s3cr3t-key".to_string())
+    }
+
+    fn field_of(result: Result<PipelineConfig, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Field { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn edge_defaults_for_new_store_fields() {
+        let c = parse_with(EDGE, |_| None).expect("valid");
+        assert_eq!(c.store.kind, StoreKind::Edge);
+        assert_eq!(
+            c.store.max_batch_points,
+            crate::store::DEFAULT_MAX_BATCH_POINTS
+        );
+        assert_eq!(
+            c.store.max_batch_bytes,
+            crate::store::DEFAULT_MAX_BATCH_BYTES
+        );
+        assert_eq!(c.store.qdrant.url, "http://127.0.0.1:6334");
+        assert!(c.store.qdrant.api_key.is_none());
+    }
+
+    #[test]
+    fn qdrant_config_reads_the_key_from_the_named_variable() {
+        let c = parse_with(QDRANT, key_env).expect("valid");
+        assert_eq!(c.store.kind, StoreKind::Qdrant);
+        assert_eq!(c.store.qdrant.url, "http://qdrant:6334");
+        assert_eq!(
+            c.store.qdrant.api_key.as_ref().map(ApiKey::expose),
+            Some("s3cr3t-key")
+        );
+        assert_eq!(c.store.path, PathBuf::new(), "no path needed for qdrant");
+        assert_eq!(c.store.qdrant.timeout_ms, 10_000);
+        // The key never shows in Debug output.
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn qdrant_url_env_override() {
+        let c = parse_with(QDRANT, |k| match k {
+            ENV_QDRANT_URL => Some("https://cloud.example:6334".into()),
+            other => key_env(other),
+        })
+        .expect("valid");
+        assert_eq!(c.store.qdrant.url, "https://cloud.example:6334");
+    }
+
+    #[test]
+    fn a_missing_api_key_variable_is_named_without_a_value() {
+        let err = parse_with(QDRANT, |_| None).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("store.qdrant.api_key_env"), "{text}");
+        assert!(text.contains("MY_QDRANT_KEY"), "{text}");
+        // An empty variable counts as missing.
+        let err = parse_with(QDRANT, |k| (k == "MY_QDRANT_KEY").then(String::new)).unwrap_err();
+        assert!(err.to_string().contains("store.qdrant.api_key_env"));
+        // For an edge store the qdrant section is not resolved.
+        let edge = EDGE.replace(
+            "collection = \"docs\"",
+            "collection = \"docs\"\n[store.qdrant]\napi_key_env = \"MY_QDRANT_KEY\"",
+        );
+        assert!(parse_with(&edge, |_| None).is_ok());
+    }
+
+    #[test]
+    fn each_bad_store_field_is_named() {
+        let cases: [(&str, &str, &str, &str); 11] = [
+            (EDGE, "path = \"data\"\n", "", "store.path"),
+            (
+                EDGE,
+                "collection = \"docs\"",
+                "collection = \"docs\"\nmax_batch_points = 0",
+                "store.max_batch_points",
+            ),
+            (
+                EDGE,
+                "collection = \"docs\"",
+                "collection = \"docs\"\nmax_batch_bytes = 100",
+                "store.max_batch_bytes",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"qdrant:6334\"",
+                "store.qdrant.url",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"http://\"",
+                "store.qdrant.url",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"http://u:p@qdrant:6334\"",
+                "store.qdrant.url",
+            ),
+            (
+                QDRANT,
+                "api_key_env = \"MY_QDRANT_KEY\"",
+                "api_key_env = \"not a name\"",
+                "store.qdrant.api_key_env",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"http://qdrant:6334\"\ntimeout_ms = 0",
+                "store.qdrant.timeout_ms",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"http://qdrant:6334\"\nconnect_timeout_ms = 0",
+                "store.qdrant.connect_timeout_ms",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"http://qdrant:6334\"\nretries = 99",
+                "store.qdrant.retries",
+            ),
+            (
+                QDRANT,
+                "url = \"http://qdrant:6334\"",
+                "url = \"http://qdrant:6334\"\nbackoff_min_ms = 5000\nbackoff_max_ms = 10",
+                "store.qdrant.backoff_min_ms",
+            ),
+        ];
+        for (base, from, to, field) in cases {
+            assert!(base.contains(from), "{from:?}");
+            let text = base.replacen(from, to, 1);
+            assert_eq!(
+                field_of(parse_with(&text, key_env)),
+                field,
+                "after replacing {from:?} with {to:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_store_fields_and_inline_keys_are_refused() {
+        let err = parse_with(
+            &QDRANT.replace("api_key_env = \"MY_QDRANT_KEY\"", "api_key = \"s3cr3t\""),
+            key_env,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("api_key"), "{err}");
+        let err = parse_with(
+            &QDRANT.replace("kind = \"qdrant\"", "kind = \"milvus\""),
+            key_env,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("milvus"), "{err}");
     }
 }

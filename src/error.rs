@@ -37,6 +37,9 @@ pub enum ErrorKind {
     EmbedderUnavailable,
     /// The embedder refused the input (it will refuse it again).
     EmbedderRejected,
+    /// A remote embedding provider refused the credentials (HTTP 401/403): the API key is
+    /// missing, wrong, expired or lacks access to the model.
+    EmbedderAuth,
     /// The embedder returned vectors of another dimension than the collection's.
     DimensionMismatch,
     /// The vector store could not be reached or failed in a way that may pass.
@@ -49,7 +52,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order (used by docs checks and metrics).
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 18] = [
         ErrorKind::InvalidJson,
         ErrorKind::InvalidField,
         ErrorKind::UnsupportedSchema,
@@ -63,6 +66,7 @@ impl ErrorKind {
         ErrorKind::ContentTooLarge,
         ErrorKind::EmbedderUnavailable,
         ErrorKind::EmbedderRejected,
+        ErrorKind::EmbedderAuth,
         ErrorKind::DimensionMismatch,
         ErrorKind::StoreUnavailable,
         ErrorKind::StoreRejected,
@@ -85,6 +89,7 @@ impl ErrorKind {
             ErrorKind::ContentTooLarge => "content_too_large",
             ErrorKind::EmbedderUnavailable => "embedder_unavailable",
             ErrorKind::EmbedderRejected => "embedder_rejected",
+            ErrorKind::EmbedderAuth => "embedder_auth",
             ErrorKind::DimensionMismatch => "dimension_mismatch",
             ErrorKind::StoreUnavailable => "store_unavailable",
             ErrorKind::StoreRejected => "store_rejected",

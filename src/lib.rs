@@ -1,5 +1,6 @@
 //! rag-ingest: a queue-driven ingestion worker for retrieval-augmented generation.
 
+pub mod breaker;
 pub mod chunk;
 pub mod config;
 pub mod embed;
@@ -13,3 +14,5 @@ pub mod setup;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
+pub mod health;
+pub mod doctor;

@@ -12,7 +12,8 @@ use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::Embedder;
 use rag_ingest::message::Document;
 use rag_ingest::queue::{DlqFilter, RunOptions, Submitter, Worker, inspect_dlq, reprocess};
-use rag_ingest::search::Searcher;
+use rag_ingest::search::{SearchOptions, Searcher};
+use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 use rag_ingest::{setup, telemetry};
 
@@ -116,11 +117,28 @@ enum Command {
         /// Number of results.
         #[arg(long, default_value_t = 5)]
         top_k: usize,
+        /// Only chunks whose metadata KEY equals VALUE exactly (repeatable; all must match).
+        #[arg(long = "filter", value_parser = parse_key_value)]
+        filters: Vec<(String, String)>,
+        /// Only results with at least this cosine similarity (-1 to 1).
+        #[arg(long)]
+        min_score: Option<f32>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         /// The query text.
         query: String,
+    },
+    /// Delete every chunk of one tenant from the pipeline's store (irreversible).
+    PurgeTenant {
+        #[command(flatten)]
+        pipeline: PipelineArg,
+        /// The tenant whose chunks are deleted (other tenants are never touched).
+        #[arg(long)]
+        tenant: String,
+        /// Required: confirms that everything of this tenant is to be deleted.
+        #[arg(long)]
+        yes_delete_everything: bool,
     },
     /// Print each text's embedding as one JSON array per line (- reads one text per stdin line).
     Embed {
@@ -129,6 +147,11 @@ enum Command {
         /// Texts to embed, or - for stdin.
         #[arg(required = true)]
         texts: Vec<String>,
+    },
+    /// Check config, broker, model and store; exit non-zero if any check fails.
+    Doctor {
+        #[command(flatten)]
+        pipeline: PipelineArg,
     },
     /// Inspect the dead-letter queue (nothing is removed).
     Dlq {
@@ -223,12 +246,19 @@ async fn run(command: Command) -> Result<ExitCode> {
             pipeline,
             tenant,
             top_k,
+            filters,
+            min_score,
             json,
             query,
         } => {
             let config = load(&pipeline)?;
-            let searcher = Searcher::open(&config)?;
-            let hits = searcher.search(&tenant, &query, top_k).await?;
+            let searcher = Searcher::open(&config).await?;
+            let mut options = SearchOptions::new(top_k);
+            for (key, value) in filters {
+                options = options.metadata_eq(key, value);
+            }
+            options.min_score = min_score;
+            let hits = searcher.search_with(&tenant, &query, &options).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&hits)?);
             } else if hits.is_empty() {
@@ -237,21 +267,57 @@ async fn run(command: Command) -> Result<ExitCode> {
                 for (i, h) in hits.iter().enumerate() {
                     let snippet: String = h.text.split_whitespace().collect::<Vec<_>>().join(" ");
                     let snippet: String = snippet.chars().take(160).collect();
+                    let version = h.version.map(|v| format!(" v{v}")).unwrap_or_default();
                     println!(
-                        "{:>2}. {:.3}  {} #{}  {}",
+                        "{:>2}. {:.3}  {}{} #{} [{}..{}]  {}",
                         i + 1,
                         h.score,
                         h.document_id,
+                        version,
                         h.chunk_index,
+                        h.byte_range.start,
+                        h.byte_range.end,
                         snippet
                     );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::PurgeTenant {
+            pipeline,
+            tenant,
+            yes_delete_everything,
+        } => {
+            let tenant = TenantId::new(tenant).context("--tenant")?;
+            if !yes_delete_everything {
+                eprintln!(
+                    "refusing to purge tenant {tenant}: this deletes every chunk of the tenant \
+                     and cannot be undone; add --yes-delete-everything to confirm"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            let config = load(&pipeline)?;
+            let embedder = setup::embedder(&config)?;
+            let store = setup::open_vector_store(&config, embedder.fingerprint()).await?;
+            let before = store.count(&tenant, None).await?;
+            store.purge_tenant(&tenant).await?;
+            let after = store.count(&tenant, None).await?;
+            println!(
+                "purged tenant {tenant} from {} collection {}: {} point(s) before, {after} after",
+                store.kind(),
+                config.store.collection,
+                before
+            );
+            Ok(if after == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{after} point(s) of tenant {tenant} remain (written concurrently?)");
+                ExitCode::FAILURE
+            })
+        }
         Command::Embed { pipeline, texts } => {
             let config = load(&pipeline)?;
-            let embedder = setup::open_embedder(&config)?;
+            let embedder = setup::embedder(&config)?;
             let texts = if texts == ["-"] {
                 let mut input = String::new();
                 std::io::stdin()
@@ -265,6 +331,17 @@ async fn run(command: Command) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string(&v)?);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { pipeline } => {
+            let checks = rag_ingest::doctor::run(&pipeline.pipeline).await;
+            for check in &checks {
+                println!("{}", check.line());
+            }
+            Ok(if checks.iter().all(|c| c.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Dlq { command } => match command {
             DlqCommand::List { pipeline } => {
@@ -343,7 +420,7 @@ async fn worker(
     idle_grace_ms: u64,
 ) -> Result<ExitCode> {
     let config = load(pipeline)?;
-    let components = setup::pipeline(&config)?;
+    let components = setup::pipeline(&config).await?;
     let worker = Worker::new(config, components);
     let options = RunOptions {
         exit_when_idle,

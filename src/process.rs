@@ -1,10 +1,21 @@
 //! The processing stage: one validated [`Document`] in, one [`Processed`] outcome (or a
 //! [`Failure`]) out. Chunk → embed → store, with the document lifecycle rules:
-//! - an upsert older than the stored version is skipped, never written;
-//! - an upsert whose content (and embedder) equals what is stored makes no embedding call;
-//! - new chunks are written first, then the document's stale chunks (other content hash) are
-//!   deleted, so readers never see the document vanish;
+//! - a message (upsert or delete) whose version is older than the stored version is skipped
+//!   ([`Processed::Stale`]), never written; a message without a version is always applied;
+//! - an upsert whose content hash (and embedder) equals what is stored makes no embedding
+//!   call. If its version and metadata are the stored ones too, nothing is written
+//!   ([`Processed::Unchanged`]); otherwise the stored chunks are relabelled with the new
+//!   version and metadata, vectors untouched (also [`Processed::Unchanged`]), so an older
+//!   version arriving later is still recognised as stale;
+//! - otherwise the new chunks are written first — chunk 0 last, because chunk 0 is how the
+//!   stored revision is identified, so a write interrupted halfway leaves the old revision
+//!   recorded and a redelivery writes everything again — then every point of that tenant's
+//!   document with another [`Revision`] (content hash, version or chunk count) is deleted, so
+//!   readers never see the document vanish;
 //! - a delete removes every chunk of that tenant's document and nothing else.
+//!
+//! Messages about the same document must not be processed concurrently (the worker holds a
+//! per-document lock around [`Pipeline::process`]).
 //!
 //! This module knows nothing about AMQP: the queue layer turns outcomes into acks,
 //! retries and dead letters.
@@ -17,7 +28,7 @@ use crate::chunk::{ChunkFormat, Chunker};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
-use crate::store::{ChunkPayload, ChunkPoint, StoreError, VectorStore, point_id};
+use crate::store::{ChunkPayload, ChunkPoint, Revision, StoreError, VectorStore, point_id};
 
 /// A processing failure: what kind, at which stage, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +73,8 @@ pub enum Processed {
         /// Number of chunks written.
         chunks: usize,
     },
-    /// The stored revision has the same content and embedder: nothing was embedded or written.
+    /// The stored revision has the same content and embedder: nothing was embedded (the
+    /// stored chunks' version and metadata were updated if the message's differ).
     Unchanged,
     /// The stored version is newer than the message's: nothing was written.
     Stale {
@@ -140,6 +152,11 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             (stored.as_ref().and_then(|p| p.version), doc.version)
             && version < stored_version
         {
+            tracing::debug!(
+                version,
+                stored_version,
+                "message older than the stored version; skipped"
+            );
             return Ok(Processed::Stale {
                 stored: stored_version,
             });
@@ -165,15 +182,8 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         if let Some(stored) = stored
             && stored.content_sha256 == sha
             && stored.embedder == fingerprint
-            && stored.version == doc.version
-            && stored.metadata == doc.metadata
         {
-            // A redelivery after a crash between "upsert" and "delete stale" lands here:
-            // finish that cleanup (idempotent, usually deletes nothing).
-            self.store
-                .delete_document(&doc.tenant, &doc.document_id, Some(&sha))
-                .await?;
-            return Ok(Processed::Unchanged);
+            return self.keep_unchanged(doc, stored).await;
         }
 
         let format = doc.format().ok_or_else(|| {
@@ -218,7 +228,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
 
         let chunk_count = chunks.len();
         let ingested_at = chrono::Utc::now().to_rfc3339();
-        let points = chunks
+        let mut points: Vec<ChunkPoint> = chunks
             .into_iter()
             .zip(vectors)
             .map(|(chunk, vector)| ChunkPoint {
@@ -240,13 +250,59 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 },
             })
             .collect();
+        // Chunk 0 identifies the stored revision: write it last (stores write in order).
+        points.rotate_left(1);
         self.store.upsert(points).await?;
+        let revision = Revision {
+            content_sha256: sha,
+            version: doc.version,
+            chunk_count,
+        };
         self.store
-            .delete_document(&doc.tenant, &doc.document_id, Some(&sha))
+            .delete_document(&doc.tenant, &doc.document_id, Some(&revision))
             .await?;
         Ok(Processed::Stored {
             chunks: chunk_count,
         })
+    }
+
+    /// The stored revision (`stored` is its chunk 0) has `doc`'s content and embedder: records
+    /// `doc`'s version and metadata if they differ (no embedding), and deletes points of other
+    /// revisions if the document has more points than the revision has chunks (left by a
+    /// crash between writing a revision and deleting the old one). Writes nothing when the
+    /// stored revision is `doc`'s exactly and complete.
+    async fn keep_unchanged(
+        &self,
+        doc: &Document,
+        stored: ChunkPayload,
+    ) -> Result<Processed, Failure> {
+        let stored_revision = stored.revision();
+        let revision = Revision {
+            version: doc.version,
+            ..stored_revision.clone()
+        };
+        let relabel = stored.version != doc.version || stored.metadata != doc.metadata;
+        if relabel {
+            self.store
+                .relabel_document(
+                    &doc.tenant,
+                    &doc.document_id,
+                    &stored_revision,
+                    doc.version,
+                    &doc.metadata,
+                )
+                .await?;
+        }
+        let count = self
+            .store
+            .count(&doc.tenant, Some(&doc.document_id))
+            .await?;
+        if count != revision.chunk_count {
+            self.store
+                .delete_document(&doc.tenant, &doc.document_id, Some(&revision))
+                .await?;
+        }
+        Ok(Processed::Unchanged)
     }
 
     async fn chunk(

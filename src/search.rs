@@ -1,13 +1,17 @@
-//! Querying what was ingested, always scoped to one tenant.
+//! Querying what was ingested, always scoped to one tenant, optionally narrowed by exact
+//! metadata matches and a minimum score.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use rag_ingest::{config::PipelineConfig, search::Searcher};
+//! use rag_ingest::{config::PipelineConfig, search::{SearchOptions, Searcher}};
 //! let config = PipelineConfig::load("pipelines/docs.toml".as_ref())?;
-//! let searcher = Searcher::open(&config)?;
+//! let searcher = Searcher::open(&config).await?;
 //! for hit in searcher.search("acme", "how do retries work?", 5).await? {
 //!     println!("{:.3} {} #{}: {}", hit.score, hit.document_id, hit.chunk_index, hit.text);
 //! }
+//! // Only chunks whose metadata.title is "Retries", scoring at least 0.3.
+//! let options = SearchOptions::new(5).metadata_eq("title", "Retries").min_score(0.3);
+//! let hits = searcher.search_with("acme", "backoff", &options).await?;
 //! # Ok(()) }
 //! ```
 
@@ -17,9 +21,10 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::PipelineConfig;
-use crate::embed::{CandleEmbedder, EmbedError, Embedder};
-use crate::setup::{SetupError, open_embedder, open_store};
-use crate::store::{EdgeStore, StoreError, VectorStore};
+use crate::embed::{AnyEmbedder, EmbedError, Embedder};
+use crate::setup::{SetupError, embedder, open_vector_store};
+pub use crate::store::{MetadataValue, SearchFilter};
+use crate::store::{SearchRequest, Store, StoreError, VectorStore, validate_metadata_key};
 use crate::tenant::{TenantError, TenantId};
 
 /// Why a search failed.
@@ -34,6 +39,9 @@ pub enum SearchError {
     /// `top_k` is 0 or above 1000.
     #[error("top_k must be between 1 and 1000, got {0}")]
     TopK(usize),
+    /// A metadata filter key is not a plain key, or the minimum score is not a finite number.
+    #[error("invalid search filter: {0}")]
+    Filter(String),
     /// The query could not be embedded.
     #[error("embedding the query failed: {0}")]
     Embed(#[from] EmbedError),
@@ -61,20 +69,54 @@ pub struct SearchHit {
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
+/// How many results and which: `top_k`, exact metadata matches, a minimum score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchOptions {
+    /// Most results (1 to 1000).
+    pub top_k: usize,
+    /// Exact matches on `metadata.<key>` (all must hold).
+    pub filter: SearchFilter,
+    /// Only results with at least this cosine similarity.
+    pub min_score: Option<f32>,
+}
+
+impl SearchOptions {
+    /// The `top_k` best results, no filter, no minimum score.
+    pub fn new(top_k: usize) -> Self {
+        SearchOptions {
+            top_k,
+            filter: SearchFilter::default(),
+            min_score: None,
+        }
+    }
+
+    /// These options plus the condition `metadata.<key> == value`.
+    pub fn metadata_eq(mut self, key: impl Into<String>, value: impl Into<MetadataValue>) -> Self {
+        self.filter = self.filter.metadata_eq(key, value);
+        self
+    }
+
+    /// These options with the minimum score `min_score`.
+    pub fn min_score(mut self, min_score: f32) -> Self {
+        self.min_score = Some(min_score);
+        self
+    }
+}
+
 /// Embeds queries with the pipeline's model and searches its store.
 pub struct Searcher<E, S> {
     embedder: Arc<E>,
     store: Arc<S>,
 }
 
-impl Searcher<CandleEmbedder, EdgeStore> {
-    /// Opens the embedder and store `config` names.
+impl Searcher<AnyEmbedder, Store> {
+    /// Opens the embedder and the store (`edge` or `qdrant`) `config` names.
     ///
     /// Fails with [`SetupError`] if the model is missing or the store cannot be opened
     /// (for instance because it was built with another embedder).
-    pub fn open(config: &PipelineConfig) -> Result<Self, SetupError> {
-        let embedder = Arc::new(open_embedder(config)?);
-        let store = Arc::new(open_store(config, embedder.fingerprint())?);
+    pub async fn open(config: &PipelineConfig) -> Result<Self, SetupError> {
+        let embedder = Arc::new(embedder(config)?);
+        let store = Arc::new(open_vector_store(config, embedder.fingerprint()).await?);
         Ok(Searcher::new(embedder, store))
     }
 }
@@ -95,18 +137,52 @@ impl<E: Embedder, S: VectorStore> Searcher<E, S> {
         query: &str,
         top_k: usize,
     ) -> Result<Vec<SearchHit>, SearchError> {
+        self.search_with(tenant, query, &SearchOptions::new(top_k))
+            .await
+    }
+
+    /// The best `options.top_k` chunks of `tenant` for `query` whose metadata matches
+    /// `options.filter` exactly and whose score is at least `options.min_score`, best first.
+    ///
+    /// Fails closed like [`Searcher::search`]; also fails with [`SearchError::Filter`] on a
+    /// metadata key that is not 1 to 64 characters of letters, digits, `_` and `-`, or a
+    /// minimum score that is not a finite number.
+    pub async fn search_with(
+        &self,
+        tenant: &str,
+        query: &str,
+        options: &SearchOptions,
+    ) -> Result<Vec<SearchHit>, SearchError> {
         let tenant = TenantId::new(tenant)?;
         if query.trim().is_empty() {
             return Err(SearchError::EmptyQuery);
         }
+        let top_k = options.top_k;
         if top_k == 0 || top_k > 1000 {
             return Err(SearchError::TopK(top_k));
+        }
+        for (key, _) in &options.filter.metadata {
+            validate_metadata_key(key).map_err(SearchError::Filter)?;
+        }
+        if let Some(min) = options.min_score
+            && !min.is_finite()
+        {
+            return Err(SearchError::Filter(format!(
+                "the minimum score must be a finite number, got {min}"
+            )));
         }
         let mut vectors = self.embedder.embed(vec![query.to_string()]).await?;
         let vector = vectors.pop().ok_or(EmbedError::Inference(
             "the embedder returned no vector for the query".into(),
         ))?;
-        let hits = self.store.search(&tenant, vector, top_k).await?;
+        let request = SearchRequest {
+            tenant: tenant.clone(),
+            vector,
+            top_k,
+            filter: options.filter.clone(),
+            min_score: options.min_score,
+        };
+        let hits = self.store.search(request).await?;
         Ok(hits
             .into_iter()
             .filter(|h| h.payload.tenant_id == tenant.as_str())

@@ -3,10 +3,13 @@
 use std::sync::Arc;
 
 use crate::chunk::{ChunkError, Chunker};
-use crate::config::{EmbedderKind, PipelineConfig, StoreKind};
-use crate::embed::{CandleEmbedder, EmbedError, Embedder, Fingerprint};
+use crate::config::{EmbedderConfig, EmbedderKind, PipelineConfig, StoreKind};
+use crate::embed::{
+    AnyEmbedder, CandleEmbedder, EmbedError, Embedder, FailoverEmbedder, Fingerprint,
+    OpenAiEmbedder, OpenAiOptions,
+};
 use crate::process::Pipeline;
-use crate::store::{EdgeStore, StoreError};
+use crate::store::{BatchLimits, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError};
 
 /// Why a component could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -22,28 +25,162 @@ pub enum SetupError {
     Store(#[from] StoreError),
 }
 
-/// Loads the embedder `config.embedder` names.
-pub fn open_embedder(config: &PipelineConfig) -> Result<CandleEmbedder, SetupError> {
-    match config.embedder.kind {
-        EmbedderKind::Candle => Ok(CandleEmbedder::load(
-            &config.embedder.model_dir,
-            config.embedder.batch_size,
-        )?),
+/// Builds the embedder `config.embedder` describes — a candle model, an OpenAI-compatible
+/// provider, or either with its `[embedder.fallback]` — reading API keys from the process
+/// environment.
+///
+/// # Errors
+///
+/// [`SetupError::Embed`]: a model cannot be loaded, an API key variable is unset, or the
+/// fallback's fingerprint differs from the primary's ([`EmbedError::FingerprintMismatch`]
+/// naming both; a candle model's fingerprint is only known once it is loaded, so this is
+/// where that case is caught).
+pub fn embedder(config: &PipelineConfig) -> Result<AnyEmbedder, SetupError> {
+    embedder_with_env(config, &|name| std::env::var(name).ok())
+}
+
+/// Like [`embedder`], with environment lookups (API keys) answered by `env`.
+///
+/// # Errors
+///
+/// As [`embedder`].
+pub fn embedder_with_env(
+    config: &PipelineConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AnyEmbedder, SetupError> {
+    let primary = single_embedder(&config.embedder, env)?;
+    let Some(fallback) = &config.embedder.fallback else {
+        return Ok(primary);
+    };
+    let fallback = single_embedder(fallback, env)?;
+    Ok(AnyEmbedder::Failover(Box::new(FailoverEmbedder::new(
+        primary, fallback,
+    )?)))
+}
+
+/// One embedder table, ignoring its `fallback`.
+fn single_embedder(
+    config: &EmbedderConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AnyEmbedder, EmbedError> {
+    match config.kind {
+        EmbedderKind::Candle => Ok(AnyEmbedder::Candle(CandleEmbedder::load(
+            &config.model_dir,
+            config.batch_size,
+        )?)),
+        EmbedderKind::OpenAi => Ok(AnyEmbedder::OpenAi(OpenAiEmbedder::new(
+            OpenAiOptions::from_config(config, env)?,
+        )?)),
     }
 }
 
-/// Opens the store `config.store` names for vectors of `fingerprint`; fails if the
-/// collection was built with another embedder.
+/// Builds the chunker for any embedder from [`embedder`], sized in its tokenizer's tokens.
+///
+/// # Errors
+///
+/// [`SetupError::Embed`] if the embedder has no tokenizer (a remote provider without
+/// `embedder.tokenizer` and without a candle fallback), [`SetupError::Chunk`] if the
+/// chunk sizes do not fit its `max_input_tokens`.
+pub fn chunker_for(config: &PipelineConfig, embedder: &AnyEmbedder) -> Result<Chunker, SetupError> {
+    let tokenizer = embedder.tokenizer().ok_or_else(|| {
+        EmbedError::Config(
+            "embedder.tokenizer is required to size chunks for a remote embedder without a candle fallback"
+                .into(),
+        )
+    })?;
+    Ok(Chunker::new(
+        tokenizer.clone(),
+        config.chunking.max_tokens,
+        config.chunking.overlap,
+        embedder.max_input_tokens(),
+    )?)
+}
+
+/// Opens the embedded Edge store `config.store` names for vectors of `fingerprint`, with the
+/// configured write caps. Blocks on disk I/O. Use [`open_vector_store`] to open whichever
+/// store the config names (this one only handles `store.kind = "edge"`).
+///
+/// # Errors
+///
+/// [`SetupError::Store`]: the collection was built with another embedder
+/// ([`StoreError::FingerprintMismatch`]), cannot be opened, or `store.kind` is not `edge`
+/// ([`StoreError::Rejected`]).
 pub fn open_store(
     config: &PipelineConfig,
     fingerprint: &Fingerprint,
 ) -> Result<EdgeStore, SetupError> {
     match config.store.kind {
-        StoreKind::Edge => Ok(EdgeStore::open(
-            &config.store.path,
-            &config.store.collection,
-            fingerprint,
-        )?),
+        StoreKind::Edge => {
+            Ok(
+                EdgeStore::open(&config.store.path, &config.store.collection, fingerprint)?
+                    .with_batch_limits(batch_limits(config)),
+            )
+        }
+        StoreKind::Qdrant => Err(StoreError::Rejected(
+            "store.kind = \"qdrant\" is opened with setup::open_vector_store (async), not \
+             setup::open_store"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+/// Opens the store `config.store` names (`edge` or `qdrant`) for vectors of `fingerprint`:
+/// creates the collection if missing, checks the recorded embedder fingerprint.
+///
+/// # Errors
+///
+/// [`SetupError::Store`]: the collection was built with another embedder
+/// ([`StoreError::FingerprintMismatch`], saying what differs), the store refuses the
+/// configuration ([`StoreError::Rejected`]), or it cannot be reached or opened
+/// ([`StoreError::Unavailable`]).
+pub async fn open_vector_store(
+    config: &PipelineConfig,
+    fingerprint: &Fingerprint,
+) -> Result<Store, SetupError> {
+    match config.store.kind {
+        StoreKind::Edge => {
+            let config = config.clone();
+            let fingerprint = fingerprint.clone();
+            let store = tokio::task::spawn_blocking(move || open_store(&config, &fingerprint))
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("opening the edge store failed: {e}"))
+                })??;
+            Ok(Store::Edge(store))
+        }
+        StoreKind::Qdrant => Ok(Store::Qdrant(
+            QdrantStore::open(
+                &qdrant_options(config),
+                &config.store.collection,
+                fingerprint,
+            )
+            .await?,
+        )),
+    }
+}
+
+/// The write caps `config.store` sets (`max_batch_points`, `max_batch_bytes`).
+pub fn batch_limits(config: &PipelineConfig) -> BatchLimits {
+    BatchLimits {
+        max_points: config.store.max_batch_points,
+        max_bytes: config.store.max_batch_bytes,
+    }
+}
+
+/// The Qdrant server options `config.store.qdrant` describes (the API key as resolved when
+/// the config was loaded).
+pub fn qdrant_options(config: &PipelineConfig) -> QdrantOptions {
+    let q = &config.store.qdrant;
+    QdrantOptions {
+        url: q.url.clone(),
+        api_key: q.api_key.as_ref().map(|k| k.expose().to_owned()),
+        timeout: std::time::Duration::from_millis(q.timeout_ms),
+        connect_timeout: std::time::Duration::from_millis(q.connect_timeout_ms),
+        retries: q.retries as usize,
+        backoff_min: std::time::Duration::from_millis(q.backoff_min_ms),
+        backoff_max: std::time::Duration::from_millis(q.backoff_max_ms),
+        limits: batch_limits(config),
     }
 }
 
@@ -57,13 +194,16 @@ pub fn chunker(config: &PipelineConfig, embedder: &CandleEmbedder) -> Result<Chu
     )?)
 }
 
-/// Builds the whole processing pipeline `config` describes.
-pub fn pipeline(
-    config: &PipelineConfig,
-) -> Result<Pipeline<CandleEmbedder, EdgeStore>, SetupError> {
-    let embedder = open_embedder(config)?;
-    let chunker = chunker(config, &embedder)?;
-    let store = open_store(config, embedder.fingerprint())?;
+/// Builds the whole processing pipeline `config` describes, with the store it names.
+///
+/// # Errors
+///
+/// [`SetupError`] if the model, the chunker or the store cannot be set up (see
+/// [`open_vector_store`]).
+pub async fn pipeline(config: &PipelineConfig) -> Result<Pipeline<AnyEmbedder, Store>, SetupError> {
+    let embedder = embedder(config)?;
+    let chunker = chunker_for(config, &embedder)?;
+    let store = open_vector_store(config, embedder.fingerprint()).await?;
     Ok(Pipeline::new(
         Arc::new(chunker),
         Arc::new(embedder),

@@ -1,4 +1,6 @@
-//! Integration tests of `EdgeStore` on temporary directories with synthetic vectors.
+//! Edge-specific integration tests of `EdgeStore` on temporary directories with synthetic
+//! vectors: persistence, locking, the fingerprint sidecar, foreign data, optimisation and
+//! durability without drop. The behaviour every store shares is in `tests/store_contract.rs`.
 
 use std::path::Path;
 
@@ -7,7 +9,10 @@ use qdrant_edge::{
     UpdateOperation, VectorStructPersisted,
 };
 use rag_ingest::embed::Fingerprint;
-use rag_ingest::store::{ChunkPayload, ChunkPoint, EdgeStore, StoreError, VectorStore, point_id};
+use rag_ingest::store::{
+    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, Revision, SearchRequest, StoreError,
+    VectorStore, point_id,
+};
 use rag_ingest::tenant::TenantId;
 
 const DIMS: usize = 384;
@@ -89,215 +94,6 @@ fn open(dir: &Path) -> EdgeStore {
 }
 
 #[tokio::test]
-async fn upsert_then_count_and_reupsert_does_not_grow() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let a = tenant("acme");
-
-    assert_eq!(store.count(&a, None).await.unwrap(), 0);
-    store.upsert(doc_points(&a, "d1", 5, "a", 0)).await.unwrap();
-    store
-        .upsert(doc_points(&a, "d2", 3, "a", 100))
-        .await
-        .unwrap();
-    assert_eq!(store.count(&a, None).await.unwrap(), 8);
-    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 5);
-    assert_eq!(store.count(&a, Some("d2")).await.unwrap(), 3);
-    assert_eq!(store.count(&a, Some("missing")).await.unwrap(), 0);
-    assert_eq!(store.count(&tenant("other"), None).await.unwrap(), 0);
-
-    // Same ids again (new vectors and hash): overwritten, not duplicated.
-    store
-        .upsert(doc_points(&a, "d1", 5, "b", 50))
-        .await
-        .unwrap();
-    assert_eq!(store.count(&a, None).await.unwrap(), 8);
-    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 5);
-    let first = store.first_chunk(&a, "d1").await.unwrap().unwrap();
-    assert_eq!(first.content_sha256, "b");
-
-    // An empty batch is a no-op.
-    store.upsert(Vec::new()).await.unwrap();
-    assert_eq!(store.count(&a, None).await.unwrap(), 8);
-}
-
-#[tokio::test]
-async fn search_returns_nearest_first_and_only_the_tenants_points() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let a = tenant("tenant-a");
-    let b = tenant("tenant-b");
-
-    // Both tenants store the same document with identical vectors.
-    store
-        .upsert(doc_points(&a, "doc", 20, "a", 1))
-        .await
-        .unwrap();
-    store
-        .upsert(doc_points(&b, "doc", 20, "a", 1))
-        .await
-        .unwrap();
-
-    // Query close to chunk 7's vector (seed 8) but not identical to it.
-    let mut query = unit_vector(8);
-    for (q, noise) in query.iter_mut().zip(unit_vector(999)) {
-        *q += 0.05 * noise;
-    }
-    let hits = store.search(&a, query.clone(), 5).await.unwrap();
-    assert_eq!(hits.len(), 5);
-    assert_eq!(hits[0].payload.chunk_index, 7);
-    assert_eq!(hits[0].payload, payload(&a, "doc", 7, 20, "a"));
-    assert!(hits[0].score > 0.9, "score {}", hits[0].score);
-    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
-    assert!(hits.iter().all(|h| h.payload.tenant_id == "tenant-a"));
-
-    // Asking for more than the tenant has returns only the tenant's 20 points, never B's.
-    let all = store.search(&a, query.clone(), 100).await.unwrap();
-    assert_eq!(all.len(), 20);
-    assert!(all.iter().all(|h| h.payload.tenant_id == "tenant-a"));
-
-    let hits_b = store.search(&b, query, 3).await.unwrap();
-    assert_eq!(hits_b.len(), 3);
-    assert_eq!(hits_b[0].payload, payload(&b, "doc", 7, 20, "a"));
-    assert!(hits_b.iter().all(|h| h.payload.tenant_id == "tenant-b"));
-
-    assert!(
-        store
-            .search(&tenant("nobody"), unit_vector(8), 5)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        store
-            .search(&a, unit_vector(8), 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-}
-
-#[tokio::test]
-async fn first_chunk_is_scoped_to_tenant_and_document() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let a = tenant("acme");
-    let b = tenant("globex");
-
-    store.upsert(doc_points(&a, "d1", 4, "a", 0)).await.unwrap();
-    let first = store.first_chunk(&a, "d1").await.unwrap();
-    assert_eq!(first, Some(payload(&a, "d1", 0, 4, "a")));
-
-    assert_eq!(store.first_chunk(&a, "unknown").await.unwrap(), None);
-    assert_eq!(store.first_chunk(&b, "d1").await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn first_chunk_refuses_a_payload_of_another_tenant() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let a = tenant("acme");
-    let b = tenant("globex");
-
-    // A point stored under A's id for d1/0 whose payload claims tenant B.
-    let forged = ChunkPoint {
-        id: point_id(&a, "d1", 0),
-        vector: unit_vector(1),
-        payload: payload(&b, "d1", 0, 1, "a"),
-    };
-    store.upsert(vec![forged]).await.unwrap();
-
-    let err = store.first_chunk(&a, "d1").await.unwrap_err();
-    assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
-    assert_eq!(store.first_chunk(&b, "d1").await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn delete_with_keep_removes_only_stale_chunks_of_that_document() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let a = tenant("acme");
-    let b = tenant("globex");
-
-    // Revision "a" of d1 has 10 chunks, revision "b" only 3 (overwriting chunks 0..3).
-    store
-        .upsert(doc_points(&a, "d1", 10, "a", 0))
-        .await
-        .unwrap();
-    store
-        .upsert(doc_points(&a, "d2", 5, "a", 100))
-        .await
-        .unwrap();
-    store
-        .upsert(doc_points(&b, "d1", 10, "a", 0))
-        .await
-        .unwrap();
-    store
-        .upsert(doc_points(&a, "d1", 3, "b", 200))
-        .await
-        .unwrap();
-    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 10);
-
-    store.delete_document(&a, "d1", Some("b")).await.unwrap();
-
-    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 3);
-    let remaining = store.search(&a, unit_vector(200), 100).await.unwrap();
-    let d1: Vec<_> = remaining
-        .iter()
-        .filter(|h| h.payload.document_id == "d1")
-        .collect();
-    assert_eq!(d1.len(), 3);
-    assert!(d1.iter().all(|h| h.payload.content_sha256 == "b"));
-    let mut indexes: Vec<_> = d1.iter().map(|h| h.payload.chunk_index).collect();
-    indexes.sort_unstable();
-    assert_eq!(indexes, vec![0, 1, 2]);
-    assert_eq!(
-        store.first_chunk(&a, "d1").await.unwrap(),
-        Some(payload(&a, "d1", 0, 3, "b"))
-    );
-
-    // Other documents and other tenants are untouched.
-    assert_eq!(store.count(&a, Some("d2")).await.unwrap(), 5);
-    assert_eq!(store.count(&b, Some("d1")).await.unwrap(), 10);
-    assert_eq!(store.count(&a, None).await.unwrap(), 8);
-    assert_eq!(store.count(&b, None).await.unwrap(), 10);
-
-    // Keeping the current hash again deletes nothing.
-    store.delete_document(&a, "d1", Some("b")).await.unwrap();
-    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 3);
-}
-
-#[tokio::test]
-async fn delete_without_keep_removes_the_whole_document() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let a = tenant("acme");
-    let b = tenant("globex");
-
-    store.upsert(doc_points(&a, "d1", 6, "a", 0)).await.unwrap();
-    store
-        .upsert(doc_points(&a, "d2", 2, "a", 100))
-        .await
-        .unwrap();
-    store.upsert(doc_points(&b, "d1", 6, "a", 0)).await.unwrap();
-
-    store.delete_document(&a, "d1", None).await.unwrap();
-
-    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 0);
-    assert_eq!(store.first_chunk(&a, "d1").await.unwrap(), None);
-    assert_eq!(store.count(&a, Some("d2")).await.unwrap(), 2);
-    assert_eq!(store.count(&b, Some("d1")).await.unwrap(), 6);
-    assert_eq!(
-        store.first_chunk(&b, "d1").await.unwrap(),
-        Some(payload(&b, "d1", 0, 6, "a"))
-    );
-
-    // Deleting a document that does not exist is not an error.
-    store.delete_document(&a, "never", None).await.unwrap();
-    assert_eq!(store.count(&a, None).await.unwrap(), 2);
-}
-
-#[tokio::test]
 async fn reopen_after_drop_keeps_data_and_accepts_writes() {
     let dir = tempfile::tempdir().unwrap();
     let a = tenant("acme");
@@ -327,7 +123,10 @@ async fn reopen_after_drop_keeps_data_and_accepts_writes() {
         store.first_chunk(&a, "d1").await.unwrap(),
         Some(payload(&a, "d1", 0, 4, "a"))
     );
-    let hits = store.search(&a, unit_vector(2), 1).await.unwrap();
+    let hits = store
+        .search(SearchRequest::new(a.clone(), unit_vector(2), 1))
+        .await
+        .unwrap();
     assert_eq!(hits[0].payload.chunk_index, 2);
 
     // Writes after the reopen are applied too.
@@ -355,41 +154,45 @@ async fn a_second_open_of_a_live_collection_fails() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
 
+/// The refusal itself is a contract test; here: the sidecar is what is compared, a refused
+/// open leaves it untouched, and the error names the differing fields.
 #[tokio::test]
-async fn fingerprint_mismatch_on_reopen_fails() {
+async fn a_refused_open_leaves_the_sidecar_untouched() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
+    let sidecar = dir.path().join(COLLECTION).join("rag-ingest.json");
+    let before = std::fs::read(&sidecar).unwrap();
 
     let other = Fingerprint {
         model: "other/model".to_owned(),
+        dims: 768,
         ..fingerprint()
     };
     let err = EdgeStore::open(dir.path(), COLLECTION, &other)
         .err()
         .expect("open with another fingerprint must fail");
-    match err {
+    match &err {
         StoreError::FingerprintMismatch {
             collection,
-            stored,
-            expected,
+            differs,
+            ..
         } => {
             assert_eq!(collection, COLLECTION);
-            assert_eq!(stored, fingerprint().id());
-            assert_eq!(expected, other.id());
+            assert!(
+                differs.contains("model: stored \"test/synthetic\""),
+                "{differs}"
+            );
+            assert!(
+                differs.contains("dims: stored 384, configured 768"),
+                "{differs}"
+            );
+            assert!(!differs.contains("pooling"), "{differs}");
         }
         other => panic!("expected FingerprintMismatch, got {other:?}"),
     }
+    assert!(err.to_string().contains("differs in"), "{err}");
 
-    let bigger = Fingerprint {
-        dims: 768,
-        ..fingerprint()
-    };
-    assert!(matches!(
-        EdgeStore::open(dir.path(), COLLECTION, &bigger),
-        Err(StoreError::FingerprintMismatch { .. })
-    ));
-
-    // The recorded fingerprint is unchanged and the original one still opens.
+    assert_eq!(std::fs::read(&sidecar).unwrap(), before);
     assert_eq!(
         EdgeStore::recorded_fingerprint(dir.path(), COLLECTION).unwrap(),
         Some(fingerprint())
@@ -397,38 +200,21 @@ async fn fingerprint_mismatch_on_reopen_fails() {
     drop(open(dir.path()));
 }
 
+/// Upserts split by small caps are applied under one lock and all survive a reopen.
 #[tokio::test]
-async fn wrong_vector_length_is_a_dimension_error() {
+async fn split_upserts_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
     let a = tenant("acme");
-
-    let mut points = doc_points(&a, "d1", 3, "a", 0);
-    points[2].vector.pop();
-    match store.upsert(points).await {
-        Err(StoreError::Dimension { expected, got }) => {
-            assert_eq!(expected, DIMS);
-            assert_eq!(got, DIMS - 1);
-        }
-        other => panic!("expected a Dimension error, got {other:?}"),
+    {
+        let store = open(dir.path()).with_batch_limits(BatchLimits {
+            max_points: 2,
+            max_bytes: 4096,
+        });
+        assert_eq!(store.batch_limits().max_points, 2);
+        store.upsert(doc_points(&a, "d1", 9, "a", 0)).await.unwrap();
     }
-    // Nothing of the refused batch was written.
-    assert_eq!(store.count(&a, None).await.unwrap(), 0);
-
-    match store.search(&a, vec![0.5; DIMS + 1], 3).await {
-        Err(StoreError::Dimension { expected, got }) => {
-            assert_eq!(expected, DIMS);
-            assert_eq!(got, DIMS + 1);
-        }
-        other => panic!("expected a Dimension error, got {other:?}"),
-    }
-
-    let mut nan = doc_points(&a, "d1", 1, "a", 0);
-    nan[0].vector[0] = f32::NAN;
-    assert!(matches!(
-        store.upsert(nan).await,
-        Err(StoreError::Rejected(_))
-    ));
+    let store = open(dir.path());
+    assert_eq!(store.count(&a, Some("d1")).await.unwrap(), 9);
 }
 
 #[tokio::test]
@@ -509,7 +295,9 @@ async fn a_payload_that_is_not_a_chunk_is_rejected() {
         Err(StoreError::Rejected(_))
     ));
     assert!(matches!(
-        store.search(&a, unit_vector(1), 3).await,
+        store
+            .search(SearchRequest::new(a.clone(), unit_vector(1), 3))
+            .await,
         Err(StoreError::Rejected(_))
     ));
 }
@@ -547,7 +335,10 @@ async fn optimize_after_bulk_load_keeps_results_and_tenant_isolation() {
 
     assert_eq!(store.count(&a, None).await.unwrap(), PER_TENANT);
     assert_eq!(store.count(&b, None).await.unwrap(), PER_TENANT);
-    let hits = store.search(&a, unit_vector(1234), 10).await.unwrap();
+    let hits = store
+        .search(SearchRequest::new(a.clone(), unit_vector(1234), 10))
+        .await
+        .unwrap();
     assert_eq!(hits.len(), 10);
     assert_eq!(hits[0].payload.document_id, "doc123");
     assert_eq!(hits[0].payload.chunk_index, 4);
@@ -561,7 +352,10 @@ async fn optimize_after_bulk_load_keeps_results_and_tenant_isolation() {
     store.delete_document(&a, "doc0", None).await.unwrap();
     assert_eq!(store.count(&a, None).await.unwrap(), PER_TENANT + 2 - 10);
     assert_eq!(store.count(&b, Some("doc0")).await.unwrap(), 10);
-    let hits = store.search(&a, unit_vector(50_001), 1).await.unwrap();
+    let hits = store
+        .search(SearchRequest::new(a.clone(), unit_vector(50_001), 1))
+        .await
+        .unwrap();
     assert_eq!(hits[0].payload.document_id, "fresh");
     assert_eq!(hits[0].payload.chunk_index, 1);
     drop(store);
@@ -604,7 +398,18 @@ async fn upserts_are_durable_without_drop() {
             .upsert(doc_points(&a, "d1", 3, "b", 100))
             .await
             .unwrap();
-        store.delete_document(&a, "d1", Some("b")).await.unwrap();
+        store
+            .delete_document(
+                &a,
+                "d1",
+                Some(&Revision {
+                    content_sha256: "b".into(),
+                    version: Some(7),
+                    chunk_count: 3,
+                }),
+            )
+            .await
+            .unwrap();
         store
             .upsert(doc_points(&a, "d2", 4, "a", 200))
             .await

@@ -12,6 +12,10 @@
 //!   the thread.
 //!
 //! [`CandleEmbedder::embed_blocking`] runs the same code on the caller's thread (benches, tests).
+//!
+//! The forward pass is [`Bert`](bert::Bert), which packs the tokens of a sub-batch
+//! without padding; sub-batches are formed by a token budget of `batch_size ×
+//! max_seq_length` tokens.
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
@@ -19,25 +23,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
 use serde::Deserialize;
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
 use super::{EmbedError, Embedder, Fingerprint};
+use bert::{Bert, Sequence};
+
+mod bert;
 
 const CONFIG_FILE: &str = "config.json";
 const TOKENIZER_FILE: &str = "tokenizer.json";
 const WEIGHTS_FILE: &str = "model.safetensors";
 const POOLING_FILE: &str = "1_Pooling/config.json";
 const SENTENCE_BERT_FILE: &str = "sentence_bert_config.json";
-
-/// Mean pooling divides by the number of real tokens, clamped like sentence-transformers does.
-const MIN_TOKEN_COUNT: f64 = 1e-9;
-/// L2 normalisation divides by the norm, clamped like `torch.nn.functional.normalize`.
-const MIN_NORM: f64 = 1e-12;
 
 /// A sentence-transformers model (BERT architecture, mean pooling, L2-normalised output)
 /// running on the CPU with candle.
@@ -52,13 +52,12 @@ pub struct CandleEmbedder {
 
 /// The loaded model; shared by the embedding thread and [`CandleEmbedder::embed_blocking`].
 struct Inner {
-    model: BertModel,
-    /// Tokenizer for inference: truncates to `max_seq_length`, never pads (batches are padded
-    /// by hand to their longest member).
+    model: Bert,
+    /// Tokenizer for inference: truncates to `max_seq_length`, never pads (the forward pass
+    /// packs sequences without padding).
     inference_tokenizer: Tokenizer,
     /// The same tokenizer without truncation or padding, for counting tokens.
     plain_tokenizer: Tokenizer,
-    pad_id: u32,
     fingerprint: Fingerprint,
     max_seq_length: usize,
     batch_size: usize,
@@ -79,8 +78,9 @@ struct SentenceBertConfig {
 impl CandleEmbedder {
     /// Loads a Hugging Face sentence-transformers model directory: `config.json`,
     /// `tokenizer.json` and `model.safetensors` are required; `1_Pooling/config.json` and
-    /// `sentence_bert_config.json` are read when present. Inputs are processed `batch_size`
-    /// texts per forward pass (0 is treated as 1).
+    /// `sentence_bert_config.json` are read when present. Each forward pass takes up to
+    /// `batch_size × max_seq_length` tokens (`batch_size` full-length texts, or more shorter
+    /// ones); 0 is treated as 1.
     ///
     /// Inputs are truncated to `max_seq_length` tokens from `sentence_bert_config.json`
     /// (capped at, and defaulting to, `max_position_embeddings` from `config.json`).
@@ -202,11 +202,6 @@ impl Inner {
 
         let mut plain_tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| load_error(&tokenizer_path, e))?;
-        let pad_id = plain_tokenizer
-            .get_padding()
-            .map(|p| p.pad_id)
-            .or_else(|| u32::try_from(config.pad_token_id).ok())
-            .unwrap_or(0);
         // tokenizer.json may carry its own truncation/padding (all-MiniLM-L6-v2: 128, fixed).
         plain_tokenizer
             .with_truncation(None)
@@ -241,7 +236,7 @@ impl Inner {
             }))
             .map_err(|e| load_error(&tokenizer_path, e))?;
 
-        let model = load_weights(&weights_path, &config)?;
+        let model = Bert::load(&weights_path, &config).map_err(|e| load_error(&weights_path, e))?;
         let fingerprint = Fingerprint {
             model: model_id(dir),
             dims: config.hidden_size,
@@ -252,15 +247,14 @@ impl Inner {
             model,
             inference_tokenizer,
             plain_tokenizer,
-            pad_id,
             fingerprint,
             max_seq_length,
             batch_size,
         })
     }
 
-    /// Tokenises everything, sorts by token count so each sub-batch pads little, runs the
-    /// sub-batches and puts the vectors back in input order.
+    /// Tokenises everything, runs sub-batches of at most `batch_size × max_seq_length`
+    /// tokens and returns the vectors in input order.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
@@ -269,61 +263,47 @@ impl Inner {
             .inference_tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
-        let mut order: Vec<usize> = (0..encodings.len()).collect();
-        order.sort_by_key(|&i| encodings[i].len());
-
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for indices in order.chunks(self.batch_size) {
-            let batch: Vec<&Encoding> = indices.iter().map(|&i| &encodings[i]).collect();
+        let budget = self.batch_size.saturating_mul(self.max_seq_length);
+        let mut vectors = Vec::with_capacity(texts.len());
+        for batch in token_budget_batches(&encodings, budget) {
+            let sequences: Vec<Sequence<'_>> = batch
+                .iter()
+                .map(|e| Sequence {
+                    ids: e.get_ids(),
+                    type_ids: e.get_type_ids(),
+                })
+                .collect();
             let embedded = self
-                .forward(&batch)
-                .map_err(|e| EmbedError::Inference(e.to_string()))?;
-            if embedded.len() != indices.len() {
+                .model
+                .embed(&sequences)
+                .map_err(EmbedError::Inference)?;
+            if embedded.len() != batch.len() {
                 return Err(EmbedError::Inference(format!(
                     "model returned {} vectors for {} inputs",
                     embedded.len(),
-                    indices.len()
+                    batch.len()
                 )));
             }
-            for (&i, vector) in indices.iter().zip(embedded) {
-                vectors[i] = vector;
-            }
+            vectors.extend(embedded);
         }
         Ok(vectors)
     }
+}
 
-    /// One forward pass over `batch`, padded to its longest member; mean pooling over the
-    /// attention mask, then L2 normalisation.
-    fn forward(&self, batch: &[&Encoding]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let rows = batch.len();
-        let width = batch.iter().map(|e| e.len()).max().unwrap_or(0);
-        let mut ids = vec![self.pad_id; rows * width];
-        let mut type_ids = vec![0u32; rows * width];
-        let mut mask = vec![0u32; rows * width];
-        for (row, encoding) in batch.iter().enumerate() {
-            let start = row * width;
-            let len = encoding.len();
-            ids[start..start + len].copy_from_slice(encoding.get_ids());
-            type_ids[start..start + len].copy_from_slice(encoding.get_type_ids());
-            mask[start..start + len].copy_from_slice(encoding.get_attention_mask());
+/// Splits `encodings` into consecutive runs of at most `budget` tokens (a longer single
+/// encoding gets a run of its own). Runs are not padded, so their order does not matter.
+fn token_budget_batches(encodings: &[Encoding], budget: usize) -> Vec<&[Encoding]> {
+    let mut batches = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, encoding) in encodings.iter().enumerate() {
+        if i > start && tokens + encoding.len() > budget {
+            batches.push(&encodings[start..i]);
+            (start, tokens) = (i, 0);
         }
-        let device = &self.model.device;
-        let ids = Tensor::from_vec(ids, (rows, width), device)?;
-        let type_ids = Tensor::from_vec(type_ids, (rows, width), device)?;
-        let mask = Tensor::from_vec(mask, (rows, width), device)?;
-
-        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (rows, width, dims)
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (rows, width, 1)
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // (rows, dims)
-        let counts = mask.sum(1)?.clamp(MIN_TOKEN_COUNT, f64::MAX)?; // (rows, 1)
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(MIN_NORM, f64::MAX)?;
-        mean.broadcast_div(&norms)?.to_vec2::<f32>()
+        tokens += encoding.len();
     }
+    batches.push(&encodings[start..]);
+    batches
 }
 
 /// `dir/name` if it is a file, else [`EmbedError::ModelMissing`] naming it.
@@ -388,22 +368,6 @@ fn check_pooling(dir: &Path, hidden_size: usize) -> Result<(), EmbedError> {
         ));
     }
     Ok(())
-}
-
-fn load_weights(path: &Path, config: &Config) -> Result<BertModel, EmbedError> {
-    // SAFETY: the file is memory-mapped only while the weights are copied into tensors
-    // (the VarBuilder is dropped at the end of this function); like every mmap user we rely
-    // on nobody truncating model.safetensors during those moments.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
-        .map_err(|e| load_error(path, e))?;
-    // Exports of `BertModel` name tensors `embeddings.*`; exports of BERT pre-training heads
-    // (`BertForMaskedLM`, ...) prefix them with `bert.`.
-    let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-        vb.pp("bert")
-    } else {
-        vb
-    };
-    BertModel::load(vb, config).map_err(|e| load_error(path, e))
 }
 
 /// `sentence-transformers/<directory name>`, the usual Hugging Face id of such a model.

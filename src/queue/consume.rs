@@ -201,7 +201,11 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
 
     async fn connect(&self) -> Result<(Connection, Channel, Channel), QueueError> {
         let url = &self.config.broker.url;
-        let conn = Connection::connect(url, ConnectionProperties::default())
+        // A named connection lets operators (and tests) find this worker's connection in
+        // `rabbitmqctl list_connections name client_properties`.
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("rag-ingest worker {}", self.config.name).into());
+        let conn = Connection::connect(url, properties)
             .await
             .map_err(|e| QueueError::connect(url, e))?;
         let publish = conn.create_channel().await?;
@@ -243,6 +247,11 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         let mut tasks: JoinSet<Result<(), QueueError>> = JoinSet::new();
         let mut last_activity = Instant::now();
         let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
+        // Consecutive idle checks that found the queues empty. One is not enough: a delivery
+        // may sit in the consumer's buffer (unacked, so not counted as ready) when the tick
+        // wins the `select!`, and a message moving from a retry tier back to the main queue
+        // is briefly in neither.
+        let mut empty_checks = 0u32;
         let end = loop {
             let can_take = tasks.len() < concurrency;
             tokio::select! {
@@ -252,6 +261,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     last_activity = Instant::now();
+                    empty_checks = 0;
                     match joined {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
@@ -264,6 +274,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                 next = consumer.next(), if can_take => match next {
                     Some(Ok(delivery)) => {
                         last_activity = Instant::now();
+                        empty_checks = 0;
                         tasks.spawn(self.handle(delivery, publish.clone()));
                     }
                     Some(Err(e)) => break SessionEnd::Lost(QueueError::Amqp(e)),
@@ -275,11 +286,15 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                 _ = idle_tick.tick(), if options.exit_when_idle && tasks.is_empty() => {
                     if last_activity.elapsed() >= options.idle_grace {
                         match self.topology.pending(&publish).await {
-                            Ok(0) => {
+                            Ok(0) if empty_checks >= 1 => {
                                 info!("queues drained; exiting");
                                 break SessionEnd::Stopped;
                             }
-                            Ok(n) => debug!(pending = n, "waiting for queued messages"),
+                            Ok(0) => empty_checks += 1,
+                            Ok(n) => {
+                                empty_checks = 0;
+                                debug!(pending = n, "waiting for queued messages");
+                            }
                             Err(e) => break SessionEnd::Lost(e),
                         }
                     }

@@ -2,6 +2,7 @@
 //! without losing anything, and replaying matching messages to the main queue.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -12,6 +13,7 @@ use super::headers::{
     H_REPROCESSED, H_TENANT, death_reason, get_str, get_u64, set_str, set_u64,
 };
 use super::publish::{open_channel, publish_confirmed};
+use super::topology::queue_len;
 use super::{EXCHANGE, QueueError, Topology};
 use crate::config::PipelineConfig;
 use crate::error::ErrorKind;
@@ -182,9 +184,10 @@ impl DlqSummary {
     }
 }
 
-/// Reads every message of the DLQ and returns the summary plus the entries matching
-/// `filter` (up to its limit). Nothing is removed: the messages are fetched unacknowledged
-/// and handed back to the broker when the channel closes.
+/// Reads every message the DLQ holds when the call starts and returns the summary plus the
+/// entries matching `filter` (up to its limit). Nothing is removed: the messages are fetched
+/// unacknowledged and handed back to the broker (in the order read) before the channel
+/// closes. Messages dead-lettered while it runs are left alone.
 ///
 /// Fails with [`QueueError`] if the broker cannot be reached.
 pub async fn inspect_dlq(
@@ -193,13 +196,11 @@ pub async fn inspect_dlq(
 ) -> Result<(DlqSummary, Vec<DlqEntry>), QueueError> {
     let topology = Topology::new(config);
     let (conn, channel) = open_channel(config, &topology).await?;
+    let present = queue_len(&channel, &topology.dlq()).await?;
     let mut summary = DlqSummary::default();
     let mut selected = Vec::new();
     let mut held = Vec::new();
-    while let Some(msg) = channel
-        .basic_get(topology.dlq().into(), BasicGetOptions { no_ack: false })
-        .await?
-    {
+    while let Some(msg) = next_present(&channel, &topology, present, held.len()).await? {
         let entry = DlqEntry::from_parts(&msg.delivery.properties, &msg.delivery.data);
         summary.add(&entry);
         if entry.matches(filter) && filter.limit.is_none_or(|l| selected.len() < l) {
@@ -207,7 +208,7 @@ pub async fn inspect_dlq(
         }
         held.push(msg.delivery.delivery_tag);
     }
-    release(&channel, &held).await;
+    release(&channel, &topology.dlq(), &held, present as usize).await;
     let _ = channel.close(200, "inspected".into()).await;
     let _ = conn.close(200, "inspected".into()).await;
     Ok((summary, selected))
@@ -227,6 +228,11 @@ pub struct ReprocessReport {
 /// Each message is acked from the DLQ only after its copy is confirmed. With `dry_run`
 /// nothing changes. `on_progress` is called after each message read.
 ///
+/// Only the messages the DLQ holds when the call starts are considered, so a message that
+/// fails again and is dead-lettered anew while this runs (a worker is consuming) is not
+/// replayed a second time — without that bound the call never ends while a worker keeps
+/// failing the replayed messages.
+///
 /// Fails with [`QueueError`]; a message whose copy was not confirmed stays in the DLQ.
 pub async fn reprocess(
     config: &PipelineConfig,
@@ -239,11 +245,10 @@ pub async fn reprocess(
     let mut report = ReprocessReport::default();
     let mut held = Vec::new();
     let mut seen = 0usize;
+    let mut present = 0u32;
     let result: Result<(), QueueError> = async {
-        while let Some(msg) = channel
-            .basic_get(topology.dlq().into(), BasicGetOptions { no_ack: false })
-            .await?
-        {
+        present = queue_len(&channel, &topology.dlq()).await?;
+        while let Some(msg) = next_present(&channel, &topology, present, seen).await? {
             seen += 1;
             on_progress(seen);
             let d = msg.delivery;
@@ -269,10 +274,28 @@ pub async fn reprocess(
         Ok(())
     }
     .await;
-    release(&channel, &held).await;
+    // Ready again afterwards: the held messages plus those never read.
+    let unread = (present as usize).saturating_sub(seen);
+    release(&channel, &topology.dlq(), &held, held.len() + unread).await;
     let _ = channel.close(200, "reprocessed".into()).await;
     let _ = conn.close(200, "reprocessed".into()).await;
     result.map(|()| report)
+}
+
+/// The next DLQ message, unless `read` of the `present` messages (the DLQ's length when
+/// the operation started) have been read already.
+async fn next_present(
+    channel: &Channel,
+    topology: &Topology,
+    present: u32,
+    read: usize,
+) -> Result<Option<lapin::message::BasicGetMessage>, QueueError> {
+    if read >= present as usize {
+        return Ok(None);
+    }
+    Ok(channel
+        .basic_get(topology.dlq().into(), BasicGetOptions { no_ack: false })
+        .await?)
 }
 
 fn replay_properties(properties: &BasicProperties) -> BasicProperties {
@@ -308,8 +331,12 @@ fn replay_properties(properties: &BasicProperties) -> BasicProperties {
     properties.clone().with_headers(headers)
 }
 
-/// Hands held deliveries back to the broker (requeue) so they stay in the DLQ.
-async fn release(channel: &Channel, tags: &[u64]) {
+/// Hands held deliveries back to the broker (requeue, in the order read, so the DLQ keeps
+/// its order) and waits until `dlq` has at least `ready` ready messages again, for at most
+/// 5 s. A quorum queue applies returns asynchronously: without the wait, a caller reading
+/// the queue length (or inspecting again) right after this returns could see fewer messages
+/// than the DLQ holds, and a following inspection would read them in another order.
+async fn release(channel: &Channel, dlq: &str, tags: &[u64], ready: usize) {
     for tag in tags {
         let _ = channel
             .basic_nack(
@@ -320,5 +347,13 @@ async fn release(channel: &Channel, tags: &[u64]) {
                 },
             )
             .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match queue_len(channel, dlq).await {
+            Ok(n) if n as usize >= ready => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
     }
 }

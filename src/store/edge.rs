@@ -19,23 +19,34 @@
 //! - Filters work on unindexed payload fields too (the plain segment checks payloads); the
 //!   keyword indexes only make them faster. `EdgeShard::optimize` builds the HNSW index (new
 //!   segments inherit the payload indexes); until then searches are exact brute-force scans.
+//! - A set-payload operation merges top-level keys into the stored payload, and a `null`
+//!   value *removes* the key (`utils::merge_map`); an absent `version` therefore reads back
+//!   as `None`, and the `IsEmpty` condition matches both absent and `null` values.
+//!
+//! There is no request size limit in process, but upserts are still split by [`BatchLimits`]
+//! (payloads measured as JSON plus 4 bytes per vector value) so both stores behave the same;
+//! all batches of one upsert are applied under one lock and flushed once.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
     Condition, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME, Distance, EdgeConfig, EdgeShard,
-    EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, JsonPath, KeywordIndexParams,
-    Match, NamedQuery, OperationError, Payload, PayloadFieldSchema, PayloadSchemaParams, PointId,
-    PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum, QueryRequest,
-    ScoringQuery, UpdateOperation, ValueVariants, VectorStructPersisted, WithPayloadInterface,
-    WithVector,
+    EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, IsEmptyCondition, JsonPath,
+    KeywordIndexParams, Match, NamedQuery, OperationError, Payload, PayloadFieldSchema, PayloadOps,
+    PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStructPersisted,
+    QueryEnum, QueryRequest, ScoringQuery, SetPayloadOp, UpdateOperation, ValueVariants,
+    VectorStructPersisted, WithPayloadInterface, WithVector,
 };
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-use super::{ChunkPayload, ChunkPoint, ScoredChunk, StoreError, VectorStore, point_id};
+use super::{
+    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
+    StoreError, VectorStore, check_version, point_id, split_batches,
+};
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
 
@@ -55,12 +66,14 @@ const KEYWORD_INDEXES: [(&str, bool); 3] = [
 ///
 /// Cosine distance, one unnamed dense vector of `fingerprint.dims` values per point, the
 /// [`ChunkPayload`] fields at the top level of the point payload. Every write is flushed to
-/// disk before the call returns. Dropping the store flushes the shard once more; on a
+/// disk before the call returns. Upserts are split by [`BatchLimits`] (the defaults unless
+/// [`EdgeStore::with_batch_limits`] says otherwise). Dropping the store flushes the shard once more; on a
 /// multi-threaded Tokio runtime that final flush runs under
 /// [`tokio::task::block_in_place`], elsewhere it blocks the dropping thread.
 pub struct EdgeStore {
     collection: String,
     dims: usize,
+    limits: BatchLimits,
     /// Always `Some` until [`Drop`] takes it.
     shared: Option<Arc<Shared>>,
 }
@@ -80,6 +93,17 @@ impl Shared {
         // guarded by this mutex, so carrying on is safe.
         let _guard = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
         self.shard.update(operation).map_err(map_op_err)?;
+        self.shard.flush();
+        Ok(())
+    }
+
+    /// Applies `operations` in order under one lock, then flushes once; stops at the first
+    /// failure (the operations before it stay applied and are flushed by the next write).
+    fn write_all(&self, operations: Vec<UpdateOperation>) -> Result<(), StoreError> {
+        let _guard = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        for operation in operations {
+            self.shard.update(operation).map_err(map_op_err)?;
+        }
         self.shard.flush();
         Ok(())
     }
@@ -122,11 +146,7 @@ impl EdgeStore {
 
         let shard = match read_fingerprint(&dir)? {
             Some(stored) if stored != *fingerprint => {
-                return Err(StoreError::FingerprintMismatch {
-                    collection: collection.to_owned(),
-                    stored: stored.id(),
-                    expected: fingerprint.id(),
-                });
+                return Err(StoreError::mismatch(collection, &stored, fingerprint));
             }
             // Created earlier (possibly interrupted before the shard was complete): `load`
             // with an explicit config creates whatever is missing and checks the segments.
@@ -150,8 +170,24 @@ impl EdgeStore {
         Ok(Self {
             collection: collection.to_owned(),
             dims: fingerprint.dims,
+            limits: BatchLimits::default(),
             shared: Some(Arc::new(shared)),
         })
+    }
+
+    /// This store, splitting upserts by `limits` instead of the defaults (a cap of 0 counts
+    /// as 1).
+    pub fn with_batch_limits(mut self, limits: BatchLimits) -> Self {
+        self.limits = BatchLimits {
+            max_points: limits.max_points.max(1),
+            max_bytes: limits.max_bytes.max(1),
+        };
+        self
+    }
+
+    /// The write caps this store splits upserts by.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.limits
     }
 
     /// The fingerprint recorded for the collection `collection` under `data_dir`, `None` if the
@@ -239,11 +275,14 @@ impl Drop for EdgeStore {
 }
 
 impl VectorStore for EdgeStore {
-    /// Upserts `points` in one operation and flushes the shard (see the module documentation).
+    /// Upserts `points` in batches (see [`BatchLimits`]) under one lock and flushes the shard
+    /// once (see the module documentation).
     ///
-    /// Fails with [`StoreError::Dimension`] if a vector has the wrong length (nothing is
-    /// written), [`StoreError::Rejected`] if a vector holds NaN/infinity or a payload cannot be
-    /// encoded, [`StoreError::Unavailable`] if the write or the flush fails.
+    /// Fails with [`StoreError::Dimension`] if a vector has the wrong length,
+    /// [`StoreError::Rejected`] if a vector holds NaN/infinity, a version is above
+    /// [`MAX_VERSION`](super::MAX_VERSION), a payload cannot be encoded or one point is larger
+    /// than the byte cap (in all these cases nothing is written), [`StoreError::Unavailable`]
+    /// if the write or the flush fails.
     async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
         if points.is_empty() {
             return Ok(());
@@ -251,16 +290,29 @@ impl VectorStore for EdgeStore {
         let mut persisted = Vec::with_capacity(points.len());
         for point in points {
             self.check_vector(&point.vector)?;
-            persisted.push(PointStructPersisted {
-                id: PointId::Uuid(point.id),
-                vector: VectorStructPersisted::Single(point.vector),
-                payload: Some(encode_payload(&point.payload)?),
-            });
+            check_version(point.payload.version)?;
+            let payload = encode_payload(&point.payload)?;
+            let size = point_size(point.vector.len(), &payload);
+            persisted.push((
+                size,
+                PointStructPersisted {
+                    id: PointId::Uuid(point.id),
+                    vector: VectorStructPersisted::Single(point.vector),
+                    payload: Some(payload),
+                },
+            ));
         }
-        let operation = UpdateOperation::PointOperation(PointOperations::UpsertPoints(
-            PointInsertOperations::PointsList(persisted),
-        ));
-        self.run(move |shared| shared.write(operation)).await
+        let operations = split_batches(persisted, 0, self.limits, |(size, _)| *size)?
+            .into_iter()
+            .map(|batch| {
+                UpdateOperation::PointOperation(PointOperations::UpsertPoints(
+                    PointInsertOperations::PointsList(
+                        batch.into_iter().map(|(_, point)| point).collect(),
+                    ),
+                ))
+            })
+            .collect();
+        self.run(move |shared| shared.write_all(operations)).await
     }
 
     /// Retrieves point [`point_id`]`(tenant, document_id, 0)`.
@@ -301,71 +353,127 @@ impl VectorStore for EdgeStore {
     }
 
     /// Deletes by filter: `tenant_id == tenant AND document_id == document_id AND NOT
-    /// content_sha256 == keep_sha256` (the last condition only when `keep_sha256` is given),
-    /// then flushes.
+    /// (the point belongs to keep)` (the last condition only when `keep` is given), then
+    /// flushes.
     ///
-    /// Fails with [`StoreError::Unavailable`] if the delete or the flush fails.
+    /// Fails with [`StoreError::Rejected`] if `keep.version` is above
+    /// [`MAX_VERSION`](super::MAX_VERSION), [`StoreError::Unavailable`] if the delete or the
+    /// flush fails.
     async fn delete_document(
         &self,
         tenant: &TenantId,
         document_id: &str,
-        keep_sha256: Option<&str>,
+        keep: Option<&Revision>,
     ) -> Result<(), StoreError> {
         let mut filter = scope_filter(tenant, Some(document_id))?;
-        if let Some(keep) = keep_sha256 {
-            filter.must_not = Some(vec![keyword_match("content_sha256", keep)?]);
+        if let Some(keep) = keep {
+            filter.must_not = Some(vec![Condition::Filter(revision_filter(keep, true)?)]);
         }
         let operation =
             UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(filter));
         self.run(move |shared| shared.write(operation)).await
     }
 
-    /// Nearest-neighbour query restricted to `tenant_id == tenant`, with payloads.
+    /// Sets the payload keys `version` and `metadata` on the points matching `tenant_id ==
+    /// tenant AND document_id == document_id AND content_sha256 == revision.content_sha256 AND
+    /// chunk_count == revision.chunk_count`, then flushes. A `None` version removes the key
+    /// (read back as `None`).
     ///
-    /// Fails with [`StoreError::Dimension`] if `vector` has the wrong length,
-    /// [`StoreError::Rejected`] if it holds NaN/infinity or a hit's payload is not a
-    /// [`ChunkPayload`] of `tenant`, [`StoreError::Unavailable`] if the query fails.
-    async fn search(
+    /// Fails with [`StoreError::Rejected`] if `version` is above
+    /// [`MAX_VERSION`](super::MAX_VERSION), [`StoreError::Unavailable`] if the write or the
+    /// flush fails.
+    async fn relabel_document(
         &self,
         tenant: &TenantId,
-        vector: Vec<f32>,
-        top_k: usize,
-    ) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.check_vector(&vector)?;
-        if top_k == 0 {
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        check_version(version)?;
+        let mut filter = scope_filter(tenant, Some(document_id))?;
+        if let Some(must) = filter.must.as_mut() {
+            must.push(Condition::Filter(revision_filter(revision, false)?));
+        }
+        let mut payload = serde_json::Map::new();
+        payload.insert("version".to_owned(), serde_json::json!(version));
+        payload.insert(
+            "metadata".to_owned(),
+            serde_json::Value::Object(metadata.clone()),
+        );
+        let operation = UpdateOperation::PayloadOperation(PayloadOps::SetPayload(SetPayloadOp {
+            payload: Payload(payload),
+            points: None,
+            filter: Some(filter),
+            key: None,
+        }));
+        self.run(move |shared| shared.write(operation)).await
+    }
+
+    /// Deletes by the filter `tenant_id == tenant`, then flushes.
+    ///
+    /// Fails with [`StoreError::Unavailable`] if the delete or the flush fails.
+    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        let filter = scope_filter(tenant, None)?;
+        let operation =
+            UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(filter));
+        self.run(move |shared| shared.write(operation)).await
+    }
+
+    /// Nearest-neighbour query restricted to `tenant_id == request.tenant` and the metadata
+    /// conditions, with the score threshold, with payloads.
+    ///
+    /// Fails with [`StoreError::Dimension`] if the vector has the wrong length,
+    /// [`StoreError::Rejected`] if it holds NaN/infinity, the request is invalid (see
+    /// [`SearchRequest::validate`]) or a hit's payload is not a [`ChunkPayload`] of the tenant,
+    /// [`StoreError::Unavailable`] if the query fails.
+    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
+        self.check_vector(&request.vector)?;
+        request.validate()?;
+        if request.top_k == 0 {
             return Ok(Vec::new());
         }
-        let request = QueryRequest {
+        let mut filter = scope_filter(&request.tenant, None)?;
+        if let Some(must) = filter.must.as_mut() {
+            for (key, value) in &request.filter.metadata {
+                must.push(metadata_match(key, value)?);
+            }
+        }
+        let min_score = request.min_score;
+        let query = QueryRequest {
             prefetches: Vec::new(),
             query: Some(ScoringQuery::Vector(QueryEnum::Nearest(
-                NamedQuery::default_dense(vector),
+                NamedQuery::default_dense(request.vector),
             ))),
-            filter: Some(scope_filter(tenant, None)?),
-            score_threshold: None,
-            limit: top_k,
+            filter: Some(filter),
+            score_threshold: min_score.map(OrderedFloat),
+            limit: request.top_k,
             offset: 0,
             params: None,
             with_vector: WithVector::Bool(false),
             with_payload: WithPayloadInterface::Bool(true),
         };
-        let tenant = tenant.as_str().to_owned();
+        let tenant = request.tenant.as_str().to_owned();
         self.run(move |shared| {
-            let hits = shared.shard.query(request).map_err(map_op_err)?;
-            hits.into_iter()
-                .map(|hit| {
-                    let payload = decode_payload(&hit.id, hit.payload)?;
-                    if payload.tenant_id != tenant {
-                        return Err(StoreError::Rejected(format!(
-                            "search for tenant {tenant} matched point {} of another tenant",
-                            hit.id
-                        )));
-                    }
-                    Ok(ScoredChunk {
-                        score: hit.score,
-                        payload,
-                    })
-                })
-                .collect()
+            let hits = shared.shard.query(query).map_err(map_op_err)?;
+            let mut chunks = Vec::with_capacity(hits.len());
+            for hit in hits {
+                if min_score.is_some_and(|min| hit.score < min) {
+                    continue;
+                }
+                let payload = decode_payload(&hit.id, hit.payload)?;
+                if payload.tenant_id != tenant {
+                    return Err(StoreError::Rejected(format!(
+                        "search for tenant {tenant} matched point {} of another tenant",
+                        hit.id
+                    )));
+                }
+                chunks.push(ScoredChunk {
+                    score: hit.score,
+                    payload,
+                });
+            }
+            Ok(chunks)
         })
         .await
     }
@@ -385,6 +493,60 @@ impl VectorStore for EdgeStore {
         self.run(move |shared| shared.shard.count(request).map_err(map_op_err))
             .await
     }
+}
+
+/// Bytes a point counts for against [`BatchLimits::max_bytes`]: 4 per vector value, the
+/// payload as JSON, and 64 for ids and framing.
+fn point_size(dims: usize, payload: &Payload) -> usize {
+    let json = serde_json::to_vec(&payload.0).map(|v| v.len()).unwrap_or(0);
+    dims * 4 + json + 64
+}
+
+/// The filter "belongs to `revision`": same content hash and chunk count, and (when
+/// `with_version`) the same version, or no version when `revision.version` is `None`.
+fn revision_filter(revision: &Revision, with_version: bool) -> Result<Filter, StoreError> {
+    check_version(revision.version)?;
+    let mut must = vec![
+        keyword_match("content_sha256", &revision.content_sha256)?,
+        integer_match("chunk_count", revision.chunk_count)?,
+    ];
+    if with_version {
+        must.push(match revision.version {
+            Some(v) => integer_match("version", v)?,
+            None => Condition::IsEmpty(IsEmptyCondition::from(json_path("version")?)),
+        });
+    }
+    Ok(Filter {
+        should: None,
+        min_should: None,
+        must: Some(must),
+        must_not: None,
+    })
+}
+
+/// The condition `metadata.<key> == value`.
+fn metadata_match(key: &str, value: &MetadataValue) -> Result<Condition, StoreError> {
+    super::validate_metadata_key(key).map_err(StoreError::Rejected)?;
+    let value = match value {
+        MetadataValue::String(s) => ValueVariants::String(s.clone()),
+        MetadataValue::Integer(i) => ValueVariants::Integer(*i),
+        MetadataValue::Bool(b) => ValueVariants::Bool(*b),
+    };
+    Ok(Condition::Field(FieldCondition::new_match(
+        json_path(&format!("metadata.{key}"))?,
+        Match::new_value(value),
+    )))
+}
+
+/// The condition `field == value` on an integer payload field.
+fn integer_match(field: &str, value: impl TryInto<i64>) -> Result<Condition, StoreError> {
+    let value = value.try_into().map_err(|_| {
+        StoreError::Rejected(format!("{field} is too large to compare in a filter"))
+    })?;
+    Ok(Condition::Field(FieldCondition::new_match(
+        json_path(field)?,
+        Match::new_value(ValueVariants::Integer(value)),
+    )))
 }
 
 /// `data_dir/<collection>`, after checking that `collection` is a plain directory name.

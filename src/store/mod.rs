@@ -1,27 +1,50 @@
 //! Vector storage: where embedded chunks live and how they are found again.
 //!
-//! [`VectorStore`] is the seam; [`EdgeStore`] is the embedded Qdrant Edge implementation.
+//! [`VectorStore`] is the seam. [`EdgeStore`] is the embedded Qdrant Edge implementation (the
+//! default), [`QdrantStore`] talks to a Qdrant server over gRPC, and [`Store`] is whichever of
+//! the two a pipeline's configuration names.
+//!
 //! Storage model (identical for every store):
 //! - one collection per pipeline; every point carries `tenant_id` (keyword index, tenant key)
 //!   and `document_id` (keyword index); every read and delete filters by tenant;
 //! - point id = [`point_id`] (UUIDv5 of `tenant_id/document_id/chunk_index`), so re-delivery
 //!   and replay overwrite instead of duplicating;
-//! - the collection records the embedder [`Fingerprint`](crate::embed::Fingerprint); opening it with another one fails.
+//! - every chunk written by one upsert of a document carries the same [`Revision`]
+//!   (`content_sha256`, `version`, `chunk_count`); after writing a revision the pipeline
+//!   deletes the document's points of any other revision;
+//! - the collection records the embedder [`Fingerprint`](crate::embed::Fingerprint) and the
+//!   vector size; opening it with another embedder fails with
+//!   [`StoreError::FingerprintMismatch`], which says what differs;
+//! - writes are split into requests of at most [`BatchLimits::max_points`] points and
+//!   [`BatchLimits::max_bytes`] bytes.
 
 mod edge;
+mod qdrant;
 
 pub use edge::EdgeStore;
+pub use qdrant::{QdrantOptions, QdrantStore};
 
 use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::embed::Fingerprint;
 use crate::error::ErrorKind;
 use crate::tenant::TenantId;
 
 /// Namespace of the UUIDv5 point ids (a fixed random UUID; never change it, or ids change).
 const POINT_NAMESPACE: Uuid = Uuid::from_u128(0x5b0c_7f0e_2f4e_4c3a_9d61_8a3e_1f2b_6c47);
+
+/// Default for [`BatchLimits::max_points`].
+pub const DEFAULT_MAX_BATCH_POINTS: usize = 256;
+/// Default for [`BatchLimits::max_bytes`]: 16 MiB, half of a Qdrant server's default request
+/// limit (`service.max_request_size_mb` = 32).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// The largest document version a store accepts: versions are matched as signed 64-bit
+/// integers by Qdrant's filters.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
 
 /// The deterministic point id of chunk `chunk_index` of `document_id` for `tenant`.
 pub fn point_id(tenant: &TenantId, document_id: &str, chunk_index: usize) -> Uuid {
@@ -58,6 +81,29 @@ pub struct ChunkPayload {
     pub ingested_at: String,
 }
 
+impl ChunkPayload {
+    /// The revision of the document this chunk was written for.
+    pub fn revision(&self) -> Revision {
+        Revision {
+            content_sha256: self.content_sha256.clone(),
+            version: self.version,
+            chunk_count: self.chunk_count,
+        }
+    }
+}
+
+/// One written revision of a document: every chunk written by one upsert carries the same
+/// values, so "the points of another revision" are exactly the stale ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    /// Hex SHA-256 of the document content.
+    pub content_sha256: String,
+    /// Producer-supplied version (`None` matches points without a version).
+    pub version: Option<u64>,
+    /// Number of chunks of the revision.
+    pub chunk_count: usize,
+}
+
 /// A point to write: id, vector and payload.
 #[derive(Debug, Clone)]
 pub struct ChunkPoint {
@@ -78,6 +124,231 @@ pub struct ScoredChunk {
     pub payload: ChunkPayload,
 }
 
+/// A value a metadata field must equal exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataValue {
+    /// A string, compared byte for byte (no tokenising, case-sensitive).
+    String(String),
+    /// An integer.
+    Integer(i64),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl From<&str> for MetadataValue {
+    fn from(value: &str) -> Self {
+        MetadataValue::String(value.to_owned())
+    }
+}
+
+impl From<String> for MetadataValue {
+    fn from(value: String) -> Self {
+        MetadataValue::String(value)
+    }
+}
+
+impl From<i64> for MetadataValue {
+    fn from(value: i64) -> Self {
+        MetadataValue::Integer(value)
+    }
+}
+
+impl From<bool> for MetadataValue {
+    fn from(value: bool) -> Self {
+        MetadataValue::Bool(value)
+    }
+}
+
+/// Conditions on a search besides the tenant: every one must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SearchFilter {
+    /// `(key, value)`: the payload field `metadata.<key>` must equal `value`. Keys are 1 to 64
+    /// characters of ASCII letters, digits, `_` and `-` (see [`validate_metadata_key`]).
+    pub metadata: Vec<(String, MetadataValue)>,
+}
+
+impl SearchFilter {
+    /// This filter plus the condition `metadata.<key> == value`.
+    pub fn metadata_eq(mut self, key: impl Into<String>, value: impl Into<MetadataValue>) -> Self {
+        self.metadata.push((key.into(), value.into()));
+        self
+    }
+
+    /// Fails with [`StoreError::Rejected`] if a key is not a plain metadata key.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        for (key, _) in &self.metadata {
+            validate_metadata_key(key).map_err(StoreError::Rejected)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `key` can be used in a metadata filter: 1 to 64 characters of ASCII letters,
+/// digits, `_` and `-` (no dots or brackets, which payload paths would interpret). Fails with a
+/// description of the problem.
+pub fn validate_metadata_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > 64 {
+        return Err(format!(
+            "metadata filter key {key:?} must be 1 to 64 characters long"
+        ));
+    }
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    {
+        return Err(format!(
+            "metadata filter key {key:?} may only contain letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// One nearest-neighbour query, always scoped to one tenant.
+#[derive(Debug, Clone)]
+pub struct SearchRequest {
+    /// The only tenant whose points may match.
+    pub tenant: TenantId,
+    /// The query vector (the collection's dimension).
+    pub vector: Vec<f32>,
+    /// Most results to return; 0 returns none.
+    pub top_k: usize,
+    /// Further conditions on the payload.
+    pub filter: SearchFilter,
+    /// Only results scoring at least this much (cosine similarity, -1 to 1).
+    pub min_score: Option<f32>,
+}
+
+impl SearchRequest {
+    /// The `top_k` nearest points of `tenant`, without further conditions.
+    pub fn new(tenant: TenantId, vector: Vec<f32>, top_k: usize) -> Self {
+        SearchRequest {
+            tenant,
+            vector,
+            top_k,
+            filter: SearchFilter::default(),
+            min_score: None,
+        }
+    }
+
+    /// Fails with [`StoreError::Rejected`] if a filter key is invalid or `min_score` is not a
+    /// finite number.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        self.filter.validate()?;
+        if let Some(min) = self.min_score
+            && !min.is_finite()
+        {
+            return Err(StoreError::Rejected(format!(
+                "min_score must be a finite number, got {min}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Caps on one write request; larger upserts are split into several requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Most points per request (at least 1).
+    pub max_points: usize,
+    /// Most bytes per request (as encoded for the store; at least 1). A single point larger
+    /// than this cannot be written.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_points: DEFAULT_MAX_BATCH_POINTS,
+            max_bytes: DEFAULT_MAX_BATCH_BYTES,
+        }
+    }
+}
+
+/// Splits `items` into consecutive batches of at most `limits.max_points` items whose sizes
+/// (`size(item)` each, plus `overhead` once per batch) add up to at most `limits.max_bytes`.
+///
+/// Fails with [`StoreError::Rejected`] naming the item if one item alone exceeds the byte cap.
+pub(crate) fn split_batches<T>(
+    items: Vec<T>,
+    overhead: usize,
+    limits: BatchLimits,
+    size: impl Fn(&T) -> usize,
+) -> Result<Vec<Vec<T>>, StoreError> {
+    let max_points = limits.max_points.max(1);
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut current_bytes = overhead;
+    for (index, item) in items.into_iter().enumerate() {
+        let bytes = size(&item);
+        if overhead.saturating_add(bytes) > limits.max_bytes {
+            return Err(StoreError::Rejected(format!(
+                "point {index} of the batch needs {bytes} bytes, more than the write limit of {} \
+                 bytes (store.max_batch_bytes); raise the limit or use smaller chunks",
+                limits.max_bytes
+            )));
+        }
+        if !current.is_empty()
+            && (current.len() >= max_points
+                || current_bytes.saturating_add(bytes) > limits.max_bytes)
+        {
+            batches.push(std::mem::take(&mut current));
+            current_bytes = overhead;
+        }
+        current_bytes = current_bytes.saturating_add(bytes);
+        current.push(item);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    Ok(batches)
+}
+
+/// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`].
+pub(crate) fn check_version(version: Option<u64>) -> Result<(), StoreError> {
+    match version {
+        Some(v) if v > MAX_VERSION => Err(StoreError::Rejected(format!(
+            "document version {v} is above the largest version the store can compare \
+             ({MAX_VERSION})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// What differs between a stored and a configured fingerprint, e.g.
+/// `model: stored "a", configured "b"; dims: stored 384, configured 768`.
+pub fn describe_fingerprint_difference(stored: &Fingerprint, expected: &Fingerprint) -> String {
+    let mut parts = Vec::new();
+    if stored.model != expected.model {
+        parts.push(format!(
+            "model: stored {:?}, configured {:?}",
+            stored.model, expected.model
+        ));
+    }
+    if stored.dims != expected.dims {
+        parts.push(format!(
+            "dims: stored {}, configured {}",
+            stored.dims, expected.dims
+        ));
+    }
+    if stored.pooling != expected.pooling {
+        parts.push(format!(
+            "pooling: stored {:?}, configured {:?}",
+            stored.pooling, expected.pooling
+        ));
+    }
+    if stored.normalized != expected.normalized {
+        parts.push(format!(
+            "normalized: stored {}, configured {}",
+            stored.normalized, expected.normalized
+        ));
+    }
+    if parts.is_empty() {
+        "nothing (the fingerprints are equal)".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,7 +360,7 @@ pub enum StoreError {
     Rejected(String),
     /// The collection was created for another embedder.
     #[error(
-        "collection {collection} was built with embedder {stored}, but this pipeline's embedder is {expected}; use another collection or re-ingest into a new one"
+        "collection {collection} was built with embedder {stored}, but this pipeline's embedder is {expected} (differs in {differs}); use another collection or re-ingest into a new one"
     )]
     FingerprintMismatch {
         /// Collection name.
@@ -98,6 +369,8 @@ pub enum StoreError {
         stored: String,
         /// Fingerprint id of the configured embedder.
         expected: String,
+        /// Which fingerprint fields differ, with both values.
+        differs: String,
     },
     /// A vector of the wrong length was given.
     #[error("vector has {got} dimensions, the collection has {expected}")]
@@ -120,6 +393,16 @@ impl StoreError {
             StoreError::Dimension { .. } => ErrorKind::DimensionMismatch,
         }
     }
+
+    /// The mismatch error for `collection`, recorded with `stored`, opened with `expected`.
+    pub(crate) fn mismatch(collection: &str, stored: &Fingerprint, expected: &Fingerprint) -> Self {
+        StoreError::FingerprintMismatch {
+            collection: collection.to_owned(),
+            stored: stored.id(),
+            expected: expected.id(),
+            differs: describe_fingerprint_difference(stored, expected),
+        }
+    }
 }
 
 /// Stores and retrieves chunk embeddings, always scoped to one tenant.
@@ -128,7 +411,14 @@ impl StoreError {
 /// [`StoreError::Rejected`] (permanent). None may block the async runtime.
 pub trait VectorStore: Send + Sync + 'static {
     /// Writes `points` (insert or overwrite by id) and returns once they are durable
-    /// and visible to searches.
+    /// and visible to searches. Large inputs are written in several requests (see
+    /// [`BatchLimits`]) in the order of `points`, so the last point is written last; if one
+    /// fails, the earlier ones stay written (upserts are idempotent, so writing the same points
+    /// again completes the job).
+    ///
+    /// Fails with [`StoreError::Dimension`] on a vector of the wrong length and
+    /// [`StoreError::Rejected`] on a non-finite vector, a version above [`MAX_VERSION`] or a
+    /// point larger than the byte cap (nothing is written in these cases).
     fn upsert(
         &self,
         points: Vec<ChunkPoint>,
@@ -142,22 +432,44 @@ pub trait VectorStore: Send + Sync + 'static {
         document_id: &str,
     ) -> impl Future<Output = Result<Option<ChunkPayload>, StoreError>> + Send;
 
-    /// Deletes `tenant`'s points of `document_id` whose `content_sha256` differs from
-    /// `keep_sha256` (all of them when `keep_sha256` is `None`). Other tenants and documents
-    /// are never touched.
+    /// Deletes `tenant`'s points of `document_id` whose [`Revision`] differs from `keep` (all
+    /// of them when `keep` is `None`). Other tenants and documents are never touched.
     fn delete_document(
         &self,
         tenant: &TenantId,
         document_id: &str,
-        keep_sha256: Option<&str>,
+        keep: Option<&Revision>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The `top_k` chunks of `tenant` closest to `vector`, best first.
-    fn search(
+    /// Sets `version` and `metadata` on `tenant`'s points of `document_id` that belong to
+    /// `revision` (same content hash and chunk count; any version), without touching their
+    /// vectors: how a new version of unchanged content is recorded without re-embedding.
+    ///
+    /// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`].
+    fn relabel_document(
         &self,
         tenant: &TenantId,
-        vector: Vec<f32>,
-        top_k: usize,
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes every point of `tenant` (and nothing of any other tenant).
+    fn purge_tenant(
+        &self,
+        tenant: &TenantId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The best `request.top_k` chunks of `request.tenant` for `request.vector` that pass
+    /// `request.filter` and score at least `request.min_score`, best first.
+    ///
+    /// Fails with [`StoreError::Dimension`] on a vector of the wrong length and
+    /// [`StoreError::Rejected`] on a non-finite vector, an invalid filter key or a non-finite
+    /// `min_score`.
+    fn search(
+        &self,
+        request: SearchRequest,
     ) -> impl Future<Output = Result<Vec<ScoredChunk>, StoreError>> + Send;
 
     /// Number of `tenant`'s points, only those of `document_id` when given.
@@ -166,4 +478,194 @@ pub trait VectorStore: Send + Sync + 'static {
         tenant: &TenantId,
         document_id: Option<&str>,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+}
+
+/// The store a pipeline's configuration names: embedded Qdrant Edge or a Qdrant server.
+pub enum Store {
+    /// `store.kind = "edge"`.
+    Edge(EdgeStore),
+    /// `store.kind = "qdrant"`.
+    Qdrant(QdrantStore),
+}
+
+impl Store {
+    /// The configured kind, `edge` or `qdrant`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Edge(_) => "edge",
+            Store::Qdrant(_) => "qdrant",
+        }
+    }
+}
+
+impl From<EdgeStore> for Store {
+    fn from(store: EdgeStore) -> Self {
+        Store::Edge(store)
+    }
+}
+
+impl From<QdrantStore> for Store {
+    fn from(store: QdrantStore) -> Self {
+        Store::Qdrant(store)
+    }
+}
+
+impl VectorStore for Store {
+    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
+        match self {
+            Store::Edge(s) => s.upsert(points).await,
+            Store::Qdrant(s) => s.upsert(points).await,
+        }
+    }
+
+    async fn first_chunk(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+    ) -> Result<Option<ChunkPayload>, StoreError> {
+        match self {
+            Store::Edge(s) => s.first_chunk(tenant, document_id).await,
+            Store::Qdrant(s) => s.first_chunk(tenant, document_id).await,
+        }
+    }
+
+    async fn delete_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        keep: Option<&Revision>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Edge(s) => s.delete_document(tenant, document_id, keep).await,
+            Store::Qdrant(s) => s.delete_document(tenant, document_id, keep).await,
+        }
+    }
+
+    async fn relabel_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Edge(s) => {
+                s.relabel_document(tenant, document_id, revision, version, metadata)
+                    .await
+            }
+            Store::Qdrant(s) => {
+                s.relabel_document(tenant, document_id, revision, version, metadata)
+                    .await
+            }
+        }
+    }
+
+    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        match self {
+            Store::Edge(s) => s.purge_tenant(tenant).await,
+            Store::Qdrant(s) => s.purge_tenant(tenant).await,
+        }
+    }
+
+    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
+        match self {
+            Store::Edge(s) => s.search(request).await,
+            Store::Qdrant(s) => s.search(request).await,
+        }
+    }
+
+    async fn count(
+        &self,
+        tenant: &TenantId,
+        document_id: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Edge(s) => s.count(tenant, document_id).await,
+            Store::Qdrant(s) => s.count(tenant, document_id).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_points: usize, max_bytes: usize) -> BatchLimits {
+        BatchLimits {
+            max_points,
+            max_bytes,
+        }
+    }
+
+    #[test]
+    fn batches_respect_the_point_cap() {
+        let batches = split_batches((0..7).collect(), 0, limits(3, 1000), |_| 1).unwrap();
+        assert_eq!(batches, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+    }
+
+    #[test]
+    fn batches_respect_the_byte_cap_with_overhead() {
+        // Each item 40 bytes, overhead 20, cap 100: two items (20 + 80) fit, three do not.
+        let batches = split_batches((0..5).collect(), 20, limits(100, 100), |_| 40).unwrap();
+        assert_eq!(batches, vec![vec![0, 1], vec![2, 3], vec![4]]);
+        // Sizes vary: a big item starts its own batch.
+        let sizes = [10, 10, 70, 20, 90];
+        let batches =
+            split_batches((0..5).collect(), 0, limits(100, 100), |i: &usize| sizes[*i]).unwrap();
+        assert_eq!(batches, vec![vec![0, 1, 2], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn an_item_over_the_byte_cap_is_rejected() {
+        let err = split_batches(vec![1, 2], 10, limits(10, 100), |i| i * 60).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Rejected(m) if m.contains("point 1")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_input_gives_no_batches() {
+        let batches = split_batches(Vec::<u8>::new(), 0, limits(1, 1), |_| 1).unwrap();
+        assert!(batches.is_empty());
+    }
+
+    #[test]
+    fn metadata_keys_are_checked() {
+        assert!(validate_metadata_key("title").is_ok());
+        assert!(validate_metadata_key("content-type_2").is_ok());
+        for bad in ["", "a.b", "a[]", "a b", "ü", &"k".repeat(65)] {
+            assert!(validate_metadata_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn versions_above_i64_are_refused() {
+        assert!(check_version(None).is_ok());
+        assert!(check_version(Some(MAX_VERSION)).is_ok());
+        assert!(matches!(
+            check_version(Some(MAX_VERSION + 1)),
+            Err(StoreError::Rejected(_))
+        ));
+    }
+
+    #[test]
+    fn fingerprint_differences_are_named() {
+        let a = Fingerprint {
+            model: "m".into(),
+            dims: 384,
+            pooling: "mean".into(),
+            normalized: true,
+        };
+        let b = Fingerprint {
+            dims: 768,
+            normalized: false,
+            ..a.clone()
+        };
+        let text = describe_fingerprint_difference(&a, &b);
+        assert!(text.contains("dims: stored 384, configured 768"), "{text}");
+        assert!(text.contains("normalized"), "{text}");
+        assert!(!text.contains("model"), "{text}");
+    }
 }

@@ -154,3 +154,474 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Lose-nothing helpers (tests/lose_nothing.rs, tests/signals.rs).
+// ---------------------------------------------------------------------------------------
+
+/// Writes `t.config` (every section, retry and worker included) as a pipeline file the
+/// binary can load, next to the test's store; returns its path.
+pub fn write_pipeline_file(t: &TestPipeline) -> PathBuf {
+    let c = &t.config;
+    let tenants: Vec<String> = c.tenants.allowed.iter().map(|t| format!("{t:?}")).collect();
+    let delays: Vec<String> = c.retry.delays_ms.iter().map(u64::to_string).collect();
+    let text = format!(
+        r#"name = "{name}"
+[broker]
+url = "{url}"
+prefetch = {prefetch}
+delivery_limit = {limit}
+[tenants]
+allowed = [{tenants}]
+[chunking]
+max_tokens = {max_tokens}
+overlap = {overlap}
+[embedder]
+kind = "candle"
+model_dir = "{model}"
+batch_size = {batch}
+[store]
+kind = "edge"
+path = "{store}"
+collection = "{collection}"
+[limits]
+max_document_bytes = {max_bytes}
+[retry]
+max_attempts = {attempts}
+in_process_retries = {in_process}
+backoff_min_ms = {bmin}
+backoff_max_ms = {bmax}
+delays_ms = [{delays}]
+[worker]
+concurrency = {concurrency}
+shutdown_grace_secs = {grace}
+reconnect_give_up_secs = {give_up}
+"#,
+        name = c.name,
+        url = c.broker.url,
+        prefetch = c.broker.prefetch,
+        limit = c.broker.delivery_limit,
+        tenants = tenants.join(", "),
+        max_tokens = c.chunking.max_tokens,
+        overlap = c.chunking.overlap,
+        model = c.embedder.model_dir.display(),
+        batch = c.embedder.batch_size,
+        store = c.store.path.display(),
+        collection = c.store.collection,
+        max_bytes = c.limits.max_document_bytes,
+        attempts = c.retry.max_attempts,
+        in_process = c.retry.in_process_retries,
+        bmin = c.retry.backoff_min_ms,
+        bmax = c.retry.backoff_max_ms,
+        delays = delays.join(", "),
+        concurrency = c.worker.concurrency,
+        grace = c.worker.shutdown_grace_secs,
+        give_up = c.worker.reconnect_give_up_secs,
+    );
+    let path = t.dir.path().join("pipeline.toml");
+    std::fs::write(&path, text).expect("write pipeline file");
+    path
+}
+
+/// Runs `rabbitmqctl` with `args`; panics (with its output) if it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Broker ids (`<rabbit@host.N.N.N>`, what `rabbitmqctl close_connection` takes) of the
+/// connections opened by workers of `pipeline`: their client property `connection_name` is
+/// `rag-ingest worker <pipeline>`.
+pub fn worker_connections(pipeline: &str) -> Vec<String> {
+    let out = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
+    let wanted = format!("\"rag-ingest worker {pipeline}\"");
+    out.lines()
+        .filter(|l| l.contains(&wanted))
+        .filter_map(|l| l.split('\t').next().map(str::to_owned))
+        .collect()
+}
+
+/// Closes every broker connection of `pipeline`'s workers (only theirs); returns how many
+/// were closed.
+pub fn close_worker_connections(pipeline: &str) -> usize {
+    let mut closed = 0;
+    for pid in worker_connections(pipeline) {
+        // The connection may be gone already (worker exiting): count only real closes.
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "close_connection",
+                &pid,
+                "test: dropping the worker's connection",
+            ])
+            .output()
+            .expect("rabbitmqctl runs");
+        if out.status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Opens a connection and a confirm-mode channel (panics if the broker is down).
+pub async fn confirm_channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    (conn, ch)
+}
+
+/// Publishes `body` straight to `queue` (default exchange) and waits for the confirm.
+pub async fn publish_to_queue(
+    ch: &lapin::Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    rag_ingest::queue::publish_confirmed(ch, "", queue, body, properties)
+        .await
+        .expect("publish confirmed");
+}
+
+/// Removes every message of `queue` (basic.get + ack) and returns them in queue order.
+pub async fn take_all(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(msg) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get")
+    {
+        out.push((msg.delivery.properties.clone(), msg.delivery.data.clone()));
+        ch.basic_ack(
+            msg.delivery.delivery_tag,
+            lapin::options::BasicAckOptions::default(),
+        )
+        .await
+        .expect("ack");
+    }
+    let _ = ch.close(200, "bye".into()).await;
+    let _ = conn.close(200, "bye".into()).await;
+    out
+}
+
+/// Ready messages of the main queue plus every retry queue of `config`'s pipeline.
+pub async fn pending(config: &PipelineConfig) -> u64 {
+    let topology = Topology::new(config);
+    let mut total = u64::from(queue_len(&topology.main_queue()).await);
+    for q in topology.retry_queues() {
+        total += u64::from(queue_len(&q).await);
+    }
+    total
+}
+
+/// Header `name` of `properties` as text (strings) or a number rendered as text.
+pub fn header(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// The chunk count `doc` gets from `config`'s chunker (what the store must hold for it).
+pub fn expected_chunks(config: &PipelineConfig, doc: &rag_ingest::message::Document) -> usize {
+    static CHUNKERS: OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<rag_ingest::chunk::Chunker>>>,
+    > = OnceLock::new();
+    let key = format!("{}/{}", config.chunking.max_tokens, config.chunking.overlap);
+    let chunker = {
+        let mut map = CHUNKERS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            map.entry(key)
+                .or_insert_with(|| Arc::new(setup::chunker(config, &embedder()).expect("chunker"))),
+        )
+    };
+    chunker
+        .split(&doc.content, doc.format().expect("supported content type"))
+        .len()
+}
+
+/// `n` short, distinct plain-text documents of `tenant` named `<prefix>-<i>`, of 1 to 3
+/// chunks each with the test pipelines' 64-token chunks.
+pub fn short_docs(tenant: &str, prefix: &str, n: usize) -> Vec<rag_ingest::message::Document> {
+    const WORDS: [&str; 24] = [
+        "river", "granite", "lantern", "orchard", "falcon", "copper", "meadow", "harbor", "violin",
+        "glacier", "pepper", "canyon", "saffron", "beacon", "thistle", "marble", "comet", "willow",
+        "anchor", "ember", "quartz", "tundra", "maple", "cobalt",
+    ];
+    let tenant = rag_ingest::tenant::TenantId::new(tenant).expect("tenant");
+    (0..n)
+        .map(|i| {
+            let sentences = 1 + (i * 7) % 9;
+            let mut text = format!("Note {prefix} number {i}.");
+            for s in 0..sentences {
+                let w = |k: usize| WORDS[(i * 5 + s * 3 + k) % WORDS.len()];
+                text.push_str(&format!(
+                    " The {} near the {} keeps a {} and a {} for day {}.",
+                    w(0),
+                    w(1),
+                    w(2),
+                    w(3),
+                    s + i
+                ));
+            }
+            rag_ingest::message::Document::upsert(tenant.clone(), format!("{prefix}-{i}"), text)
+        })
+        .collect()
+}
+
+/// A running `rag-ingest worker` process whose stderr lines are collected as they come.
+pub struct WorkerProcess {
+    child: std::process::Child,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerProcess {
+    /// Starts `rag-ingest worker --pipeline <file>` (with `--exit-when-idle` if asked).
+    pub fn start(file: &Path, exit_when_idle: bool) -> Self {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
+        cmd.args(["worker", "--pipeline"])
+            .arg(file)
+            .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if exit_when_idle {
+            cmd.args(["--exit-when-idle", "--idle-grace-ms", "300"]);
+        }
+        let mut child = cmd.spawn().expect("the worker binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        WorkerProcess {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Log lines containing `needle` so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
+    }
+
+    /// Waits (polling) until at least `n` documents were stored; fails if the worker exits.
+    pub async fn wait_stored(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.count("document stored") < n {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("the worker exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {n} stored documents within a minute:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`, `INT`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -s {signal}");
+    }
+
+    /// Waits (polling) for the process to exit; returns its status and whole stderr.
+    pub async fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the worker did not exit within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let log = self.log();
+        (status, log)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // A failed test must not leave a worker behind.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `name=<n>` from the worker's final `worker stopped: …` line.
+pub fn final_count(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("worker stopped:"))
+        .unwrap_or_else(|| panic!("no `worker stopped` line in:\n{log}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+impl WorkerProcess {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True once the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Store-contract helpers (tests/store_contract.rs, tests/lifecycle.rs).
+// ---------------------------------------------------------------------------------------
+
+/// An [`Embedder`](rag_ingest::embed::Embedder) that forwards to the real model and counts
+/// the calls and texts it was asked to embed.
+pub struct CountingEmbedder {
+    inner: Arc<CandleEmbedder>,
+    calls: std::sync::atomic::AtomicUsize,
+    texts: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingEmbedder {
+    /// A counter around the shared real model ([`embedder`]).
+    pub fn new() -> Self {
+        CountingEmbedder {
+            inner: embedder(),
+            calls: std::sync::atomic::AtomicUsize::new(0),
+            texts: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Embedding calls so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Texts embedded so far.
+    pub fn texts(&self) -> usize {
+        self.texts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The model's tokenizer (for building a chunker).
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        self.inner.tokenizer()
+    }
+
+    fn count(&self, texts: &[String]) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.texts
+            .fetch_add(texts.len(), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl rag_ingest::embed::Embedder for CountingEmbedder {
+    fn fingerprint(&self) -> &rag_ingest::embed::Fingerprint {
+        self.inner.fingerprint()
+    }
+
+    fn max_input_tokens(&self) -> usize {
+        rag_ingest::embed::Embedder::max_input_tokens(&*self.inner)
+    }
+
+    fn embed(
+        &self,
+        texts: Vec<String>,
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<f32>>, rag_ingest::embed::EmbedError>> + Send
+    {
+        self.count(&texts);
+        self.inner.embed(texts)
+    }
+
+    fn embed_with_usage(
+        &self,
+        texts: Vec<String>,
+    ) -> impl std::future::Future<
+        Output = Result<(Vec<Vec<f32>>, rag_ingest::embed::Usage), rag_ingest::embed::EmbedError>,
+    > + Send {
+        self.count(&texts);
+        self.inner.embed_with_usage(texts)
+    }
+}
+
+/// The Qdrant server of the server-side store tests (`QDRANT_URL`, gRPC), or `None` after
+/// printing a loud `SKIPPED` line to stderr naming `test`.
+pub fn qdrant_url_or_skip(test: &str) -> Option<String> {
+    match std::env::var("QDRANT_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "SKIPPED: QDRANT_URL not set — {test} did not run against a Qdrant server \
+                 (set QDRANT_URL=http://127.0.0.1:6334 and optionally QDRANT_API_KEY)"
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! `rag-ingest doctor`: checks a pipeline's config, broker, model and store one by one and
+//! says how to fix what fails.
+
+use std::path::Path;
+
+use crate::config::PipelineConfig;
+use crate::embed::Embedder;
+use crate::queue::Topology;
+use crate::setup;
+
+/// The outcome of one check.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// Short name: `config`, `broker`, `model`, `store`.
+    pub name: &'static str,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it (failed checks only).
+    pub hint: Option<String>,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
+        Check {
+            name,
+            ok: true,
+            detail: detail.into(),
+            hint: None,
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
+        Check {
+            name,
+            ok: false,
+            detail: detail.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    /// One line: `✓ name: detail` or `✗ name: detail (fix: hint)`.
+    pub fn line(&self) -> String {
+        match &self.hint {
+            None => format!("✓ {}: {}", self.name, self.detail),
+            Some(h) => format!("✗ {}: {}\n    fix: {h}", self.name, self.detail),
+        }
+    }
+}
+
+/// Runs every check for the pipeline file at `path`. Never fails: each problem is a failed
+/// [`Check`]. Checks that depend on a failed one are skipped.
+pub async fn run(path: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let config = match PipelineConfig::load(path) {
+        Ok(c) => {
+            checks.push(Check::pass("config", format!("{} is valid", path.display())));
+            c
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "config",
+                e.to_string(),
+                "correct the named field (every field is documented in the README's configuration reference)",
+            ));
+            return checks;
+        }
+    };
+    checks.push(broker(&config).await);
+    let embedder = match setup::embedder(&config) {
+        Ok(e) => e,
+        Err(e) => {
+            checks.push(Check::fail(
+                "model",
+                e.to_string(),
+                "run scripts/fetch-model.sh, or point embedder.model_dir (or RAG_INGEST_MODEL_DIR) at a sentence-transformers model directory; for a remote provider set the variable named by embedder.api_key_env",
+            ));
+            return checks;
+        }
+    };
+    checks.push(model(&embedder).await);
+    checks.push(store(&config, embedder.fingerprint()).await);
+    checks
+}
+
+async fn broker(config: &PipelineConfig) -> Check {
+    let url = config.redacted_amqp_url();
+    let conn = match lapin::Connection::connect(
+        &config.broker.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return Check::fail(
+                "broker",
+                format!("cannot connect to {url}: {e}"),
+                "start RabbitMQ (scripts/ensure-rabbitmq.sh) or fix broker.url / RAG_INGEST_AMQP_URL",
+            );
+        }
+    };
+    let topology = Topology::new(config);
+    let result = match conn.create_channel().await {
+        Ok(ch) => topology.declare(&ch).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let _ = conn.close(200, "doctor".into()).await;
+    match result {
+        Ok(()) => Check::pass(
+            "broker",
+            format!("{url}: topology of {} is in place", topology.main_queue()),
+        ),
+        Err(e) => Check::fail(
+            "broker",
+            e,
+            "see the README's queue topology section for migrating queues declared with other arguments",
+        ),
+    }
+}
+
+async fn model(embedder: &crate::embed::AnyEmbedder) -> Check {
+    let fp = embedder.fingerprint().id();
+    match embedder
+        .embed(vec!["rag-ingest doctor checks the model.".to_string()])
+        .await
+    {
+        Ok(v) if v.len() == 1 && v[0].len() == embedder.fingerprint().dims => {
+            Check::pass("model", format!("{fp} embedded a test sentence"))
+        }
+        Ok(v) => Check::fail(
+            "model",
+            format!(
+                "{fp} returned {} vector(s) of {} dimension(s)",
+                v.len(),
+                v.first().map_or(0, Vec::len)
+            ),
+            "the model directory is inconsistent: fetch it again with scripts/fetch-model.sh",
+        ),
+        Err(e) => Check::fail(
+            "model",
+            e.to_string(),
+            "check the model files and available memory",
+        ),
+    }
+}
+
+async fn store(config: &PipelineConfig, fingerprint: &crate::embed::Fingerprint) -> Check {
+    match setup::open_vector_store(config, fingerprint).await {
+        Ok(_) => Check::pass(
+            "store",
+            format!(
+                "collection {} opens with embedder {}",
+                config.store.collection,
+                fingerprint.id()
+            ),
+        ),
+        Err(e) => Check::fail(
+            "store",
+            e.to_string(),
+            "a fingerprint mismatch needs another store.collection (or re-ingesting into a new one); a lock error means a worker holds the embedded store — stop it or check a running worker's /readyz instead",
+        ),
+    }
+}

@@ -1,0 +1,778 @@
+//! A BERT encoder forward pass for CPU inference, written for speed on few cores.
+//!
+//! It computes the same function as candle-transformers' `BertModel` (post-layer-norm BERT,
+//! exact erf GELU, absolute position embeddings) followed by mean pooling and L2
+//! normalisation, with these differences in how:
+//!
+//! - no padding: the tokens of all sequences of a batch are packed into one matrix, so the
+//!   linear layers only see real tokens, and attention runs per sequence over exactly its own
+//!   tokens (what a padding mask of `f32::MIN` computes, without the masked work);
+//! - the weights stay in candle's memory layout and are multiplied with gemm (candle's own
+//!   matrix multiplication backend) called directly, with strides instead of copies: Q, K and
+//!   V come from one fused matrix multiplication and attention reads them in place;
+//! - `1/sqrt(head_dim)` is folded into the query weights and bias at load time;
+//! - bias adds and residual connections are folded into the matrix multiplications (the
+//!   destination starts as `bias + residual` and the product is accumulated into it);
+//! - softmax, GELU and layer norm are vectorised loops (compiled for AVX2 + FMA when the CPU
+//!   has them), with polynomial `exp` and `erf` accurate to about 1e-7;
+//! - the two levels of parallelism are explicit: matrix multiplications of the linear layers
+//!   use every thread, attention runs one (sequence, head) per task on rayon's pool.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{Config, HiddenAct};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
+const ROWS_PER_TASK: usize = 32;
+
+/// One token sequence of a batch, as the tokenizer produced it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sequence<'a> {
+    /// Token ids.
+    pub ids: &'a [u32],
+    /// Token type (segment) ids, as many as `ids`.
+    pub type_ids: &'a [u32],
+}
+
+/// A BERT encoder with mean pooling, its weights in memory as `f32`.
+pub(crate) struct Bert {
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    max_positions: usize,
+    eps: f32,
+    /// `vocab_size × hidden`.
+    word_embeddings: Vec<f32>,
+    /// `max_positions × hidden`.
+    position_embeddings: Vec<f32>,
+    /// `type_vocab_size × hidden`.
+    token_type_embeddings: Vec<f32>,
+    embeddings_norm: Norm,
+    layers: Vec<Layer>,
+    /// Activation buffers kept from the last call.
+    buffers: Mutex<Option<Buffers>>,
+}
+
+/// Activations of one forward pass.
+#[derive(Default)]
+struct Buffers {
+    /// Hidden states, `tokens × hidden`.
+    x: Vec<f32>,
+    /// Q, K and V, `tokens × 3·hidden`.
+    qkv: Vec<f32>,
+    /// Attention context, `tokens × hidden`.
+    context: Vec<f32>,
+    /// Hidden states after attention, `tokens × hidden`.
+    attended: Vec<f32>,
+    /// Feed-forward activations, `tokens × intermediate`.
+    inter: Vec<f32>,
+}
+
+/// A linear layer `y = x Wᵀ + b`; `weight` is `out × in`, row-major (the safetensors layout).
+struct Linear {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+/// Layer norm parameters.
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+/// One encoder layer.
+struct Layer {
+    /// Q, K and V stacked (`3·hidden × hidden`); Q pre-scaled by `1/sqrt(head_dim)`.
+    qkv: Linear,
+    attention_output: Linear,
+    attention_norm: Norm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: Norm,
+}
+
+impl Bert {
+    /// Loads the weights of a BERT model from a safetensors file (tensor names as exported
+    /// by Hugging Face `BertModel`, optionally prefixed with `bert.`).
+    ///
+    /// # Errors
+    ///
+    /// A message if the file cannot be read, a tensor is missing or has the wrong shape, or
+    /// the config asks for something this implementation does not do (activation other
+    /// than exact GELU, heads not dividing the hidden size).
+    pub(crate) fn load(path: &Path, config: &Config) -> Result<Self, String> {
+        if !matches!(config.hidden_act, HiddenAct::Gelu) {
+            return Err(format!(
+                "unsupported hidden_act {:?}: only exact (erf) gelu is implemented",
+                config.hidden_act
+            ));
+        }
+        let hidden = config.hidden_size;
+        let heads = config.num_attention_heads;
+        if heads == 0 || hidden == 0 || hidden % heads != 0 {
+            return Err(format!(
+                "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            ));
+        }
+        let head_dim = hidden / heads;
+        let intermediate = config.intermediate_size;
+
+        // SAFETY: the file is memory-mapped only while the weights are copied out (the
+        // VarBuilder is dropped at the end of this function); like every mmap user we rely
+        // on nobody truncating model.safetensors during those moments.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
+            .map_err(|e| e.to_string())?;
+        // Exports of `BertModel` name tensors `embeddings.*`; exports of BERT pre-training
+        // heads (`BertForMaskedLM`, ...) prefix them with `bert.`.
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let get = |shape: (usize, usize), name: &str| -> Result<Vec<f32>, String> {
+            vb.get(shape, name)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let get1 = |size: usize, name: &str| -> Result<Vec<f32>, String> {
+            vb.get(size, name)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let norm = |prefix: &str| -> Result<Norm, String> {
+            Ok(Norm {
+                gamma: get1(hidden, &format!("{prefix}.LayerNorm.weight"))?,
+                beta: get1(hidden, &format!("{prefix}.LayerNorm.bias"))?,
+            })
+        };
+        let linear = |name: &str, outputs: usize, inputs: usize| -> Result<Linear, String> {
+            Ok(Linear {
+                weight: get((outputs, inputs), &format!("{name}.weight"))?,
+                bias: get1(outputs, &format!("{name}.bias"))?,
+                inputs,
+                outputs,
+            })
+        };
+
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let mut query = linear(&format!("{p}.attention.self.query"), hidden, hidden)?;
+            query.weight.iter_mut().for_each(|w| *w *= scale);
+            query.bias.iter_mut().for_each(|b| *b *= scale);
+            let key = linear(&format!("{p}.attention.self.key"), hidden, hidden)?;
+            let value = linear(&format!("{p}.attention.self.value"), hidden, hidden)?;
+            let qkv = Linear {
+                weight: [query.weight, key.weight, value.weight].concat(),
+                bias: [query.bias, key.bias, value.bias].concat(),
+                inputs: hidden,
+                outputs: 3 * hidden,
+            };
+            layers.push(Layer {
+                qkv,
+                attention_output: linear(&format!("{p}.attention.output.dense"), hidden, hidden)?,
+                attention_norm: norm(&format!("{p}.attention.output"))?,
+                intermediate: linear(&format!("{p}.intermediate.dense"), intermediate, hidden)?,
+                output: linear(&format!("{p}.output.dense"), hidden, intermediate)?,
+                output_norm: norm(&format!("{p}.output"))?,
+            });
+        }
+        Ok(Self {
+            hidden,
+            heads,
+            head_dim,
+            intermediate,
+            max_positions: config.max_position_embeddings,
+            eps: config.layer_norm_eps as f32,
+            word_embeddings: get(
+                (config.vocab_size, hidden),
+                "embeddings.word_embeddings.weight",
+            )?,
+            position_embeddings: get(
+                (config.max_position_embeddings, hidden),
+                "embeddings.position_embeddings.weight",
+            )?,
+            token_type_embeddings: get(
+                (config.type_vocab_size, hidden),
+                "embeddings.token_type_embeddings.weight",
+            )?,
+            embeddings_norm: norm("embeddings")?,
+            layers,
+            buffers: Mutex::new(None),
+        })
+    }
+
+    /// Mean-pooled, L2-normalised embeddings of `sequences`, in order.
+    ///
+    /// # Errors
+    ///
+    /// A message if a sequence is longer than the position embeddings, its type ids do not
+    /// match its ids, or a token id is outside the vocabulary.
+    pub(crate) fn embed(&self, sequences: &[Sequence<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        let mut starts = Vec::with_capacity(sequences.len() + 1);
+        starts.push(0);
+        for s in sequences {
+            if s.ids.len() > self.max_positions {
+                return Err(format!(
+                    "sequence of {} tokens is longer than the model's {} positions",
+                    s.ids.len(),
+                    self.max_positions
+                ));
+            }
+            if s.type_ids.len() != s.ids.len() {
+                return Err("token type ids and token ids differ in length".to_owned());
+            }
+            starts.push(starts[starts.len() - 1] + s.ids.len());
+        }
+        let tokens = starts[starts.len() - 1];
+        let h = self.hidden;
+
+        // Buffers of an earlier call, if any (a concurrent call allocates its own): reusing
+        // them saves the page faults of fresh allocations. Every element is written before
+        // it is read, so old contents do not matter.
+        let mut buffers = self
+            .buffers
+            .lock()
+            .ok()
+            .and_then(|mut cached| cached.take())
+            .unwrap_or_default();
+        let Buffers {
+            x,
+            qkv,
+            context,
+            attended,
+            inter,
+        } = &mut buffers;
+        x.resize(tokens * h, 0.0);
+        qkv.resize(tokens * 3 * h, 0.0);
+        context.resize(tokens * h, 0.0);
+        attended.resize(tokens * h, 0.0);
+        inter.resize(tokens * self.intermediate, 0.0);
+        self.embeddings(sequences, x)?;
+        for layer in &self.layers {
+            // Q, K, V for every token.
+            layer.qkv.forward(x, qkv, None);
+            self.attention(qkv, &starts, context);
+            // attended = LayerNorm(x + context Woᵀ + bo)
+            layer.attention_output.forward(context, attended, Some(x));
+            layer_norm_rows(attended, &layer.attention_norm, self.eps);
+            // x = LayerNorm(attended + GELU(attended Wiᵀ + bi) Woᵀ + bo)
+            layer.intermediate.forward(attended, inter, None);
+            gelu_rows(inter, self.intermediate);
+            layer.output.forward(inter, x, Some(attended));
+            layer_norm_rows(x, &layer.output_norm, self.eps);
+        }
+        let vectors = starts
+            .windows(2)
+            .map(|w| mean_pool_normalised(&x[w[0] * h..w[1] * h], h))
+            .collect();
+        if let Ok(mut cached) = self.buffers.lock() {
+            *cached = Some(buffers);
+        }
+        Ok(vectors)
+    }
+
+    /// Word + token type + position embeddings, layer-normalised, into `x`
+    /// (`tokens × hidden`).
+    fn embeddings(&self, sequences: &[Sequence<'_>], x: &mut [f32]) -> Result<(), String> {
+        let h = self.hidden;
+        let vocab = self.word_embeddings.len() / h;
+        let types = self.token_type_embeddings.len() / h;
+        let mut rows = Vec::with_capacity(x.len() / h);
+        for s in sequences {
+            for (position, (&id, &type_id)) in s.ids.iter().zip(s.type_ids).enumerate() {
+                let (id, type_id) = (id as usize, type_id as usize);
+                if id >= vocab || type_id >= types {
+                    return Err(format!("token id {id} / type id {type_id} out of range"));
+                }
+                rows.push((id, type_id, position));
+            }
+        }
+        x.par_chunks_mut(ROWS_PER_TASK * h)
+            .zip(rows.par_chunks(ROWS_PER_TASK))
+            .for_each(|(out, rows)| {
+                for (out, &(id, type_id, position)) in out.chunks_exact_mut(h).zip(rows) {
+                    let word = &self.word_embeddings[id * h..(id + 1) * h];
+                    let kind = &self.token_type_embeddings[type_id * h..(type_id + 1) * h];
+                    let pos = &self.position_embeddings[position * h..(position + 1) * h];
+                    for (((o, w), k), p) in out.iter_mut().zip(word).zip(kind).zip(pos) {
+                        *o = (w + k) + p;
+                    }
+                }
+                layer_norm_rows_serial(out, &self.embeddings_norm, self.eps);
+            });
+        Ok(())
+    }
+
+    /// Multi-head self-attention of each sequence over its own tokens: reads Q, K and V from
+    /// `qkv` (`tokens × 3·hidden`), writes the per-head contexts side by side into `context`
+    /// (`tokens × hidden`).
+    fn attention(&self, qkv: &[f32], starts: &[usize], context: &mut [f32]) {
+        let (h, d) = (self.hidden, self.head_dim);
+        let mut per_sequence = Vec::with_capacity(starts.len().saturating_sub(1));
+        let mut rest = context;
+        for w in starts.windows(2) {
+            let (this, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) * h);
+            per_sequence.push((w[0], w[1] - w[0], this));
+            rest = tail;
+        }
+        per_sequence.into_par_iter().for_each(|(start, len, out)| {
+            let heads: Vec<Vec<f32>> = (0..self.heads)
+                .into_par_iter()
+                .map_init(Vec::new, |scores, head| {
+                    attention_head(qkv, h, d, start, len, head, scores)
+                })
+                .collect();
+            for (head, values) in heads.iter().enumerate() {
+                for (row, v) in out.chunks_exact_mut(h).zip(values.chunks_exact(d)) {
+                    row[head * d..(head + 1) * d].copy_from_slice(v);
+                }
+            }
+        });
+    }
+}
+
+/// One head of one sequence: `softmax(Q Kᵀ) V` (`len × head_dim`, row-major), with Q already
+/// scaled. `scores` is scratch space.
+fn attention_head(
+    qkv: &[f32],
+    hidden: usize,
+    d: usize,
+    start: usize,
+    len: usize,
+    head: usize,
+    scores: &mut Vec<f32>,
+) -> Vec<f32> {
+    let stride = 3 * hidden;
+    let base = start * stride + head * d;
+    scores.clear();
+    scores.resize(len * len, 0.0);
+    // scores (len × len) = Q (len × d) · Kᵀ (d × len)
+    matmul(
+        Dst {
+            data: scores,
+            offset: 0,
+            rs: len,
+        },
+        Src {
+            data: qkv,
+            offset: base,
+            rs: stride,
+            cs: 1,
+        },
+        Src {
+            data: qkv,
+            offset: base + hidden,
+            rs: 1,
+            cs: stride,
+        },
+        (len, len, d),
+        false,
+        Parallelism::None,
+    );
+    softmax_rows(scores, len);
+    let mut out = vec![0.0; len * d];
+    // out (len × d) = P (len × len) · V (len × d)
+    matmul(
+        Dst {
+            data: &mut out,
+            offset: 0,
+            rs: d,
+        },
+        Src {
+            data: scores,
+            offset: 0,
+            rs: len,
+            cs: 1,
+        },
+        Src {
+            data: qkv,
+            offset: base + 2 * hidden,
+            rs: stride,
+            cs: 1,
+        },
+        (len, d, len),
+        false,
+        Parallelism::None,
+    );
+    out
+}
+
+impl Linear {
+    /// `out = x Wᵀ + b (+ residual)` for every row of `x` (`rows × inputs`); `out` is
+    /// `rows × outputs`.
+    fn forward(&self, x: &[f32], out: &mut [f32], residual: Option<&[f32]>) {
+        let rows = x.len() / self.inputs;
+        let n = self.outputs;
+        match residual {
+            Some(residual) => out
+                .par_chunks_mut(ROWS_PER_TASK * n)
+                .zip(residual.par_chunks(ROWS_PER_TASK * n))
+                .for_each(|(out, residual)| {
+                    for (out, residual) in out.chunks_exact_mut(n).zip(residual.chunks_exact(n)) {
+                        for ((o, r), b) in out.iter_mut().zip(residual).zip(&self.bias) {
+                            *o = r + b;
+                        }
+                    }
+                }),
+            None => out.par_chunks_mut(ROWS_PER_TASK * n).for_each(|out| {
+                for out in out.chunks_exact_mut(n) {
+                    out.copy_from_slice(&self.bias);
+                }
+            }),
+        }
+        matmul(
+            Dst {
+                data: out,
+                offset: 0,
+                rs: n,
+            },
+            Src {
+                data: x,
+                offset: 0,
+                rs: self.inputs,
+                cs: 1,
+            },
+            Src {
+                data: &self.weight,
+                offset: 0,
+                rs: 1,
+                cs: self.inputs,
+            },
+            (rows, n, self.inputs),
+            true,
+            Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// A row-major destination matrix inside `data`, starting at `offset`, rows `rs` apart.
+struct Dst<'a> {
+    data: &'a mut [f32],
+    offset: usize,
+    rs: usize,
+}
+
+/// A source matrix inside `data`, starting at `offset`, rows `rs` and columns `cs` apart.
+struct Src<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Src<'_> {
+    /// Whether a `rows × cols` matrix with these strides fits in `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m × n) = [dst +] lhs (m × k) · rhs (k × n)`.
+///
+/// # Panics
+///
+/// If a matrix does not fit in its slice (a bug in this module, never caused by input).
+fn matmul(
+    dst: Dst<'_>,
+    lhs: Src<'_>,
+    rhs: Src<'_>,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dst_fits = dst.offset + (m - 1) * dst.rs + n <= dst.data.len();
+    assert!(
+        dst_fits && lhs.fits(m, k) && rhs.fits(k, n),
+        "matrix out of bounds"
+    );
+    let as_stride = |s: usize| isize::try_from(s).unwrap_or(isize::MAX);
+    // SAFETY: the assertion above keeps every element gemm touches inside its slice; `dst`
+    // is borrowed mutably, so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr().add(dst.offset),
+            1,
+            as_stride(dst.rs),
+            accumulate,
+            lhs.data.as_ptr().add(lhs.offset),
+            as_stride(lhs.cs),
+            as_stride(lhs.rs),
+            rhs.data.as_ptr().add(rhs.offset),
+            as_stride(rhs.cs),
+            as_stride(rhs.rs),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Mean of the rows of `x` (`rows × hidden`), L2-normalised; the clamps follow
+/// sentence-transformers (mean over at least 1e-9 tokens) and `torch.nn.functional.normalize`.
+fn mean_pool_normalised(x: &[f32], hidden: usize) -> Vec<f32> {
+    let rows = x.len() / hidden;
+    let mut sum = vec![0.0f32; hidden];
+    for row in x.chunks_exact(hidden) {
+        for (s, v) in sum.iter_mut().zip(row) {
+            *s += v;
+        }
+    }
+    let count = (rows as f32).max(1e-9);
+    let mean: Vec<f32> = sum.iter().map(|s| s / count).collect();
+    let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    mean.iter().map(|v| v / norm).collect()
+}
+
+/// Compiles `$body` (an `#[inline(always)]` function) a second time with AVX2 and FMA enabled
+/// and picks that copy at run time when the CPU supports them.
+macro_rules! simd_kernel {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) = $body:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+simd_kernel! {
+    /// Softmax of each `width`-long row of `x`, in place.
+    fn softmax_rows(x: &mut [f32], width: usize) = softmax_rows_body
+}
+
+simd_kernel! {
+    /// Layer norm of each row of `x` (as long as `norm.gamma`), in place, single-threaded.
+    fn layer_norm_rows_serial(x: &mut [f32], norm: &Norm, eps: f32) = layer_norm_rows_body
+}
+
+simd_kernel! {
+    /// Exact (erf) GELU of every element of `x`, in place, single-threaded.
+    fn gelu_serial(x: &mut [f32]) = gelu_body
+}
+
+/// Layer norm of each row of `x`, in place, in parallel.
+fn layer_norm_rows(x: &mut [f32], norm: &Norm, eps: f32) {
+    let h = norm.gamma.len();
+    x.par_chunks_mut(ROWS_PER_TASK * h)
+        .for_each(|rows| layer_norm_rows_serial(rows, norm, eps));
+}
+
+/// Exact GELU of every element of `x` (`rows × width`), in place, in parallel.
+fn gelu_rows(x: &mut [f32], width: usize) {
+    x.par_chunks_mut(ROWS_PER_TASK * width)
+        .for_each(gelu_serial);
+}
+
+/// Lanes of the vectorised reductions: independent accumulators the compiler keeps in one
+/// (or two) SIMD registers.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+fn softmax_rows_body(x: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(width) {
+        let m = max(row);
+        for v in row.iter_mut() {
+            *v = exp(*v - m);
+        }
+        let inv = 1.0 / sum(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+#[inline(always)]
+fn layer_norm_rows_body(x: &mut [f32], norm: &Norm, eps: f32) {
+    let h = norm.gamma.len();
+    if h == 0 {
+        return;
+    }
+    let n = h as f32;
+    for row in x.chunks_exact_mut(h) {
+        let mean = sum(row) / n;
+        for v in row.iter_mut() {
+            *v -= mean;
+        }
+        let mut acc = [0.0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *a += v * v;
+            }
+        }
+        let var = (acc.iter().sum::<f32>() + tail) / n;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(&norm.gamma).zip(&norm.beta) {
+            *v = *v * inv_std * g + b;
+        }
+    }
+}
+
+#[inline(always)]
+fn gelu_body(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = (erf(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v;
+    }
+}
+
+/// `e^x` for `x ≤ 0` (softmax inputs after subtracting the row maximum), relative error
+/// about 1e-7; branch-free so that loops over it vectorise (Cephes' `expf` polynomial).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // n is an integer in [-126, 0], so n + 127 fits the exponent field; adding 2^23 puts it
+    // in the low mantissa bits, from where the shift moves it into the exponent (this stays
+    // vectorised, unlike a saturating `as i32` cast).
+    let biased = (n + 127.0 + 8_388_608.0).to_bits() << 23;
+    y * f32::from_bits(biased)
+}
+
+/// `erf(x)`, absolute error below 1e-7: the rational approximation of Eigen's and XLA's
+/// `erf` for `f32` (odd degree-13 numerator over even degree-8 denominator on [-4, 4]).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10;
+    p = p * x2 + 2.770_681_4e-8;
+    p = p * x2 + -2.101_024e-6;
+    p = p * x2 + -5.692_506_4e-5;
+    p = p * x2 + -7.349_906_3e-4;
+    p = p * x2 + -2.954_600e-3;
+    p = p * x2 + -1.609_603_3e-2;
+    let p = p * x;
+    let mut q = -1.456_607_2e-5;
+    q = q * x2 + -2.133_740_6e-4;
+    q = q * x2 + -1.682_827e-3;
+    q = q * x2 + -7.373_329e-3;
+    q = q * x2 + -1.426_474e-2;
+    p / q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        for i in 0..=20_000 {
+            let x = -(i as f32) * 4e-3;
+            let (got, want) = (exp(x), f64::from(x).exp());
+            assert!(
+                (f64::from(got) / want - 1.0).abs() < 3e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        // Reference values of erf (from a float64 implementation).
+        let cases = [
+            (0.0, 0.0),
+            (0.1, 0.112_462_916_018_284_9),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (1.5, 0.966_105_146_475_310_7),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.0, 0.999_977_909_503_001_4),
+            (5.0, 1.0),
+        ];
+        for (x, want) in cases {
+            for (x, want) in [(x, want), (-x, -want)] {
+                let got = f64::from(erf(x as f32));
+                assert!((got - want).abs() < 2e-7, "erf({x}) = {got}, want {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let want: Vec<f64> = {
+            let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let e: Vec<f64> = x.iter().map(|&v| f64::from(v - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        softmax_rows(&mut x, 40);
+        for (got, want) in x.iter().zip(want) {
+            assert!((f64::from(*got) - want).abs() < 1e-7);
+        }
+    }
+}

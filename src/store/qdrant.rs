@@ -1,0 +1,1087 @@
+//! [`QdrantStore`]: the [`VectorStore`] backed by a Qdrant server through `qdrant-client` 1.20
+//! (gRPC, port 6334 by default).
+//!
+//! Collection bootstrap ([`QdrantStore::open`]):
+//! - a missing collection is created with one unnamed dense vector of the embedder's size and
+//!   cosine distance, and with the embedder [`Fingerprint`] in the collection's *metadata*
+//!   under the key [`FINGERPRINT_METADATA_KEY`] (collection metadata needs a Qdrant server
+//!   ≥ 1.16). Creation and recording are one request, so there is no window in which the
+//!   collection exists without its fingerprint; a concurrent creator is tolerated
+//!   (`AlreadyExists` is not an error);
+//! - keyword payload indexes on `tenant_id` (`is_tenant`), `document_id` and `content_sha256`,
+//!   and integer indexes on `version` and `chunk_count`, are created if missing (`wait=true`).
+//!   Metadata filters use `metadata.<key>`, which is not indexed: a server in strict mode
+//!   (`unindexed_filtering_retrieve = false`) needs a keyword index on each key searched by;
+//! - the collection's vector size and distance, and the recorded fingerprint, are compared
+//!   with the embedder's. Any difference is [`StoreError::FingerprintMismatch`] (saying what
+//!   differs); a collection without a recorded fingerprint (not created by rag-ingest, or a
+//!   server too old to keep collection metadata) is refused with [`StoreError::Rejected`].
+//!
+//! Requests: every write uses `wait=true`, so it returns once applied and visible. Upserts are
+//! split by [`BatchLimits`], measured exactly as protobuf-encoded bytes (the server refuses
+//! requests above `service.max_request_size_mb`, 32 MiB by default). Each request is retried
+//! in process with exponential backoff and jitter (`backon`) on transient failures only:
+//! gRPC `Unavailable`, `DeadlineExceeded`, `ResourceExhausted` (honouring the server's
+//! `retry-after` when it fits within the backoff ceiling) and `Aborted`, plus the client's own
+//! "Failed to connect" error (which `qdrant-client` reports as `Internal` although it means
+//! the server is unreachable). `InvalidArgument`, `NotFound` and every other code fail at once.
+//!
+//! Error mapping: the retryable failures above and `Internal`, `Unknown`, `Cancelled` and
+//! `DataLoss` become [`StoreError::Unavailable`] (the queue retries the message later);
+//! everything else [`StoreError::Rejected`]. Messages carry the gRPC code and message but never
+//! the request metadata, so the API key never appears in errors or logs.
+//!
+//! Payloads: the [`ChunkPayload`] fields are stored at the top level of the point payload,
+//! converted from JSON (integers as 64-bit signed integers; versions above
+//! [`MAX_VERSION`](super::MAX_VERSION) are refused rather than silently turned into floats).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use qdrant_client::qdrant::r#match::MatchValue;
+use qdrant_client::qdrant::{
+    Condition, CountPoints, CreateCollection, CreateFieldIndexCollection, DeletePoints, Distance,
+    FieldType, Filter, GetPoints, KeywordIndexParams, PayloadIndexParams, PointId, PointStruct,
+    PointsSelector, Query, QueryPoints, SetPayloadPoints, UpsertPoints, Value as QValue,
+    VectorParams, VectorsConfig, payload_index_params, point_id::PointIdOptions, vectors_config,
+};
+use qdrant_client::{Qdrant, QdrantError};
+use tonic::Code;
+use tracing::warn;
+
+use super::{
+    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
+    StoreError, VectorStore, check_version, point_id, split_batches,
+};
+use crate::embed::Fingerprint;
+use crate::tenant::TenantId;
+
+/// Collection metadata key holding the embedder [`Fingerprint`] (a JSON object with `model`,
+/// `dims`, `pooling` and `normalized`).
+pub const FINGERPRINT_METADATA_KEY: &str = "rag_ingest_embedder";
+
+/// Payload fields with a keyword index, and whether each is the tenant key.
+const KEYWORD_INDEXES: [(&str, bool); 3] = [
+    ("tenant_id", true),
+    ("document_id", false),
+    ("content_sha256", false),
+];
+
+/// Integer payload fields the lifecycle filters on (indexed so that deletes and relabels also
+/// work on servers in strict mode, which refuse filters on unindexed fields).
+const INTEGER_INDEXES: [&str; 2] = ["version", "chunk_count"];
+
+/// Bytes an upsert request needs besides its points (collection name is added separately):
+/// field tags, the `wait` flag and slack for optional fields.
+const UPSERT_OVERHEAD: usize = 64;
+
+/// How to reach a Qdrant server and how hard to try.
+#[derive(Clone)]
+pub struct QdrantOptions {
+    /// gRPC URL, e.g. `http://127.0.0.1:6334` (`https://` for TLS).
+    pub url: String,
+    /// API key sent with every request, if the server needs one. Never logged or shown:
+    /// this type's `Debug` prints `***` instead.
+    pub api_key: Option<String>,
+    /// Deadline of one request (also bounds `wait=true` writes).
+    pub timeout: Duration,
+    /// Deadline for establishing a connection.
+    pub connect_timeout: Duration,
+    /// In-process retries of one request on transient failures (0 = none).
+    pub retries: usize,
+    /// First retry delay (doubles each time, with jitter).
+    pub backoff_min: Duration,
+    /// Largest retry delay; a server `retry-after` above it ends the retries.
+    pub backoff_max: Duration,
+    /// Caps on one upsert request.
+    pub limits: BatchLimits,
+}
+
+impl QdrantOptions {
+    /// Options for `url` with the defaults: no API key, 10 s request and 5 s connect timeout,
+    /// 3 retries from 100 ms to 2 s, default [`BatchLimits`].
+    pub fn new(url: impl Into<String>) -> Self {
+        QdrantOptions {
+            url: url.into(),
+            api_key: None,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            retries: 3,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            limits: BatchLimits::default(),
+        }
+    }
+}
+
+impl fmt::Debug for QdrantOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QdrantOptions")
+            .field("url", &crate::config::redact_url(&self.url))
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("retries", &self.retries)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// A [`VectorStore`] in one collection of a Qdrant server (see the module documentation).
+pub struct QdrantStore {
+    client: Qdrant,
+    collection: String,
+    dims: usize,
+    /// The URL with any password redacted, for error messages.
+    url: String,
+    retries: usize,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    limits: BatchLimits,
+}
+
+impl fmt::Debug for QdrantStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QdrantStore")
+            .field("url", &self.url)
+            .field("collection", &self.collection)
+            .field("dims", &self.dims)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QdrantStore {
+    /// Connects to the server `options` names and opens the collection `collection`, creating
+    /// it if missing (see the module documentation for what is created and checked).
+    ///
+    /// Fails with [`StoreError::FingerprintMismatch`] if the collection was created for another
+    /// embedder (or has another vector size or distance); [`StoreError::Rejected`] if
+    /// `collection` is not a plain name (`[A-Za-z0-9_.-]`, 1 to 255 characters), the URL is
+    /// invalid, `fingerprint.dims` is 0, the collection has no recorded fingerprint or the
+    /// server refuses a request (e.g. a wrong API key); [`StoreError::Unavailable`] if the
+    /// server cannot be reached within the retries.
+    pub async fn open(
+        options: &QdrantOptions,
+        collection: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Self, StoreError> {
+        if fingerprint.dims == 0 {
+            return Err(StoreError::Rejected(
+                "embedder fingerprint has 0 dimensions".to_owned(),
+            ));
+        }
+        check_collection_name(collection)?;
+        let url = crate::config::redact_url(&options.url);
+        if !(options.url.starts_with("http://") || options.url.starts_with("https://")) {
+            return Err(StoreError::Rejected(format!(
+                "Qdrant URL {url:?} must start with http:// or https://"
+            )));
+        }
+        let mut builder = Qdrant::from_url(&options.url)
+            .timeout(options.timeout)
+            .connect_timeout(options.connect_timeout)
+            .skip_compatibility_check();
+        if let Some(key) = &options.api_key {
+            builder.set_api_key(key);
+        }
+        let client = builder.build().map_err(|e| match e {
+            QdrantError::InvalidUri(e) => {
+                StoreError::Rejected(format!("Qdrant URL {url:?} is not a valid URI: {e}"))
+            }
+            other => StoreError::Rejected(format!(
+                "cannot build a Qdrant client for {url}: {}",
+                describe(&other)
+            )),
+        })?;
+        let store = QdrantStore {
+            client,
+            collection: collection.to_owned(),
+            dims: fingerprint.dims,
+            url,
+            retries: options.retries,
+            backoff_min: options.backoff_min,
+            backoff_max: options.backoff_max.max(options.backoff_min),
+            limits: BatchLimits {
+                max_points: options.limits.max_points.max(1),
+                max_bytes: options.limits.max_bytes.max(1),
+            },
+        };
+        store.bootstrap(fingerprint).await?;
+        Ok(store)
+    }
+
+    /// The collection this store writes to.
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    /// The write caps this store splits upserts by.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    /// The fingerprint recorded in the collection's metadata, `None` if the collection has
+    /// none.
+    ///
+    /// Fails with [`StoreError::Rejected`] if the collection does not exist or the recorded
+    /// value is not a fingerprint, [`StoreError::Unavailable`] if the server cannot be reached.
+    pub async fn recorded_fingerprint(&self) -> Result<Option<Fingerprint>, StoreError> {
+        let info = self.collection_info().await?;
+        read_fingerprint(&self.collection, info.config.as_ref())
+    }
+
+    /// Deletes the whole collection (every tenant's points and the recorded fingerprint).
+    /// Meant for tests and tooling; the pipeline never calls it.
+    ///
+    /// Fails with [`StoreError::Unavailable`] or [`StoreError::Rejected`] like any request.
+    pub async fn delete_collection(&self) -> Result<(), StoreError> {
+        let name = self.collection.clone();
+        self.call("delete collection", || {
+            self.client.delete_collection(name.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Creates the collection if missing, creates missing payload indexes and checks the
+    /// recorded fingerprint and vector parameters.
+    async fn bootstrap(&self, fingerprint: &Fingerprint) -> Result<(), StoreError> {
+        let name = self.collection.clone();
+        let exists = self
+            .call("check collection", || {
+                self.client.collection_exists(name.clone())
+            })
+            .await?;
+        if !exists {
+            self.create_collection(fingerprint).await?;
+        }
+
+        let info = self.collection_info().await?;
+        let config = info.config.as_ref();
+        match read_fingerprint(&self.collection, config)? {
+            Some(stored) if stored != *fingerprint => {
+                return Err(StoreError::mismatch(&self.collection, &stored, fingerprint));
+            }
+            Some(_) => {}
+            None => {
+                return Err(StoreError::Rejected(format!(
+                    "collection {} has no embedder fingerprint in its metadata (key \
+                     {FINGERPRINT_METADATA_KEY}): it was not created by rag-ingest, or the \
+                     server is older than Qdrant 1.16 and does not keep collection metadata; \
+                     use another collection name or upgrade the server",
+                    self.collection
+                )));
+            }
+        }
+        self.check_vector_params(config, fingerprint)?;
+
+        for (field, is_tenant) in KEYWORD_INDEXES {
+            if !info.payload_schema.contains_key(field) {
+                let params =
+                    payload_index_params::IndexParams::KeywordIndexParams(KeywordIndexParams {
+                        is_tenant: Some(is_tenant),
+                        ..KeywordIndexParams::default()
+                    });
+                self.create_index(field, FieldType::Keyword, Some(params))
+                    .await?;
+            }
+        }
+        for field in INTEGER_INDEXES {
+            if !info.payload_schema.contains_key(field) {
+                self.create_index(field, FieldType::Integer, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the collection with `fingerprint` in its metadata; a concurrent creation by
+    /// someone else (`AlreadyExists`) is not an error.
+    async fn create_collection(&self, fingerprint: &Fingerprint) -> Result<(), StoreError> {
+        let recorded = serde_json::to_value(fingerprint).map_err(|e| {
+            StoreError::Rejected(format!("cannot encode the embedder fingerprint: {e}"))
+        })?;
+        let request = CreateCollection {
+            collection_name: self.collection.clone(),
+            vectors_config: Some(VectorsConfig {
+                config: Some(vectors_config::Config::Params(VectorParams {
+                    size: self.dims as u64,
+                    distance: Distance::Cosine.into(),
+                    ..VectorParams::default()
+                })),
+            }),
+            metadata: HashMap::from([(
+                FINGERPRINT_METADATA_KEY.to_owned(),
+                QValue::from(recorded),
+            )]),
+            ..CreateCollection::default()
+        };
+        let result = self
+            .call_raw("create collection", || {
+                self.client.create_collection(request.clone())
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Someone else created it meanwhile; the checks that follow decide whether it fits.
+            Err(e) if status(&e).is_some_and(|s| s.code() == Code::AlreadyExists) => Ok(()),
+            Err(e) => Err(map_error(
+                "create collection",
+                &self.collection,
+                &self.url,
+                &e,
+            )),
+        }
+    }
+
+    /// Creates an index of `field_type` on `field` and waits for it.
+    async fn create_index(
+        &self,
+        field: &str,
+        field_type: FieldType,
+        params: Option<payload_index_params::IndexParams>,
+    ) -> Result<(), StoreError> {
+        let request = CreateFieldIndexCollection {
+            collection_name: self.collection.clone(),
+            wait: Some(true),
+            field_name: field.to_owned(),
+            field_type: Some(field_type.into()),
+            field_index_params: params.map(|p| PayloadIndexParams {
+                index_params: Some(p),
+            }),
+            ..CreateFieldIndexCollection::default()
+        };
+        self.call("create payload index", || {
+            self.client.create_field_index(request.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The collection's description.
+    async fn collection_info(&self) -> Result<qdrant_client::qdrant::CollectionInfo, StoreError> {
+        let name = self.collection.clone();
+        let response = self
+            .call("read collection info", || {
+                self.client.collection_info(name.clone())
+            })
+            .await?;
+        response.result.ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "the server returned no description of collection {}",
+                self.collection
+            ))
+        })
+    }
+
+    /// Fails with [`StoreError::FingerprintMismatch`] unless the collection has one unnamed
+    /// cosine vector of `fingerprint.dims` values.
+    fn check_vector_params(
+        &self,
+        config: Option<&qdrant_client::qdrant::CollectionConfig>,
+        fingerprint: &Fingerprint,
+    ) -> Result<(), StoreError> {
+        let params = config
+            .and_then(|c| c.params.as_ref())
+            .and_then(|p| p.vectors_config.as_ref())
+            .and_then(|v| v.config.as_ref());
+        let mismatch = |what: String| StoreError::FingerprintMismatch {
+            collection: self.collection.clone(),
+            stored: what.clone(),
+            expected: fingerprint.id(),
+            differs: what,
+        };
+        match params {
+            Some(vectors_config::Config::Params(p)) => {
+                if p.size != fingerprint.dims as u64 {
+                    return Err(mismatch(format!(
+                        "vector size: collection {}, configured {}",
+                        p.size, fingerprint.dims
+                    )));
+                }
+                if p.distance != i32::from(Distance::Cosine) {
+                    return Err(mismatch(format!(
+                        "distance: collection {:?}, configured Cosine",
+                        Distance::try_from(p.distance).unwrap_or(Distance::UnknownDistance)
+                    )));
+                }
+                Ok(())
+            }
+            _ => Err(mismatch(
+                "vectors: the collection has named vectors or none, rag-ingest needs one \
+                 unnamed vector"
+                    .to_owned(),
+            )),
+        }
+    }
+
+    /// The backoff of one request's in-process retries.
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_jitter()
+            .with_min_delay(self.backoff_min)
+            .with_max_delay(self.backoff_max)
+            .with_max_times(self.retries)
+    }
+
+    /// Runs the request `op` with in-process retries on transient failures (see the module
+    /// documentation); maps the final error with [`map_error`].
+    async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, QdrantError>>,
+    {
+        self.call_raw(what, op)
+            .await
+            .map_err(|e| map_error(what, &self.collection, &self.url, &e))
+    }
+
+    /// Like [`QdrantStore::call`], returning the client's error as it is.
+    async fn call_raw<T, F, Fut>(&self, what: &str, op: F) -> Result<T, QdrantError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, QdrantError>>,
+    {
+        let ceiling = self.backoff_max;
+        let collection = &self.collection;
+        op.retry(self.backoff())
+            .sleep(tokio::time::sleep)
+            .when(is_retryable)
+            .adjust(|e, delay| match (e, delay) {
+                (
+                    QdrantError::ResourceExhaustedError {
+                        retry_after_seconds,
+                        ..
+                    },
+                    Some(delay),
+                ) => {
+                    let wanted = Duration::from_secs(*retry_after_seconds);
+                    // A longer wait than the ceiling is the queue's job (delayed retry tiers).
+                    (wanted <= ceiling).then(|| delay.max(wanted))
+                }
+                (_, delay) => delay,
+            })
+            .notify(|e, delay| {
+                warn!(
+                    collection = %collection,
+                    operation = what,
+                    error = %describe(e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "Qdrant request failed transiently; retrying"
+                );
+            })
+            .await
+    }
+
+    /// Fails with [`StoreError::Dimension`] if `vector` does not have the collection's
+    /// dimension, [`StoreError::Rejected`] if it holds a NaN or infinite value.
+    fn check_vector(&self, vector: &[f32]) -> Result<(), StoreError> {
+        if vector.len() != self.dims {
+            return Err(StoreError::Dimension {
+                expected: self.dims,
+                got: vector.len(),
+            });
+        }
+        if vector.iter().any(|v| !v.is_finite()) {
+            return Err(StoreError::Rejected(
+                "vector holds a NaN or infinite value".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deletes the points matching `filter` and waits for it.
+    async fn delete_by_filter(&self, what: &str, filter: Filter) -> Result<(), StoreError> {
+        let request = DeletePoints {
+            collection_name: self.collection.clone(),
+            wait: Some(true),
+            points: Some(PointsSelector::from(filter)),
+            ..DeletePoints::default()
+        };
+        self.call(what, || self.client.delete_points(request.clone()))
+            .await?;
+        Ok(())
+    }
+}
+
+impl VectorStore for QdrantStore {
+    /// Upserts `points` with `wait=true`, in requests capped by [`BatchLimits`] (measured as
+    /// encoded protobuf), one after the other.
+    ///
+    /// Fails with [`StoreError::Dimension`] if a vector has the wrong length,
+    /// [`StoreError::Rejected`] if a vector holds NaN/infinity, a version is above
+    /// [`MAX_VERSION`](super::MAX_VERSION), a payload cannot be encoded or one point alone is
+    /// above the byte cap (nothing is written in these cases), or the server refuses a request;
+    /// [`StoreError::Unavailable`] if the server cannot be reached (earlier requests stay
+    /// written).
+    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let mut encoded = Vec::with_capacity(points.len());
+        for point in points {
+            self.check_vector(&point.vector)?;
+            check_version(point.payload.version)?;
+            let payload = encode_payload(&point.payload)?;
+            let point = PointStruct {
+                id: Some(uuid_point_id(point.id)),
+                payload,
+                vectors: Some(point.vector.into()),
+            };
+            let len = prost::Message::encoded_len(&point);
+            // Field tag plus length prefix of the repeated `points` entry.
+            let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            encoded.push((size, point));
+        }
+        let overhead = UPSERT_OVERHEAD + self.collection.len();
+        let batches = split_batches(encoded, overhead, self.limits, |(size, _)| *size)?;
+        for batch in batches {
+            let request = UpsertPoints {
+                collection_name: self.collection.clone(),
+                wait: Some(true),
+                points: batch.into_iter().map(|(_, point)| point).collect(),
+                ..UpsertPoints::default()
+            };
+            self.call("upsert points", || {
+                self.client.upsert_points(request.clone())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Retrieves point [`point_id`]`(tenant, document_id, 0)`.
+    ///
+    /// Fails with [`StoreError::Rejected`] if its payload is not a [`ChunkPayload`] or belongs
+    /// to another tenant or document (never returned), [`StoreError::Unavailable`] if the read
+    /// fails.
+    async fn first_chunk(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+    ) -> Result<Option<ChunkPayload>, StoreError> {
+        let id = point_id(tenant, document_id, 0);
+        let request = GetPoints {
+            collection_name: self.collection.clone(),
+            ids: vec![uuid_point_id(id)],
+            with_payload: Some(true.into()),
+            with_vectors: Some(false.into()),
+            ..GetPoints::default()
+        };
+        let response = self
+            .call("retrieve point", || self.client.get_points(request.clone()))
+            .await?;
+        let Some(point) = response.result.into_iter().next() else {
+            return Ok(None);
+        };
+        let payload = decode_payload(&id.to_string(), point.payload)?;
+        if payload.tenant_id != tenant.as_str() || payload.document_id != document_id {
+            return Err(StoreError::Rejected(format!(
+                "point {id} should hold chunk 0 of document {document_id:?} of tenant {tenant}, \
+                 but its payload names another tenant or document"
+            )));
+        }
+        Ok(Some(payload))
+    }
+
+    /// Deletes (with `wait=true`) by the filter `tenant_id == tenant AND document_id ==
+    /// document_id AND NOT (the point belongs to keep)`.
+    ///
+    /// Fails with [`StoreError::Rejected`] if `keep.version` is above
+    /// [`MAX_VERSION`](super::MAX_VERSION) or the server refuses the request,
+    /// [`StoreError::Unavailable`] if it cannot be reached.
+    async fn delete_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        keep: Option<&Revision>,
+    ) -> Result<(), StoreError> {
+        let mut filter = scope_filter(tenant, Some(document_id));
+        if let Some(keep) = keep {
+            filter.must_not = vec![Condition::from(revision_filter(keep, true)?)];
+        }
+        self.delete_by_filter("delete document", filter).await
+    }
+
+    /// Sets the payload keys `version` and `metadata` (with `wait=true`) on the points matching
+    /// `tenant_id == tenant AND document_id == document_id AND content_sha256 ==
+    /// revision.content_sha256 AND chunk_count == revision.chunk_count`. A `None` version
+    /// removes the key (read back as `None`).
+    ///
+    /// Fails with [`StoreError::Rejected`] if `version` is above
+    /// [`MAX_VERSION`](super::MAX_VERSION) or the server refuses the request,
+    /// [`StoreError::Unavailable`] if it cannot be reached.
+    async fn relabel_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        check_version(version)?;
+        let mut filter = scope_filter(tenant, Some(document_id));
+        filter
+            .must
+            .push(Condition::from(revision_filter(revision, false)?));
+        let payload = HashMap::from([
+            (
+                "version".to_owned(),
+                QValue::from(serde_json::json!(version)),
+            ),
+            (
+                "metadata".to_owned(),
+                QValue::from(serde_json::Value::Object(metadata.clone())),
+            ),
+        ]);
+        let request = SetPayloadPoints {
+            collection_name: self.collection.clone(),
+            wait: Some(true),
+            payload,
+            points_selector: Some(PointsSelector::from(filter)),
+            ..SetPayloadPoints::default()
+        };
+        self.call("set payload", || self.client.set_payload(request.clone()))
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes (with `wait=true`) by the filter `tenant_id == tenant`.
+    ///
+    /// Fails with [`StoreError::Rejected`] if the server refuses the request,
+    /// [`StoreError::Unavailable`] if it cannot be reached.
+    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        self.delete_by_filter("purge tenant", scope_filter(tenant, None))
+            .await
+    }
+
+    /// Universal query (nearest) restricted to `tenant_id == request.tenant` and the metadata
+    /// conditions, with the score threshold, with payloads.
+    ///
+    /// Fails with [`StoreError::Dimension`] if the vector has the wrong length,
+    /// [`StoreError::Rejected`] if it holds NaN/infinity, the request is invalid (see
+    /// [`SearchRequest::validate`]), a hit's payload is not a [`ChunkPayload`] of the tenant or
+    /// the server refuses the query, [`StoreError::Unavailable`] if it cannot be reached.
+    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
+        self.check_vector(&request.vector)?;
+        request.validate()?;
+        if request.top_k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut filter = scope_filter(&request.tenant, None);
+        for (key, value) in &request.filter.metadata {
+            filter.must.push(metadata_match(key, value)?);
+        }
+        let query = QueryPoints {
+            collection_name: self.collection.clone(),
+            query: Some(Query::new_nearest(request.vector)),
+            filter: Some(filter),
+            score_threshold: request.min_score,
+            limit: Some(request.top_k as u64),
+            with_payload: Some(true.into()),
+            with_vectors: Some(false.into()),
+            ..QueryPoints::default()
+        };
+        let response = self
+            .call("query points", || self.client.query(query.clone()))
+            .await?;
+        let tenant = request.tenant.as_str();
+        let mut chunks = Vec::with_capacity(response.result.len());
+        for hit in response.result {
+            if request.min_score.is_some_and(|min| hit.score < min) {
+                continue;
+            }
+            let id = describe_point_id(hit.id.as_ref());
+            let payload = decode_payload(&id, hit.payload)?;
+            if payload.tenant_id != tenant {
+                return Err(StoreError::Rejected(format!(
+                    "search for tenant {tenant} matched point {id} of another tenant"
+                )));
+            }
+            chunks.push(ScoredChunk {
+                score: hit.score,
+                payload,
+            });
+        }
+        Ok(chunks)
+    }
+
+    /// Exact count with the filter `tenant_id == tenant` (and `document_id == document_id`).
+    ///
+    /// Fails with [`StoreError::Rejected`] if the server refuses the request,
+    /// [`StoreError::Unavailable`] if it cannot be reached.
+    async fn count(
+        &self,
+        tenant: &TenantId,
+        document_id: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let request = CountPoints {
+            collection_name: self.collection.clone(),
+            filter: Some(scope_filter(tenant, document_id)),
+            exact: Some(true),
+            ..CountPoints::default()
+        };
+        let response = self
+            .call("count points", || self.client.count(request.clone()))
+            .await?;
+        let count = response.result.map(|r| r.count).unwrap_or(0);
+        usize::try_from(count).map_err(|_| {
+            StoreError::Rejected(format!("the server counted {count} points, too many"))
+        })
+    }
+}
+
+/// Fails with [`StoreError::Rejected`] unless `name` is 1 to 255 characters of
+/// `[A-Za-z0-9_.-]` (and not `.` or `..`).
+fn check_collection_name(name: &str) -> Result<(), StoreError> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if plain {
+        Ok(())
+    } else {
+        Err(StoreError::Rejected(format!(
+            "collection name {name:?} may only contain letters, digits, '_', '.' and '-' (1 to \
+             255 characters, not '.' or '..')"
+        )))
+    }
+}
+
+/// The fingerprint recorded in `config`'s metadata, `None` if there is none.
+fn read_fingerprint(
+    collection: &str,
+    config: Option<&qdrant_client::qdrant::CollectionConfig>,
+) -> Result<Option<Fingerprint>, StoreError> {
+    let Some(value) = config.and_then(|c| c.metadata.get(FINGERPRINT_METADATA_KEY)) else {
+        return Ok(None);
+    };
+    serde_json::from_value(value.clone().into_json())
+        .map(Some)
+        .map_err(|e| {
+            StoreError::Rejected(format!(
+                "collection {collection} records an invalid embedder fingerprint under \
+                 {FINGERPRINT_METADATA_KEY}: {e}"
+            ))
+        })
+}
+
+/// A UUID point id.
+fn uuid_point_id(id: uuid::Uuid) -> PointId {
+    PointId {
+        point_id_options: Some(PointIdOptions::Uuid(id.to_string())),
+    }
+}
+
+/// A point id for messages.
+fn describe_point_id(id: Option<&PointId>) -> String {
+    match id.and_then(|id| id.point_id_options.as_ref()) {
+        Some(PointIdOptions::Uuid(uuid)) => uuid.clone(),
+        Some(PointIdOptions::Num(n)) => n.to_string(),
+        None => "<no id>".to_owned(),
+    }
+}
+
+/// The filter `tenant_id == tenant` (AND `document_id == document_id` when given).
+fn scope_filter(tenant: &TenantId, document_id: Option<&str>) -> Filter {
+    let mut must = vec![keyword_match("tenant_id", tenant.as_str())];
+    if let Some(document_id) = document_id {
+        must.push(keyword_match("document_id", document_id));
+    }
+    Filter {
+        must,
+        ..Filter::default()
+    }
+}
+
+/// The filter "belongs to `revision`": same content hash and chunk count, and (when
+/// `with_version`) the same version, or no version when `revision.version` is `None`.
+fn revision_filter(revision: &Revision, with_version: bool) -> Result<Filter, StoreError> {
+    check_version(revision.version)?;
+    let chunk_count = i64::try_from(revision.chunk_count).map_err(|_| {
+        StoreError::Rejected("chunk_count is too large to compare in a filter".to_owned())
+    })?;
+    let mut must = vec![
+        keyword_match("content_sha256", &revision.content_sha256),
+        Condition::matches("chunk_count", MatchValue::Integer(chunk_count)),
+    ];
+    if with_version {
+        must.push(match revision.version {
+            // check_version above guarantees the conversion.
+            Some(v) => Condition::matches(
+                "version",
+                MatchValue::Integer(i64::try_from(v).unwrap_or(i64::MAX)),
+            ),
+            None => Condition::is_empty("version"),
+        });
+    }
+    Ok(Filter {
+        must,
+        ..Filter::default()
+    })
+}
+
+/// The condition `field == value` on a keyword field (exact, never tokenised).
+fn keyword_match(field: &str, value: &str) -> Condition {
+    Condition::matches(field, MatchValue::Keyword(value.to_owned()))
+}
+
+/// The condition `metadata.<key> == value`.
+fn metadata_match(key: &str, value: &MetadataValue) -> Result<Condition, StoreError> {
+    super::validate_metadata_key(key).map_err(StoreError::Rejected)?;
+    let value = match value {
+        MetadataValue::String(s) => MatchValue::Keyword(s.clone()),
+        MetadataValue::Integer(i) => MatchValue::Integer(*i),
+        MetadataValue::Bool(b) => MatchValue::Boolean(*b),
+    };
+    Ok(Condition::matches(format!("metadata.{key}"), value))
+}
+
+/// `payload` as a point payload (its fields at the top level).
+fn encode_payload(payload: &ChunkPayload) -> Result<HashMap<String, QValue>, StoreError> {
+    match serde_json::to_value(payload) {
+        Ok(serde_json::Value::Object(map)) => Ok(map
+            .into_iter()
+            .map(|(key, value)| (key, QValue::from(value)))
+            .collect()),
+        Ok(other) => Err(StoreError::Rejected(format!(
+            "chunk payload encoded to a JSON {other} instead of an object"
+        ))),
+        Err(e) => Err(StoreError::Rejected(format!(
+            "cannot encode chunk payload: {e}"
+        ))),
+    }
+}
+
+/// The [`ChunkPayload`] stored in point `id`; [`StoreError::Rejected`] if it does not
+/// deserialize.
+fn decode_payload(id: &str, payload: HashMap<String, QValue>) -> Result<ChunkPayload, StoreError> {
+    if payload.is_empty() {
+        return Err(StoreError::Rejected(format!("point {id} has no payload")));
+    }
+    let map: serde_json::Map<String, serde_json::Value> = payload
+        .into_iter()
+        .map(|(key, value)| (key, value.into_json()))
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| {
+        StoreError::Rejected(format!(
+            "point {id} does not hold a rag-ingest chunk payload: {e}"
+        ))
+    })
+}
+
+/// The gRPC status of `e`, if it came from the server (or the transport).
+fn status(e: &QdrantError) -> Option<&tonic::Status> {
+    match e {
+        QdrantError::ResponseError { status }
+        | QdrantError::ResourceExhaustedError { status, .. } => Some(status),
+        _ => None,
+    }
+}
+
+/// `qdrant-client` reports a failed connection attempt as `Internal` with this prefix.
+fn is_connect_failure(status: &tonic::Status) -> bool {
+    status.code() == Code::Internal && status.message().starts_with("Failed to connect")
+}
+
+/// Whether `e` is worth retrying in process: `Unavailable`, `DeadlineExceeded`,
+/// `ResourceExhausted`, `Aborted`, or a failed connection attempt.
+pub(crate) fn is_retryable(e: &QdrantError) -> bool {
+    status(e).is_some_and(|s| {
+        matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
+        ) || is_connect_failure(s)
+    })
+}
+
+/// A description of `e` without request or response metadata (never holds the API key).
+fn describe(e: &QdrantError) -> String {
+    match status(e) {
+        Some(s) => format!("{:?}: {}", s.code(), s.message()),
+        None => match e {
+            QdrantError::ConversionError(m) => format!("conversion error: {m}"),
+            QdrantError::InvalidUri(e) => format!("invalid URI: {e}"),
+            QdrantError::Io(e) => format!("I/O error: {e}"),
+            // The remaining variants carry no request data (no metadata, no key).
+            other => other.to_string(),
+        },
+    }
+}
+
+/// The [`StoreError`] for a failed request `what` (see the module documentation).
+fn map_error(what: &str, collection: &str, url: &str, e: &QdrantError) -> StoreError {
+    let message = format!(
+        "{what} on Qdrant collection {collection} at {url} failed: {}",
+        describe(e)
+    );
+    let transient = match status(e) {
+        Some(s) => {
+            is_retryable(e)
+                || matches!(
+                    s.code(),
+                    Code::Internal | Code::Unknown | Code::Cancelled | Code::DataLoss
+                )
+        }
+        None => matches!(e, QdrantError::Io(_)),
+    };
+    if transient {
+        StoreError::Unavailable(message)
+    } else {
+        StoreError::Rejected(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(code: Code, message: &str) -> QdrantError {
+        QdrantError::ResponseError {
+            status: tonic::Status::new(code, message),
+        }
+    }
+
+    #[test]
+    fn only_transient_codes_are_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+        ] {
+            assert!(is_retryable(&response(code, "x")), "{code:?}");
+        }
+        assert!(is_retryable(&response(
+            Code::Internal,
+            "Failed to connect to http://127.0.0.1:1/: refused"
+        )));
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::FailedPrecondition,
+            Code::Internal,
+            Code::Unknown,
+        ] {
+            assert!(!is_retryable(&response(code, "x")), "{code:?}");
+        }
+        assert!(!is_retryable(&QdrantError::ConversionError("x".into())));
+    }
+
+    #[test]
+    fn errors_map_to_unavailable_or_rejected() {
+        let unavailable = [
+            response(Code::Unavailable, "down"),
+            response(Code::Internal, "disk"),
+            response(Code::DeadlineExceeded, "slow"),
+        ];
+        for e in &unavailable {
+            assert!(
+                matches!(map_error("op", "c", "u", e), StoreError::Unavailable(_)),
+                "{e}"
+            );
+        }
+        let rejected = [
+            response(Code::InvalidArgument, "bad"),
+            response(Code::NotFound, "no collection"),
+            response(Code::Unauthenticated, "key"),
+        ];
+        for e in &rejected {
+            assert!(
+                matches!(map_error("op", "c", "u", e), StoreError::Rejected(_)),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_messages_leave_out_metadata() {
+        let mut status = tonic::Status::new(Code::Unauthenticated, "Invalid api-key");
+        status
+            .metadata_mut()
+            .insert("api-key", "s3cr3t-key".parse().expect("ascii"));
+        let e = QdrantError::ResponseError { status };
+        let text = map_error("upsert points", "docs", "http://h:6334", &e).to_string();
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(text.contains("Unauthenticated"), "{text}");
+        assert!(text.contains("docs"), "{text}");
+    }
+
+    #[test]
+    fn options_debug_hides_the_api_key() {
+        let mut options = QdrantOptions::new("http://127.0.0.1:6334");
+        options.api_key = Some("s3cr3t-key".into());
+        let text = format!("{options:?}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(text.contains("***"), "{text}");
+    }
+
+    #[test]
+    fn filters_use_exact_keyword_matches() {
+        let tenant = TenantId::new("acme").expect("tenant");
+        let filter = scope_filter(&tenant, Some("a doc with spaces"));
+        let text = format!("{filter:?}");
+        assert!(text.contains("Keyword(\"a doc with spaces\")"), "{text}");
+        assert!(!text.contains("Text("), "{text}");
+    }
+
+    #[test]
+    fn collection_names_are_checked() {
+        assert!(check_collection_name("docs-1.v2_x").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(256)] {
+            assert!(check_collection_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable_not_rejected() {
+        // Port 9 (discard) on localhost: nothing listens, the connection is refused at once.
+        let mut options = QdrantOptions::new("http://127.0.0.1:9");
+        options.retries = 1;
+        options.backoff_min = Duration::from_millis(1);
+        options.backoff_max = Duration::from_millis(2);
+        options.connect_timeout = Duration::from_millis(500);
+        options.api_key = Some("s3cr3t-key".into());
+        let fingerprint = Fingerprint {
+            model: "m".into(),
+            dims: 4,
+            pooling: "mean".into(),
+            normalized: true,
+        };
+        let err = QdrantStore::open(&options, "c", &fingerprint)
+            .await
+            .expect_err("nothing listens on port 9");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_urls_and_names_are_rejected_before_connecting() {
+        let fingerprint = Fingerprint {
+            model: "m".into(),
+            dims: 4,
+            pooling: "mean".into(),
+            normalized: true,
+        };
+        let options = QdrantOptions::new("127.0.0.1:6334");
+        assert!(matches!(
+            QdrantStore::open(&options, "c", &fingerprint).await,
+            Err(StoreError::Rejected(_))
+        ));
+        let options = QdrantOptions::new("http://127.0.0.1:6334");
+        assert!(matches!(
+            QdrantStore::open(&options, "a/b", &fingerprint).await,
+            Err(StoreError::Rejected(_))
+        ));
+    }
+}

@@ -1,0 +1,74 @@
+//! `rag-ingest doctor`: one ✓/✗ line per check and a non-zero exit on any ✗.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{TestPipeline, write_pipeline_file};
+use rag_ingest::embed::Fingerprint;
+use rag_ingest::store::EdgeStore;
+
+fn doctor(t: &TestPipeline, env: &[(&str, String)]) -> (Output, String) {
+    let file = write_pipeline_file(t);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
+    cmd.args(["doctor", "--pipeline"]).arg(&file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("doctor runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, stdout)
+}
+
+#[tokio::test]
+async fn a_healthy_pipeline_passes_every_check() {
+    let t = TestPipeline::new("doctor-ok", "");
+    let (out, stdout) = doctor(&t, &[]);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for name in ["config", "broker", "model", "store"] {
+        assert!(stdout.contains(&format!("✓ {name}:")), "{name} missing:\n{stdout}");
+    }
+    assert!(!stdout.contains('✗'), "{stdout}");
+    t.delete_queues().await;
+}
+
+#[test]
+fn a_wrong_amqp_url_fails_the_broker_check() {
+    let t = TestPipeline::new("doctor-amqp", "");
+    let (out, stdout) = doctor(
+        &t,
+        &[("RAG_INGEST_AMQP_URL", "amqp://guest:Secret-9@127.0.0.1:1/%2f".into())],
+    );
+    assert!(!out.status.success());
+    assert!(stdout.contains("✗ broker:"), "{stdout}");
+    assert!(stdout.contains("fix:"), "{stdout}");
+    assert!(!stdout.contains("Secret-9"), "password leaked: {stdout}");
+}
+
+#[test]
+fn a_missing_model_fails_the_model_check() {
+    let t = TestPipeline::new("doctor-model", "");
+    let missing = t.dir.path().join("no-model");
+    let (out, stdout) = doctor(&t, &[("RAG_INGEST_MODEL_DIR", missing.display().to_string())]);
+    assert!(!out.status.success());
+    assert!(stdout.contains("✗ model:"), "{stdout}");
+    assert!(stdout.contains("scripts/fetch-model.sh"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_collection_of_another_embedder_fails_the_store_check() {
+    let t = TestPipeline::new("doctor-fp", "");
+    let other = Fingerprint {
+        model: "sentence-transformers/some-other-model".into(),
+        dims: 384,
+        pooling: "mean".into(),
+        normalized: true,
+    };
+    drop(EdgeStore::open(&t.config.store.path, &t.config.store.collection, &other).expect("create"));
+    let (out, stdout) = doctor(&t, &[]);
+    assert!(!out.status.success());
+    assert!(stdout.contains("✓ model:"), "{stdout}");
+    assert!(stdout.contains("✗ store:"), "{stdout}");
+    assert!(stdout.contains("some-other-model"), "{stdout}");
+    t.delete_queues().await;
+}

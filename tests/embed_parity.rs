@@ -1,0 +1,122 @@
+//! The fast forward pass of [`CandleEmbedder`] against the reference, candle-transformers'
+//! `BertModel` (padded batches, mean pooling, L2 normalisation), on a realistic corpus: the
+//! fixture documents chunked like the pipeline does, short sentences and over-long inputs.
+//! Run `scripts/fetch-model.sh` first.
+
+use std::path::{Path, PathBuf};
+
+use rag_ingest::chunk::{ChunkFormat, Chunker};
+use rag_ingest::embed::{CandleEmbedder, Embedder};
+
+#[path = "support/reference_bert.rs"]
+mod reference_bert;
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
+}
+
+/// Every fixture document whole (truncated) and chunked at two sizes, plus short and
+/// over-long texts.
+fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
+    let chunkers: Vec<Chunker> = [240, 48]
+        .into_iter()
+        .map(|max_tokens| {
+            Chunker::new(
+                embedder.tokenizer().clone(),
+                max_tokens,
+                max_tokens / 10,
+                embedder.max_input_tokens(),
+            )
+            .expect("chunker")
+        })
+        .collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs");
+    let mut texts = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(tenant))
+            .expect("fixture dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        paths.sort();
+        for path in paths {
+            let format = if path.extension().is_some_and(|e| e == "md") {
+                ChunkFormat::Markdown
+            } else {
+                ChunkFormat::Text
+            };
+            let doc = std::fs::read_to_string(&path).expect("fixture");
+            for chunker in &chunkers {
+                texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
+            }
+            texts.push(doc);
+        }
+    }
+    texts.extend(
+        [
+            "This is a test sentence.",
+            "",
+            "ok",
+            "How do I reset my password?",
+            "检索增强生成 👨‍👩‍👧‍👦 Café naïve",
+            "The meeting has been postponed until Friday.",
+            "Retries back off exponentially, up to five attempts.",
+        ]
+        .map(str::to_owned),
+    );
+    let words: Vec<String> = (0..3000).map(|i| format!("word{}", i % 97)).collect();
+    texts.push(words.join(" "));
+    texts.push("Volcanoes erupt when magma rises through the crust. ".repeat(80));
+    texts
+}
+
+#[test]
+fn fast_path_matches_candle_bert_model() {
+    let dir = model_dir();
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        dir.display()
+    );
+    let embedder = CandleEmbedder::load(&dir, 16).expect("load");
+    let texts = corpus(&embedder);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let reference = reference_bert::Reference::load(
+        &dir,
+        embedder.tokenizer(),
+        embedder.max_input_tokens(),
+        16,
+    );
+
+    let started = std::time::Instant::now();
+    let fast = embedder.embed_blocking(&refs).expect("embed");
+    let fast_time = started.elapsed();
+    let expected = reference.embed(&refs);
+    eprintln!(
+        "fast path {fast_time:?}, reference {:?}",
+        started.elapsed() - fast_time
+    );
+    assert_eq!(fast.len(), expected.len());
+
+    let mut worst_cos = f32::INFINITY;
+    let mut worst_diff = 0.0f32;
+    for ((text, a), b) in texts.iter().zip(&fast).zip(&expected) {
+        assert_eq!(a.len(), b.len());
+        let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
+            / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
+                * b.iter().map(|x| x * x).sum::<f32>().sqrt());
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(cos >= 0.9999, "cosine {cos} for {text:.60?}");
+        worst_cos = worst_cos.min(cos);
+        worst_diff = worst_diff.max(diff);
+    }
+    eprintln!(
+        "{} texts: min cosine {worst_cos}, max abs diff {worst_diff:e} (reference padding ratio {:.3})",
+        texts.len(),
+        reference.padding_ratio(&refs)
+    );
+    assert!(worst_diff < 1e-5, "max abs diff {worst_diff}");
+}

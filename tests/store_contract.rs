@@ -1,0 +1,1255 @@
+//! The `VectorStore` contract, one suite for every store.
+//!
+//! Each contract is a generic async function over a [`Backend`] (how to open a fresh
+//! collection of one store kind); the `contract!` macro turns it into two tests:
+//! `<contract>::edge` (embedded Qdrant Edge in a temporary directory, always runs) and
+//! `<contract>::qdrant` (a fresh collection on the Qdrant server at `QDRANT_URL`, API key from
+//! `QDRANT_API_KEY` if set; prints `SKIPPED: QDRANT_URL not set` and passes when unset).
+//!
+//! Lifecycle contracts go through `Pipeline::process` with real documents, the real model
+//! (wrapped in a call counter) and the real chunker; storage contracts use synthetic vectors.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{CountingEmbedder, qdrant_url_or_skip};
+use rag_ingest::chunk::{ChunkFormat, Chunker};
+use rag_ingest::embed::{Embedder, Fingerprint};
+use rag_ingest::message::Document;
+use rag_ingest::process::{Pipeline, Processed};
+use rag_ingest::search::{SearchOptions, Searcher};
+use rag_ingest::store::{
+    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
+    ScoredChunk, SearchFilter, SearchRequest, StoreError, VectorStore, point_id,
+};
+use rag_ingest::tenant::TenantId;
+
+const DIMS: usize = 384;
+/// Chunk sizes of the pipelines built here (tokens of the real model).
+const MAX_TOKENS: usize = 64;
+const OVERLAP: usize = 8;
+
+// ---------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------
+
+/// A fresh, empty collection of one store kind.
+#[allow(async_fn_in_trait)]
+trait Backend {
+    /// The store type.
+    type Store: VectorStore;
+
+    /// Opens the collection for vectors of `fingerprint`, splitting writes by `limits`.
+    async fn open(
+        &self,
+        fingerprint: &Fingerprint,
+        limits: BatchLimits,
+    ) -> Result<Self::Store, StoreError>;
+
+    /// Removes the collection.
+    async fn finish(self);
+}
+
+/// Qdrant Edge in a temporary directory.
+struct EdgeBackend {
+    dir: tempfile::TempDir,
+}
+
+impl EdgeBackend {
+    fn new() -> Self {
+        EdgeBackend {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+}
+
+impl Backend for EdgeBackend {
+    type Store = EdgeStore;
+
+    async fn open(
+        &self,
+        fingerprint: &Fingerprint,
+        limits: BatchLimits,
+    ) -> Result<EdgeStore, StoreError> {
+        Ok(EdgeStore::open(self.dir.path(), "contract", fingerprint)?.with_batch_limits(limits))
+    }
+
+    async fn finish(self) {}
+}
+
+/// A uniquely named collection on the Qdrant server at `QDRANT_URL`.
+struct QdrantBackend {
+    url: String,
+    api_key: Option<String>,
+    collection: String,
+}
+
+impl QdrantBackend {
+    /// `None` (after a loud SKIPPED line) when `QDRANT_URL` is not set.
+    fn from_env(test: &str) -> Option<Self> {
+        let url = qdrant_url_or_skip(test)?;
+        Some(QdrantBackend {
+            url,
+            api_key: std::env::var("QDRANT_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            collection: format!(
+                "rag-ingest-contract-{test}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        })
+    }
+}
+
+impl Backend for QdrantBackend {
+    type Store = QdrantStore;
+
+    async fn open(
+        &self,
+        fingerprint: &Fingerprint,
+        limits: BatchLimits,
+    ) -> Result<QdrantStore, StoreError> {
+        let mut options = QdrantOptions::new(self.url.clone());
+        options.api_key = self.api_key.clone();
+        options.limits = limits;
+        QdrantStore::open(&options, &self.collection, fingerprint).await
+    }
+
+    async fn finish(self) {
+        let mut builder = qdrant_client::Qdrant::from_url(&self.url).skip_compatibility_check();
+        if let Some(key) = &self.api_key {
+            builder.set_api_key(key);
+        }
+        if let Ok(client) = builder.build() {
+            let _ = client.delete_collection(self.collection.clone()).await;
+        }
+    }
+}
+
+/// Generates `<contract>::edge` and `<contract>::qdrant` for the generic function `contract`.
+macro_rules! contract {
+    ($contract:ident) => {
+        mod $contract {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn edge() {
+                super::$contract(super::EdgeBackend::new()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn qdrant() {
+                let Some(backend) = super::QdrantBackend::from_env(stringify!($contract)) else {
+                    return;
+                };
+                super::$contract(backend).await;
+            }
+        }
+    };
+}
+
+contract!(idempotent_reupsert_does_not_grow);
+contract!(a_shrinking_document_leaves_only_its_new_chunks);
+contract!(an_older_version_never_overwrites_a_newer_one);
+contract!(unchanged_content_makes_no_embedder_call);
+contract!(delete_touches_one_tenants_document_only);
+contract!(search_and_delete_never_cross_tenants);
+contract!(purge_tenant_removes_only_that_tenant);
+contract!(metadata_filter_and_score_threshold);
+contract!(a_fingerprint_mismatch_refuses_to_open);
+contract!(a_batch_over_the_byte_cap_is_split_and_fully_stored);
+contract!(refused_writes_change_nothing);
+contract!(a_forged_payload_is_never_returned_to_another_tenant);
+contract!(an_interrupted_write_is_completed_by_the_retry);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn tenant(name: &str) -> TenantId {
+    TenantId::new(name).expect("valid tenant name")
+}
+
+/// The real model's fingerprint (synthetic vectors live in its space for these tests).
+fn model_fingerprint() -> Fingerprint {
+    common::embedder().fingerprint().clone()
+}
+
+/// Opens `backend` for the real model with the default caps.
+async fn open<B: Backend>(backend: &B) -> B::Store {
+    backend
+        .open(&model_fingerprint(), BatchLimits::default())
+        .await
+        .expect("store opens")
+}
+
+/// A pipeline over `store` with the real chunker and the counting real model.
+fn pipeline<S: VectorStore>(
+    store: Arc<S>,
+) -> (Pipeline<CountingEmbedder, S>, Arc<CountingEmbedder>) {
+    let embedder = Arc::new(CountingEmbedder::new());
+    let chunker = Chunker::new(
+        embedder.tokenizer().clone(),
+        MAX_TOKENS,
+        OVERLAP,
+        embedder.max_input_tokens(),
+    )
+    .expect("chunker");
+    (
+        Pipeline::new(Arc::new(chunker), Arc::clone(&embedder), store),
+        embedder,
+    )
+}
+
+/// Chunks `content` would give in [`pipeline`] as plain text.
+fn chunk_count(content: &str) -> usize {
+    let embedder = common::embedder();
+    Chunker::new(
+        embedder.tokenizer().clone(),
+        MAX_TOKENS,
+        OVERLAP,
+        embedder.max_input_tokens(),
+    )
+    .expect("chunker")
+    .split(content, ChunkFormat::Text)
+    .len()
+}
+
+/// Plain text of `n` paragraphs about `topic`, each about 40 tokens, so that each paragraph is
+/// one 64-token chunk.
+fn paragraphs(topic: &str, n: usize) -> String {
+    const THINGS: [&str; 12] = [
+        "lighthouse",
+        "glacier",
+        "orchard",
+        "volcano",
+        "harbor",
+        "desert",
+        "meadow",
+        "canyon",
+        "reef",
+        "tundra",
+        "prairie",
+        "lagoon",
+    ];
+    (0..n)
+        .map(|i| {
+            let thing = THINGS[i % THINGS.len()];
+            format!(
+                "Part {i} of the {topic} notes describes the {thing}. Visitors to the {thing} \
+                 report calm mornings, long walks, careful maps and quiet evenings spent \
+                 writing about the {thing} and its {topic} history."
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// A plain-text upsert.
+fn doc(tenant_name: &str, id: &str, content: &str, version: Option<u64>) -> Document {
+    let mut doc = Document::upsert(tenant(tenant_name), id, content);
+    doc.version = version;
+    doc
+}
+
+/// A deterministic pseudo-random unit vector (splitmix64 from `seed`).
+fn unit_vector(seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut v: Vec<f32> = (0..DIMS)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f32 / (1u64 << 52) as f32 - 1.0
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+/// Synthetic chunks 0..count of `doc` (revision `sha`, version 1); chunk `i` gets vector
+/// `seed + i` and a `text_len`-byte text.
+fn points(
+    t: &TenantId,
+    doc: &str,
+    count: usize,
+    sha: &str,
+    seed: u64,
+    text_len: usize,
+) -> Vec<ChunkPoint> {
+    (0..count)
+        .map(|i| {
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("title".into(), serde_json::json!(format!("{doc} title")));
+            let mut text = format!("{} {doc} chunk {i} rev {sha} ", t.as_str());
+            while text.len() < text_len {
+                text.push('x');
+            }
+            ChunkPoint {
+                id: point_id(t, doc, i),
+                vector: unit_vector(seed + i as u64),
+                payload: ChunkPayload {
+                    tenant_id: t.as_str().to_owned(),
+                    document_id: doc.to_owned(),
+                    version: Some(1),
+                    chunk_index: i,
+                    chunk_count: count,
+                    text,
+                    byte_start: i * 10,
+                    byte_end: i * 10 + 10,
+                    content_sha256: sha.to_owned(),
+                    metadata,
+                    embedder: model_fingerprint().id(),
+                    ingested_at: "2025-01-01T00:00:00Z".to_owned(),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Every stored payload of `doc` of `t`, by chunk index (via a tenant-scoped search).
+async fn stored_chunks<S: VectorStore>(store: &S, t: &TenantId, doc: &str) -> Vec<ChunkPayload> {
+    let request = SearchRequest::new(t.clone(), unit_vector(12345), 1000);
+    let mut chunks: Vec<ChunkPayload> = store
+        .search(request)
+        .await
+        .expect("search")
+        .into_iter()
+        .map(|hit| hit.payload)
+        .filter(|p| p.document_id == doc)
+        .collect();
+    chunks.sort_by_key(|p| p.chunk_index);
+    chunks
+}
+
+// ---------------------------------------------------------------------------------------
+// Contracts
+// ---------------------------------------------------------------------------------------
+
+/// Writing the same ids again overwrites: no growth, neither through the store nor through
+/// the pipeline (where a redelivered document is recognised as unchanged).
+async fn idempotent_reupsert_does_not_grow<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let a = tenant("acme");
+
+    store
+        .upsert(points(&a, "d1", 5, "a", 0, 40))
+        .await
+        .expect("upsert");
+    store
+        .upsert(points(&a, "d2", 3, "a", 100, 40))
+        .await
+        .expect("upsert");
+    assert_eq!(store.count(&a, None).await.expect("count"), 8);
+    // Same ids, new vectors and hash: overwritten, not duplicated.
+    store
+        .upsert(points(&a, "d1", 5, "b", 50, 40))
+        .await
+        .expect("upsert");
+    assert_eq!(store.count(&a, None).await.expect("count"), 8);
+    assert_eq!(store.count(&a, Some("d1")).await.expect("count"), 5);
+    let first = store
+        .first_chunk(&a, "d1")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(first.content_sha256, "b");
+    store
+        .upsert(Vec::new())
+        .await
+        .expect("empty upsert is a no-op");
+    assert_eq!(store.count(&a, None).await.expect("count"), 8);
+
+    // Through the pipeline: the same document twice.
+    let (pipeline, _) = pipeline(Arc::clone(&store));
+    let d = doc("acme", "guide", &paragraphs("harbour", 4), Some(1));
+    let chunks = chunk_count(&d.content);
+    assert_eq!(
+        pipeline.process(&d).await.expect("process"),
+        Processed::Stored { chunks }
+    );
+    assert_eq!(
+        pipeline.process(&d).await.expect("process"),
+        Processed::Unchanged
+    );
+    assert_eq!(store.count(&a, Some("guide")).await.expect("count"), chunks);
+    assert_eq!(store.count(&a, None).await.expect("count"), 8 + chunks);
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+/// A document going from 10 chunks to 3 keeps exactly the 3 new ones.
+async fn a_shrinking_document_leaves_only_its_new_chunks<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, _) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+
+    let long = paragraphs("river", 10);
+    let short = paragraphs("mountain", 3);
+    assert_eq!(
+        chunk_count(&long),
+        10,
+        "the long fixture must give 10 chunks"
+    );
+    assert_eq!(
+        chunk_count(&short),
+        3,
+        "the short fixture must give 3 chunks"
+    );
+    // Another document of the tenant stays as it is.
+    let other = doc("acme", "other", &paragraphs("forest", 2), Some(1));
+    pipeline.process(&other).await.expect("process");
+
+    let v1 = doc("acme", "handbook", &long, Some(1));
+    assert_eq!(
+        pipeline.process(&v1).await.expect("process"),
+        Processed::Stored { chunks: 10 }
+    );
+    assert_eq!(store.count(&a, Some("handbook")).await.expect("count"), 10);
+
+    let v2 = doc("acme", "handbook", &short, Some(2));
+    assert_eq!(
+        pipeline.process(&v2).await.expect("process"),
+        Processed::Stored { chunks: 3 }
+    );
+    assert_eq!(store.count(&a, Some("handbook")).await.expect("count"), 3);
+    let chunks = stored_chunks(&*store, &a, "handbook").await;
+    assert_eq!(chunks.len(), 3);
+    let sha = rag_ingest::process::content_sha256(&short);
+    for (i, chunk) in chunks.iter().enumerate() {
+        assert_eq!(chunk.chunk_index, i);
+        assert_eq!(chunk.chunk_count, 3);
+        assert_eq!(chunk.version, Some(2));
+        assert_eq!(chunk.content_sha256, sha);
+        assert!(chunk.text.contains("mountain"), "{}", chunk.text);
+        assert_eq!(&short[chunk.byte_start..chunk.byte_end], chunk.text);
+    }
+    assert_eq!(
+        store.count(&a, Some("other")).await.expect("count"),
+        chunk_count(&other.content)
+    );
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+/// A message older than the stored version is skipped (upsert and delete alike), also after
+/// a version bump that did not change the content.
+async fn an_older_version_never_overwrites_a_newer_one<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+    let new_text = paragraphs("comet", 2);
+    let old_text = paragraphs("asteroid", 4);
+
+    let v5 = doc("acme", "sky", &new_text, Some(5));
+    pipeline.process(&v5).await.expect("process");
+    let stored = store
+        .first_chunk(&a, "sky")
+        .await
+        .expect("read")
+        .expect("stored");
+    let calls = embedder.calls();
+
+    let v4 = doc("acme", "sky", &old_text, Some(4));
+    assert_eq!(
+        pipeline.process(&v4).await.expect("process"),
+        Processed::Stale { stored: 5 }
+    );
+    let mut delete_v3 = Document::delete(a.clone(), "sky");
+    delete_v3.version = Some(3);
+    assert_eq!(
+        pipeline.process(&delete_v3).await.expect("process"),
+        Processed::Stale { stored: 5 }
+    );
+    assert_eq!(embedder.calls(), calls, "a stale message is never embedded");
+    assert_eq!(
+        store.first_chunk(&a, "sky").await.expect("read"),
+        Some(stored.clone())
+    );
+    assert_eq!(
+        store.count(&a, Some("sky")).await.expect("count"),
+        stored.chunk_count
+    );
+
+    // v7 with the same content: recorded without embedding; then v6 is stale.
+    let v7 = doc("acme", "sky", &new_text, Some(7));
+    assert_eq!(
+        pipeline.process(&v7).await.expect("process"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.calls(), calls);
+    let chunks = stored_chunks(&*store, &a, "sky").await;
+    assert_eq!(chunks.len(), stored.chunk_count);
+    assert!(chunks.iter().all(|c| c.version == Some(7)), "{chunks:#?}");
+    let v6 = doc("acme", "sky", &old_text, Some(6));
+    assert_eq!(
+        pipeline.process(&v6).await.expect("process"),
+        Processed::Stale { stored: 7 }
+    );
+    assert!(
+        stored_chunks(&*store, &a, "sky")
+            .await
+            .iter()
+            .all(|c| c.text.contains("comet"))
+    );
+
+    // A newer version with new content does replace it.
+    let v8 = doc("acme", "sky", &old_text, Some(8));
+    assert_eq!(
+        pipeline.process(&v8).await.expect("process"),
+        Processed::Stored {
+            chunks: chunk_count(&old_text)
+        }
+    );
+    let chunks = stored_chunks(&*store, &a, "sky").await;
+    assert_eq!(chunks.len(), chunk_count(&old_text));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.version == Some(8) && c.text.contains("asteroid"))
+    );
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+/// Re-submitting unchanged content makes zero embedding calls and writes nothing; a metadata
+/// change is recorded without embedding either.
+async fn unchanged_content_makes_no_embedder_call<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+    let text = paragraphs("lantern", 3);
+
+    let mut d = doc("acme", "notes", &text, Some(1));
+    d.metadata
+        .insert("title".into(), serde_json::json!("Lanterns"));
+    assert_eq!(
+        pipeline.process(&d).await.expect("process"),
+        Processed::Stored { chunks: 3 }
+    );
+    assert_eq!(embedder.calls(), 1);
+    assert_eq!(embedder.texts(), 3);
+    let before = stored_chunks(&*store, &a, "notes").await;
+
+    // Identical message (a redelivery): no embedding, no write (ingested_at unchanged).
+    assert_eq!(
+        pipeline.process(&d).await.expect("process"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.calls(), 1);
+    assert_eq!(stored_chunks(&*store, &a, "notes").await, before);
+
+    // Same content, new metadata: no embedding, metadata updated on every chunk.
+    d.metadata
+        .insert("title".into(), serde_json::json!("Lanterns, revised"));
+    assert_eq!(
+        pipeline.process(&d).await.expect("process"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.calls(), 1);
+    let after = stored_chunks(&*store, &a, "notes").await;
+    assert_eq!(after.len(), 3);
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(new.metadata["title"], "Lanterns, revised");
+        assert_eq!(new.text, old.text);
+        assert_eq!(new.content_sha256, old.content_sha256);
+    }
+
+    // New content is embedded again.
+    let changed = doc("acme", "notes", &paragraphs("candle", 3), Some(2));
+    pipeline.process(&changed).await.expect("process");
+    assert_eq!(embedder.calls(), 2);
+
+    // The same content without a version: recorded as unversioned, still no embedding.
+    let unversioned = doc("acme", "notes", &changed.content, None);
+    assert_eq!(
+        pipeline.process(&unversioned).await.expect("process"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.calls(), 2);
+    let chunks = stored_chunks(&*store, &a, "notes").await;
+    assert_eq!(chunks.len(), 3);
+    assert!(chunks.iter().all(|c| c.version.is_none()), "{chunks:#?}");
+    assert_eq!(
+        pipeline.process(&unversioned).await.expect("process"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.calls(), 2);
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+/// `op=delete` removes that tenant's chunks of that document and nothing else.
+async fn delete_touches_one_tenants_document_only<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, _) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+    let g = tenant("globex");
+
+    let text = paragraphs("copper", 3);
+    for d in [
+        doc("acme", "d1", &text, None),
+        doc("acme", "d2", &paragraphs("willow", 2), None),
+        doc("globex", "d1", &text, None),
+    ] {
+        pipeline.process(&d).await.expect("process");
+    }
+    let d2 = store.count(&a, Some("d2")).await.expect("count");
+    let g1 = store.count(&g, Some("d1")).await.expect("count");
+    assert!(d2 > 0 && g1 > 0);
+
+    assert_eq!(
+        pipeline
+            .process(&Document::delete(a.clone(), "d1"))
+            .await
+            .expect("process"),
+        Processed::Deleted
+    );
+    assert_eq!(store.count(&a, Some("d1")).await.expect("count"), 0);
+    assert_eq!(store.first_chunk(&a, "d1").await.expect("read"), None);
+    assert_eq!(store.count(&a, Some("d2")).await.expect("count"), d2);
+    assert_eq!(store.count(&g, Some("d1")).await.expect("count"), g1);
+    assert!(store.first_chunk(&g, "d1").await.expect("read").is_some());
+
+    // Deleting a missing document is fine and changes nothing.
+    assert_eq!(
+        pipeline
+            .process(&Document::delete(a.clone(), "never"))
+            .await
+            .expect("process"),
+        Processed::Deleted
+    );
+    assert_eq!(store.count(&a, None).await.expect("count"), d2);
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+/// Search results and deletes stay inside one tenant even when ids, content and vectors are
+/// identical across tenants.
+async fn search_and_delete_never_cross_tenants<B: Backend>(backend: B) {
+    let store = open(&backend).await;
+    let a = tenant("tenant-a");
+    let b = tenant("tenant-b");
+
+    store
+        .upsert(points(&a, "doc", 20, "a", 1, 40))
+        .await
+        .expect("upsert");
+    store
+        .upsert(points(&b, "doc", 20, "a", 1, 40))
+        .await
+        .expect("upsert");
+
+    // Near chunk 7's vector (seed 8), not identical.
+    let mut query = unit_vector(8);
+    for (q, noise) in query.iter_mut().zip(unit_vector(999)) {
+        *q += 0.05 * noise;
+    }
+    let hits = store
+        .search(SearchRequest::new(a.clone(), query.clone(), 5))
+        .await
+        .expect("search");
+    assert_eq!(hits.len(), 5);
+    assert_eq!(hits[0].payload.chunk_index, 7);
+    assert!(hits[0].score > 0.9, "score {}", hits[0].score);
+    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    assert!(hits.iter().all(|h| h.payload.tenant_id == "tenant-a"));
+    // More than the tenant has: only its 20.
+    let all = store
+        .search(SearchRequest::new(a.clone(), query.clone(), 100))
+        .await
+        .expect("search");
+    assert_eq!(all.len(), 20);
+    assert!(all.iter().all(|h| h.payload.tenant_id == "tenant-a"));
+    assert!(
+        store
+            .search(SearchRequest::new(tenant("nobody"), query.clone(), 5))
+            .await
+            .expect("search")
+            .is_empty()
+    );
+    assert!(
+        store
+            .search(SearchRequest::new(a.clone(), query.clone(), 0))
+            .await
+            .expect("search")
+            .is_empty()
+    );
+
+    // Deleting A's document (all of it, or only other revisions) leaves B's alone.
+    store
+        .delete_document(
+            &a,
+            "doc",
+            Some(&Revision {
+                content_sha256: "other".into(),
+                version: Some(1),
+                chunk_count: 20,
+            }),
+        )
+        .await
+        .expect("delete");
+    assert_eq!(store.count(&a, Some("doc")).await.expect("count"), 0);
+    assert_eq!(store.count(&b, Some("doc")).await.expect("count"), 20);
+    store
+        .delete_document(&b, "doc", None)
+        .await
+        .expect("delete");
+    assert_eq!(store.count(&b, None).await.expect("count"), 0);
+
+    // first_chunk never returns another tenant's point.
+    store
+        .upsert(points(&b, "doc", 2, "a", 1, 40))
+        .await
+        .expect("upsert");
+    assert_eq!(store.first_chunk(&a, "doc").await.expect("read"), None);
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// `purge_tenant` removes every point of one tenant and nothing of another.
+async fn purge_tenant_removes_only_that_tenant<B: Backend>(backend: B) {
+    let store = open(&backend).await;
+    let a = tenant("acme");
+    let g = tenant("globex");
+    for (i, d) in ["d1", "d2", "d3"].into_iter().enumerate() {
+        store
+            .upsert(points(&a, d, 4, "a", i as u64 * 10, 40))
+            .await
+            .expect("upsert");
+        store
+            .upsert(points(&g, d, 3, "a", i as u64 * 10, 40))
+            .await
+            .expect("upsert");
+    }
+    assert_eq!(store.count(&a, None).await.expect("count"), 12);
+
+    store.purge_tenant(&a).await.expect("purge");
+    assert_eq!(store.count(&a, None).await.expect("count"), 0);
+    assert_eq!(store.first_chunk(&a, "d1").await.expect("read"), None);
+    assert!(
+        store
+            .search(SearchRequest::new(a.clone(), unit_vector(1), 10))
+            .await
+            .expect("search")
+            .is_empty()
+    );
+    assert_eq!(store.count(&g, None).await.expect("count"), 9);
+    assert_eq!(store.count(&g, Some("d2")).await.expect("count"), 3);
+
+    // Purging again, or a tenant without points, is fine.
+    store.purge_tenant(&a).await.expect("purge");
+    store.purge_tenant(&tenant("nobody")).await.expect("purge");
+    assert_eq!(store.count(&g, None).await.expect("count"), 9);
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// Exact metadata matches (string, integer, boolean) and the score threshold narrow results,
+/// in the store and through the search library; hits carry version and byte range.
+async fn metadata_filter_and_score_threshold<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, _) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+
+    let docs = [
+        (
+            "retries",
+            "Retry policy",
+            2024,
+            true,
+            "A client should wait with exponential backoff and jitter before retrying a failed request to a busy server.",
+        ),
+        (
+            "backoff",
+            "Retry policy draft",
+            2023,
+            false,
+            "Backoff delays double after each failed attempt, up to a ceiling, so that overloaded servers can recover.",
+        ),
+        (
+            "pasta",
+            "Cooking",
+            2024,
+            false,
+            "Boil the pasta in salted water for nine minutes and keep a cup of the starchy water for the sauce.",
+        ),
+    ];
+    for (id, title, year, published, text) in docs {
+        let mut d = doc("acme", id, text, Some(3));
+        d.metadata.insert("title".into(), serde_json::json!(title));
+        d.metadata.insert("year".into(), serde_json::json!(year));
+        d.metadata
+            .insert("published".into(), serde_json::json!(published));
+        pipeline.process(&d).await.expect("process");
+    }
+    // Another tenant with the same title never shows up.
+    let mut foreign = doc("globex", "retries", docs[0].4, Some(1));
+    foreign
+        .metadata
+        .insert("title".into(), serde_json::json!("Retry policy"));
+    pipeline.process(&foreign).await.expect("process");
+
+    let searcher = Searcher::new(common::embedder(), Arc::clone(&store));
+    let query = "how long to wait before trying a request again";
+
+    let hits = searcher
+        .search_with(
+            "acme",
+            query,
+            &SearchOptions::new(10).metadata_eq("title", "Retry policy"),
+        )
+        .await
+        .expect("search");
+    assert_eq!(hits.len(), 1, "{hits:#?}");
+    assert_eq!(hits[0].document_id, "retries");
+    assert_eq!(hits[0].version, Some(3));
+    assert_eq!(hits[0].byte_range, 0..docs[0].4.len());
+    assert_eq!(hits[0].text, docs[0].4);
+
+    // Exact, not a substring or token match.
+    let hits = searcher
+        .search_with(
+            "acme",
+            query,
+            &SearchOptions::new(10).metadata_eq("title", "Retry"),
+        )
+        .await
+        .expect("search");
+    assert!(hits.is_empty(), "{hits:#?}");
+
+    // Integer and boolean values; several conditions must all hold.
+    let hits = searcher
+        .search_with(
+            "acme",
+            query,
+            &SearchOptions::new(10).metadata_eq("year", 2024i64),
+        )
+        .await
+        .expect("search");
+    let mut ids: Vec<&str> = hits.iter().map(|h| h.document_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["pasta", "retries"]);
+    let hits = searcher
+        .search_with(
+            "acme",
+            query,
+            &SearchOptions::new(10)
+                .metadata_eq("year", 2024i64)
+                .metadata_eq("published", false),
+        )
+        .await
+        .expect("search");
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].document_id, "pasta");
+
+    // Score threshold: between the best (a retry document) and the worst (pasta).
+    let all = searcher
+        .search_with("acme", query, &SearchOptions::new(10))
+        .await
+        .expect("search");
+    assert_eq!(all.len(), 3);
+    assert_ne!(all[0].document_id, "pasta");
+    assert_eq!(all[2].document_id, "pasta");
+    let threshold = (all[1].score + all[2].score) / 2.0;
+    let above = searcher
+        .search_with("acme", query, &SearchOptions::new(10).min_score(threshold))
+        .await
+        .expect("search");
+    assert_eq!(above.len(), 2, "threshold {threshold}: {above:#?}");
+    assert!(above.iter().all(|h| h.score >= threshold));
+    let none = searcher
+        .search_with("acme", query, &SearchOptions::new(10).min_score(0.999))
+        .await
+        .expect("search");
+    assert!(none.is_empty(), "{none:#?}");
+
+    // The store itself: an exact synthetic hit scores ~1 and passes a high threshold.
+    store
+        .upsert(points(&a, "synthetic", 3, "s", 500, 40))
+        .await
+        .expect("upsert");
+    let request = SearchRequest {
+        min_score: Some(0.99),
+        ..SearchRequest::new(a.clone(), unit_vector(501), 10)
+    };
+    let hits = store.search(request).await.expect("search");
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].payload.document_id, "synthetic");
+    assert_eq!(hits[0].payload.chunk_index, 1);
+    let request = SearchRequest {
+        filter: SearchFilter::default().metadata_eq("title", "synthetic title"),
+        ..SearchRequest::new(a.clone(), unit_vector(7), 10)
+    };
+    assert_eq!(store.search(request).await.expect("search").len(), 3);
+
+    // Invalid filters are refused, not ignored.
+    let request = SearchRequest {
+        filter: SearchFilter::default().metadata_eq("title.nested", "x"),
+        ..SearchRequest::new(a.clone(), unit_vector(7), 10)
+    };
+    assert!(matches!(
+        store.search(request).await,
+        Err(StoreError::Rejected(_))
+    ));
+    let request = SearchRequest {
+        min_score: Some(f32::NAN),
+        ..SearchRequest::new(a.clone(), unit_vector(7), 10)
+    };
+    assert!(matches!(
+        store.search(request).await,
+        Err(StoreError::Rejected(_))
+    ));
+
+    drop(pipeline);
+    drop(searcher);
+    drop(store);
+    backend.finish().await;
+}
+
+/// A collection records its embedder: another fingerprint refuses to open and says what
+/// differs; the original one opens and finds its data.
+async fn a_fingerprint_mismatch_refuses_to_open<B: Backend>(backend: B) {
+    let a = tenant("acme");
+    let fingerprint = model_fingerprint();
+    {
+        let store = open(&backend).await;
+        store
+            .upsert(points(&a, "d1", 2, "a", 0, 40))
+            .await
+            .expect("upsert");
+    }
+
+    let other_model = Fingerprint {
+        model: "other/model".to_owned(),
+        ..fingerprint.clone()
+    };
+    match backend.open(&other_model, BatchLimits::default()).await {
+        Err(StoreError::FingerprintMismatch {
+            stored,
+            expected,
+            differs,
+            ..
+        }) => {
+            assert_eq!(stored, fingerprint.id());
+            assert_eq!(expected, other_model.id());
+            assert!(differs.contains("model"), "{differs}");
+            assert!(differs.contains("other/model"), "{differs}");
+        }
+        Err(other) => panic!("expected FingerprintMismatch, got {other:?}"),
+        Ok(_) => panic!("a store with another embedder must not open"),
+    }
+    let bigger = Fingerprint {
+        dims: 768,
+        ..fingerprint.clone()
+    };
+    match backend.open(&bigger, BatchLimits::default()).await {
+        Err(e @ StoreError::FingerprintMismatch { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("dims") || text.contains("vector size"),
+                "{text}"
+            );
+        }
+        Err(other) => panic!("expected FingerprintMismatch, got {other:?}"),
+        Ok(_) => panic!("a store with another dimension must not open"),
+    }
+    let raw = Fingerprint {
+        normalized: false,
+        ..fingerprint.clone()
+    };
+    assert!(matches!(
+        backend.open(&raw, BatchLimits::default()).await,
+        Err(StoreError::FingerprintMismatch { .. })
+    ));
+
+    let store = open(&backend).await;
+    assert_eq!(store.count(&a, None).await.expect("count"), 2);
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// An upsert larger than the byte cap is split into several requests and every point is
+/// stored; a single point above the cap is refused and nothing of its batch is written.
+async fn a_batch_over_the_byte_cap_is_split_and_fully_stored<B: Backend>(backend: B) {
+    // Each synthetic point: 1536 bytes of vector + ~1.3 KB payload; 8 KiB holds a few.
+    let limits = BatchLimits {
+        max_points: 1000,
+        max_bytes: 8 * 1024,
+    };
+    let store = Arc::new(
+        backend
+            .open(&model_fingerprint(), limits)
+            .await
+            .expect("store opens"),
+    );
+    let a = tenant("acme");
+
+    let many = points(&a, "big", 40, "a", 0, 1000);
+    store.upsert(many).await.expect("split upsert");
+    assert_eq!(store.count(&a, Some("big")).await.expect("count"), 40);
+    for i in [0, 17, 39] {
+        let hits = store
+            .search(SearchRequest::new(a.clone(), unit_vector(i), 1))
+            .await
+            .expect("search");
+        assert_eq!(hits[0].payload.chunk_index, i as usize);
+    }
+
+    // The point cap splits too.
+    let limits = BatchLimits {
+        max_points: 3,
+        max_bytes: 1024 * 1024,
+    };
+    drop(store);
+    let store = Arc::new(
+        backend
+            .open(&model_fingerprint(), limits)
+            .await
+            .expect("store opens"),
+    );
+    store
+        .upsert(points(&a, "many", 10, "a", 100, 40))
+        .await
+        .expect("split upsert");
+    assert_eq!(store.count(&a, Some("many")).await.expect("count"), 10);
+
+    // Through the pipeline: a 10-chunk document with a cap of ~2 chunks per request.
+    drop(store);
+    let limits = BatchLimits {
+        max_points: 1000,
+        max_bytes: 6 * 1024,
+    };
+    let store = Arc::new(
+        backend
+            .open(&model_fingerprint(), limits)
+            .await
+            .expect("store opens"),
+    );
+    let (pipeline, _) = pipeline(Arc::clone(&store));
+    let long = doc("acme", "long", &paragraphs("atlas", 10), Some(1));
+    assert_eq!(
+        pipeline.process(&long).await.expect("process"),
+        Processed::Stored { chunks: 10 }
+    );
+    assert_eq!(store.count(&a, Some("long")).await.expect("count"), 10);
+
+    // One point alone above the cap: refused, nothing of the batch written.
+    let mut oversized = points(&a, "huge", 3, "a", 300, 100);
+    oversized[1].payload.text = "y".repeat(10 * 1024);
+    match store.upsert(oversized).await {
+        Err(StoreError::Rejected(message)) => {
+            assert!(message.contains("max_batch_bytes"), "{message}");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert_eq!(store.count(&a, Some("huge")).await.expect("count"), 0);
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+/// Writes the store refuses (wrong dimension, non-finite values, versions too large to
+/// compare) are refused whole.
+async fn refused_writes_change_nothing<B: Backend>(backend: B) {
+    let store = open(&backend).await;
+    let a = tenant("acme");
+
+    let mut short = points(&a, "d1", 3, "a", 0, 40);
+    short[2].vector.pop();
+    match store.upsert(short).await {
+        Err(StoreError::Dimension { expected, got }) => {
+            assert_eq!((expected, got), (DIMS, DIMS - 1));
+        }
+        other => panic!("expected a Dimension error, got {other:?}"),
+    }
+    let mut nan = points(&a, "d1", 2, "a", 0, 40);
+    nan[0].vector[0] = f32::NAN;
+    assert!(matches!(
+        store.upsert(nan).await,
+        Err(StoreError::Rejected(_))
+    ));
+    let mut huge_version = points(&a, "d1", 2, "a", 0, 40);
+    huge_version[1].payload.version = Some(u64::MAX);
+    assert!(matches!(
+        store.upsert(huge_version).await,
+        Err(StoreError::Rejected(_))
+    ));
+    assert_eq!(store.count(&a, None).await.expect("count"), 0);
+    assert!(matches!(
+        store
+            .search(SearchRequest::new(a.clone(), vec![0.5; DIMS + 1], 3))
+            .await,
+        Err(StoreError::Dimension { .. })
+    ));
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// A point stored under one tenant's id whose payload claims another tenant is refused, not
+/// returned, and invisible to the other tenant.
+async fn a_forged_payload_is_never_returned_to_another_tenant<B: Backend>(backend: B) {
+    let store = open(&backend).await;
+    let a = tenant("acme");
+    let g = tenant("globex");
+
+    let mut forged = points(&g, "d1", 1, "a", 1, 40);
+    forged[0].id = point_id(&a, "d1", 0);
+    store.upsert(forged).await.expect("upsert");
+
+    assert!(matches!(
+        store.first_chunk(&a, "d1").await,
+        Err(StoreError::Rejected(_))
+    ));
+    assert_eq!(store.first_chunk(&g, "d1").await.expect("read"), None);
+    // Searches filter on the payload's tenant: the point is globex's, never acme's.
+    assert!(
+        store
+            .search(SearchRequest::new(a.clone(), unit_vector(1), 5))
+            .await
+            .expect("search")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .search(SearchRequest::new(g.clone(), unit_vector(1), 5))
+            .await
+            .expect("search")
+            .len(),
+        1
+    );
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// A store whose next upsert writes only its first `partial` points, then fails transiently
+/// (a write interrupted between two batches).
+struct Interrupting<S> {
+    inner: Arc<S>,
+    partial: std::sync::Mutex<Option<usize>>,
+}
+
+impl<S: VectorStore> VectorStore for Interrupting<S> {
+    async fn upsert(&self, mut points: Vec<ChunkPoint>) -> Result<(), StoreError> {
+        let partial = self.partial.lock().expect("lock").take();
+        if let Some(n) = partial {
+            points.truncate(n);
+            self.inner.upsert(points).await?;
+            return Err(StoreError::Unavailable("interrupted".into()));
+        }
+        self.inner.upsert(points).await
+    }
+
+    async fn first_chunk(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+    ) -> Result<Option<ChunkPayload>, StoreError> {
+        self.inner.first_chunk(tenant, document_id).await
+    }
+
+    async fn delete_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        keep: Option<&Revision>,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_document(tenant, document_id, keep).await
+    }
+
+    async fn relabel_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .relabel_document(tenant, document_id, revision, version, metadata)
+            .await
+    }
+
+    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        self.inner.purge_tenant(tenant).await
+    }
+
+    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
+        self.inner.search(request).await
+    }
+
+    async fn count(
+        &self,
+        tenant: &TenantId,
+        document_id: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        self.inner.count(tenant, document_id).await
+    }
+}
+
+/// A new revision whose write was cut off halfway is not mistaken for stored: the retry
+/// embeds and writes it completely (chunk 0, which identifies the stored revision, is written
+/// last), and the old revision's extra chunks are removed.
+async fn an_interrupted_write_is_completed_by_the_retry<B: Backend>(backend: B) {
+    let inner = Arc::new(open(&backend).await);
+    let store = Arc::new(Interrupting {
+        inner: Arc::clone(&inner),
+        partial: std::sync::Mutex::new(None),
+    });
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+
+    let v1 = doc("acme", "atlas", &paragraphs("island", 4), Some(1));
+    pipeline.process(&v1).await.expect("process");
+    let v2_text = paragraphs("volcano", 6);
+    let v2 = doc("acme", "atlas", &v2_text, Some(2));
+
+    *store.partial.lock().expect("lock") = Some(3);
+    let failure = pipeline.process(&v2).await.expect_err("interrupted");
+    assert!(failure.kind.is_transient(), "{failure}");
+    let calls = embedder.calls();
+    // Chunk 0 still names revision 1.
+    let first = inner
+        .first_chunk(&a, "atlas")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(first.version, Some(1));
+
+    assert_eq!(
+        pipeline.process(&v2).await.expect("process"),
+        Processed::Stored { chunks: 6 }
+    );
+    assert_eq!(embedder.calls(), calls + 1, "the retry embeds again");
+    let chunks = stored_chunks(&*inner, &a, "atlas").await;
+    assert_eq!(chunks.len(), 6);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.version == Some(2) && c.text.contains("volcano")),
+        "{chunks:#?}"
+    );
+
+    drop(pipeline);
+    drop(store);
+    drop(inner);
+    backend.finish().await;
+}
