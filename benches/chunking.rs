@@ -32,10 +32,18 @@ fn corpus(ext: &str) -> String {
 fn bench(c: &mut Criterion) {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
     let embedder = CandleEmbedder::load(&model, 32).expect("run scripts/fetch-model.sh first");
-    let chunker = Chunker::new(embedder.tokenizer().clone(), 200, 20, embedder.max_input_tokens())
-        .expect("chunker");
+    let chunker = Chunker::new(
+        embedder.tokenizer().clone(),
+        200,
+        20,
+        embedder.max_input_tokens(),
+    )
+    .expect("chunker");
     let mut group = c.benchmark_group("chunking");
-    for (name, ext, format) in [("markdown", "md", ChunkFormat::Markdown), ("text", "txt", ChunkFormat::Text)] {
+    for (name, ext, format) in [
+        ("markdown", "md", ChunkFormat::Markdown),
+        ("text", "txt", ChunkFormat::Text),
+    ] {
         let doc = corpus(ext);
         group.throughput(Throughput::Bytes(doc.len() as u64));
         group.bench_function(name, |b| b.iter(|| chunker.split(&doc, format)));

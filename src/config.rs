@@ -78,6 +78,37 @@ pub struct PipelineConfig {
     /// Worker behaviour.
     #[serde(default)]
     pub worker: WorkerConfig,
+    /// The worker's metrics and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where the worker serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on; an empty string turns the endpoint off.
+    #[serde(default = "default_metrics_address")]
+    pub address: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            address: default_metrics_address(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The socket address to serve on, `None` when turned off. Validated at load time.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.address.parse().ok()
+    }
+}
+
+fn default_metrics_address() -> String {
+    "127.0.0.1:9464".into()
 }
 
 /// `[broker]`: the RabbitMQ connection.
@@ -889,6 +920,21 @@ impl PipelineConfig {
                 ),
             ));
         }
+        if !self.metrics.address.is_empty()
+            && self
+                .metrics
+                .address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(fail(
+                "metrics.address",
+                format!(
+                    "{:?} is not host:port with an IP address (e.g. 127.0.0.1:9464), nor \"\" to turn the endpoint off",
+                    self.metrics.address
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1140,6 +1186,11 @@ max_document_bytes = 1000
                 "limits.max_document_bytes",
             ),
             ("name = \"t\"", "name = \"a/b\"", "name"),
+            (
+                "max_document_bytes = 1000",
+                "max_document_bytes = 1000\n[metrics]\naddress = \"localhost\"",
+                "metrics.address",
+            ),
         ];
         for (from, to, field) in cases {
             let text = GOOD.replace(from, to);

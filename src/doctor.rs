@@ -55,7 +55,10 @@ pub async fn run(path: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
     let config = match PipelineConfig::load(path) {
         Ok(c) => {
-            checks.push(Check::pass("config", format!("{} is valid", path.display())));
+            checks.push(Check::pass(
+                "config",
+                format!("{} is valid", path.display()),
+            ));
             c
         }
         Err(e) => {

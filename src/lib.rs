@@ -3,8 +3,10 @@
 pub mod breaker;
 pub mod chunk;
 pub mod config;
+pub mod doctor;
 pub mod embed;
 pub mod error;
+pub mod health;
 pub mod message;
 pub mod process;
 pub mod queue;
@@ -14,5 +16,3 @@ pub mod setup;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
-pub mod health;
-pub mod doctor;

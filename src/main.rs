@@ -10,12 +10,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::Embedder;
+use rag_ingest::health::{self, Health};
 use rag_ingest::message::Document;
 use rag_ingest::queue::{DlqFilter, RunOptions, Submitter, Worker, inspect_dlq, reprocess};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 use rag_ingest::{setup, telemetry};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +85,9 @@ enum Command {
         /// With --exit-when-idle: milliseconds without deliveries before checking the queues.
         #[arg(long, default_value_t = 1000)]
         idle_grace_ms: u64,
+        /// host:port for /metrics, /healthz and /readyz (overrides metrics.address; "" = off).
+        #[arg(long)]
+        metrics_addr: Option<String>,
     },
     /// Publish documents (files, directories, or - for stdin) with publisher confirms.
     Submit {
@@ -103,6 +108,9 @@ enum Command {
         /// Metadata entries KEY=VALUE stored with every chunk (repeatable).
         #[arg(long = "meta", value_parser = parse_key_value)]
         metadata: Vec<(String, String)>,
+        /// Report the chunks and model tokens the documents would embed; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Files, directories (recursively: .md, .markdown, .txt, .text) or - for stdin.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -219,7 +227,8 @@ async fn run(command: Command) -> Result<ExitCode> {
             pipeline,
             exit_when_idle,
             idle_grace_ms,
-        } => worker(&pipeline, exit_when_idle, idle_grace_ms).await,
+            metrics_addr,
+        } => worker(&pipeline, exit_when_idle, idle_grace_ms, metrics_addr).await,
         Command::Submit {
             pipeline,
             tenant,
@@ -227,6 +236,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             content_type,
             version,
             metadata,
+            dry_run,
             paths,
         } => {
             let config = load(&pipeline)?;
@@ -240,7 +250,11 @@ async fn run(command: Command) -> Result<ExitCode> {
                         .insert(k.clone(), serde_json::Value::from(v.as_str()));
                 }
             }
-            submit(&config, docs).await
+            if dry_run {
+                dry_run_report(&config, &docs)
+            } else {
+                submit(&config, docs).await
+            }
         }
         Command::Search {
             pipeline,
@@ -418,15 +432,54 @@ async fn worker(
     pipeline: &PipelineArg,
     exit_when_idle: bool,
     idle_grace_ms: u64,
+    metrics_addr: Option<String>,
 ) -> Result<ExitCode> {
-    let config = load(pipeline)?;
-    let components = setup::pipeline(&config).await?;
-    let worker = Worker::new(config, components);
+    // Listen for signals before the (slow) start-up, so SIGTERM then is a clean exit too.
+    let mut shutdown = Box::pin(shutdown_signal()?);
+    let mut config = load(pipeline)?;
+    if let Some(addr) = metrics_addr {
+        config.metrics.address = addr;
+    }
+    let health = Health::new();
+    if !config.metrics.address.is_empty() {
+        let addr: std::net::SocketAddr = config.metrics.address.parse().with_context(|| {
+            format!(
+                "--metrics-addr {:?} is not host:port",
+                config.metrics.address
+            )
+        })?;
+        let handle = telemetry::metrics_handle(&config.name)?;
+        let bound = health::serve(addr, Arc::clone(&health), handle)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    }
+    let components = tokio::select! {
+        built = setup::pipeline(&config) => built?,
+        () = &mut shutdown => {
+            eprintln!("worker stopped during start-up: nothing was consumed");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    health.set_model_loaded(true);
+    let store = Arc::clone(components.store());
+    health.set_store_probe(Arc::new(move || {
+        let store = Arc::clone(&store);
+        Box::pin(async move {
+            let probe = TenantId::new("readyz-probe").map_err(|e| e.to_string())?;
+            store
+                .count(&probe, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }));
+    let worker = Worker::new(config, components).with_health(health);
     let options = RunOptions {
         exit_when_idle,
         idle_grace: Duration::from_millis(idle_grace_ms),
     };
-    let report = worker.run(options, shutdown_signal()).await?;
+    let report = worker.run(options, shutdown).await?;
     eprintln!(
         "worker stopped: stored={} unchanged={} stale={} deleted={} retried={} dead_lettered={} reconnects={}",
         report.stored,
@@ -440,22 +493,18 @@ async fn worker(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Completes on the first SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 fn spinner(message: &'static str) -> ProgressBar {
@@ -577,6 +626,38 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// Chunks every document with the pipeline's chunker and prints what embedding it would cost.
+fn dry_run_report(config: &PipelineConfig, docs: &[Document]) -> Result<ExitCode> {
+    let embedder = setup::embedder(config)?;
+    let chunker = setup::chunker_for(config, &embedder)?;
+    let (mut chunks, mut tokens) = (0usize, 0usize);
+    for doc in docs {
+        let format = doc.format().with_context(|| {
+            format!(
+                "{}: content type {} is not supported",
+                doc.document_id, doc.content_type
+            )
+        })?;
+        let pieces = chunker.split(&doc.content, format);
+        let doc_tokens: usize = pieces.iter().map(|c| c.tokens).sum();
+        println!(
+            "{}\t{} chunk(s)\t{} token(s)",
+            doc.document_id,
+            pieces.len(),
+            doc_tokens
+        );
+        chunks += pieces.len();
+        tokens += doc_tokens;
+    }
+    println!(
+        "dry run: {} document(s) for tenant {} would embed {chunks} chunk(s), {tokens} token(s) with {}; nothing was published",
+        docs.len(),
+        docs.first().map(|d| d.tenant.as_str()).unwrap_or("-"),
+        embedder.fingerprint().model
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn submit(config: &PipelineConfig, docs: Vec<Document>) -> Result<ExitCode> {

@@ -21,6 +21,7 @@
 //! retries and dead letters.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
@@ -29,6 +30,7 @@ use crate::embed::{EmbedError, Embedder};
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
 use crate::store::{ChunkPayload, ChunkPoint, Revision, StoreError, VectorStore, point_id};
+use crate::telemetry::names;
 
 /// A processing failure: what kind, at which stage, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,9 @@ pub struct Failure {
     pub stage: Stage,
     /// Human-readable cause (never contains secrets).
     pub reason: String,
+    /// The failure was a circuit breaker refusing the call: the dependency is known to be
+    /// down, so the attempt says nothing about this message and is not counted.
+    pub circuit_open: bool,
 }
 
 impl Failure {
@@ -49,13 +54,18 @@ impl Failure {
             kind,
             stage,
             reason: reason.into(),
+            circuit_open: false,
         }
     }
 }
 
 impl From<EmbedError> for Failure {
     fn from(e: EmbedError) -> Self {
-        Failure::new(e.kind(), Stage::Embed, e.to_string())
+        let circuit_open = matches!(e, EmbedError::CircuitOpen { .. });
+        Failure {
+            circuit_open,
+            ..Failure::new(e.kind(), Stage::Embed, e.to_string())
+        }
     }
 }
 
@@ -202,7 +212,22 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             ));
         }
         let texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
-        let vectors = self.embedder.embed(texts).await?;
+        let started = Instant::now();
+        let (vectors, usage) = self.embedder.embed_with_usage(texts).await?;
+        metrics::histogram!(names::EMBED_SECONDS).record(started.elapsed().as_secs_f64());
+        let tokens = if usage.prompt_tokens > 0 {
+            usage.prompt_tokens
+        } else {
+            chunks.iter().map(|c| c.tokens as u64).sum()
+        };
+        metrics::counter!(names::CHUNKS_EMBEDDED).increment(chunks.len() as u64);
+        metrics::counter!(
+            names::TOKENS_EMBEDDED,
+            "tenant" => doc.tenant.as_str().to_string(),
+            "provider" => usage.provider.clone()
+        )
+        .increment(tokens);
+        tracing::info!(tokens, provider = %usage.provider, chunks = chunks.len(), "chunks embedded");
         let dims = self.embedder.fingerprint().dims;
         if vectors.len() != chunks.len() {
             return Err(Failure::new(
@@ -252,7 +277,10 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             .collect();
         // Chunk 0 identifies the stored revision: write it last (stores write in order).
         points.rotate_left(1);
+        let started = Instant::now();
         self.store.upsert(points).await?;
+        metrics::histogram!(names::STORE_SECONDS, "op" => "upsert")
+            .record(started.elapsed().as_secs_f64());
         let revision = Revision {
             content_sha256: sha,
             version: doc.version,

@@ -52,11 +52,14 @@ pub mod names {
     pub const LAST_SUCCESS: &str = "rag_ingest_last_success_timestamp_seconds";
 }
 
-/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// Installs the process-wide Prometheus recorder with the global label `pipeline` (once;
+/// later calls return the same handle, with the first call's label).
 ///
 /// Fails only if another metrics recorder was installed by someone else.
-pub fn metrics_handle()
--> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+pub fn metrics_handle(
+    pipeline: &str,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError>
+{
     use std::sync::Mutex;
     static HANDLE: Mutex<Option<metrics_exporter_prometheus::PrometheusHandle>> = Mutex::new(None);
     let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
@@ -68,6 +71,7 @@ pub fn metrics_handle()
     ];
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&buckets)?
+        .add_global_label("pipeline", pipeline)
         .install_recorder()?;
     *slot = Some(handle.clone());
     Ok(handle)

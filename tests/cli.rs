@@ -15,7 +15,7 @@ fn write_config(t: &TestPipeline) -> std::path::PathBuf {
     let c = &t.config;
     let path = t.dir.path().join("pipeline.toml");
     let text = format!(
-        "name = \"{}\"\n[broker]\nurl = \"{}\"\nprefetch = 8\n[tenants]\nallowed = [\"acme\", \"globex\"]\n[chunking]\nmax_tokens = 64\noverlap = 8\n[embedder]\nkind = \"candle\"\nmodel_dir = \"{}\"\nbatch_size = 16\n[store]\nkind = \"edge\"\npath = \"{}\"\ncollection = \"c\"\n[limits]\nmax_document_bytes = 100000\n",
+        "name = \"{}\"\n[broker]\nurl = \"{}\"\nprefetch = 8\n[tenants]\nallowed = [\"acme\", \"globex\"]\n[chunking]\nmax_tokens = 64\noverlap = 8\n[embedder]\nkind = \"candle\"\nmodel_dir = \"{}\"\nbatch_size = 16\n[store]\nkind = \"edge\"\npath = \"{}\"\ncollection = \"c\"\n[limits]\nmax_document_bytes = 100000\n[metrics]\naddress = \"\"\n",
         c.name,
         c.broker.url,
         c.embedder.model_dir.display(),
@@ -144,4 +144,58 @@ async fn submit_worker_search_through_the_binary() {
     assert_eq!(lines[0].len(), 384);
 
     t.delete_queues().await;
+}
+
+#[tokio::test]
+async fn submit_dry_run_counts_chunks_and_tokens_and_publishes_nothing() {
+    let t = TestPipeline::new("cli-dry", "");
+    let path = write_config(&t);
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/globex");
+    let out = bin()
+        .args(["submit", "--dry-run", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "globex"])
+        .arg(&docs)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("dry run: 4 document(s)"), "{stdout}");
+    let tokens: usize = stdout
+        .lines()
+        .filter(|l| l.contains(" token(s)") && !l.starts_with("dry run"))
+        .map(|l| {
+            l.split('\t')
+                .nth(2)
+                .and_then(|c| c.split(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .expect("count")
+        })
+        .sum();
+    assert!(tokens > 100, "{stdout}");
+    assert!(
+        stdout.contains(&format!("{tokens} token(s) with")),
+        "{stdout}"
+    );
+    // Nothing was published: the pipeline's queue was never even declared.
+    let conn =
+        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.expect("channel");
+    let exists = ch
+        .queue_declare(
+            rag_ingest::queue::Topology::new(&t.config)
+                .main_queue()
+                .as_str()
+                .into(),
+            lapin::options::QueueDeclareOptions::durable().passive(),
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    assert!(exists.is_err(), "a dry run must not touch the broker");
 }

@@ -24,9 +24,16 @@ fn doctor(t: &TestPipeline, env: &[(&str, String)]) -> (Output, String) {
 async fn a_healthy_pipeline_passes_every_check() {
     let t = TestPipeline::new("doctor-ok", "");
     let (out, stdout) = doctor(&t, &[]);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for name in ["config", "broker", "model", "store"] {
-        assert!(stdout.contains(&format!("✓ {name}:")), "{name} missing:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("✓ {name}:")),
+            "{name} missing:\n{stdout}"
+        );
     }
     assert!(!stdout.contains('✗'), "{stdout}");
     t.delete_queues().await;
@@ -37,7 +44,10 @@ fn a_wrong_amqp_url_fails_the_broker_check() {
     let t = TestPipeline::new("doctor-amqp", "");
     let (out, stdout) = doctor(
         &t,
-        &[("RAG_INGEST_AMQP_URL", "amqp://guest:Secret-9@127.0.0.1:1/%2f".into())],
+        &[(
+            "RAG_INGEST_AMQP_URL",
+            "amqp://guest:Secret-9@127.0.0.1:1/%2f".into(),
+        )],
     );
     assert!(!out.status.success());
     assert!(stdout.contains("✗ broker:"), "{stdout}");
@@ -49,7 +59,10 @@ fn a_wrong_amqp_url_fails_the_broker_check() {
 fn a_missing_model_fails_the_model_check() {
     let t = TestPipeline::new("doctor-model", "");
     let missing = t.dir.path().join("no-model");
-    let (out, stdout) = doctor(&t, &[("RAG_INGEST_MODEL_DIR", missing.display().to_string())]);
+    let (out, stdout) = doctor(
+        &t,
+        &[("RAG_INGEST_MODEL_DIR", missing.display().to_string())],
+    );
     assert!(!out.status.success());
     assert!(stdout.contains("✗ model:"), "{stdout}");
     assert!(stdout.contains("scripts/fetch-model.sh"), "{stdout}");
@@ -64,7 +77,9 @@ async fn a_collection_of_another_embedder_fails_the_store_check() {
         pooling: "mean".into(),
         normalized: true,
     };
-    drop(EdgeStore::open(&t.config.store.path, &t.config.store.collection, &other).expect("create"));
+    drop(
+        EdgeStore::open(&t.config.store.path, &t.config.store.collection, &other).expect("create"),
+    );
     let (out, stdout) = doctor(&t, &[]);
     assert!(!out.status.success());
     assert!(stdout.contains("✓ model:"), "{stdout}");

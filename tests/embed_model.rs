@@ -187,13 +187,28 @@ fn batch_equals_one_by_one() {
         "ok",
         "The final sentence of the batch, longer than most of the others in it.",
     ];
-    // 11 texts with batch size 8: two sub-batches, each padded.
+    // Mixed lengths in one forward pass (packed without padding).
     let batch = embedder().embed_blocking(&texts).expect("embed batch");
     assert_eq!(batch.len(), texts.len());
     for (text, vector) in texts.iter().zip(&batch) {
         let single = embed_one(text);
         let diff = max_abs_diff(vector, &single);
         assert!(diff < 1e-5, "{text:?}: batch differs by {diff}");
+    }
+}
+
+#[test]
+fn sub_batches_equal_one_by_one() {
+    // Ten full-length texts exceed the budget of 8 × 256 tokens: two forward passes.
+    let texts: Vec<String> = (0..10)
+        .map(|i| format!("Text {i} talks about queues and vector stores. ").repeat(40))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batch = embedder().embed_blocking(&refs).expect("embed batch");
+    assert_eq!(batch.len(), texts.len());
+    for (text, vector) in refs.iter().zip(&batch) {
+        let diff = max_abs_diff(vector, &embed_one(text));
+        assert!(diff < 1e-5, "batch differs by {diff}");
     }
 }
 

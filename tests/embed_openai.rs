@@ -1079,3 +1079,199 @@ max_input_tokens = 256
 fn parse(text: &str) -> Result<PipelineConfig, ConfigError> {
     PipelineConfig::from_toml_str(text, Path::new("test.toml"), Path::new("/base"), |_| None)
 }
+
+/// Provider down during a run through the real broker: the breaker opens, the worker stops
+/// taking messages (they stay queued, none is dead-lettered, no attempt is burned), and once
+/// the provider is back everything is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_outage_through_the_broker_pauses_the_worker_and_loses_nothing() {
+    use rag_ingest::queue::{RunOptions, Submitter, Topology, Worker};
+    use rag_ingest::store::VectorStore;
+
+    let server = Server::start().await;
+    server.set_default(Some(openai_error(503, "model is loading")));
+    let mut o = options(&server);
+    o.rate_limit_retries = 0;
+    o.breaker = BreakerConfig {
+        failure_threshold: 2,
+        open_for: Duration::from_millis(500),
+    };
+    let remote = Arc::new(remote(o));
+    let t = common::TestPipeline::new(
+        "outage",
+        "[retry]\nmax_attempts = 3\nin_process_retries = 1\nbackoff_min_ms = 5\nbackoff_max_ms = 10\ndelays_ms = [100]",
+    );
+    let chunker = setup::chunker(&t.config, &common::embedder()).expect("chunker");
+    let store = Arc::new(setup::open_store(&t.config, &fingerprint()).expect("store opens"));
+    let pipeline = rag_ingest::process::Pipeline::new(
+        Arc::new(chunker),
+        Arc::clone(&remote),
+        Arc::clone(&store),
+    );
+    let docs = common::short_docs("acme", "outage", 5);
+    let submitter = Submitter::connect(&t.config)
+        .await
+        .expect("RabbitMQ must be running");
+    assert!(
+        submitter
+            .submit_all(&docs, |_, _| {})
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    submitter.close().await;
+
+    let worker = Worker::new(t.config.clone(), pipeline);
+    let run = tokio::spawn(async move {
+        worker
+            .run(
+                RunOptions {
+                    exit_when_idle: true,
+                    idle_grace: Duration::from_millis(300),
+                },
+                std::future::pending(),
+            )
+            .await
+    });
+
+    common::eventually(Duration::from_secs(30), "the breaker to open", || async {
+        remote.circuit_breaker().state() == BreakerState::Open
+    })
+    .await;
+    // While the provider is down, nothing reaches the DLQ and nothing is stored.
+    let topology = Topology::new(&t.config);
+    let outage_requests = server.requests();
+    for _ in 0..3 {
+        assert_eq!(
+            common::queue_len(&topology.dlq()).await,
+            0,
+            "nothing dead-lettered during the outage"
+        );
+        assert_eq!(store.count(&docs[0].tenant, None).await.expect("count"), 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        server.requests() <= outage_requests + 6,
+        "an open breaker sends only probes, not a storm: {} → {}",
+        outage_requests,
+        server.requests()
+    );
+
+    // The provider is back: everything is stored, still nothing dead-lettered.
+    server.set_default(None);
+    let report = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the worker drains after the outage")
+        .expect("worker task")
+        .expect("worker ran");
+    assert_eq!(report.stored as usize, docs.len(), "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert_eq!(common::queue_len(&topology.dlq()).await, 0);
+    for doc in &docs {
+        assert!(
+            store
+                .first_chunk(&doc.tenant, &doc.document_id)
+                .await
+                .expect("read")
+                .is_some(),
+            "{} stored",
+            doc.document_id
+        );
+    }
+    t.delete_queues().await;
+}
+
+/// Runs `docs` through a worker whose embedder is `remote`, until the queues are drained.
+async fn drain_with_remote(
+    test: &str,
+    remote: Arc<OpenAiEmbedder>,
+    docs: &[rag_ingest::message::Document],
+) -> (
+    common::TestPipeline,
+    rag_ingest::queue::WorkerReport,
+    Arc<rag_ingest::store::EdgeStore>,
+) {
+    use rag_ingest::queue::{RunOptions, Submitter, Worker};
+    let t = common::TestPipeline::new(
+        test,
+        "[retry]\nmax_attempts = 2\nin_process_retries = 1\nbackoff_min_ms = 5\nbackoff_max_ms = 10\ndelays_ms = [100]",
+    );
+    let chunker = setup::chunker(&t.config, &common::embedder()).expect("chunker");
+    let store = Arc::new(setup::open_store(&t.config, &fingerprint()).expect("store opens"));
+    let pipeline =
+        rag_ingest::process::Pipeline::new(Arc::new(chunker), remote, Arc::clone(&store));
+    let submitter = Submitter::connect(&t.config)
+        .await
+        .expect("RabbitMQ must be running");
+    assert!(
+        submitter
+            .submit_all(docs, |_, _| {})
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    submitter.close().await;
+    let report = tokio::time::timeout(
+        Duration::from_secs(120),
+        Worker::new(t.config.clone(), pipeline).run(
+            RunOptions {
+                exit_when_idle: true,
+                idle_grace: Duration::from_millis(300),
+            },
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("drains")
+    .expect("worker ran");
+    (t, report, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_provider_dead_letters_with_embedder_auth_and_no_retry_storm() {
+    use rag_ingest::queue::{DlqFilter, inspect_dlq};
+    use rag_ingest::store::VectorStore;
+    let server = Server::start().await;
+    server.set_default(Some(openai_error(401, "Incorrect API key provided")));
+    let remote = Arc::new(remote(options(&server)));
+    let docs = common::short_docs("acme", "auth", 2);
+    let (t, report, store) = drain_with_remote("auth", remote, &docs).await;
+    assert_eq!(report.dead_lettered, 2, "{report:?}");
+    assert_eq!(report.retried, 0, "permanent: no delayed retry");
+    assert_eq!(
+        server.requests(),
+        2,
+        "one request per message, no retry storm"
+    );
+    let (_, entries) = inspect_dlq(&t.config, &DlqFilter::default())
+        .await
+        .expect("dlq");
+    assert_eq!(entries.len(), 2);
+    for e in &entries {
+        assert_eq!(e.kind, "embedder_auth");
+        let reason = e.error.as_deref().unwrap_or_default();
+        assert!(reason.contains("Incorrect API key provided"), "{reason}");
+        assert!(!reason.contains(SECRET));
+    }
+    assert_eq!(store.count(&docs[0].tenant, None).await.expect("count"), 0);
+    t.delete_queues().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_dimension_dead_letters_with_dimension_mismatch_and_stores_nothing() {
+    use rag_ingest::queue::{DlqFilter, inspect_dlq};
+    use rag_ingest::store::VectorStore;
+    let server = Server::start().await;
+    server.set_default(Some(Answer::WrongDims(100)));
+    let remote = Arc::new(remote(options(&server)));
+    let docs = common::short_docs("acme", "dims", 1);
+    let (t, report, store) = drain_with_remote("dims", remote, &docs).await;
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let (_, entries) = inspect_dlq(&t.config, &DlqFilter::default())
+        .await
+        .expect("dlq");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].kind, "dimension_mismatch");
+    assert_eq!(store.count(&docs[0].tenant, None).await.expect("count"), 0);
+    t.delete_queues().await;
+}

@@ -29,7 +29,8 @@ use rag_ingest::queue::{
 };
 use rag_ingest::setup;
 use rag_ingest::store::{
-    ChunkPayload, ChunkPoint, EdgeStore, ScoredChunk, StoreError, VectorStore,
+    ChunkPayload, ChunkPoint, EdgeStore, Revision, ScoredChunk, SearchRequest, StoreError,
+    VectorStore,
 };
 use rag_ingest::tenant::TenantId;
 
@@ -149,6 +150,10 @@ impl VectorStore for FaultyStore {
         document_id: &str,
     ) -> Result<Option<ChunkPayload>, StoreError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        assert!(
+            !document_id.starts_with("poison"),
+            "injected panic: processing {document_id} crashes the message task"
+        );
         if self.reject.load(Ordering::SeqCst) {
             return Err(StoreError::Rejected("injected permanent rejection".into()));
         }
@@ -160,21 +165,32 @@ impl VectorStore for FaultyStore {
         &self,
         tenant: &TenantId,
         document_id: &str,
-        keep_sha256: Option<&str>,
+        keep: Option<&Revision>,
     ) -> Result<(), StoreError> {
         self.random_fault("delete")?;
+        self.inner.delete_document(tenant, document_id, keep).await
+    }
+
+    async fn relabel_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), StoreError> {
+        self.random_fault("relabel")?;
         self.inner
-            .delete_document(tenant, document_id, keep_sha256)
+            .relabel_document(tenant, document_id, revision, version, metadata)
             .await
     }
 
-    async fn search(
-        &self,
-        tenant: &TenantId,
-        vector: Vec<f32>,
-        top_k: usize,
-    ) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.inner.search(tenant, vector, top_k).await
+    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        self.inner.purge_tenant(tenant).await
+    }
+
+    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
+        self.inner.search(request).await
     }
 
     async fn count(
@@ -916,6 +932,53 @@ async fn lose_nothing_unconfirmed_dlq_publish_keeps_the_source_message() {
         common::header(&raw[1].0, "x-error-kind").as_deref(),
         Some("store_rejected")
     );
+    t.delete_queues().await;
+}
+
+/// A poison message (its processing panics) does not stall the worker: the delivery is
+/// requeued, the worker keeps storing the other documents, and the broker's delivery limit
+/// dead-letters the poison message (kind delivery_limit, body intact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lose_nothing_poison_message_is_dead_lettered_by_the_delivery_limit() {
+    let t = TestPipeline::new("ln-poison", FAST);
+    let (pipeline, store) = faulty_pipeline(&t);
+    let topology = Topology::new(&t.config);
+    let poison = short_docs("acme", "poison", 1);
+    let good = short_docs("globex", "fine", 5);
+    submit(&t, &poison).await;
+    submit(&t, &good).await;
+    let (stop, worker) = spawn_worker(&t, &pipeline);
+    let dlq = topology.dlq();
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while queue_len(&dlq).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let main = topology.main_queue();
+    eventually(
+        Duration::from_secs(30),
+        "the good documents done",
+        || async { queue_len(&main).await == 0 && store.upserts_done.load(Ordering::SeqCst) >= 5 },
+    )
+    .await;
+    let _ = stop.send(());
+    let report = worker.await.expect("join").expect("worker");
+    assert!(
+        reached.is_ok(),
+        "the poison message reached the DLQ while the worker ran ({} deliveries): {report:?}",
+        store.reads.load(Ordering::SeqCst)
+    );
+    assert_eq!((report.stored, report.dead_lettered), (5, 0), "{report:?}");
+    assert_stored_once(&t, &*store, &good).await;
+    let raw = common::take_all(&dlq).await;
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0].1, poison[0].to_wire(), "body byte for byte");
+    assert_eq!(
+        common::header(&raw[0].0, "x-first-death-reason").as_deref(),
+        Some("delivery_limit")
+    );
+    assert_eq!(common::pending(&t.config).await, 0);
     t.delete_queues().await;
 }
 

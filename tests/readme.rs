@@ -16,13 +16,20 @@ fn every_error_kind_is_in_the_readme() {
         .map(|k| k.as_str())
         .filter(|k| !readme.contains(&format!("| `{k}` |")))
         .collect();
-    assert!(missing.is_empty(), "error kinds missing from the README's table: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "error kinds missing from the README's table: {missing:?}"
+    );
 }
 
 fn keys(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
     if let toml::Value::Table(table) = value {
         for (k, v) in table {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             if v.is_table() {
                 keys(&key, v, out);
             } else {
@@ -44,7 +51,10 @@ fn every_config_field_is_in_the_readme_and_commented_in_docs_toml() {
         .iter()
         .filter(|f| !readme.contains(&format!("| `{f}` |")))
         .collect();
-    assert!(missing.is_empty(), "config fields missing from the README's reference: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "config fields missing from the README's reference: {missing:?}"
+    );
 
     // Every field line in docs.toml is preceded by a comment line.
     let lines: Vec<&str> = text.lines().collect();

@@ -202,3 +202,28 @@ async fn signals_connection_closed_by_broker_worker_reconnects_and_finishes() {
     assert_all_stored_once(&t, &docs).await;
     t.delete_queues().await;
 }
+
+/// SIGTERM while the worker is still starting (model loaded, broker not yet consumed):
+/// it exits 0 like any other SIGTERM (the handlers are installed before start-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sigterm_during_startup_exits_zero() {
+    let (t, file) = setup_pipeline("sig-early", &docs("early", 2)).await;
+    let worker = WorkerProcess::start(&file, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while worker.count("embedding model loaded") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start-up:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    worker.signal("TERM");
+    let (status, log) = worker.wait_exit(Duration::from_secs(30)).await;
+    t.delete_queues().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM during start-up exits 0:\n{log}"
+    );
+}

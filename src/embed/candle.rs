@@ -18,6 +18,7 @@
 //! max_seq_length` tokens.
 
 use std::fmt;
+use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
@@ -265,7 +266,8 @@ impl Inner {
             .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
         let budget = self.batch_size.saturating_mul(self.max_seq_length);
         let mut vectors = Vec::with_capacity(texts.len());
-        for batch in token_budget_batches(&encodings, budget) {
+        for range in token_budget_batches(encodings.iter().map(Encoding::len), budget) {
+            let batch = &encodings[range];
             let sequences: Vec<Sequence<'_>> = batch
                 .iter()
                 .map(|e| Sequence {
@@ -290,19 +292,26 @@ impl Inner {
     }
 }
 
-/// Splits `encodings` into consecutive runs of at most `budget` tokens (a longer single
-/// encoding gets a run of its own). Runs are not padded, so their order does not matter.
-fn token_budget_batches(encodings: &[Encoding], budget: usize) -> Vec<&[Encoding]> {
+/// Splits sequences of the given lengths into consecutive index ranges of at most `budget`
+/// tokens (a longer single sequence gets a range of its own). Ranges are not padded, so the
+/// order of the sequences does not matter.
+fn token_budget_batches(
+    lengths: impl IntoIterator<Item = usize>,
+    budget: usize,
+) -> Vec<Range<usize>> {
     let mut batches = Vec::new();
-    let (mut start, mut tokens) = (0, 0);
-    for (i, encoding) in encodings.iter().enumerate() {
-        if i > start && tokens + encoding.len() > budget {
-            batches.push(&encodings[start..i]);
-            (start, tokens) = (i, 0);
+    let (mut start, mut end, mut tokens) = (0, 0, 0);
+    for length in lengths {
+        if end > start && tokens + length > budget {
+            batches.push(start..end);
+            (start, tokens) = (end, 0);
         }
-        tokens += encoding.len();
+        tokens += length;
+        end += 1;
     }
-    batches.push(&encodings[start..]);
+    if end > start {
+        batches.push(start..end);
+    }
     batches
 }
 
@@ -377,4 +386,23 @@ fn model_id(dir: &Path) -> String {
         .file_name()
         .map_or_else(|| "unknown".into(), |n| n.to_string_lossy());
     format!("sentence-transformers/{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_budget_batches;
+
+    #[test]
+    fn batches_respect_the_token_budget() {
+        assert!(token_budget_batches([], 10).is_empty());
+        assert_eq!(
+            token_budget_batches([4, 6, 1, 9, 3], 10),
+            [0..2, 2..4, 4..5]
+        );
+        // A sequence longer than the budget runs alone.
+        assert_eq!(token_budget_batches([2, 12, 3], 10), [0..1, 1..2, 2..3]);
+        let one = token_budget_batches([5, 5, 5], 100);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0], 0..3);
+    }
 }

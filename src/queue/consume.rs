@@ -9,32 +9,36 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_lite::StreamExt;
+use futures_lite::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Acker, Channel, Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::dlq::republish_failed;
 use super::headers::{H_ATTEMPTS, get_u64};
 use super::{QueueError, Topology};
+use crate::breaker::BreakerState;
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
+use crate::health::Health;
 use crate::message::{Rules, decode, peek_tenant};
 use crate::process::{Failure, Pipeline, Processed};
 use crate::retry::{tier_delay, with_retries};
 use crate::store::VectorStore;
+use crate::telemetry::names;
 
 /// How a worker run ends besides a signal.
 #[derive(Debug, Clone, Default)]
@@ -131,6 +135,7 @@ pub struct Worker<E, S> {
     topology: Topology,
     locks: Arc<DocLocks>,
     counters: Arc<Counters>,
+    health: Option<Arc<Health>>,
 }
 
 impl<E: Embedder, S: VectorStore> Worker<E, S> {
@@ -147,6 +152,19 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             rules: Arc::new(rules),
             locks: Arc::default(),
             counters: Arc::default(),
+            health: None,
+        }
+    }
+
+    /// Reports broker connectivity and breaker state to `health` (served on `/readyz`).
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    fn set_connected(&self, connected: bool) {
+        if let Some(h) = &self.health {
+            h.set_broker_connected(connected);
         }
     }
 
@@ -226,6 +244,8 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         mut shutdown: Pin<&mut (impl Future<Output = ()> + Send)>,
     ) -> Result<SessionEnd, QueueError> {
         let (conn, consume, publish) = self.connect().await?;
+        self.set_connected(true);
+        let breaker = self.pipeline.embedder().breaker();
         let tag = format!("rag-ingest-{}", uuid::Uuid::new_v4());
         let mut consumer = consume
             .basic_consume(
@@ -252,8 +272,22 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         // wins the `select!`, and a message moving from a retry tier back to the main queue
         // is briefly in neither.
         let mut empty_checks = 0u32;
+        let mut probe_ready = false;
         let end = loop {
             let can_take = tasks.len() < concurrency;
+            let breaker_open = breaker
+                .as_ref()
+                .is_some_and(|b| b.state() == BreakerState::Open);
+            // While the breaker is not closed, take one delivery each time it lets a call
+            // through (the probe); the others wait in the queue.
+            let gated = breaker
+                .as_ref()
+                .is_some_and(|b| b.state() != BreakerState::Closed);
+            if let (Some(b), Some(h)) = (&breaker, &self.health) {
+                h.set_breaker_open(b.name(), breaker_open);
+            }
+            metrics::gauge!(names::BREAKER_OPEN).set(if breaker_open { 1.0 } else { 0.0 });
+            metrics::gauge!(names::IN_FLIGHT).set(tasks.len() as f64);
             tokio::select! {
                 _ = shutdown.as_mut() => {
                     info!("shutdown requested: no new deliveries, finishing in-flight messages");
@@ -268,14 +302,26 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                             error!(error = %e, "could not settle a delivery; the channel is unusable");
                             break SessionEnd::Lost(e);
                         }
-                        Err(e) => error!(error = %e, "message task panicked; its delivery stays unacked"),
+                        Err(e) => error!(error = %e, "message task failed to complete; its delivery stays unacked until the channel closes"),
                     }
                 }
-                next = consumer.next(), if can_take => match next {
+                // While the embedder's breaker is open, take nothing: messages stay queued
+                // instead of burning attempts; the first delivery after the interval probes.
+                () = async {
+                    if let Some(b) = &breaker {
+                        b.ready().await;
+                    }
+                }, if gated && !probe_ready => {
+                    probe_ready = true;
+                    debug!("embedder breaker lets a probe through");
+                }
+                next = consumer.next(), if can_take && (!gated || probe_ready) => match next {
                     Some(Ok(delivery)) => {
+                        probe_ready = false;
                         last_activity = Instant::now();
                         empty_checks = 0;
-                        tasks.spawn(self.handle(delivery, publish.clone()));
+                        let acker = delivery.acker.clone();
+                        tasks.spawn(requeue_on_panic(self.handle(delivery, publish.clone()), acker));
                     }
                     Some(Err(e)) => break SessionEnd::Lost(QueueError::Amqp(e)),
                     None => break SessionEnd::Lost(QueueError::NotConfirmed {
@@ -302,6 +348,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             }
         };
 
+        self.set_connected(false);
         let _ = consume
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
@@ -398,6 +445,9 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                         Processed::Deleted => &counters.deleted,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(names::MESSAGES, "outcome" => done.label()).increment(1);
+                    metrics::gauge!(names::LAST_SUCCESS)
+                        .set(chrono::Utc::now().timestamp() as f64);
                     match &done {
                         Processed::Stored { chunks } => info!(chunks, outcome = "stored", "document stored"),
                         Processed::Stale { stored } => info!(stored_version = stored, outcome = "stale", "older version skipped"),
@@ -405,7 +455,11 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                     }
                 }
                 Err(failure) => {
-                    let retry = failure.kind.is_transient() && attempts < u64::from(config.retry.max_attempts);
+                    // A breaker refusal does not burn an attempt: the message waits in a
+                    // delay tier with its count unchanged until the dependency is back.
+                    let attempts = if failure.circuit_open { previous } else { attempts };
+                    let retry = failure.circuit_open
+                        || (failure.kind.is_transient() && attempts < u64::from(config.retry.max_attempts));
                     let queue = if retry {
                         topology.retry_queue(tier_delay(&config.retry, u32::try_from(attempts).unwrap_or(u32::MAX)))
                     } else {
@@ -418,10 +472,15 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                             .await;
                         return Err(e);
                     }
+                    let outcome = if retry { "retried" } else { "dead_lettered" };
+                    metrics::counter!(names::MESSAGES, "outcome" => outcome).increment(1);
                     if retry {
+                        metrics::counter!(names::RETRIES, "stage" => failure.stage.as_str(), "kind" => failure.kind.as_str())
+                            .increment(1);
                         counters.retried.fetch_add(1, Ordering::Relaxed);
                         warn!(kind = %failure.kind, stage = %failure.stage, error = %failure.reason, attempts, queue = %queue, "transient failure; scheduled a delayed retry");
                     } else {
+                        metrics::counter!(names::DEAD_LETTERED, "kind" => failure.kind.as_str()).increment(1);
                         counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         warn!(kind = %failure.kind, stage = %failure.stage, error = %failure.reason, attempts, "message dead-lettered");
                     }
@@ -435,5 +494,32 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             Ok(())
         }
         .instrument(span)
+    }
+}
+
+/// Runs one delivery's `work`; if it panics, hands the delivery back to the broker (nack with
+/// requeue) instead of leaving it unacked for the rest of the session. The redelivery counts
+/// against the main queue's `x-delivery-limit`, so a message that crashes its task every time
+/// ends in the DLQ (kind `delivery_limit`) rather than holding a prefetch slot forever (and,
+/// after `prefetch` such messages, stalling the worker).
+async fn requeue_on_panic(
+    work: impl Future<Output = Result<(), QueueError>>,
+    acker: Acker,
+) -> Result<(), QueueError> {
+    match AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            error!(
+                "message processing panicked; requeueing the delivery (past the delivery limit the broker dead-letters it)"
+            );
+            acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+                .map(|_| ())
+                .map_err(QueueError::Amqp)
+        }
     }
 }

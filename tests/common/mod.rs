@@ -78,10 +78,17 @@ collection = "c"
 [limits]
 max_document_bytes = 4096
 {extra}
+{metrics}
 "#,
             url = amqp_url(),
             model = model_dir().display(),
             store = dir.path().join("store").display(),
+            // Parallel worker processes must not fight over the default metrics port.
+            metrics = if extra.contains("[metrics]") {
+                ""
+            } else {
+                "[metrics]\naddress = \"\""
+            },
         );
         let config =
             PipelineConfig::from_toml_str(&text, Path::new("test.toml"), dir.path(), |_| None)
@@ -196,6 +203,8 @@ delays_ms = [{delays}]
 concurrency = {concurrency}
 shutdown_grace_secs = {grace}
 reconnect_give_up_secs = {give_up}
+[metrics]
+address = "{metrics}"
 "#,
         name = c.name,
         url = c.broker.url,
@@ -217,6 +226,7 @@ reconnect_give_up_secs = {give_up}
         concurrency = c.worker.concurrency,
         grace = c.worker.shutdown_grace_secs,
         give_up = c.worker.reconnect_give_up_secs,
+        metrics = c.metrics.address,
     );
     let path = t.dir.path().join("pipeline.toml");
     std::fs::write(&path, text).expect("write pipeline file");

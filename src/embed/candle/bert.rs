@@ -117,7 +117,7 @@ impl Bert {
         }
         let hidden = config.hidden_size;
         let heads = config.num_attention_heads;
-        if heads == 0 || hidden == 0 || hidden % heads != 0 {
+        if heads == 0 || hidden == 0 || !hidden.is_multiple_of(heads) {
             return Err(format!(
                 "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
             ));
@@ -693,7 +693,7 @@ fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // n is an integer in [-126, 0], so n + 127 fits the exponent field; adding 2^23 puts it
     // in the low mantissa bits, from where the shift moves it into the exponent (this stays
@@ -713,7 +713,7 @@ fn erf(x: f32) -> f32 {
     p = p * x2 + -2.101_024e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_600e-3;
+    p = p * x2 + -2.9546e-3;
     p = p * x2 + -1.609_603_3e-2;
     let p = p * x;
     let mut q = -1.456_607_2e-5;
