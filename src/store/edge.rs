@@ -45,7 +45,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{
     BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
-    StoreError, VectorStore, check_version, point_id, split_batches,
+    StoreError, VectorStore, check_vector, check_version, point_id, split_batches,
 };
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
@@ -238,23 +238,6 @@ impl EdgeStore {
                 ))
             })?
     }
-
-    /// Fails with [`StoreError::Dimension`] if `vector` does not have the collection's
-    /// dimension, [`StoreError::Rejected`] if it holds a NaN or infinite value.
-    fn check_vector(&self, vector: &[f32]) -> Result<(), StoreError> {
-        if vector.len() != self.dims {
-            return Err(StoreError::Dimension {
-                expected: self.dims,
-                got: vector.len(),
-            });
-        }
-        if vector.iter().any(|v| !v.is_finite()) {
-            return Err(StoreError::Rejected(
-                "vector holds a NaN or infinite value".to_owned(),
-            ));
-        }
-        Ok(())
-    }
 }
 
 impl Drop for EdgeStore {
@@ -289,7 +272,7 @@ impl VectorStore for EdgeStore {
         }
         let mut persisted = Vec::with_capacity(points.len());
         for point in points {
-            self.check_vector(&point.vector)?;
+            check_vector(self.dims, &point.vector)?;
             check_version(point.payload.version)?;
             let payload = encode_payload(&point.payload)?;
             let size = point_size(point.vector.len(), &payload);
@@ -428,7 +411,7 @@ impl VectorStore for EdgeStore {
     /// [`SearchRequest::validate`]) or a hit's payload is not a [`ChunkPayload`] of the tenant,
     /// [`StoreError::Unavailable`] if the query fails.
     async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.check_vector(&request.vector)?;
+        check_vector(self.dims, &request.vector)?;
         request.validate()?;
         if request.top_k == 0 {
             return Ok(Vec::new());

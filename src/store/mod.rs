@@ -303,6 +303,23 @@ pub(crate) fn split_batches<T>(
     Ok(batches)
 }
 
+/// Fails with [`StoreError::Dimension`] if `vector` does not have `dims` values, or
+/// [`StoreError::Rejected`] if it holds a NaN or infinite value.
+pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError> {
+    if vector.len() != dims {
+        return Err(StoreError::Dimension {
+            expected: dims,
+            got: vector.len(),
+        });
+    }
+    if vector.iter().any(|v| !v.is_finite()) {
+        return Err(StoreError::Rejected(
+            "vector holds a NaN or infinite value".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`].
 pub(crate) fn check_version(version: Option<u64>) -> Result<(), StoreError> {
     match version {

@@ -54,7 +54,7 @@ use tracing::warn;
 
 use super::{
     BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
-    StoreError, VectorStore, check_version, point_id, split_batches,
+    StoreError, VectorStore, check_vector, check_version, point_id, split_batches,
 };
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
@@ -477,23 +477,6 @@ impl QdrantStore {
             .await
     }
 
-    /// Fails with [`StoreError::Dimension`] if `vector` does not have the collection's
-    /// dimension, [`StoreError::Rejected`] if it holds a NaN or infinite value.
-    fn check_vector(&self, vector: &[f32]) -> Result<(), StoreError> {
-        if vector.len() != self.dims {
-            return Err(StoreError::Dimension {
-                expected: self.dims,
-                got: vector.len(),
-            });
-        }
-        if vector.iter().any(|v| !v.is_finite()) {
-            return Err(StoreError::Rejected(
-                "vector holds a NaN or infinite value".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Deletes the points matching `filter` and waits for it.
     async fn delete_by_filter(&self, what: &str, filter: Filter) -> Result<(), StoreError> {
         let request = DeletePoints {
@@ -524,7 +507,7 @@ impl VectorStore for QdrantStore {
         }
         let mut encoded = Vec::with_capacity(points.len());
         for point in points {
-            self.check_vector(&point.vector)?;
+            check_vector(self.dims, &point.vector)?;
             check_version(point.payload.version)?;
             let payload = encode_payload(&point.payload)?;
             let point = PointStruct {
@@ -667,7 +650,7 @@ impl VectorStore for QdrantStore {
     /// [`SearchRequest::validate`]), a hit's payload is not a [`ChunkPayload`] of the tenant or
     /// the server refuses the query, [`StoreError::Unavailable`] if it cannot be reached.
     async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.check_vector(&request.vector)?;
+        check_vector(self.dims, &request.vector)?;
         request.validate()?;
         if request.top_k == 0 {
             return Ok(Vec::new());
