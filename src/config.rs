@@ -1102,7 +1102,8 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// A minimal valid pipeline (edge store), shared with `store_tests`.
+    pub(super) const GOOD: &str = r#"
 name = "t"
 [broker]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -1227,27 +1228,7 @@ max_document_bytes = 1000
 mod store_tests {
     use super::*;
 
-    const EDGE: &str = r#"
-name = "t"
-[broker]
-url = "amqp://guest:guest@127.0.0.1:5672/%2f"
-prefetch = 8
-[tenants]
-allowed = ["acme"]
-[chunking]
-max_tokens = 200
-overlap = 20
-[embedder]
-kind = "candle"
-model_dir = "models/m"
-batch_size = 16
-[store]
-kind = "edge"
-path = "data"
-collection = "docs"
-[limits]
-max_document_bytes = 1000
-"#;
+    use super::tests::GOOD as EDGE;
 
     const QDRANT: &str = r#"
 name = "t"

@@ -12,17 +12,7 @@ fn bin() -> Command {
 }
 
 fn write_config(t: &TestPipeline) -> std::path::PathBuf {
-    let c = &t.config;
-    let path = t.dir.path().join("pipeline.toml");
-    let text = format!(
-        "name = \"{}\"\n[broker]\nurl = \"{}\"\nprefetch = 8\n[tenants]\nallowed = [\"acme\", \"globex\"]\n[chunking]\nmax_tokens = 64\noverlap = 8\n[embedder]\nkind = \"candle\"\nmodel_dir = \"{}\"\nbatch_size = 16\n[store]\nkind = \"edge\"\npath = \"{}\"\ncollection = \"c\"\n[limits]\nmax_document_bytes = 100000\n[metrics]\naddress = \"\"\n",
-        c.name,
-        c.broker.url,
-        c.embedder.model_dir.display(),
-        c.store.path.display()
-    );
-    std::fs::write(&path, text).expect("write config");
-    path
+    common::write_pipeline_file(t)
 }
 
 #[test]
