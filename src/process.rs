@@ -20,12 +20,13 @@
 //! This module knows nothing about AMQP: the queue layer turns outcomes into acks,
 //! retries and dead letters.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::chunk::{ChunkFormat, Chunker};
+use crate::chunk::{Chunk, ChunkFormat, Chunker};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
@@ -82,6 +83,9 @@ pub enum Processed {
     Stored {
         /// Number of chunks written.
         chunks: usize,
+        /// How many of them reused a stored vector (same text, same embedder) instead of
+        /// being embedded.
+        reused: usize,
     },
     /// The stored revision has the same content and embedder: nothing was embedded (the
     /// stored chunks' version and metadata were updated if the message's differ).
@@ -105,6 +109,13 @@ impl Processed {
             Processed::Deleted => "deleted",
         }
     }
+}
+
+/// The vectors of a document's chunks, in chunk order.
+struct ChunkVectors {
+    vectors: Vec<Vec<f32>>,
+    /// How many chunks got a stored vector instead of being embedded.
+    reused: usize,
 }
 
 /// Chunks, embeds and stores documents with one embedder and one store.
@@ -189,6 +200,11 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     ) -> Result<Processed, Failure> {
         let sha = content_sha256(&doc.content);
         let fingerprint = self.embedder.fingerprint().id();
+        // The stored revision's chunk count, when its vectors come from this embedder.
+        let stored_chunks = stored
+            .as_ref()
+            .filter(|stored| stored.embedder == fingerprint)
+            .map(|stored| stored.chunk_count);
         if let Some(stored) = stored
             && stored.content_sha256 == sha
             && stored.embedder == fingerprint
@@ -211,51 +227,18 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 "the content produced no chunks",
             ));
         }
-        let texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
-        let started = Instant::now();
-        let (vectors, usage) = self.embedder.embed_with_usage(texts).await?;
-        metrics::histogram!(names::EMBED_SECONDS).record(started.elapsed().as_secs_f64());
-        let tokens = if usage.prompt_tokens > 0 {
-            usage.prompt_tokens
-        } else {
-            chunks.iter().map(|c| c.tokens as u64).sum()
+        let reusable = match stored_chunks {
+            Some(count) => self.reusable_vectors(doc, count, &fingerprint).await?,
+            None => HashMap::new(),
         };
-        metrics::counter!(names::CHUNKS_EMBEDDED).increment(chunks.len() as u64);
-        metrics::counter!(
-            names::TOKENS_EMBEDDED,
-            "tenant" => doc.tenant.as_str().to_string(),
-            "provider" => usage.provider.clone()
-        )
-        .increment(tokens);
-        tracing::info!(tokens, provider = %usage.provider, chunks = chunks.len(), "chunks embedded");
-        let dims = self.embedder.fingerprint().dims;
-        if vectors.len() != chunks.len() {
-            return Err(Failure::new(
-                ErrorKind::EmbedderRejected,
-                Stage::Embed,
-                format!(
-                    "embedder returned {} vectors for {} chunks",
-                    vectors.len(),
-                    chunks.len()
-                ),
-            ));
-        }
-        if let Some(bad) = vectors.iter().find(|v| v.len() != dims) {
-            return Err(Failure::new(
-                ErrorKind::DimensionMismatch,
-                Stage::Embed,
-                format!(
-                    "embedder returned {} dimensions, expected {dims}",
-                    bad.len()
-                ),
-            ));
-        }
+        let vectors = self.embed_new(doc, &chunks, reusable).await?;
 
         let chunk_count = chunks.len();
+        let reused = vectors.reused;
         let ingested_at = chrono::Utc::now().to_rfc3339();
         let mut points: Vec<ChunkPoint> = chunks
             .into_iter()
-            .zip(vectors)
+            .zip(vectors.vectors)
             .map(|(chunk, vector)| ChunkPoint {
                 id: point_id(&doc.tenant, &doc.document_id, chunk.index),
                 vector,
@@ -286,12 +269,123 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             version: doc.version,
             chunk_count,
         };
-        self.store
-            .delete_document(&doc.tenant, &doc.document_id, Some(&revision))
-            .await?;
+        self.delete_stale(doc, &revision).await?;
         Ok(Processed::Stored {
             chunks: chunk_count,
+            reused,
         })
+    }
+
+    /// The vectors of `doc`'s stored chunks (the first `chunk_count`), by chunk text, when
+    /// they were embedded by `fingerprint`. A stored payload that cannot be read back is
+    /// logged and ignored (its text is embedded again); an unavailable store fails.
+    async fn reusable_vectors(
+        &self,
+        doc: &Document,
+        chunk_count: usize,
+        fingerprint: &str,
+    ) -> Result<HashMap<String, Vec<f32>>, Failure> {
+        match self
+            .store
+            .chunk_vectors(&doc.tenant, &doc.document_id, chunk_count)
+            .await
+        {
+            Ok(stored) => Ok(stored
+                .into_iter()
+                .filter(|chunk| chunk.payload.embedder == fingerprint)
+                .map(|chunk| (chunk.payload.text, chunk.vector))
+                .collect()),
+            Err(e @ StoreError::Unavailable(_)) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "stored vectors not reusable; embedding every chunk");
+                Ok(HashMap::new())
+            }
+        }
+    }
+
+    /// One vector per chunk, in chunk order: `reusable` vectors for texts found there, the
+    /// embedder's for the others (each distinct text embedded once).
+    ///
+    /// Fails with the embedder's failure, or [`ErrorKind::EmbedderRejected`] /
+    /// [`ErrorKind::DimensionMismatch`] if it returns the wrong number or size of vectors.
+    async fn embed_new(
+        &self,
+        doc: &Document,
+        chunks: &[Chunk],
+        mut known: HashMap<String, Vec<f32>>,
+    ) -> Result<ChunkVectors, Failure> {
+        let reused = chunks
+            .iter()
+            .filter(|chunk| known.contains_key(&chunk.text))
+            .count();
+        let mut texts: Vec<String> = Vec::new();
+        let mut distinct = HashSet::new();
+        let mut tokens = 0u64;
+        for chunk in chunks {
+            if !known.contains_key(&chunk.text) && distinct.insert(chunk.text.as_str()) {
+                texts.push(chunk.text.clone());
+                tokens += chunk.tokens as u64;
+            }
+        }
+        let embedded = texts.len();
+        if !texts.is_empty() {
+            let started = Instant::now();
+            let (vectors, usage) = self.embedder.embed_with_usage(texts.clone()).await?;
+            metrics::histogram!(names::EMBED_SECONDS).record(started.elapsed().as_secs_f64());
+            if usage.prompt_tokens > 0 {
+                tokens = usage.prompt_tokens;
+            }
+            metrics::counter!(names::CHUNKS_EMBEDDED).increment(embedded as u64);
+            metrics::counter!(
+                names::TOKENS_EMBEDDED,
+                "tenant" => doc.tenant.as_str().to_string(),
+                "provider" => usage.provider.clone()
+            )
+            .increment(tokens);
+            tracing::info!(tokens, provider = %usage.provider, chunks = embedded, reused, "chunks embedded");
+            self.check_vectors(&vectors, embedded)?;
+            known.extend(texts.into_iter().zip(vectors));
+        }
+        metrics::counter!(names::CHUNKS_REUSED).increment(reused as u64);
+        let vectors = chunks
+            .iter()
+            .map(|chunk| {
+                known.get(&chunk.text).cloned().ok_or_else(|| {
+                    Failure::new(
+                        ErrorKind::EmbedderRejected,
+                        Stage::Embed,
+                        format!("no vector for chunk {}", chunk.index),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ChunkVectors { vectors, reused })
+    }
+
+    /// Checks that the embedder returned `expected` vectors of the fingerprint's dimensions.
+    fn check_vectors(&self, vectors: &[Vec<f32>], expected: usize) -> Result<(), Failure> {
+        let dims = self.embedder.fingerprint().dims;
+        if vectors.len() != expected {
+            return Err(Failure::new(
+                ErrorKind::EmbedderRejected,
+                Stage::Embed,
+                format!(
+                    "embedder returned {} vectors for {expected} chunks",
+                    vectors.len()
+                ),
+            ));
+        }
+        if let Some(bad) = vectors.iter().find(|v| v.len() != dims) {
+            return Err(Failure::new(
+                ErrorKind::DimensionMismatch,
+                Stage::Embed,
+                format!(
+                    "embedder returned {} dimensions, expected {dims}",
+                    bad.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The stored revision (`stored` is its chunk 0) has `doc`'s content and embedder: records
@@ -321,23 +415,28 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 )
                 .await?;
         }
+        self.delete_stale(doc, &revision).await?;
+        Ok(Processed::Unchanged)
+    }
+
+    /// Deletes `doc`'s points that do not belong to `revision`, just written in full. Points
+    /// `0..chunk_count` are the revision's, so there are stale points exactly when the
+    /// document has more points than that: the count (a read) spares a write, and with it a
+    /// flush, for every document that did not shrink.
+    async fn delete_stale(&self, doc: &Document, revision: &Revision) -> Result<(), Failure> {
         let count = self
             .store
             .count(&doc.tenant, Some(&doc.document_id))
             .await?;
         if count != revision.chunk_count {
             self.store
-                .delete_document(&doc.tenant, &doc.document_id, Some(&revision))
+                .delete_document(&doc.tenant, &doc.document_id, Some(revision))
                 .await?;
         }
-        Ok(Processed::Unchanged)
+        Ok(())
     }
 
-    async fn chunk(
-        &self,
-        content: String,
-        format: ChunkFormat,
-    ) -> Result<Vec<crate::chunk::Chunk>, Failure> {
+    async fn chunk(&self, content: String, format: ChunkFormat) -> Result<Vec<Chunk>, Failure> {
         let chunker = Arc::clone(&self.chunker);
         tokio::task::spawn_blocking(move || chunker.split(&content, format))
             .await

@@ -34,6 +34,9 @@ pub mod names {
     pub const MESSAGES: &str = "rag_ingest_messages_total";
     /// Counter: chunks embedded.
     pub const CHUNKS_EMBEDDED: &str = "rag_ingest_chunks_embedded_total";
+    /// Counter: chunks of changed documents whose stored vector was reused (same text and
+    /// embedder), so they were not embedded again.
+    pub const CHUNKS_REUSED: &str = "rag_ingest_chunks_reused_total";
     /// Counter: model tokens embedded, by `tenant`.
     pub const TOKENS_EMBEDDED: &str = "rag_ingest_tokens_embedded_total";
     /// Histogram: seconds per embedding call.

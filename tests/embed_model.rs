@@ -377,3 +377,52 @@ async fn async_embed_does_not_block_the_runtime() {
         "only {ticks} ticks during {elapsed:?} of embedding"
     );
 }
+
+/// Requests that queue up while the embedding thread is busy share forward passes, and each
+/// caller still gets exactly its own vectors, equal to embedding its texts alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_share_forward_passes() {
+    // Its own model instance, so that other tests do not add forward passes meanwhile.
+    let embedder = CandleEmbedder::load(&model_dir(), 8).expect("load");
+    let long: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                "Report {i}: {}",
+                "the ingestion queue drains slowly ".repeat(60)
+            )
+        })
+        .collect();
+    let small: Vec<Vec<String>> = (0..12)
+        .map(|i| vec![format!("Small document {i} about topic number {}.", i * 7)])
+        .collect();
+    let expected: Vec<Vec<f32>> = small.iter().map(|texts| embed_one(&texts[0])).collect();
+
+    let before = embedder.forward_passes();
+    // Every request is sent within moments of the others, long before the first completes.
+    let handles: Vec<_> = std::iter::once(long.clone())
+        .chain(small.iter().cloned())
+        .map(|texts| {
+            let embedder = embedder.clone();
+            tokio::spawn(async move { embedder.embed(texts).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for handle in handles {
+        results.push(handle.await.expect("join").expect("embed"));
+    }
+    let passes = embedder.forward_passes() - before;
+
+    assert_eq!(results[0].len(), long.len());
+    for (got, want) in results[1..].iter().zip(&expected) {
+        assert_eq!(got.len(), 1, "each caller gets exactly its own vectors");
+        assert!(
+            dot(&got[0], want) > 0.99999,
+            "vectors differ from embedding alone"
+        );
+    }
+    // Alone: 2 passes for the long texts (16 × 256 tokens, 8 × 256 per pass) + 12 passes.
+    assert!(
+        passes <= 5,
+        "{passes} forward passes for 13 requests: queued requests were not grouped"
+    );
+}

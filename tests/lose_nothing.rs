@@ -30,7 +30,7 @@ use rag_ingest::queue::{
 use rag_ingest::setup;
 use rag_ingest::store::{
     ChunkPayload, ChunkPoint, EdgeStore, Revision, ScoredChunk, SearchRequest, StoreError,
-    VectorStore,
+    StoredChunk, VectorStore,
 };
 use rag_ingest::tenant::TenantId;
 
@@ -159,6 +159,18 @@ impl VectorStore for FaultyStore {
         }
         self.random_fault("read")?;
         self.inner.first_chunk(tenant, document_id).await
+    }
+
+    async fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        self.random_fault("read")?;
+        self.inner
+            .chunk_vectors(tenant, document_id, chunk_count)
+            .await
     }
 
     async fn delete_document(

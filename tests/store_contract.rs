@@ -21,7 +21,7 @@ use rag_ingest::process::{Pipeline, Processed};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::store::{
     BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
-    ScoredChunk, SearchFilter, SearchRequest, StoreError, VectorStore, point_id,
+    ScoredChunk, SearchFilter, SearchRequest, StoreError, StoredChunk, VectorStore, point_id,
 };
 use rag_ingest::tenant::TenantId;
 
@@ -160,6 +160,8 @@ contract!(a_batch_over_the_byte_cap_is_split_and_fully_stored);
 contract!(refused_writes_change_nothing);
 contract!(a_forged_payload_is_never_returned_to_another_tenant);
 contract!(an_interrupted_write_is_completed_by_the_retry);
+contract!(stored_vectors_are_read_back_by_chunk);
+contract!(editing_one_paragraph_embeds_only_the_chunks_it_touches);
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -368,7 +370,7 @@ async fn idempotent_reupsert_does_not_grow<B: Backend>(backend: B) {
     let chunks = chunk_count(&d.content);
     assert_eq!(
         pipeline.process(&d).await.expect("process"),
-        Processed::Stored { chunks }
+        Processed::Stored { chunks, reused: 0 }
     );
     assert_eq!(
         pipeline.process(&d).await.expect("process"),
@@ -407,14 +409,20 @@ async fn a_shrinking_document_leaves_only_its_new_chunks<B: Backend>(backend: B)
     let v1 = doc("acme", "handbook", &long, Some(1));
     assert_eq!(
         pipeline.process(&v1).await.expect("process"),
-        Processed::Stored { chunks: 10 }
+        Processed::Stored {
+            chunks: 10,
+            reused: 0
+        }
     );
     assert_eq!(store.count(&a, Some("handbook")).await.expect("count"), 10);
 
     let v2 = doc("acme", "handbook", &short, Some(2));
     assert_eq!(
         pipeline.process(&v2).await.expect("process"),
-        Processed::Stored { chunks: 3 }
+        Processed::Stored {
+            chunks: 3,
+            reused: 0
+        }
     );
     assert_eq!(store.count(&a, Some("handbook")).await.expect("count"), 3);
     let chunks = stored_chunks(&*store, &a, "handbook").await;
@@ -504,7 +512,8 @@ async fn an_older_version_never_overwrites_a_newer_one<B: Backend>(backend: B) {
     assert_eq!(
         pipeline.process(&v8).await.expect("process"),
         Processed::Stored {
-            chunks: chunk_count(&old_text)
+            chunks: chunk_count(&old_text),
+            reused: 0,
         }
     );
     let chunks = stored_chunks(&*store, &a, "sky").await;
@@ -533,7 +542,10 @@ async fn unchanged_content_makes_no_embedder_call<B: Backend>(backend: B) {
         .insert("title".into(), serde_json::json!("Lanterns"));
     assert_eq!(
         pipeline.process(&d).await.expect("process"),
-        Processed::Stored { chunks: 3 }
+        Processed::Stored {
+            chunks: 3,
+            reused: 0
+        }
     );
     assert_eq!(embedder.calls(), 1);
     assert_eq!(embedder.texts(), 3);
@@ -1045,7 +1057,10 @@ async fn a_batch_over_the_byte_cap_is_split_and_fully_stored<B: Backend>(backend
     let long = doc("acme", "long", &paragraphs("atlas", 10), Some(1));
     assert_eq!(
         pipeline.process(&long).await.expect("process"),
-        Processed::Stored { chunks: 10 }
+        Processed::Stored {
+            chunks: 10,
+            reused: 0
+        }
     );
     assert_eq!(store.count(&a, Some("long")).await.expect("count"), 10);
 
@@ -1119,6 +1134,17 @@ async fn a_forged_payload_is_never_returned_to_another_tenant<B: Backend>(backen
         Err(StoreError::Rejected(_))
     ));
     assert_eq!(store.first_chunk(&g, "d1").await.expect("read"), None);
+    assert!(matches!(
+        store.chunk_vectors(&a, "d1", 1).await,
+        Err(StoreError::Rejected(_))
+    ));
+    assert!(
+        store
+            .chunk_vectors(&g, "d1", 1)
+            .await
+            .expect("read")
+            .is_empty()
+    );
     // Searches filter on the payload's tenant: the point is globex's, never acme's.
     assert!(
         store
@@ -1166,6 +1192,17 @@ impl<S: VectorStore> VectorStore for Interrupting<S> {
         self.inner.first_chunk(tenant, document_id).await
     }
 
+    async fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        self.inner
+            .chunk_vectors(tenant, document_id, chunk_count)
+            .await
+    }
+
     async fn delete_document(
         &self,
         tenant: &TenantId,
@@ -1206,8 +1243,9 @@ impl<S: VectorStore> VectorStore for Interrupting<S> {
 }
 
 /// A new revision whose write was cut off halfway is not mistaken for stored: the retry
-/// embeds and writes it completely (chunk 0, which identifies the stored revision, is written
-/// last), and the old revision's extra chunks are removed.
+/// writes it completely (chunk 0, which identifies the stored revision, is written last),
+/// embedding only the chunks the interrupted write did not store, and the old revision's
+/// extra chunks are removed.
 async fn an_interrupted_write_is_completed_by_the_retry<B: Backend>(backend: B) {
     let inner = Arc::new(open(&backend).await);
     let store = Arc::new(Interrupting {
@@ -1226,6 +1264,7 @@ async fn an_interrupted_write_is_completed_by_the_retry<B: Backend>(backend: B) 
     let failure = pipeline.process(&v2).await.expect_err("interrupted");
     assert!(failure.kind.is_transient(), "{failure}");
     let calls = embedder.calls();
+    let texts = embedder.texts();
     // Chunk 0 still names revision 1.
     let first = inner
         .first_chunk(&a, "atlas")
@@ -1234,11 +1273,21 @@ async fn an_interrupted_write_is_completed_by_the_retry<B: Backend>(backend: B) 
         .expect("stored");
     assert_eq!(first.version, Some(1));
 
+    // The 3 chunks the interrupted write stored (1, 2 and 3: chunk 0 goes last) keep their
+    // vectors; the retry embeds the other 3.
     assert_eq!(
         pipeline.process(&v2).await.expect("process"),
-        Processed::Stored { chunks: 6 }
+        Processed::Stored {
+            chunks: 6,
+            reused: 3
+        }
     );
-    assert_eq!(embedder.calls(), calls + 1, "the retry embeds again");
+    assert_eq!(
+        embedder.calls(),
+        calls + 1,
+        "the retry embeds what is missing"
+    );
+    assert_eq!(embedder.texts(), texts + 3);
     let chunks = stored_chunks(&*inner, &a, "atlas").await;
     assert_eq!(chunks.len(), 6);
     assert!(
@@ -1251,5 +1300,153 @@ async fn an_interrupted_write_is_completed_by_the_retry<B: Backend>(backend: B) 
     drop(pipeline);
     drop(store);
     drop(inner);
+    backend.finish().await;
+}
+
+/// `chunk_vectors` returns the stored chunks of one document, in order, with the vectors
+/// written; missing chunks are left out and nothing of another document or tenant appears.
+async fn stored_vectors_are_read_back_by_chunk<B: Backend>(backend: B) {
+    let store = open(&backend).await;
+    let a = tenant("acme");
+    let g = tenant("globex");
+    let written = points(&a, "d1", 5, "a", 100, 40);
+    store.upsert(written.clone()).await.expect("upsert");
+    store
+        .upsert(points(&g, "d1", 5, "g", 200, 40))
+        .await
+        .expect("upsert");
+    store
+        .upsert(points(&a, "d2", 5, "b", 300, 40))
+        .await
+        .expect("upsert");
+
+    // Asking for more chunks than stored returns the stored ones.
+    let read = store.chunk_vectors(&a, "d1", 8).await.expect("read");
+    assert_eq!(read.len(), 5);
+    for (chunk, point) in read.iter().zip(&written) {
+        assert_eq!(chunk.payload, point.payload);
+        let cosine: f32 = chunk
+            .vector
+            .iter()
+            .zip(&point.vector)
+            .map(|(x, y)| x * y)
+            .sum();
+        assert!(
+            cosine > 0.99999,
+            "vector of chunk {} changed",
+            chunk.payload.chunk_index
+        );
+    }
+    assert_eq!(
+        store.chunk_vectors(&a, "d1", 2).await.expect("read").len(),
+        2
+    );
+    assert!(
+        store
+            .chunk_vectors(&a, "d3", 4)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert!(
+        store
+            .chunk_vectors(&a, "d1", 0)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// Editing one paragraph of a 50-chunk document embeds only the chunks whose text changed;
+/// every other chunk keeps its stored vector, and every stored vector is still the embedding
+/// of its chunk's text.
+async fn editing_one_paragraph_embeds_only_the_chunks_it_touches<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let a = tenant("acme");
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    let original = paragraphs("atlas", 50);
+    assert_eq!(chunk_count(&original), 50, "one chunk per paragraph");
+    assert_eq!(
+        pipeline
+            .process(&doc("acme", "atlas", &original, Some(1)))
+            .await
+            .expect("process"),
+        Processed::Stored {
+            chunks: 50,
+            reused: 0
+        }
+    );
+    let old_texts: Vec<String> = stored_chunks(&*store, &a, "atlas")
+        .await
+        .into_iter()
+        .map(|p| p.text)
+        .collect();
+
+    let edited = original.replace(
+        "Part 20 of the atlas notes describes",
+        "Part 20 of the atlas notes, revised last spring, describes",
+    );
+    assert_ne!(edited, original);
+    let embedder_model = common::embedder();
+    let new_texts: Vec<String> = Chunker::new(
+        embedder_model.tokenizer().clone(),
+        MAX_TOKENS,
+        OVERLAP,
+        embedder_model.max_input_tokens(),
+    )
+    .expect("chunker")
+    .split(&edited, ChunkFormat::Text)
+    .into_iter()
+    .map(|c| c.text)
+    .collect();
+    let touched = new_texts.iter().filter(|t| !old_texts.contains(t)).count();
+    assert!(
+        (1..=2).contains(&touched),
+        "the edit should touch one or two chunks, touched {touched}"
+    );
+
+    let texts_before = embedder.texts();
+    assert_eq!(
+        pipeline
+            .process(&doc("acme", "atlas", &edited, Some(2)))
+            .await
+            .expect("process"),
+        Processed::Stored {
+            chunks: new_texts.len(),
+            reused: new_texts.len() - touched
+        }
+    );
+    assert_eq!(
+        embedder.texts() - texts_before,
+        touched,
+        "only the touched chunks are embedded"
+    );
+
+    let stored = store
+        .chunk_vectors(&a, "atlas", new_texts.len())
+        .await
+        .expect("read");
+    assert_eq!(stored.len(), new_texts.len());
+    assert_eq!(
+        store.count(&a, Some("atlas")).await.expect("count"),
+        new_texts.len()
+    );
+    let texts: Vec<&str> = stored.iter().map(|c| c.payload.text.as_str()).collect();
+    let fresh = embedder_model.embed_blocking(&texts).expect("embed");
+    for (chunk, want) in stored.iter().zip(&fresh) {
+        assert_eq!(chunk.payload.version, Some(2));
+        let cosine: f32 = chunk.vector.iter().zip(want).map(|(x, y)| x * y).sum();
+        assert!(
+            cosine > 0.9999,
+            "chunk {} holds a vector of another text (cos {cosine})",
+            chunk.payload.chunk_index
+        );
+    }
+
+    drop(pipeline);
+    drop(store);
     backend.finish().await;
 }

@@ -6,6 +6,9 @@
 //! - inference is CPU-bound and already parallel inside candle's matrix multiplications, so
 //!   running several batches at once (as `spawn_blocking` per call would) only oversubscribes
 //!   the cores and makes every call slower; one thread gives a natural FIFO queue instead;
+//! - requests that queue up while the thread is busy (small documents processed concurrently
+//!   by the worker) are embedded together, sharing forward passes, and each caller receives
+//!   exactly its own vectors;
 //! - the tokio runtime never runs inference, and tokio's blocking pool stays free for file I/O;
 //! - a request whose caller has gone away (its future was dropped) is skipped, and a panic
 //!   inside inference is caught and reported as [`EmbedError::Inference`] without killing
@@ -21,6 +24,7 @@ use std::fmt;
 use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
@@ -62,6 +66,8 @@ struct Inner {
     fingerprint: Fingerprint,
     max_seq_length: usize,
     batch_size: usize,
+    /// Forward passes run so far.
+    forward_passes: AtomicU64,
 }
 
 /// One async embedding request for the embedding thread.
@@ -127,6 +133,12 @@ impl CandleEmbedder {
         self.inner.embed(texts)
     }
 
+    /// Number of forward passes this model has run so far, across all clones (each pass
+    /// packs up to `batch_size × max_seq_length` tokens, possibly from several requests).
+    pub fn forward_passes(&self) -> u64 {
+        self.inner.forward_passes.load(Ordering::Relaxed)
+    }
+
     /// The model's tokenizer with truncation and padding turned off, so that it counts every
     /// token of its input (the chunker uses it to size chunks in model tokens).
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -171,19 +183,61 @@ impl Embedder for CandleEmbedder {
     }
 }
 
+/// Requests queued together are embedded in one call while their texts number fewer than
+/// this many times `batch_size`: enough to fill forward passes with several small documents,
+/// small enough that one caller's latency stays bounded.
+const GROUP_BATCHES: usize = 4;
+
 /// The embedding thread: serves requests until every [`CandleEmbedder`] clone is dropped.
+///
+/// Requests that queued up while a forward pass was running are embedded together (their
+/// texts packed into shared forward passes), then each caller gets exactly its own vectors.
 fn serve(inner: &Inner, requests: &mpsc::Receiver<Request>) {
-    while let Ok(Request { texts, reply }) = requests.recv() {
-        if reply.is_closed() {
-            // The caller stopped waiting; don't spend CPU on an answer nobody reads.
-            continue;
+    let group_texts = inner.batch_size.saturating_mul(GROUP_BATCHES);
+    while let Ok(first) = requests.recv() {
+        let mut texts = first.texts.len();
+        let mut group = vec![first];
+        while texts < group_texts {
+            let Ok(next) = requests.try_recv() else {
+                break;
+            };
+            texts += next.texts.len();
+            group.push(next);
         }
-        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let result = panic::catch_unwind(AssertUnwindSafe(|| inner.embed(&texts)))
-            .unwrap_or_else(|_| Err(EmbedError::Inference("inference panicked".to_owned())));
-        // A send error only means the caller went away meanwhile.
-        let _ = reply.send(result);
+        // A caller that stopped waiting gets no CPU spent on an answer nobody reads.
+        group.retain(|request| !request.reply.is_closed());
+        serve_group(inner, group);
     }
+}
+
+/// Embeds the texts of all `group`'s requests in one call and replies to each with its own
+/// vectors. If that call fails, each request is embedded alone so a bad input only fails
+/// its own request.
+fn serve_group(inner: &Inner, group: Vec<Request>) {
+    if group.len() > 1 {
+        let texts: Vec<&str> = group
+            .iter()
+            .flat_map(|request| request.texts.iter().map(String::as_str))
+            .collect();
+        if let Ok(vectors) = embed_catching_panics(inner, &texts) {
+            let mut vectors = vectors.into_iter();
+            for Request { texts, reply } in group {
+                // A send error only means the caller went away meanwhile.
+                let _ = reply.send(Ok(vectors.by_ref().take(texts.len()).collect()));
+            }
+            return;
+        }
+    }
+    for Request { texts, reply } in group {
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let _ = reply.send(embed_catching_panics(inner, &texts));
+    }
+}
+
+/// [`Inner::embed`], with a panic reported as [`EmbedError::Inference`].
+fn embed_catching_panics(inner: &Inner, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    panic::catch_unwind(AssertUnwindSafe(|| inner.embed(texts)))
+        .unwrap_or_else(|_| Err(EmbedError::Inference("inference panicked".to_owned())))
 }
 
 impl Inner {
@@ -251,6 +305,7 @@ impl Inner {
             fingerprint,
             max_seq_length,
             batch_size,
+            forward_passes: AtomicU64::new(0),
         })
     }
 
@@ -275,6 +330,7 @@ impl Inner {
                     type_ids: e.get_type_ids(),
                 })
                 .collect();
+            self.forward_passes.fetch_add(1, Ordering::Relaxed);
             let embedded = self
                 .model
                 .embed(&sequences)

@@ -449,7 +449,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                     metrics::gauge!(names::LAST_SUCCESS)
                         .set(chrono::Utc::now().timestamp() as f64);
                     match &done {
-                        Processed::Stored { chunks } => info!(chunks, outcome = "stored", "document stored"),
+                        Processed::Stored { chunks, reused } => info!(chunks, reused, outcome = "stored", "document stored"),
                         Processed::Stale { stored } => info!(stored_version = stored, outcome = "stale", "older version skipped"),
                         other => info!(outcome = other.label(), "document processed"),
                     }

@@ -7,8 +7,10 @@
 //!   `SerdeWal::write` documents that it does not guarantee durability) and applies it to the
 //!   segments, so the change is visible to reads as soon as `update` returns. `EdgeShard::load`
 //!   never replays the WAL: only flushed segments survive a crash. A write is therefore durable
-//!   only after `EdgeShard::flush` (WAL flush + synchronous, forced flush of every segment),
-//!   which this store calls after every write.
+//!   only after `EdgeShard::flush` (WAL flush + synchronous, forced flush of every segment).
+//!   Every write returns only after a flush that began after it was applied; concurrent
+//!   writes share flushes (group commit), so the cost of a flush is spread over all the
+//!   writes that queued up behind the previous one.
 //! - `EdgeShard::flush` (also run by `EdgeShard`'s `Drop`) panics instead of returning an error:
 //!   on I/O failure, and when the WAL or segment-holder lock is contended (`try_lock().expect`).
 //!   All writes, flushes and optimizations are therefore serialised by one mutex (reads take
@@ -30,7 +32,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
@@ -45,7 +47,8 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{
     BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
-    StoreError, VectorStore, check_vector, check_version, point_id, split_batches,
+    StoreError, StoredChunk, VectorStore, check_owner, check_vector, check_version, point_id,
+    split_batches,
 };
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
@@ -81,30 +84,56 @@ pub struct EdgeStore {
 /// The shard and the lock serialising its writes (see the module documentation).
 struct Shared {
     shard: EdgeShard,
-    writes: Mutex<()>,
+    writes: Mutex<Commits>,
+}
+
+/// Group-commit bookkeeping, guarded by [`Shared::writes`].
+#[derive(Debug, Default)]
+struct Commits {
+    /// Writes applied to the shard so far.
+    applied: u64,
+    /// Writes made durable by the last completed flush (every write applied before it began).
+    flushed: u64,
 }
 
 impl Shared {
-    /// Applies `operation` and flushes the shard so the change is durable; fails with
-    /// [`StoreError::Rejected`] or [`StoreError::Unavailable`] as mapped by [`map_op_err`]
-    /// (a failed flush panics inside qdrant-edge and surfaces as `Unavailable`).
-    fn write(&self, operation: UpdateOperation) -> Result<(), StoreError> {
-        // A poisoned lock only means an earlier flush panicked; the shard holds no state
-        // guarded by this mutex, so carrying on is safe.
-        let _guard = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
-        self.shard.update(operation).map_err(map_op_err)?;
-        self.shard.flush();
-        Ok(())
+    /// Locks [`Shared::writes`]. A poisoned lock only means an earlier flush panicked; the
+    /// counters stay consistent (a panicked flush never advances `flushed`), so carrying on
+    /// is safe.
+    fn lock(&self) -> MutexGuard<'_, Commits> {
+        self.writes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies `operations` in order under one lock, then flushes once; stops at the first
-    /// failure (the operations before it stay applied and are flushed by the next write).
+    /// Applies `operation`, then returns once it is durable (see [`Shared::write_all`]).
+    fn write(&self, operation: UpdateOperation) -> Result<(), StoreError> {
+        self.write_all(vec![operation])
+    }
+
+    /// Applies `operations` in order under the lock, then returns once a flush has covered
+    /// them. Flushes are group commits: the lock is released between applying and flushing,
+    /// so writers arriving meanwhile apply theirs too, and one flush makes all of them durable
+    /// (a writer whose write an earlier flush already covered does not flush again).
+    ///
+    /// Stops at the first failing operation (the operations before it stay applied and are
+    /// flushed by the next write) and fails with [`StoreError::Rejected`] or
+    /// [`StoreError::Unavailable`] as mapped by [`map_op_err`]; a failed flush panics inside
+    /// qdrant-edge and surfaces as `Unavailable`.
     fn write_all(&self, operations: Vec<UpdateOperation>) -> Result<(), StoreError> {
-        let _guard = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
-        for operation in operations {
-            self.shard.update(operation).map_err(map_op_err)?;
+        let generation = {
+            let mut commits = self.lock();
+            let applied = operations
+                .into_iter()
+                .try_for_each(|operation| self.shard.update(operation).map(drop));
+            commits.applied += 1;
+            applied.map_err(map_op_err)?;
+            commits.applied
+        };
+        let mut commits = self.lock();
+        if commits.flushed < generation {
+            let covered = commits.applied;
+            self.shard.flush();
+            commits.flushed = covered;
         }
-        self.shard.flush();
         Ok(())
     }
 }
@@ -160,7 +189,7 @@ impl EdgeStore {
 
         let shared = Shared {
             shard,
-            writes: Mutex::new(()),
+            writes: Mutex::new(Commits::default()),
         };
         // Idempotent: an index that already exists is left as it is.
         for (field, is_tenant) in KEYWORD_INDEXES {
@@ -210,9 +239,10 @@ impl EdgeStore {
     /// Fails with [`StoreError::Unavailable`] if an optimizer or the flush afterwards fails.
     pub async fn optimize(&self) -> Result<(), StoreError> {
         self.run(|shared| {
-            let _guard = shared.writes.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut commits = shared.lock();
             shared.shard.optimize().map_err(map_op_err)?;
             shared.shard.flush();
+            commits.flushed = commits.applied;
             Ok(())
         })
         .await
@@ -324,13 +354,54 @@ impl VectorStore for EdgeStore {
                 return Ok(None);
             };
             let payload = decode_payload(&record.id, record.payload)?;
-            if payload.tenant_id != tenant || payload.document_id != document_id {
-                return Err(StoreError::Rejected(format!(
-                    "point {id} should hold chunk 0 of document {document_id:?} of tenant \
-                     {tenant}, but its payload names another tenant or document"
-                )));
-            }
+            check_owner(&payload, &tenant, &document_id, &record.id)?;
             Ok(Some(payload))
+        })
+        .await
+    }
+
+    /// Retrieves points [`point_id`]`(tenant, document_id, i)` for `i` in `0..chunk_count`
+    /// with payloads and vectors.
+    ///
+    /// Fails with [`StoreError::Rejected`] if a payload is not a [`ChunkPayload`] of that
+    /// tenant and document or a point has no dense vector, [`StoreError::Unavailable`] if the
+    /// read fails.
+    async fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        let ids: Vec<PointId> = (0..chunk_count)
+            .map(|index| PointId::Uuid(point_id(tenant, document_id, index)))
+            .collect();
+        let tenant = tenant.as_str().to_owned();
+        let document_id = document_id.to_owned();
+        self.run(move |shared| {
+            let records = shared
+                .shard
+                .retrieve(
+                    &ids,
+                    Some(WithPayloadInterface::Bool(true)),
+                    Some(WithVector::Bool(true)),
+                )
+                .map_err(map_op_err)?;
+            records
+                .into_iter()
+                .map(|record| {
+                    let payload = decode_payload(&record.id, record.payload)?;
+                    check_owner(&payload, &tenant, &document_id, &record.id)?;
+                    match record.vector.map(VectorStructPersisted::from) {
+                        Some(VectorStructPersisted::Single(vector)) => {
+                            Ok(StoredChunk { payload, vector })
+                        }
+                        _ => Err(StoreError::Rejected(format!(
+                            "point {} has no dense vector",
+                            record.id
+                        ))),
+                    }
+                })
+                .collect()
         })
         .await
     }

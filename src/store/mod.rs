@@ -24,6 +24,7 @@ mod qdrant;
 pub use edge::EdgeStore;
 pub use qdrant::{QdrantOptions, QdrantStore};
 
+use std::fmt;
 use std::future::Future;
 
 use serde::{Deserialize, Serialize};
@@ -113,6 +114,15 @@ pub struct ChunkPoint {
     pub vector: Vec<f32>,
     /// The payload.
     pub payload: ChunkPayload,
+}
+
+/// A stored chunk with its vector (see [`VectorStore::chunk_vectors`]).
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    /// The stored payload.
+    pub payload: ChunkPayload,
+    /// The stored embedding.
+    pub vector: Vec<f32>,
 }
 
 /// A search result.
@@ -305,6 +315,24 @@ pub(crate) fn split_batches<T>(
 
 /// Fails with [`StoreError::Dimension`] if `vector` does not have `dims` values, or
 /// [`StoreError::Rejected`] if it holds a NaN or infinite value.
+/// Fails with [`StoreError::Rejected`] unless `payload` (read from point `id`) belongs to
+/// `tenant`'s `document_id`: a payload of another tenant is never handed out.
+pub(crate) fn check_owner(
+    payload: &ChunkPayload,
+    tenant: &str,
+    document_id: &str,
+    id: &dyn fmt::Display,
+) -> Result<(), StoreError> {
+    if payload.tenant_id == tenant && payload.document_id == document_id {
+        Ok(())
+    } else {
+        Err(StoreError::Rejected(format!(
+            "point {id} should hold a chunk of document {document_id:?} of tenant {tenant}, \
+             but its payload names another tenant or document"
+        )))
+    }
+}
+
 pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError> {
     if vector.len() != dims {
         return Err(StoreError::Dimension {
@@ -449,6 +477,20 @@ pub trait VectorStore: Send + Sync + 'static {
         document_id: &str,
     ) -> impl Future<Output = Result<Option<ChunkPayload>, StoreError>> + Send;
 
+    /// Chunks `0..chunk_count` of `tenant`'s `document_id` with their payloads and vectors,
+    /// in chunk order; chunks that are not stored are left out. This is how an edited document
+    /// reuses the vectors of the chunks whose text did not change.
+    ///
+    /// Fails with [`StoreError::Rejected`] if a point's payload is not a [`ChunkPayload`] of
+    /// that tenant and document or it has no dense vector (nothing is returned then),
+    /// [`StoreError::Unavailable`] if the read fails.
+    fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> impl Future<Output = Result<Vec<StoredChunk>, StoreError>> + Send;
+
     /// Deletes `tenant`'s points of `document_id` whose [`Revision`] differs from `keep` (all
     /// of them when `keep` is `None`). Other tenants and documents are never touched.
     fn delete_document(
@@ -543,6 +585,18 @@ impl VectorStore for Store {
         match self {
             Store::Edge(s) => s.first_chunk(tenant, document_id).await,
             Store::Qdrant(s) => s.first_chunk(tenant, document_id).await,
+        }
+    }
+
+    async fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        match self {
+            Store::Edge(s) => s.chunk_vectors(tenant, document_id, chunk_count).await,
+            Store::Qdrant(s) => s.chunk_vectors(tenant, document_id, chunk_count).await,
         }
     }
 

@@ -46,7 +46,8 @@ use qdrant_client::qdrant::{
     Condition, CountPoints, CreateCollection, CreateFieldIndexCollection, DeletePoints, Distance,
     FieldType, Filter, GetPoints, KeywordIndexParams, PayloadIndexParams, PointId, PointStruct,
     PointsSelector, Query, QueryPoints, SetPayloadPoints, UpsertPoints, Value as QValue,
-    VectorParams, VectorsConfig, payload_index_params, point_id::PointIdOptions, vectors_config,
+    VectorParams, VectorsConfig, payload_index_params, point_id::PointIdOptions, vector_output,
+    vectors_config,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use tonic::Code;
@@ -54,7 +55,8 @@ use tracing::warn;
 
 use super::{
     BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
-    StoreError, VectorStore, check_vector, check_version, point_id, split_batches,
+    StoreError, StoredChunk, VectorStore, check_owner, check_vector, check_version, point_id,
+    split_batches,
 };
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
@@ -77,6 +79,10 @@ const INTEGER_INDEXES: [&str; 2] = ["version", "chunk_count"];
 /// Bytes an upsert request needs besides its points (collection name is added separately):
 /// field tags, the `wait` flag and slack for optional fields.
 const UPSERT_OVERHEAD: usize = 64;
+
+/// Point ids per retrieve request of [`QdrantStore::chunk_vectors`](VectorStore::chunk_vectors)
+/// (each response carries a vector and a payload per id).
+const RETRIEVE_BATCH: usize = 256;
 
 /// How to reach a Qdrant server and how hard to try.
 #[derive(Clone)]
@@ -562,13 +568,56 @@ impl VectorStore for QdrantStore {
             return Ok(None);
         };
         let payload = decode_payload(&id.to_string(), point.payload)?;
-        if payload.tenant_id != tenant.as_str() || payload.document_id != document_id {
-            return Err(StoreError::Rejected(format!(
-                "point {id} should hold chunk 0 of document {document_id:?} of tenant {tenant}, \
-                 but its payload names another tenant or document"
-            )));
-        }
+        check_owner(&payload, tenant.as_str(), document_id, &id)?;
         Ok(Some(payload))
+    }
+
+    /// Retrieves points [`point_id`]`(tenant, document_id, i)` for `i` in `0..chunk_count`
+    /// with payloads and vectors, [`RETRIEVE_BATCH`] ids per request.
+    ///
+    /// Fails with [`StoreError::Rejected`] if a payload is not a [`ChunkPayload`] of that
+    /// tenant and document or a point has no dense vector, [`StoreError::Unavailable`] if the
+    /// server cannot be reached.
+    async fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        let ids: Vec<_> = (0..chunk_count)
+            .map(|index| point_id(tenant, document_id, index))
+            .collect();
+        let mut chunks = Vec::with_capacity(chunk_count);
+        for batch in ids.chunks(RETRIEVE_BATCH) {
+            let request = GetPoints {
+                collection_name: self.collection.clone(),
+                ids: batch.iter().copied().map(uuid_point_id).collect(),
+                with_payload: Some(true.into()),
+                with_vectors: Some(true.into()),
+                ..GetPoints::default()
+            };
+            let response = self
+                .call("retrieve points", || {
+                    self.client.get_points(request.clone())
+                })
+                .await?;
+            for point in response.result {
+                let id = describe_point_id(point.id.as_ref());
+                let payload = decode_payload(&id, point.payload)?;
+                check_owner(&payload, tenant.as_str(), document_id, &id)?;
+                let vector = match point.vectors.and_then(|v| v.get_vector()) {
+                    Some(vector_output::Vector::Dense(dense)) => dense.data,
+                    _ => {
+                        return Err(StoreError::Rejected(format!(
+                            "point {id} has no dense vector"
+                        )));
+                    }
+                };
+                chunks.push(StoredChunk { payload, vector });
+            }
+        }
+        chunks.sort_by_key(|chunk| chunk.payload.chunk_index);
+        Ok(chunks)
     }
 
     /// Deletes (with `wait=true`) by the filter `tenant_id == tenant AND document_id ==
