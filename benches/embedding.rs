@@ -2,7 +2,9 @@
 //! deterministic corpora built from the fixture documents:
 //!
 //! - `long256`: 32 texts truncated to the model's 256 tokens (the conditions of
-//!   `PERFORMANCE.md`), candle-transformers' `BertModel` (`reference`) vs `CandleEmbedder`;
+//!   `PERFORMANCE.md`), candle-transformers' `BertModel` (`reference`) vs `CandleEmbedder`
+//!   (`fast`), and `CandleEmbedder` with `Precision::Bf16` (`fast_bf16`, on CPUs with
+//!   AVX-512 BF16);
 //! - `chunks`: 64 KiB of the fixture documents chunked like the pipeline does (at most 200
 //!   tokens, mixed lengths);
 //! - `short`: 256 single sentences of 10 to 20 tokens, at several batch sizes;
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rag_ingest::chunk::{ChunkFormat, Chunker};
-use rag_ingest::embed::{CandleEmbedder, Embedder};
+use rag_ingest::embed::{CandleEmbedder, Embedder, Precision};
 use tokenizers::{Tokenizer, TruncationParams};
 
 #[path = "../tests/support/reference_bert.rs"]
@@ -93,6 +95,9 @@ fn real_tokens(tokenizer: &Tokenizer, texts: &[&str], max_tokens: usize) -> u64 
 fn bench(c: &mut Criterion) {
     let dir = model_dir();
     let embedder = CandleEmbedder::load(&dir, 32).expect("run scripts/fetch-model.sh first");
+    let bf16 = CandleEmbedder::load_with_precision(&dir, 32, Precision::Bf16)
+        .inspect_err(|e| eprintln!("SKIPPED: fast_bf16 cases: {e}"))
+        .ok();
     let tokenizer = embedder.tokenizer().clone();
     let max_tokens = embedder.max_input_tokens();
     let corpus = fixture_text();
@@ -134,6 +139,11 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("fast", name), |b| {
             b.iter(|| embedder.embed_blocking(texts).expect("embed"));
         });
+        if let Some(bf16) = bf16.as_ref().filter(|_| name == "long256") {
+            group.bench_function(BenchmarkId::new("fast_bf16", name), |b| {
+                b.iter(|| bf16.embed_blocking(texts).expect("embed"));
+            });
+        }
     }
 
     let tokens = real_tokens(&tokenizer, &short, max_tokens);

@@ -12,7 +12,7 @@ mod failover;
 mod openai;
 
 pub use any::AnyEmbedder;
-pub use candle::CandleEmbedder;
+pub use candle::{CandleEmbedder, Precision};
 pub use failover::FailoverEmbedder;
 pub use openai::{ApiKey, OpenAiEmbedder, OpenAiOptions};
 

@@ -16,7 +16,10 @@
 //! - softmax, GELU and layer norm are vectorised loops (compiled for AVX2 + FMA when the CPU
 //!   has them), with polynomial `exp` and `erf` accurate to about 1e-7;
 //! - the two levels of parallelism are explicit: matrix multiplications of the linear layers
-//!   use every thread, attention runs one (sequence, head) per task on rayon's pool.
+//!   use every thread, attention runs one (sequence, head) per task on rayon's pool;
+//! - with [`Precision::Bf16`] the linear layers multiply bf16 weights (converted once at
+//!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]); everything else
+//!   (embeddings, attention, softmax, GELU, layer norm, pooling) stays f32.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,6 +29,9 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::Precision;
+use super::bf16::Bf16Weight;
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
 const ROWS_PER_TASK: usize = 32;
@@ -72,14 +78,24 @@ struct Buffers {
     attended: Vec<f32>,
     /// Feed-forward activations, `tokens × intermediate`.
     inter: Vec<f32>,
+    /// Activations converted to bf16 pairs for a [`Bf16Weight`] (unused in f32).
+    bf16: Vec<u32>,
 }
 
-/// A linear layer `y = x Wᵀ + b`; `weight` is `out × in`, row-major (the safetensors layout).
+/// A linear layer `y = x Wᵀ + b`.
 struct Linear {
-    weight: Vec<f32>,
+    weight: Weight,
     bias: Vec<f32>,
     inputs: usize,
     outputs: usize,
+}
+
+/// The weight matrix of a linear layer in the precision of the forward pass.
+enum Weight {
+    /// `out × in`, row-major (the safetensors layout).
+    F32(Vec<f32>),
+    /// Converted to bf16 and packed for the kernel.
+    Bf16(Bf16Weight),
 }
 
 /// Layer norm parameters.
@@ -101,14 +117,15 @@ struct Layer {
 
 impl Bert {
     /// Loads the weights of a BERT model from a safetensors file (tensor names as exported
-    /// by Hugging Face `BertModel`, optionally prefixed with `bert.`).
+    /// by Hugging Face `BertModel`, optionally prefixed with `bert.`), the linear layers'
+    /// in `precision`.
     ///
     /// # Errors
     ///
-    /// A message if the file cannot be read, a tensor is missing or has the wrong shape, or
-    /// the config asks for something this implementation does not do (activation other
-    /// than exact GELU, heads not dividing the hidden size).
-    pub(crate) fn load(path: &Path, config: &Config) -> Result<Self, String> {
+    /// A message if the file cannot be read, a tensor is missing or has the wrong shape, the
+    /// config asks for something this implementation does not do (activation other than
+    /// exact GELU, heads not dividing the hidden size), or the CPU cannot run `precision`.
+    pub(crate) fn load(path: &Path, config: &Config, precision: Precision) -> Result<Self, String> {
         if !matches!(config.hidden_act, HiddenAct::Gelu) {
             return Err(format!(
                 "unsupported hidden_act {:?}: only exact (erf) gelu is implemented",
@@ -154,29 +171,27 @@ impl Bert {
             })
         };
         let linear = |name: &str, outputs: usize, inputs: usize| -> Result<Linear, String> {
-            Ok(Linear {
-                weight: get((outputs, inputs), &format!("{name}.weight"))?,
-                bias: get1(outputs, &format!("{name}.bias"))?,
+            Linear::new(
+                get((outputs, inputs), &format!("{name}.weight"))?,
+                get1(outputs, &format!("{name}.bias"))?,
                 inputs,
-                outputs,
-            })
+                precision,
+            )
         };
 
         let scale = 1.0 / (head_dim as f32).sqrt();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let mut query = linear(&format!("{p}.attention.self.query"), hidden, hidden)?;
-            query.weight.iter_mut().for_each(|w| *w *= scale);
-            query.bias.iter_mut().for_each(|b| *b *= scale);
-            let key = linear(&format!("{p}.attention.self.key"), hidden, hidden)?;
-            let value = linear(&format!("{p}.attention.self.value"), hidden, hidden)?;
-            let qkv = Linear {
-                weight: [query.weight, key.weight, value.weight].concat(),
-                bias: [query.bias, key.bias, value.bias].concat(),
-                inputs: hidden,
-                outputs: 3 * hidden,
-            };
+            let (mut weights, mut biases) = (Vec::new(), Vec::new());
+            for part in ["query", "key", "value"] {
+                let name = format!("{p}.attention.self.{part}");
+                weights.push(get((hidden, hidden), &format!("{name}.weight"))?);
+                biases.push(get1(hidden, &format!("{name}.bias"))?);
+            }
+            weights[0].iter_mut().for_each(|w| *w *= scale);
+            biases[0].iter_mut().for_each(|b| *b *= scale);
+            let qkv = Linear::new(weights.concat(), biases.concat(), hidden, precision)?;
             layers.push(Layer {
                 qkv,
                 attention_output: linear(&format!("{p}.attention.output.dense"), hidden, hidden)?,
@@ -251,6 +266,7 @@ impl Bert {
             context,
             attended,
             inter,
+            bf16,
         } = &mut buffers;
         x.resize(tokens * h, 0.0);
         qkv.resize(tokens * 3 * h, 0.0);
@@ -260,15 +276,17 @@ impl Bert {
         self.embeddings(sequences, x)?;
         for layer in &self.layers {
             // Q, K, V for every token.
-            layer.qkv.forward(x, qkv, None);
+            layer.qkv.forward(x, qkv, None, bf16);
             self.attention(qkv, &starts, context);
             // attended = LayerNorm(x + context Woᵀ + bo)
-            layer.attention_output.forward(context, attended, Some(x));
+            layer
+                .attention_output
+                .forward(context, attended, Some(x), bf16);
             layer_norm_rows(attended, &layer.attention_norm, self.eps);
             // x = LayerNorm(attended + GELU(attended Wiᵀ + bi) Woᵀ + bo)
-            layer.intermediate.forward(attended, inter, None);
+            layer.intermediate.forward(attended, inter, None, bf16);
             gelu_rows(inter, self.intermediate);
-            layer.output.forward(inter, x, Some(attended));
+            layer.output.forward(inter, x, Some(attended), bf16);
             layer_norm_rows(x, &layer.output_norm, self.eps);
         }
         let vectors = starts
@@ -408,9 +426,40 @@ fn attention_head(
 }
 
 impl Linear {
+    /// A layer of `inputs` inputs with `weight` (`bias.len() × inputs`, row-major), its
+    /// weight stored in `precision`.
+    ///
+    /// # Errors
+    ///
+    /// A message if the CPU cannot run `precision`.
+    fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        inputs: usize,
+        precision: Precision,
+    ) -> Result<Self, String> {
+        let outputs = bias.len();
+        let weight = match precision {
+            Precision::F32 => Weight::F32(weight),
+            Precision::Bf16 => Weight::Bf16(Bf16Weight::new(&weight, outputs, inputs)?),
+        };
+        Ok(Self {
+            weight,
+            bias,
+            inputs,
+            outputs,
+        })
+    }
+
     /// `out = x Wᵀ + b (+ residual)` for every row of `x` (`rows × inputs`); `out` is
-    /// `rows × outputs`.
-    fn forward(&self, x: &[f32], out: &mut [f32], residual: Option<&[f32]>) {
+    /// `rows × outputs`. `scratch` is space for the bf16 kernel.
+    fn forward(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        residual: Option<&[f32]>,
+        scratch: &mut Vec<u32>,
+    ) {
         let rows = x.len() / self.inputs;
         let n = self.outputs;
         match residual {
@@ -430,28 +479,31 @@ impl Linear {
                 }
             }),
         }
-        matmul(
-            Dst {
-                data: out,
-                offset: 0,
-                rs: n,
-            },
-            Src {
-                data: x,
-                offset: 0,
-                rs: self.inputs,
-                cs: 1,
-            },
-            Src {
-                data: &self.weight,
-                offset: 0,
-                rs: 1,
-                cs: self.inputs,
-            },
-            (rows, n, self.inputs),
-            true,
-            Parallelism::Rayon(rayon::current_num_threads()),
-        );
+        match &self.weight {
+            Weight::F32(weight) => matmul(
+                Dst {
+                    data: out,
+                    offset: 0,
+                    rs: n,
+                },
+                Src {
+                    data: x,
+                    offset: 0,
+                    rs: self.inputs,
+                    cs: 1,
+                },
+                Src {
+                    data: weight,
+                    offset: 0,
+                    rs: 1,
+                    cs: self.inputs,
+                },
+                (rows, n, self.inputs),
+                true,
+                Parallelism::Rayon(rayon::current_num_threads()),
+            ),
+            Weight::Bf16(weight) => weight.matmul(x, out, scratch),
+        }
     }
 }
 

@@ -1,0 +1,192 @@
+//! The reduced-precision ([`Precision::Bf16`]) forward pass against the f32 one on a real
+//! corpus: the fixture documents chunked at several sizes (up to the 256-token limit) and
+//! whole (truncated), plus short sentences. Run `scripts/fetch-model.sh` first.
+//!
+//! On a CPU without AVX-512 BF16 the tests print `SKIPPED: ...` and pass.
+
+use std::path::{Path, PathBuf};
+
+use rag_ingest::chunk::{ChunkFormat, Chunker};
+use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Precision};
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
+}
+
+/// The bf16 embedder, or `None` (after a loud message) if this CPU cannot run it.
+fn load_bf16(batch_size: usize) -> Option<CandleEmbedder> {
+    let dir = model_dir();
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        dir.display()
+    );
+    match CandleEmbedder::load_with_precision(&dir, batch_size, Precision::Bf16) {
+        Ok(embedder) => Some(embedder),
+        Err(EmbedError::ModelLoad { reason, .. }) if reason.contains("CPU features") => {
+            eprintln!("SKIPPED: {reason} (avx512bf16 not available)");
+            None
+        }
+        Err(e) => panic!("load bf16: {e}"),
+    }
+}
+
+/// Every fixture document chunked at 250, 160, 100, 60 and 30 tokens and whole (truncated to the
+/// model's 256 tokens), 12 windows of 400 words of the documents (truncated to 256 tokens),
+/// plus a few short sentences: over 100 texts of mixed lengths.
+fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
+    let chunkers: Vec<Chunker> = [250, 160, 100, 60, 30]
+        .into_iter()
+        .map(|max_tokens| {
+            Chunker::new(
+                embedder.tokenizer().clone(),
+                max_tokens,
+                max_tokens / 10,
+                embedder.max_input_tokens(),
+            )
+            .expect("chunker")
+        })
+        .collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs");
+    let mut texts = Vec::new();
+    let mut words = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(tenant))
+            .expect("fixture dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        paths.sort();
+        for path in paths {
+            let format = if path.extension().is_some_and(|e| e == "md") {
+                ChunkFormat::Markdown
+            } else {
+                ChunkFormat::Text
+            };
+            let doc = std::fs::read_to_string(&path).expect("fixture");
+            for chunker in &chunkers {
+                texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
+            }
+            words.extend(doc.split_whitespace().map(str::to_owned));
+            texts.push(doc);
+        }
+    }
+    for i in 0..12 {
+        let window: Vec<&str> = words
+            .iter()
+            .cycle()
+            .skip(i * 397 % words.len())
+            .take(400)
+            .map(String::as_str)
+            .collect();
+        texts.push(window.join(" "));
+    }
+    texts.extend(
+        [
+            "How do I reset my password?",
+            "ok",
+            "The meeting has been postponed until Friday.",
+        ]
+        .map(str::to_owned),
+    );
+    texts
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[test]
+fn bf16_vectors_match_f32_on_the_fixture_corpus() {
+    let Some(bf16) = load_bf16(16) else {
+        return;
+    };
+    let f32 = CandleEmbedder::load(&model_dir(), 16).expect("load f32");
+    let texts = corpus(&f32);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let lengths: Vec<usize> = texts
+        .iter()
+        .map(|t| {
+            f32.tokenizer()
+                .encode(*t, true)
+                .expect("tokenize")
+                .len()
+                .min(f32.max_input_tokens())
+        })
+        .collect();
+    assert!(texts.len() >= 100, "only {} texts", texts.len());
+    assert!(
+        lengths
+            .iter()
+            .filter(|&&n| n == f32.max_input_tokens())
+            .count()
+            >= 8,
+        "too few texts at the {}-token limit",
+        f32.max_input_tokens()
+    );
+    assert!(lengths.iter().any(|&n| n < 32), "no short texts");
+
+    let reference = f32.embed_blocking(&texts).expect("embed f32");
+    let reduced = bf16.embed_blocking(&texts).expect("embed bf16");
+    assert_eq!(reduced.len(), texts.len());
+    let cosines: Vec<f64> = reference
+        .iter()
+        .zip(&reduced)
+        .map(|(a, b)| cosine(a, b))
+        .collect();
+    let (worst, min) =
+        cosines
+            .iter()
+            .copied()
+            .enumerate()
+            .fold(
+                (0, f64::INFINITY),
+                |best, (i, c)| if c < best.1 { (i, c) } else { best },
+            );
+    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+    eprintln!(
+        "bf16 vs f32 over {} texts ({} tokens): min cos {min:.6} (text {worst}, {} tokens), mean cos {mean:.6}",
+        texts.len(),
+        lengths.iter().sum::<usize>(),
+        lengths[worst]
+    );
+    assert!(
+        min >= 0.999,
+        "min cosine {min} < 0.999 (text {worst}: {:?})",
+        texts[worst]
+    );
+    for (i, v) in reduced.iter().enumerate() {
+        assert_eq!(v.len(), bf16.fingerprint().dims);
+        let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "text {i}: norm {norm}");
+    }
+}
+
+#[test]
+fn bf16_vectors_do_not_depend_on_the_batch() {
+    let Some(bf16) = load_bf16(8) else {
+        return;
+    };
+    let texts = corpus(&bf16);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let together = bf16.embed_blocking(&texts).expect("embed batch");
+    // Alone, and in a batch with other neighbours (the texts reversed).
+    let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+    let mut apart = bf16.embed_blocking(&reversed).expect("embed reversed");
+    apart.reverse();
+    for (i, text) in texts.iter().enumerate().step_by(7) {
+        let alone = bf16.embed_blocking(&[text]).expect("embed alone");
+        for (other, what) in [(&alone[0], "alone"), (&apart[i], "in another batch")] {
+            let c = cosine(&together[i], other);
+            assert!(
+                c >= 0.9999,
+                "text {i} {what}: cos {c} with the batched vector"
+            );
+        }
+    }
+}
