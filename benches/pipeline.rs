@@ -1,0 +1,273 @@
+//! End-to-end ingestion throughput through the real broker, compared with bare embedding
+//! of the same chunks (criterion, release; needs RabbitMQ, panics if it is unreachable):
+//!
+//! ```text
+//! cargo bench --bench pipeline
+//! ```
+//!
+//! `end_to_end` (one run per sample): a fresh pipeline from `pipelines/docs.toml` (the
+//! shipped chunking, batch size, prefetch and concurrency) with its own queues and Edge store;
+//! the release `rag-ingest worker` binary is started and, once it logs `worker consuming`
+//! (model loaded, store open), the clock starts, 64 Markdown documents of 2 to 5 fixture
+//! documents each (a few chunks each) are published with the library's
+//! [`Submitter`](rag_ingest::queue::Submitter) and the clock stops when the worker has
+//! logged `document stored` 64 times. The worker is then stopped with SIGTERM; it must exit
+//! cleanly having stored 64 documents and retried or dead-lettered none, and the store must
+//! hold exactly each document's chunk count. The queues and the data directory are deleted.
+//! The binary is what is measured (not the library in process) because it is the product:
+//! same runtime, logging, embedder and store wiring; model load and start-up stay outside
+//! the clock.
+//!
+//! `bare_embed/all_chunks`: the same chunks embedded with `CandleEmbedder::embed_blocking` in
+//! one call (the embedder's own sub-batches of `embedder.batch_size`), the ceiling the
+//! pipeline can reach. `bare_embed/per_document`: one call per document, as the pipeline
+//! embeds today.
+//!
+//! Criterion's throughput is documents/s for `end_to_end` and tokens/s for `bare_embed`; the
+//! summary printed at the end gives docs/s, tokens/s (model tokens, `[CLS]`/`[SEP]`
+//! included) and the ratio end-to-end / bare (target >= 90 %), from the medians of every run.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use rag_ingest::embed::{CandleEmbedder, Embedder};
+use rag_ingest::message::Document;
+use rag_ingest::queue::Submitter;
+use rag_ingest::setup;
+use rag_ingest::store::EdgeStore;
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{BenchPipeline, WorkerBinary, WorkerProcess};
+
+/// Documents per run.
+const DOCS: usize = 64;
+
+/// What every run processes, and what the store must hold afterwards.
+struct Workload {
+    docs: Vec<Document>,
+    /// Chunk count of each document.
+    expected: Vec<usize>,
+    /// Every chunk text, document by document.
+    chunks: Vec<String>,
+    /// Model tokens of all chunks, special tokens included.
+    tokens: u64,
+}
+
+/// One end-to-end run; returns the time from the first publish to the last stored document.
+fn run_once(
+    rt: &tokio::runtime::Runtime,
+    binary: &WorkerBinary,
+    work: &Workload,
+    embedder: &CandleEmbedder,
+) -> Duration {
+    let pipeline = BenchPipeline::new("pipeline", |_| {});
+    let mut worker = WorkerProcess::start(binary, &pipeline.file, &[]);
+    worker.wait_for(support::CONSUMING, 1, Duration::from_secs(120));
+    let submitter = rt
+        .block_on(Submitter::connect(&pipeline.config))
+        .expect("the submitter connects");
+
+    let started = Instant::now();
+    let results = rt.block_on(submitter.submit_all(&work.docs, |_, _| {}));
+    for (doc, result) in work.docs.iter().zip(&results) {
+        if let Err(e) = result {
+            panic!(
+                "BENCH FAILED: the broker did not confirm {}: {e}",
+                doc.document_id
+            );
+        }
+    }
+    worker.wait_for(support::STORED, work.docs.len(), Duration::from_secs(900));
+    let elapsed = started.elapsed();
+
+    rt.block_on(submitter.close());
+    worker.signal("TERM");
+    let (status, log) = worker.wait_exit(Duration::from_secs(60));
+    support::check_clean_exit(status, &log, work.docs.len() as u64);
+    let store = EdgeStore::open(
+        pipeline.store_path(),
+        &pipeline.config.store.collection,
+        embedder.fingerprint(),
+    )
+    .expect("the worker's store opens after it exited");
+    let stored = rt
+        .block_on(support::verify_stored(&store, &work.docs, &work.expected))
+        .unwrap_or_else(|e| panic!("BENCH FAILED: the store does not hold every chunk:\n{e}"));
+    assert_eq!(stored, work.chunks.len(), "points stored");
+    drop(store);
+    elapsed
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = support::runtime();
+    rt.block_on(support::require_broker());
+    let binary = WorkerBinary::snapshot();
+
+    // The pipeline's own settings decide the chunks and the embedder's batch size.
+    let config = BenchPipeline::new("pipeline-setup", |_| {}).config.clone();
+    let embedder = CandleEmbedder::load(&support::model_dir(), config.embedder.batch_size)
+        .expect("the model loads (scripts/fetch-model.sh)");
+    let chunker = setup::chunker(&config, &embedder).expect("chunker");
+    let docs = support::realistic_docs("pipeline", DOCS);
+    let expected = support::expected_chunks(&chunker, &docs);
+    let per_doc: Vec<Vec<String>> = docs
+        .iter()
+        .map(|doc| {
+            chunker
+                .split(&doc.content, doc.format().expect("markdown"))
+                .into_iter()
+                .map(|c| c.text)
+                .collect()
+        })
+        .collect();
+    let chunks: Vec<String> = per_doc.iter().flatten().cloned().collect();
+    let tokens = {
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        support::model_tokens(embedder.tokenizer(), &refs)
+    };
+    let bytes: usize = docs.iter().map(|d| d.content.len()).sum();
+    eprintln!(
+        "pipeline: {DOCS} documents ({bytes} bytes), {} chunks (max_tokens {}, overlap {}), \
+         {tokens} model tokens ([CLS]/[SEP] included); embedder.batch_size {}, \
+         broker.prefetch {}, worker.concurrency {}; padding ratio 1.000 (packed forward \
+         pass, no padding)",
+        chunks.len(),
+        config.chunking.max_tokens,
+        config.chunking.overlap,
+        config.embedder.batch_size,
+        config.broker.prefetch,
+        config.worker.concurrency,
+    );
+    let work = Workload {
+        docs,
+        expected,
+        chunks,
+        tokens,
+    };
+    let chunk_refs: Vec<&str> = work.chunks.iter().map(String::as_str).collect();
+
+    let end_to_end = RefCell::new(Vec::new());
+    let bare_all = RefCell::new(Vec::new());
+    let bare_per_doc = RefCell::new(Vec::new());
+
+    let mut group = c.benchmark_group("pipeline");
+    // One run per sample: each takes seconds, and criterion's minimum is 10 samples.
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.warm_up_time(Duration::from_millis(1));
+    group.measurement_time(Duration::from_millis(1));
+
+    group.throughput(Throughput::Elements(DOCS as u64));
+    group.bench_function("end_to_end", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let elapsed = run_once(&rt, &binary, &work, &embedder);
+                    end_to_end.borrow_mut().push(elapsed);
+                    elapsed
+                })
+                .sum()
+        });
+    });
+
+    group.throughput(Throughput::Elements(work.tokens));
+    group.bench_function("bare_embed/all_chunks", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let started = Instant::now();
+                    let vectors = embedder.embed_blocking(&chunk_refs).expect("embed");
+                    let elapsed = started.elapsed();
+                    assert_eq!(vectors.len(), chunk_refs.len());
+                    bare_all.borrow_mut().push(elapsed);
+                    elapsed
+                })
+                .sum()
+        });
+    });
+    group.bench_function("bare_embed/per_document", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    let started = Instant::now();
+                    for texts in &per_doc {
+                        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                        embedder.embed_blocking(&refs).expect("embed");
+                    }
+                    let elapsed = started.elapsed();
+                    bare_per_doc.borrow_mut().push(elapsed);
+                    elapsed
+                })
+                .sum()
+        });
+    });
+    group.finish();
+
+    summary(
+        &work,
+        &end_to_end.borrow(),
+        &bare_all.borrow(),
+        &bare_per_doc.borrow(),
+    );
+}
+
+/// Prints the medians as docs/s, tokens/s and the end-to-end / bare ratio.
+fn summary(work: &Workload, end_to_end: &[Duration], bare_all: &[Duration], bare_doc: &[Duration]) {
+    let (Some(e2e), Some(all), Some(doc)) = (
+        support::median(end_to_end),
+        support::median(bare_all),
+        support::median(bare_doc),
+    ) else {
+        // `cargo bench -- <filter>` ran only some cases.
+        eprintln!("pipeline summary: not every case ran; no ratio");
+        return;
+    };
+    let tokens = work.tokens as f64;
+    let docs = work.docs.len() as f64;
+    let range = |runs: &[Duration]| {
+        let min = runs.iter().min().copied().unwrap_or_default();
+        let max = runs.iter().max().copied().unwrap_or_default();
+        format!("{:.2}–{:.2} s", min.as_secs_f64(), max.as_secs_f64())
+    };
+    eprintln!(
+        "\npipeline summary ({} documents, {} chunks, {} tokens; medians over all runs):",
+        work.docs.len(),
+        work.chunks.len(),
+        work.tokens
+    );
+    eprintln!(
+        "  end to end:            {:.3} s ({} runs, {}): {:.2} docs/s, {:.0} tokens/s",
+        e2e.as_secs_f64(),
+        end_to_end.len(),
+        range(end_to_end),
+        docs / e2e.as_secs_f64(),
+        tokens / e2e.as_secs_f64()
+    );
+    eprintln!(
+        "  bare, all chunks:      {:.3} s ({} runs, {}): {:.0} tokens/s",
+        all.as_secs_f64(),
+        bare_all.len(),
+        range(bare_all),
+        tokens / all.as_secs_f64()
+    );
+    eprintln!(
+        "  bare, per document:    {:.3} s ({} runs, {}): {:.0} tokens/s",
+        doc.as_secs_f64(),
+        bare_doc.len(),
+        range(bare_doc),
+        tokens / doc.as_secs_f64()
+    );
+    eprintln!(
+        "  ratio end-to-end / bare (all chunks): {:.1} % (target >= 90 %); / bare (per \
+         document): {:.1} %",
+        100.0 * all.as_secs_f64() / e2e.as_secs_f64(),
+        100.0 * doc.as_secs_f64() / e2e.as_secs_f64()
+    );
+    eprintln!("  padding ratio: 1.000 (packed, no padding)");
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

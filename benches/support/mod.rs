@@ -1,0 +1,677 @@
+//! Helpers shared by the end-to-end benches (`pipeline`, `memory`, `scale_out`): pipeline
+//! files derived from the shipped `pipelines/docs.toml` with unique queue names and their own
+//! data directory, realistic documents built from `fixtures/docs/**`, the `rag-ingest worker`
+//! binary as a child process whose log is watched, and broker and store utilities.
+//!
+//! Everything a bench creates is removed again when its owner is dropped, also when the
+//! bench panics: [`BenchPipeline`] deletes its queues (and its Qdrant collection) and data
+//! directory, [`WorkerProcess`] kills a worker that is still running.
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use rag_ingest::chunk::Chunker;
+use rag_ingest::config::{PipelineConfig, redact_url};
+use rag_ingest::message::Document;
+use rag_ingest::queue::Topology;
+use rag_ingest::store::VectorStore;
+use rag_ingest::tenant::TenantId;
+
+/// Log line the worker prints once it consumes (model loaded, store open, topology declared).
+pub const CONSUMING: &str = "worker consuming";
+/// Log line the worker prints for every document it embedded and wrote.
+pub const STORED: &str = "document stored";
+
+/// The broker URL: `RAG_INGEST_AMQP_URL` (which the worker honours too) or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("RAG_INGEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The crate root.
+pub fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real all-MiniLM-L6-v2 directory; panics naming the fix if it is missing.
+pub fn model_dir() -> PathBuf {
+    let dir = manifest_dir().join("models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the model is missing at {}: run scripts/fetch-model.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// A tokio runtime for the benches' own async work (publishing, queue probes, store checks).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Panics with a clear message unless the broker accepts a connection within 10 s: a bench
+/// without a broker would measure nothing.
+pub async fn require_broker() {
+    let url = amqp_url();
+    let connect = Connection::connect(&url, ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        Ok(Err(e)) => panic!(
+            "BENCH FAILED: RabbitMQ is not reachable at {}: {e}. Start it \
+             (scripts/ensure-rabbitmq.sh) or set RAG_INGEST_AMQP_URL; this bench needs the \
+             real broker",
+            redact_url(&url)
+        ),
+        Err(_) => panic!(
+            "BENCH FAILED: RabbitMQ at {} did not answer within 10 s. Start it \
+             (scripts/ensure-rabbitmq.sh) or set RAG_INGEST_AMQP_URL; this bench needs the \
+             real broker",
+            redact_url(&url)
+        ),
+    }
+}
+
+/// One fixture document of `fixtures/docs/<tenant>/`.
+pub struct Fixture {
+    /// The tenant directory it lives in.
+    pub tenant: String,
+    /// The file name.
+    pub name: String,
+    /// The whole text.
+    pub text: String,
+}
+
+/// Every fixture document, sorted by tenant and file name.
+pub fn fixtures() -> Vec<Fixture> {
+    let root = manifest_dir().join("fixtures/docs");
+    let mut fixtures = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(tenant))
+            .expect("fixtures/docs/<tenant> is readable")
+            .map(|e| e.expect("directory entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md" || e == "txt"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            fixtures.push(Fixture {
+                tenant: tenant.to_owned(),
+                name: path
+                    .file_name()
+                    .expect("file name")
+                    .to_string_lossy()
+                    .into_owned(),
+                text: std::fs::read_to_string(&path).expect("fixture is UTF-8 text"),
+            });
+        }
+    }
+    assert!(!fixtures.is_empty(), "no fixture documents found");
+    fixtures
+}
+
+/// `n` distinct Markdown documents named `<prefix>-NNN`, alternating between the tenants
+/// `acme` and `globex`. Document `i` is a heading followed by 2 to 5 of its tenant's
+/// fixture documents (rotating), about 0.8 to 2.5 KiB: a few chunks each at the default
+/// 200-token chunk size. Each carries `title` and `source` metadata.
+pub fn realistic_docs(prefix: &str, n: usize) -> Vec<Document> {
+    let fixtures = fixtures();
+    (0..n)
+        .map(|i| {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            let own: Vec<&Fixture> = fixtures.iter().filter(|f| f.tenant == tenant).collect();
+            let parts = 2 + i % 4;
+            let mut content = format!("# {prefix} note {i}\n\n");
+            let mut sources = Vec::new();
+            for k in 0..parts {
+                let fixture = own[(i / 2 + k) % own.len()];
+                content.push_str(&fixture.text);
+                content.push_str("\n\n");
+                sources.push(fixture.name.clone());
+            }
+            let mut doc = Document::upsert(
+                TenantId::new(tenant).expect("tenant"),
+                format!("{prefix}-{i:03}"),
+                content,
+            );
+            doc.content_type = "text/markdown".into();
+            doc.metadata
+                .insert("title".into(), format!("{prefix} note {i}").into());
+            doc.metadata
+                .insert("source".into(), sources.join(",").into());
+            doc
+        })
+        .collect()
+}
+
+/// `n` distinct documents of exactly `bytes` bytes named `<prefix>-NNN`, alternating tenants
+/// and content types (`text/markdown`, `text/plain`): the fixture documents of the tenant
+/// repeated under numbered section headings.
+pub fn large_docs(prefix: &str, n: usize, bytes: usize) -> Vec<Document> {
+    let fixtures = fixtures();
+    (0..n)
+        .map(|i| {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            let own: Vec<&Fixture> = fixtures.iter().filter(|f| f.tenant == tenant).collect();
+            let mut content = String::with_capacity(bytes + 4096);
+            let mut section = 0;
+            while content.len() < bytes {
+                content.push_str(&format!("\n\n## {prefix} {i} section {section}\n\n"));
+                content.push_str(&own[section % own.len()].text);
+                section += 1;
+            }
+            let mut end = bytes;
+            while !content.is_char_boundary(end) {
+                end -= 1;
+            }
+            content.truncate(end);
+            let mut doc = Document::upsert(
+                TenantId::new(tenant).expect("tenant"),
+                format!("{prefix}-{i:03}"),
+                content,
+            );
+            if i % 2 == 0 {
+                doc.content_type = "text/markdown".into();
+            }
+            doc
+        })
+        .collect()
+}
+
+/// Sets the dotted `path` (e.g. `broker.prefetch`) of a TOML table, creating tables on the
+/// way.
+pub fn set(table: &mut toml::Table, path: &str, value: impl Into<toml::Value>) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let last = parts.pop().expect("a non-empty path");
+    let mut current = table;
+    for part in parts {
+        current = current
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("{path}: {part} is not a table"));
+    }
+    current.insert(last.to_owned(), value.into());
+}
+
+/// A pipeline file for one bench run: `pipelines/docs.toml` (the shipped defaults: chunk
+/// size, batch size, prefetch, concurrency, limits) with a unique name (so its own queues),
+/// an absolute model path, the bench's broker URL, its own store directory, metrics off, and
+/// whatever the bench changes on top.
+pub struct BenchPipeline {
+    /// The loaded configuration, exactly as the worker loads it.
+    pub config: PipelineConfig,
+    /// The pipeline file handed to the worker.
+    pub file: PathBuf,
+    /// Qdrant collection to delete on drop (`store.kind = "qdrant"`).
+    qdrant_collection: Option<String>,
+    /// Holds the pipeline file and the edge store; removed on drop.
+    dir: tempfile::TempDir,
+}
+
+impl BenchPipeline {
+    /// A pipeline named `bench-<prefix>-<random>`; `edit` changes the TOML table before it
+    /// is written (see [`set`]).
+    pub fn new(prefix: &str, edit: impl FnOnce(&mut toml::Table)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base = manifest_dir().join("pipelines/docs.toml");
+        let text = std::fs::read_to_string(&base).expect("pipelines/docs.toml is readable");
+        let mut table: toml::Table = text.parse().expect("pipelines/docs.toml is valid TOML");
+        let name = format!(
+            "bench-{prefix}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        set(&mut table, "name", name.as_str());
+        set(&mut table, "broker.url", amqp_url());
+        set(
+            &mut table,
+            "embedder.model_dir",
+            model_dir().display().to_string(),
+        );
+        set(
+            &mut table,
+            "store.path",
+            dir.path().join("store").display().to_string(),
+        );
+        set(&mut table, "metrics.address", "");
+        edit(&mut table);
+        let file = dir.path().join("pipeline.toml");
+        std::fs::write(
+            &file,
+            toml::to_string(&table).expect("pipeline table serialises"),
+        )
+        .expect("write the pipeline file");
+        let config = PipelineConfig::load(&file)
+            .unwrap_or_else(|e| panic!("the bench pipeline {} is invalid: {e}", file.display()));
+        let qdrant_collection = (config.store.kind == rag_ingest::config::StoreKind::Qdrant)
+            .then(|| config.store.collection.clone());
+        BenchPipeline {
+            config,
+            file,
+            qdrant_collection,
+            dir,
+        }
+    }
+
+    /// The directory of the edge store (`store.path`).
+    pub fn store_path(&self) -> &Path {
+        &self.config.store.path
+    }
+
+    /// The main queue.
+    pub fn main_queue(&self) -> String {
+        Topology::new(&self.config).main_queue()
+    }
+}
+
+impl Drop for BenchPipeline {
+    fn drop(&mut self) {
+        // A thread of its own: drop may run inside or outside a runtime.
+        let config = self.config.clone();
+        let collection = self.qdrant_collection.take();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async {
+                delete_queues(&config).await;
+                if let Some(collection) = collection {
+                    delete_qdrant_collection(&config, &collection).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Deletes `config`'s main, retry and dead-letter queues (errors ignored: best effort).
+pub async fn delete_queues(config: &PipelineConfig) {
+    let topology = Topology::new(config);
+    let Ok(conn) = Connection::connect(&config.broker.url, ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        let mut queues = vec![topology.main_queue(), topology.dlq()];
+        queues.extend(topology.retry_queues());
+        for queue in queues {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Deletes `collection` on `config`'s Qdrant server (errors ignored: best effort).
+async fn delete_qdrant_collection(config: &PipelineConfig, collection: &str) {
+    let q = &config.store.qdrant;
+    let mut builder = qdrant_client::Qdrant::from_url(&q.url).skip_compatibility_check();
+    if let Some(key) = &q.api_key {
+        builder.set_api_key(key.expose());
+    }
+    if let Ok(client) = builder.build() {
+        let _ = client.delete_collection(collection.to_owned()).await;
+    }
+}
+
+/// One open channel for asking the broker about queues.
+pub struct QueueProbe {
+    conn: Connection,
+    channel: Channel,
+}
+
+impl QueueProbe {
+    /// Connects to the bench broker.
+    pub async fn connect() -> Self {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ is reachable (scripts/ensure-rabbitmq.sh)");
+        let channel = conn.create_channel().await.expect("channel");
+        QueueProbe { conn, channel }
+    }
+
+    /// Ready (not yet delivered) messages in `queue`, which must exist.
+    pub async fn ready(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} cannot be inspected: {e}"))
+            .message_count()
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+/// The chunk count of each document with `chunker` (what the store must hold for it).
+pub fn expected_chunks(chunker: &Chunker, docs: &[Document]) -> Vec<usize> {
+    docs.iter()
+        .map(|doc| {
+            chunker
+                .split(&doc.content, doc.format().expect("supported content type"))
+                .len()
+        })
+        .collect()
+}
+
+/// Checks that `store` holds exactly `expected[i]` points for document `i` of `docs` and
+/// nothing else for their tenants; returns the total number of points, or a description of
+/// every difference.
+pub async fn verify_stored<S: VectorStore>(
+    store: &S,
+    docs: &[Document],
+    expected: &[usize],
+) -> Result<usize, String> {
+    let mut problems = Vec::new();
+    let mut per_tenant: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (doc, &want) in docs.iter().zip(expected) {
+        let got = store
+            .count(&doc.tenant, Some(&doc.document_id))
+            .await
+            .map_err(|e| format!("count of {}: {e}", doc.document_id))?;
+        if got != want {
+            problems.push(format!(
+                "{}/{}: {got} points, expected {want}",
+                doc.tenant, doc.document_id
+            ));
+        }
+        *per_tenant.entry(doc.tenant.as_str()).or_default() += want;
+    }
+    let mut total = 0;
+    for (tenant, want) in per_tenant {
+        let tenant_id = TenantId::new(tenant).expect("tenant");
+        let got = store
+            .count(&tenant_id, None)
+            .await
+            .map_err(|e| format!("count of tenant {tenant}: {e}"))?;
+        if got != want {
+            problems.push(format!("tenant {tenant}: {got} points, expected {want}"));
+        }
+        total += got;
+    }
+    if problems.is_empty() {
+        Ok(total)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// Model tokens of `texts`, `[CLS]`/`[SEP]` included (what the forward pass computes).
+pub fn model_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[&str]) -> u64 {
+    tokenizer
+        .encode_batch(texts.to_vec(), true)
+        .expect("tokenize")
+        .iter()
+        .map(|e| e.len() as u64)
+        .sum()
+}
+
+/// A private link to (or copy of) the `rag-ingest` binary cargo built with this bench,
+/// taken once at the start: the target directory may be shared with other checkouts whose
+/// builds replace `target/release/rag-ingest` while a bench runs. Removed on drop.
+pub struct WorkerBinary {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerBinary {
+    /// Links (or, across file systems, copies) `CARGO_BIN_EXE_rag-ingest` into a temporary
+    /// directory and prints which build it is.
+    pub fn snapshot() -> Self {
+        let source = Path::new(env!("CARGO_BIN_EXE_rag-ingest"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("rag-ingest");
+        if std::fs::hard_link(source, &path).is_err() {
+            std::fs::copy(source, &path)
+                .unwrap_or_else(|e| panic!("cannot copy {}: {e}", source.display()));
+        }
+        let modified = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339())
+            .unwrap_or_default();
+        eprintln!(
+            "worker binary: {} (built {modified}, from {})",
+            source.display(),
+            manifest_dir().display()
+        );
+        WorkerBinary { path, _dir: dir }
+    }
+
+    /// The binary to run.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Lines of a worker's stderr, with a condition variable signalled on every new line.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// A running `rag-ingest worker` process (the release binary built with the benches) whose
+/// stderr is collected line by line.
+pub struct WorkerProcess {
+    child: Child,
+    log: Arc<Log>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl WorkerProcess {
+    /// Starts `<binary> worker --pipeline <file> <extra>` with info logs (lapin and
+    /// qdrant_edge at warn).
+    pub fn start(binary: &WorkerBinary, file: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary.path())
+            .args(["--log-format", "text", "worker", "--pipeline"])
+            .arg(file)
+            .args(extra)
+            .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the rag-ingest binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Log::default());
+        let sink = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
+                sink.grew.notify_all();
+            }
+            // Wake waiters once more at end of stream (the process is exiting).
+            sink.grew.notify_all();
+        });
+        WorkerProcess {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Log lines containing `needle` so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        self.log
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .join("\n")
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Blocks until `n` log lines contain `needle`, woken by every new line. Panics with the
+    /// log if the worker exits first or `timeout` passes.
+    pub fn wait_for(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self
+            .log
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if lines.iter().filter(|l| l.contains(needle)).count() >= n {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "BENCH FAILED: fewer than {n} log lines with {needle:?} within {timeout:?}; \
+                     worker log:\n{}",
+                    self.log()
+                );
+            }
+            // Wake at least every 200 ms to notice a worker that died without output.
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            lines = self
+                .log
+                .grew
+                .wait_timeout(lines, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                drop(lines);
+                if self.count(needle) >= n {
+                    return;
+                }
+                panic!(
+                    "BENCH FAILED: the worker exited ({status}) before {n} log lines with \
+                     {needle:?}; worker log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -s {signal} {}", self.child.id());
+    }
+
+    /// Waits (polling every 20 ms) for the process to exit; returns its status and whole
+    /// log. Kills it and panics if it is still running after `timeout`.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "BENCH FAILED: the worker did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        (status, self.log())
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // A failed bench must not leave a worker behind.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `name=<n>` from the worker's final `worker stopped: …` line.
+pub fn final_count(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("worker stopped:"))
+        .unwrap_or_else(|| panic!("no `worker stopped` line in the worker log:\n{log}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+/// Panics with the log unless a worker that was asked to stop exited cleanly, stored
+/// `stored` documents and retried or dead-lettered none.
+pub fn check_clean_exit(status: ExitStatus, log: &str, stored: u64) {
+    assert!(
+        status.success(),
+        "BENCH FAILED: the worker exited with {status}; log:\n{log}"
+    );
+    for (name, want) in [("stored", stored), ("retried", 0), ("dead_lettered", 0)] {
+        let got = final_count(log, name);
+        assert_eq!(
+            got, want,
+            "BENCH FAILED: the worker reports {name}={got}, expected {want}; log:\n{log}"
+        );
+    }
+}
+
+/// Median of `values` (the mean of the two middle values for an even count); `None` when
+/// empty.
+pub fn median(values: &[Duration]) -> Option<Duration> {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2),
+    }
+}
