@@ -8,11 +8,11 @@
 //! `end_to_end` (one run per sample): a fresh pipeline from `pipelines/docs.toml` (the
 //! shipped chunking, batch size, prefetch and concurrency) with its own queues and Edge store;
 //! the release `rag-ingest worker` binary is started and, once it logs `worker consuming`
-//! (model loaded, store open), the clock starts, 64 Markdown documents of 2 to 5 fixture
+//! (model loaded, store open), the clock starts, 256 Markdown documents of 2 to 5 fixture
 //! documents each (a few chunks each) are published with the library's
 //! [`Submitter`](rag_ingest::queue::Submitter) and the clock stops when the worker has
-//! logged `document stored` 64 times. The worker is then stopped with SIGTERM; it must exit
-//! cleanly having stored 64 documents and retried or dead-lettered none, and the store must
+//! logged `document stored` 256 times. The worker is then stopped with SIGTERM; it must exit
+//! cleanly having stored 256 documents and retried or dead-lettered none, and the store must
 //! hold exactly each document's chunk count. The queues and the data directory are deleted.
 //! The binary is what is measured (not the library in process) because it is the product:
 //! same runtime, logging, embedder and store wiring; model load and start-up stay outside
@@ -43,7 +43,7 @@ mod support;
 use support::{BenchPipeline, WorkerBinary, WorkerProcess};
 
 /// Documents per run.
-const DOCS: usize = 64;
+const DOCS: usize = 256;
 
 /// What every run processes, and what the store must hold afterwards.
 struct Workload {

@@ -64,9 +64,10 @@ fn single_embedder(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<AnyEmbedder, EmbedError> {
     match config.kind {
-        EmbedderKind::Candle => Ok(AnyEmbedder::Candle(CandleEmbedder::load(
+        EmbedderKind::Candle => Ok(AnyEmbedder::Candle(CandleEmbedder::load_with_precision(
             &config.model_dir,
             config.batch_size,
+            config.precision,
         )?)),
         EmbedderKind::OpenAi => Ok(AnyEmbedder::OpenAi(OpenAiEmbedder::new(
             OpenAiOptions::from_config(config, env)?,

@@ -48,7 +48,8 @@ const SENTENCE_BERT_FILE: &str = "sentence_bert_config.json";
 /// The arithmetic of the linear layers (Q/K/V, attention output, feed-forward), which
 /// hold about 90 % of the model's floating-point operations; embeddings, attention,
 /// softmax, GELU, layer norm and pooling always run in f32.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 weights and activations: the reference vectors.
     #[default]
