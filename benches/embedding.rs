@@ -20,6 +20,8 @@ use rag_ingest::chunk::{ChunkFormat, Chunker};
 use rag_ingest::embed::{CandleEmbedder, Embedder, Precision};
 use tokenizers::{Tokenizer, TruncationParams};
 
+#[path = "../tests/support/fixtures.rs"]
+mod fixtures;
 #[path = "../tests/support/reference_bert.rs"]
 mod reference_bert;
 
@@ -29,18 +31,10 @@ fn model_dir() -> PathBuf {
 
 /// The fixture documents (Markdown and plain text) concatenated, in a fixed order.
 fn fixture_text() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs");
     let mut text = String::new();
-    for tenant in ["acme", "globex"] {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(tenant))
-            .expect("fixture dir")
-            .map(|e| e.expect("entry").path())
-            .collect();
-        paths.sort();
-        for path in paths {
-            text.push_str(&std::fs::read_to_string(path).expect("fixture"));
-            text.push_str("\n\n");
-        }
+    for (_, document) in fixtures::fixture_documents() {
+        text.push_str(&document);
+        text.push_str("\n\n");
     }
     text
 }

@@ -1152,9 +1152,15 @@ max_document_bytes = 1000
 
     #[test]
     fn precision_is_f32_unless_set_and_unknown_values_are_named() {
-        assert_eq!(parse(GOOD).expect("valid").embedder.precision, Precision::F32);
+        assert_eq!(
+            parse(GOOD).expect("valid").embedder.precision,
+            Precision::F32
+        );
         let bf16 = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"bf16\"");
-        assert_eq!(parse(&bf16).expect("valid").embedder.precision, Precision::Bf16);
+        assert_eq!(
+            parse(&bf16).expect("valid").embedder.precision,
+            Precision::Bf16
+        );
         let bad = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"f16\"");
         let err = parse(&bad).expect_err("f16 is not a precision").to_string();
         assert!(err.contains("precision") && err.contains("bf16"), "{err}");

@@ -3,11 +3,13 @@
 //! fixture documents chunked like the pipeline does, short sentences and over-long inputs.
 //! Run `scripts/fetch-model.sh` first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use rag_ingest::chunk::{ChunkFormat, Chunker};
+use rag_ingest::chunk::Chunker;
 use rag_ingest::embed::{CandleEmbedder, Embedder};
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
 #[path = "support/reference_bert.rs"]
 mod reference_bert;
 
@@ -30,26 +32,12 @@ fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
             .expect("chunker")
         })
         .collect();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs");
     let mut texts = Vec::new();
-    for tenant in ["acme", "globex"] {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(tenant))
-            .expect("fixture dir")
-            .map(|e| e.expect("entry").path())
-            .collect();
-        paths.sort();
-        for path in paths {
-            let format = if path.extension().is_some_and(|e| e == "md") {
-                ChunkFormat::Markdown
-            } else {
-                ChunkFormat::Text
-            };
-            let doc = std::fs::read_to_string(&path).expect("fixture");
-            for chunker in &chunkers {
-                texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
-            }
-            texts.push(doc);
+    for (format, doc) in fixtures::fixture_documents() {
+        for chunker in &chunkers {
+            texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
         }
+        texts.push(doc);
     }
     texts.extend(
         [

@@ -4,10 +4,13 @@
 //!
 //! On a CPU without AVX-512 BF16 the tests print `SKIPPED: ...` and pass.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use rag_ingest::chunk::{ChunkFormat, Chunker};
+use rag_ingest::chunk::Chunker;
 use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Precision};
+
+#[path = "support/fixtures.rs"]
+mod fixtures;
 
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
@@ -47,28 +50,14 @@ fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
             .expect("chunker")
         })
         .collect();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs");
     let mut texts = Vec::new();
     let mut words = Vec::new();
-    for tenant in ["acme", "globex"] {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(tenant))
-            .expect("fixture dir")
-            .map(|e| e.expect("entry").path())
-            .collect();
-        paths.sort();
-        for path in paths {
-            let format = if path.extension().is_some_and(|e| e == "md") {
-                ChunkFormat::Markdown
-            } else {
-                ChunkFormat::Text
-            };
-            let doc = std::fs::read_to_string(&path).expect("fixture");
-            for chunker in &chunkers {
-                texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
-            }
-            words.extend(doc.split_whitespace().map(str::to_owned));
-            texts.push(doc);
+    for (format, doc) in fixtures::fixture_documents() {
+        for chunker in &chunkers {
+            texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
         }
+        words.extend(doc.split_whitespace().map(str::to_owned));
+        texts.push(doc);
     }
     for i in 0..12 {
         let window: Vec<&str> = words
