@@ -25,6 +25,12 @@ use rag_ingest::queue::Topology;
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 
+#[path = "../../tests/support/worker_log.rs"]
+mod worker_log;
+// Each test or bench crate uses a subset of these helpers.
+#[allow(unused_imports)]
+pub use worker_log::final_count;
+
 /// Log line the worker prints once it consumes (model loaded, store open, topology declared).
 pub const CONSUMING: &str = "worker consuming";
 /// Log line the worker prints for every document it embedded and wrote.
@@ -632,19 +638,6 @@ impl Drop for WorkerProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// `name=<n>` from the worker's final `worker stopped: …` line.
-pub fn final_count(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("worker stopped:"))
-        .unwrap_or_else(|| panic!("no `worker stopped` line in the worker log:\n{log}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
 /// Panics with the log unless a worker that was asked to stop exited cleanly, stored

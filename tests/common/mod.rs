@@ -15,6 +15,12 @@ use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
 
+#[path = "../support/worker_log.rs"]
+mod worker_log;
+// Each test or bench crate uses a subset of these helpers.
+#[allow(unused_imports)]
+pub use worker_log::final_count;
+
 /// The broker URL tests use.
 pub fn amqp_url() -> String {
     std::env::var("RAG_INGEST_AMQP_URL")
@@ -521,19 +527,6 @@ impl Drop for WorkerProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// `name=<n>` from the worker's final `worker stopped: …` line.
-pub fn final_count(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("worker stopped:"))
-        .unwrap_or_else(|| panic!("no `worker stopped` line in:\n{log}"));
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
 impl WorkerProcess {
