@@ -94,10 +94,9 @@ fn run_once(
     )
     .expect("the worker's store opens after it exited");
     let stored = rt
-        .block_on(support::verify_stored(&store, &work.docs, &work.expected))
+        .block_on(support::verify_stored(&[store], &work.docs, &work.expected))
         .unwrap_or_else(|e| panic!("BENCH FAILED: the store does not hold every chunk:\n{e}"));
     assert_eq!(stored, work.chunks.len(), "points stored");
-    drop(store);
     elapsed
 }
 

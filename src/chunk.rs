@@ -2,17 +2,27 @@
 //!
 //! [`Chunker`] sizes chunks in the embedding model's own tokens with `text-splitter`
 //! (semantic boundaries: headings, paragraphs, sentences, words, graphemes), then checks every
-//! chunk against the limit and hard-splits the rare chunk that is still too long:
-//! text-splitter does not measure sections of at most `max_tokens` bytes, assuming a token
-//! spans at least one byte, which a tokenizer whose normaliser expands text (NFKC `ﷺ`, a
-//! `Replace` rule) can break. BERT WordPiece never does, so for it the check is a safety net.
+//! chunk against the limit and hard-splits the rare chunk that is still too long.
+//!
+//! text-splitter measures many candidate chunks per chunk it emits. Tokenising each
+//! candidate was most of the chunking time, so the document is tokenised once
+//! ([`DocumentTokens`]) and a candidate's size is the number of the document's tokens it
+//! overlaps. A token cut by a candidate's edge counts whole, so that size can only
+//! over-estimate; the chunk finally emitted is tokenised on its own, and that exact count is
+//! what is checked and reported. The check also catches what text-splitter itself does not
+//! measure (sections of at most `max_tokens` bytes, assuming a token spans at least one byte,
+//! which a tokenizer whose normaliser expands text — NFKC `ﷺ`, a `Replace` rule — can break;
+//! BERT WordPiece never does).
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::Arc;
 
 use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
 use tokenizers::{PostProcessor, Tokenizer};
+
+/// Bytes of a document tokenised at once by [`DocumentTokens`]: bounds the tokenizer's
+/// transient memory (an `Encoding` holds ~90 bytes per token) for megabyte documents.
+const TOKENIZE_SEGMENT_BYTES: usize = 16 * 1024;
 
 /// How a document's text is structured, which decides where chunk boundaries go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,12 +98,10 @@ pub enum ChunkError {
 
 /// Splits documents into chunks of at most a fixed number of model tokens.
 ///
-/// Built once (the splitters are reused for every document); `Send + Sync`, so share it
-/// with an [`Arc`] across tasks.
+/// Built once per pipeline (the tokenizer is configured once); `Send + Sync`, so share it
+/// with an [`Arc`](std::sync::Arc) across tasks.
 pub struct Chunker {
-    tokenizer: Arc<Tokenizer>,
-    text: TextSplitter<TokenCounter>,
-    markdown: MarkdownSplitter<TokenCounter>,
+    tokenizer: Tokenizer,
     max_tokens: usize,
     overlap: usize,
     model_max_tokens: usize,
@@ -141,23 +149,8 @@ impl Chunker {
             .with_truncation(None)
             .map_err(|e| ChunkError::Tokenizer(e.to_string()))?;
         tokenizer.with_padding(None);
-        let tokenizer = Arc::new(tokenizer);
-
-        let config = || {
-            ChunkConfig::new(max_tokens)
-                .with_sizer(TokenCounter(Arc::clone(&tokenizer)))
-                .with_overlap(overlap)
-                .map_err(|_| ChunkError::OverlapTooLarge {
-                    overlap,
-                    max_tokens,
-                })
-        };
-        let text = TextSplitter::new(config()?);
-        let markdown = MarkdownSplitter::new(config()?);
         Ok(Self {
             tokenizer,
-            text,
-            markdown,
             max_tokens,
             overlap,
             model_max_tokens,
@@ -173,9 +166,20 @@ impl Chunker {
         if content.trim().is_empty() {
             return Vec::new();
         }
-        let pieces: Vec<(usize, &str)> = match format {
-            ChunkFormat::Text => self.text.chunk_indices(content).collect(),
-            ChunkFormat::Markdown => self.markdown.chunk_indices(content).collect(),
+        let sizer = DocumentTokens::new(&self.tokenizer, content);
+        let config = ChunkConfig::new(self.max_tokens)
+            .with_sizer(&sizer)
+            .with_overlap(self.overlap);
+        let pieces: Vec<(usize, &str)> = match (config, format) {
+            (Ok(config), ChunkFormat::Text) => {
+                TextSplitter::new(config).chunk_indices(content).collect()
+            }
+            (Ok(config), ChunkFormat::Markdown) => MarkdownSplitter::new(config)
+                .chunk_indices(content)
+                .collect(),
+            // `new` checked `overlap < max_tokens`, all text-splitter asks; were it to refuse
+            // anyway, the whole document is cut by the token limit alone.
+            (Err(_), _) => vec![(0, content)],
         };
         let mut chunks = Vec::with_capacity(pieces.len());
         for (offset, text) in pieces {
@@ -266,17 +270,100 @@ impl fmt::Debug for Chunker {
     }
 }
 
-/// Sizes chunks in tokens without special tokens. Unlike `text-splitter`'s own sizer for
-/// [`Tokenizer`] it never panics: if the tokenizer fails, the byte length stands in (an
-/// over-estimate for WordPiece, so chunks only get smaller).
-struct TokenCounter(Arc<Tokenizer>);
+/// Sizes slices of one document from a single tokenisation of it: a slice's size is the
+/// number of the document's tokens whose byte span overlaps the slice, so a token cut by the
+/// slice's edge counts whole. Anything that is not a slice of the document (or a document
+/// the tokenizer refused) is tokenised on its own with [`count_tokens`].
+///
+/// The document is tokenised in segments of about [`TOKENIZE_SEGMENT_BYTES`] cut after a
+/// line break or other whitespace, where a BERT pre-tokenizer splits anyway.
+struct DocumentTokens<'a> {
+    tokenizer: &'a Tokenizer,
+    document: &'a str,
+    /// Byte offset in `document` where each token starts, ascending; `None` if the
+    /// tokenizer failed on some segment.
+    starts: Option<Vec<usize>>,
+    /// Byte offset in `document` where each token ends, ascending.
+    ends: Vec<usize>,
+}
 
-impl ChunkSizer for TokenCounter {
-    fn size(&self, chunk: &str) -> usize {
-        count_tokens(&self.0, chunk)
+impl<'a> DocumentTokens<'a> {
+    fn new(tokenizer: &'a Tokenizer, document: &'a str) -> Self {
+        let mut starts = Vec::new();
+        let mut ends = Vec::new();
+        let mut ok = true;
+        let mut at = 0;
+        while ok && at < document.len() {
+            let end = segment_end(document, at);
+            match tokenizer.encode(&document[at..end], false) {
+                Ok(encoding) => {
+                    for &(start, stop) in encoding.get_offsets() {
+                        starts.push(at + start);
+                        ends.push(at + stop);
+                    }
+                }
+                Err(_) => ok = false,
+            }
+            at = end;
+        }
+        // Counting by binary search needs each list sorted; for WordPiece they already are.
+        starts.sort_unstable();
+        ends.sort_unstable();
+        Self {
+            tokenizer,
+            document,
+            starts: ok.then_some(starts),
+            ends,
+        }
+    }
+
+    /// Where `chunk` is in the document, if it is a slice of it.
+    fn range_of(&self, chunk: &str) -> Option<Range<usize>> {
+        let start = chunk
+            .as_ptr()
+            .addr()
+            .checked_sub(self.document.as_ptr().addr())?;
+        let end = start.checked_add(chunk.len())?;
+        (end <= self.document.len()).then_some(start..end)
     }
 }
 
+impl ChunkSizer for DocumentTokens<'_> {
+    fn size(&self, chunk: &str) -> usize {
+        match (&self.starts, self.range_of(chunk)) {
+            (Some(starts), Some(range)) => {
+                // Tokens starting before the slice ends, minus those ending before it starts
+                // (a subset of the former, as every token starts no later than it ends).
+                let begun = starts.partition_point(|&s| s < range.end);
+                let over = self.ends.partition_point(|&e| e <= range.start);
+                begun.saturating_sub(over)
+            }
+            _ => count_tokens(self.tokenizer, chunk),
+        }
+    }
+}
+
+/// The end of the segment of `document` starting at `at`: the whole rest if it is short,
+/// else just after the last line break (or, failing that, whitespace) in the next
+/// [`TOKENIZE_SEGMENT_BYTES`], else at the last char boundary there (never empty: a char
+/// is at most 4 bytes).
+fn segment_end(document: &str, at: usize) -> usize {
+    let limit = at + TOKENIZE_SEGMENT_BYTES;
+    if limit >= document.len() {
+        return document.len();
+    }
+    let window = &document[at..document.floor_char_boundary(limit)];
+    let cut = window
+        .rfind('\n')
+        .or_else(|| window.rfind(char::is_whitespace))
+        .map_or(window.len(), |i| {
+            i + window[i..].chars().next().map_or(1, char::len_utf8)
+        });
+    at + cut
+}
+
+/// Number of tokens of `text` without special tokens. Never fails: if the tokenizer does,
+/// the byte length stands in (an over-estimate for WordPiece, so chunks only get smaller).
 fn count_tokens(tokenizer: &Tokenizer, text: &str) -> usize {
     tokenizer
         .encode_fast(text, false)

@@ -608,6 +608,12 @@ pub struct WorkerConfig {
     /// Messages processed concurrently (at most `broker.prefetch`).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Most message body bytes being processed at once: a delivery is taken only while the
+    /// bodies of the messages in flight add up to less, so the working set (chunks, vectors,
+    /// payloads: a few times the body) stays bounded however large documents are. One
+    /// document larger than the budget is still processed, alone.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: usize,
     /// Seconds to finish in-flight messages after SIGTERM/SIGINT before giving up on them.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
@@ -620,6 +626,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             concurrency: default_concurrency(),
+            max_inflight_bytes: default_max_inflight_bytes(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
             reconnect_give_up_secs: default_reconnect_give_up_secs(),
         }
@@ -664,6 +671,9 @@ fn default_delays_ms() -> Vec<u64> {
 }
 fn default_concurrency() -> usize {
     4
+}
+fn default_max_inflight_bytes() -> usize {
+    16 * 1024 * 1024
 }
 fn default_shutdown_grace_secs() -> u64 {
     30
@@ -932,6 +942,12 @@ impl PipelineConfig {
                     "{} must be between 1 and broker.prefetch ({})",
                     self.worker.concurrency, self.broker.prefetch
                 ),
+            ));
+        }
+        if self.worker.max_inflight_bytes == 0 {
+            return Err(fail(
+                "worker.max_inflight_bytes",
+                "must be at least 1".into(),
             ));
         }
         if !self.metrics.address.is_empty()
@@ -1221,6 +1237,11 @@ max_document_bytes = 1000
                 "max_document_bytes = 1000",
                 "max_document_bytes = 1000\n[metrics]\naddress = \"localhost\"",
                 "metrics.address",
+            ),
+            (
+                "max_document_bytes = 1000",
+                "max_document_bytes = 1000\n[worker]\nmax_inflight_bytes = 0",
+                "worker.max_inflight_bytes",
             ),
         ];
         for (from, to, field) in cases {

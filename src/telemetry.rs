@@ -51,6 +51,8 @@ pub mod names {
     pub const BREAKER_OPEN: &str = "rag_ingest_breaker_open";
     /// Gauge: messages being processed.
     pub const IN_FLIGHT: &str = "rag_ingest_in_flight_messages";
+    /// Gauge: body bytes of the messages being processed (`worker.max_inflight_bytes`).
+    pub const IN_FLIGHT_BYTES: &str = "rag_ingest_in_flight_bytes";
     /// Gauge: Unix time of the last successful ingest.
     pub const LAST_SUCCESS: &str = "rag_ingest_last_success_timestamp_seconds";
 }

@@ -95,6 +95,11 @@ struct FaultyStore {
     upserts_done: AtomicU64,
     /// Reads of the stored revision (one per processing attempt).
     reads: AtomicU32,
+    /// Every upsert that reaches the real store first waits this long (a slow store).
+    hold_upserts_ms: AtomicU64,
+    /// Upserts under way (holding or writing) now, and the most ever at once.
+    active_upserts: AtomicU32,
+    max_active_upserts: AtomicU32,
 }
 
 impl FaultyStore {
@@ -109,6 +114,9 @@ impl FaultyStore {
             upsert_calls: AtomicU32::new(0),
             upserts_done: AtomicU64::new(0),
             reads: AtomicU32::new(0),
+            hold_upserts_ms: AtomicU64::new(0),
+            active_upserts: AtomicU32::new(0),
+            max_active_upserts: AtomicU32::new(0),
         }
     }
 
@@ -139,7 +147,15 @@ impl VectorStore for FaultyStore {
             return Err(StoreError::Unavailable("injected transient fault".into()));
         }
         self.random_fault("upsert")?;
-        self.inner.upsert(points).await?;
+        let active = self.active_upserts.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_active_upserts.fetch_max(active, Ordering::SeqCst);
+        let hold = self.hold_upserts_ms.load(Ordering::SeqCst);
+        if hold > 0 {
+            tokio::time::sleep(Duration::from_millis(hold)).await;
+        }
+        let written = self.inner.upsert(points).await;
+        self.active_upserts.fetch_sub(1, Ordering::SeqCst);
+        written?;
         self.upserts_done.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -518,6 +534,42 @@ async fn lose_nothing_transient_store_failures_are_retried_then_stored() {
     assert_eq!(common::pending(&t.config).await, 0);
     assert_eq!(queue_len(&topology.dlq()).await, 0);
     t.delete_queues().await;
+}
+
+/// `worker.max_inflight_bytes` bounds the message bytes processed at once. Over a slow store
+/// (each write held 300 ms) and with `worker.concurrency = 8`: at the default budget the
+/// writes of several documents overlap (the control: the store sees concurrency); with a
+/// budget of 1 byte, below any one document, documents are taken one at a time, so no two
+/// writes ever overlap — and every document is still stored, none retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lose_nothing_inflight_byte_budget_bounds_the_documents_processed_at_once() {
+    for (budget, overlap) in [("", true), ("max_inflight_bytes = 1", false)] {
+        let config = format!(
+            "[worker]\nconcurrency = 8\n{budget}\nshutdown_grace_secs = 10\nreconnect_give_up_secs = 30\n"
+        );
+        let t = TestPipeline::new("ln-budget", &config);
+        let (pipeline, store) = faulty_pipeline(&t);
+        store.hold_upserts_ms.store(300, Ordering::SeqCst);
+        let docs = short_docs("acme", "budget", 6);
+        submit(&t, &docs).await;
+        let report = run_until_idle(&t, &pipeline).await;
+        assert_eq!(
+            (report.stored, report.retried, report.dead_lettered),
+            (6, 0, 0),
+            "{budget:?}: {report:?}"
+        );
+        let most = store.max_active_upserts.load(Ordering::SeqCst);
+        if overlap {
+            assert!(
+                most >= 2,
+                "default budget: writes overlap, at most {most} at once"
+            );
+        } else {
+            assert_eq!(most, 1, "budget below one document: one write at a time");
+        }
+        assert_stored_once(&t, &*store, &docs).await;
+        t.delete_queues().await;
+    }
 }
 
 /// A store outage outlasting every attempt: the message is dead-lettered after exactly

@@ -254,13 +254,7 @@ impl BenchPipeline {
         set(&mut table, "metrics.address", "");
         edit(&mut table);
         let file = dir.path().join("pipeline.toml");
-        std::fs::write(
-            &file,
-            toml::to_string(&table).expect("pipeline table serialises"),
-        )
-        .expect("write the pipeline file");
-        let config = PipelineConfig::load(&file)
-            .unwrap_or_else(|e| panic!("the bench pipeline {} is invalid: {e}", file.display()));
+        let config = write_and_load(&file, &table);
         let qdrant_collection = (config.store.kind == rag_ingest::config::StoreKind::Qdrant)
             .then(|| config.store.collection.clone());
         BenchPipeline {
@@ -276,10 +270,34 @@ impl BenchPipeline {
         &self.config.store.path
     }
 
+    /// A copy of the pipeline file for worker process `k` of several, with its own edge
+    /// store directory (Qdrant Edge is one process per directory) and the same queues;
+    /// returns the file and the loaded configuration.
+    pub fn for_process(&self, k: usize) -> (PathBuf, PipelineConfig) {
+        let text = std::fs::read_to_string(&self.file).expect("the pipeline file is readable");
+        let mut table: toml::Table = text.parse().expect("the pipeline file is valid TOML");
+        let store = self.dir.path().join(format!("store-{k}"));
+        set(&mut table, "store.path", store.display().to_string());
+        let file = self.dir.path().join(format!("pipeline-{k}.toml"));
+        let config = write_and_load(&file, &table);
+        (file, config)
+    }
+
     /// The main queue.
     pub fn main_queue(&self) -> String {
         Topology::new(&self.config).main_queue()
     }
+}
+
+/// Writes `table` to `file` and loads it exactly as the worker will.
+fn write_and_load(file: &Path, table: &toml::Table) -> PipelineConfig {
+    std::fs::write(
+        file,
+        toml::to_string(table).expect("pipeline table serialises"),
+    )
+    .expect("write the pipeline file");
+    PipelineConfig::load(file)
+        .unwrap_or_else(|e| panic!("the bench pipeline {} is invalid: {e}", file.display()))
 }
 
 impl Drop for BenchPipeline {
@@ -381,25 +399,34 @@ pub fn expected_chunks(chunker: &Chunker, docs: &[Document]) -> Vec<usize> {
         .collect()
 }
 
-/// Checks that `store` holds exactly `expected[i]` points for document `i` of `docs` and
-/// nothing else for their tenants; returns the total number of points, or a description of
-/// every difference.
+/// Checks that `stores` between them hold each document `i` of `docs` exactly once: one
+/// store has exactly `expected[i]` points for it and every other store none, and the stores
+/// hold nothing else for the documents' tenants. Returns the total number of points, or a
+/// description of every difference.
 pub async fn verify_stored<S: VectorStore>(
-    store: &S,
+    stores: &[S],
     docs: &[Document],
     expected: &[usize],
 ) -> Result<usize, String> {
     let mut problems = Vec::new();
     let mut per_tenant: std::collections::BTreeMap<&str, usize> = Default::default();
     for (doc, &want) in docs.iter().zip(expected) {
-        let got = store
-            .count(&doc.tenant, Some(&doc.document_id))
-            .await
-            .map_err(|e| format!("count of {}: {e}", doc.document_id))?;
-        if got != want {
+        let mut counts = Vec::with_capacity(stores.len());
+        for store in stores {
+            counts.push(
+                store
+                    .count(&doc.tenant, Some(&doc.document_id))
+                    .await
+                    .map_err(|e| format!("count of {}: {e}", doc.document_id))?,
+            );
+        }
+        let holders = counts.iter().filter(|&&n| n > 0).count();
+        if holders != 1 || counts.iter().sum::<usize>() != want {
             problems.push(format!(
-                "{}/{}: {got} points, expected {want}",
-                doc.tenant, doc.document_id
+                "{}/{}: {counts:?} points in the {} store(s), expected {want} in exactly one",
+                doc.tenant,
+                doc.document_id,
+                stores.len()
             ));
         }
         *per_tenant.entry(doc.tenant.as_str()).or_default() += want;
@@ -407,10 +434,13 @@ pub async fn verify_stored<S: VectorStore>(
     let mut total = 0;
     for (tenant, want) in per_tenant {
         let tenant_id = TenantId::new(tenant).expect("tenant");
-        let got = store
-            .count(&tenant_id, None)
-            .await
-            .map_err(|e| format!("count of tenant {tenant}: {e}"))?;
+        let mut got = 0;
+        for store in stores {
+            got += store
+                .count(&tenant_id, None)
+                .await
+                .map_err(|e| format!("count of tenant {tenant}: {e}"))?;
+        }
         if got != want {
             problems.push(format!("tenant {tenant}: {got} points, expected {want}"));
         }

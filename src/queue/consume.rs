@@ -27,6 +27,7 @@ use lapin::{Acker, Channel, Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use super::budget::ByteBudget;
 use super::dlq::republish_failed;
 use super::headers::{H_ATTEMPTS, get_u64};
 use super::{QueueError, Topology};
@@ -264,6 +265,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         );
 
         let concurrency = self.config.worker.concurrency;
+        let budget = ByteBudget::new(self.config.worker.max_inflight_bytes);
         let mut tasks: JoinSet<Result<(), QueueError>> = JoinSet::new();
         let mut last_activity = Instant::now();
         let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
@@ -274,7 +276,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         let mut empty_checks = 0u32;
         let mut probe_ready = false;
         let end = loop {
-            let can_take = tasks.len() < concurrency;
+            let can_take = tasks.len() < concurrency && budget.has_room();
             let breaker_open = breaker
                 .as_ref()
                 .is_some_and(|b| b.state() == BreakerState::Open);
@@ -288,6 +290,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             }
             metrics::gauge!(names::BREAKER_OPEN).set(if breaker_open { 1.0 } else { 0.0 });
             metrics::gauge!(names::IN_FLIGHT).set(tasks.len() as f64);
+            metrics::gauge!(names::IN_FLIGHT_BYTES).set(budget.in_flight() as f64);
             tokio::select! {
                 _ = shutdown.as_mut() => {
                     info!("shutdown requested: no new deliveries, finishing in-flight messages");
@@ -321,7 +324,12 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                         last_activity = Instant::now();
                         empty_checks = 0;
                         let acker = delivery.acker.clone();
-                        tasks.spawn(requeue_on_panic(self.handle(delivery, publish.clone()), acker));
+                        let admitted = budget.admit(delivery.data.len());
+                        let task = requeue_on_panic(self.handle(delivery, publish.clone()), acker);
+                        tasks.spawn(async move {
+                            let _admitted = admitted;
+                            task.await
+                        });
                     }
                     Some(Err(e)) => break SessionEnd::Lost(QueueError::Amqp(e)),
                     None => break SessionEnd::Lost(QueueError::NotConfirmed {

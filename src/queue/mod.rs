@@ -2,6 +2,7 @@
 //! loop. This layer knows nothing about embeddings; it turns [`crate::process`] outcomes
 //! into acks, delayed retries and dead letters.
 
+mod budget;
 mod consume;
 mod dlq;
 mod headers;
