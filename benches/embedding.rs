@@ -20,6 +20,8 @@ use rag_ingest::chunk::{ChunkFormat, Chunker};
 use rag_ingest::embed::{CandleEmbedder, Embedder, Precision};
 use tokenizers::{Tokenizer, TruncationParams};
 
+// Only the fixture documents are used here, not the chunked corpus.
+#[allow(dead_code)]
 #[path = "../tests/support/fixtures.rs"]
 mod fixtures;
 #[path = "../tests/support/reference_bert.rs"]

@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 
-use rag_ingest::chunk::Chunker;
 use rag_ingest::embed::{CandleEmbedder, Embedder};
 
 #[path = "support/fixtures.rs"]
@@ -20,25 +19,7 @@ fn model_dir() -> PathBuf {
 /// Every fixture document whole (truncated) and chunked at two sizes, plus short and
 /// over-long texts.
 fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
-    let chunkers: Vec<Chunker> = [240, 48]
-        .into_iter()
-        .map(|max_tokens| {
-            Chunker::new(
-                embedder.tokenizer().clone(),
-                max_tokens,
-                max_tokens / 10,
-                embedder.max_input_tokens(),
-            )
-            .expect("chunker")
-        })
-        .collect();
-    let mut texts = Vec::new();
-    for (format, doc) in fixtures::fixture_documents() {
-        for chunker in &chunkers {
-            texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
-        }
-        texts.push(doc);
-    }
+    let mut texts = fixtures::chunked_fixtures(embedder, &[240, 48]);
     texts.extend(
         [
             "This is a test sentence.",

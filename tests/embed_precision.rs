@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 
-use rag_ingest::chunk::Chunker;
 use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Precision};
 
 #[path = "support/fixtures.rs"]
@@ -38,27 +37,11 @@ fn load_bf16(batch_size: usize) -> Option<CandleEmbedder> {
 /// model's 256 tokens), 12 windows of 400 words of the documents (truncated to 256 tokens),
 /// plus a few short sentences: over 100 texts of mixed lengths.
 fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
-    let chunkers: Vec<Chunker> = [250, 160, 100, 60, 30]
-        .into_iter()
-        .map(|max_tokens| {
-            Chunker::new(
-                embedder.tokenizer().clone(),
-                max_tokens,
-                max_tokens / 10,
-                embedder.max_input_tokens(),
-            )
-            .expect("chunker")
-        })
+    let mut texts = fixtures::chunked_fixtures(embedder, &[250, 160, 100, 60, 30]);
+    let words: Vec<String> = fixtures::fixture_documents()
+        .iter()
+        .flat_map(|(_, doc)| doc.split_whitespace().map(str::to_owned))
         .collect();
-    let mut texts = Vec::new();
-    let mut words = Vec::new();
-    for (format, doc) in fixtures::fixture_documents() {
-        for chunker in &chunkers {
-            texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
-        }
-        words.extend(doc.split_whitespace().map(str::to_owned));
-        texts.push(doc);
-    }
     for i in 0..12 {
         let window: Vec<&str> = words
             .iter()

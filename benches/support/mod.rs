@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use rag_ingest::chunk::Chunker;
@@ -25,8 +25,11 @@ use rag_ingest::queue::Topology;
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 
+#[path = "../../tests/support/queues.rs"]
+mod queues;
 #[path = "../../tests/support/worker_log.rs"]
 mod worker_log;
+pub use queues::delete_queues;
 // Each test or bench crate uses a subset of these helpers.
 #[allow(unused_imports)]
 pub use worker_log::final_count;
@@ -319,25 +322,6 @@ impl Drop for BenchPipeline {
         });
         let _ = cleanup.join();
     }
-}
-
-/// Deletes `config`'s main, retry and dead-letter queues (errors ignored: best effort).
-pub async fn delete_queues(config: &PipelineConfig) {
-    let topology = Topology::new(config);
-    let Ok(conn) = Connection::connect(&config.broker.url, ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    if let Ok(ch) = conn.create_channel().await {
-        let mut queues = vec![topology.main_queue(), topology.dlq()];
-        queues.extend(topology.retry_queues());
-        for queue in queues {
-            let _ = ch
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    let _ = conn.close(200, "bye".into()).await;
 }
 
 /// Deletes `collection` on `config`'s Qdrant server (errors ignored: best effort).

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::CandleEmbedder;
@@ -15,6 +14,8 @@ use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
 
+#[path = "../support/queues.rs"]
+mod queues;
 #[path = "../support/worker_log.rs"]
 mod worker_log;
 // Each test or bench crate uses a subset of these helpers.
@@ -116,21 +117,7 @@ max_document_bytes = 4096
 
     /// Deletes this pipeline's queues from the broker.
     pub async fn delete_queues(&self) {
-        let topology = Topology::new(&self.config);
-        let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-        else {
-            return;
-        };
-        if let Ok(ch) = conn.create_channel().await {
-            let mut queues = vec![topology.main_queue(), topology.dlq()];
-            queues.extend(topology.retry_queues());
-            for q in queues {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
-        let _ = conn.close(200, "bye".into()).await;
+        queues::delete_queues(&self.config).await;
     }
 }
 

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use rag_ingest::chunk::ChunkFormat;
+use rag_ingest::chunk::{ChunkFormat, Chunker};
+use rag_ingest::embed::{CandleEmbedder, Embedder};
 
 /// Every fixture document with its chunk format (Markdown for `.md`, else plain text), tenant
 /// `acme` first, each tenant's files in name order.
@@ -26,4 +27,29 @@ pub fn fixture_documents() -> Vec<(ChunkFormat, String)> {
         }
     }
     documents
+}
+
+/// Every fixture document chunked at each of `sizes` tokens (overlap a tenth), followed by the
+/// document whole, document by document.
+pub fn chunked_fixtures(embedder: &CandleEmbedder, sizes: &[usize]) -> Vec<String> {
+    let chunkers: Vec<Chunker> = sizes
+        .iter()
+        .map(|&max_tokens| {
+            Chunker::new(
+                embedder.tokenizer().clone(),
+                max_tokens,
+                max_tokens / 10,
+                embedder.max_input_tokens(),
+            )
+            .expect("chunker")
+        })
+        .collect();
+    let mut texts = Vec::new();
+    for (format, doc) in fixture_documents() {
+        for chunker in &chunkers {
+            texts.extend(chunker.split(&doc, format).into_iter().map(|c| c.text));
+        }
+        texts.push(doc);
+    }
+    texts
 }
