@@ -19,9 +19,9 @@
 //! the clock.
 //!
 //! `bare_embed/all_chunks`: the same chunks embedded with `CandleEmbedder::embed_blocking` in
-//! one call (the embedder's own sub-batches of `embedder.batch_size`), the ceiling the
-//! pipeline can reach. `bare_embed/per_document`: one call per document, as the pipeline
-//! embeds today.
+//! one call (full forward passes of `embedder.batch_size` × 256 tokens), the ceiling the
+//! pipeline can reach. `bare_embed/per_document`: one call per document, each with its own
+//! forward passes (what the pipeline would do without continuous batching).
 //!
 //! Criterion's throughput is documents/s for `end_to_end` and tokens/s for `bare_embed`; the
 //! summary printed at the end gives docs/s, tokens/s (model tokens, `[CLS]`/`[SEP]`

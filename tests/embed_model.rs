@@ -397,8 +397,8 @@ async fn queued_requests_share_forward_passes() {
         .collect();
     let expected: Vec<Vec<f32>> = small.iter().map(|texts| embed_one(&texts[0])).collect();
 
-    let before = embedder.forward_passes();
-    // Every request is sent within moments of the others, long before the first completes.
+    // Every request is sent while the thread runs another pass, so all of them queue up.
+    let (busy, before) = occupy(&embedder).await;
     let handles: Vec<_> = std::iter::once(long.clone())
         .chain(small.iter().cloned())
         .map(|texts| {
@@ -410,7 +410,9 @@ async fn queued_requests_share_forward_passes() {
     for handle in handles {
         results.push(handle.await.expect("join").expect("embed"));
     }
-    let passes = embedder.forward_passes() - before;
+    busy.await.expect("join").expect("busy");
+    // Not counting the pass that kept the thread busy.
+    let passes = embedder.forward_passes() - before - 1;
 
     assert_eq!(results[0].len(), long.len());
     for (got, want) in results[1..].iter().zip(&expected) {
@@ -421,8 +423,87 @@ async fn queued_requests_share_forward_passes() {
         );
     }
     // Alone: 2 passes for the long texts (16 × 256 tokens, 8 × 256 per pass) + 12 passes.
+    // Batched: 4,096 + about 150 tokens in passes of 2,048 tokens, every pass but the last
+    // full: 3.
     assert!(
-        passes <= 5,
-        "{passes} forward passes for 13 requests: queued requests were not grouped"
+        passes <= 3,
+        "{passes} forward passes for 13 requests: queued requests did not fill passes"
+    );
+}
+
+/// Starts a request of one full pass (8 × 256 tokens) and returns once its forward pass has
+/// begun, with the pass count before it: requests sent now queue up behind it.
+async fn occupy(
+    embedder: &CandleEmbedder,
+) -> (
+    tokio::task::JoinHandle<Result<Vec<Vec<f32>>, EmbedError>>,
+    u64,
+) {
+    let before = embedder.forward_passes();
+    let busy = tokio::spawn({
+        let embedder = embedder.clone();
+        async move { embedder.embed(full_length_texts("Busy", 8)).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while embedder.forward_passes() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the busy pass never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (busy, before)
+}
+
+/// Texts of `count` × 256 tokens (the model's maximum), `tag` making each request's distinct.
+fn full_length_texts(tag: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            format!(
+                "{tag} {i}: {}",
+                "the ingestion queue drains slowly ".repeat(60)
+            )
+        })
+        .collect()
+}
+
+/// A request is answered as soon as its own texts are embedded, even when it was queued
+/// together with a longer one that still needs more forward passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_answered_after_its_own_pass() {
+    // Its own model instance: forward passes are counted. Passes hold 8 × 256 tokens.
+    let embedder = CandleEmbedder::load(&model_dir(), 8).expect("load");
+    let short = vec!["A short document queued first.".to_owned()];
+    let long = full_length_texts("Long", 24);
+
+    // The thread is busy with another pass while both requests queue up.
+    let (busy, before) = occupy(&embedder).await;
+
+    let short_call = embedder.embed(short.clone());
+    let long_call = embedder.embed(long.clone());
+    tokio::pin!(short_call, long_call);
+    let (mut short_answered, mut long_answered) = (None, None);
+    while short_answered.is_none() || long_answered.is_none() {
+        // `biased`: the first poll sends the short request before the long one.
+        tokio::select! {
+            biased;
+            vectors = &mut short_call, if short_answered.is_none() => {
+                assert_eq!(vectors.expect("short").len(), short.len());
+                short_answered = Some(embedder.forward_passes() - before);
+            }
+            vectors = &mut long_call, if long_answered.is_none() => {
+                assert_eq!(vectors.expect("long").len(), long.len());
+                long_answered = Some(embedder.forward_passes() - before);
+            }
+        }
+    }
+    busy.await.expect("join").expect("busy");
+    let (short_answered, long_answered) = (short_answered.unwrap(), long_answered.unwrap());
+    // Pass 1 is the busy one; the short request shares pass 2 with the long one, which needs
+    // three more.
+    assert!(
+        short_answered < long_answered,
+        "the short request was answered after {short_answered} passes, the long one after \
+         {long_answered}: the short one waited for the long one"
     );
 }

@@ -433,3 +433,58 @@ async fn upserts_are_durable_without_drop() {
         Some(payload(&a, "d1", 0, 3, "b"))
     );
 }
+
+/// Concurrent upserts share flushes (group commit), and every write of a shared flush is
+/// durable: a child process runs 32 concurrent upserts, checks they took at most a quarter
+/// as many flushes, and exits without running any destructor; the parent then finds all 32 documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_upserts_share_flushes_and_all_are_durable() {
+    const WRITERS: usize = 32;
+    let a = tenant("acme");
+    if let Some(dir) = std::env::var_os(CHILD_DIR_ENV) {
+        let store = std::sync::Arc::new(open(Path::new(&dir)));
+        let before = store.flushes();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let store = std::sync::Arc::clone(&store);
+                let points = doc_points(&a, &format!("doc-{i}"), 2, "a", 10 * i as u64);
+                tokio::spawn(async move { store.upsert(points).await })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap().unwrap();
+        }
+        let flushes = store.flushes() - before;
+        eprintln!("{WRITERS} concurrent upserts took {flushes} flushes");
+        // While one flush runs (milliseconds of I/O), the other writers queue up behind it;
+        // without group commit nearly every write pays its own.
+        assert!(
+            (1..=WRITERS as u64 / 4).contains(&flushes),
+            "{WRITERS} concurrent upserts took {flushes} flushes: they did not share them"
+        );
+        std::process::exit(0);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "concurrent_upserts_share_flushes_and_all_are_durable",
+            "--nocapture",
+        ])
+        .env(CHILD_DIR_ENV, dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the writing child failed: {status}");
+
+    let store = open(dir.path());
+    assert_eq!(store.count(&a, None).await.unwrap(), 2 * WRITERS);
+    for i in 0..WRITERS {
+        let doc = format!("doc-{i}");
+        assert_eq!(
+            store.first_chunk(&a, &doc).await.unwrap(),
+            Some(payload(&a, &doc, 0, 2, "a")),
+            "{doc} was acknowledged but is not stored"
+        );
+    }
+}

@@ -6,9 +6,10 @@
 //! - inference is CPU-bound and already parallel inside candle's matrix multiplications, so
 //!   running several batches at once (as `spawn_blocking` per call would) only oversubscribes
 //!   the cores and makes every call slower; one thread gives a natural FIFO queue instead;
-//! - requests that queue up while the thread is busy (small documents processed concurrently
-//!   by the worker) are embedded together, sharing forward passes, and each caller receives
-//!   exactly its own vectors;
+//! - continuous batching ([`batcher`]): requests are tokenised as they arrive and wait in one
+//!   queue; each forward pass takes a full token budget from its front whenever that much is
+//!   queued, mixing small documents and splitting long ones across passes, and each caller
+//!   receives exactly its own vectors as soon as its last text is embedded;
 //! - the tokio runtime never runs inference, and tokio's blocking pool stays free for file I/O;
 //! - a request whose caller has gone away (its future was dropped) is skipped, and a panic
 //!   inside inference is caught and reported as [`EmbedError::Inference`] without killing
@@ -16,9 +17,8 @@
 //!
 //! [`CandleEmbedder::embed_blocking`] runs the same code on the caller's thread (benches, tests).
 //!
-//! The forward pass is [`Bert`](bert::Bert), which packs the tokens of a sub-batch
-//! without padding; sub-batches are formed by a token budget of `batch_size ×
-//! max_seq_length` tokens.
+//! The forward pass is [`Bert`](bert::Bert), which packs the tokens of a pass without
+//! padding; passes hold at most `batch_size × max_seq_length` tokens.
 
 use std::fmt;
 use std::ops::Range;
@@ -30,12 +30,14 @@ use std::thread;
 
 use candle_transformers::models::bert::Config;
 use serde::Deserialize;
-use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams};
+use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
 use super::{EmbedError, Embedder, Fingerprint};
+use batcher::{Pending, Queue, TokenIds};
 use bert::{Bert, Sequence};
 
+mod batcher;
 mod bert;
 mod bf16;
 
@@ -89,7 +91,7 @@ struct Inner {
 /// One async embedding request for the embedding thread.
 struct Request {
     texts: Vec<String>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>,
+    reply: Reply,
 }
 
 /// The part of `sentence_bert_config.json` this embedder reads.
@@ -215,61 +217,38 @@ impl Embedder for CandleEmbedder {
     }
 }
 
-/// Requests queued together are embedded in one call while their texts number fewer than
-/// this many times `batch_size`: enough to fill forward passes with several small documents,
-/// small enough that one caller's latency stays bounded.
-const GROUP_BATCHES: usize = 4;
+/// The vectors of one request's texts, in order, or why they could not be computed.
+type Embedded = Result<Vec<Vec<f32>>, EmbedError>;
+
+/// How the embedding thread answers one request.
+type Reply = oneshot::Sender<Embedded>;
 
 /// The embedding thread: serves requests until every [`CandleEmbedder`] clone is dropped.
 ///
-/// Requests that queued up while a forward pass was running are embedded together (their
-/// texts packed into shared forward passes), then each caller gets exactly its own vectors.
+/// Requests are tokenised as they arrive and queued ([`Queue`]); each forward pass takes up
+/// to `batch_size × max_seq_length` tokens from the front of the queue, whichever requests
+/// they belong to, and each caller is answered with exactly its own vectors as soon as its
+/// last text is embedded. The thread blocks only when nothing is queued.
 fn serve(inner: &Inner, requests: &mpsc::Receiver<Request>) {
-    let group_texts = inner.batch_size.saturating_mul(GROUP_BATCHES);
-    while let Ok(first) = requests.recv() {
-        let mut texts = first.texts.len();
-        let mut group = vec![first];
-        while texts < group_texts {
-            let Ok(next) = requests.try_recv() else {
-                break;
+    let mut queue = Queue::new(inner.pass_budget());
+    loop {
+        if queue.is_empty() {
+            let Ok(first) = requests.recv() else {
+                return;
             };
-            texts += next.texts.len();
-            group.push(next);
+            inner.admit(&mut queue, vec![first]);
         }
+        inner.admit(&mut queue, requests.try_iter().collect());
         // A caller that stopped waiting gets no CPU spent on an answer nobody reads.
-        group.retain(|request| !request.reply.is_closed());
-        serve_group(inner, group);
-    }
-}
-
-/// Embeds the texts of all `group`'s requests in one call and replies to each with its own
-/// vectors. If that call fails, each request is embedded alone so a bad input only fails
-/// its own request.
-fn serve_group(inner: &Inner, group: Vec<Request>) {
-    if group.len() > 1 {
-        let texts: Vec<&str> = group
-            .iter()
-            .flat_map(|request| request.texts.iter().map(String::as_str))
-            .collect();
-        if let Ok(vectors) = embed_catching_panics(inner, &texts) {
-            let mut vectors = vectors.into_iter();
-            for Request { texts, reply } in group {
-                // A send error only means the caller went away meanwhile.
-                let _ = reply.send(Ok(vectors.by_ref().take(texts.len()).collect()));
-            }
-            return;
+        queue.retain(|request| !request.reply.is_closed());
+        for (failed, error) in inner.run_pass(&mut queue) {
+            // A send error only means the caller went away meanwhile.
+            let _ = failed.reply.send(Err(error));
+        }
+        for done in queue.take_complete() {
+            let _ = done.reply.send(Ok(done.vectors));
         }
     }
-    for Request { texts, reply } in group {
-        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let _ = reply.send(embed_catching_panics(inner, &texts));
-    }
-}
-
-/// [`Inner::embed`], with a panic reported as [`EmbedError::Inference`].
-fn embed_catching_panics(inner: &Inner, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-    panic::catch_unwind(AssertUnwindSafe(|| inner.embed(texts)))
-        .unwrap_or_else(|_| Err(EmbedError::Inference("inference panicked".to_owned())))
 }
 
 impl Inner {
@@ -350,66 +329,144 @@ impl Inner {
         })
     }
 
-    /// Tokenises everything, runs sub-batches of at most `batch_size × max_seq_length`
+    /// Most tokens one forward pass takes.
+    fn pass_budget(&self) -> usize {
+        self.batch_size.saturating_mul(self.max_seq_length)
+    }
+
+    /// Embeds `texts` on this thread in forward passes of at most [`Inner::pass_budget`]
     /// tokens and returns the vectors in input order.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if texts.is_empty() {
+        let mut queue = Queue::new(self.pass_budget());
+        queue.push(Pending::new(self.tokenize(texts)?, ()));
+        loop {
+            if let Some(done) = queue.take_complete().pop() {
+                return Ok(done.vectors);
+            }
+            if let Some((_, error)) = self.run_pass(&mut queue).pop() {
+                return Err(error);
+            }
+        }
+    }
+
+    /// Tokenises the texts of the `arrived` requests (all in one parallel call) and queues
+    /// each request; a request the tokenizer rejects is answered with the error at once.
+    fn admit(&self, queue: &mut Queue<Reply>, arrived: Vec<Request>) {
+        if arrived.is_empty() {
+            return;
+        }
+        let all: Vec<&str> = arrived
+            .iter()
+            .flat_map(|request| request.texts.iter().map(String::as_str))
+            .collect();
+        if let Ok(tokenized) = self.tokenize(&all) {
+            let mut tokenized = tokenized.into_iter();
+            for Request { texts, reply } in arrived {
+                queue.push(Pending::new(
+                    tokenized.by_ref().take(texts.len()).collect(),
+                    reply,
+                ));
+            }
+            return;
+        }
+        // Some text was rejected: find out whose, so that only its own request fails.
+        for Request { texts, reply } in arrived {
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            match self.tokenize(&texts) {
+                Ok(tokenized) => queue.push(Pending::new(tokenized, reply)),
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+    }
+
+    /// The token ids of each text as the model reads them: special tokens added, truncated
+    /// to `max_seq_length`. A panic inside the tokenizer is reported as an error.
+    fn tokenize(&self, texts: &[&str]) -> Result<Vec<TokenIds>, EmbedError> {
+        let encodings = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.inference_tokenizer.encode_batch(texts.to_vec(), true)
+        }))
+        .map_err(|_| EmbedError::Tokenize("the tokenizer panicked".to_owned()))?
+        .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        Ok(encodings
+            .iter()
+            .map(|encoding| TokenIds {
+                ids: encoding.get_ids().to_vec(),
+                type_ids: encoding.get_type_ids().to_vec(),
+            })
+            .collect())
+    }
+
+    /// Runs the next forward pass of `queue` and gives each text in it its vector. If the
+    /// pass fails and it held texts of several requests, each request's share runs alone;
+    /// the requests whose share still fails leave the queue and are returned with the
+    /// error, so a bad input fails only its own request.
+    fn run_pass<R>(&self, queue: &mut Queue<R>) -> Vec<(Pending<R>, EmbedError)> {
+        let pass = queue.next_pass();
+        let mut shares: Vec<(usize, Embedded)> = Vec::new();
+        match self.forward(&sequences(queue, &pass)) {
+            Ok(vectors) => {
+                let mut vectors = vectors.into_iter();
+                for (index, range) in &pass {
+                    shares.push((*index, Ok(vectors.by_ref().take(range.len()).collect())));
+                }
+            }
+            Err(error) if pass.len() == 1 => shares.push((pass[0].0, Err(error))),
+            Err(_) => {
+                for share in &pass {
+                    let alone = std::slice::from_ref(share);
+                    shares.push((share.0, self.forward(&sequences(queue, alone))));
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        // From the back, so that removing a request leaves the earlier indexes valid.
+        for (index, result) in shares.into_iter().rev() {
+            match result {
+                Ok(vectors) => {
+                    if let Some(request) = queue.get_mut(index) {
+                        request.vectors.extend(vectors);
+                    }
+                }
+                Err(error) => failed.extend(queue.remove(index).map(|request| (request, error))),
+            }
+        }
+        failed.reverse();
+        failed
+    }
+
+    /// One forward pass over `sequences`, one vector each; a panic inside the model is
+    /// reported as [`EmbedError::Inference`].
+    fn forward(&self, sequences: &[Sequence<'_>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if sequences.is_empty() {
             return Ok(Vec::new());
         }
-        let encodings = self
-            .inference_tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
-        let budget = self.batch_size.saturating_mul(self.max_seq_length);
-        let mut vectors = Vec::with_capacity(texts.len());
-        for range in token_budget_batches(encodings.iter().map(Encoding::len), budget) {
-            let batch = &encodings[range];
-            let sequences: Vec<Sequence<'_>> = batch
-                .iter()
-                .map(|e| Sequence {
-                    ids: e.get_ids(),
-                    type_ids: e.get_type_ids(),
-                })
-                .collect();
-            self.forward_passes.fetch_add(1, Ordering::Relaxed);
-            let embedded = self
-                .model
-                .embed(&sequences)
-                .map_err(EmbedError::Inference)?;
-            if embedded.len() != batch.len() {
-                return Err(EmbedError::Inference(format!(
-                    "model returned {} vectors for {} inputs",
-                    embedded.len(),
-                    batch.len()
-                )));
-            }
-            vectors.extend(embedded);
+        self.forward_passes.fetch_add(1, Ordering::Relaxed);
+        let embedded = panic::catch_unwind(AssertUnwindSafe(|| self.model.embed(sequences)))
+            .unwrap_or_else(|_| Err("inference panicked".to_owned()))
+            .map_err(EmbedError::Inference)?;
+        if embedded.len() != sequences.len() {
+            return Err(EmbedError::Inference(format!(
+                "model returned {} vectors for {} inputs",
+                embedded.len(),
+                sequences.len()
+            )));
         }
-        Ok(vectors)
+        Ok(embedded)
     }
 }
 
-/// Splits sequences of the given lengths into consecutive index ranges of at most `budget`
-/// tokens (a longer single sequence gets a range of its own). Ranges are not padded, so the
-/// order of the sequences does not matter.
-fn token_budget_batches(
-    lengths: impl IntoIterator<Item = usize>,
-    budget: usize,
-) -> Vec<Range<usize>> {
-    let mut batches = Vec::new();
-    let (mut start, mut end, mut tokens) = (0, 0, 0);
-    for length in lengths {
-        if end > start && tokens + length > budget {
-            batches.push(start..end);
-            (start, tokens) = (end, 0);
-        }
-        tokens += length;
-        end += 1;
-    }
-    if end > start {
-        batches.push(start..end);
-    }
-    batches
+/// The model's view of the texts `pass` takes from `queue`, in order.
+fn sequences<'q, R>(queue: &'q Queue<R>, pass: &[(usize, Range<usize>)]) -> Vec<Sequence<'q>> {
+    pass.iter()
+        .filter_map(|(index, range)| queue.get(*index).and_then(|r| r.texts.get(range.clone())))
+        .flatten()
+        .map(|text| Sequence {
+            ids: &text.ids,
+            type_ids: &text.type_ids,
+        })
+        .collect()
 }
 
 /// `dir/name` if it is a file, else [`EmbedError::ModelMissing`] naming it.
@@ -483,23 +540,4 @@ fn model_id(dir: &Path) -> String {
         .file_name()
         .map_or_else(|| "unknown".into(), |n| n.to_string_lossy());
     format!("sentence-transformers/{name}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_budget_batches;
-
-    #[test]
-    fn batches_respect_the_token_budget() {
-        assert!(token_budget_batches([], 10).is_empty());
-        assert_eq!(
-            token_budget_batches([4, 6, 1, 9, 3], 10),
-            [0..2, 2..4, 4..5]
-        );
-        // A sequence longer than the budget runs alone.
-        assert_eq!(token_budget_batches([2, 12, 3], 10), [0..1, 1..2, 2..3]);
-        let one = token_budget_batches([5, 5, 5], 100);
-        assert_eq!(one.len(), 1);
-        assert_eq!(one[0], 0..3);
-    }
 }

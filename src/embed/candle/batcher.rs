@@ -1,0 +1,268 @@
+//! Continuous batching for the embedding thread.
+//!
+//! Every request's tokenised texts wait in one FIFO [`Queue`]; each forward pass takes texts
+//! from its front up to a token budget, whichever requests they belong to. So:
+//!
+//! - passes are full whenever enough is queued: a request's texts may be split across two
+//!   passes, and several small requests share one pass;
+//! - a request is answered as soon as its last text is embedded, not when a whole group of
+//!   requests is, so the worker can store that document and take the next one while the
+//!   model runs on;
+//! - the model never waits for a pass to fill: when less than a budget is queued, the pass
+//!   takes what there is.
+//!
+//! This module only schedules; running the model is the caller's.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+/// The token ids of one text, as the model reads them (special tokens added, truncated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TokenIds {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Token type (segment) ids, as many as `ids`.
+    pub type_ids: Vec<u32>,
+}
+
+/// A request being served: its texts, the vectors of those embedded so far (in order), and
+/// the caller's handle `R` to answer it with.
+#[derive(Debug)]
+pub(super) struct Pending<R> {
+    /// The request's texts, tokenised.
+    pub texts: Vec<TokenIds>,
+    /// Vectors of `texts[..vectors.len()]`.
+    pub vectors: Vec<Vec<f32>>,
+    /// How to answer the caller.
+    pub reply: R,
+}
+
+impl<R> Pending<R> {
+    /// A request none of whose texts is embedded yet.
+    pub fn new(texts: Vec<TokenIds>, reply: R) -> Self {
+        Pending {
+            texts,
+            vectors: Vec::new(),
+            reply,
+        }
+    }
+
+    /// Whether every text has its vector.
+    pub fn is_complete(&self) -> bool {
+        self.vectors.len() >= self.texts.len()
+    }
+}
+
+/// Which texts one forward pass embeds: for each request it draws from (index in the
+/// queue, front first), a range of that request's texts.
+pub(super) type Pass = Vec<(usize, Range<usize>)>;
+
+/// The requests waiting for vectors, oldest first.
+#[derive(Debug)]
+pub(super) struct Queue<R> {
+    pending: VecDeque<Pending<R>>,
+    /// Most tokens one pass takes (a single longer text still gets a pass of its own).
+    budget: usize,
+}
+
+impl<R> Queue<R> {
+    /// An empty queue whose passes hold at most `budget` tokens.
+    pub fn new(budget: usize) -> Self {
+        Queue {
+            pending: VecDeque::new(),
+            budget: budget.max(1),
+        }
+    }
+
+    /// Whether no request is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Appends a request at the back.
+    pub fn push(&mut self, request: Pending<R>) {
+        self.pending.push_back(request);
+    }
+
+    /// Drops the requests for which `keep` is false (callers that went away).
+    pub fn retain(&mut self, keep: impl FnMut(&Pending<R>) -> bool) {
+        self.pending.retain(keep);
+    }
+
+    /// The request at `index`, as numbered in the last [`Queue::next_pass`].
+    pub fn get(&self, index: usize) -> Option<&Pending<R>> {
+        self.pending.get(index)
+    }
+
+    /// The request at `index`, as numbered in the last [`Queue::next_pass`], to record vectors.
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut Pending<R>> {
+        self.pending.get_mut(index)
+    }
+
+    /// The texts of the next forward pass: from the front request's first text without a
+    /// vector onwards, in queue order, as many as fit in the budget (at least one). Empty
+    /// only if no request has a text left.
+    pub fn next_pass(&self) -> Pass {
+        let mut pass = Pass::new();
+        let mut tokens = 0;
+        for (index, request) in self.pending.iter().enumerate() {
+            let start = request.vectors.len();
+            let mut end = start;
+            for text in &request.texts[start..] {
+                let len = text.ids.len();
+                let first = pass.is_empty() && end == start;
+                if !first && tokens + len > self.budget {
+                    break;
+                }
+                tokens += len;
+                end += 1;
+            }
+            if end > start {
+                pass.push((index, start..end));
+            }
+            if end < request.texts.len() {
+                break;
+            }
+        }
+        pass
+    }
+
+    /// Removes and returns the requests at the front that have every vector, oldest first.
+    /// Passes take texts in queue order, so these are all the complete requests except
+    /// those without texts behind an incomplete one (answered once it completes).
+    pub fn take_complete(&mut self) -> Vec<Pending<R>> {
+        let mut done = Vec::new();
+        while self.pending.front().is_some_and(Pending::is_complete) {
+            done.extend(self.pending.pop_front());
+        }
+        done
+    }
+
+    /// Removes and returns the request at `index` (one that failed), leaving the others in
+    /// order.
+    pub fn remove(&mut self, index: usize) -> Option<Pending<R>> {
+        self.pending.remove(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Pending, Queue, TokenIds};
+
+    fn text(len: usize) -> TokenIds {
+        TokenIds {
+            ids: vec![1; len],
+            type_ids: vec![0; len],
+        }
+    }
+
+    fn request(lengths: &[usize], name: &'static str) -> Pending<&'static str> {
+        Pending::new(lengths.iter().map(|&n| text(n)).collect(), name)
+    }
+
+    /// One pass as (queue index, lengths of the texts it took) per request.
+    type Shown = Vec<(usize, Vec<usize>)>;
+
+    /// Runs passes until the queue is empty, giving every text a vector holding its
+    /// length; returns each pass and the order in which requests completed.
+    fn drain(queue: &mut Queue<&'static str>) -> (Vec<Shown>, Vec<&'static str>) {
+        let mut passes = Vec::new();
+        let mut completed = Vec::new();
+        loop {
+            completed.extend(queue.take_complete().into_iter().map(|p| p.reply));
+            if queue.is_empty() {
+                return (passes, completed);
+            }
+            let pass = queue.next_pass();
+            assert!(!pass.is_empty(), "a non-empty queue gives a non-empty pass");
+            let mut shown = Vec::new();
+            for (index, range) in pass {
+                let request = queue.get_mut(index).expect("index from next_pass");
+                assert_eq!(range.start, request.vectors.len(), "passes go in order");
+                let lengths: Vec<usize> = request.texts[range.clone()]
+                    .iter()
+                    .map(|t| t.ids.len())
+                    .collect();
+                request
+                    .vectors
+                    .extend(lengths.iter().map(|&n| vec![n as f32]));
+                shown.push((index, lengths));
+            }
+            passes.push(shown);
+        }
+    }
+
+    #[test]
+    fn passes_fill_the_budget_across_requests() {
+        let mut queue = Queue::new(10);
+        queue.push(request(&[4, 4], "a"));
+        queue.push(request(&[1], "b"));
+        queue.push(request(&[3, 5, 2], "c"));
+        let (passes, completed) = drain(&mut queue);
+        assert_eq!(
+            passes,
+            vec![
+                // a and b whole, and the first text of c that fits: 4 + 4 + 1 = 9, + 3 > 10.
+                vec![(0, vec![4, 4]), (1, vec![1])],
+                // c continues in the next pass where it left off.
+                vec![(0, vec![3, 5, 2])],
+            ]
+        );
+        assert_eq!(completed, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_request_is_split_across_passes_and_answered_after_its_last_text() {
+        let mut queue = Queue::new(10);
+        queue.push(request(&[6, 6, 6], "long"));
+        queue.push(request(&[2], "short"));
+        let (passes, completed) = drain(&mut queue);
+        assert_eq!(
+            passes,
+            vec![
+                vec![(0, vec![6])],
+                vec![(0, vec![6])],
+                vec![(0, vec![6]), (1, vec![2])],
+            ]
+        );
+        assert_eq!(completed, ["long", "short"]);
+    }
+
+    #[test]
+    fn a_text_over_the_budget_gets_a_pass_of_its_own() {
+        let mut queue = Queue::new(10);
+        queue.push(request(&[2], "a"));
+        queue.push(request(&[25, 1], "b"));
+        let (passes, _) = drain(&mut queue);
+        assert_eq!(
+            passes,
+            vec![vec![(0, vec![2])], vec![(0, vec![25])], vec![(0, vec![1])]]
+        );
+    }
+
+    #[test]
+    fn requests_without_texts_complete_in_order() {
+        let mut queue = Queue::new(10);
+        queue.push(request(&[], "empty-first"));
+        queue.push(request(&[3], "a"));
+        queue.push(request(&[], "empty-behind"));
+        let (passes, completed) = drain(&mut queue);
+        // The empty request at the front is answered before any pass.
+        assert_eq!(passes, vec![vec![(0, vec![3])]]);
+        assert_eq!(completed, ["empty-first", "a", "empty-behind"]);
+    }
+
+    #[test]
+    fn removed_and_dropped_requests_leave_the_others_in_order() {
+        let mut queue = Queue::new(4);
+        queue.push(request(&[3], "a"));
+        queue.push(request(&[3], "gone"));
+        queue.push(request(&[3], "b"));
+        queue.retain(|p| p.reply != "gone");
+        let failed = queue.remove(0).map(|p| p.reply);
+        assert_eq!(failed, Some("a"));
+        let (passes, completed) = drain(&mut queue);
+        assert_eq!(passes, vec![vec![(0, vec![3])]]);
+        assert_eq!(completed, ["b"]);
+    }
+}
