@@ -217,6 +217,10 @@ impl Embedder for CandleEmbedder {
     }
 }
 
+/// Texts tokenised per tokenizer call: enough to use every core, few enough that their
+/// transient `Encoding`s stay a few MiB.
+const TOKENIZE_BATCH: usize = 256;
+
 /// The vectors of one request's texts, in order, or why they could not be computed.
 type Embedded = Result<Vec<Vec<f32>>, EmbedError>;
 
@@ -382,20 +386,23 @@ impl Inner {
     }
 
     /// The token ids of each text as the model reads them: special tokens added, truncated
-    /// to `max_seq_length`. A panic inside the tokenizer is reported as an error.
+    /// to `max_seq_length`. Texts are tokenised [`TOKENIZE_BATCH`] at a time, so the
+    /// tokenizer's full `Encoding`s (tens of bytes per token) exist for one slice at once,
+    /// however many texts are queued. A panic inside the tokenizer is reported as an error.
     fn tokenize(&self, texts: &[&str]) -> Result<Vec<TokenIds>, EmbedError> {
-        let encodings = panic::catch_unwind(AssertUnwindSafe(|| {
-            self.inference_tokenizer.encode_batch(texts.to_vec(), true)
-        }))
-        .map_err(|_| EmbedError::Tokenize("the tokenizer panicked".to_owned()))?
-        .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
-        Ok(encodings
-            .iter()
-            .map(|encoding| TokenIds {
+        let mut tokenized = Vec::with_capacity(texts.len());
+        for slice in texts.chunks(TOKENIZE_BATCH) {
+            let encodings = panic::catch_unwind(AssertUnwindSafe(|| {
+                self.inference_tokenizer.encode_batch(slice.to_vec(), true)
+            }))
+            .map_err(|_| EmbedError::Tokenize("the tokenizer panicked".to_owned()))?
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+            tokenized.extend(encodings.iter().map(|encoding| TokenIds {
                 ids: encoding.get_ids().to_vec(),
                 type_ids: encoding.get_type_ids().to_vec(),
-            })
-            .collect())
+            }));
+        }
+        Ok(tokenized)
     }
 
     /// Runs the next forward pass of `queue` and gives each text in it its vector. If the
