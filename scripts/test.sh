@@ -20,11 +20,18 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test --no-run"
 cargo test --locked --no-run
-echo "== cargo test"
+# Every broker await in the tests has its own deadline; this limit is the last line of
+# defence so that a hang anywhere fails the run loudly instead of using up CI's time.
+limit="${RAG_INGEST_TEST_TIMEOUT:-40m}"
+echo "== cargo test (limit ${limit})"
 set +e
-cargo test --locked 2>&1 | tee "${CARGO_TARGET_DIR}/last-test-run.log"
+timeout --kill-after=60s "$limit" cargo test --locked 2>&1 | tee "${CARGO_TARGET_DIR}/last-test-run.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "== summary"
 grep -E '^test result:|Running ' "${CARGO_TARGET_DIR}/last-test-run.log" || true
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "FAILED: the tests did not finish within ${limit}; the last 'Running' line above names" \
+        "the test binary that hung ('has been running for over 60 seconds' names the test)" >&2
+fi
 exit "$status"

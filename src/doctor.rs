@@ -89,9 +89,10 @@ pub async fn run(path: &Path) -> Vec<Check> {
 
 async fn broker(config: &PipelineConfig) -> Check {
     let url = config.redacted_amqp_url();
-    let conn = match lapin::Connection::connect(
+    let conn = match crate::queue::connect(
         &config.broker.url,
         lapin::ConnectionProperties::default(),
+        crate::queue::CONNECT_TIMEOUT,
     )
     .await
     {
@@ -99,7 +100,7 @@ async fn broker(config: &PipelineConfig) -> Check {
         Err(e) => {
             return Check::fail(
                 "broker",
-                format!("cannot connect to {url}: {e}"),
+                e.to_string(),
                 "start RabbitMQ (scripts/ensure-rabbitmq.sh) or fix broker.url / RAG_INGEST_AMQP_URL",
             );
         }

@@ -172,20 +172,18 @@ async fn submit_dry_run_counts_chunks_and_tokens_and_publishes_nothing() {
         "{stdout}"
     );
     // Nothing was published: the pipeline's queue was never even declared.
-    let conn =
-        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ must be running");
-    let ch = conn.create_channel().await.expect("channel");
-    let exists = ch
-        .queue_declare(
-            rag_ingest::queue::Topology::new(&t.config)
-                .main_queue()
-                .as_str()
-                .into(),
-            lapin::options::QueueDeclareOptions::durable().passive(),
-            lapin::types::FieldTable::default(),
-        )
-        .await;
+    let conn = common::connect().await;
+    let ch = common::within("open a channel", conn.create_channel())
+        .await
+        .expect("channel");
+    let declare = ch.queue_declare(
+        rag_ingest::queue::Topology::new(&t.config)
+            .main_queue()
+            .as_str()
+            .into(),
+        lapin::options::QueueDeclareOptions::durable().passive(),
+        lapin::types::FieldTable::default(),
+    );
+    let exists = common::within("inspect the queue", declare).await;
     assert!(exists.is_err(), "a dry run must not touch the broker");
 }

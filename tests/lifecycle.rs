@@ -15,7 +15,7 @@ use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::CandleEmbedder;
 use rag_ingest::message::Document;
 use rag_ingest::process::Pipeline;
-use rag_ingest::queue::{RunOptions, Submitter, Worker, WorkerReport};
+use rag_ingest::queue::{RunOptions, Worker, WorkerReport};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::setup;
 use rag_ingest::store::{EdgeStore, VectorStore};
@@ -59,12 +59,7 @@ async fn submit_and_drain(
     pipeline: &Pipeline<CandleEmbedder, EdgeStore>,
     docs: &[Document],
 ) -> WorkerReport {
-    let submitter = Submitter::connect(&t.config)
-        .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let results = submitter.submit_all(docs, |_, _| {}).await;
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
-    submitter.close().await;
+    common::submit(&t.config, docs).await;
     let worker = Worker::new(t.config.clone(), pipeline.clone());
     tokio::time::timeout(
         Duration::from_secs(300),

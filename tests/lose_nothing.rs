@@ -316,18 +316,6 @@ fn spawn_worker<E: Embedder, S: VectorStore>(
     (stop, handle)
 }
 
-async fn submit(t: &TestPipeline, docs: &[Document]) {
-    let submitter = Submitter::connect(&t.config)
-        .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let results = submitter.submit_all(docs, |_, _| {}).await;
-    assert!(
-        results.iter().all(Result::is_ok),
-        "every document confirmed: {results:?}"
-    );
-    submitter.close().await;
-}
-
 /// Asserts that every one of `docs` is stored once: points == its chunk count.
 async fn assert_stored_once<S: VectorStore>(t: &TestPipeline, store: &S, docs: &[Document]) {
     for doc in docs {
@@ -511,7 +499,7 @@ async fn lose_nothing_transient_store_failures_are_retried_then_stored() {
 
     // 1 failure: the in-process retry absorbs it.
     store.fail_next_upserts.store(1, Ordering::SeqCst);
-    submit(&t, &docs[..1]).await;
+    common::submit(&t.config, &docs[..1]).await;
     let report = run_until_idle(&t, &pipeline).await;
     assert_eq!((report.stored, report.retried), (1, 0), "{report:?}");
     assert_eq!(store.upsert_calls.load(Ordering::SeqCst), 2);
@@ -520,7 +508,7 @@ async fn lose_nothing_transient_store_failures_are_retried_then_stored() {
     // fails once and then succeeds.
     store.upsert_calls.store(0, Ordering::SeqCst);
     store.fail_next_upserts.store(3, Ordering::SeqCst);
-    submit(&t, &docs[1..]).await;
+    common::submit(&t.config, &docs[1..]).await;
     let report = run_until_idle(&t, &pipeline).await;
     assert_eq!(
         (report.stored, report.retried, report.dead_lettered),
@@ -551,7 +539,7 @@ async fn lose_nothing_inflight_byte_budget_bounds_the_documents_processed_at_onc
         let (pipeline, store) = faulty_pipeline(&t);
         store.hold_upserts_ms.store(300, Ordering::SeqCst);
         let docs = short_docs("acme", "budget", 6);
-        submit(&t, &docs).await;
+        common::submit(&t.config, &docs).await;
         let report = run_until_idle(&t, &pipeline).await;
         assert_eq!(
             (report.stored, report.retried, report.dead_lettered),
@@ -584,7 +572,7 @@ async fn lose_nothing_store_outage_dead_letters_then_reprocess_stores() {
     let docs = short_docs("globex", "outage", 1);
 
     store.outage.store(true, Ordering::SeqCst);
-    submit(&t, &docs).await;
+    common::submit(&t.config, &docs).await;
     let report = run_until_idle(&t, &pipeline).await;
     assert_eq!(
         (report.stored, report.retried, report.dead_lettered),
@@ -646,7 +634,7 @@ async fn lose_nothing_reprocess_filters_and_dry_run_move_only_what_they_say() {
     let all: Vec<Document> = acme.iter().chain(&globex).cloned().collect();
 
     store.reject.store(true, Ordering::SeqCst);
-    submit(&t, &all).await;
+    common::submit(&t.config, &all).await;
     let report = run_until_idle(&t, &pipeline).await;
     assert_eq!(report.dead_lettered, 7, "{report:?}");
     let before = dlq_bodies(&t).await;
@@ -881,7 +869,7 @@ async fn lose_nothing_reprocess_alongside_a_running_worker_moves_each_message_on
     let topology = Topology::new(&t.config);
     let docs = short_docs("acme", "bounce", 40);
     store.reject.store(true, Ordering::SeqCst);
-    submit(&t, &docs).await;
+    common::submit(&t.config, &docs).await;
     let (stop, worker) = spawn_worker(&t, &pipeline);
     let dlq = topology.dlq();
     eventually(
@@ -958,7 +946,7 @@ async fn lose_nothing_unconfirmed_dlq_publish_keeps_the_source_message() {
     ]);
 
     store.reject.store(true, Ordering::SeqCst);
-    submit(&t, &docs).await;
+    common::submit(&t.config, &docs).await;
     let (stop, worker) = spawn_worker(&t, &pipeline);
     let reads = || store.reads.load(Ordering::SeqCst);
     let refused = tokio::time::timeout(Duration::from_secs(30), async {
@@ -1009,8 +997,8 @@ async fn lose_nothing_poison_message_is_dead_lettered_by_the_delivery_limit() {
     let topology = Topology::new(&t.config);
     let poison = short_docs("acme", "poison", 1);
     let good = short_docs("globex", "fine", 5);
-    submit(&t, &poison).await;
-    submit(&t, &good).await;
+    common::submit(&t.config, &poison).await;
+    common::submit(&t.config, &good).await;
     let (stop, worker) = spawn_worker(&t, &pipeline);
     let dlq = topology.dlq();
     let reached = tokio::time::timeout(Duration::from_secs(30), async {

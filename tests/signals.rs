@@ -17,7 +17,7 @@ use common::{
 };
 use rag_ingest::embed::Embedder;
 use rag_ingest::message::Document;
-use rag_ingest::queue::{Submitter, Topology};
+use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::{EdgeStore, VectorStore};
 use rag_ingest::tenant::TenantId;
@@ -33,12 +33,7 @@ fn docs(prefix: &str, n: usize) -> Vec<Document> {
 async fn setup_pipeline(test: &str, docs: &[Document]) -> (TestPipeline, PathBuf) {
     let t = TestPipeline::new(test, FAST);
     let file = common::write_pipeline_file(&t);
-    let submitter = Submitter::connect(&t.config)
-        .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let results = submitter.submit_all(docs, |_, _| {}).await;
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
-    submitter.close().await;
+    common::submit(&t.config, docs).await;
     (t, file)
 }
 
@@ -51,8 +46,8 @@ fn open_store(t: &TestPipeline) -> EdgeStore {
 async fn stored_docs(t: &TestPipeline, store: &EdgeStore, docs: &[Document]) -> usize {
     let mut stored = 0;
     for doc in docs {
-        let points = store
-            .count(&doc.tenant, Some(&doc.document_id))
+        let count = store.count(&doc.tenant, Some(&doc.document_id));
+        let points = common::within("count stored points", count)
             .await
             .expect("count");
         if points > 0 {

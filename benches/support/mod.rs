@@ -30,6 +30,7 @@ mod queues;
 #[path = "../../tests/support/worker_log.rs"]
 mod worker_log;
 pub use queues::delete_queues;
+use queues::within;
 // Each test or bench crate uses a subset of these helpers.
 #[allow(unused_imports)]
 pub use worker_log::final_count;
@@ -77,7 +78,7 @@ pub async fn require_broker() {
     let connect = Connection::connect(&url, ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(conn)) => {
-            let _ = conn.close(200, "bye".into()).await;
+            queues::close_quietly(conn).await;
         }
         Ok(Err(e)) => panic!(
             "BENCH FAILED: RabbitMQ is not reachable at {}: {e}. Start it \
@@ -345,30 +346,35 @@ pub struct QueueProbe {
 impl QueueProbe {
     /// Connects to the bench broker.
     pub async fn connect() -> Self {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        let conn = within(
+            "connect",
+            Connection::connect(&amqp_url(), ConnectionProperties::default()),
+        )
+        .await
+        .expect("RabbitMQ is reachable (scripts/ensure-rabbitmq.sh)");
+        let channel = within("open a channel", conn.create_channel())
             .await
-            .expect("RabbitMQ is reachable (scripts/ensure-rabbitmq.sh)");
-        let channel = conn.create_channel().await.expect("channel");
+            .expect("channel");
         QueueProbe { conn, channel }
     }
 
     /// Ready (not yet delivered) messages in `queue`, which must exist.
     pub async fn ready(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions::durable().passive(),
-                FieldTable::default(),
-            )
+        let declare = self.channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable().passive(),
+            FieldTable::default(),
+        );
+        within(&format!("inspect queue {queue}"), declare)
             .await
             .unwrap_or_else(|e| panic!("queue {queue} cannot be inspected: {e}"))
             .message_count()
     }
 
-    /// Closes the connection.
+    /// Closes the connection (and with it the channel).
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye".into()).await;
-        let _ = self.conn.close(200, "bye".into()).await;
+        drop(self.channel);
+        queues::close_quietly(self.conn).await;
     }
 }
 

@@ -224,9 +224,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         // `rabbitmqctl list_connections name client_properties`.
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("rag-ingest worker {}", self.config.name).into());
-        let conn = Connection::connect(url, properties)
-            .await
-            .map_err(|e| QueueError::connect(url, e))?;
+        let conn = super::connect(url, properties, super::CONNECT_TIMEOUT).await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())

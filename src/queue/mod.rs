@@ -18,7 +18,16 @@ pub use headers::{
 pub use publish::{Submitter, publish_confirmed};
 pub use topology::{DLX, EXCHANGE, Topology};
 
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+
 use crate::config::redact_url;
+
+/// How long opening a broker connection (TCP connect and AMQP handshake) may take before it
+/// fails with [`QueueError::ConnectTimeout`]: a broker that accepts the TCP connection but
+/// never answers the handshake must not hang a worker, a submitter or `doctor`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a broker operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +39,16 @@ pub enum QueueError {
         url: String,
         /// The client's error.
         source: lapin::Error,
+    },
+    /// The broker did not complete the connection handshake in time ([`CONNECT_TIMEOUT`]).
+    #[error(
+        "cannot connect to RabbitMQ at {url}: no answer to the connection handshake within {secs} s (is the broker overloaded, or is something else listening on that port?)"
+    )]
+    ConnectTimeout {
+        /// The broker URL, password redacted.
+        url: String,
+        /// The time waited, in seconds.
+        secs: u64,
     },
     /// A queue or exchange exists with other arguments than this pipeline declares.
     #[error(
@@ -54,11 +73,25 @@ pub enum QueueError {
     Amqp(#[from] lapin::Error),
 }
 
-impl QueueError {
-    pub(crate) fn connect(url: &str, source: lapin::Error) -> Self {
-        QueueError::Connect {
+/// Opens a connection to `url`, giving up after `timeout` (the crate uses
+/// [`CONNECT_TIMEOUT`]).
+///
+/// Fails with [`QueueError::Connect`] if the broker refuses or cannot be reached, or
+/// [`QueueError::ConnectTimeout`] if it does not answer in time.
+pub async fn connect(
+    url: &str,
+    properties: ConnectionProperties,
+    timeout: Duration,
+) -> Result<Connection, QueueError> {
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(source)) => Err(QueueError::Connect {
             url: redact_url(url),
             source,
-        }
+        }),
+        Err(_) => Err(QueueError::ConnectTimeout {
+            url: redact_url(url),
+            secs: timeout.as_secs_f64().ceil() as u64,
+        }),
     }
 }

@@ -16,6 +16,9 @@ use crate::process::content_sha256;
 /// Namespace of message ids (UUIDv5 of tenant, document, version and content hash).
 const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x0d6f_2b1e_93c4_4f7a_b8e2_51a9_7c3d_e610);
 
+/// How long [`Submitter::close`] waits for the broker to acknowledge a close.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Publishes `body` to `exchange` with `routing_key` (mandatory) and waits for the confirm.
 ///
 /// `channel` must be in confirm mode. Fails with [`QueueError::NotConfirmed`] on a nack or
@@ -70,9 +73,12 @@ pub(crate) async fn open_channel(
     config: &PipelineConfig,
     topology: &Topology,
 ) -> Result<(Connection, Channel), QueueError> {
-    let conn = Connection::connect(&config.broker.url, ConnectionProperties::default())
-        .await
-        .map_err(|e| QueueError::connect(&config.broker.url, e))?;
+    let conn = super::connect(
+        &config.broker.url,
+        ConnectionProperties::default(),
+        super::CONNECT_TIMEOUT,
+    )
+    .await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -91,7 +97,8 @@ pub struct Submitter {
 impl Submitter {
     /// Connects to `config`'s broker and declares the pipeline's topology.
     ///
-    /// Fails with [`QueueError::Connect`] if the broker cannot be reached, or
+    /// Fails with [`QueueError::Connect`] or [`QueueError::ConnectTimeout`] if the broker
+    /// cannot be reached, or
     /// [`QueueError::TopologyMismatch`] if its queues were declared differently.
     pub async fn connect(config: &PipelineConfig) -> Result<Self, QueueError> {
         let topology = Topology::new(config);
@@ -208,10 +215,11 @@ impl Submitter {
         results
     }
 
-    /// Closes the channel and the connection. Errors while closing are ignored: every
-    /// publish has already been confirmed or reported.
+    /// Closes the channel and the connection, waiting at most 5 s for each.
+    /// Errors and timeouts while closing are ignored: every publish has already been
+    /// confirmed or reported, and the connection is dropped either way.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "done".into()).await;
-        let _ = self.conn.close(200, "done".into()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, "done".into())).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.close(200, "done".into())).await;
     }
 }

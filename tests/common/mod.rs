@@ -20,6 +20,8 @@ mod queues;
 mod worker_log;
 // Each test or bench crate uses a subset of these helpers.
 #[allow(unused_imports)]
+pub use queues::{close_quietly, within};
+#[allow(unused_imports)]
 pub use worker_log::final_count;
 
 /// The broker URL tests use.
@@ -121,22 +123,46 @@ max_document_bytes = 4096
     }
 }
 
+/// Opens a connection to the test broker (panics if it is down or does not answer).
+pub async fn connect() -> Connection {
+    within(
+        "connect",
+        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ must be running on 127.0.0.1:5672 (scripts/ensure-rabbitmq.sh)")
+}
+
 /// Ready messages in `queue` (the queue must exist).
 pub async fn queue_len(queue: &str) -> u32 {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let conn = connect().await;
+    let ch = within("open a channel", conn.create_channel())
         .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672 (scripts/ensure-rabbitmq.sh)");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions::durable().passive(),
-            lapin::types::FieldTable::default(),
-        )
+        .expect("channel");
+    let declare = ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions::durable().passive(),
+        lapin::types::FieldTable::default(),
+    );
+    let q = within(&format!("inspect queue {queue}"), declare)
         .await
         .expect("queue exists");
-    let _ = conn.close(200, "bye".into()).await;
+    close_quietly(conn).await;
     q.message_count()
+}
+
+/// Submits `docs` to `config`'s pipeline with confirms; panics unless every one is confirmed
+/// within the broker deadline.
+pub async fn submit(config: &PipelineConfig, docs: &[rag_ingest::message::Document]) {
+    let submitter = within("connect", rag_ingest::queue::Submitter::connect(config))
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let results = within("submit", submitter.submit_all(docs, |_, _| {})).await;
+    assert!(
+        results.iter().all(Result::is_ok),
+        "every document confirmed: {results:?}"
+    );
+    submitter.close().await;
 }
 
 /// Polls `check` every 50 ms until it returns true; panics with `what` after `timeout`.
@@ -276,13 +302,16 @@ pub fn close_worker_connections(pipeline: &str) -> usize {
 
 /// Opens a connection and a confirm-mode channel (panics if the broker is down).
 pub async fn confirm_channel() -> (Connection, lapin::Channel) {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let conn = connect().await;
+    let ch = within("open a channel", conn.create_channel())
         .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
+        .expect("channel");
+    within(
+        "confirm mode",
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm mode");
     (conn, ch)
 }
 
@@ -293,36 +322,38 @@ pub async fn publish_to_queue(
     body: &[u8],
     properties: lapin::BasicProperties,
 ) {
-    rag_ingest::queue::publish_confirmed(ch, "", queue, body, properties)
+    let publish = rag_ingest::queue::publish_confirmed(ch, "", queue, body, properties);
+    within(&format!("publish to {queue}"), publish)
         .await
         .expect("publish confirmed");
 }
 
 /// Removes every message of `queue` (basic.get + ack) and returns them in queue order.
 pub async fn take_all(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let conn = connect().await;
+    let ch = within("open a channel", conn.create_channel())
         .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let ch = conn.create_channel().await.expect("channel");
+        .expect("channel");
     let mut out = Vec::new();
-    while let Some(msg) = ch
-        .basic_get(
+    loop {
+        let get = ch.basic_get(
             queue.into(),
             lapin::options::BasicGetOptions { no_ack: false },
-        )
-        .await
-        .expect("basic.get")
-    {
+        );
+        let Some(msg) = within(&format!("basic.get from {queue}"), get)
+            .await
+            .expect("basic.get")
+        else {
+            break;
+        };
         out.push((msg.delivery.properties.clone(), msg.delivery.data.clone()));
-        ch.basic_ack(
+        let ack = ch.basic_ack(
             msg.delivery.delivery_tag,
             lapin::options::BasicAckOptions::default(),
-        )
-        .await
-        .expect("ack");
+        );
+        within("ack", ack).await.expect("ack");
     }
-    let _ = ch.close(200, "bye".into()).await;
-    let _ = conn.close(200, "bye".into()).await;
+    close_quietly(conn).await;
     out
 }
 
