@@ -98,8 +98,8 @@ impl Submitter {
     /// Connects to `config`'s broker and declares the pipeline's topology.
     ///
     /// Fails with [`QueueError::Connect`] or [`QueueError::ConnectTimeout`] if the broker
-    /// cannot be reached, or
-    /// [`QueueError::TopologyMismatch`] if its queues were declared differently.
+    /// cannot be reached, or [`QueueError::TopologyMismatch`] if its queues were declared
+    /// differently.
     pub async fn connect(config: &PipelineConfig) -> Result<Self, QueueError> {
         let topology = Topology::new(config);
         let (conn, channel) = open_channel(config, &topology).await?;
