@@ -353,8 +353,9 @@ impl Inner {
         }
     }
 
-    /// Tokenises the texts of the `arrived` requests (all in one parallel call) and queues
-    /// each request; a request the tokenizer rejects is answered with the error at once.
+    /// Tokenises the texts of the `arrived` requests together (see [`Inner::tokenize`]) and
+    /// queues each request; a request the tokenizer rejects is answered with the error at
+    /// once.
     fn admit(&self, queue: &mut Queue<Reply>, arrived: Vec<Request>) {
         if arrived.is_empty() {
             return;
