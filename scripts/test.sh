@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against the real RabbitMQ, the real all-MiniLM-L6-v2 model and
-# Qdrant Edge: formatting and lint checks, one test build, then every test.
+# Runs the whole test suite against the real RabbitMQ, the real all-MiniLM-L6-v2 model, Qdrant
+# Edge and (where a binary is found, see scripts/ensure-qdrant.sh) a real Qdrant server:
+# formatting and lint checks, one test build, then every test.
 #
 # The cargo target dir defaults to $HOME/.cache/rag-ingest/target so builds are reused
 # across clones; set CARGO_TARGET_DIR to override.
@@ -13,6 +14,15 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 scripts/ensure-rabbitmq.sh
 scripts/fetch-model.sh
+# The Qdrant server of the store tests (QDRANT_URL) where a binary is found; stopped on exit.
+# Without one, ensure-qdrant prints a SKIPPED banner and the server tests print SKIPPED.
+qdrant_env="$(mktemp)"
+trap 'scripts/ensure-qdrant.sh stop; rm -f "$qdrant_env"' EXIT
+scripts/ensure-qdrant.sh start --env-file "$qdrant_env"
+set -a
+# shellcheck disable=SC1090
+. "$qdrant_env"
+set +a
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
