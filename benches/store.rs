@@ -141,6 +141,8 @@ impl PointFactory {
                         metadata: metadata.clone(),
                         embedder: self.embedder.clone(),
                         ingested_at: self.ingested_at.clone(),
+                        order: None,
+                        tombstone: false,
                     },
                 };
                 byte_start = byte_end + 1;

@@ -1,21 +1,29 @@
 //! The processing stage: one validated [`Document`] in, one [`Processed`] outcome (or a
 //! [`Failure`]) out. Chunk → embed → store, with the document lifecycle rules:
-//! - a message (upsert or delete) whose version is older than the stored version is skipped
-//!   ([`Processed::Stale`]), never written; a message without a version is always applied;
+//! - every write has an [`Order`]: the message's version (a message without a version takes
+//!   the stored one: "last processed wins" among those) and the processing time as a
+//!   tie-breaker (see [`write_order`]). Every point carries the order of the write that
+//!   stored it;
+//! - a message whose version is older than the stored version is skipped
+//!   ([`Processed::Stale`]), never written; a delete leaves a tombstone in chunk 0's place, so
+//!   an older upsert arriving later (from a retry tier, a DLQ replay, prefetch reordering) is
+//!   recognised as stale too;
 //! - an upsert whose content hash (and embedder) equals what is stored makes no embedding
 //!   call. If its version and metadata are the stored ones too, nothing is written
 //!   ([`Processed::Unchanged`]); otherwise the stored chunks are relabelled with the new
-//!   version and metadata, vectors untouched (also [`Processed::Unchanged`]), so an older
-//!   version arriving later is still recognised as stale;
-//! - otherwise the new chunks are written first — chunk 0 last, because chunk 0 is how the
-//!   stored revision is identified, so a write interrupted halfway leaves the old revision
-//!   recorded and a redelivery writes everything again — then every point of that tenant's
-//!   document with another [`Revision`] (content hash, version or chunk count) is deleted, so
-//!   readers never see the document vanish;
-//! - a delete removes every chunk of that tenant's document and nothing else.
+//!   version, metadata and order, vectors untouched (also [`Processed::Unchanged`]);
+//! - otherwise the new chunks are written — chunk 0 last, because chunk 0 is how the stored
+//!   revision is identified — with the store's conditional write: a stored point is only
+//!   replaced by a write of a newer order. Then chunk 0 is read back: if this write leads,
+//!   every point of an older write is deleted (readers never see the document vanish); if a
+//!   newer write leads, this write's own leftovers are deleted and the outcome is
+//!   [`Processed::Stale`].
 //!
-//! Messages about the same document must not be processed concurrently (the worker holds a
-//! per-document lock around [`Pipeline::process`]).
+//! Both conditions (replace only older points, delete only points older than a write that
+//! has stored its chunk 0) are checked by the store atomically for each point, so any number
+//! of workers in any number of processes may process messages about one document at once:
+//! every interleaving leaves exactly the chunks of the newest write. The worker still holds a
+//! per-document lock within one process, which saves work but is not needed for correctness.
 //!
 //! This module knows nothing about AMQP: the queue layer turns outcomes into acks,
 //! retries and dead letters.
@@ -30,7 +38,7 @@ use crate::chunk::{Chunk, ChunkFormat, Chunker};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
-use crate::store::{ChunkPayload, ChunkPoint, Revision, StoreError, VectorStore, point_id};
+use crate::store::{ChunkPayload, ChunkPoint, MAX_SEQ, Order, StoreError, VectorStore, point_id};
 use crate::telemetry::names;
 
 /// A processing failure: what kind, at which stage, and why.
@@ -162,6 +170,9 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
 
     /// Applies `doc` to the store.
     ///
+    /// Safe to run for the same document in any number of tasks or processes at once (see
+    /// the module documentation): the store converges on the newest write.
+    ///
     /// Fails with a [`Failure`] from the chunk, embed or store stage; transient kinds may
     /// be retried with the same document (every write is idempotent).
     pub async fn process(&self, doc: &Document) -> Result<Processed, Failure> {
@@ -169,34 +180,72 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             .store
             .first_chunk(&doc.tenant, &doc.document_id)
             .await?;
-        if let (Some(stored_version), Some(version)) =
-            (stored.as_ref().and_then(|p| p.version), doc.version)
-            && version < stored_version
-        {
-            tracing::debug!(
-                version,
-                stored_version,
-                "message older than the stored version; skipped"
-            );
-            return Ok(Processed::Stale {
-                stored: stored_version,
-            });
+        if let (Some(head), Some(version)) = (stored.as_ref(), doc.version) {
+            let head_order = head.effective_order();
+            if version < head_order.version {
+                tracing::debug!(
+                    version,
+                    stored_version = head_order.version,
+                    "message older than the stored version; skipped"
+                );
+                // Leftovers of an interrupted older write are removed on the way.
+                if head.order.is_some() {
+                    self.settle(doc, head_order, head.chunk_count).await?;
+                }
+                return Ok(Processed::Stale {
+                    stored: head_order.version,
+                });
+            }
         }
+        let stored_order = stored.as_ref().map(ChunkPayload::effective_order);
         match doc.op {
             Op::Delete => {
-                self.store
-                    .delete_document(&doc.tenant, &doc.document_id, None)
-                    .await?;
-                Ok(Processed::Deleted)
+                self.delete(doc, write_order(doc.version, stored_order))
+                    .await
             }
-            Op::Upsert => self.upsert(doc, stored).await,
+            Op::Upsert => {
+                let stored = stored.filter(|head| !head.tombstone);
+                self.upsert(doc, stored, stored_order).await
+            }
         }
     }
 
+    /// Deletes `doc`'s chunks with the write `order`: a tombstone takes chunk 0's place (so
+    /// an older upsert arriving later is recognised as stale), then every older point goes.
+    async fn delete(&self, doc: &Document, order: Order) -> Result<Processed, Failure> {
+        let dims = self.embedder.fingerprint().dims;
+        let mut vector = vec![0.0; dims];
+        if let Some(first) = vector.first_mut() {
+            *first = 1.0;
+        }
+        let tombstone = ChunkPoint {
+            id: point_id(&doc.tenant, &doc.document_id, 0),
+            vector,
+            payload: ChunkPayload::tombstone(
+                &doc.tenant,
+                &doc.document_id,
+                doc.version,
+                order,
+                &self.embedder.fingerprint().id(),
+            ),
+        };
+        self.store.upsert_newer(vec![tombstone], order).await?;
+        Ok(match self.settle(doc, order, 0).await? {
+            Some(newer) => Processed::Stale {
+                stored: newer.version,
+            },
+            None => Processed::Deleted,
+        })
+    }
+
+    /// Upserts `doc`; `stored` is the stored chunk 0 (not a tombstone) and `stored_order` the
+    /// order chunk 0 had (tombstone or not). The write's order is taken just before writing,
+    /// so among messages without a version the last one processed wins.
     async fn upsert(
         &self,
         doc: &Document,
         stored: Option<ChunkPayload>,
+        stored_order: Option<Order>,
     ) -> Result<Processed, Failure> {
         let sha = content_sha256(&doc.content);
         let fingerprint = self.embedder.fingerprint().id();
@@ -209,7 +258,8 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             && stored.content_sha256 == sha
             && stored.embedder == fingerprint
         {
-            return self.keep_unchanged(doc, stored).await;
+            let order = write_order(doc.version, stored_order);
+            return self.keep_unchanged(doc, stored, order).await;
         }
 
         let format = doc.format().ok_or_else(|| {
@@ -233,6 +283,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         };
         let vectors = self.embed_new(doc, &chunks, reusable).await?;
 
+        let order = write_order(doc.version, stored_order);
         let chunk_count = chunks.len();
         let reused = vectors.reused;
         let ingested_at = chrono::Utc::now().to_rfc3339();
@@ -255,24 +306,25 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                     metadata: doc.metadata.clone(),
                     embedder: fingerprint.clone(),
                     ingested_at: ingested_at.clone(),
+                    order: Some(order),
+                    tombstone: false,
                 },
             })
             .collect();
         // Chunk 0 identifies the stored revision: write it last (stores write in order).
         points.rotate_left(1);
         let started = Instant::now();
-        self.store.upsert(points).await?;
+        self.store.upsert_newer(points, order).await?;
         metrics::histogram!(names::STORE_SECONDS, "op" => "upsert")
             .record(started.elapsed().as_secs_f64());
-        let revision = Revision {
-            content_sha256: sha,
-            version: doc.version,
-            chunk_count,
-        };
-        self.delete_stale(doc, &revision).await?;
-        Ok(Processed::Stored {
-            chunks: chunk_count,
-            reused,
+        Ok(match self.settle(doc, order, chunk_count).await? {
+            Some(newer) => Processed::Stale {
+                stored: newer.version,
+            },
+            None => Processed::Stored {
+                chunks: chunk_count,
+                reused,
+            },
         })
     }
 
@@ -389,51 +441,108 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     }
 
     /// The stored revision (`stored` is its chunk 0) has `doc`'s content and embedder: records
-    /// `doc`'s version and metadata if they differ (no embedding), and deletes points of other
-    /// revisions if the document has more points than the revision has chunks (left by a
-    /// crash between writing a revision and deleting the old one). Writes nothing when the
-    /// stored revision is `doc`'s exactly and complete.
+    /// `doc`'s version, metadata and `order` if the version or metadata differ (no embedding;
+    /// only on points older than `order`), then removes points of older writes (left by a
+    /// crash or a concurrent older write). Writes nothing when the stored revision is `doc`'s
+    /// exactly and complete.
     async fn keep_unchanged(
         &self,
         doc: &Document,
         stored: ChunkPayload,
+        order: Order,
     ) -> Result<Processed, Failure> {
-        let stored_revision = stored.revision();
-        let revision = Revision {
-            version: doc.version,
-            ..stored_revision.clone()
-        };
         let relabel = stored.version != doc.version || stored.metadata != doc.metadata;
-        if relabel {
+        let settled = if relabel {
             self.store
                 .relabel_document(
                     &doc.tenant,
                     &doc.document_id,
-                    &stored_revision,
+                    &stored.revision(),
                     doc.version,
                     &doc.metadata,
+                    order,
                 )
                 .await?;
-        }
-        self.delete_stale(doc, &revision).await?;
-        Ok(Processed::Unchanged)
+            self.settle(doc, order, stored.chunk_count).await?
+        } else if stored.order.is_some() {
+            self.settle(doc, stored.effective_order(), stored.chunk_count)
+                .await?
+        } else {
+            // Written before write orders existed: a full write would be needed to clean up
+            // by order; the stored revision is complete unless the document has more points.
+            let count = self
+                .store
+                .count(&doc.tenant, Some(&doc.document_id))
+                .await?;
+            if count != stored.chunk_count {
+                self.store
+                    .delete_document(&doc.tenant, &doc.document_id, Some(&stored.revision()))
+                    .await?;
+            }
+            None
+        };
+        Ok(match settled {
+            Some(newer) => Processed::Stale {
+                stored: newer.version,
+            },
+            None => Processed::Unchanged,
+        })
     }
 
-    /// Deletes `doc`'s points that do not belong to `revision`, just written in full. Points
-    /// `0..chunk_count` are the revision's, so there are stale points exactly when the
-    /// document has more points than that: the count (a read) spares a write, and with it a
-    /// flush, for every document that did not shrink.
-    async fn delete_stale(&self, doc: &Document, revision: &Revision) -> Result<(), Failure> {
+    /// Brings `doc`'s points in line with the write that leads after a write of `order` with
+    /// `chunk_count` chunks (0 for a tombstone): reads chunk 0 to learn which write leads,
+    /// then deletes every point older than the leader. Returns `None` when `order` leads (the
+    /// delete is skipped when the document holds exactly `chunk_count` chunks, so a write
+    /// that did not shrink the document costs one count, not a delete), or the newer order
+    /// that leads instead (this write lost: its own leftovers are deleted).
+    ///
+    /// Deletes only ever remove points older than a write that has stored its chunk 0, so
+    /// whatever other writers do meanwhile, no point of the newest write is deleted.
+    ///
+    /// Fails with [`ErrorKind::StoreUnavailable`] if chunk 0 is older than `order` right
+    /// after being written (a conditional write that did not apply; the message is retried),
+    /// or with the store's failure.
+    async fn settle(
+        &self,
+        doc: &Document,
+        order: Order,
+        chunk_count: usize,
+    ) -> Result<Option<Order>, Failure> {
+        let head = self
+            .store
+            .first_chunk(&doc.tenant, &doc.document_id)
+            .await?;
+        let Some(head) = head else {
+            // Purged meanwhile (`purge_tenant`): nothing left to clean up.
+            return Ok(None);
+        };
+        let leader = head.effective_order();
+        if head.order.is_none() || leader < order {
+            return Err(Failure::new(
+                ErrorKind::StoreUnavailable,
+                Stage::Store,
+                format!(
+                    "chunk 0 of the document holds write order {leader:?}, older than the \
+                     write {order:?} that just stored it; retrying"
+                ),
+            ));
+        }
+        if leader > order {
+            self.store
+                .delete_older(&doc.tenant, &doc.document_id, leader)
+                .await?;
+            return Ok(Some(leader));
+        }
         let count = self
             .store
             .count(&doc.tenant, Some(&doc.document_id))
             .await?;
-        if count != revision.chunk_count {
+        if count != chunk_count {
             self.store
-                .delete_document(&doc.tenant, &doc.document_id, Some(revision))
+                .delete_older(&doc.tenant, &doc.document_id, order)
                 .await?;
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn chunk(&self, content: String, format: ChunkFormat) -> Result<Vec<Chunk>, Failure> {
@@ -447,5 +556,25 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                     format!("chunking failed: {e}"),
                 )
             })
+    }
+}
+
+/// The order of a write of a message with `version` when the store holds `stored` (the
+/// effective order of chunk 0): the message's version, or the stored one for a message
+/// without a version; `seq` is now in microseconds, and at least one more than the stored
+/// `seq` when the versions are equal, so a later-processed message of the same version
+/// always orders after what it read, whatever the clocks of other workers say.
+pub fn write_order(version: Option<u64>, stored: Option<Order>) -> Order {
+    let version = version.or(stored.map(|s| s.version)).unwrap_or(0);
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut seq = u64::try_from(now).unwrap_or(0);
+    if let Some(stored) = stored
+        && stored.version == version
+    {
+        seq = seq.max(stored.seq.saturating_add(1));
+    }
+    Order {
+        version,
+        seq: seq.min(MAX_SEQ),
     }
 }

@@ -176,6 +176,7 @@ pub fn qdrant_options(config: &PipelineConfig) -> QdrantOptions {
     QdrantOptions {
         url: q.url.clone(),
         api_key: q.api_key.as_ref().map(|k| k.expose().to_owned()),
+        api_key_env: q.api_key_env.clone(),
         timeout: std::time::Duration::from_millis(q.timeout_ms),
         connect_timeout: std::time::Duration::from_millis(q.connect_timeout_ms),
         retries: q.retries as usize,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestPipeline, embedder, queue_len};
+use common::{TestPipeline, TestStore, embedder, queue_len};
 use rag_ingest::message::Document;
 use rag_ingest::queue::{DlqFilter, RunOptions, Submitter, Topology, Worker, inspect_dlq};
 use rag_ingest::search::{SearchError, Searcher};
@@ -77,10 +77,10 @@ fn fixture_doc(tenant: &str, file: &str) -> Document {
     doc
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_tenants_end_to_end_with_bad_messages() {
-    let t = TestPipeline::new("e2e", "");
-    let pipeline = t.pipeline();
+on_both_stores!(two_tenants_end_to_end_with_bad_messages);
+async fn two_tenants_end_to_end_with_bad_messages(kind: TestStore) {
+    let t = TestPipeline::on(kind, "e2e", "");
+    let pipeline = t.store_pipeline().await;
     let store = std::sync::Arc::clone(pipeline.store());
     let topology = Topology::new(&t.config);
 

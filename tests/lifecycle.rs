@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestPipeline, embedder};
+use common::{TestPipeline, TestStore, embedder};
 use rag_ingest::chunk::ChunkFormat;
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::CandleEmbedder;
@@ -18,7 +18,7 @@ use rag_ingest::process::Pipeline;
 use rag_ingest::queue::{RunOptions, Worker, WorkerReport};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::setup;
-use rag_ingest::store::{EdgeStore, VectorStore};
+use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 
 /// `n` paragraphs of about 40 tokens on `topic` (one 64-token chunk each).
@@ -54,9 +54,9 @@ fn upsert(id: &str, content: &str, version: u64, title: &str) -> Document {
 }
 
 /// Publishes `docs` with confirms, then runs a worker until the queues are drained.
-async fn submit_and_drain(
+async fn submit_and_drain<S: VectorStore>(
     t: &TestPipeline,
-    pipeline: &Pipeline<CandleEmbedder, EdgeStore>,
+    pipeline: &Pipeline<CandleEmbedder, S>,
     docs: &[Document],
 ) -> WorkerReport {
     common::submit(&t.config, docs).await;
@@ -76,10 +76,12 @@ async fn submit_and_drain(
     .expect("worker ran")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_document_replaces_the_old_one_and_a_stale_version_changes_nothing() {
-    let t = TestPipeline::new("lifecycle", "");
-    let pipeline = t.pipeline();
+on_both_stores!(a_changed_document_replaces_the_old_one_and_a_stale_version_changes_nothing);
+async fn a_changed_document_replaces_the_old_one_and_a_stale_version_changes_nothing(
+    kind: TestStore,
+) {
+    let t = TestPipeline::on(kind, "lifecycle", "");
+    let pipeline = t.store_pipeline().await;
     let store = Arc::clone(pipeline.store());
     let acme = TenantId::new("acme").expect("tenant");
     let searcher = Searcher::new(embedder(), Arc::clone(&store));

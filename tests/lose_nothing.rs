@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{
-    TestPipeline, embedder, eventually, expected_chunks, queue_len, rabbitmqctl, short_docs,
+    TestPipeline, TestStore, embedder, eventually, expected_chunks, queue_len, rabbitmqctl,
+    short_docs,
 };
 use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Fingerprint};
 use rag_ingest::message::Document;
@@ -29,8 +30,8 @@ use rag_ingest::queue::{
 };
 use rag_ingest::setup;
 use rag_ingest::store::{
-    ChunkPayload, ChunkPoint, EdgeStore, Revision, ScoredChunk, SearchRequest, StoreError,
-    StoredChunk, VectorStore,
+    ChunkPayload, ChunkPoint, EdgeStore, Order, Revision, ScoredChunk, SearchRequest, Store,
+    StoreError, StoredChunk, VectorStore,
 };
 use rag_ingest::tenant::TenantId;
 
@@ -79,7 +80,7 @@ impl Rng {
 
 /// The real [`EdgeStore`] with switchable faults.
 struct FaultyStore {
-    inner: EdgeStore,
+    inner: Store,
     /// This many upserts fail with `Unavailable`, then they work again.
     fail_next_upserts: AtomicU32,
     /// While set, every upsert fails with `Unavailable` (an outage).
@@ -103,9 +104,9 @@ struct FaultyStore {
 }
 
 impl FaultyStore {
-    fn new(inner: EdgeStore) -> Self {
+    fn new(inner: impl Into<Store>) -> Self {
         FaultyStore {
-            inner,
+            inner: inner.into(),
             fail_next_upserts: AtomicU32::new(0),
             outage: AtomicBool::new(false),
             reject: AtomicBool::new(false),
@@ -133,8 +134,12 @@ impl FaultyStore {
     }
 }
 
-impl VectorStore for FaultyStore {
-    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
+impl FaultyStore {
+    /// Applies the upsert faults, then `write` (the real store's upsert).
+    async fn faulty_upsert(
+        &self,
+        write: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
         self.upsert_calls.fetch_add(1, Ordering::SeqCst);
         if self.outage.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected outage".into()));
@@ -153,11 +158,32 @@ impl VectorStore for FaultyStore {
         if hold > 0 {
             tokio::time::sleep(Duration::from_millis(hold)).await;
         }
-        let written = self.inner.upsert(points).await;
+        let written = write.await;
         self.active_upserts.fetch_sub(1, Ordering::SeqCst);
         written?;
         self.upserts_done.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+impl VectorStore for FaultyStore {
+    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
+        self.faulty_upsert(self.inner.upsert(points)).await
+    }
+
+    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
+        self.faulty_upsert(self.inner.upsert_newer(points, order))
+            .await
+    }
+
+    async fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        self.random_fault("delete")?;
+        self.inner.delete_older(tenant, document_id, order).await
     }
 
     async fn first_chunk(
@@ -206,10 +232,11 @@ impl VectorStore for FaultyStore {
         revision: &Revision,
         version: Option<u64>,
         metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
     ) -> Result<(), StoreError> {
         self.random_fault("relabel")?;
         self.inner
-            .relabel_document(tenant, document_id, revision, version, metadata)
+            .relabel_document(tenant, document_id, revision, version, metadata, order)
             .await
     }
 
@@ -264,10 +291,14 @@ impl Embedder for FaultyEmbedder {
 }
 
 /// A pipeline over the real model and chunker and a [`FaultyStore`] around this test's store.
-fn faulty_pipeline(t: &TestPipeline) -> (Pipeline<CandleEmbedder, FaultyStore>, Arc<FaultyStore>) {
+async fn faulty_pipeline(
+    t: &TestPipeline,
+) -> (Pipeline<CandleEmbedder, FaultyStore>, Arc<FaultyStore>) {
     let embedder = embedder();
     let chunker = setup::chunker(&t.config, &embedder).expect("chunker");
-    let store = setup::open_store(&t.config, embedder.fingerprint()).expect("store opens");
+    let store = setup::open_vector_store(&t.config, embedder.fingerprint())
+        .await
+        .expect("store opens");
     let store = Arc::new(FaultyStore::new(store));
     (
         Pipeline::new(Arc::new(chunker), embedder, Arc::clone(&store)),
@@ -364,7 +395,7 @@ fn rfc3339(s: Option<&str>, what: &str) -> chrono::DateTime<chrono::FixedOffset>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lose_nothing_bad_batch_every_bad_message_in_dlq_byte_for_byte() {
     let t = TestPipeline::new("ln-bad", FAST);
-    let (pipeline, store) = faulty_pipeline(&t);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let topology = Topology::new(&t.config);
     let mut good = short_docs("acme", "good", 6);
     good.extend(short_docs("globex", "good", 4));
@@ -489,12 +520,14 @@ async fn lose_nothing_bad_batch_every_bad_message_in_dlq_byte_for_byte() {
     t.delete_queues().await;
 }
 
-/// Transient store failures: one is absorbed by the in-process retry; three take a
-/// delayed-retry round trip. Both documents end stored once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lose_nothing_transient_store_failures_are_retried_then_stored() {
-    let t = TestPipeline::new("ln-transient", FAST);
-    let (pipeline, store) = faulty_pipeline(&t);
+on_both_stores!(
+    /// Transient store failures: one is absorbed by the in-process retry; three take a
+    /// delayed-retry round trip. Both documents end stored once.
+    lose_nothing_transient_store_failures_are_retried_then_stored
+);
+async fn lose_nothing_transient_store_failures_are_retried_then_stored(kind: TestStore) {
+    let t = TestPipeline::on(kind, "ln-transient", FAST);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let docs = short_docs("acme", "flaky", 2);
 
     // 1 failure: the in-process retry absorbs it.
@@ -536,7 +569,7 @@ async fn lose_nothing_inflight_byte_budget_bounds_the_documents_processed_at_onc
             "[worker]\nconcurrency = 8\n{budget}\nshutdown_grace_secs = 10\nreconnect_give_up_secs = 30\n"
         );
         let t = TestPipeline::new("ln-budget", &config);
-        let (pipeline, store) = faulty_pipeline(&t);
+        let (pipeline, store) = faulty_pipeline(&t).await;
         store.hold_upserts_ms.store(300, Ordering::SeqCst);
         let docs = short_docs("acme", "budget", 6);
         common::submit(&t.config, &docs).await;
@@ -560,14 +593,16 @@ async fn lose_nothing_inflight_byte_budget_bounds_the_documents_processed_at_onc
     }
 }
 
-/// A store outage outlasting every attempt: the message is dead-lettered after exactly
-/// `max_attempts` (kind store_unavailable, stage store, x-attempts = 3, first failure before
-/// the last, body intact). Once the store is back, `reprocess` + a worker run store it and
-/// the DLQ is empty.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lose_nothing_store_outage_dead_letters_then_reprocess_stores() {
-    let t = TestPipeline::new("ln-outage", FAST);
-    let (pipeline, store) = faulty_pipeline(&t);
+on_both_stores!(
+    /// A store outage outlasting every attempt: the message is dead-lettered after exactly
+    /// `max_attempts` (kind store_unavailable, stage store, x-attempts = 3, first failure before
+    /// the last, body intact). Once the store is back, `reprocess` + a worker run store it and
+    /// the DLQ is empty.
+    lose_nothing_store_outage_dead_letters_then_reprocess_stores
+);
+async fn lose_nothing_store_outage_dead_letters_then_reprocess_stores(kind: TestStore) {
+    let t = TestPipeline::on(kind, "ln-outage", FAST);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let topology = Topology::new(&t.config);
     let docs = short_docs("globex", "outage", 1);
 
@@ -627,7 +662,7 @@ async fn lose_nothing_store_outage_dead_letters_then_reprocess_stores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lose_nothing_reprocess_filters_and_dry_run_move_only_what_they_say() {
     let t = TestPipeline::new("ln-replay", FAST);
-    let (pipeline, store) = faulty_pipeline(&t);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let topology = Topology::new(&t.config);
     let acme = short_docs("acme", "a", 4);
     let globex = short_docs("globex", "b", 3);
@@ -865,7 +900,7 @@ async fn lose_nothing_dlq_inspection_keeps_every_message_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lose_nothing_reprocess_alongside_a_running_worker_moves_each_message_once() {
     let t = TestPipeline::new("ln-bounce", FAST);
-    let (pipeline, store) = faulty_pipeline(&t);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let topology = Topology::new(&t.config);
     let docs = short_docs("acme", "bounce", 40);
     store.reject.store(true, Ordering::SeqCst);
@@ -913,7 +948,7 @@ async fn lose_nothing_unconfirmed_dlq_publish_keeps_the_source_message() {
     let mut t = TestPipeline::new("ln-nack", FAST);
     // Keep the broker's crash-loop guard out of the way: every redelivery here is wanted.
     t.config.broker.delivery_limit = 1000;
-    let (pipeline, store) = faulty_pipeline(&t);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let topology = Topology::new(&t.config);
     let docs = short_docs("acme", "nacked", 1);
 
@@ -993,7 +1028,7 @@ async fn lose_nothing_unconfirmed_dlq_publish_keeps_the_source_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lose_nothing_poison_message_is_dead_lettered_by_the_delivery_limit() {
     let t = TestPipeline::new("ln-poison", FAST);
-    let (pipeline, store) = faulty_pipeline(&t);
+    let (pipeline, store) = faulty_pipeline(&t).await;
     let topology = Topology::new(&t.config);
     let poison = short_docs("acme", "poison", 1);
     let good = short_docs("globex", "fine", 5);

@@ -12,14 +12,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{
-    TestPipeline, WorkerProcess, embedder, eventually, expected_chunks, final_count, queue_len,
-    short_docs,
+    TestPipeline, TestStore, WorkerProcess, embedder, eventually, expected_chunks, final_count,
+    queue_len, short_docs,
 };
 use rag_ingest::embed::Embedder;
 use rag_ingest::message::Document;
 use rag_ingest::queue::Topology;
 use rag_ingest::setup;
-use rag_ingest::store::{EdgeStore, VectorStore};
+use rag_ingest::store::{Store, VectorStore};
 use rag_ingest::tenant::TenantId;
 
 const FAST: &str = "[retry]\nmax_attempts = 3\nin_process_retries = 1\nbackoff_min_ms = 5\nbackoff_max_ms = 10\ndelays_ms = [200, 400]\n[worker]\nshutdown_grace_secs = 10\nreconnect_give_up_secs = 30\n";
@@ -31,19 +31,29 @@ fn docs(prefix: &str, n: usize) -> Vec<Document> {
 }
 
 async fn setup_pipeline(test: &str, docs: &[Document]) -> (TestPipeline, PathBuf) {
-    let t = TestPipeline::new(test, FAST);
+    setup_pipeline_on(TestStore::Edge, test, docs).await
+}
+
+async fn setup_pipeline_on(
+    kind: TestStore,
+    test: &str,
+    docs: &[Document],
+) -> (TestPipeline, PathBuf) {
+    let t = TestPipeline::on(kind, test, FAST);
     let file = common::write_pipeline_file(&t);
     common::submit(&t.config, docs).await;
     (t, file)
 }
 
-/// Opens the pipeline's store (only while no worker process runs).
-fn open_store(t: &TestPipeline) -> EdgeStore {
-    setup::open_store(&t.config, embedder().fingerprint()).expect("store opens")
+/// Opens the pipeline's store (an Edge store only while no worker process runs).
+async fn open_store(t: &TestPipeline) -> Store {
+    setup::open_vector_store(&t.config, embedder().fingerprint())
+        .await
+        .expect("store opens")
 }
 
 /// Points per document (0 if absent), checking that none is partially stored.
-async fn stored_docs(t: &TestPipeline, store: &EdgeStore, docs: &[Document]) -> usize {
+async fn stored_docs<S: VectorStore>(t: &TestPipeline, store: &S, docs: &[Document]) -> usize {
     let mut stored = 0;
     for doc in docs {
         let count = store.count(&doc.tenant, Some(&doc.document_id));
@@ -66,7 +76,7 @@ async fn stored_docs(t: &TestPipeline, store: &EdgeStore, docs: &[Document]) -> 
 
 /// Every document stored exactly once and nothing else in the store; queues empty.
 async fn assert_all_stored_once(t: &TestPipeline, docs: &[Document]) {
-    let store = open_store(t);
+    let store = open_store(t).await;
     assert_eq!(stored_docs(t, &store, docs).await, docs.len(), "all stored");
     let expected: usize = docs.iter().map(|d| expected_chunks(&t.config, d)).sum();
     let mut total = 0;
@@ -87,12 +97,14 @@ async fn assert_all_stored_once(t: &TestPipeline, docs: &[Document]) {
     assert_eq!(queue_len(&topology.dlq()).await, 0, "nothing dead-lettered");
 }
 
-/// SIGKILL in the middle of a batch, then a restart with `--exit-when-idle`: every
-/// document is stored exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signals_sigkill_mid_batch_then_restart_stores_each_document_once() {
+on_both_stores!(
+    /// SIGKILL in the middle of a batch, then a restart with `--exit-when-idle`: every
+    /// document is stored exactly once.
+    signals_sigkill_mid_batch_then_restart_stores_each_document_once
+);
+async fn signals_sigkill_mid_batch_then_restart_stores_each_document_once(kind: TestStore) {
     let docs = docs("kill", 40);
-    let (t, file) = setup_pipeline("sig-kill", &docs).await;
+    let (t, file) = setup_pipeline_on(kind, "sig-kill", &docs).await;
     let mut worker = WorkerProcess::start(&file, false);
     worker.wait_stored(5).await;
     worker.signal("KILL");
@@ -139,7 +151,7 @@ async fn graceful_stop(signal: &str) {
         "stopped mid-batch ({reported} stored)"
     );
 
-    let store = open_store(&t);
+    let store = open_store(&t).await;
     let stored = stored_docs(&t, &store, &docs).await;
     drop(store);
     assert_eq!(stored, reported, "everything the worker reported is stored");

@@ -20,7 +20,7 @@ use rag_ingest::message::Document;
 use rag_ingest::process::{Pipeline, Processed};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::store::{
-    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
+    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, Order, QdrantOptions, QdrantStore, Revision,
     ScoredChunk, SearchFilter, SearchRequest, StoreError, StoredChunk, VectorStore, point_id,
 };
 use rag_ingest::tenant::TenantId;
@@ -46,6 +46,10 @@ trait Backend {
         fingerprint: &Fingerprint,
         limits: BatchLimits,
     ) -> Result<Self::Store, StoreError>;
+
+    /// A second handle on the same collection, as another worker process would have one
+    /// (a new client for a server; the same store for Edge, which one process owns).
+    async fn second_writer(&self, first: &Arc<Self::Store>) -> Arc<Self::Store>;
 
     /// Removes the collection.
     async fn finish(self);
@@ -73,6 +77,10 @@ impl Backend for EdgeBackend {
         limits: BatchLimits,
     ) -> Result<EdgeStore, StoreError> {
         Ok(EdgeStore::open(self.dir.path(), "contract", fingerprint)?.with_batch_limits(limits))
+    }
+
+    async fn second_writer(&self, first: &Arc<EdgeStore>) -> Arc<EdgeStore> {
+        Arc::clone(first)
     }
 
     async fn finish(self) {}
@@ -114,6 +122,14 @@ impl Backend for QdrantBackend {
         options.api_key = self.api_key.clone();
         options.limits = limits;
         QdrantStore::open(&options, &self.collection, fingerprint).await
+    }
+
+    async fn second_writer(&self, _first: &Arc<QdrantStore>) -> Arc<QdrantStore> {
+        Arc::new(
+            self.open(&model_fingerprint(), BatchLimits::default())
+                .await
+                .expect("a second client opens the collection"),
+        )
     }
 
     async fn finish(self) {
@@ -162,6 +178,10 @@ contract!(a_forged_payload_is_never_returned_to_another_tenant);
 contract!(an_interrupted_write_is_completed_by_the_retry);
 contract!(stored_vectors_are_read_back_by_chunk);
 contract!(editing_one_paragraph_embeds_only_the_chunks_it_touches);
+contract!(two_writers_that_read_the_same_revision_leave_only_the_newest);
+contract!(a_newer_writer_that_read_first_still_wins);
+contract!(without_versions_the_last_processed_write_wins_whole);
+contract!(a_delete_is_not_undone_by_an_older_upsert_arriving_later);
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -305,6 +325,8 @@ fn points(
                     metadata,
                     embedder: model_fingerprint().id(),
                     ingested_at: "2025-01-01T00:00:00Z".to_owned(),
+                    order: None,
+                    tombstone: false,
                 },
             }
         })
@@ -601,7 +623,8 @@ async fn unchanged_content_makes_no_embedder_call<B: Backend>(backend: B) {
     backend.finish().await;
 }
 
-/// `op=delete` removes that tenant's chunks of that document and nothing else.
+/// `op=delete` removes that tenant's chunks of that document (leaving a tombstone in chunk 0's
+/// place) and nothing else.
 async fn delete_touches_one_tenants_document_only<B: Backend>(backend: B) {
     let store = Arc::new(open(&backend).await);
     let (pipeline, _) = pipeline(Arc::clone(&store));
@@ -628,10 +651,25 @@ async fn delete_touches_one_tenants_document_only<B: Backend>(backend: B) {
         Processed::Deleted
     );
     assert_eq!(store.count(&a, Some("d1")).await.expect("count"), 0);
-    assert_eq!(store.first_chunk(&a, "d1").await.expect("read"), None);
+    let tombstone = store
+        .first_chunk(&a, "d1")
+        .await
+        .expect("read")
+        .expect("a tombstone in chunk 0's place");
+    assert!(
+        tombstone.tombstone && tombstone.text.is_empty(),
+        "{tombstone:?}"
+    );
     assert_eq!(store.count(&a, Some("d2")).await.expect("count"), d2);
     assert_eq!(store.count(&g, Some("d1")).await.expect("count"), g1);
-    assert!(store.first_chunk(&g, "d1").await.expect("read").is_some());
+    assert!(
+        !store
+            .first_chunk(&g, "d1")
+            .await
+            .expect("read")
+            .expect("globex's d1 is untouched")
+            .tombstone
+    );
 
     // Deleting a missing document is fine and changes nothing.
     assert_eq!(
@@ -1184,6 +1222,29 @@ impl<S: VectorStore> VectorStore for Interrupting<S> {
         self.inner.upsert(points).await
     }
 
+    async fn upsert_newer(
+        &self,
+        mut points: Vec<ChunkPoint>,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        let partial = self.partial.lock().expect("lock").take();
+        if let Some(n) = partial {
+            points.truncate(n);
+            self.inner.upsert_newer(points, order).await?;
+            return Err(StoreError::Unavailable("interrupted".into()));
+        }
+        self.inner.upsert_newer(points, order).await
+    }
+
+    async fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_older(tenant, document_id, order).await
+    }
+
     async fn first_chunk(
         &self,
         tenant: &TenantId,
@@ -1219,9 +1280,10 @@ impl<S: VectorStore> VectorStore for Interrupting<S> {
         revision: &Revision,
         version: Option<u64>,
         metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
     ) -> Result<(), StoreError> {
         self.inner
-            .relabel_document(tenant, document_id, revision, version, metadata)
+            .relabel_document(tenant, document_id, revision, version, metadata, order)
             .await
     }
 
@@ -1445,6 +1507,334 @@ async fn editing_one_paragraph_embeds_only_the_chunks_it_touches<B: Backend>(bac
             chunk.payload.chunk_index
         );
     }
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Several writers of one document (issue: newest wins across workers)
+// ---------------------------------------------------------------------------------------
+
+/// Where a [`Paused`] store stops: it signals `paused` after its first read of a document's
+/// stored revision, then waits for `release`.
+#[derive(Default)]
+struct Gate {
+    paused: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    used: std::sync::atomic::AtomicBool,
+}
+
+/// A store whose first `first_chunk` call returns what it read, but only after the test
+/// released it: the writer has read the stored revision and stalls (a slow embedder, a GC
+/// pause) while another writer stores a different version.
+struct Paused<S> {
+    inner: Arc<S>,
+    gate: Arc<Gate>,
+}
+
+impl<S: VectorStore> VectorStore for Paused<S> {
+    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
+        self.inner.upsert(points).await
+    }
+
+    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
+        self.inner.upsert_newer(points, order).await
+    }
+
+    async fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_older(tenant, document_id, order).await
+    }
+
+    async fn first_chunk(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+    ) -> Result<Option<ChunkPayload>, StoreError> {
+        let read = self.inner.first_chunk(tenant, document_id).await;
+        if !self
+            .gate
+            .used
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.gate.paused.notify_one();
+            self.gate.release.notified().await;
+        }
+        read
+    }
+
+    async fn chunk_vectors(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        chunk_count: usize,
+    ) -> Result<Vec<StoredChunk>, StoreError> {
+        self.inner
+            .chunk_vectors(tenant, document_id, chunk_count)
+            .await
+    }
+
+    async fn delete_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        keep: Option<&Revision>,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_document(tenant, document_id, keep).await
+    }
+
+    async fn relabel_document(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        revision: &Revision,
+        version: Option<u64>,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .relabel_document(tenant, document_id, revision, version, metadata, order)
+            .await
+    }
+
+    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        self.inner.purge_tenant(tenant).await
+    }
+
+    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
+        self.inner.search(request).await
+    }
+
+    async fn count(
+        &self,
+        tenant: &TenantId,
+        document_id: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        self.inner.count(tenant, document_id).await
+    }
+}
+
+/// Processes `slow` on `slow_store` up to its first read, then `fast` completely on
+/// `fast_store`, then lets `slow` finish; returns both outcomes.
+async fn race<S: VectorStore>(
+    slow_store: Arc<S>,
+    slow: Document,
+    fast_store: Arc<S>,
+    fast: Document,
+) -> (Processed, Processed) {
+    let gate = Arc::new(Gate::default());
+    let paused = Arc::new(Paused {
+        inner: slow_store,
+        gate: Arc::clone(&gate),
+    });
+    let (slow_pipeline, _) = pipeline(paused);
+    let slow_task = tokio::spawn(async move { slow_pipeline.process(&slow).await });
+    common::within(
+        "the slow writer reads the stored revision",
+        gate.paused.notified(),
+    )
+    .await;
+    let (fast_pipeline, _) = pipeline(fast_store);
+    let fast_outcome = fast_pipeline.process(&fast).await.expect("fast writer");
+    gate.release.notify_one();
+    let slow_outcome = common::within("the slow writer finishes", slow_task)
+        .await
+        .expect("slow task")
+        .expect("slow writer");
+    (slow_outcome, fast_outcome)
+}
+
+/// The document holds exactly the chunks of `content`: every index once, each with
+/// `content`'s hash, chunk count and `version`, and nothing else (searches and counts agree).
+async fn assert_exactly<S: VectorStore>(
+    store: &S,
+    t: &TenantId,
+    id: &str,
+    content: &str,
+    version: Option<u64>,
+) {
+    let expected = chunk_count(content);
+    let sha = rag_ingest::process::content_sha256(content);
+    let chunks = stored_chunks(store, t, id).await;
+    let summary: Vec<_> = chunks
+        .iter()
+        .map(|c| {
+            (
+                c.chunk_index,
+                c.chunk_count,
+                c.version,
+                &c.content_sha256[..8],
+            )
+        })
+        .collect();
+    assert_eq!(
+        chunks.iter().map(|c| c.chunk_index).collect::<Vec<_>>(),
+        (0..expected).collect::<Vec<_>>(),
+        "exactly the chunks 0..{expected} of the winning revision: {summary:?}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.content_sha256 == sha && c.chunk_count == expected && c.version == version),
+        "every chunk of the winning revision (version {version:?}): {summary:?}"
+    );
+    assert_eq!(
+        store.count(t, Some(id)).await.expect("count"),
+        expected,
+        "count agrees"
+    );
+}
+
+/// The scenario of the issue: worker A (v2) and worker B (v3) both read v1. B stores v3
+/// (more chunks than v2) while A is stalled; A then writes v2. Exactly v3 must remain: no v2
+/// chunk over v3's, no v3 chunk deleted by A's cleanup.
+async fn two_writers_that_read_the_same_revision_leave_only_the_newest<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let other = backend.second_writer(&store).await;
+    let a = tenant("acme");
+    let (first, _) = pipeline(Arc::clone(&store));
+    first
+        .process(&doc("acme", "race", &paragraphs("first", 3), Some(1)))
+        .await
+        .expect("v1");
+
+    let v2_text = paragraphs("second", 4);
+    let v3_text = paragraphs("third", 6);
+    assert!(chunk_count(&v3_text) > chunk_count(&v2_text));
+    let (slow, fast) = race(
+        other,
+        doc("acme", "race", &v2_text, Some(2)),
+        Arc::clone(&store),
+        doc("acme", "race", &v3_text, Some(3)),
+    )
+    .await;
+    assert!(matches!(fast, Processed::Stored { .. }), "{fast:?}");
+    assert_eq!(slow, Processed::Stale { stored: 3 }, "v2 lost to v3");
+    assert_exactly(&*store, &a, "race", &v3_text, Some(3)).await;
+
+    drop(first);
+    drop(store);
+    backend.finish().await;
+}
+
+/// The other order: the newer writer (v3) reads first and stalls, the older one (v2) is
+/// stored meanwhile; v3 then replaces it entirely, although v2 had more chunks.
+async fn a_newer_writer_that_read_first_still_wins<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let other = backend.second_writer(&store).await;
+    let a = tenant("acme");
+    let v2_text = paragraphs("second", 6);
+    let v3_text = paragraphs("third", 3);
+    let (slow, fast) = race(
+        other,
+        doc("acme", "race", &v3_text, Some(3)),
+        Arc::clone(&store),
+        doc("acme", "race", &v2_text, Some(2)),
+    )
+    .await;
+    assert!(matches!(fast, Processed::Stored { .. }), "{fast:?}");
+    assert!(matches!(slow, Processed::Stored { .. }), "{slow:?}");
+    assert_exactly(&*store, &a, "race", &v3_text, Some(3)).await;
+
+    drop(store);
+    backend.finish().await;
+}
+
+/// Documents without a version follow "last processed wins": the writer that stores last
+/// wins, whole (never a mix of two contents), whichever read first.
+async fn without_versions_the_last_processed_write_wins_whole<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let other = backend.second_writer(&store).await;
+    let a = tenant("acme");
+    let (first, _) = pipeline(Arc::clone(&store));
+    first
+        .process(&doc("acme", "plain", &paragraphs("first", 2), None))
+        .await
+        .expect("first");
+    let slow_text = paragraphs("slow", 3);
+    let fast_text = paragraphs("fast", 5);
+    let (slow, fast) = race(
+        other,
+        doc("acme", "plain", &slow_text, None),
+        Arc::clone(&store),
+        doc("acme", "plain", &fast_text, None),
+    )
+    .await;
+    assert!(matches!(fast, Processed::Stored { .. }), "{fast:?}");
+    assert!(matches!(slow, Processed::Stored { .. }), "{slow:?}");
+    assert_exactly(&*store, &a, "plain", &slow_text, None).await;
+
+    drop(first);
+    drop(store);
+    backend.finish().await;
+}
+
+/// A delete of version 2 leaves a tombstone: the v1 upsert that arrives afterwards (from a
+/// retry tier or a DLQ replay) is stale and stores nothing; an older delete is stale too; a
+/// newer upsert brings the document back. Tombstones are never searched or counted.
+async fn a_delete_is_not_undone_by_an_older_upsert_arriving_later<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    let a = tenant("acme");
+    let v1_text = paragraphs("first", 3);
+    let v1 = doc("acme", "gone", &v1_text, Some(1));
+    pipeline.process(&v1).await.expect("v1");
+    let mut delete_v2 = Document::delete(a.clone(), "gone");
+    delete_v2.version = Some(2);
+    assert_eq!(
+        pipeline.process(&delete_v2).await.expect("delete"),
+        Processed::Deleted
+    );
+    assert_eq!(store.count(&a, Some("gone")).await.expect("count"), 0);
+    assert!(stored_chunks(&*store, &a, "gone").await.is_empty());
+
+    let calls = embedder.calls();
+    assert_eq!(
+        pipeline.process(&v1).await.expect("replayed v1"),
+        Processed::Stale { stored: 2 },
+        "the replayed older upsert is recognised as stale"
+    );
+    assert_eq!(embedder.calls(), calls, "and never embedded");
+    let mut delete_v1 = Document::delete(a.clone(), "gone");
+    delete_v1.version = Some(1);
+    assert_eq!(
+        pipeline.process(&delete_v1).await.expect("older delete"),
+        Processed::Stale { stored: 2 }
+    );
+    assert_eq!(store.count(&a, Some("gone")).await.expect("count"), 0);
+    assert!(stored_chunks(&*store, &a, "gone").await.is_empty());
+    assert_eq!(
+        store.count(&a, None).await.expect("count"),
+        0,
+        "no tombstone is counted"
+    );
+
+    // A delete of a document that was never stored leaves a tombstone too.
+    let mut delete_new = Document::delete(a.clone(), "never");
+    delete_new.version = Some(5);
+    pipeline.process(&delete_new).await.expect("delete");
+    assert_eq!(
+        pipeline
+            .process(&doc("acme", "never", &v1_text, Some(4)))
+            .await
+            .expect("late v4"),
+        Processed::Stale { stored: 5 }
+    );
+
+    // A newer version brings the document back, whole.
+    let v3_text = paragraphs("third", 2);
+    let v3 = doc("acme", "gone", &v3_text, Some(3));
+    assert!(matches!(
+        pipeline.process(&v3).await.expect("v3"),
+        Processed::Stored { .. }
+    ));
+    assert_exactly(&*store, &a, "gone", &v3_text, Some(3)).await;
 
     drop(pipeline);
     drop(store);

@@ -69,6 +69,8 @@ fn payload(tenant: &TenantId, doc: &str, index: usize, count: usize, sha: &str) 
         metadata,
         embedder: fingerprint().id(),
         ingested_at: "2025-01-01T00:00:00Z".to_owned(),
+        order: None,
+        tombstone: false,
     }
 }
 

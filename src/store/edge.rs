@@ -43,19 +43,20 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
-    Condition, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME, Distance, EdgeConfig, EdgeShard,
-    EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, IsEmptyCondition, JsonPath,
-    KeywordIndexParams, Match, NamedQuery, OperationError, Payload, PayloadFieldSchema, PayloadOps,
-    PayloadSchemaParams, PointId, PointInsertOperations, PointOperations, PointStructPersisted,
-    QueryEnum, QueryRequest, ScoringQuery, SetPayloadOp, UpdateOperation, ValueVariants,
-    VectorStructPersisted, WithPayloadInterface, WithVector,
+    Condition, ConditionalInsertOperation, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME,
+    Distance, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
+    Filter, IsEmptyCondition, JsonPath, KeywordIndexParams, Match, NamedQuery, OperationError,
+    Payload, PayloadFieldSchema, PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations,
+    PointOperations, PointStructPersisted, QueryEnum, QueryRequest, Range, ScoringQuery,
+    SetPayloadOp, UpdateOperation, ValueVariants, VectorStructPersisted, WithPayloadInterface,
+    WithVector,
 };
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{
-    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
-    StoreError, StoredChunk, VectorStore, check_owner, check_vector, check_version, point_id,
-    split_batches,
+    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm, Revision,
+    ScoredChunk, SearchRequest, StoreError, StoredChunk, TOMBSTONE_FIELD, VectorStore, check_owner,
+    check_points_order, check_vector, check_version, point_id, split_batches,
 };
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
@@ -330,6 +331,37 @@ impl EdgeStore {
         .await
     }
 
+    /// `points` checked and encoded, split into write batches by [`BatchLimits`].
+    ///
+    /// Fails with [`StoreError::Dimension`] on a vector of the wrong length and
+    /// [`StoreError::Rejected`] on a non-finite vector, a version above
+    /// [`MAX_VERSION`](super::MAX_VERSION), a payload that cannot be encoded or a point larger
+    /// than the byte cap (nothing is written then).
+    fn batches(
+        &self,
+        points: Vec<ChunkPoint>,
+    ) -> Result<Vec<Vec<PointStructPersisted>>, StoreError> {
+        let mut persisted = Vec::with_capacity(points.len());
+        for point in points {
+            check_vector(self.dims, &point.vector)?;
+            check_version(point.payload.version)?;
+            let payload = encode_payload(&point.payload)?;
+            let size = point_size(point.vector.len(), &payload);
+            persisted.push((
+                size,
+                PointStructPersisted {
+                    id: PointId::Uuid(point.id),
+                    vector: VectorStructPersisted::Single(point.vector),
+                    payload: Some(payload),
+                },
+            ));
+        }
+        Ok(split_batches(persisted, 0, self.limits, |(size, _)| *size)?
+            .into_iter()
+            .map(|batch| batch.into_iter().map(|(_, point)| point).collect())
+            .collect())
+    }
+
     /// Runs `f` on the blocking pool; a panic or cancelled task becomes
     /// [`StoreError::Unavailable`].
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -382,32 +414,65 @@ impl VectorStore for EdgeStore {
         if points.is_empty() {
             return Ok(());
         }
-        let mut persisted = Vec::with_capacity(points.len());
-        for point in points {
-            check_vector(self.dims, &point.vector)?;
-            check_version(point.payload.version)?;
-            let payload = encode_payload(&point.payload)?;
-            let size = point_size(point.vector.len(), &payload);
-            persisted.push((
-                size,
-                PointStructPersisted {
-                    id: PointId::Uuid(point.id),
-                    vector: VectorStructPersisted::Single(point.vector),
-                    payload: Some(payload),
-                },
-            ));
-        }
-        let operations = split_batches(persisted, 0, self.limits, |(size, _)| *size)?
+        let operations = self
+            .batches(points)?
             .into_iter()
             .map(|batch| {
                 UpdateOperation::PointOperation(PointOperations::UpsertPoints(
-                    PointInsertOperations::PointsList(
-                        batch.into_iter().map(|(_, point)| point).collect(),
-                    ),
+                    PointInsertOperations::PointsList(batch),
                 ))
             })
             .collect();
         self.run(move |shared| shared.write_all(operations)).await
+    }
+
+    /// Upserts like [`EdgeStore::upsert`] with the condition "the stored point is older than
+    /// `order`" (qdrant-edge's conditional upsert: new points are inserted, existing ones
+    /// replaced only where the condition holds), checked under the shard's update lock.
+    ///
+    /// Fails like [`EdgeStore::upsert`], and with [`StoreError::Rejected`] if `order` is out
+    /// of range or a payload does not carry it.
+    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        check_points_order(&points, order)?;
+        let condition = older_filter(order)?;
+        let operations = self
+            .batches(points)?
+            .into_iter()
+            .map(|batch| {
+                UpdateOperation::PointOperation(PointOperations::UpsertPointsConditional(
+                    ConditionalInsertOperation {
+                        points_op: PointInsertOperations::PointsList(batch),
+                        condition: condition.clone(),
+                        update_mode: None,
+                    },
+                ))
+            })
+            .collect();
+        self.run(move |shared| shared.write_all(operations)).await
+    }
+
+    /// Deletes by filter: `tenant_id == tenant AND document_id == document_id AND (order
+    /// older than `order`)`, then flushes.
+    ///
+    /// Fails with [`StoreError::Rejected`] if `order` is out of range,
+    /// [`StoreError::Unavailable`] if the delete or the flush fails.
+    async fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        order.check()?;
+        let mut filter = scope_filter(tenant, Some(document_id))?;
+        if let Some(must) = filter.must.as_mut() {
+            must.push(Condition::Filter(older_filter(order)?));
+        }
+        let operation =
+            UpdateOperation::PointOperation(PointOperations::DeletePointsByFilter(filter));
+        self.run(move |shared| shared.write(operation)).await
     }
 
     /// Retrieves point [`point_id`]`(tenant, document_id, 0)`.
@@ -468,22 +533,24 @@ impl VectorStore for EdgeStore {
                     Some(WithVector::Bool(true)),
                 )
                 .map_err(map_op_err)?;
-            records
-                .into_iter()
-                .map(|record| {
-                    let payload = decode_payload(&record.id, record.payload)?;
-                    check_owner(&payload, &tenant, &document_id, &record.id)?;
-                    match record.vector.map(VectorStructPersisted::from) {
-                        Some(VectorStructPersisted::Single(vector)) => {
-                            Ok(StoredChunk { payload, vector })
-                        }
-                        _ => Err(StoreError::Rejected(format!(
+            let mut chunks = Vec::with_capacity(records.len());
+            for record in records {
+                let payload = decode_payload(&record.id, record.payload)?;
+                check_owner(&payload, &tenant, &document_id, &record.id)?;
+                if payload.tombstone {
+                    continue;
+                }
+                chunks.push(match record.vector.map(VectorStructPersisted::from) {
+                    Some(VectorStructPersisted::Single(vector)) => StoredChunk { payload, vector },
+                    _ => {
+                        return Err(StoreError::Rejected(format!(
                             "point {} has no dense vector",
                             record.id
-                        ))),
+                        )));
                     }
-                })
-                .collect()
+                });
+            }
+            Ok(chunks)
         })
         .await
     }
@@ -510,9 +577,10 @@ impl VectorStore for EdgeStore {
         self.run(move |shared| shared.write(operation)).await
     }
 
-    /// Sets the payload keys `version` and `metadata` on the points matching `tenant_id ==
-    /// tenant AND document_id == document_id AND content_sha256 == revision.content_sha256 AND
-    /// chunk_count == revision.chunk_count`, then flushes. A `None` version removes the key
+    /// Sets the payload keys `version`, `metadata` and `order` on the points matching
+    /// `tenant_id == tenant AND document_id == document_id AND content_sha256 ==
+    /// revision.content_sha256 AND chunk_count == revision.chunk_count AND (order older than
+    /// `order`)`, then flushes. A `None` version removes the key
     /// (read back as `None`).
     ///
     /// Fails with [`StoreError::Rejected`] if `version` is above
@@ -525,11 +593,14 @@ impl VectorStore for EdgeStore {
         revision: &Revision,
         version: Option<u64>,
         metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
     ) -> Result<(), StoreError> {
         check_version(version)?;
+        order.check()?;
         let mut filter = scope_filter(tenant, Some(document_id))?;
         if let Some(must) = filter.must.as_mut() {
             must.push(Condition::Filter(revision_filter(revision, false)?));
+            must.push(Condition::Filter(older_filter(order)?));
         }
         let mut payload = serde_json::Map::new();
         payload.insert("version".to_owned(), serde_json::json!(version));
@@ -537,6 +608,7 @@ impl VectorStore for EdgeStore {
             "metadata".to_owned(),
             serde_json::Value::Object(metadata.clone()),
         );
+        payload.insert(ORDER_FIELD.to_owned(), encode_order(order)?);
         let operation = UpdateOperation::PayloadOperation(PayloadOps::SetPayload(SetPayloadOp {
             payload: Payload(payload),
             points: None,
@@ -575,6 +647,7 @@ impl VectorStore for EdgeStore {
                 must.push(metadata_match(key, value)?);
             }
         }
+        filter.must_not = Some(vec![not_tombstone()?]);
         let min_score = request.min_score;
         let query = QueryRequest {
             prefetches: Vec::new(),
@@ -614,7 +687,8 @@ impl VectorStore for EdgeStore {
         .await
     }
 
-    /// Exact count with the filter `tenant_id == tenant` (and `document_id == document_id`).
+    /// Exact count with the filter `tenant_id == tenant` (and `document_id == document_id`),
+    /// tombstones left out.
     ///
     /// Fails with [`StoreError::Unavailable`] if the count fails.
     async fn count(
@@ -622,8 +696,10 @@ impl VectorStore for EdgeStore {
         tenant: &TenantId,
         document_id: Option<&str>,
     ) -> Result<usize, StoreError> {
+        let mut filter = scope_filter(tenant, document_id)?;
+        filter.must_not = Some(vec![not_tombstone()?]);
         let request = CountRequest {
-            filter: Some(scope_filter(tenant, document_id)?),
+            filter: Some(filter),
             exact: true,
         };
         self.run(move |shared| shared.shard.count(request).map_err(map_op_err))
@@ -658,6 +734,57 @@ fn revision_filter(revision: &Revision, with_version: bool) -> Result<Filter, St
         must: Some(must),
         must_not: None,
     })
+}
+
+/// The filter "the point's order is older than `order`" (see [`Order::older_terms`]).
+fn older_filter(order: Order) -> Result<Filter, StoreError> {
+    let mut should = Vec::new();
+    for conjunction in order.older_terms() {
+        let mut must = Vec::with_capacity(conjunction.len());
+        for term in conjunction {
+            must.push(match term {
+                OrderTerm::Less(field, value) => Condition::Field(FieldCondition::new_range(
+                    json_path(field)?,
+                    Range {
+                        lt: Some(OrderedFloat(value as f64)),
+                        gt: None,
+                        gte: None,
+                        lte: None,
+                    },
+                )),
+                OrderTerm::Equal(field, value) => integer_match(field, value)?,
+                OrderTerm::Missing => {
+                    Condition::IsEmpty(IsEmptyCondition::from(json_path(ORDER_FIELD)?))
+                }
+            });
+        }
+        should.push(Condition::Filter(Filter {
+            should: None,
+            min_should: None,
+            must: Some(must),
+            must_not: None,
+        }));
+    }
+    Ok(Filter {
+        should: Some(should),
+        min_should: None,
+        must: None,
+        must_not: None,
+    })
+}
+
+/// The condition "is a tombstone" (for `must_not`).
+fn not_tombstone() -> Result<Condition, StoreError> {
+    Ok(Condition::Field(FieldCondition::new_match(
+        json_path(TOMBSTONE_FIELD)?,
+        Match::new_value(ValueVariants::Bool(true)),
+    )))
+}
+
+/// `order` as stored in a payload.
+fn encode_order(order: Order) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(order)
+        .map_err(|e| StoreError::Rejected(format!("cannot encode write order: {e}")))
 }
 
 /// The condition `metadata.<key> == value`.

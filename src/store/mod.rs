@@ -53,6 +53,109 @@ pub fn point_id(tenant: &TenantId, document_id: &str, chunk_index: usize) -> Uui
     Uuid::new_v5(&POINT_NAMESPACE, name.as_bytes())
 }
 
+/// The largest [`Order::seq`] a store can compare exactly (2^53 − 1: Qdrant compares numbers
+/// in range filters as doubles). Microseconds since 1970 stay below it until the year 2255.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// The position of one write in a document's history: the document version it applies
+/// (`version`, the message's version, or the stored one inherited by a message without a
+/// version) and, to order writes of the same version, the time it was processed (`seq`,
+/// microseconds since 1970, at most [`MAX_SEQ`]). Orders compare lexicographically.
+///
+/// Every point a write stores carries its order, and stores only overwrite or delete points
+/// whose order is *older* (see [`VectorStore::upsert_newer`] and
+/// [`VectorStore::delete_older`]). Those conditions are checked by the store atomically for
+/// each point, so any number of workers writing one document converge on the newest write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(from = "StoredOrder", into = "StoredOrder")]
+pub struct Order {
+    /// The document version this write applies.
+    pub version: u64,
+    /// Processing time in microseconds since 1970 (tie-breaker between equal versions).
+    pub seq: u64,
+}
+
+/// How an [`Order`] is stored in a payload: the version split in two 32-bit halves, so that
+/// every number a filter compares is exact as a double.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StoredOrder {
+    v_hi: u64,
+    v_lo: u64,
+    seq: u64,
+}
+
+impl From<StoredOrder> for Order {
+    fn from(stored: StoredOrder) -> Self {
+        Order {
+            version: (stored.v_hi << 32) | (stored.v_lo & 0xffff_ffff),
+            seq: stored.seq,
+        }
+    }
+}
+
+impl From<Order> for StoredOrder {
+    fn from(order: Order) -> Self {
+        StoredOrder {
+            v_hi: order.version >> 32,
+            v_lo: order.version & 0xffff_ffff,
+            seq: order.seq,
+        }
+    }
+}
+
+/// Payload path of the stored order, and of its parts.
+pub(crate) const ORDER_FIELD: &str = "order";
+const ORDER_V_HI: &str = "order.v_hi";
+const ORDER_V_LO: &str = "order.v_lo";
+const ORDER_SEQ: &str = "order.seq";
+/// Payload field marking a tombstone.
+pub(crate) const TOMBSTONE_FIELD: &str = "tombstone";
+
+/// One comparison of a payload number with a constant (all constants below 2^53).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OrderTerm {
+    /// `field < value`.
+    Less(&'static str, u64),
+    /// `field == value`.
+    Equal(&'static str, u64),
+    /// The point has no `order` field (written before orders existed: older than any write).
+    Missing,
+}
+
+impl Order {
+    /// The condition "the point's order is older than `self`", as alternatives (any may hold)
+    /// of conjunctions (all must hold), for the stores to translate into their filters.
+    pub(crate) fn older_terms(self) -> Vec<Vec<OrderTerm>> {
+        let stored = StoredOrder::from(self);
+        vec![
+            vec![OrderTerm::Less(ORDER_V_HI, stored.v_hi)],
+            vec![
+                OrderTerm::Equal(ORDER_V_HI, stored.v_hi),
+                OrderTerm::Less(ORDER_V_LO, stored.v_lo),
+            ],
+            vec![
+                OrderTerm::Equal(ORDER_V_HI, stored.v_hi),
+                OrderTerm::Equal(ORDER_V_LO, stored.v_lo),
+                OrderTerm::Less(ORDER_SEQ, stored.seq),
+            ],
+            vec![OrderTerm::Missing],
+        ]
+    }
+
+    /// Fails with [`StoreError::Rejected`] if `seq` is above [`MAX_SEQ`] or `version` above
+    /// [`MAX_VERSION`].
+    pub(crate) fn check(self) -> Result<(), StoreError> {
+        check_version(Some(self.version))?;
+        if self.seq > MAX_SEQ {
+            return Err(StoreError::Rejected(format!(
+                "write order {} is above the largest the store can compare ({MAX_SEQ})",
+                self.seq
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What is stored with every point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkPayload {
@@ -80,9 +183,55 @@ pub struct ChunkPayload {
     pub embedder: String,
     /// RFC 3339 time of the write.
     pub ingested_at: String,
+    /// The order of the write that stored this point (`None` on points written before
+    /// orders existed, which count as older than any write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<Order>,
+    /// This point is a tombstone: the document was deleted by the write `order` names (see
+    /// [`ChunkPayload::tombstone`]). Tombstones hold no text and are never returned by
+    /// searches or counted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tombstone: bool,
 }
 
 impl ChunkPayload {
+    /// The order of the write that stored this point; a point written before orders existed
+    /// counts as `(version or 0, 0)`.
+    pub fn effective_order(&self) -> Order {
+        self.order.unwrap_or(Order {
+            version: self.version.unwrap_or(0),
+            seq: 0,
+        })
+    }
+
+    /// The tombstone of `tenant`'s `document_id` deleted by the write `order`: stored in
+    /// chunk 0's place (so a later write of an older order cannot take it), with no text, no
+    /// metadata, and `embedder` as the embedder fingerprint id.
+    pub fn tombstone(
+        tenant: &TenantId,
+        document_id: &str,
+        version: Option<u64>,
+        order: Order,
+        embedder: &str,
+    ) -> Self {
+        ChunkPayload {
+            tenant_id: tenant.as_str().to_owned(),
+            document_id: document_id.to_owned(),
+            version,
+            chunk_index: 0,
+            chunk_count: 0,
+            text: String::new(),
+            byte_start: 0,
+            byte_end: 0,
+            content_sha256: String::new(),
+            metadata: serde_json::Map::new(),
+            embedder: embedder.to_owned(),
+            ingested_at: chrono::Utc::now().to_rfc3339(),
+            order: Some(order),
+            tombstone: true,
+        }
+    }
+
     /// The revision of the document this chunk was written for.
     pub fn revision(&self) -> Revision {
         Revision {
@@ -348,6 +497,19 @@ pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError
     Ok(())
 }
 
+/// Fails with [`StoreError::Rejected`] unless `order` is in range and every point's payload
+/// carries it.
+pub(crate) fn check_points_order(points: &[ChunkPoint], order: Order) -> Result<(), StoreError> {
+    order.check()?;
+    match points.iter().find(|p| p.payload.order != Some(order)) {
+        Some(point) => Err(StoreError::Rejected(format!(
+            "point {} carries order {:?}, not the write's order {order:?}",
+            point.id, point.payload.order
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`].
 pub(crate) fn check_version(version: Option<u64>) -> Result<(), StoreError> {
     match version {
@@ -469,8 +631,36 @@ pub trait VectorStore: Send + Sync + 'static {
         points: Vec<ChunkPoint>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The payload of chunk 0 of `document_id` (how the stored revision is identified), or
-    /// `None` if the tenant has no such document.
+    /// Writes `points` (all of one document, each payload carrying `order`) where the stored
+    /// point with the same id is older than `order` or absent: a stored point of the same or
+    /// a newer order is left as it is. The condition is checked by the store for each point
+    /// atomically, so concurrent writers of one document (in any number of processes) can
+    /// never overwrite a newer write with an older one. Split and ordered like
+    /// [`upsert`](VectorStore::upsert).
+    ///
+    /// Fails like [`upsert`](VectorStore::upsert), and with [`StoreError::Rejected`] if
+    /// `order` is out of range (see [`MAX_SEQ`]) or a payload's order is not `order`.
+    fn upsert_newer(
+        &self,
+        points: Vec<ChunkPoint>,
+        order: Order,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes `tenant`'s points of `document_id` (tombstones included) whose order is older
+    /// than `order`, and those written before orders existed. Points of `order` itself and of
+    /// newer writes are never touched, whatever other writers do meanwhile.
+    ///
+    /// Fails with [`StoreError::Rejected`] if `order` is out of range,
+    /// [`StoreError::Unavailable`] if the delete fails.
+    fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The payload of chunk 0 of `document_id` (how the stored revision is identified; a
+    /// tombstone if the document was deleted), or `None` if the tenant has no such document.
     fn first_chunk(
         &self,
         tenant: &TenantId,
@@ -500,11 +690,13 @@ pub trait VectorStore: Send + Sync + 'static {
         keep: Option<&Revision>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Sets `version` and `metadata` on `tenant`'s points of `document_id` that belong to
-    /// `revision` (same content hash and chunk count; any version), without touching their
-    /// vectors: how a new version of unchanged content is recorded without re-embedding.
+    /// Sets `version`, `metadata` and `order` on `tenant`'s points of `document_id` that
+    /// belong to `revision` (same content hash and chunk count; any version) and are older
+    /// than `order`, without touching their vectors: how a new version of unchanged content
+    /// is recorded without re-embedding.
     ///
-    /// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`].
+    /// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`] or `order`
+    /// is out of range.
     fn relabel_document(
         &self,
         tenant: &TenantId,
@@ -512,6 +704,7 @@ pub trait VectorStore: Send + Sync + 'static {
         revision: &Revision,
         version: Option<u64>,
         metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Deletes every point of `tenant` (and nothing of any other tenant).
@@ -520,7 +713,8 @@ pub trait VectorStore: Send + Sync + 'static {
         tenant: &TenantId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The best `request.top_k` chunks of `request.tenant` for `request.vector` that pass
+    /// The best `request.top_k` chunks (never tombstones) of `request.tenant` for
+    /// `request.vector` that pass
     /// `request.filter` and score at least `request.min_score`, best first.
     ///
     /// Fails with [`StoreError::Dimension`] on a vector of the wrong length and
@@ -531,7 +725,8 @@ pub trait VectorStore: Send + Sync + 'static {
         request: SearchRequest,
     ) -> impl Future<Output = Result<Vec<ScoredChunk>, StoreError>> + Send;
 
-    /// Number of `tenant`'s points, only those of `document_id` when given.
+    /// Number of `tenant`'s chunks (tombstones not counted), only those of `document_id` when
+    /// given.
     fn count(
         &self,
         tenant: &TenantId,
@@ -577,6 +772,25 @@ impl VectorStore for Store {
         }
     }
 
+    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
+        match self {
+            Store::Edge(s) => s.upsert_newer(points, order).await,
+            Store::Qdrant(s) => s.upsert_newer(points, order).await,
+        }
+    }
+
+    async fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Edge(s) => s.delete_older(tenant, document_id, order).await,
+            Store::Qdrant(s) => s.delete_older(tenant, document_id, order).await,
+        }
+    }
+
     async fn first_chunk(
         &self,
         tenant: &TenantId,
@@ -619,14 +833,15 @@ impl VectorStore for Store {
         revision: &Revision,
         version: Option<u64>,
         metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
     ) -> Result<(), StoreError> {
         match self {
             Store::Edge(s) => {
-                s.relabel_document(tenant, document_id, revision, version, metadata)
+                s.relabel_document(tenant, document_id, revision, version, metadata, order)
                     .await
             }
             Store::Qdrant(s) => {
-                s.relabel_document(tenant, document_id, revision, version, metadata)
+                s.relabel_document(tenant, document_id, revision, version, metadata, order)
                     .await
             }
         }
@@ -709,6 +924,49 @@ mod tests {
         for bad in ["", "a.b", "a[]", "a b", "ü", &"k".repeat(65)] {
             assert!(validate_metadata_key(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn orders_round_trip_through_the_stored_form_and_compare_lexicographically() {
+        for order in [
+            Order { version: 0, seq: 0 },
+            Order {
+                version: MAX_VERSION,
+                seq: MAX_SEQ,
+            },
+            Order {
+                version: (1 << 32) + 7,
+                seq: 12,
+            },
+            Order {
+                version: u64::from(u32::MAX),
+                seq: 1,
+            },
+        ] {
+            let json = serde_json::to_value(order).unwrap();
+            for part in ["v_hi", "v_lo", "seq"] {
+                assert!(json[part].as_u64().unwrap() <= MAX_SEQ, "{json}");
+            }
+            assert_eq!(serde_json::from_value::<Order>(json).unwrap(), order);
+        }
+        let a = Order {
+            version: 1 << 32,
+            seq: 0,
+        };
+        let b = Order {
+            version: (1 << 32) - 1,
+            seq: MAX_SEQ,
+        };
+        assert!(b < a);
+        assert!(Order { version: 3, seq: 5 } < Order { version: 3, seq: 6 });
+        assert!(
+            Order {
+                version: 0,
+                seq: MAX_SEQ + 1
+            }
+            .check()
+            .is_err()
+        );
     }
 
     #[test]

@@ -18,8 +18,11 @@
 //!   server too old to keep collection metadata) is refused with [`StoreError::Rejected`].
 //!
 //! Requests: every write uses `wait=true`, so it returns once applied and visible. Upserts are
-//! split by [`BatchLimits`], measured exactly as protobuf-encoded bytes (the server refuses
-//! requests above `service.max_request_size_mb`, 32 MiB by default). Each request is retried
+//! split by [`BatchLimits`], measured exactly as protobuf-encoded bytes, so one request (and
+//! the memory the server needs for it) stays bounded. Qdrant 1.19 applies
+//! `service.max_request_size_mb` to its REST API only: its gRPC services accept messages of
+//! any size, so a server limit below `store.max_batch_bytes` never refuses a gRPC upsert
+//! (`tests/qdrant_server.rs`). Each request is retried
 //! in process with exponential backoff and jitter (`backon`) on transient failures only:
 //! gRPC `Unavailable`, `DeadlineExceeded`, `ResourceExhausted` (honouring the server's
 //! `retry-after` when it fits within the backoff ceiling) and `Aborted`, plus the client's own
@@ -45,7 +48,7 @@ use qdrant_client::qdrant::r#match::MatchValue;
 use qdrant_client::qdrant::{
     Condition, CountPoints, CreateCollection, CreateFieldIndexCollection, DeletePoints, Distance,
     FieldType, Filter, GetPoints, KeywordIndexParams, PayloadIndexParams, PointId, PointStruct,
-    PointsSelector, Query, QueryPoints, SetPayloadPoints, UpsertPoints, Value as QValue,
+    PointsSelector, Query, QueryPoints, Range, SetPayloadPoints, UpsertPoints, Value as QValue,
     VectorParams, VectorsConfig, payload_index_params, point_id::PointIdOptions, vector_output,
     vectors_config,
 };
@@ -54,9 +57,9 @@ use tonic::Code;
 use tracing::warn;
 
 use super::{
-    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, Revision, ScoredChunk, SearchRequest,
-    StoreError, StoredChunk, VectorStore, check_owner, check_vector, check_version, point_id,
-    split_batches,
+    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm, Revision,
+    ScoredChunk, SearchRequest, StoreError, StoredChunk, TOMBSTONE_FIELD, VectorStore, check_owner,
+    check_points_order, check_vector, check_version, point_id, split_batches,
 };
 use crate::embed::Fingerprint;
 use crate::tenant::TenantId;
@@ -74,7 +77,13 @@ const KEYWORD_INDEXES: [(&str, bool); 3] = [
 
 /// Integer payload fields the lifecycle filters on (indexed so that deletes and relabels also
 /// work on servers in strict mode, which refuse filters on unindexed fields).
-const INTEGER_INDEXES: [&str; 2] = ["version", "chunk_count"];
+const INTEGER_INDEXES: [&str; 5] = [
+    "version",
+    "chunk_count",
+    "order.v_hi",
+    "order.v_lo",
+    "order.seq",
+];
 
 /// Bytes an upsert request needs besides its points (collection name is added separately):
 /// field tags, the `wait` flag and slack for optional fields.
@@ -92,6 +101,9 @@ pub struct QdrantOptions {
     /// API key sent with every request, if the server needs one. Never logged or shown:
     /// this type's `Debug` prints `***` instead.
     pub api_key: Option<String>,
+    /// Name of the environment variable the key came from (`store.qdrant.api_key_env`), so
+    /// that a refused key is reported with where to fix it.
+    pub api_key_env: Option<String>,
     /// Deadline of one request (also bounds `wait=true` writes).
     pub timeout: Duration,
     /// Deadline for establishing a connection.
@@ -113,6 +125,7 @@ impl QdrantOptions {
         QdrantOptions {
             url: url.into(),
             api_key: None,
+            api_key_env: None,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             retries: 3,
@@ -128,6 +141,7 @@ impl fmt::Debug for QdrantOptions {
         f.debug_struct("QdrantOptions")
             .field("url", &crate::config::redact_url(&self.url))
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("api_key_env", &self.api_key_env)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("retries", &self.retries)
@@ -149,6 +163,8 @@ pub struct QdrantStore {
     backoff_min: Duration,
     backoff_max: Duration,
     limits: BatchLimits,
+    /// What to tell a user whose credentials the server refuses.
+    auth_hint: String,
 }
 
 impl fmt::Debug for QdrantStore {
@@ -216,6 +232,7 @@ impl QdrantStore {
                 max_points: options.limits.max_points.max(1),
                 max_bytes: options.limits.max_bytes.max(1),
             },
+            auth_hint: auth_hint(options),
         };
         store.bootstrap(fingerprint).await?;
         Ok(store)
@@ -302,6 +319,10 @@ impl QdrantStore {
                 self.create_index(field, FieldType::Integer, None).await?;
             }
         }
+        if !info.payload_schema.contains_key(TOMBSTONE_FIELD) {
+            self.create_index(TOMBSTONE_FIELD, FieldType::Bool, None)
+                .await?;
+        }
         Ok(())
     }
 
@@ -335,12 +356,7 @@ impl QdrantStore {
             Ok(_) => Ok(()),
             // Someone else created it meanwhile; the checks that follow decide whether it fits.
             Err(e) if status(&e).is_some_and(|s| s.code() == Code::AlreadyExists) => Ok(()),
-            Err(e) => Err(map_error(
-                "create collection",
-                &self.collection,
-                &self.url,
-                &e,
-            )),
+            Err(e) => Err(self.map_error("create collection", &e)),
         }
     }
 
@@ -443,7 +459,21 @@ impl QdrantStore {
     {
         self.call_raw(what, op)
             .await
-            .map_err(|e| map_error(what, &self.collection, &self.url, &e))
+            .map_err(|e| self.map_error(what, &e))
+    }
+
+    /// The [`StoreError`] for a failed request `what` (see [`map_error`]); a refused API key
+    /// says where the key comes from.
+    fn map_error(&self, what: &str, e: &QdrantError) -> StoreError {
+        let error = map_error(what, &self.collection, &self.url, e);
+        let refused = status(e)
+            .is_some_and(|s| matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied));
+        match error {
+            StoreError::Rejected(message) if refused => {
+                StoreError::Rejected(format!("{message}; {}", self.auth_hint))
+            }
+            other => other,
+        }
     }
 
     /// Like [`QdrantStore::call`], returning the client's error as it is.
@@ -483,6 +513,62 @@ impl QdrantStore {
             .await
     }
 
+    /// `points` checked and encoded, split into requests by [`BatchLimits`] (measured as
+    /// encoded protobuf).
+    ///
+    /// Fails with [`StoreError::Dimension`] if a vector has the wrong length,
+    /// [`StoreError::Rejected`] if a vector holds NaN/infinity, a version is above
+    /// [`MAX_VERSION`](super::MAX_VERSION), a payload cannot be encoded or one point alone is
+    /// above the byte cap.
+    fn encode_batches(&self, points: Vec<ChunkPoint>) -> Result<Vec<Vec<PointStruct>>, StoreError> {
+        let mut encoded = Vec::with_capacity(points.len());
+        for point in points {
+            check_vector(self.dims, &point.vector)?;
+            check_version(point.payload.version)?;
+            let payload = encode_payload(&point.payload)?;
+            let point = PointStruct {
+                id: Some(uuid_point_id(point.id)),
+                payload,
+                vectors: Some(point.vector.into()),
+            };
+            let len = prost::Message::encoded_len(&point);
+            // Field tag plus length prefix of the repeated `points` entry.
+            let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            encoded.push((size, point));
+        }
+        let overhead = UPSERT_OVERHEAD + self.collection.len();
+        Ok(
+            split_batches(encoded, overhead, self.limits, |(size, _)| *size)?
+                .into_iter()
+                .map(|batch| batch.into_iter().map(|(_, point)| point).collect())
+                .collect(),
+        )
+    }
+
+    /// Writes `batches` one after the other with `wait=true` (and `update_filter`, if given).
+    ///
+    /// Fails with the error of the first request that fails (earlier requests stay written).
+    async fn write_batches(
+        &self,
+        batches: Vec<Vec<PointStruct>>,
+        update_filter: Option<Filter>,
+    ) -> Result<(), StoreError> {
+        for batch in batches {
+            let request = UpsertPoints {
+                collection_name: self.collection.clone(),
+                wait: Some(true),
+                points: batch,
+                update_filter: update_filter.clone(),
+                ..UpsertPoints::default()
+            };
+            self.call("upsert points", || {
+                self.client.upsert_points(request.clone())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Deletes the points matching `filter` and waits for it.
     async fn delete_by_filter(&self, what: &str, filter: Filter) -> Result<(), StoreError> {
         let request = DeletePoints {
@@ -508,39 +594,38 @@ impl VectorStore for QdrantStore {
     /// [`StoreError::Unavailable`] if the server cannot be reached (earlier requests stay
     /// written).
     async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
-        if points.is_empty() {
-            return Ok(());
-        }
-        let mut encoded = Vec::with_capacity(points.len());
-        for point in points {
-            check_vector(self.dims, &point.vector)?;
-            check_version(point.payload.version)?;
-            let payload = encode_payload(&point.payload)?;
-            let point = PointStruct {
-                id: Some(uuid_point_id(point.id)),
-                payload,
-                vectors: Some(point.vector.into()),
-            };
-            let len = prost::Message::encoded_len(&point);
-            // Field tag plus length prefix of the repeated `points` entry.
-            let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-            encoded.push((size, point));
-        }
-        let overhead = UPSERT_OVERHEAD + self.collection.len();
-        let batches = split_batches(encoded, overhead, self.limits, |(size, _)| *size)?;
-        for batch in batches {
-            let request = UpsertPoints {
-                collection_name: self.collection.clone(),
-                wait: Some(true),
-                points: batch.into_iter().map(|(_, point)| point).collect(),
-                ..UpsertPoints::default()
-            };
-            self.call("upsert points", || {
-                self.client.upsert_points(request.clone())
-            })
-            .await?;
-        }
-        Ok(())
+        let batches = self.encode_batches(points)?;
+        self.write_batches(batches, None).await
+    }
+
+    /// Upserts like [`QdrantStore::upsert`] with the server's conditional upsert
+    /// (`update_filter` = "the stored point is older than `order`", Qdrant ≥ 1.16): new points
+    /// are inserted, existing ones replaced only where the filter holds, checked by the server
+    /// as it applies the write.
+    ///
+    /// Fails like [`QdrantStore::upsert`], and with [`StoreError::Rejected`] if `order` is out
+    /// of range or a payload does not carry it.
+    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
+        check_points_order(&points, order)?;
+        let batches = self.encode_batches(points)?;
+        self.write_batches(batches, Some(older_filter(order))).await
+    }
+
+    /// Deletes (with `wait=true`) by the filter `tenant_id == tenant AND document_id ==
+    /// document_id AND (order older than `order`)`.
+    ///
+    /// Fails with [`StoreError::Rejected`] if `order` is out of range or the server refuses
+    /// the request, [`StoreError::Unavailable`] if it cannot be reached.
+    async fn delete_older(
+        &self,
+        tenant: &TenantId,
+        document_id: &str,
+        order: Order,
+    ) -> Result<(), StoreError> {
+        order.check()?;
+        let mut filter = scope_filter(tenant, Some(document_id));
+        filter.must.push(Condition::from(older_filter(order)));
+        self.delete_by_filter("delete older points", filter).await
     }
 
     /// Retrieves point [`point_id`]`(tenant, document_id, 0)`.
@@ -605,6 +690,9 @@ impl VectorStore for QdrantStore {
                 let id = describe_point_id(point.id.as_ref());
                 let payload = decode_payload(&id, point.payload)?;
                 check_owner(&payload, tenant.as_str(), document_id, &id)?;
+                if payload.tombstone {
+                    continue;
+                }
                 let vector = match point.vectors.and_then(|v| v.get_vector()) {
                     Some(vector_output::Vector::Dense(dense)) => dense.data,
                     _ => {
@@ -639,9 +727,10 @@ impl VectorStore for QdrantStore {
         self.delete_by_filter("delete document", filter).await
     }
 
-    /// Sets the payload keys `version` and `metadata` (with `wait=true`) on the points matching
-    /// `tenant_id == tenant AND document_id == document_id AND content_sha256 ==
-    /// revision.content_sha256 AND chunk_count == revision.chunk_count`. A `None` version
+    /// Sets the payload keys `version`, `metadata` and `order` (with `wait=true`) on the points
+    /// matching `tenant_id == tenant AND document_id == document_id AND content_sha256 ==
+    /// revision.content_sha256 AND chunk_count == revision.chunk_count AND (order older than
+    /// `order`)`. A `None` version
     /// removes the key (read back as `None`).
     ///
     /// Fails with [`StoreError::Rejected`] if `version` is above
@@ -654,12 +743,17 @@ impl VectorStore for QdrantStore {
         revision: &Revision,
         version: Option<u64>,
         metadata: &serde_json::Map<String, serde_json::Value>,
+        order: Order,
     ) -> Result<(), StoreError> {
         check_version(version)?;
+        order.check()?;
         let mut filter = scope_filter(tenant, Some(document_id));
         filter
             .must
             .push(Condition::from(revision_filter(revision, false)?));
+        filter.must.push(Condition::from(older_filter(order)));
+        let order = serde_json::to_value(order)
+            .map_err(|e| StoreError::Rejected(format!("cannot encode write order: {e}")))?;
         let payload = HashMap::from([
             (
                 "version".to_owned(),
@@ -669,6 +763,7 @@ impl VectorStore for QdrantStore {
                 "metadata".to_owned(),
                 QValue::from(serde_json::Value::Object(metadata.clone())),
             ),
+            (ORDER_FIELD.to_owned(), QValue::from(order)),
         ]);
         let request = SetPayloadPoints {
             collection_name: self.collection.clone(),
@@ -708,6 +803,7 @@ impl VectorStore for QdrantStore {
         for (key, value) in &request.filter.metadata {
             filter.must.push(metadata_match(key, value)?);
         }
+        filter.must_not.push(tombstone_condition());
         let query = QueryPoints {
             collection_name: self.collection.clone(),
             query: Some(Query::new_nearest(request.vector)),
@@ -742,7 +838,8 @@ impl VectorStore for QdrantStore {
         Ok(chunks)
     }
 
-    /// Exact count with the filter `tenant_id == tenant` (and `document_id == document_id`).
+    /// Exact count with the filter `tenant_id == tenant` (and `document_id == document_id`),
+    /// tombstones left out.
     ///
     /// Fails with [`StoreError::Rejected`] if the server refuses the request,
     /// [`StoreError::Unavailable`] if it cannot be reached.
@@ -751,9 +848,11 @@ impl VectorStore for QdrantStore {
         tenant: &TenantId,
         document_id: Option<&str>,
     ) -> Result<usize, StoreError> {
+        let mut filter = scope_filter(tenant, document_id);
+        filter.must_not.push(tombstone_condition());
         let request = CountPoints {
             collection_name: self.collection.clone(),
-            filter: Some(scope_filter(tenant, document_id)),
+            filter: Some(filter),
             exact: Some(true),
             ..CountPoints::default()
         };
@@ -860,6 +959,48 @@ fn revision_filter(revision: &Revision, with_version: bool) -> Result<Filter, St
     })
 }
 
+/// The filter "the point's order is older than `order`" (see [`Order::older_terms`]; every
+/// number compared is below 2^53, so exact as the double the server compares).
+fn older_filter(order: Order) -> Filter {
+    let should = order
+        .older_terms()
+        .into_iter()
+        .map(|conjunction| {
+            let must = conjunction
+                .into_iter()
+                .map(|term| match term {
+                    OrderTerm::Less(field, value) => Condition::range(
+                        field,
+                        Range {
+                            lt: Some(value as f64),
+                            ..Range::default()
+                        },
+                    ),
+                    // Below 2^53, so the conversion cannot fail.
+                    OrderTerm::Equal(field, value) => Condition::matches(
+                        field,
+                        MatchValue::Integer(i64::try_from(value).unwrap_or(i64::MAX)),
+                    ),
+                    OrderTerm::Missing => Condition::is_empty(ORDER_FIELD),
+                })
+                .collect();
+            Condition::from(Filter {
+                must,
+                ..Filter::default()
+            })
+        })
+        .collect();
+    Filter {
+        should,
+        ..Filter::default()
+    }
+}
+
+/// The condition "is a tombstone" (for `must_not`).
+fn tombstone_condition() -> Condition {
+    Condition::matches(TOMBSTONE_FIELD, MatchValue::Boolean(true))
+}
+
 /// The condition `field == value` on a keyword field (exact, never tokenised).
 fn keyword_match(field: &str, value: &str) -> Condition {
     Condition::matches(field, MatchValue::Keyword(value.to_owned()))
@@ -945,6 +1086,25 @@ fn describe(e: &QdrantError) -> String {
             // The remaining variants carry no request data (no metadata, no key).
             other => other.to_string(),
         },
+    }
+}
+
+/// What to tell a user whose credentials the server refuses, given where the key came from.
+fn auth_hint(options: &QdrantOptions) -> String {
+    match (&options.api_key_env, &options.api_key) {
+        (Some(var), Some(_)) => format!(
+            "the server refused the API key read from the environment variable {var} \
+             (store.qdrant.api_key_env): set {var} to this server's key \
+             (service.api_key / QDRANT__SERVICE__API_KEY)"
+        ),
+        (Some(var), None) => format!(
+            "the server requires an API key, but the environment variable {var} \
+             (store.qdrant.api_key_env) is not set"
+        ),
+        (None, Some(_)) => "the server refused the API key".to_owned(),
+        (None, None) => "the server requires an API key: set store.qdrant.api_key_env to the \
+                         name of an environment variable holding it"
+            .to_owned(),
     }
 }
 

@@ -14,6 +14,8 @@ use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
 
+#[path = "../support/qdrant_server.rs"]
+pub mod qdrant_server;
 #[path = "../support/queues.rs"]
 mod queues;
 #[path = "../support/worker_log.rs"]
@@ -49,16 +51,65 @@ pub fn embedder() -> Arc<CandleEmbedder> {
     }))
 }
 
-/// A pipeline config with its own queue names and store directory.
+/// Which store a test pipeline writes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestStore {
+    /// Qdrant Edge in the test's own directory.
+    Edge,
+    /// A collection of the test's own on the Qdrant server at `url` (gRPC).
+    Qdrant {
+        /// gRPC URL.
+        url: String,
+    },
+}
+
+impl TestStore {
+    /// The shared test server (`QDRANT_URL`), or `None` after a loud SKIPPED line naming
+    /// `test`.
+    pub fn qdrant_or_skip(test: &str) -> Option<Self> {
+        qdrant_url_or_skip(test).map(|url| TestStore::Qdrant { url })
+    }
+}
+
+/// Generates `<name>::edge` and `<name>::qdrant` tests for `async fn name(store: TestStore)`;
+/// the server variant prints SKIPPED and passes when no server is configured.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn edge() {
+                super::$name(super::common::TestStore::Edge).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn qdrant() {
+                let Some(store) = super::common::TestStore::qdrant_or_skip(stringify!($name))
+                else {
+                    return;
+                };
+                super::$name(store).await;
+            }
+        }
+    };
+}
+
+/// A pipeline config with its own queue names and store directory (or server collection).
 pub struct TestPipeline {
     pub config: PipelineConfig,
     pub dir: tempfile::TempDir,
 }
 
 impl TestPipeline {
-    /// A unique pipeline named after `test`; `extra` is appended to the TOML (e.g. a
-    /// `[retry]` table).
+    /// A unique pipeline named after `test` on Qdrant Edge; `extra` is appended to the TOML
+    /// (e.g. a `[retry]` table).
     pub fn new(test: &str, extra: &str) -> Self {
+        Self::on(TestStore::Edge, test, extra)
+    }
+
+    /// A unique pipeline named after `test` on `store`; `extra` is appended to the TOML.
+    pub fn on(store: TestStore, test: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let name = format!(
             "t-{test}-{}",
@@ -80,10 +131,7 @@ overlap = 8
 kind = "candle"
 model_dir = "{model}"
 batch_size = 32
-[store]
-kind = "edge"
-path = "{store}"
-collection = "c"
+{store_section}
 [limits]
 max_document_bytes = 4096
 {extra}
@@ -91,7 +139,7 @@ max_document_bytes = 4096
 "#,
             url = amqp_url(),
             model = model_dir().display(),
-            store = dir.path().join("store").display(),
+            store_section = store_section(&store, &name, &dir.path().join("store")),
             // Parallel worker processes must not fight over the default metrics port.
             metrics = if extra.contains("[metrics]") {
                 ""
@@ -105,7 +153,21 @@ max_document_bytes = 4096
         TestPipeline { config, dir }
     }
 
-    /// The processing pipeline over the shared model and this test's own store.
+    /// The processing pipeline over the shared model and this test's own store, whichever
+    /// kind the config names.
+    pub async fn store_pipeline(&self) -> Pipeline<CandleEmbedder, rag_ingest::store::Store> {
+        let embedder = embedder();
+        let chunker = setup::chunker(&self.config, &embedder).expect("chunker");
+        let store = setup::open_vector_store(
+            &self.config,
+            rag_ingest::embed::Embedder::fingerprint(&*embedder),
+        )
+        .await
+        .expect("store opens");
+        Pipeline::new(Arc::new(chunker), embedder, Arc::new(store))
+    }
+
+    /// The processing pipeline over the shared model and this test's own Edge store.
     pub fn pipeline(&self) -> Pipeline<CandleEmbedder, EdgeStore> {
         let embedder = embedder();
         let chunker = setup::chunker(&self.config, &embedder).expect("chunker");
@@ -120,6 +182,56 @@ max_document_bytes = 4096
     /// Deletes this pipeline's queues from the broker.
     pub async fn delete_queues(&self) {
         queues::delete_queues(&self.config).await;
+    }
+}
+
+/// The `[store]` section of a test pipeline: Edge under `path`, or the collection `name` on
+/// the server.
+fn store_section(store: &TestStore, name: &str, path: &Path) -> String {
+    match store {
+        TestStore::Edge => format!(
+            "[store]\nkind = \"edge\"\npath = \"{}\"\ncollection = \"c\"",
+            path.display()
+        ),
+        TestStore::Qdrant { url } => format!(
+            "[store]\nkind = \"qdrant\"\npath = \"{}\"\ncollection = \"{name}\"\n\
+             [store.qdrant]\nurl = \"{url}\"",
+            path.display()
+        ),
+    }
+}
+
+/// The store section `write_pipeline_file` writes for `c`.
+fn config_store_section(c: &PipelineConfig) -> String {
+    use rag_ingest::config::StoreKind;
+    match c.store.kind {
+        StoreKind::Edge => format!(
+            "[store]\nkind = \"edge\"\npath = \"{}\"\ncollection = \"{}\"",
+            c.store.path.display(),
+            c.store.collection
+        ),
+        StoreKind::Qdrant => {
+            let q = &c.store.qdrant;
+            let mut text = format!(
+                "[store]\nkind = \"qdrant\"\npath = \"{}\"\ncollection = \"{}\"\n\
+                 max_batch_bytes = {}\n[store.qdrant]\nurl = \"{}\"\ntimeout_ms = {}\n\
+                 connect_timeout_ms = {}\nretries = {}\nbackoff_min_ms = {}\n\
+                 backoff_max_ms = {}",
+                c.store.path.display(),
+                c.store.collection,
+                c.store.max_batch_bytes,
+                q.url,
+                q.timeout_ms,
+                q.connect_timeout_ms,
+                q.retries,
+                q.backoff_min_ms,
+                q.backoff_max_ms,
+            );
+            if let Some(var) = &q.api_key_env {
+                text.push_str(&format!("\napi_key_env = \"{var}\""));
+            }
+            text
+        }
     }
 }
 
@@ -206,10 +318,7 @@ overlap = {overlap}
 kind = "candle"
 model_dir = "{model}"
 batch_size = {batch}
-[store]
-kind = "edge"
-path = "{store}"
-collection = "{collection}"
+{store_section}
 [limits]
 max_document_bytes = {max_bytes}
 [retry]
@@ -234,8 +343,7 @@ address = "{metrics}"
         overlap = c.chunking.overlap,
         model = c.embedder.model_dir.display(),
         batch = c.embedder.batch_size,
-        store = c.store.path.display(),
-        collection = c.store.collection,
+        store_section = config_store_section(c),
         max_bytes = c.limits.max_document_bytes,
         attempts = c.retry.max_attempts,
         in_process = c.retry.in_process_retries,
@@ -440,7 +548,13 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `rag-ingest worker --pipeline <file>` (with `--exit-when-idle` if asked).
     pub fn start(file: &Path, exit_when_idle: bool) -> Self {
+        Self::start_with_env(file, exit_when_idle, &[])
+    }
+
+    /// Like [`WorkerProcess::start`], with extra environment variables.
+    pub fn start_with_env(file: &Path, exit_when_idle: bool, env: &[(&str, &str)]) -> Self {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
+        cmd.envs(env.iter().copied());
         cmd.args(["worker", "--pipeline"])
             .arg(file)
             .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
