@@ -161,6 +161,43 @@ pub async fn open_vector_store(
     }
 }
 
+/// Like [`open_vector_store`], but while the store is unavailable (a Qdrant server starting,
+/// restarting or loading its shards) keeps trying, with backoff from 200 ms to 5 s, until
+/// `give_up` has passed; each failed try is logged. How a worker starts: it waits for its store
+/// as it waits for its broker, instead of exiting while a server restarts.
+///
+/// # Errors
+///
+/// As [`open_vector_store`]: a permanent error at once, [`StoreError::Unavailable`] once
+/// `give_up` has passed.
+pub async fn open_vector_store_waiting(
+    config: &PipelineConfig,
+    fingerprint: &Fingerprint,
+    give_up: std::time::Duration,
+) -> Result<Store, SetupError> {
+    use backon::Retryable;
+    let started = std::time::Instant::now();
+    let backoff = backon::ExponentialBuilder::new()
+        .with_jitter()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .without_max_times();
+    (|| open_vector_store(config, fingerprint))
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|e| {
+            matches!(e, SetupError::Store(StoreError::Unavailable(_))) && started.elapsed() < give_up
+        })
+        .notify(|e, delay| {
+            tracing::warn!(
+                error = %e,
+                retry_in_ms = delay.as_millis() as u64,
+                "the store is unavailable at start-up; waiting for it"
+            );
+        })
+        .await
+}
+
 /// The write caps `config.store` sets (`max_batch_points`, `max_batch_bytes`).
 pub fn batch_limits(config: &PipelineConfig) -> BatchLimits {
     BatchLimits {
@@ -196,7 +233,9 @@ pub fn chunker(config: &PipelineConfig, embedder: &CandleEmbedder) -> Result<Chu
     )?)
 }
 
-/// Builds the whole processing pipeline `config` describes, with the store it names.
+/// Builds the whole processing pipeline `config` describes, with the store it names; an
+/// unavailable store is waited for up to `worker.reconnect_give_up_secs` (see
+/// [`open_vector_store_waiting`]).
 ///
 /// # Errors
 ///
@@ -205,7 +244,8 @@ pub fn chunker(config: &PipelineConfig, embedder: &CandleEmbedder) -> Result<Chu
 pub async fn pipeline(config: &PipelineConfig) -> Result<Pipeline<AnyEmbedder, Store>, SetupError> {
     let embedder = embedder(config)?;
     let chunker = chunker_for(config, &embedder)?;
-    let store = open_vector_store(config, embedder.fingerprint()).await?;
+    let give_up = std::time::Duration::from_secs(config.worker.reconnect_give_up_secs);
+    let store = open_vector_store_waiting(config, embedder.fingerprint(), give_up).await?;
     Ok(Pipeline::new(
         Arc::new(chunker),
         Arc::new(embedder),

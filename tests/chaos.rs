@@ -25,7 +25,7 @@ use rag_ingest::setup;
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 
-const CONFIG: &str = "[broker]\nprefetch = 8\ndelivery_limit = 20\n[retry]\nmax_attempts = 10\nin_process_retries = 2\nbackoff_min_ms = 50\nbackoff_max_ms = 500\ndelays_ms = [300, 1000, 2000]\n[worker]\nconcurrency = 4\nshutdown_grace_secs = 20\nreconnect_give_up_secs = 60\n";
+const CONFIG: &str = "[retry]\nmax_attempts = 10\nin_process_retries = 2\nbackoff_min_ms = 50\nbackoff_max_ms = 500\ndelays_ms = [300, 1000, 2000]\n[worker]\nconcurrency = 4\nshutdown_grace_secs = 20\nreconnect_give_up_secs = 60\n";
 
 /// Deterministic xorshift for the shuffle.
 struct Rng(u64);
@@ -153,13 +153,17 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(16);
-    let t = TestPipeline::on(
+    let mut t = TestPipeline::on(
         TestStore::Qdrant {
             url: server.grpc_url(),
         },
         "chaos",
         CONFIG,
     );
+    // Kills return a worker's prefetched deliveries with their delivery count raised: keep
+    // the crash-loop guard well above the faults this test injects.
+    t.config.broker.prefetch = 8;
+    t.config.broker.delivery_limit = 20;
     let file = common::write_pipeline_file(&t);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let docs = messages(n, &mut rng);
