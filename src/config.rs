@@ -13,8 +13,10 @@ use serde::Deserialize;
 use crate::embed::{Fingerprint, Precision};
 use crate::tenant::TenantId;
 
-/// Environment variable overriding `broker.url`.
+/// Environment variable overriding `broker.url` (one URL, or several separated by commas).
 pub const ENV_AMQP_URL: &str = "RAG_INGEST_AMQP_URL";
+/// Environment variable overriding `broker.tls_ca_file`.
+pub const ENV_AMQP_TLS_CA_FILE: &str = "RAG_INGEST_AMQP_TLS_CA_FILE";
 /// Environment variable overriding `embedder.model_dir` (and `embedder.fallback.model_dir`
 /// when the fallback is a candle model).
 pub const ENV_MODEL_DIR: &str = "RAG_INGEST_MODEL_DIR";
@@ -115,13 +117,49 @@ fn default_metrics_address() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f` (env `RAG_INGEST_AMQP_URL`).
+    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f` (env `RAG_INGEST_AMQP_URL`), or
+    /// several nodes of one cluster: a TOML array of URLs or one string with the URLs separated
+    /// by commas (an array is kept here in the comma form). Connections try them in rotation;
+    /// [`BrokerConfig::urls`] lists them.
+    #[serde(deserialize_with = "url_or_list")]
     pub url: String,
+    /// PEM file of CA certificates to trust for `amqps://` besides the system's trust store,
+    /// e.g. a self-signed or private CA (relative to this file; env
+    /// `RAG_INGEST_AMQP_TLS_CA_FILE`).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The certificates of `tls_ca_file` (PEM), read and checked at load time.
+    #[serde(skip)]
+    pub tls_ca_pem: Option<String>,
     /// How many unacknowledged deliveries the broker hands this worker at once.
     pub prefetch: u16,
     /// Broker-side crash-loop guard: a message redelivered more often is dead-lettered.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
+}
+
+impl BrokerConfig {
+    /// The broker URLs in the order given (one for a single URL); see [`split_url_list`].
+    pub fn urls(&self) -> Vec<&str> {
+        split_url_list(&self.url)
+    }
+}
+
+/// Accepts `broker.url` as one string or as an array of strings (joined with `,`).
+fn url_or_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(deserializer) {
+        Ok(OneOrMany::One(url)) => Ok(url),
+        Ok(OneOrMany::Many(urls)) => Ok(urls.join(",")),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected an AMQP URL or an array of AMQP URLs",
+        )),
+    }
 }
 
 /// `[tenants]`: the allow-list.
@@ -752,6 +790,12 @@ impl PipelineConfig {
         if let Some(url) = env(ENV_AMQP_URL) {
             config.broker.url = url;
         }
+        if let Some(file) = env(ENV_AMQP_TLS_CA_FILE) {
+            config.broker.tls_ca_file = Some(PathBuf::from(file));
+        }
+        if let Some(file) = &config.broker.tls_ca_file {
+            config.broker.tls_ca_file = Some(base.join(file));
+        }
         if let Some(dir) = env(ENV_MODEL_DIR) {
             if let Some(fallback) = &mut config.embedder.fallback
                 && fallback.kind == EmbedderKind::Candle
@@ -772,6 +816,7 @@ impl PipelineConfig {
         }
         config.resolve_qdrant_api_key(origin, &env)?;
         config.validate(origin)?;
+        config.load_broker_ca(origin)?;
         Ok(config)
     }
 
@@ -822,9 +867,44 @@ impl PipelineConfig {
             .collect()
     }
 
-    /// The broker URL with any password replaced by `***`, safe to log.
+    /// The broker URL (every one of a list) with any password replaced by `***`, safe to log.
     pub fn redacted_amqp_url(&self) -> String {
         redact_url(&self.broker.url)
+    }
+
+    /// With `broker.tls_ca_file`: checks that some broker URL is `amqps://`, reads the file and
+    /// keeps its certificates in `broker.tls_ca_pem`. Fails naming `broker.tls_ca_file` if no
+    /// URL uses TLS, or the file cannot be read or holds no valid PEM certificate.
+    fn load_broker_ca(&mut self, origin: &Path) -> Result<(), ConfigError> {
+        let Some(file) = &self.broker.tls_ca_file else {
+            return Ok(());
+        };
+        let fail = |problem: String| ConfigError::Field {
+            path: origin.to_path_buf(),
+            field: "broker.tls_ca_file".to_string(),
+            problem,
+        };
+        if !self.broker.urls().iter().any(|u| {
+            u.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
+        }) {
+            return Err(fail(
+                "is only used for TLS, but no broker.url is amqps://; remove it or use amqps://"
+                    .into(),
+            ));
+        }
+        let pem = std::fs::read_to_string(file)
+            .map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
+        let certificates = ca_certificates(&pem)
+            .map_err(|problem| fail(format!("{}: {problem}", file.display())))?;
+        if certificates == 0 {
+            return Err(fail(format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                file.display()
+            )));
+        }
+        self.broker.tls_ca_pem = Some(pem);
+        Ok(())
     }
 
     fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
@@ -848,21 +928,7 @@ impl PipelineConfig {
                 ),
             ));
         }
-        if !(self.broker.url.starts_with("amqp://") || self.broker.url.starts_with("amqps://")) {
-            return Err(fail(
-                "broker.url",
-                format!(
-                    "{:?} must start with amqp:// or amqps://",
-                    redact_url(&self.broker.url)
-                ),
-            ));
-        }
-        if self.broker.url.starts_with("amqps://") {
-            return Err(fail(
-                "broker.url",
-                "amqps:// (TLS) is not built into this binary yet; use amqp:// or a TLS-terminating proxy".into(),
-            ));
-        }
+        self.validate_broker_urls(&fail)?;
         if self.broker.prefetch == 0 {
             return Err(fail("broker.prefetch", "must be at least 1".into()));
         }
@@ -971,6 +1037,52 @@ impl PipelineConfig {
     /// `[embedder]` and `[embedder.fallback]`: each on its own, then their fingerprints
     /// against each other when both are configured explicitly (a candle model's fingerprint
     /// is only known once loaded: `setup::embedder` checks that case).
+    /// Checks every URL of `broker.url`: at least one, each `amqp://` or `amqps://` and
+    /// parseable as an AMQP URI (errors show the URL with its password redacted).
+    fn validate_broker_urls(
+        &self,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let urls = self.broker.urls();
+        if urls.is_empty() {
+            return Err(fail(
+                "broker.url",
+                "no URL given; set an amqp:// or amqps:// URL, or an array of them".into(),
+            ));
+        }
+        let several = urls.len() > 1;
+        for (i, url) in urls.iter().enumerate() {
+            let which = if several {
+                format!("entry {} ", i + 1)
+            } else {
+                String::new()
+            };
+            let scheme_ok = ["amqp://", "amqps://"].iter().any(|scheme| {
+                url.get(..scheme.len())
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+            });
+            if !scheme_ok {
+                return Err(fail(
+                    "broker.url",
+                    format!(
+                        "{which}{:?} must start with amqp:// or amqps://",
+                        redact_url(url)
+                    ),
+                ));
+            }
+            if let Err(problem) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(fail(
+                    "broker.url",
+                    format!(
+                        "{which}{:?} is not a valid AMQP URL: {problem} (percent-encode '/', '@', '#', '?' and ':' in the user name and password, e.g. '/' as %2F)",
+                        redact_url(url)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_embedder(
         &self,
         fail: &dyn Fn(&str, String) -> ConfigError,
@@ -1109,22 +1221,84 @@ impl PipelineConfig {
     }
 }
 
-/// Replaces the password of a URL like `amqp://user:pass@host/` with `***`.
+/// Counts the PEM certificates in `pem`; fails with the parser's message if a PEM section is
+/// malformed.
+fn ca_certificates(pem: &str) -> Result<usize, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut count = 0usize;
+    for certificate in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        certificate.map_err(|e| format!("not a valid PEM certificate file: {e}"))?;
+        count = count.saturating_add(1);
+    }
+    Ok(count)
+}
+
+/// Splits a list of URLs separated by commas (`amqp://a/,amqp://b/`) into its URLs, trimmed,
+/// without empty entries. A comma only separates when the text after it (past spaces) starts a
+/// new URL (`scheme://`), so a comma inside a password does not split a single URL.
+pub fn split_url_list(list: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (i, c) in list.char_indices() {
+        if c == ',' && starts_url(&list[i + 1..]) {
+            urls.push(list[start..i].trim());
+            start = i + 1;
+        }
+    }
+    urls.push(list[start..].trim());
+    urls.retain(|u| !u.is_empty());
+    urls
+}
+
+/// Whether `text` (after leading spaces) starts with `scheme://`.
+fn starts_url(text: &str) -> bool {
+    let text = text.trim_start();
+    let Some(end) = text.find("://") else {
+        return false;
+    };
+    let scheme = &text[..end];
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// Replaces the password of a URL like `amqp://user:pass@host/` with `***`; in a list of URLs
+/// separated by commas ([`split_url_list`]), that of each one.
+///
+/// The password is everything between the first `:` of the user information and the LAST `@`
+/// of the URL, so a password with an unencoded `/`, `@`, `#`, `?` or `:` is hidden whole. (A
+/// URL without a password but with `@` after a `:` further on, e.g. in a query, is redacted
+/// from that `:` on: more than needed, never less.)
 pub fn redact_url(url: &str) -> String {
+    let urls = split_url_list(url);
+    if urls.len() > 1 {
+        return urls
+            .iter()
+            .map(|u| redact_one_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
             "{}://{}:***{}",
             &url[..scheme_end],
-            &authority[..colon],
+            &rest[..colon],
             &rest[at..]
         ),
-        _ => url.to_string(),
+        None => url.to_string(),
     }
 }
 
@@ -1272,6 +1446,182 @@ max_document_bytes = 1000
             "amqp://127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://a:b@h/%2f"), "amqp://a:***@h/%2f");
+    }
+
+    /// Issue 15 item 8: a password with an unencoded `/`, `@`, `#` (or `?`, `:`) is hidden
+    /// whole. The old redaction ended the authority at the first `/`, so `pa/ss` leaked.
+    #[test]
+    fn redaction_hides_passwords_with_reserved_characters() {
+        let cases = [
+            ("amqp://u:top/secret@h:5672/%2f", "amqp://u:***@h:5672/%2f"),
+            ("amqp://u:top@secret@h:5672/%2f", "amqp://u:***@h:5672/%2f"),
+            ("amqp://u:top#secret@h:5672/%2f", "amqp://u:***@h:5672/%2f"),
+            ("amqp://u:top#/secret@h/%2f", "amqp://u:***@h/%2f"),
+            ("amqps://u:a/b@c#d?e:f@h:5671/v", "amqps://u:***@h:5671/v"),
+            ("amqp://u:top/secret@h", "amqp://u:***@h"),
+            (
+                "https://k:top/secret@api.example.com/v1",
+                "https://k:***@api.example.com/v1",
+            ),
+        ];
+        for (url, want) in cases {
+            let got = redact_url(url);
+            assert_eq!(got, want, "redacting {url}");
+            assert!(!got.contains("secret") && !got.contains("top"), "{got}");
+        }
+        // User only, no password: nothing to hide.
+        assert_eq!(redact_url("amqp://u@h:1/v"), "amqp://u@h:1/v");
+    }
+
+    /// Each URL of a list is redacted, not only the first.
+    #[test]
+    fn redaction_hides_the_password_of_every_url_in_a_list() {
+        let list = "amqp://a:first/pw@h1:5672/%2f, amqp://b:second@pw@h2:5672/%2f,amqps://c:third#pw@h3:5671/%2f";
+        let got = redact_url(list);
+        assert_eq!(
+            got,
+            "amqp://a:***@h1:5672/%2f,amqp://b:***@h2:5672/%2f,amqps://c:***@h3:5671/%2f"
+        );
+        let c = parse(&GOOD.replace(
+            "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"",
+            "url = [\"amqp://a:first%2Fpw@h1:5672/%2f\", \"amqp://b:second@h2:5672/%2f\"]",
+        ))
+        .expect("a list of URLs is valid");
+        let shown = c.redacted_amqp_url();
+        assert!(
+            !shown.contains("first") && !shown.contains("second"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("h1:5672") && shown.contains("h2:5672"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn broker_url_takes_one_url_an_array_or_a_comma_separated_list() {
+        let one = parse(GOOD).expect("one URL");
+        assert_eq!(one.broker.urls(), ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        let array = parse(&GOOD.replace(
+            "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"",
+            "url = [\"amqp://g:g@127.0.0.1:5701/%2f\", \"amqp://g:g@127.0.0.1:5702/%2f\", \"amqps://g:g@localhost:5703/%2f\"]",
+        ))
+        .expect("an array");
+        assert_eq!(
+            array.broker.urls(),
+            [
+                "amqp://g:g@127.0.0.1:5701/%2f",
+                "amqp://g:g@127.0.0.1:5702/%2f",
+                "amqps://g:g@localhost:5703/%2f"
+            ]
+        );
+        let env = PipelineConfig::from_toml_str(GOOD, Path::new("p.toml"), Path::new("/b"), |k| {
+            (k == ENV_AMQP_URL).then(|| "amqp://g:g@n1:5672/%2f, amqp://g:g@n2:5672/%2f".into())
+        })
+        .expect("a comma-separated list from the environment");
+        assert_eq!(
+            env.broker.urls(),
+            ["amqp://g:g@n1:5672/%2f", "amqp://g:g@n2:5672/%2f"]
+        );
+        // A comma inside a password does not split the URL.
+        assert_eq!(split_url_list("amqp://u:a,b@h/%2f"), ["amqp://u:a,b@h/%2f"]);
+    }
+
+    #[test]
+    fn bad_broker_urls_are_named() {
+        for url in [
+            "url = []",
+            "url = \"\"",
+            "url = [\"amqp://g:g@h1/%2f\", \"http://h2/\"]",
+            "url = \"amqp://g:g@h1/%2f,amqp://g:g@h2:notaport/%2f\"",
+            // An unencoded '/' in the password makes the host part unparseable.
+            "url = \"amqp://g:pa/ss@h1:5672/%2f\"",
+            "url = 5",
+        ] {
+            let text = GOOD.replace("url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"", url);
+            let err = parse(&text).expect_err(url);
+            match &err {
+                ConfigError::Field { field, problem, .. } => {
+                    assert_eq!(field, "broker.url", "{url}: {err}");
+                    assert!(!problem.contains("ss@"), "password shown: {problem}");
+                }
+                ConfigError::Parse { message, .. } => {
+                    assert!(message.contains("url"), "{url}: {message}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+
+    fn ca_fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls/test-ca.pem")
+    }
+
+    #[test]
+    fn amqps_is_accepted_with_or_without_a_ca_file() {
+        let tls = GOOD.replace(
+            "amqp://guest:guest@127.0.0.1:5672",
+            "amqps://guest:guest@localhost:5671",
+        );
+        let c = parse(&tls).expect("amqps:// is built in");
+        assert!(c.broker.tls_ca_pem.is_none());
+        let with_ca = tls.replace(
+            "prefetch = 8",
+            &format!(
+                "prefetch = 8\ntls_ca_file = {:?}",
+                ca_fixture().display().to_string()
+            ),
+        );
+        let c = parse(&with_ca).expect("a CA file");
+        assert!(
+            c.broker
+                .tls_ca_pem
+                .as_deref()
+                .is_some_and(|p| p.contains("BEGIN CERTIFICATE"))
+        );
+        // Relative paths resolve against the config file's directory; the environment overrides.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let c = PipelineConfig::from_toml_str(&tls, Path::new("p.toml"), dir, |k| {
+            (k == ENV_AMQP_TLS_CA_FILE).then(|| "fixtures/tls/test-ca.pem".into())
+        })
+        .expect("CA file from the environment");
+        assert_eq!(c.broker.tls_ca_file, Some(ca_fixture()));
+        assert!(c.broker.tls_ca_pem.is_some());
+    }
+
+    #[test]
+    fn bad_tls_ca_files_are_named() {
+        let tls = GOOD.replace(
+            "amqp://guest:guest@127.0.0.1:5672",
+            "amqps://guest:guest@localhost:5671",
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n%%%\n").expect("write");
+        let cases = [
+            (tls.clone(), dir.path().join("missing.pem")),
+            (tls.clone(), not_pem),
+            (tls.clone(), broken),
+            // A CA file is for TLS only: with amqp:// it would silently do nothing.
+            (GOOD.to_string(), ca_fixture()),
+        ];
+        for (text, file) in cases {
+            let text = text.replace(
+                "prefetch = 8",
+                &format!(
+                    "prefetch = 8\ntls_ca_file = {:?}",
+                    file.display().to_string()
+                ),
+            );
+            assert_eq!(
+                field_error(&text),
+                "broker.tls_ca_file",
+                "{}",
+                file.display()
+            );
+        }
     }
 }
 

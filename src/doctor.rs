@@ -89,19 +89,19 @@ pub async fn run(path: &Path) -> Vec<Check> {
 
 async fn broker(config: &PipelineConfig) -> Check {
     let url = config.redacted_amqp_url();
-    let conn = match crate::queue::connect(
-        &config.broker.url,
-        lapin::ConnectionProperties::default(),
-        crate::queue::CONNECT_TIMEOUT,
-    )
-    .await
+    let conn = match crate::queue::Endpoints::from_config(&config.broker)
+        .connect(
+            lapin::ConnectionProperties::default(),
+            crate::queue::CONNECT_TIMEOUT,
+        )
+        .await
     {
-        Ok(c) => c,
+        Ok((c, _)) => c,
         Err(e) => {
             return Check::fail(
                 "broker",
                 e.to_string(),
-                "start RabbitMQ (scripts/ensure-rabbitmq.sh) or fix broker.url / RAG_INGEST_AMQP_URL",
+                "start RabbitMQ (scripts/ensure-rabbitmq.sh) or fix broker.url / RAG_INGEST_AMQP_URL (and broker.tls_ca_file for amqps://)",
             );
         }
     };

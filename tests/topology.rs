@@ -62,6 +62,7 @@ async fn a_broker_that_never_answers_the_handshake_times_out_with_the_url() {
     let url = format!("amqp://guest:secret@127.0.0.1:{port}/%2f");
     let err = match rag_ingest::queue::connect(
         &url,
+        &rag_ingest::queue::BrokerTls::default(),
         lapin::ConnectionProperties::default(),
         Duration::from_millis(300),
     )
@@ -81,4 +82,76 @@ async fn a_broker_that_never_answers_the_handshake_times_out_with_the_url() {
         held.join().expect("accept thread").is_ok(),
         "the client did reach the listener"
     );
+}
+
+/// Several broker URLs: a dead node is skipped and the next URL is used; each connect starts
+/// after the node it last reached (rotation); when none answers, the error lists every URL,
+/// passwords redacted.
+#[tokio::test]
+async fn several_broker_urls_fail_over_in_rotation() {
+    use rag_ingest::queue::{BrokerTls, Endpoints};
+    // A port nothing listens on: bound, then released.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dead = format!("amqp://guest:dead-secret@127.0.0.1:{dead_port}/%2f");
+    let live = common::amqp_url();
+    let endpoints = Endpoints::new(vec![dead.clone(), live.clone()], BrokerTls::default());
+    let timeout = Duration::from_secs(10);
+    for attempt in 0..2 {
+        let (conn, used) = within(
+            "connect",
+            endpoints.connect(lapin::ConnectionProperties::default(), timeout),
+        )
+        .await
+        .expect("the live URL is reached");
+        assert_eq!(
+            used,
+            rag_ingest::config::redact_url(&live),
+            "attempt {attempt}"
+        );
+        close_quietly(conn).await;
+    }
+
+    let endpoints = Endpoints::new(vec![live.clone(), dead.clone()], BrokerTls::default());
+    let (first, used) = within(
+        "connect",
+        endpoints.connect(lapin::ConnectionProperties::default(), timeout),
+    )
+    .await
+    .expect("first URL");
+    assert_eq!(used, rag_ingest::config::redact_url(&live));
+    // The next connect starts with the second URL (dead), then wraps around to the first.
+    let (second, used) = within(
+        "connect",
+        endpoints.connect(lapin::ConnectionProperties::default(), timeout),
+    )
+    .await
+    .expect("wraps around to the live URL");
+    assert_eq!(used, rag_ingest::config::redact_url(&live));
+    close_quietly(first).await;
+    close_quietly(second).await;
+
+    let other_dead = format!("amqp://guest:other-secret@127.0.0.1:{dead_port}/other");
+    let endpoints = Endpoints::new(vec![dead, other_dead], BrokerTls::default());
+    let err = match within(
+        "connect",
+        endpoints.connect(lapin::ConnectionProperties::default(), timeout),
+    )
+    .await
+    {
+        Err(e) => e,
+        Ok(_) => panic!("nothing listens on {dead_port}"),
+    };
+    assert!(
+        matches!(err, QueueError::NoBrokerReachable { count: 2, .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.matches(&format!("127.0.0.1:{dead_port}")).count() == 2,
+        "names both URLs: {text}"
+    );
+    assert!(!text.contains("secret"), "passwords redacted: {text}");
 }

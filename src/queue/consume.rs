@@ -30,7 +30,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::budget::ByteBudget;
 use super::dlq::republish_failed;
 use super::headers::{H_ATTEMPTS, get_u64};
-use super::{QueueError, Topology};
+use super::{Endpoints, QueueError, Topology};
 use crate::breaker::BreakerState;
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
@@ -134,6 +134,7 @@ pub struct Worker<E, S> {
     pipeline: Pipeline<E, S>,
     rules: Arc<Rules>,
     topology: Topology,
+    endpoints: Endpoints,
     locks: Arc<DocLocks>,
     counters: Arc<Counters>,
     health: Option<Arc<Health>>,
@@ -148,6 +149,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         };
         Worker {
             topology: Topology::new(&config),
+            endpoints: Endpoints::from_config(&config.broker),
             config: Arc::new(config),
             pipeline,
             rules: Arc::new(rules),
@@ -219,12 +221,14 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
     }
 
     async fn connect(&self) -> Result<(Connection, Channel, Channel), QueueError> {
-        let url = &self.config.broker.url;
         // A named connection lets operators (and tests) find this worker's connection in
         // `rabbitmqctl list_connections name client_properties`.
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("rag-ingest worker {}", self.config.name).into());
-        let conn = super::connect(url, properties, super::CONNECT_TIMEOUT).await?;
+        let (conn, _) = self
+            .endpoints
+            .connect(properties, super::CONNECT_TIMEOUT)
+            .await?;
         let publish = conn.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())

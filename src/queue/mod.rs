@@ -18,11 +18,13 @@ pub use headers::{
 pub use publish::{Submitter, publish_confirmed};
 pub use topology::{DLX, EXCHANGE, Topology};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
-use crate::config::redact_url;
+use crate::config::{BrokerConfig, redact_url};
 
 /// How long opening a broker connection (TCP connect and AMQP handshake) may take before it
 /// fails with [`QueueError::ConnectTimeout`]: a broker that accepts the TCP connection but
@@ -68,22 +70,60 @@ pub enum QueueError {
         /// Nack or return.
         reason: String,
     },
+    /// None of several broker URLs could be connected to.
+    #[error("cannot connect to any of the {count} RabbitMQ URLs: {errors}")]
+    NoBrokerReachable {
+        /// How many URLs were tried.
+        count: usize,
+        /// Each URL's error (passwords redacted), separated by `; `.
+        errors: String,
+    },
     /// Any other AMQP failure (connection or channel lost, protocol error).
     #[error("RabbitMQ error: {0}")]
     Amqp(#[from] lapin::Error),
 }
 
-/// Opens a connection to `url`, giving up after `timeout` (the crate uses
-/// [`CONNECT_TIMEOUT`]).
+/// TLS settings for `amqps://` URLs: the server certificate is verified against the system
+/// trust store plus the CA certificates given here (`broker.tls_ca_file`). `amqp://` URLs
+/// ignore it.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerTls {
+    /// Extra CA certificates to trust (PEM).
+    pub ca_pem: Option<String>,
+}
+
+impl BrokerTls {
+    /// The TLS settings of `broker` (its CA file was read and checked at config load).
+    pub fn from_config(broker: &BrokerConfig) -> Self {
+        BrokerTls {
+            ca_pem: broker.tls_ca_pem.clone(),
+        }
+    }
+
+    fn client_config(&self) -> OwnedTLSConfig {
+        OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca_pem.clone(),
+        }
+    }
+}
+
+/// Opens a connection to `url` (TLS with `tls` for `amqps://`), giving up after `timeout`
+/// (the crate uses [`CONNECT_TIMEOUT`]). Every broker connection of the crate is opened here.
 ///
-/// Fails with [`QueueError::Connect`] if the broker refuses or cannot be reached, or
-/// [`QueueError::ConnectTimeout`] if it does not answer in time.
+/// Fails with [`QueueError::Connect`] if the broker refuses, cannot be reached or its TLS
+/// certificate is not trusted, or [`QueueError::ConnectTimeout`] if it does not answer in time.
 pub async fn connect(
     url: &str,
+    tls: &BrokerTls,
     properties: ConnectionProperties,
     timeout: Duration,
 ) -> Result<Connection, QueueError> {
-    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+    let opening = async {
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connect_with_config(url, properties, tls.client_config(), runtime).await
+    };
+    match tokio::time::timeout(timeout, opening).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(QueueError::Connect {
             url: redact_url(url),
@@ -93,5 +133,94 @@ pub async fn connect(
             url: redact_url(url),
             secs: timeout.as_secs_f64().ceil() as u64,
         }),
+    }
+}
+
+/// The broker's URLs (the nodes of one cluster, or one URL) with their TLS settings, tried in
+/// rotation: each [`Endpoints::connect`] starts with the URL after the one it last connected
+/// to, so a reconnect after losing a node goes to another node first.
+pub struct Endpoints {
+    urls: Vec<String>,
+    tls: BrokerTls,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Endpoints {
+    /// Shows the URLs with their passwords redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints")
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
+            .field("tls_ca", &self.tls.ca_pem.is_some())
+            .field("next", &self.next.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Endpoints {
+    /// The URLs of `broker.url` (validated at config load) and its TLS settings.
+    pub fn from_config(broker: &BrokerConfig) -> Self {
+        Endpoints::new(
+            broker.urls().into_iter().map(str::to_owned).collect(),
+            BrokerTls::from_config(broker),
+        )
+    }
+
+    /// Endpoints over `urls`, tried in this order first.
+    pub fn new(urls: Vec<String>, tls: BrokerTls) -> Self {
+        Endpoints {
+            urls,
+            tls,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The URLs, in configuration order.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// Connects to the first URL that answers, trying each once from the rotation point, each
+    /// within `timeout`; returns the connection and the URL used (password redacted).
+    ///
+    /// With one URL, fails as [`connect`] does; with several, fails with
+    /// [`QueueError::NoBrokerReachable`] listing each URL's error.
+    pub async fn connect(
+        &self,
+        properties: ConnectionProperties,
+        timeout: Duration,
+    ) -> Result<(Connection, String), QueueError> {
+        let count = self.urls.len();
+        let start = self.next.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for step in 0..count {
+            let index = (start + step) % count;
+            let url = &self.urls[index];
+            match connect(url, &self.tls, properties.clone(), timeout).await {
+                Ok(conn) => {
+                    self.next.store((index + 1) % count, Ordering::Relaxed);
+                    let url = redact_url(url);
+                    if count > 1 {
+                        tracing::info!(url = %url, "connected to RabbitMQ");
+                    }
+                    return Ok((conn, url));
+                }
+                Err(e) if count == 1 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(url = %redact_url(url), error = %e, "broker URL unreachable; trying the next one");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        Err(QueueError::NoBrokerReachable {
+            count,
+            errors: if errors.is_empty() {
+                "no URL configured".into()
+            } else {
+                errors.join("; ")
+            },
+        })
     }
 }

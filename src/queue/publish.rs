@@ -73,12 +73,9 @@ pub(crate) async fn open_channel(
     config: &PipelineConfig,
     topology: &Topology,
 ) -> Result<(Connection, Channel), QueueError> {
-    let conn = super::connect(
-        &config.broker.url,
-        ConnectionProperties::default(),
-        super::CONNECT_TIMEOUT,
-    )
-    .await?;
+    let (conn, _) = super::Endpoints::from_config(&config.broker)
+        .connect(ConnectionProperties::default(), super::CONNECT_TIMEOUT)
+        .await?;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -97,9 +94,9 @@ pub struct Submitter {
 impl Submitter {
     /// Connects to `config`'s broker and declares the pipeline's topology.
     ///
-    /// Fails with [`QueueError::Connect`] or [`QueueError::ConnectTimeout`] if the broker
-    /// cannot be reached, or [`QueueError::TopologyMismatch`] if its queues were declared
-    /// differently.
+    /// Fails with [`QueueError::Connect`], [`QueueError::ConnectTimeout`] or (several URLs)
+    /// [`QueueError::NoBrokerReachable`] if the broker cannot be reached, or
+    /// [`QueueError::TopologyMismatch`] if its queues were declared differently.
     pub async fn connect(config: &PipelineConfig) -> Result<Self, QueueError> {
         let topology = Topology::new(config);
         let (conn, channel) = open_channel(config, &topology).await?;
