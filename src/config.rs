@@ -113,8 +113,9 @@ fn default_metrics_address() -> String {
     "127.0.0.1:9464".into()
 }
 
-/// `[broker]`: the RabbitMQ connection.
-#[derive(Debug, Clone, Deserialize)]
+/// `[broker]`: the RabbitMQ connection. Its `Debug` output shows the URLs with their
+/// passwords redacted.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f` (env `RAG_INGEST_AMQP_URL`), or
@@ -136,6 +137,18 @@ pub struct BrokerConfig {
     /// Broker-side crash-loop guard: a message redelivered more often is dead-lettered.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("url", &redact_url(&self.url))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "…"))
+            .field("prefetch", &self.prefetch)
+            .field("delivery_limit", &self.delivery_limit)
+            .finish()
+    }
 }
 
 impl BrokerConfig {
@@ -1305,6 +1318,17 @@ fn redact_one_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_of_a_config_never_shows_the_broker_password() {
+        let text = GOOD.replace("guest:guest@", "guest:s3cr%2Ft@");
+        let config =
+            PipelineConfig::from_toml_str(&text, Path::new("p.toml"), Path::new("."), |_| None)
+                .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cr"), "{debug}");
+        assert!(debug.contains("guest:***@"), "{debug}");
+    }
 
     /// A minimal valid pipeline (edge store), shared with `store_tests`.
     pub(super) const GOOD: &str = r#"

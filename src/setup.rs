@@ -150,7 +150,7 @@ pub async fn open_vector_store(
                 })??;
             Ok(Store::Edge(store))
         }
-        StoreKind::Qdrant => Ok(Store::Qdrant(
+        StoreKind::Qdrant => Ok(Store::from(
             QdrantStore::open(
                 &qdrant_options(config),
                 &config.store.collection,
@@ -186,7 +186,8 @@ pub async fn open_vector_store_waiting(
         .retry(backoff)
         .sleep(tokio::time::sleep)
         .when(|e| {
-            matches!(e, SetupError::Store(StoreError::Unavailable(_))) && started.elapsed() < give_up
+            matches!(e, SetupError::Store(StoreError::Unavailable(_)))
+                && started.elapsed() < give_up
         })
         .notify(|e, delay| {
             tracing::warn!(

@@ -738,8 +738,8 @@ pub trait VectorStore: Send + Sync + 'static {
 pub enum Store {
     /// `store.kind = "edge"`.
     Edge(EdgeStore),
-    /// `store.kind = "qdrant"`.
-    Qdrant(QdrantStore),
+    /// `store.kind = "qdrant"` (boxed: the client is much larger than the Edge handle).
+    Qdrant(Box<QdrantStore>),
 }
 
 impl Store {
@@ -760,7 +760,7 @@ impl From<EdgeStore> for Store {
 
 impl From<QdrantStore> for Store {
     fn from(store: QdrantStore) -> Self {
-        Store::Qdrant(store)
+        Store::Qdrant(Box::new(store))
     }
 }
 
