@@ -895,3 +895,76 @@ async fn give_up_on_panic(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn topology() -> Topology {
+        let text = "name = \"p\"\n[broker]\nurl = \"amqp://g:g@127.0.0.1:5672/%2f\"\nprefetch = 8\n[tenants]\nallowed = [\"acme\"]\n[chunking]\nmax_tokens = 64\noverlap = 8\n[embedder]\nkind = \"candle\"\nmodel_dir = \"m\"\nbatch_size = 8\n[store]\nkind = \"edge\"\npath = \"data\"\ncollection = \"c\"\n[limits]\nmax_document_bytes = 1000\n";
+        let config = PipelineConfig::from_toml_str(
+            text,
+            std::path::Path::new("t.toml"),
+            std::path::Path::new("/base"),
+            |_| None,
+        )
+        .expect("config");
+        Topology::new(&config)
+    }
+
+    fn headers(attempts: i64, death_queue: Option<&str>) -> Option<FieldTable> {
+        let mut h = FieldTable::default();
+        set_u64(&mut h, H_ATTEMPTS, u64::try_from(attempts).unwrap_or(0));
+        if let Some(q) = death_queue {
+            let mut death = FieldTable::default();
+            death.insert(
+                "queue".into(),
+                AMQPValue::LongString(LongString::from(q.to_string())),
+            );
+            death.insert(
+                "reason".into(),
+                AMQPValue::LongString(LongString::from("expired".to_string())),
+            );
+            h.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            );
+        }
+        Some(h)
+    }
+
+    use lapin::types::AMQPValue;
+
+    #[test]
+    fn producer_set_attempts_are_ignored() {
+        let t = topology();
+        assert_eq!(trusted_attempts(&headers(i64::MAX, None), &t, 5), 0);
+        assert_eq!(trusted_attempts(&headers(4, None), &t, 5), 0);
+        assert_eq!(
+            trusted_attempts(&headers(4, Some("rag-ingest.other.retry.100")), &t, 5),
+            0,
+            "another pipeline's retry tier is not ours"
+        );
+        assert_eq!(trusted_attempts(&None, &t, 5), 0);
+    }
+
+    #[test]
+    fn attempts_from_our_retry_tier_are_kept_and_capped() {
+        let t = topology();
+        let tier = t.retry_queue(1_000);
+        assert_eq!(trusted_attempts(&headers(2, Some(&tier)), &t, 5), 2);
+        assert_eq!(trusted_attempts(&headers(i64::MAX, Some(&tier)), &t, 5), 5);
+        assert_eq!(
+            trusted_attempts(&headers(i64::MAX, Some(&tier)), &t, 5).saturating_add(1),
+            6,
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn a_poisoned_acker_is_a_lost_channel_not_a_settlement() {
+        assert!(settled(Ok(true)).is_ok());
+        assert!(matches!(settled(Ok(false)), Err(QueueError::Closed { .. })));
+    }
+}

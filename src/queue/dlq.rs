@@ -373,3 +373,64 @@ async fn release(channel: &Channel, dlq: &str, tags: &[u64], ready: usize) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::H_TENANT;
+    use lapin::types::{FieldArray, LongString};
+
+    fn long(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s.to_string()))
+    }
+
+    fn properties(pairs: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut h = FieldTable::default();
+        for (k, v) in pairs {
+            h.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    fn death(reason: &str, queue: &str) -> AMQPValue {
+        let mut d = FieldTable::default();
+        d.insert("reason".into(), long(reason));
+        d.insert("queue".into(), long(queue));
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(d)]))
+    }
+
+    const BODY: &[u8] = br#"{"schema":1,"tenant_id":"acme","document_id":"d","content":"x"}"#;
+
+    #[test]
+    fn a_broker_dead_letter_shows_its_death_reason_over_a_stale_error_kind() {
+        let p = properties(&[
+            (H_ERROR_KIND, long("embedder_unavailable")),
+            ("x-death", death("delivery_limit", "rag-ingest.p")),
+        ]);
+        assert_eq!(DlqEntry::from_parts(DLX, &p, BODY).kind, "delivery_limit");
+        // Put there by a worker (default exchange): its own kind.
+        assert_eq!(
+            DlqEntry::from_parts("", &p, BODY).kind,
+            "embedder_unavailable"
+        );
+    }
+
+    #[test]
+    fn the_tenant_is_the_bodys_never_the_header() {
+        let p = properties(&[(H_TENANT, long("globex"))]);
+        let e = DlqEntry::from_parts("", &p, BODY);
+        assert_eq!(e.tenant.as_deref(), Some("acme"));
+        let filter = DlqFilter {
+            tenant: Some("globex".into()),
+            ..DlqFilter::default()
+        };
+        assert!(!e.matches(&filter));
+    }
+
+    #[test]
+    fn replay_counts_saturate() {
+        let p = properties(&[(H_REPROCESSED, AMQPValue::LongLongInt(i64::MAX))]);
+        let out = replay_properties(&p);
+        assert_eq!(get_u64(out.headers(), H_REPROCESSED), Some(i64::MAX as u64));
+    }
+}
