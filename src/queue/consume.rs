@@ -3,9 +3,15 @@
 //! failure or attempts exhausted). A delivery is acked only after the store write returned
 //! or its republished copy was confirmed; anything else stays unacked and is redelivered.
 //!
-//! Lifecycle: connect → declare topology → consume; on connection loss, reconnect with
-//! backoff and resume (giving up after `worker.reconnect_give_up_secs`); on shutdown, stop
-//! taking deliveries, finish in-flight ones within `worker.shutdown_grace_secs`, close.
+//! Lifecycle: connect → declare topology → consume; on connection or channel loss (noticed
+//! within a second even while nothing is being taken), reconnect with backoff and resume
+//! (giving up after `worker.reconnect_give_up_secs`); on shutdown, stop taking deliveries,
+//! finish in-flight ones within `worker.shutdown_grace_secs`, hand the rest back, close.
+//!
+//! While the embedder's circuit breaker is open the worker holds no delivery it is not
+//! processing: it cancels its consumer and hands back what was prefetched (a confirmed copy
+//! to the queue's tail, then an ack: see [`park`]), and consumes with prefetch 1 for the
+//! probe. A requeue or a closed channel would count toward the quorum queue's delivery limit.
 
 use std::collections::HashMap;
 use std::future::Future;
