@@ -107,7 +107,10 @@ async fn broker(config: &PipelineConfig) -> Check {
     };
     let topology = Topology::new(config);
     let result = match conn.create_channel().await {
-        Ok(ch) => topology.declare(&ch).await.map_err(|e| e.to_string()),
+        Ok(ch) => topology
+            .declare(&conn, &ch)
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     let _ = conn.close(200, "doctor".into()).await;

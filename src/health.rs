@@ -2,8 +2,9 @@
 //! readiness on `/readyz` (200 when every check passes, 503 with a JSON body naming the
 //! failing checks otherwise).
 //!
-//! Readiness checks: `broker` (the worker holds a live connection), `model` (the embedder
-//! is loaded), `store` (a live probe of the vector store), `breakers` (no circuit breaker is
+//! Readiness checks: `broker` (the worker holds a live connection), `consumer` (the worker
+//! has a consumer on its queue: not while it reconnects, nor while it has cancelled its
+//! consumer because a circuit breaker is open), `model` (the embedder is loaded), `store` (a live probe of the vector store), `breakers` (no circuit breaker is
 //! open).
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ pub type Probe =
 #[derive(Default)]
 pub struct Health {
     broker_connected: AtomicBool,
+    consuming: AtomicBool,
     model_loaded: AtomicBool,
     open_breakers: std::sync::Mutex<BTreeMap<String, bool>>,
     store_probe: std::sync::Mutex<Option<Probe>>,
@@ -44,6 +46,11 @@ impl Health {
     /// Records whether the worker holds a live broker connection.
     pub fn set_broker_connected(&self, connected: bool) {
         self.broker_connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Records whether the worker has a consumer on its queue.
+    pub fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
     }
 
     /// Records whether the embedding model is loaded.
@@ -71,6 +78,14 @@ impl Health {
                 Ok(())
             } else {
                 Err("not connected to RabbitMQ".to_string())
+            },
+        );
+        out.insert(
+            "consumer",
+            if self.consuming.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("no consumer on the queue (reconnecting, or paused while a circuit breaker is open)".to_string())
             },
         );
         out.insert(

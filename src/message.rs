@@ -282,7 +282,20 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
 
     let version = match obj.get("version") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(Value::Number(n)) if n.as_u64().is_some() => match n.as_u64() {
+            // The stores keep versions as signed 64-bit integers: refuse a larger one here,
+            // before anything is embedded, instead of failing the write afterwards.
+            Some(v) if v > crate::store::MAX_VERSION => {
+                return Err(Rejection::new(
+                    ErrorKind::InvalidField,
+                    format!(
+                        "field `version` must be at most {}, got {v}",
+                        crate::store::MAX_VERSION
+                    ),
+                ));
+            }
+            v => v,
+        },
         Some(other) => return Err(wrong_type("version", "a non-negative integer", other)),
     };
 
@@ -402,6 +415,23 @@ mod tests {
         .expect("valid");
         assert_eq!(doc.op, Op::Upsert);
         assert_eq!(doc.content_type, "text/plain");
+    }
+
+    #[test]
+    fn versions_the_store_cannot_hold_are_invalid_fields_at_decode() {
+        let max = crate::store::MAX_VERSION;
+        let body = |v: u64| {
+            format!(
+                r#"{{"schema":1,"tenant_id":"acme","document_id":"d","content":"x","version":{v}}}"#
+            )
+        };
+        let doc = decode(body(max).as_bytes(), &rules()).expect("MAX_VERSION is valid");
+        assert_eq!(doc.version, Some(max));
+        for v in [max + 1, u64::MAX] {
+            let err = decode(body(v).as_bytes(), &rules()).expect_err("above MAX_VERSION");
+            assert_eq!(err.kind, ErrorKind::InvalidField, "{v}");
+            assert!(err.reason.contains("`version`"), "{}", err.reason);
+        }
     }
 
     #[test]

@@ -321,6 +321,7 @@ async fn readyz_names_the_store_while_it_fails_its_probe() {
     let down = Arc::new(AtomicBool::new(false));
     let health = Health::new();
     health.set_broker_connected(true);
+    health.set_consuming(true);
     health.set_model_loaded(true);
     let (probe_store, probe_down) = (Arc::clone(&store), Arc::clone(&down));
     health.set_store_probe(Arc::new(move || {

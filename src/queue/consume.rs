@@ -3,9 +3,15 @@
 //! failure or attempts exhausted). A delivery is acked only after the store write returned
 //! or its republished copy was confirmed; anything else stays unacked and is redelivered.
 //!
-//! Lifecycle: connect → declare topology → consume; on connection loss, reconnect with
-//! backoff and resume (giving up after `worker.reconnect_give_up_secs`); on shutdown, stop
-//! taking deliveries, finish in-flight ones within `worker.shutdown_grace_secs`, close.
+//! Lifecycle: connect → declare topology → consume; on connection or channel loss (noticed
+//! within a second even while nothing is being taken), reconnect with backoff and resume
+//! (giving up after `worker.reconnect_give_up_secs`); on shutdown, stop taking deliveries,
+//! finish in-flight ones within `worker.shutdown_grace_secs`, hand the rest back, close.
+//!
+//! While the embedder's circuit breaker is open the worker holds no delivery it is not
+//! processing: it cancels its consumer and hands back what was prefetched (a confirmed copy
+//! to the queue's tail, then an ack: see [`park`]), and consumes with prefetch 1 for the
+//! probe. A requeue or a closed channel would count toward the quorum queue's delivery limit.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,14 +29,15 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Acker, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::budget::ByteBudget;
 use super::dlq::republish_failed;
-use super::headers::{H_ATTEMPTS, get_u64};
-use super::{Endpoints, QueueError, Topology};
+use super::headers::{H_ATTEMPTS, H_PANICS, H_TENANT, death_queues, get_str, get_u64, set_u64};
+use super::publish::publish_confirmed;
+use super::{EXCHANGE, Endpoints, QueueError, Topology};
 use crate::breaker::BreakerState;
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
@@ -171,6 +178,12 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         }
     }
 
+    fn set_consuming(&self, consuming: bool) {
+        if let Some(h) = &self.health {
+            h.set_consuming(consuming);
+        }
+    }
+
     /// Runs until `shutdown` completes (then drains in-flight messages), until the queues are
     /// idle with [`RunOptions::exit_when_idle`], or until the broker stays unreachable past
     /// the give-up time ([`WorkerError::GaveUp`]). A topology mismatch is
@@ -233,24 +246,23 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        self.topology.declare(&publish).await?;
+        self.topology.declare(&conn, &publish).await?;
         let consume = conn.create_channel().await?;
-        consume
-            .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
-            .await?;
         Ok((conn, consume, publish))
     }
 
-    async fn session(
-        &self,
-        options: &RunOptions,
-        mut shutdown: Pin<&mut (impl Future<Output = ()> + Send)>,
-    ) -> Result<SessionEnd, QueueError> {
-        let (conn, consume, publish) = self.connect().await?;
-        self.set_connected(true);
-        let breaker = self.pipeline.embedder().breaker();
+    /// Starts a consumer on the main queue for `feed` (its prefetch is set first: a
+    /// per-consumer `basic.qos` applies to consumers started after it).
+    async fn subscribe(&self, consume: &Channel, feed: Feed) -> Result<Subscription, QueueError> {
+        let prefetch = match feed {
+            Feed::Full => self.config.broker.prefetch,
+            Feed::Probe => 1,
+        };
+        consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
         let tag = format!("rag-ingest-{}", uuid::Uuid::new_v4());
-        let mut consumer = consume
+        let stream = consume
             .basic_consume(
                 self.topology.main_queue().into(),
                 tag.as_str().into(),
@@ -261,57 +273,126 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         info!(
             queue = %self.topology.main_queue(),
             broker = %self.config.redacted_amqp_url(),
-            prefetch = self.config.broker.prefetch,
+            prefetch,
             concurrency = self.config.worker.concurrency,
+            feed = feed.as_str(),
             "worker consuming"
         );
+        Ok(Subscription {
+            stream,
+            tag,
+            feed,
+            cancelling: false,
+        })
+    }
+
+    async fn session(
+        &self,
+        options: &RunOptions,
+        mut shutdown: Pin<&mut (impl Future<Output = ()> + Send)>,
+    ) -> Result<SessionEnd, QueueError> {
+        let (conn, consume, publish) = self.connect().await?;
+        self.set_connected(true);
+        let breaker = self.pipeline.embedder().breaker();
+        let mut changes = breaker.map(|b| b.subscribe());
 
         let concurrency = self.config.worker.concurrency;
         let budget = ByteBudget::new(self.config.worker.max_inflight_bytes);
         let mut tasks: JoinSet<Result<(), QueueError>> = JoinSet::new();
+        // The delivery of every running task, so that past the shutdown grace period an
+        // unfinished one can be handed back without touching its delivery count.
+        let mut held: HashMap<tokio::task::Id, Arc<Delivery>> = HashMap::new();
+        let mut sub: Option<Subscription> = None;
         let mut last_activity = Instant::now();
         let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
+        // A closed channel or connection must end the session even while nothing polls the
+        // consumer (breaker open, concurrency full): the broker may have closed the channel
+        // (consumer_timeout, an operator) and the worker would otherwise sit without a
+        // consumer forever.
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         // Consecutive idle checks that found the queues empty. One is not enough: a delivery
         // may sit in the consumer's buffer (unacked, so not counted as ready) when the tick
         // wins the `select!`, and a message moving from a retry tier back to the main queue
         // is briefly in neither.
         let mut empty_checks = 0u32;
+        // The breaker lets a probe through (its open interval has passed).
         let mut probe_ready = false;
         let end = loop {
-            let can_take = tasks.len() < concurrency && budget.has_room();
-            let breaker_open = breaker
-                .as_ref()
-                .is_some_and(|b| b.state() == BreakerState::Open);
-            // While the breaker is not closed, take one delivery each time it lets a call
-            // through (the probe); the others wait in the queue.
-            let gated = breaker
-                .as_ref()
-                .is_some_and(|b| b.state() != BreakerState::Closed);
+            let state = breaker.map(|b| b.state());
+            let breaker_open = state == Some(BreakerState::Open);
+            let gated = state.is_some_and(|s| s != BreakerState::Closed);
             if let (Some(b), Some(h)) = (&breaker, &self.health) {
                 h.set_breaker_open(b.name(), breaker_open);
             }
             metrics::gauge!(names::BREAKER_OPEN).set(if breaker_open { 1.0 } else { 0.0 });
             metrics::gauge!(names::IN_FLIGHT).set(tasks.len() as f64);
             metrics::gauge!(names::IN_FLIGHT_BYTES).set(budget.in_flight() as f64);
+
+            // While the breaker is closed, consume with the full prefetch. While it is open,
+            // hold nothing: cancel the consumer (what it had prefetched is parked, below)
+            // until the probe time, then consume with prefetch 1 so the next delivery is
+            // the probe and nothing else waits unacked in this process.
+            let wanted = if !gated {
+                Some(Feed::Full)
+            } else if probe_ready {
+                Some(Feed::Probe)
+            } else {
+                None
+            };
+            match &mut sub {
+                Some(s) if !s.cancelling && Some(s.feed) != wanted => {
+                    if let Err(e) = consume
+                        .basic_cancel(s.tag.as_str().into(), BasicCancelOptions::default())
+                        .await
+                    {
+                        break SessionEnd::Lost(QueueError::Amqp(e));
+                    }
+                    s.cancelling = true;
+                    self.set_consuming(false);
+                    info!(
+                        breaker = state.map_or("none", BreakerState::as_str),
+                        "consumer cancelled while the embedder breaker is not closed; prefetched deliveries are handed back"
+                    );
+                }
+                None => {
+                    if let Some(feed) = wanted {
+                        match self.subscribe(&consume, feed).await {
+                            Ok(s) => {
+                                sub = Some(s);
+                                self.set_consuming(true);
+                            }
+                            Err(e) => break SessionEnd::Lost(e),
+                        }
+                    }
+                }
+                _ => {}
+            }
+
+            let can_take = tasks.len() < concurrency && budget.has_room();
+            let poll_feed = sub.as_ref().is_some_and(|s| s.cancelling || can_take);
             tokio::select! {
                 _ = shutdown.as_mut() => {
                     info!("shutdown requested: no new deliveries, finishing in-flight messages");
                     break SessionEnd::Stopped;
                 }
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     last_activity = Instant::now();
                     empty_checks = 0;
                     match joined {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
+                        Ok((id, Ok(()))) => {
+                            held.remove(&id);
+                        }
+                        Ok((id, Err(e))) => {
+                            held.remove(&id);
                             error!(error = %e, "could not settle a delivery; the channel is unusable");
                             break SessionEnd::Lost(e);
                         }
-                        Err(e) => error!(error = %e, "message task failed to complete; its delivery stays unacked until the channel closes"),
+                        Err(e) => {
+                            held.remove(&e.id());
+                            error!(error = %e, "message task failed to complete; its delivery stays unacked until the channel closes");
+                        }
                     }
                 }
-                // While the embedder's breaker is open, take nothing: messages stay queued
-                // instead of burning attempts; the first delivery after the interval probes.
                 () = async {
                     if let Some(b) = &breaker {
                         b.ready().await;
@@ -320,25 +401,68 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                     probe_ready = true;
                     debug!("embedder breaker lets a probe through");
                 }
-                next = consumer.next(), if can_take && (!gated || probe_ready) => match next {
-                    Some(Ok(delivery)) => {
-                        probe_ready = false;
-                        last_activity = Instant::now();
-                        empty_checks = 0;
-                        let acker = delivery.acker.clone();
-                        let admitted = budget.admit(delivery.data.len());
-                        let task = requeue_on_panic(self.handle(delivery, publish.clone()), acker);
-                        tasks.spawn(async move {
-                            let _admitted = admitted;
-                            task.await
-                        });
+                changed = async {
+                    match changes.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
                     }
-                    Some(Err(e)) => break SessionEnd::Lost(QueueError::Amqp(e)),
-                    None => break SessionEnd::Lost(QueueError::NotConfirmed {
-                        target: self.topology.main_queue(),
-                        reason: "the broker cancelled the consumer".into(),
-                    }),
-                },
+                } => {
+                    if !changed {
+                        changes = None;
+                    }
+                    // Re-evaluate from the new state: a probe that failed re-opens the
+                    // breaker and the next probe waits for its interval again.
+                    probe_ready = false;
+                }
+                next = async {
+                    match sub.as_mut() {
+                        Some(s) => s.stream.next().await,
+                        None => std::future::pending().await,
+                    }
+                }, if poll_feed => {
+                    let cancelling = sub.as_ref().is_some_and(|s| s.cancelling);
+                    match next {
+                        Some(Ok(delivery)) if cancelling => {
+                            // Prefetched but not started: hand it back without a
+                            // redelivery (see `park`).
+                            if let Err(e) = park(&publish, &self.topology, &delivery).await {
+                                break SessionEnd::Lost(e);
+                            }
+                            metrics::counter!(names::MESSAGES, "outcome" => "parked").increment(1);
+                            debug!("prefetched delivery handed back while the consumer is paused");
+                        }
+                        Some(Ok(delivery)) => {
+                            last_activity = Instant::now();
+                            empty_checks = 0;
+                            let delivery = Arc::new(delivery);
+                            let admitted = budget.admit(delivery.data.len());
+                            let work = self.handle(Arc::clone(&delivery), publish.clone());
+                            let task = give_up_on_panic(
+                                work,
+                                Arc::clone(&delivery),
+                                publish.clone(),
+                                self.topology.clone(),
+                                self.config.broker.delivery_limit,
+                            );
+                            let spawned = tasks.spawn(async move {
+                                let _admitted = admitted;
+                                task.await
+                            });
+                            held.insert(spawned.id(), delivery);
+                        }
+                        Some(Err(e)) => break SessionEnd::Lost(QueueError::Amqp(e)),
+                        None if cancelling => sub = None,
+                        None => break SessionEnd::Lost(QueueError::Closed {
+                            what: "consumer (cancelled by the broker)".into(),
+                        }),
+                    }
+                }
+                _ = liveness.tick() => {
+                    if let Some(what) = closed_part(&conn, &consume, &publish) {
+                        error!(closed = what, "the broker closed the worker's {what}; reconnecting");
+                        break SessionEnd::Lost(QueueError::Closed { what: what.into() });
+                    }
+                }
                 _ = idle_tick.tick(), if options.exit_when_idle && tasks.is_empty() => {
                     if last_activity.elapsed() >= options.idle_grace {
                         match self.topology.pending(&publish).await {
@@ -359,26 +483,53 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         };
 
         self.set_connected(false);
-        let _ = consume
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        self.set_consuming(false);
         match &end {
             SessionEnd::Stopped => {
+                if let Some(s) = sub.take() {
+                    self.hand_back_prefetched(&consume, &publish, s).await;
+                }
                 let grace = self.config.shutdown_grace();
                 let drained = tokio::time::timeout(grace, async {
-                    while let Some(joined) = tasks.join_next().await {
-                        if let Ok(Err(e)) = joined {
-                            warn!(error = %e, "delivery left unacked during shutdown");
+                    while let Some(joined) = tasks.join_next_with_id().await {
+                        match joined {
+                            Ok((id, result)) => {
+                                held.remove(&id);
+                                if let Err(e) = result {
+                                    warn!(error = %e, "delivery left unacked during shutdown");
+                                }
+                            }
+                            Err(e) => {
+                                held.remove(&e.id());
+                            }
                         }
                     }
                 })
                 .await;
                 if drained.is_err() {
-                    warn!(
-                        unfinished = tasks.len(),
-                        "grace period over; unfinished messages stay queued for redelivery"
-                    );
                     tasks.abort_all();
+                    while let Some(joined) = tasks.join_next_with_id().await {
+                        if let Ok((id, _)) = joined {
+                            held.remove(&id);
+                        }
+                    }
+                    let mut handed_back = 0usize;
+                    for delivery in held.values() {
+                        // A task stopped before settling its delivery: hand it back (a copy
+                        // at the queue's tail, then ack) so the shutdown does not count
+                        // as a failed delivery. Processing is idempotent, so a task that
+                        // had already written its document costs only a repeat.
+                        if delivery.acker.usable()
+                            && park(&publish, &self.topology, delivery).await.is_ok()
+                        {
+                            handed_back += 1;
+                        }
+                    }
+                    warn!(
+                        unfinished = held.len(),
+                        handed_back,
+                        "grace period over; unfinished messages were handed back to the queue"
+                    );
                 }
             }
             SessionEnd::Lost(_) => tasks.abort_all(),
@@ -389,9 +540,45 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         Ok(end)
     }
 
+    /// Cancels `sub` (unless already cancelling) and hands back every delivery it had
+    /// prefetched (see [`park`]), waiting at most [`HAND_BACK_TIMEOUT`] for the broker's
+    /// cancel-ok. Whatever cannot be handed back stays unacked and returns to the queue when
+    /// the channel closes.
+    async fn hand_back_prefetched(
+        &self,
+        consume: &Channel,
+        publish: &Channel,
+        mut sub: Subscription,
+    ) {
+        let drained = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
+            if !sub.cancelling
+                && consume
+                    .basic_cancel(sub.tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                    .is_err()
+            {
+                return 0usize;
+            }
+            let mut handed_back = 0usize;
+            while let Some(Ok(delivery)) = sub.stream.next().await {
+                if park(publish, &self.topology, &delivery).await.is_err() {
+                    break;
+                }
+                handed_back += 1;
+            }
+            handed_back
+        })
+        .await;
+        match drained {
+            Ok(n) if n > 0 => info!(handed_back = n, "prefetched deliveries handed back"),
+            Ok(_) => {}
+            Err(_) => warn!("the broker did not confirm the consumer's cancel in time"),
+        }
+    }
+
     fn handle(
         &self,
-        delivery: Delivery,
+        delivery: Arc<Delivery>,
         publish: Channel,
     ) -> impl Future<Output = Result<(), QueueError>> + Send + 'static {
         let pipeline = self.pipeline.clone();
@@ -416,16 +603,32 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             stage = tracing::field::Empty,
         );
         async move {
-            let previous = get_u64(delivery.properties.headers(), H_ATTEMPTS).unwrap_or(0);
-            let attempts = previous + 1;
-            let outcome = match decode(&delivery.data, &rules) {
-                Err(rejection) => {
+            let headers = delivery.properties.headers();
+            let previous = trusted_attempts(headers, &topology, config.retry.max_attempts);
+            let attempts = previous.saturating_add(1);
+            let decoded = decode(&delivery.data, &rules)
+                .map_err(|rejection| Failure::new(rejection.kind, crate::error::Stage::Decode, rejection.reason))
+                .and_then(|doc| match get_str(headers, H_TENANT) {
+                    // The header is the producer's claim; the body is what gets stored. A
+                    // header naming another tenant is a broken (or hostile) producer.
+                    Some(claimed) if claimed != doc.tenant.as_str() => Err(Failure::new(
+                        crate::error::ErrorKind::InvalidField,
+                        crate::error::Stage::Decode,
+                        format!(
+                            "header `{H_TENANT}` ({claimed:?}) disagrees with the body's `tenant_id` ({:?})",
+                            doc.tenant.as_str()
+                        ),
+                    )),
+                    _ => Ok(doc),
+                });
+            let outcome = match decoded {
+                Err(failure) => {
                     let span = tracing::Span::current();
                     span.record("stage", "decode");
                     if let Some(t) = peek_tenant(&delivery.data) {
                         span.record("tenant_id", t.as_str());
                     }
-                    Err(Failure::new(rejection.kind, crate::error::Stage::Decode, rejection.reason))
+                    Err(failure)
                 }
                 Ok(doc) => {
                     let span = tracing::Span::current();
@@ -478,6 +681,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                     if let Err(e) = republish_failed(&publish, &queue, &delivery.data, &delivery.properties, &failure, attempts).await {
                         // Not confirmed: leave the source with the broker so nothing is lost.
                         let _ = delivery
+                            .acker
                             .nack(BasicNackOptions { multiple: false, requeue: true })
                             .await;
                         return Err(e);
@@ -496,40 +700,281 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                     }
                 }
             }
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                // The channel is gone: the broker redelivers; the write is idempotent.
+            // If the channel is gone the broker redelivers; the write is idempotent.
+            settled(delivery.acker.ack(BasicAckOptions::default()).await).inspect_err(|e| {
                 warn!(error = %e, "ack failed; the message will be redelivered");
-                return Err(QueueError::Amqp(e));
-            }
-            Ok(())
+            })
         }
         .instrument(span)
     }
 }
 
-/// Runs one delivery's `work`; if it panics, hands the delivery back to the broker (nack with
-/// requeue) instead of leaving it unacked for the rest of the session. The redelivery counts
-/// against the main queue's `x-delivery-limit`, so a message that crashes its task every time
-/// ends in the DLQ (kind `delivery_limit`) rather than holding a prefetch slot forever (and,
-/// after `prefetch` such messages, stalling the worker).
-async fn requeue_on_panic(
-    work: impl Future<Output = Result<(), QueueError>>,
-    acker: Acker,
-) -> Result<(), QueueError> {
-    match AssertUnwindSafe(work).catch_unwind().await {
-        Ok(result) => result,
-        Err(_) => {
-            error!(
-                "message processing panicked; requeueing the delivery (past the delivery limit the broker dead-letters it)"
-            );
-            acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await
-                .map(|_| ())
-                .map_err(QueueError::Amqp)
+/// How often the session checks that its connection and channels are still open.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
+/// How long a stopping worker waits for the broker's cancel-ok while handing back
+/// prefetched deliveries.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which consumer a session keeps on the main queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// The breaker is closed (or there is none): consume with `broker.prefetch`.
+    Full,
+    /// The breaker is open and its probe time has come: consume with prefetch 1, so the
+    /// next delivery is the probe and nothing else waits unacked in this process.
+    Probe,
+}
+
+impl Feed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Feed::Full => "full",
+            Feed::Probe => "probe",
         }
+    }
+}
+
+/// A consumer on the main queue.
+struct Subscription {
+    stream: lapin::Consumer,
+    tag: String,
+    feed: Feed,
+    /// `basic.cancel` was sent: deliveries still arriving were prefetched before it and
+    /// are handed back ([`park`]) until the stream ends.
+    cancelling: bool,
+}
+
+/// Which part of the session the broker has closed, if any.
+fn closed_part(conn: &Connection, consume: &Channel, publish: &Channel) -> Option<&'static str> {
+    if !conn.status().connected() {
+        Some("connection")
+    } else if !consume.status().connected() {
+        Some("consumer channel")
+    } else if !publish.status().connected() {
+        Some("publish channel")
+    } else {
+        None
+    }
+}
+
+/// Turns the result of an ack or nack into a settlement result. lapin answers `Ok(false)`
+/// when the delivery's channel has been closed (its acker is poisoned): nothing reached the
+/// broker, which redelivers the message, and the session must reconnect.
+fn settled(result: Result<bool, lapin::Error>) -> Result<(), QueueError> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(QueueError::Closed {
+            what: "consumer channel (the delivery can no longer be settled)".into(),
+        }),
+        Err(e) => Err(QueueError::Amqp(e)),
+    }
+}
+
+/// Hands a delivery that was taken but not processed back to the queue without a
+/// redelivery: publishes a copy (same body and properties, minus the broker's
+/// `x-delivery-count`) to the tail of the main queue, waits for the confirm, then acks the
+/// original.
+///
+/// Requeueing instead (`basic.nack`/`basic.reject` with requeue, a consumer-channel close)
+/// increments a quorum queue's delivery count on RabbitMQ 3.x (checked on 3.10.8), so a long
+/// outage would dead-letter healthy messages as `delivery_limit`; a confirmed copy plus ack
+/// counts nothing. The copy keeps `x-attempts` and `x-death`, so its retry budget is the
+/// original's. Fails with [`QueueError`] if the copy is not confirmed or the ack cannot be
+/// sent; the original then stays with the broker.
+async fn park(
+    publish: &Channel,
+    topology: &Topology,
+    delivery: &Delivery,
+) -> Result<(), QueueError> {
+    let mut properties = delivery.properties.clone();
+    if let Some(old) = delivery.properties.headers() {
+        let mut headers = FieldTable::default();
+        for (k, v) in old.inner() {
+            if k.as_str() != "x-delivery-count" {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        properties = properties.with_headers(headers);
+    }
+    publish_confirmed(
+        publish,
+        EXCHANGE,
+        topology.routing_key(),
+        &delivery.data,
+        properties,
+    )
+    .await?;
+    settled(delivery.acker.ack(BasicAckOptions::default()).await)
+}
+
+/// The attempts a delivery has already used, as far as they can be trusted.
+///
+/// `x-attempts` is written by this worker when it sends a message to a delayed-retry tier;
+/// the broker then adds an `x-death` entry naming that tier's queue when it moves the
+/// message back. A producer can set any header: an `x-attempts` on a message that never
+/// went through this pipeline's retry tier is ignored (0), so it cannot make a message
+/// skip its retries, and a trusted value is capped at `max_attempts` so it cannot overflow.
+pub(crate) fn trusted_attempts(
+    headers: &Option<FieldTable>,
+    topology: &Topology,
+    max_attempts: u32,
+) -> u64 {
+    let Some(claimed) = get_u64(headers, H_ATTEMPTS) else {
+        return 0;
+    };
+    let prefix = topology.retry_queue_prefix();
+    if death_queues(headers).iter().any(|q| q.starts_with(&prefix)) {
+        claimed.min(u64::from(max_attempts))
+    } else {
+        debug!(
+            claimed,
+            "ignoring an x-attempts header on a message that did not come from a retry tier"
+        );
+        0
+    }
+}
+
+/// Runs one delivery's `work`. If it panics, the delivery is not requeued (on RabbitMQ 4.3+
+/// a `basic.nack` with requeue no longer counts toward the delivery limit, so a message that
+/// crashes every time would loop forever): a copy with `x-panics` incremented goes to the
+/// tail of the main queue and the original is acked; once `x-panics` reaches
+/// `panic_limit`, the copy goes to the DLQ instead, as `delivery_limit`. If that publish
+/// fails, the delivery is nacked with requeue (the broker's count is then the guard).
+async fn give_up_on_panic(
+    work: impl Future<Output = Result<(), QueueError>>,
+    delivery: Arc<Delivery>,
+    publish: Channel,
+    topology: Topology,
+    panic_limit: u32,
+) -> Result<(), QueueError> {
+    if let Ok(result) = AssertUnwindSafe(work).catch_unwind().await {
+        return result;
+    }
+    let panics = get_u64(delivery.properties.headers(), H_PANICS)
+        .unwrap_or(0)
+        .saturating_add(1);
+    let give_up = panics >= u64::from(panic_limit);
+    error!(
+        panics,
+        give_up, "message processing panicked; handing the delivery back with its panic count"
+    );
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    set_u64(&mut headers, H_PANICS, panics);
+    let properties = delivery.properties.clone().with_headers(headers);
+    let published = if give_up {
+        let failure = Failure::new(
+            crate::error::ErrorKind::DeliveryLimit,
+            crate::error::Stage::Broker,
+            format!("processing panicked {panics} times"),
+        );
+        metrics::counter!(names::DEAD_LETTERED, "kind" => failure.kind.as_str()).increment(1);
+        let attempts = get_u64(delivery.properties.headers(), H_ATTEMPTS).unwrap_or(0);
+        republish_failed(
+            &publish,
+            &topology.dlq(),
+            &delivery.data,
+            &properties,
+            &failure,
+            attempts,
+        )
+        .await
+    } else {
+        publish_confirmed(
+            &publish,
+            EXCHANGE,
+            topology.routing_key(),
+            &delivery.data,
+            properties,
+        )
+        .await
+    };
+    match published {
+        Ok(()) => settled(delivery.acker.ack(BasicAckOptions::default()).await),
+        Err(e) => {
+            warn!(error = %e, "could not hand back a panicked delivery; requeueing it");
+            settled(
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn topology() -> Topology {
+        let text = "name = \"p\"\n[broker]\nurl = \"amqp://g:g@127.0.0.1:5672/%2f\"\nprefetch = 8\n[tenants]\nallowed = [\"acme\"]\n[chunking]\nmax_tokens = 64\noverlap = 8\n[embedder]\nkind = \"candle\"\nmodel_dir = \"m\"\nbatch_size = 8\n[store]\nkind = \"edge\"\npath = \"data\"\ncollection = \"c\"\n[limits]\nmax_document_bytes = 1000\n";
+        let config = PipelineConfig::from_toml_str(
+            text,
+            std::path::Path::new("t.toml"),
+            std::path::Path::new("/base"),
+            |_| None,
+        )
+        .expect("config");
+        Topology::new(&config)
+    }
+
+    fn headers(attempts: i64, death_queue: Option<&str>) -> Option<FieldTable> {
+        let mut h = FieldTable::default();
+        set_u64(&mut h, H_ATTEMPTS, u64::try_from(attempts).unwrap_or(0));
+        if let Some(q) = death_queue {
+            let mut death = FieldTable::default();
+            death.insert(
+                "queue".into(),
+                AMQPValue::LongString(LongString::from(q.to_string())),
+            );
+            death.insert(
+                "reason".into(),
+                AMQPValue::LongString(LongString::from("expired".to_string())),
+            );
+            h.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            );
+        }
+        Some(h)
+    }
+
+    use lapin::types::AMQPValue;
+
+    #[test]
+    fn producer_set_attempts_are_ignored() {
+        let t = topology();
+        assert_eq!(trusted_attempts(&headers(i64::MAX, None), &t, 5), 0);
+        assert_eq!(trusted_attempts(&headers(4, None), &t, 5), 0);
+        assert_eq!(
+            trusted_attempts(&headers(4, Some("rag-ingest.other.retry.100")), &t, 5),
+            0,
+            "another pipeline's retry tier is not ours"
+        );
+        assert_eq!(trusted_attempts(&None, &t, 5), 0);
+    }
+
+    #[test]
+    fn attempts_from_our_retry_tier_are_kept_and_capped() {
+        let t = topology();
+        let tier = t.retry_queue(1_000);
+        assert_eq!(trusted_attempts(&headers(2, Some(&tier)), &t, 5), 2);
+        assert_eq!(trusted_attempts(&headers(i64::MAX, Some(&tier)), &t, 5), 5);
+        assert_eq!(
+            trusted_attempts(&headers(i64::MAX, Some(&tier)), &t, 5).saturating_add(1),
+            6,
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn a_poisoned_acker_is_a_lost_channel_not_a_settlement() {
+        assert!(settled(Ok(true)).is_ok());
+        assert!(matches!(settled(Ok(false)), Err(QueueError::Closed { .. })));
     }
 }

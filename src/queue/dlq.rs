@@ -10,11 +10,11 @@ use lapin::{BasicProperties, Channel};
 
 use super::headers::{
     H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
-    H_REPROCESSED, H_TENANT, death_reason, get_str, get_u64, set_str, set_u64,
+    H_PANICS, H_REPROCESSED, death_reason, get_str, get_u64, set_str, set_u64,
 };
 use super::publish::{open_channel, publish_confirmed};
 use super::topology::queue_len;
-use super::{EXCHANGE, QueueError, Topology};
+use super::{DLX, EXCHANGE, QueueError, Topology};
 use crate::config::PipelineConfig;
 use crate::error::ErrorKind;
 use crate::message::peek_tenant;
@@ -66,7 +66,8 @@ pub struct DlqFilter {
 pub struct DlqEntry {
     /// Error kind (`unknown` if the message carries none).
     pub kind: String,
-    /// Tenant from the `x-tenant-id` header or the body, if any.
+    /// Tenant from the body (`tenant_id`), if it can be read; never the `x-tenant-id`
+    /// header, which a producer sets as it likes.
     pub tenant: Option<String>,
     /// Document id from the body, if it can be read.
     pub document_id: Option<String>,
@@ -87,16 +88,24 @@ pub struct DlqEntry {
 }
 
 impl DlqEntry {
-    fn from_parts(properties: &BasicProperties, body: &[u8]) -> Self {
+    /// The entry for a message read from the DLQ; `exchange` is the exchange it was
+    /// delivered through: [`DLX`] when the broker dead-lettered it itself (its latest
+    /// `x-death` reason is then the kind, whatever `x-error-kind` an earlier delayed retry
+    /// left), the default exchange when a worker put it there (its `x-error-kind`).
+    pub(crate) fn from_parts(exchange: &str, properties: &BasicProperties, body: &[u8]) -> Self {
         let h = properties.headers();
-        let kind = get_str(h, H_ERROR_KIND)
-            .or_else(|| {
-                death_reason(h).map(|r| match r.as_str() {
-                    "delivery_limit" => ErrorKind::DeliveryLimit.as_str().to_string(),
-                    other => other.to_string(),
-                })
+        let broker_kind = || {
+            death_reason(h).map(|r| match r.as_str() {
+                "delivery_limit" => ErrorKind::DeliveryLimit.as_str().to_string(),
+                other => other.to_string(),
             })
-            .unwrap_or_else(|| "unknown".into());
+        };
+        let kind = if exchange == DLX {
+            broker_kind().or_else(|| get_str(h, H_ERROR_KIND))
+        } else {
+            get_str(h, H_ERROR_KIND).or_else(broker_kind)
+        }
+        .unwrap_or_else(|| "unknown".into());
         let document_id = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v.get("document_id")?.as_str().map(str::to_owned));
@@ -111,7 +120,9 @@ impl DlqEntry {
             .unwrap_or_default();
         DlqEntry {
             kind,
-            tenant: get_str(h, H_TENANT).or_else(|| peek_tenant(body)),
+            // The body's tenant: the `x-tenant-id` header is the producer's claim, and the
+            // DLQ also holds messages rejected because the two disagree.
+            tenant: peek_tenant(body),
             document_id,
             stage: get_str(h, H_ERROR_STAGE),
             error: get_str(h, H_ERROR),
@@ -201,7 +212,11 @@ pub async fn inspect_dlq(
     let mut selected = Vec::new();
     let mut held = Vec::new();
     while let Some(msg) = next_present(&channel, &topology, present, held.len()).await? {
-        let entry = DlqEntry::from_parts(&msg.delivery.properties, &msg.delivery.data);
+        let entry = DlqEntry::from_parts(
+            msg.delivery.exchange.as_str(),
+            &msg.delivery.properties,
+            &msg.delivery.data,
+        );
         summary.add(&entry);
         if entry.matches(filter) && filter.limit.is_none_or(|l| selected.len() < l) {
             selected.push(entry);
@@ -252,7 +267,7 @@ pub async fn reprocess(
             seen += 1;
             on_progress(seen);
             let d = msg.delivery;
-            let entry = DlqEntry::from_parts(&d.properties, &d.data);
+            let entry = DlqEntry::from_parts(d.exchange.as_str(), &d.properties, &d.data);
             let wanted =
                 entry.matches(filter) && filter.limit.is_none_or(|l| report.moved.total < l);
             if !wanted || dry_run {
@@ -300,7 +315,7 @@ async fn next_present(
 
 fn replay_properties(properties: &BasicProperties) -> BasicProperties {
     let old = properties.headers();
-    let reprocessed = get_u64(old, H_REPROCESSED).unwrap_or(0) + 1;
+    let reprocessed = get_u64(old, H_REPROCESSED).unwrap_or(0).saturating_add(1);
     let mut headers = FieldTable::default();
     if let Some(table) = old {
         for (k, v) in table.inner() {
@@ -313,6 +328,7 @@ fn replay_properties(properties: &BasicProperties) -> BasicProperties {
                     | H_FIRST_FAILED_AT
                     | H_LAST_FAILED_AT
                     | H_REPROCESSED
+                    | H_PANICS
                     | "x-death"
                     | "x-first-death-exchange"
                     | "x-first-death-queue"
@@ -355,5 +371,66 @@ async fn release(channel: &Channel, dlq: &str, tags: &[u64], ready: usize) {
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::H_TENANT;
+    use lapin::types::{FieldArray, LongString};
+
+    fn long(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s.to_string()))
+    }
+
+    fn properties(pairs: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut h = FieldTable::default();
+        for (k, v) in pairs {
+            h.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    fn death(reason: &str, queue: &str) -> AMQPValue {
+        let mut d = FieldTable::default();
+        d.insert("reason".into(), long(reason));
+        d.insert("queue".into(), long(queue));
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(d)]))
+    }
+
+    const BODY: &[u8] = br#"{"schema":1,"tenant_id":"acme","document_id":"d","content":"x"}"#;
+
+    #[test]
+    fn a_broker_dead_letter_shows_its_death_reason_over_a_stale_error_kind() {
+        let p = properties(&[
+            (H_ERROR_KIND, long("embedder_unavailable")),
+            ("x-death", death("delivery_limit", "rag-ingest.p")),
+        ]);
+        assert_eq!(DlqEntry::from_parts(DLX, &p, BODY).kind, "delivery_limit");
+        // Put there by a worker (default exchange): its own kind.
+        assert_eq!(
+            DlqEntry::from_parts("", &p, BODY).kind,
+            "embedder_unavailable"
+        );
+    }
+
+    #[test]
+    fn the_tenant_is_the_bodys_never_the_header() {
+        let p = properties(&[(H_TENANT, long("globex"))]);
+        let e = DlqEntry::from_parts("", &p, BODY);
+        assert_eq!(e.tenant.as_deref(), Some("acme"));
+        let filter = DlqFilter {
+            tenant: Some("globex".into()),
+            ..DlqFilter::default()
+        };
+        assert!(!e.matches(&filter));
+    }
+
+    #[test]
+    fn replay_counts_saturate() {
+        let p = properties(&[(H_REPROCESSED, AMQPValue::LongLongInt(i64::MAX))]);
+        let out = replay_properties(&p);
+        assert_eq!(get_u64(out.headers(), H_REPROCESSED), Some(i64::MAX as u64));
     }
 }

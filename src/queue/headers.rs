@@ -16,6 +16,9 @@ pub const H_FIRST_FAILED_AT: &str = "x-first-failed-at";
 pub const H_LAST_FAILED_AT: &str = "x-last-failed-at";
 /// How many times the message was replayed from the DLQ.
 pub const H_REPROCESSED: &str = "x-reprocessed";
+/// How many times processing this message panicked (set by the worker when it hands a
+/// panicked delivery back; see `consume::give_up_on_panic`).
+pub const H_PANICS: &str = "x-panics";
 /// Tenant of the document (set by the submitter).
 pub const H_TENANT: &str = "x-tenant-id";
 
@@ -72,4 +75,22 @@ pub(crate) fn death_reason(headers: &Option<FieldTable>) -> Option<String> {
         return None;
     };
     get_str(&Some(first.clone()), "reason")
+}
+
+/// The `queue` of every `x-death` entry (the queues the broker dead-lettered the message
+/// from, most recent first).
+pub(crate) fn death_queues(headers: &Option<FieldTable>) -> Vec<String> {
+    let Some(AMQPValue::FieldArray(deaths)) =
+        headers.as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return Vec::new();
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(entry) => get_str(&Some(entry.clone()), "queue"),
+            _ => None,
+        })
+        .collect()
 }

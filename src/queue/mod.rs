@@ -13,7 +13,7 @@ pub use consume::{RunOptions, Worker, WorkerError, WorkerReport};
 pub use dlq::{DlqEntry, DlqFilter, DlqSummary, ReprocessReport, inspect_dlq, reprocess};
 pub use headers::{
     H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
-    H_REPROCESSED, H_TENANT,
+    H_PANICS, H_REPROCESSED, H_TENANT,
 };
 pub use publish::{Submitter, publish_confirmed};
 pub use topology::{DLX, EXCHANGE, Topology};
@@ -77,6 +77,14 @@ pub enum QueueError {
         count: usize,
         /// Each URL's error (passwords redacted), separated by `; `.
         errors: String,
+    },
+    /// The broker closed the connection or a channel (e.g. `consumer_timeout`, an operator's
+    /// `rabbitmqctl close_connection`), or cancelled the consumer: deliveries held on it can
+    /// no longer be settled and the worker must reconnect.
+    #[error("the broker closed the {what}")]
+    Closed {
+        /// What was closed: `connection`, `consumer channel`, `publish channel`, `consumer`.
+        what: String,
     },
     /// Any other AMQP failure (connection or channel lost, protocol error).
     #[error("RabbitMQ error: {0}")]

@@ -80,7 +80,7 @@ pub(crate) async fn open_channel(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    topology.declare(&channel).await?;
+    topology.declare(&conn, &channel).await?;
     Ok((conn, channel))
 }
 

@@ -5,12 +5,19 @@
 //!   dead-letter exchange `rag-ingest.dlx` and `x-delivery-limit` (crash-loop guard);
 //! - quorum queues `rag-ingest.P.retry.<ms>` with that TTL, dead-lettering back to
 //!   `rag-ingest`/`P` (delayed retries);
-//! - exchange `rag-ingest.dlx` (direct) and quorum queue `rag-ingest.P.dlq` bound with key `P`.
+//! - exchange `rag-ingest.dlx` (direct) and quorum queue `rag-ingest.P.dlq` bound with key `P`,
+//!   with `x-delivery-limit` 2147483647: inspecting the DLQ hands messages back with
+//!   `basic.nack(requeue)`, which RabbitMQ 3.x and 4.0–4.2 count as deliveries, and 4.0+
+//!   gives quorum queues a default limit of 20, so without an explicit limit a DLQ with no
+//!   dead-letter exchange of its own would drop a message after 20 inspections. (`-1`, which
+//!   4.x reads as "no limit", is accepted by 3.10 but means "dead-letter on the first
+//!   return" there.) A DLQ declared without the limit by an earlier version is kept as it is,
+//!   with a warning (see [`Topology::declare`]).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ErrorKind as LapinErrorKind, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind as LapinErrorKind, ExchangeKind};
 
 use super::QueueError;
 use crate::config::PipelineConfig;
@@ -19,6 +26,9 @@ use crate::config::PipelineConfig;
 pub const EXCHANGE: &str = "rag-ingest";
 /// The dead-letter exchange the broker uses for messages it dead-letters itself.
 pub const DLX: &str = "rag-ingest.dlx";
+/// The DLQ's `x-delivery-limit`: the largest value (`i32::MAX`), so that returns from
+/// inspection never reach it on any RabbitMQ version.
+pub const DLQ_DELIVERY_LIMIT: i32 = i32::MAX;
 
 /// Names and arguments of one pipeline's queues.
 #[derive(Debug, Clone)]
@@ -58,6 +68,12 @@ impl Topology {
         format!("{EXCHANGE}.{}.retry.{delay_ms}", self.pipeline)
     }
 
+    /// The common prefix of this pipeline's delayed-retry queues, `rag-ingest.P.retry.`
+    /// (also of tiers a previous configuration declared with other delays).
+    pub fn retry_queue_prefix(&self) -> String {
+        format!("{EXCHANGE}.{}.retry.", self.pipeline)
+    }
+
     /// Every delayed-retry queue.
     pub fn retry_queues(&self) -> Vec<String> {
         self.delays_ms
@@ -66,11 +82,12 @@ impl Topology {
             .collect()
     }
 
-    /// Declares exchanges, queues and bindings. Idempotent.
+    /// Declares exchanges, queues and bindings on `channel` (the DLQ on channels of its own
+    /// opened on `conn`, see [`Topology::declare_dlq`]). Idempotent.
     ///
     /// Fails with [`QueueError::TopologyMismatch`] when a queue exists with other arguments
     /// (the channel is closed by the broker then), or [`QueueError::Amqp`].
-    pub async fn declare(&self, channel: &Channel) -> Result<(), QueueError> {
+    pub async fn declare(&self, conn: &Connection, channel: &Channel) -> Result<(), QueueError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -113,9 +130,47 @@ impl Topology {
                 .await?;
         }
 
-        self.declare_queue(channel, &self.dlq(), quorum()).await?;
+        self.declare_dlq(conn).await?;
         self.bind(channel, &self.dlq(), DLX).await?;
         Ok(())
+    }
+
+    /// Declares the DLQ with [`DLQ_DELIVERY_LIMIT`]. A DLQ that an earlier version declared
+    /// without a delivery limit makes that declare fail (PRECONDITION_FAILED, on its own
+    /// channel so the caller's survives); it is then re-declared with the earlier arguments,
+    /// so existing deployments keep working, and a warning says how to migrate.
+    ///
+    /// Fails with [`QueueError::TopologyMismatch`] if the DLQ exists with yet other
+    /// arguments, or [`QueueError::Amqp`].
+    async fn declare_dlq(&self, conn: &Connection) -> Result<(), QueueError> {
+        let dlq = self.dlq();
+        let mut args = quorum();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(DLQ_DELIVERY_LIMIT),
+        );
+        let ch = conn.create_channel().await?;
+        let declared = self.declare_queue(&ch, &dlq, args).await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "declared".into()).await;
+        }
+        match declared {
+            Err(QueueError::TopologyMismatch { server, .. }) => {
+                let ch = conn.create_channel().await?;
+                let legacy = self.declare_queue(&ch, &dlq, quorum()).await;
+                if ch.status().connected() {
+                    let _ = ch.close(200, "declared".into()).await;
+                }
+                legacy?;
+                tracing::warn!(
+                    queue = %dlq,
+                    broker = %server,
+                    "the DLQ was declared by an earlier version without x-delivery-limit; on RabbitMQ 4.0-4.2 each inspection (dlq list/show, reprocess) counts toward the default limit of 20. To migrate: stop the workers, move its messages, delete the queue and start a worker again"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     async fn declare_queue(
