@@ -2,20 +2,22 @@
 //! collection on a Qdrant server of the test's own. They get a shuffled stream of upserts of
 //! several versions per document, deletes at some versions, and bad messages, while the test
 //! kills a worker with SIGKILL (and starts it again), drops the workers' broker connections,
-//! and kills and restarts the Qdrant server. At the end the store is compared with a model
+//! takes the embedding provider down (the workers use the OpenAI client against a local
+//! server that answers 503 while down and the real model's vectors while up), and kills and
+//! restarts the Qdrant server. At the end the store is compared with a model
 //! computed from the messages alone: per document, the message with the highest version
 //! decides (absent if it is a delete, otherwise exactly its chunks). It prints
 //! `chaos: docs=N wrong=0 lost=0 duplicated=0 dead_lettered=K (expected K)`.
 //!
 //! The default is a short run for CI (`CHAOS_DOCS`, default 16 documents × 4 versions); set
-//! `CHAOS_DOCS=200` for a longer one. Embedder outages are not injected here: the workers use
-//! the local model (see tests/lose_nothing.rs for outages of the embedder in process).
+//! `CHAOS_DOCS=200` for a longer one.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::openai_server::{Embedder503, MODEL};
 use common::qdrant_server::{QdrantServer, ServerOptions};
 use common::{TestPipeline, TestStore, WorkerProcess, embedder, expected_chunks};
 use rag_ingest::embed::Embedder;
@@ -134,6 +136,27 @@ async fn submit(t: &TestPipeline, docs: &[Document], bad: &[Vec<u8>]) {
     submitter.close().await;
 }
 
+/// Replaces the `[embedder]` table of the pipeline file `file` with the OpenAI client of
+/// `server` (same vector space as the local model: the same fingerprint).
+fn use_remote_embedder(file: &std::path::Path, server: &Embedder503) {
+    let text = std::fs::read_to_string(file).expect("pipeline file");
+    let start = text.find("[embedder]\n").expect("an [embedder] table");
+    let end = text[start + 1..]
+        .find("\n[")
+        .map_or(text.len(), |i| start + 1 + i + 1);
+    let remote = format!(
+        "[embedder]\nkind = \"openai\"\nbatch_size = 8\nbase_url = \"http://{addr}\"\n\
+         model = \"all-minilm\"\nfingerprint_model = \"{MODEL}\"\ndims = 384\n\
+         pooling = \"mean\"\nnormalized = true\nmax_input_tokens = 256\n\
+         tokenizer = \"{tokenizer}\"\nrequest_timeout_ms = 10000\nrate_limit_retries = 0\n\
+         breaker_failures = 3\nbreaker_open_ms = 500\n",
+        addr = server.addr,
+        tokenizer = common::model_dir().join("tokenizer.json").display(),
+    );
+    let text = format!("{}{remote}{}", &text[..start], &text[end..]);
+    std::fs::write(file, text).expect("write pipeline file");
+}
+
 /// Waits until at most `left` messages are ready in the main and retry queues.
 async fn wait_backlog(t: &TestPipeline, left: u64) {
     common::eventually(
@@ -165,6 +188,8 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     t.config.broker.prefetch = 8;
     t.config.broker.delivery_limit = 20;
     let file = common::write_pipeline_file(&t);
+    let provider = Embedder503::start(false).await;
+    use_remote_embedder(&file, &provider);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let docs = messages(n, &mut rng);
     let bad = bad_messages();
@@ -183,9 +208,21 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     assert!(!status.success(), "killed");
     workers.push(WorkerProcess::start(&file, false));
     // Fault 2: the broker drops every worker connection.
-    wait_backlog(&t, total * 3 / 5).await;
+    wait_backlog(&t, total * 7 / 10).await;
     let dropped = common::close_worker_connections(&t.config.name);
-    // Fault 3: the Qdrant server crashes and comes back.
+    // Fault 3: the embedding provider is down (503) until the workers have seen it fail a
+    // few times (their breakers open and they stop taking messages), then comes back.
+    wait_backlog(&t, total * 11 / 20).await;
+    let before = provider.requests.load(std::sync::atomic::Ordering::SeqCst);
+    provider.set_down(true);
+    common::eventually(
+        Duration::from_secs(60),
+        "failed embedding calls",
+        || async { provider.requests.load(std::sync::atomic::Ordering::SeqCst) >= before + 6 },
+    )
+    .await;
+    provider.set_down(false);
+    // Fault 4: the Qdrant server crashes and comes back.
     wait_backlog(&t, total * 2 / 5).await;
     server.kill();
     server.restart().await;
@@ -267,9 +304,11 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     let dead_lettered = common::queue_len(&dlq).await as usize;
     println!(
         "chaos: docs={} wrong={wrong} lost={lost} duplicated={duplicated} \
-         dead_lettered={dead_lettered} (expected {}) messages={total} connections_dropped={dropped}",
+         dead_lettered={dead_lettered} (expected {}) messages={total} connections_dropped={dropped} \
+         provider_requests={}",
         newest.len(),
-        bad.len()
+        bad.len(),
+        provider.requests.load(std::sync::atomic::Ordering::SeqCst)
     );
     assert!(problems.is_empty(), "{problems:#?}");
     assert_eq!(

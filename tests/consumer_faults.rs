@@ -8,113 +8,22 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use common::openai_server::{Embedder503, MODEL};
 use common::{TestPipeline, WorkerProcess, eventually, queue_len, within};
 use lapin::Channel;
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use rag_ingest::config::PipelineConfig;
-use rag_ingest::embed::Embedder;
 use rag_ingest::queue::{
     DlqFilter, RunOptions, Submitter, Topology, Worker, inspect_dlq, publish_confirmed, reprocess,
 };
 use rag_ingest::store::VectorStore;
-use serde_json::{Value, json};
-
-const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
-
-/// An OpenAI-compatible embeddings endpoint that is down (503) or up (real vectors).
-struct Embedder503 {
-    addr: SocketAddr,
-    down: Arc<AtomicBool>,
-    requests: Arc<AtomicUsize>,
-}
-
-#[derive(Clone)]
-struct ServerState {
-    down: Arc<AtomicBool>,
-    requests: Arc<AtomicUsize>,
-}
-
-async fn embeddings(State(state): State<ServerState>, body: Bytes) -> Response {
-    state.requests.fetch_add(1, Ordering::SeqCst);
-    if state.down.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, "application/json")],
-            json!({"error": {"message": "model is loading", "type": "server_error"}}).to_string(),
-        )
-            .into_response();
-    }
-    let body: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-    };
-    let inputs: Vec<String> = body["input"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let vectors = common::embedder()
-        .embed(inputs)
-        .await
-        .expect("the real model embeds");
-    let data: Vec<Value> = vectors
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
-        .collect();
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({"object": "list", "data": data, "model": MODEL,
-               "usage": {"prompt_tokens": 1, "total_tokens": 1}})
-        .to_string(),
-    )
-        .into_response()
-}
-
-impl Embedder503 {
-    async fn start(down: bool) -> Self {
-        let state = ServerState {
-            down: Arc::new(AtomicBool::new(down)),
-            requests: Arc::new(AtomicUsize::new(0)),
-        };
-        let app = Router::new()
-            .route("/v1/embeddings", post(embeddings))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Embedder503 {
-            addr,
-            down: state.down,
-            requests: state.requests,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-}
+use serde_json::Value;
 
 /// A free loopback port for the worker's /readyz.
 fn free_addr() -> String {

@@ -14,6 +14,8 @@ use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
 
+#[path = "../support/openai_server.rs"]
+pub mod openai_server;
 #[path = "../support/qdrant_server.rs"]
 pub mod qdrant_server;
 #[path = "../support/queues.rs"]
