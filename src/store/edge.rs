@@ -38,7 +38,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use qdrant_edge::external::ordered_float::OrderedFloat;
@@ -99,6 +99,8 @@ struct Shared {
     committed: Condvar,
     /// Flushes run so far.
     flushes: AtomicU64,
+    /// Flushes still to fail on purpose (see [`EdgeStore::inject_flush_failures`]).
+    injected_flush_failures: AtomicU32,
 }
 
 /// Group-commit bookkeeping, guarded by [`Shared::commits`].
@@ -196,6 +198,13 @@ impl Shared {
 
     /// Flushes the shard (the caller holds [`Shared::exclusive`]); panics if it fails.
     fn flush(&self) {
+        let injected = self
+            .injected_flush_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if injected {
+            panic!("injected flush failure");
+        }
         self.shard.flush();
         self.flushes.fetch_add(1, Ordering::Relaxed);
     }
@@ -265,6 +274,7 @@ impl EdgeStore {
             commits: Mutex::new(Commits::default()),
             committed: Condvar::new(),
             flushes: AtomicU64::new(0),
+            injected_flush_failures: AtomicU32::new(0),
         };
         // Idempotent: an index that already exists is left as it is.
         for (field, is_tenant) in KEYWORD_INDEXES {
@@ -300,6 +310,18 @@ impl EdgeStore {
         self.shared
             .as_ref()
             .map_or(0, |shared| shared.flushes.load(Ordering::Relaxed))
+    }
+
+    /// Fault injection for tests: the next `count` flushes fail as a disk fault would, after
+    /// their writes were applied to the shard in memory and before anything reached disk.
+    /// Not part of the API: no configuration or message can reach it.
+    #[doc(hidden)]
+    pub fn inject_flush_failures(&self, count: u32) {
+        if let Some(shared) = &self.shared {
+            shared
+                .injected_flush_failures
+                .store(count, Ordering::Relaxed);
+        }
     }
 
     /// The fingerprint recorded for the collection `collection` under `data_dir`, `None` if the
