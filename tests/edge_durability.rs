@@ -18,7 +18,7 @@ use rag_ingest::embed::Embedder;
 use rag_ingest::message::Document;
 use rag_ingest::process::Pipeline;
 use rag_ingest::setup;
-use rag_ingest::store::{EdgeStore, VectorStore};
+use rag_ingest::store::{EdgeMaintenance, EdgeStore, VectorStore};
 
 /// Set in the child process: the store directory to write to.
 const CHILD_DIR_ENV: &str = "RAG_INGEST_TEST_EDGE_DURABILITY_DIR";
@@ -92,7 +92,10 @@ async fn maybe_child() {
 /// Chunks of `doc` on disk after a restart (the store reopened from disk).
 async fn chunks_on_disk(dir: &Path, doc: &Document) -> usize {
     let store = EdgeStore::open(dir, COLLECTION, embedder().fingerprint()).expect("reopen");
-    store.count(&doc.tenant, Some(&doc.document_id)).await.unwrap()
+    store
+        .count(&doc.tenant, Some(&doc.document_id))
+        .await
+        .unwrap()
 }
 
 /// A flush fails once, the delivery fails; its retry must not find its own unflushed chunks
@@ -116,7 +119,10 @@ async fn a_failed_flush_is_never_acknowledged_as_unchanged() {
          {stored} chunks on disk"
     );
     // The fault was transient: the retry makes the write durable and succeeds.
-    assert!(acked, "a retry after a one-off flush failure succeeds: {out}");
+    assert!(
+        acked,
+        "a retry after a one-off flush failure succeeds: {out}"
+    );
 }
 
 /// A persistent disk fault: every delivery fails (none is acknowledged) and nothing claims
@@ -135,4 +141,101 @@ async fn a_persistent_flush_fault_fails_every_delivery() {
          disk after the restart): {out}"
     );
     assert_eq!(out.matches(FAILED).count(), 3, "{out}");
+}
+
+#[path = "support/edge_churn.rs"]
+mod edge_churn;
+
+/// Issue 15, item 4: 20 documents written 150 times each (3,000 versions, each an upsert and
+/// a delete of the previous revision's stale chunks, with 3 and 6 chunks alternating) take at
+/// most 3 times the disk space of their final versions written once into a fresh store, plus
+/// the WAL's fixed allowance (its compaction threshold and two segments, 1.5 MiB by default,
+/// which dominates for so little live data). Before the WAL was compacted and deleted points
+/// vacuumed, the directory grew with every version: 44.3 MiB (WAL 36.9) for 0.4 MiB of live
+/// data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_use_stays_within_a_small_multiple_of_the_live_data() {
+    const DOCS: usize = 20;
+    const VERSIONS: u64 = 150;
+    let live_points = DOCS * edge_churn::chunk_count(VERSIONS);
+
+    let live_dir = tempfile::tempdir().unwrap();
+    {
+        let store = Arc::new(
+            EdgeStore::open(
+                live_dir.path(),
+                edge_churn::COLLECTION,
+                &edge_churn::fingerprint(),
+            )
+            .unwrap(),
+        );
+        edge_churn::churn(&store, DOCS, VERSIONS..=VERSIONS).await;
+        assert_eq!(
+            store.count(&edge_churn::tenant(), None).await.unwrap(),
+            live_points
+        );
+    }
+    let live = edge_churn::disk_use(live_dir.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    let (compactions, optimizations) = {
+        let store = Arc::new(
+            EdgeStore::open(
+                dir.path(),
+                edge_churn::COLLECTION,
+                &edge_churn::fingerprint(),
+            )
+            .unwrap(),
+        );
+        edge_churn::churn(&store, DOCS, 1..=VERSIONS).await;
+        assert_eq!(
+            store.count(&edge_churn::tenant(), None).await.unwrap(),
+            live_points
+        );
+        (store.wal_compactions(), store.optimizations())
+    };
+    let churned = edge_churn::disk_use(dir.path());
+    eprintln!(
+        "versions={} live_points={live_points} live: {:.1} MiB (wal {:.1}, segments {:.1}); \
+         after churn: {:.1} MiB (wal {:.1}, segments {:.1}); wal compactions={compactions} \
+         optimizer runs={optimizations}",
+        DOCS as u64 * VERSIONS,
+        edge_churn::mib(live.total),
+        edge_churn::mib(live.wal),
+        edge_churn::mib(live.segments),
+        edge_churn::mib(churned.total),
+        edge_churn::mib(churned.wal),
+        edge_churn::mib(churned.segments),
+    );
+    let maintenance = EdgeMaintenance::default();
+    let wal_allowance = maintenance.wal_compact_bytes + 2 * maintenance.wal_segment_bytes as u64;
+    assert!(
+        churned.total <= 3 * live.total + wal_allowance,
+        "after {} versions the collection takes {:.1} MiB (wal {:.1}, segments {:.1}), more \
+         than 3 times the {:.1} MiB of its live data written once plus {:.1} MiB of WAL",
+        DOCS as u64 * VERSIONS,
+        edge_churn::mib(churned.total),
+        edge_churn::mib(churned.wal),
+        edge_churn::mib(churned.segments),
+        edge_churn::mib(live.total),
+        edge_churn::mib(wal_allowance),
+    );
+
+    // Everything survives the compactions and vacuums, and a reopen.
+    let store = EdgeStore::open(
+        dir.path(),
+        edge_churn::COLLECTION,
+        &edge_churn::fingerprint(),
+    )
+    .unwrap();
+    let tenant = edge_churn::tenant();
+    assert_eq!(store.count(&tenant, None).await.unwrap(), live_points);
+    for doc in 0..DOCS {
+        let first = store
+            .first_chunk(&tenant, &format!("doc-{doc}"))
+            .await
+            .unwrap()
+            .expect("stored");
+        assert_eq!(first.revision(), edge_churn::revision(doc, VERSIONS));
+    }
 }
