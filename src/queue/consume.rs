@@ -27,7 +27,7 @@ use lapin::{Acker, Channel, Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::budget::ByteBudget;
+use super::budget::{ByteBudget, MessageFootprint};
 use super::dlq::republish_failed;
 use super::headers::{H_ATTEMPTS, get_u64};
 use super::{QueueError, Topology};
@@ -145,6 +145,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         let rules = Rules {
             allowed_tenants: config.allowed_tenants(),
             max_document_bytes: config.limits.max_document_bytes,
+            max_metadata_bytes: config.limits.max_metadata_bytes,
         };
         Worker {
             topology: Topology::new(&config),
@@ -263,7 +264,9 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         );
 
         let concurrency = self.config.worker.concurrency;
-        let budget = ByteBudget::new(self.config.worker.max_inflight_bytes);
+        let budget = ByteBudget::new(self.config.worker.max_inflight_bytes).with_footprint(
+            MessageFootprint::new(&self.config, self.pipeline.embedder().fingerprint().dims),
+        );
         let mut tasks: JoinSet<Result<(), QueueError>> = JoinSet::new();
         let mut last_activity = Instant::now();
         let mut idle_tick = tokio::time::interval(Duration::from_millis(200));
@@ -322,7 +325,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                         last_activity = Instant::now();
                         empty_checks = 0;
                         let acker = delivery.acker.clone();
-                        let admitted = budget.admit(delivery.data.len());
+                        let admitted = budget.admit_body(&delivery.data);
                         let task = requeue_on_panic(self.handle(delivery, publish.clone()), acker);
                         tasks.spawn(async move {
                             let _admitted = admitted;
