@@ -617,6 +617,12 @@ impl Default for QdrantConfig {
 pub struct LimitsConfig {
     /// Largest accepted document content, in bytes of UTF-8.
     pub max_document_bytes: usize,
+    /// Largest accepted `metadata` object, in bytes as counted by
+    /// [`metadata_size`](crate::message::metadata_size) (its compact JSON plus 32 bytes per
+    /// key and value, about what it takes in memory). The metadata is stored with every
+    /// chunk, so it is multiplied by the chunk count in memory and on disk. Default 16 KiB.
+    #[serde(default = "default_max_metadata_bytes")]
+    pub max_metadata_bytes: usize,
 }
 
 /// `[retry]`: what happens to transient failures (store or embedder unavailable).
@@ -659,10 +665,12 @@ pub struct WorkerConfig {
     /// Messages processed concurrently (at most `broker.prefetch`).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Most message body bytes being processed at once: a delivery is taken only while the
-    /// bodies of the messages in flight add up to less, so the working set (chunks, vectors,
-    /// payloads: a few times the body) stays bounded however large documents are. One
-    /// document larger than the budget is still processed, alone.
+    /// Most bytes the messages being processed may occupy at once: a delivery is taken only
+    /// while the messages in flight, each counted at its estimated footprint (body, content
+    /// copies, and per chunk its metadata, vector and payload copies; see
+    /// [`MessageFootprint`](crate::queue::MessageFootprint)), add up to less, so the working
+    /// set stays bounded however large documents and their metadata are. One message
+    /// counted above the budget is still processed, alone.
     #[serde(default = "default_max_inflight_bytes")]
     pub max_inflight_bytes: usize,
     /// Seconds to finish in-flight messages after SIGTERM/SIGINT before giving up on them.
@@ -722,6 +730,9 @@ fn default_delays_ms() -> Vec<u64> {
 }
 fn default_concurrency() -> usize {
     4
+}
+fn default_max_metadata_bytes() -> usize {
+    16 * 1024
 }
 fn default_max_inflight_bytes() -> usize {
     16 * 1024 * 1024
@@ -995,6 +1006,12 @@ impl PipelineConfig {
             return Err(fail(
                 "limits.max_document_bytes",
                 "must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_metadata_bytes < 2 {
+            return Err(fail(
+                "limits.max_metadata_bytes",
+                "must be at least 2 (an empty object)".into(),
             ));
         }
         if self.retry.max_attempts == 0 {
@@ -1429,6 +1446,11 @@ max_document_bytes = 1000
                 "max_document_bytes = 1000",
                 "max_document_bytes = 0",
                 "limits.max_document_bytes",
+            ),
+            (
+                "max_document_bytes = 1000",
+                "max_document_bytes = 1000\nmax_metadata_bytes = 1",
+                "limits.max_metadata_bytes",
             ),
             ("name = \"t\"", "name = \"a/b\"", "name"),
             (

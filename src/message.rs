@@ -148,6 +148,52 @@ pub struct Rules {
     pub allowed_tenants: BTreeSet<TenantId>,
     /// Largest accepted content, in bytes.
     pub max_document_bytes: usize,
+    /// Largest accepted metadata, in bytes as counted by [`metadata_size`].
+    pub max_metadata_bytes: usize,
+}
+
+/// Bytes added to the compact JSON length for every key and value of a metadata object:
+/// about what one takes in memory beyond its text (a `serde_json::Value` is 32 bytes, a map
+/// entry more), so that many tiny values cannot take 16 times their JSON size.
+pub const METADATA_BYTES_PER_VALUE: usize = 32;
+
+/// The size of `metadata` as `limits.max_metadata_bytes` counts it: its compact JSON length
+/// plus [`METADATA_BYTES_PER_VALUE`] for every key and every value (nested ones included).
+/// Saturates instead of overflowing.
+pub fn metadata_size(metadata: &Map<String, Value>) -> usize {
+    fn values(value: &Value) -> usize {
+        match value {
+            Value::Array(items) => items.iter().map(values).fold(1, usize::saturating_add),
+            Value::Object(map) => map
+                .values()
+                .map(|v| values(v).saturating_add(1))
+                .fold(1, usize::saturating_add),
+            _ => 1,
+        }
+    }
+    let mut json = JsonLength(0);
+    // Writing to a counter cannot fail; a failure would only under-count the text part.
+    let _ = serde_json::to_writer(&mut json, metadata);
+    let mut count = 0usize;
+    for value in metadata.values() {
+        count = count.saturating_add(values(value)).saturating_add(1);
+    }
+    json.0
+        .saturating_add(count.saturating_mul(METADATA_BYTES_PER_VALUE))
+}
+
+/// An `io::Write` that only counts bytes.
+struct JsonLength(usize);
+
+impl std::io::Write for JsonLength {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The tenant named by a message body, if it can be read at all (used to label rejections).
@@ -160,7 +206,8 @@ pub fn peek_tenant(body: &[u8]) -> Option<String> {
 ///
 /// Fails with a [`Rejection`] naming the first problem found: `invalid_encoding` (not UTF-8),
 /// `invalid_json` (not JSON, not an object), `invalid_field` (a field of the wrong type,
-/// unknown `op`, missing `content` or `schema`),
+/// unknown `op`, missing `content` or `schema`, `metadata` over
+/// [`Rules::max_metadata_bytes`]),
 /// `unsupported_schema`, `missing_tenant`, `unknown_tenant`, `invalid_document_id`,
 /// `empty_content`, `unsupported_content_type` or `content_too_large`.
 pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
@@ -168,6 +215,7 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
     // cannot possibly hold an acceptable document before parsing it.
     let body_cap = rules
         .max_document_bytes
+        .saturating_add(rules.max_metadata_bytes)
         .saturating_mul(6)
         .saturating_add(64 * 1024);
     if body.len() > body_cap {
@@ -301,7 +349,21 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
 
     let metadata = match obj.get("metadata") {
         None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
+        Some(Value::Object(m)) => {
+            let size = metadata_size(m);
+            if size > rules.max_metadata_bytes {
+                return Err(Rejection::new(
+                    ErrorKind::InvalidField,
+                    format!(
+                        "field `metadata` is {size} bytes (compact JSON plus \
+                         {METADATA_BYTES_PER_VALUE} per key and value); the limit is {} \
+                         (limits.max_metadata_bytes): it is stored with every chunk",
+                        rules.max_metadata_bytes
+                    ),
+                ));
+            }
+            m.clone()
+        }
         Some(other) => return Err(wrong_type("metadata", "an object", other)),
     };
 
@@ -391,7 +453,45 @@ mod tests {
         Rules {
             allowed_tenants: [TenantId::new("acme").expect("valid")].into(),
             max_document_bytes: 100,
+            max_metadata_bytes: 200,
         }
+    }
+
+    #[test]
+    fn metadata_size_counts_json_and_every_key_and_value() {
+        let meta = |json: &str| match serde_json::from_str::<Value>(json) {
+            Ok(Value::Object(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(metadata_size(&Map::new()), 2);
+        // {"a":"b"}: 9 bytes, one key, one value.
+        assert_eq!(metadata_size(&meta(r#"{"a":"b"}"#)), 9 + 2 * 32);
+        // {"a":[1,2]}: 11 bytes, the key, the array and its two items.
+        assert_eq!(metadata_size(&meta(r#"{"a":[1,2]}"#)), 11 + 4 * 32);
+        // {"a":{"b":1}}: 13 bytes, two keys, the object and its value.
+        assert_eq!(metadata_size(&meta(r#"{"a":{"b":1}}"#)), 13 + 4 * 32);
+    }
+
+    #[test]
+    fn oversize_metadata_is_an_invalid_field_naming_it() {
+        let body = |meta: &str| {
+            format!(
+                r#"{{"schema":1,"tenant_id":"acme","document_id":"d","content":"x","metadata":{meta}}}"#
+            )
+        };
+        // 200 bytes as counted is accepted, 201 is not.
+        let fits = format!(r#"{{"t":"{}"}}"#, "x".repeat(200 - 2 * 32 - 8));
+        let doc = decode(body(&fits).as_bytes(), &rules()).expect("at the limit");
+        assert_eq!(metadata_size(&doc.metadata), 200);
+        let over = format!(r#"{{"t":"{}"}}"#, "x".repeat(200 - 2 * 32 - 7));
+        let err = decode(body(&over).as_bytes(), &rules()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidField);
+        assert!(err.reason.contains("`metadata`"), "{err}");
+        assert!(err.reason.contains("limits.max_metadata_bytes"), "{err}");
+        // Many tiny values are counted by what they take in memory, not by their JSON.
+        let tiny = format!("{{\"t\":[{}]}}", ["0"; 8].join(","));
+        let err = decode(body(&tiny).as_bytes(), &rules()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidField, "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ fn rules() -> Rules {
             .map(|t| TenantId::new(t).expect("valid"))
             .collect(),
         max_document_bytes: 4096,
+        max_metadata_bytes: 16 * 1024,
     }
 }
 

@@ -33,7 +33,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::budget::ByteBudget;
+use super::budget::{ByteBudget, MessageFootprint};
 use super::dlq::republish_failed;
 use super::headers::{H_ATTEMPTS, H_PANICS, H_TENANT, death_queues, get_str, get_u64, set_u64};
 use super::publish::publish_confirmed;
@@ -153,6 +153,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         let rules = Rules {
             allowed_tenants: config.allowed_tenants(),
             max_document_bytes: config.limits.max_document_bytes,
+            max_metadata_bytes: config.limits.max_metadata_bytes,
         };
         Worker {
             topology: Topology::new(&config),
@@ -297,7 +298,9 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         let mut changes = breaker.map(|b| b.subscribe());
 
         let concurrency = self.config.worker.concurrency;
-        let budget = ByteBudget::new(self.config.worker.max_inflight_bytes);
+        let budget = ByteBudget::new(self.config.worker.max_inflight_bytes).with_footprint(
+            MessageFootprint::new(&self.config, self.pipeline.embedder().fingerprint().dims),
+        );
         let mut tasks: JoinSet<Result<(), QueueError>> = JoinSet::new();
         // The delivery of every running task, so that past the shutdown grace period an
         // unfinished one can be handed back without touching its delivery count.
@@ -435,7 +438,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                             last_activity = Instant::now();
                             empty_checks = 0;
                             let delivery = Arc::new(delivery);
-                            let admitted = budget.admit(delivery.data.len());
+                            let admitted = budget.admit_body(&delivery.data);
                             let work = self.handle(Arc::clone(&delivery), publish.clone());
                             let task = give_up_on_panic(
                                 work,

@@ -9,6 +9,7 @@ mod headers;
 mod publish;
 mod topology;
 
+pub use budget::MessageFootprint;
 pub use consume::{RunOptions, Worker, WorkerError, WorkerReport};
 pub use dlq::{DlqEntry, DlqFilter, DlqSummary, ReprocessReport, inspect_dlq, reprocess};
 pub use headers::{

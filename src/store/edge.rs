@@ -16,9 +16,9 @@
 //!   therefore covers many writes instead of one each.
 //! - `EdgeShard::flush` (also run by `EdgeShard`'s `Drop`) panics instead of returning an error:
 //!   on I/O failure, and when the WAL or segment-holder lock is contended (`try_lock().expect`).
-//!   All writes, flushes and optimizations are therefore serialised by one mutex (reads take
-//!   only shared locks and may run concurrently); a panic while committing is caught and
-//!   every write of that commit fails with [`StoreError::Unavailable`].
+//!   All writes, flushes and optimizations are therefore serialised by one mutex; a panic
+//!   while committing is caught and every write of that commit fails with
+//!   [`StoreError::Unavailable`].
 //! - The WAL directory is locked exclusively while a shard is open: a second [`EdgeStore`] on
 //!   the same collection fails to open until the first one is dropped.
 //! - Filters work on unindexed payload fields too (the plain segment checks payloads); the
@@ -27,6 +27,34 @@
 //! - A set-payload operation merges top-level keys into the stored payload, and a `null`
 //!   value *removes* the key (`utils::merge_map`); an absent `version` therefore reads back
 //!   as `None`, and the `IsEmpty` condition matches both absent and `null` values.
+//!
+//! **Reads only see durable state.** A commit holds the shard exclusively from its first
+//! update until its flush has ended, so no read ever observes applied-but-unflushed writes.
+//! If the flush fails, the updates stay applied in memory but are not on disk, and the
+//! writes fail: the shard is marked *unflushed*, and before any later read or write is served
+//! the shard is flushed again. While that keeps failing (a persistent disk fault), every call
+//! fails with [`StoreError::Unavailable`], so no "already stored" decision can rest on state
+//! that a crash would lose.
+//!
+//! **Disk use follows the live data.** `qdrant-edge` 0.7.0 never truncates its WAL (its
+//! `SerdeWal::ack` is not reachable through `EdgeShard`) and nothing runs its optimizers, so
+//! a long-running worker's directory would grow with every write. [`EdgeMaintenance`] bounds
+//! both, on the committing writer's blocking thread after its commit has been published:
+//! - **WAL compaction.** WAL segment files are [`EdgeMaintenance::wal_segment_bytes`] long.
+//!   Once the WAL directory holds more than [`EdgeMaintenance::wal_compact_bytes`], the shard
+//!   (and more than a quarter of what the segments take, so that a large shard, slower to
+//!   reload, is reloaded proportionally less often) the shard
+//!   is closed (after a successful flush, so the WAL holds nothing that is not in the
+//!   segments), every closed WAL segment but the newest is deleted, and the shard is loaded
+//!   again. The newest closed segment is kept because the WAL's numbering continues from it:
+//!   operation numbers are point versions, and a WAL restarting at 0 would make the segments
+//!   ignore every later write as older. Reads and writes wait for the reopen (milliseconds
+//!   for a small shard); if it fails, the store fails every call with `Unavailable` until it
+//!   is opened again.
+//! - **Vacuum.** Every [`EdgeMaintenance::optimize_every_writes`] committed writes the
+//!   shard's optimizers run (as [`EdgeStore::optimize`]): segments with more than 20 %
+//!   deleted points (at least [`EdgeMaintenance::vacuum_min_points`] points) are rebuilt
+//!   without them, small segments merged, large ones indexed. Writes wait; reads continue.
 //!
 //! There is no request size limit in process, but upserts are still split by [`BatchLimits`]
 //! (payloads measured as JSON plus 4 bytes per vector value) so both stores behave the same;
@@ -38,18 +66,20 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
     Condition, ConditionalInsertOperation, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME,
-    Distance, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations,
-    Filter, IsEmptyCondition, JsonPath, KeywordIndexParams, Match, NamedQuery, OperationError,
-    Payload, PayloadFieldSchema, PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations,
-    PointOperations, PointStructPersisted, QueryEnum, QueryRequest, Range, ScoringQuery,
-    SetPayloadOp, UpdateOperation, ValueVariants, VectorStructPersisted, WithPayloadInterface,
-    WithVector,
+    Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition,
+    FieldIndexOperations, Filter, IsEmptyCondition, JsonPath, KeywordIndexParams, Match,
+    NamedQuery, OperationError, Payload, PayloadFieldSchema, PayloadOps, PayloadSchemaParams,
+    PointId, PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum, QueryRequest,
+    Range, ScoringQuery, SetPayloadOp, UpdateOperation, ValueVariants, VectorStructPersisted,
+    WalOptions, WithPayloadInterface, WithVector,
 };
 use tokio::runtime::{Handle, RuntimeFlavor};
 
@@ -65,6 +95,13 @@ use crate::tenant::TenantId;
 const FINGERPRINT_FILE: &str = "rag-ingest.json";
 /// Temporary name the sidecar is written under before being renamed into place.
 const FINGERPRINT_TMP_FILE: &str = "rag-ingest.json.tmp";
+/// The shard's WAL directory (inside the collection directory), as `qdrant-edge` names it.
+const WAL_DIR: &str = "wal";
+/// The shard's segments directory (inside the collection directory), as `qdrant-edge` names
+/// it.
+const SEGMENTS_DIR: &str = "segments";
+/// Prefix of a closed WAL segment file, followed by the index of its first entry.
+const CLOSED_WAL_SEGMENT_PREFIX: &str = "closed-";
 
 /// Payload fields with a keyword index, and whether each is the tenant key.
 const KEYWORD_INDEXES: [(&str, bool); 3] = [
@@ -73,13 +110,44 @@ const KEYWORD_INDEXES: [(&str, bool); 3] = [
     ("content_sha256", false),
 ];
 
+/// How an [`EdgeStore`] keeps its directory bounded by the live data (see the module
+/// documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeMaintenance {
+    /// Capacity of one WAL segment file (an entry larger than this gets a segment of its own
+    /// size). Applies to segments created from the next open on. Default 256 KiB.
+    pub wal_segment_bytes: usize,
+    /// The WAL is compacted once its files take more than this many bytes on disk (and more
+    /// than a quarter of the segments). Default 1 MiB: reloading a small shard takes
+    /// milliseconds, and a large one is reloaded after a quarter of its size instead.
+    pub wal_compact_bytes: u64,
+    /// The optimizers run after this many committed writes (0: never on their own; use
+    /// [`EdgeStore::optimize`]). Default 512.
+    pub optimize_every_writes: u64,
+    /// A segment is vacuumed only if it holds at least this many points (deleted ones
+    /// included) and more than 20 % of them are deleted. Default 256.
+    pub vacuum_min_points: usize,
+}
+
+impl Default for EdgeMaintenance {
+    fn default() -> Self {
+        EdgeMaintenance {
+            wal_segment_bytes: 256 * 1024,
+            wal_compact_bytes: 1024 * 1024,
+            optimize_every_writes: 512,
+            vacuum_min_points: 256,
+        }
+    }
+}
+
 /// A [`VectorStore`] kept in an embedded Qdrant Edge shard under `data_dir/<collection>/`.
 ///
 /// Cosine distance, one unnamed dense vector of `fingerprint.dims` values per point, the
 /// [`ChunkPayload`] fields at the top level of the point payload. Every write is flushed to
-/// disk before the call returns. Upserts are split by [`BatchLimits`] (the defaults unless
-/// [`EdgeStore::with_batch_limits`] says otherwise). Dropping the store flushes the shard once more; on a
-/// multi-threaded Tokio runtime that final flush runs under
+/// disk before the call returns, and no read observes a write that is not (see the module
+/// documentation). Upserts are split by [`BatchLimits`] (the defaults unless
+/// [`EdgeStore::with_batch_limits`] says otherwise). Dropping the store flushes the shard
+/// once more; on a multi-threaded Tokio runtime that final flush runs under
 /// [`tokio::task::block_in_place`], elsewhere it blocks the dropping thread.
 pub struct EdgeStore {
     collection: String,
@@ -89,17 +157,55 @@ pub struct EdgeStore {
     shared: Option<Arc<Shared>>,
 }
 
-/// The shard, the lock serialising its writes, and the group-commit queue (see the module
+/// The shard, the locks serialising its writes, and the group-commit queue (see the module
 /// documentation).
 struct Shared {
-    shard: EdgeShard,
-    /// Held by whoever writes, flushes or optimizes `shard`.
+    /// The collection directory the shard lives in.
+    dir: PathBuf,
+    /// The configuration the shard is (re)loaded with.
+    config: EdgeConfig,
+    maintenance: EdgeMaintenance,
+    /// The shard. Reads hold it shared; commits and WAL compactions exclusively (after
+    /// taking [`Shared::exclusive`]).
+    state: RwLock<State>,
+    /// Held by whoever writes, flushes, optimizes or reopens the shard (taken before
+    /// [`Shared::state`]).
     exclusive: Mutex<()>,
     commits: Mutex<Commits>,
     /// Signalled whenever a commit ends.
     committed: Condvar,
     /// Flushes run so far.
     flushes: AtomicU64,
+    /// WAL compactions run so far.
+    wal_compactions: AtomicU64,
+    /// Optimizer runs so far (on their own and through [`EdgeStore::optimize`]).
+    optimizations: AtomicU64,
+    /// Committed writes since the optimizers last ran.
+    writes_since_optimize: AtomicU64,
+    /// Flushes still to fail on purpose (see [`EdgeStore::inject_flush_failures`]).
+    injected_flush_failures: AtomicU32,
+}
+
+/// The shard and what is known about its durability, guarded by [`Shared::state`].
+struct State {
+    /// `Err` (why) once reloading the shard failed: every call fails until the store is
+    /// opened again.
+    shard: Result<EdgeShard, String>,
+    /// Updates were applied and their flush failed: the shard may hold state that is not on
+    /// disk. Nothing is read until a flush succeeds.
+    unflushed: bool,
+}
+
+impl State {
+    /// The shard, or [`StoreError::Unavailable`] if it could not be reloaded.
+    fn shard(&self) -> Result<&EdgeShard, StoreError> {
+        self.shard.as_ref().map_err(|reason| {
+            StoreError::Unavailable(format!(
+                "the Qdrant Edge shard is closed after a failed reload ({reason}); restart the \
+                 worker"
+            ))
+        })
+    }
 }
 
 /// Group-commit bookkeeping, guarded by [`Shared::commits`].
@@ -121,6 +227,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Takes `rwlock` shared (see [`lock`] about poisoning).
+fn read_lock<T>(rwlock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    rwlock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes `rwlock` exclusively (see [`lock`] about poisoning).
+fn write_lock<T>(rwlock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    rwlock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Shared {
     /// Applies `operation`, then returns once it is durable (see [`Shared::write_all`]).
     fn write(&self, operation: UpdateOperation) -> Result<(), StoreError> {
@@ -129,12 +245,13 @@ impl Shared {
 
     /// Queues `operations` to be applied in order, then returns once a flush has covered
     /// them: either this writer commits the queue itself, or it waits for the writer that
-    /// does (group commit).
+    /// does (group commit). A committing writer then runs the maintenance that has become
+    /// due (see the module documentation) before returning.
     ///
     /// Stops at the first failing operation (the operations before it stay applied and are
     /// flushed) and fails with [`StoreError::Rejected`] or [`StoreError::Unavailable`] as
-    /// mapped by [`map_op_err`]; a panic while committing (qdrant-edge panics when a flush
-    /// fails) fails every write of that commit with `Unavailable`.
+    /// mapped by [`map_op_err`]; if the flush fails (or applying panics), every write of
+    /// that commit fails with `Unavailable`.
     fn write_all(&self, operations: Vec<UpdateOperation>) -> Result<(), StoreError> {
         let mut commits = lock(&self.commits);
         let ticket = commits.next_ticket;
@@ -155,51 +272,322 @@ impl Shared {
             let writes = std::mem::take(&mut commits.queued);
             drop(commits);
             let outcomes = self.commit(writes);
+            let committed = outcomes.iter().filter(|(_, o)| o.is_ok()).count();
             commits = lock(&self.commits);
             commits.outcomes.extend(outcomes);
             commits.running = false;
             self.committed.notify_all();
+            drop(commits);
+            self.maintain(committed as u64);
+            commits = lock(&self.commits);
         }
     }
 
-    /// Applies `writes` in order and flushes once; returns each write's outcome by ticket.
+    /// Applies `writes` in order and flushes once, holding the shard exclusively; returns
+    /// each write's outcome by ticket.
     fn commit(
         &self,
         writes: Vec<(u64, Vec<UpdateOperation>)>,
     ) -> Vec<(u64, Result<(), StoreError>)> {
         let tickets: Vec<u64> = writes.iter().map(|(ticket, _)| *ticket).collect();
+        let fail_all = |reason: String| -> Vec<(u64, Result<(), StoreError>)> {
+            tickets
+                .iter()
+                .map(|ticket| (*ticket, Err(StoreError::Unavailable(reason.clone()))))
+                .collect()
+        };
         let _exclusive = lock(&self.exclusive);
-        panic::catch_unwind(AssertUnwindSafe(|| {
-            let applied: Vec<(u64, Result<(), StoreError>)> = writes
+        let mut state = write_lock(&self.state);
+        // An earlier commit's flush failed: its updates are applied but maybe not on disk.
+        // This commit's flush covers them too, so the flag is only cleared by its success.
+        let shard = match state.shard() {
+            Ok(shard) => shard,
+            Err(e) => return fail_all(e.to_string()),
+        };
+        let applied = panic::catch_unwind(AssertUnwindSafe(|| {
+            writes
                 .into_iter()
                 .map(|(ticket, operations)| {
                     let outcome = operations
                         .into_iter()
-                        .try_for_each(|operation| self.shard.update(operation).map(drop))
+                        .try_for_each(|operation| shard.update(operation).map(drop))
                         .map_err(map_op_err);
                     (ticket, outcome)
                 })
-                .collect();
-            self.flush();
-            applied
-        }))
-        .unwrap_or_else(|panic| {
-            let reason = format!(
-                "writing to the Qdrant Edge shard panicked: {}",
-                panic_message(panic.as_ref())
-            );
-            tickets
-                .into_iter()
-                .map(|ticket| (ticket, Err(StoreError::Unavailable(reason.clone()))))
-                .collect()
-        })
+                .collect::<Vec<_>>()
+        }));
+        let flushed = self.flush(shard);
+        match (applied, flushed) {
+            (Ok(applied), Ok(())) => {
+                state.unflushed = false;
+                applied
+            }
+            (Err(panic), _) => {
+                state.unflushed = true;
+                fail_all(format!(
+                    "writing to the Qdrant Edge shard panicked: {}",
+                    panic_message(panic.as_ref())
+                ))
+            }
+            (Ok(_), Err(reason)) => {
+                state.unflushed = true;
+                fail_all(format!(
+                    "flushing the Qdrant Edge shard failed, the writes are not durable: \
+                     {reason}"
+                ))
+            }
+        }
     }
 
-    /// Flushes the shard (the caller holds [`Shared::exclusive`]); panics if it fails.
-    fn flush(&self) {
-        self.shard.flush();
+    /// Flushes `shard` (the caller holds [`Shared::exclusive`] and the shard exclusively, or
+    /// shared when nothing is applied meanwhile); fails with why if it fails.
+    fn flush(&self, shard: &EdgeShard) -> Result<(), String> {
+        let injected = self
+            .injected_flush_failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if injected {
+            return Err("injected flush failure".to_owned());
+        }
+        panic::catch_unwind(AssertUnwindSafe(|| shard.flush()))
+            .map_err(|panic| panic_message(panic.as_ref()).to_owned())?;
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
+
+    /// Runs `f` on the shard once it holds nothing that is not on disk: if a flush failed,
+    /// flushes again first, and fails with [`StoreError::Unavailable`] while that fails.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&EdgeShard) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        loop {
+            {
+                let state = read_lock(&self.state);
+                if !state.unflushed {
+                    return f(state.shard()?);
+                }
+            }
+            self.reflush()?;
+        }
+    }
+
+    /// If the last flush failed, flushes again; fails with [`StoreError::Unavailable`] if
+    /// that fails too.
+    fn reflush(&self) -> Result<(), StoreError> {
+        let _exclusive = lock(&self.exclusive);
+        let mut state = write_lock(&self.state);
+        if !state.unflushed {
+            return Ok(());
+        }
+        self.flush(state.shard()?).map_err(|reason| {
+            StoreError::Unavailable(format!(
+                "an earlier flush of the Qdrant Edge shard failed, and flushing again failed \
+                 too ({reason}): nothing is read until writes are durable"
+            ))
+        })?;
+        state.unflushed = false;
+        Ok(())
+    }
+
+    /// Runs the shard's optimizers, then flushes (the caller holds [`Shared::exclusive`]);
+    /// reads go on meanwhile.
+    fn optimize_locked(&self) -> Result<(), StoreError> {
+        let outcome = {
+            let state = read_lock(&self.state);
+            let shard = state.shard()?;
+            if state.unflushed {
+                Err(StoreError::Unavailable(
+                    "an earlier flush failed; not optimizing until a flush succeeds".to_owned(),
+                ))
+            } else {
+                self.optimizations.fetch_add(1, Ordering::Relaxed);
+                let optimized = match panic::catch_unwind(AssertUnwindSafe(|| shard.optimize())) {
+                    Ok(result) => result.map(drop).map_err(map_op_err),
+                    Err(panic) => Err(StoreError::Unavailable(format!(
+                        "optimizing the Qdrant Edge shard panicked: {}",
+                        panic_message(panic.as_ref())
+                    ))),
+                };
+                optimized.and_then(|()| {
+                    self.flush(shard).map_err(|reason| {
+                        StoreError::Unavailable(format!(
+                            "flushing the Qdrant Edge shard after optimizing failed: {reason}"
+                        ))
+                    })
+                })
+            }
+        };
+        if let Err(StoreError::Unavailable(_)) = &outcome {
+            // Whatever the optimizer changed may not be on disk either.
+            write_lock(&self.state).unflushed = true;
+        }
+        outcome
+    }
+
+    /// After `writes` committed writes: runs the optimizers every
+    /// [`EdgeMaintenance::optimize_every_writes`] writes, and compacts the WAL once it is
+    /// larger than [`EdgeMaintenance::wal_compact_bytes`]. Failures are logged; a failed
+    /// flush or reload shows in the next call's outcome.
+    fn maintain(&self, writes: u64) {
+        let every = self.maintenance.optimize_every_writes;
+        if every > 0 && writes > 0 {
+            let since = self
+                .writes_since_optimize
+                .fetch_add(writes, Ordering::Relaxed)
+                .saturating_add(writes);
+            if since >= every {
+                self.writes_since_optimize.store(0, Ordering::Relaxed);
+                let _exclusive = lock(&self.exclusive);
+                if let Err(e) = self.optimize_locked() {
+                    tracing::warn!(error = %e, dir = %self.dir.display(), "optimizing the Qdrant Edge shard failed");
+                }
+            }
+        }
+        match self.wal_wants_compaction() {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = self.compact_wal() {
+                    tracing::error!(error = %e, dir = %self.dir.display(), "compacting the Qdrant Edge WAL failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot measure the Qdrant Edge WAL");
+            }
+        }
+    }
+
+    /// Whether the WAL takes more than [`EdgeMaintenance::wal_compact_bytes`] on disk and
+    /// more than a quarter of what the segments take (so a large shard, slower to reload,
+    /// is reloaded proportionally less often).
+    fn wal_wants_compaction(&self) -> io::Result<bool> {
+        let wal = disk_usage(&self.dir.join(WAL_DIR))?;
+        if wal <= self.maintenance.wal_compact_bytes {
+            return Ok(false);
+        }
+        let segments = disk_usage(&self.dir.join(SEGMENTS_DIR))?;
+        Ok(wal > segments / 4)
+    }
+
+    /// Closes the shard, deletes every closed WAL segment but the newest, and loads the
+    /// shard again (see the module documentation). Does nothing while the last flush has
+    /// failed (the WAL may then hold writes the segments lack on disk). If the reload fails,
+    /// the shard stays closed and every later call fails with `Unavailable`.
+    fn compact_wal(&self) -> Result<(), StoreError> {
+        let _exclusive = lock(&self.exclusive);
+        let mut state = write_lock(&self.state);
+        if state.unflushed || state.shard.is_err() {
+            return Ok(());
+        }
+        let shard = std::mem::replace(&mut state.shard, Err("being reloaded".to_owned()));
+        // Everything applied is flushed, so closing it loses nothing; its `Drop` flushes once
+        // more and releases the WAL's directory lock and memory maps.
+        if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(move || drop(shard))) {
+            tracing::warn!(
+                error = panic_message(panic.as_ref()),
+                "the Qdrant Edge shard's final flush failed while closing it for WAL compaction"
+            );
+        }
+        let reloaded = remove_old_wal_segments(&self.dir.join(WAL_DIR)).and_then(|()| {
+            panic::catch_unwind(AssertUnwindSafe(|| {
+                EdgeShard::load(&self.dir, Some(self.config.clone())).map_err(map_op_err)
+            }))
+            .unwrap_or_else(|panic| {
+                Err(StoreError::Unavailable(format!(
+                    "loading the Qdrant Edge shard panicked: {}",
+                    panic_message(panic.as_ref())
+                )))
+            })
+        });
+        self.wal_compactions.fetch_add(1, Ordering::Relaxed);
+        match reloaded {
+            Ok(shard) => {
+                state.shard = Ok(shard);
+                Ok(())
+            }
+            Err(e) => {
+                state.shard = Err(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let shard = std::mem::replace(&mut state.shard, Err("closed".to_owned()));
+        // `EdgeShard`'s `Drop` flushes and panics if that fails: report it instead.
+        if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(move || drop(shard))) {
+            tracing::error!(
+                error = panic_message(panic.as_ref()),
+                dir = %self.dir.display(),
+                "the final flush of the Qdrant Edge shard failed"
+            );
+        }
+    }
+}
+
+/// Bytes the files under `dir` take on disk (allocated blocks, so preallocated but unwritten
+/// parts of sparse files do not count), recursively; symbolic links are not followed.
+///
+/// Fails if a directory or file cannot be examined.
+pub fn disk_usage(dir: &Path) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let metadata = entry.metadata()?;
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total = total.saturating_add(allocated_bytes(&metadata));
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes allocated on disk for a file.
+#[cfg(unix)]
+fn allocated_bytes(metadata: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    metadata.blocks().saturating_mul(512)
+}
+
+/// Bytes allocated on disk for a file (its length where blocks are not reported).
+#[cfg(not(unix))]
+fn allocated_bytes(metadata: &fs::Metadata) -> u64 {
+    metadata.len()
+}
+
+/// Deletes every `closed-<start>` WAL segment file in `wal` except the one with the highest
+/// start index, oldest first (so an interruption leaves a contiguous WAL), then syncs the
+/// directory. Only for a WAL no shard has open.
+fn remove_old_wal_segments(wal: &Path) -> Result<(), StoreError> {
+    let mut closed: Vec<(u64, PathBuf)> = Vec::new();
+    let entries = fs::read_dir(wal).map_err(|e| io_error("cannot list", wal, &e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("cannot list", wal, &e))?;
+        let name = entry.file_name();
+        let start = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(CLOSED_WAL_SEGMENT_PREFIX))
+            .and_then(|start| start.parse::<u64>().ok());
+        if let Some(start) = start {
+            closed.push((start, entry.path()));
+        }
+    }
+    closed.sort();
+    closed.pop();
+    if closed.is_empty() {
+        return Ok(());
+    }
+    for (_, path) in &closed {
+        fs::remove_file(path).map_err(|e| io_error("cannot delete", path, &e))?;
+    }
+    sync_dir(wal)
 }
 
 /// The message of a caught panic, if it has one.
@@ -216,7 +604,8 @@ impl EdgeStore {
     /// `data_dir/<collection>/`), creating it if missing: cosine distance, dimension
     /// `fingerprint.dims`, keyword payload indexes on `tenant_id` (the tenant key),
     /// `document_id` and `content_sha256`. A new collection records `fingerprint` in
-    /// `data_dir/<collection>/rag-ingest.json` before the shard is created.
+    /// `data_dir/<collection>/rag-ingest.json` before the shard is created. Maintenance as
+    /// [`EdgeMaintenance::default`].
     ///
     /// Blocks on disk I/O: call it before serving or from a blocking context.
     ///
@@ -231,6 +620,23 @@ impl EdgeStore {
         collection: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Self, StoreError> {
+        Self::open_with_maintenance(
+            data_dir,
+            collection,
+            fingerprint,
+            EdgeMaintenance::default(),
+        )
+    }
+
+    /// [`EdgeStore::open`] with the given maintenance settings.
+    ///
+    /// Fails as [`EdgeStore::open`] does.
+    pub fn open_with_maintenance(
+        data_dir: &Path,
+        collection: &str,
+        fingerprint: &Fingerprint,
+        maintenance: EdgeMaintenance,
+    ) -> Result<Self, StoreError> {
         if fingerprint.dims == 0 {
             return Err(StoreError::Rejected(
                 "embedder fingerprint has 0 dimensions".to_owned(),
@@ -244,6 +650,14 @@ impl EdgeStore {
                 DEFAULT_VECTOR_NAME,
                 EdgeVectorParams::builder(fingerprint.dims, Distance::Cosine).build(),
             )
+            .optimizers(EdgeOptimizersConfig {
+                vacuum_min_vector_number: Some(maintenance.vacuum_min_points),
+                ..EdgeOptimizersConfig::default()
+            })
+            .wal_options(WalOptions {
+                segment_capacity: maintenance.wal_segment_bytes.max(4096),
+                ..WalOptions::default()
+            })
             .build();
 
         let shard = match read_fingerprint(&dir)? {
@@ -252,20 +666,30 @@ impl EdgeStore {
             }
             // Created earlier (possibly interrupted before the shard was complete): `load`
             // with an explicit config creates whatever is missing and checks the segments.
-            Some(_) => EdgeShard::load(&dir, Some(config)).map_err(map_op_err)?,
+            Some(_) => EdgeShard::load(&dir, Some(config.clone())).map_err(map_op_err)?,
             None => {
                 ensure_no_foreign_data(&dir)?;
                 write_fingerprint(&dir, fingerprint)?;
-                EdgeShard::new(&dir, config).map_err(map_op_err)?
+                EdgeShard::new(&dir, config.clone()).map_err(map_op_err)?
             }
         };
 
         let shared = Shared {
-            shard,
+            dir,
+            config,
+            maintenance,
+            state: RwLock::new(State {
+                shard: Ok(shard),
+                unflushed: false,
+            }),
             exclusive: Mutex::new(()),
             commits: Mutex::new(Commits::default()),
             committed: Condvar::new(),
             flushes: AtomicU64::new(0),
+            wal_compactions: AtomicU64::new(0),
+            optimizations: AtomicU64::new(0),
+            writes_since_optimize: AtomicU64::new(0),
+            injected_flush_failures: AtomicU32::new(0),
         };
         // Idempotent: an index that already exists is left as it is.
         for (field, is_tenant) in KEYWORD_INDEXES {
@@ -298,9 +722,36 @@ impl EdgeStore {
     /// Flushes this store has run so far (concurrent writes share them, see the module
     /// documentation).
     pub fn flushes(&self) -> u64 {
+        self.counter(|shared| &shared.flushes)
+    }
+
+    /// WAL compactions this store has run so far (see [`EdgeMaintenance`]).
+    pub fn wal_compactions(&self) -> u64 {
+        self.counter(|shared| &shared.wal_compactions)
+    }
+
+    /// Optimizer runs so far, on their own (see [`EdgeMaintenance`]) and through
+    /// [`EdgeStore::optimize`].
+    pub fn optimizations(&self) -> u64 {
+        self.counter(|shared| &shared.optimizations)
+    }
+
+    fn counter(&self, which: impl Fn(&Shared) -> &AtomicU64) -> u64 {
         self.shared
             .as_ref()
-            .map_or(0, |shared| shared.flushes.load(Ordering::Relaxed))
+            .map_or(0, |shared| which(shared).load(Ordering::Relaxed))
+    }
+
+    /// Fault injection for tests: the next `count` flushes fail as a disk fault would, after
+    /// their writes were applied to the shard in memory and before anything reached disk.
+    /// Not part of the API: no configuration or message can reach it.
+    #[doc(hidden)]
+    pub fn inject_flush_failures(&self, count: u32) {
+        if let Some(shared) = &self.shared {
+            shared
+                .injected_flush_failures
+                .store(count, Ordering::Relaxed);
+        }
     }
 
     /// The fingerprint recorded for the collection `collection` under `data_dir`, `None` if the
@@ -320,13 +771,13 @@ impl EdgeStore {
     /// (and merges or vacuums segments) — useful after bulk loads. Writes wait until it ends;
     /// searches keep working.
     ///
-    /// Fails with [`StoreError::Unavailable`] if an optimizer or the flush afterwards fails.
+    /// Fails with [`StoreError::Unavailable`] if an earlier flush failed and flushing again
+    /// fails, or an optimizer or the flush afterwards fails.
     pub async fn optimize(&self) -> Result<(), StoreError> {
         self.run(|shared| {
+            shared.reflush()?;
             let _exclusive = lock(&shared.exclusive);
-            shared.shard.optimize().map_err(map_op_err)?;
-            shared.flush();
-            Ok(())
+            shared.optimize_locked()
         })
         .await
     }
@@ -381,6 +832,16 @@ impl EdgeStore {
                     self.collection
                 ))
             })?
+    }
+
+    /// Runs `f` on the shard on the blocking pool once it holds only durable state (see
+    /// [`Shared::read`]).
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&EdgeShard) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.run(move |shared| shared.read(f)).await
     }
 }
 
@@ -488,9 +949,8 @@ impl VectorStore for EdgeStore {
         let id = PointId::Uuid(point_id(tenant, document_id, 0));
         let tenant = tenant.as_str().to_owned();
         let document_id = document_id.to_owned();
-        self.run(move |shared| {
-            let records = shared
-                .shard
+        self.read(move |shard| {
+            let records = shard
                 .retrieve(
                     &[id],
                     Some(WithPayloadInterface::Bool(true)),
@@ -524,9 +984,8 @@ impl VectorStore for EdgeStore {
             .collect();
         let tenant = tenant.as_str().to_owned();
         let document_id = document_id.to_owned();
-        self.run(move |shared| {
-            let records = shared
-                .shard
+        self.read(move |shard| {
+            let records = shard
                 .retrieve(
                     &ids,
                     Some(WithPayloadInterface::Bool(true)),
@@ -663,8 +1122,8 @@ impl VectorStore for EdgeStore {
             with_payload: WithPayloadInterface::Bool(true),
         };
         let tenant = request.tenant.as_str().to_owned();
-        self.run(move |shared| {
-            let hits = shared.shard.query(query).map_err(map_op_err)?;
+        self.read(move |shard| {
+            let hits = shard.query(query).map_err(map_op_err)?;
             let mut chunks = Vec::with_capacity(hits.len());
             for hit in hits {
                 if min_score.is_some_and(|min| hit.score < min) {
@@ -702,7 +1161,7 @@ impl VectorStore for EdgeStore {
             filter: Some(filter),
             exact: true,
         };
-        self.run(move |shared| shared.shard.count(request).map_err(map_op_err))
+        self.read(move |shard| shard.count(request).map_err(map_op_err))
             .await
     }
 }

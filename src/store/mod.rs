@@ -21,7 +21,7 @@
 mod edge;
 mod qdrant;
 
-pub use edge::EdgeStore;
+pub use edge::{EdgeMaintenance, EdgeStore, disk_usage};
 pub use qdrant::{QdrantOptions, QdrantStore};
 
 use std::fmt;

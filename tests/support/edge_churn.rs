@@ -1,0 +1,156 @@
+//! A long-running worker's write pattern against an [`EdgeStore`], with synthetic vectors:
+//! many versions of the same few documents, each version written as the pipeline writes it
+//! (upsert the new revision's chunks, then delete the document's chunks of any other
+//! revision). Chunk counts alternate between 3 and 6, so every other version leaves stale
+//! points behind to delete. Shared by `tests/edge_durability.rs` and `benches/edge_disk.rs`.
+#![allow(dead_code)]
+
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::Arc;
+
+use rag_ingest::embed::Fingerprint;
+use rag_ingest::store::{
+    ChunkPayload, ChunkPoint, EdgeStore, Revision, VectorStore, disk_usage, point_id,
+};
+use rag_ingest::tenant::TenantId;
+
+/// Vector dimension of all-MiniLM-L6-v2.
+pub const DIMS: usize = 384;
+/// The collection every churn store uses.
+pub const COLLECTION: &str = "churn";
+
+/// The fingerprint the churn stores record.
+pub fn fingerprint() -> Fingerprint {
+    Fingerprint {
+        model: "test/synthetic".to_owned(),
+        dims: DIMS,
+        pooling: "mean".to_owned(),
+        normalized: true,
+    }
+}
+
+/// The tenant every churn document belongs to.
+pub fn tenant() -> TenantId {
+    TenantId::new("acme").expect("valid tenant")
+}
+
+/// A deterministic pseudo-random unit vector (splitmix64 from `seed`).
+pub fn unit_vector(seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut v: Vec<f32> = (0..DIMS)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f32 / (1u64 << 52) as f32 - 1.0
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+/// Chunks of version `version` of a document.
+pub fn chunk_count(version: u64) -> usize {
+    if version.is_multiple_of(2) { 3 } else { 6 }
+}
+
+/// The revision of version `version` of document `doc`.
+pub fn revision(doc: usize, version: u64) -> Revision {
+    Revision {
+        content_sha256: format!("{doc:04}-{version:08}"),
+        version: Some(version),
+        chunk_count: chunk_count(version),
+    }
+}
+
+/// The points of version `version` of document `doc`: ~600-byte chunk texts, a small
+/// metadata object, one synthetic vector each.
+pub fn version_points(doc: usize, version: u64) -> Vec<ChunkPoint> {
+    let tenant = tenant();
+    let document_id = format!("doc-{doc}");
+    let revision = revision(doc, version);
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("title".into(), format!("Document {doc}").into());
+    metadata.insert(
+        "source".into(),
+        format!("https://example.com/docs/{doc}").into(),
+    );
+    (0..revision.chunk_count)
+        .map(|index| ChunkPoint {
+            id: point_id(&tenant, &document_id, index),
+            vector: unit_vector(version * 1_000 + doc as u64 * 10 + index as u64),
+            payload: ChunkPayload {
+                tenant_id: tenant.as_str().to_owned(),
+                document_id: document_id.clone(),
+                version: revision.version,
+                chunk_index: index,
+                chunk_count: revision.chunk_count,
+                text: format!("version {version} chunk {index} ").repeat(30),
+                byte_start: index * 600,
+                byte_end: index * 600 + 600,
+                content_sha256: revision.content_sha256.clone(),
+                metadata: metadata.clone(),
+                embedder: fingerprint().id(),
+                ingested_at: "2025-01-01T00:00:00Z".to_owned(),
+                order: None,
+                tombstone: false,
+            },
+        })
+        .collect()
+}
+
+/// Writes versions `versions` of documents `0..docs`, one writer task per document (so
+/// writes share flushes as concurrent deliveries do), each version as the pipeline writes
+/// it. Panics if a write fails.
+pub async fn churn(store: &Arc<EdgeStore>, docs: usize, versions: RangeInclusive<u64>) {
+    let writers: Vec<_> = (0..docs)
+        .map(|doc| {
+            let store = Arc::clone(store);
+            let versions = versions.clone();
+            tokio::spawn(async move {
+                let tenant = tenant();
+                let document_id = format!("doc-{doc}");
+                for version in versions {
+                    store
+                        .upsert(version_points(doc, version))
+                        .await
+                        .expect("upsert");
+                    store
+                        .delete_document(&tenant, &document_id, Some(&revision(doc, version)))
+                        .await
+                        .expect("delete stale chunks");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer task");
+    }
+}
+
+/// Bytes on disk of a collection directory: all of it, its WAL and its segments.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskUse {
+    pub total: u64,
+    pub wal: u64,
+    pub segments: u64,
+}
+
+/// What the collection under `data_dir` takes on disk.
+pub fn disk_use(data_dir: &Path) -> DiskUse {
+    let dir = data_dir.join(COLLECTION);
+    DiskUse {
+        total: disk_usage(&dir).expect("measure collection"),
+        wal: disk_usage(&dir.join("wal")).expect("measure wal"),
+        segments: disk_usage(&dir.join("segments")).expect("measure segments"),
+    }
+}
+
+/// `bytes` in MiB, for printing.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
