@@ -7,7 +7,9 @@
 //!   under the key [`FINGERPRINT_METADATA_KEY`] (collection metadata needs a Qdrant server
 //!   ≥ 1.16). Creation and recording are one request, so there is no window in which the
 //!   collection exists without its fingerprint; a concurrent creator is tolerated
-//!   (`AlreadyExists` is not an error);
+//!   (`AlreadyExists` is not an error). On a cluster, the [`CollectionLayout`] (shard number,
+//!   replication factor, write consistency factor) is set at creation; unset values are the
+//!   server's defaults;
 //! - keyword payload indexes on `tenant_id` (`is_tenant`), `document_id` and `content_sha256`,
 //!   and integer indexes on `version` and `chunk_count`, are created if missing (`wait=true`).
 //!   Metadata filters use `metadata.<key>`, which is not indexed: a server in strict mode
@@ -104,6 +106,22 @@ pub struct QdrantOptions {
     pub backoff_max: Duration,
     /// Caps on one upsert request.
     pub limits: BatchLimits,
+    /// Sharding and replication of a collection this store creates.
+    pub layout: CollectionLayout,
+}
+
+/// How a collection created by [`QdrantStore::open`] is spread over a cluster. `None`
+/// leaves a setting to the server's default (on a single node: one shard, one replica,
+/// writes wait for one replica). Only used when the collection is created; an existing
+/// collection keeps its own (a difference is logged as a warning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CollectionLayout {
+    /// Shards of the collection.
+    pub shard_number: Option<u32>,
+    /// Copies of each shard, on distinct peers.
+    pub replication_factor: Option<u32>,
+    /// Replicas that must apply a write before the server answers it.
+    pub write_consistency_factor: Option<u32>,
 }
 
 impl QdrantOptions {
@@ -119,6 +137,7 @@ impl QdrantOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             limits: BatchLimits::default(),
+            layout: CollectionLayout::default(),
         }
     }
 }
@@ -134,6 +153,7 @@ impl fmt::Debug for QdrantOptions {
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
             .field("limits", &self.limits)
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -149,6 +169,7 @@ pub struct QdrantStore {
     backoff_min: Duration,
     backoff_max: Duration,
     limits: BatchLimits,
+    layout: CollectionLayout,
 }
 
 impl fmt::Debug for QdrantStore {
@@ -216,6 +237,7 @@ impl QdrantStore {
                 max_points: options.limits.max_points.max(1),
                 max_bytes: options.limits.max_bytes.max(1),
             },
+            layout: options.layout,
         };
         store.bootstrap(fingerprint).await?;
         Ok(store)
@@ -285,6 +307,7 @@ impl QdrantStore {
             }
         }
         self.check_vector_params(config, fingerprint)?;
+        self.compare_layout(config);
 
         for (field, is_tenant) in KEYWORD_INDEXES {
             if !info.payload_schema.contains_key(field) {
@@ -324,6 +347,9 @@ impl QdrantStore {
                 FINGERPRINT_METADATA_KEY.to_owned(),
                 QValue::from(recorded),
             )]),
+            shard_number: self.layout.shard_number,
+            replication_factor: self.layout.replication_factor,
+            write_consistency_factor: self.layout.write_consistency_factor,
             ..CreateCollection::default()
         };
         let result = self
@@ -422,6 +448,39 @@ impl QdrantStore {
                  unnamed vector"
                     .to_owned(),
             )),
+        }
+    }
+
+    /// Logs a warning for each layout setting the configuration names that the existing
+    /// collection does not have (the collection keeps its own: Qdrant changes replication
+    /// only through an explicit collection update).
+    fn compare_layout(&self, config: Option<&qdrant_client::qdrant::CollectionConfig>) {
+        let Some(params) = config.and_then(|c| c.params.as_ref()) else {
+            return;
+        };
+        let actual = [
+            ("shard_number", Some(params.shard_number)),
+            ("replication_factor", params.replication_factor),
+            ("write_consistency_factor", params.write_consistency_factor),
+        ];
+        let wanted = [
+            self.layout.shard_number,
+            self.layout.replication_factor,
+            self.layout.write_consistency_factor,
+        ];
+        for ((setting, actual), wanted) in actual.into_iter().zip(wanted) {
+            if let Some(wanted) = wanted
+                && actual != Some(wanted)
+            {
+                warn!(
+                    collection = %self.collection,
+                    setting,
+                    configured = wanted,
+                    actual = ?actual,
+                    "the existing collection has another layout than store.qdrant configures; \
+                     it keeps its own (change it with a Qdrant collection update)"
+                );
+            }
         }
     }
 
