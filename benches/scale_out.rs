@@ -47,10 +47,10 @@ use rag_ingest::queue::Submitter;
 use rag_ingest::setup;
 use rag_ingest::store::{EdgeStore, QdrantStore, VectorStore};
 
-#[path = "support/mod.rs"]
-mod support;
 #[path = "../tests/support/qdrant_server.rs"]
 mod qdrant_server;
+#[path = "support/mod.rs"]
+mod support;
 
 use support::{BenchPipeline, WorkerBinary, WorkerProcess};
 
@@ -288,7 +288,11 @@ fn run(
             let versions = verify_newest(&store, corpus).await;
             match (counts, versions) {
                 (Ok(_), Ok(())) => Ok(()),
-                (a, b) => Err([a.err(), b.err()].into_iter().flatten().collect::<Vec<_>>().join("\n")),
+                (a, b) => Err([a.err(), b.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("\n")),
             }
         }),
     };

@@ -1474,7 +1474,11 @@ max_document_bytes = 1000
             ),
         ];
         for (extra, field) in cases {
-            assert_eq!(field_of(parse_with(&with(extra), key_env)), field, "{extra}");
+            assert_eq!(
+                field_of(parse_with(&with(extra), key_env)),
+                field,
+                "{extra}"
+            );
         }
     }
 

@@ -131,10 +131,14 @@ async fn a_replicated_collection_survives_a_peer_killed_during_ingestion() {
     let confirmed = docs.len();
 
     // Kill peer 2 (not the worker's) once a third is stored.
-    common::eventually(Duration::from_secs(120), "a third of the documents stored", || {
-        let n = worker.count("document stored");
-        async move { n >= DOCS / 3 }
-    })
+    common::eventually(
+        Duration::from_secs(120),
+        "a third of the documents stored",
+        || {
+            let n = worker.count("document stored");
+            async move { n >= DOCS / 3 }
+        },
+    )
     .await;
     peer2.kill();
     let stored_at_kill = worker.count("document stored");
@@ -186,7 +190,10 @@ async fn a_replicated_collection_survives_a_peer_killed_during_ingestion() {
             eprintln!("lost: {} has {got} of {want} chunks", doc.document_id);
         } else if got > want {
             duplicated += 1;
-            eprintln!("duplicated: {} has {got} chunks, {want} expected", doc.document_id);
+            eprintln!(
+                "duplicated: {} has {got} chunks, {want} expected",
+                doc.document_id
+            );
         }
     }
     let tenant_total = readers[1].count(&acme, None).await.expect("count");
@@ -208,7 +215,10 @@ async fn a_replicated_collection_survives_a_peer_killed_during_ingestion() {
     assert_eq!(duplicated, 0, "documents stored twice");
     assert_eq!(tenant_total, want_total, "points of the tenant");
     assert_eq!(stored, confirmed, "every confirmed document stored");
-    assert_eq!(reported, confirmed as u64, "the worker processed each once:\n{log}");
+    assert_eq!(
+        reported, confirmed as u64,
+        "the worker processed each once:\n{log}"
+    );
     assert_eq!(dead, 0, "nothing dead-lettered:\n{log}");
     assert_eq!(searches_failed, 0, "searches failed");
     assert!(searches_before_kill > 0, "searches ran before the kill");

@@ -154,7 +154,10 @@ async fn the_worker_with_compose_settings_stores_a_document_on_the_server() {
     let want = common::expected_chunks(&config, &doc);
     assert!(want > 1, "the document has several chunks");
     assert_eq!(
-        store.count(&tenant, Some("compose-1")).await.expect("count"),
+        store
+            .count(&tenant, Some("compose-1"))
+            .await
+            .expect("count"),
         want
     );
     let first = store
