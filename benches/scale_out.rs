@@ -1,42 +1,54 @@
-//! Scale-out: documents/s of one vs two worker processes consuming one queue (plain `main`,
-//! release; needs RabbitMQ):
+//! Scale-out: documents/s of several `rag-ingest worker` processes consuming one queue
+//! (release; needs RabbitMQ):
 //!
 //! ```text
 //! cargo bench --bench scale_out
-//! QDRANT_URL=http://127.0.0.1:6334 cargo bench --bench scale_out   # also the shared server
+//! QDRANT_URL=http://127.0.0.1:16334 cargo bench --bench scale_out   # the shared test server
 //! ```
 //!
-//! Two backends, each for 1 and then 2 processes:
-//! - `edge`: every process has its own Qdrant Edge directory (Edge is one process per
-//!   directory), all consume the same queues; the documents end up split between the
-//!   stores, and each must be in exactly one of them. This measures how the work itself
-//!   (chunking, embedding, storing) scales across processes. Always runs.
-//! - `qdrant`: all processes share one collection on a Qdrant server (`QDRANT_URL`;
-//!   `QDRANT_API_KEY` is sent when set). Without `QDRANT_URL` this half prints
-//!   `SKIPPED: QDRANT_URL not set — the shared-server scale-out needs a Qdrant server`.
+//! Two backends:
+//! - `edge`, 1 and 2 processes: every process has its own Qdrant Edge directory (Edge is one
+//!   process per directory), all consume the same queues; the documents end up split between
+//!   the stores, and each must be in exactly one of them. This measures how the work itself
+//!   (chunking, embedding, storing) scales across processes.
+//! - `qdrant`, 1, 2 and 4 processes, each first unpinned and then pinned to one core
+//!   (`taskset -c`, worker i on core i mod the cores this bench may use): all processes share
+//!   one collection on a Qdrant server, the production shape. The server is `QDRANT_URL`
+//!   (`QDRANT_API_KEY` is sent when set), else one this bench starts from the server binary
+//!   (`QDRANT_BIN`, `qdrant` on `PATH`, `../shared/bin/qdrant`); with neither it prints
+//!   `SKIPPED`. The corpus adds [`VERSIONED`] second versions: those documents are published
+//!   as version 1 among the others and as version 2 (longer: more chunks) after all of them,
+//!   and each must end up stored once, as version 2 only.
 //!
-//! Each run (3 of each, alternating, medians reported): a fresh pipeline from `pipelines/docs.toml` with its own queues (and store
-//! directories or collection); the release `rag-ingest worker` binaries are started and, once
-//! each logs `worker consuming`, the clock starts, 128 Markdown documents (a few chunks each)
-//! are published with the library's `Submitter`, and the clock stops when the workers have
-//! logged `document stored` 128 times between them. The workers are stopped with SIGTERM and
-//! must exit cleanly; their final reports must add up to exactly 128 stored documents (each
-//! document stored exactly once, none retried or dead-lettered), and the stores must hold
-//! exactly each document's chunk count, each document in one store. Queues, collections and
-//! directories are deleted afterwards.
+//! Each run (3 of each case, cases alternating, medians reported): a fresh pipeline from
+//! `pipelines/docs.toml` with its own queues (and store directories or collection); the
+//! release worker binaries are started and, once each logs `worker consuming`, the clock
+//! starts, the messages are published with the library's `Submitter`, and the clock stops when
+//! the workers have logged an outcome (stored, or skipped as older) for every message between
+//! them. The workers are stopped with SIGTERM and must exit cleanly; their final reports must
+//! add up to exactly one outcome per message (none retried, dead-lettered or unchanged). The
+//! store must hold each document once: exactly its newest version's chunk count, every chunk
+//! of it carrying the newest version. Every difference is printed and fails the bench at the
+//! end (after all figures are out). Queues, collections and directories are deleted
+//! afterwards. Tokens are the model tokens of every message's chunks.
 //!
 //! On this 2-core machine one worker already keeps both cores busy (the embedding thread's
-//! pool uses every core), so the bound on the speed-up is about 1×: a second process adds
-//! overlap of the non-embedding work, and contention.
+//! pool uses every core it may), so the bound on the unpinned speed-up is about 1×. Pinned,
+//! one worker has one core and two workers two, so 1 → 2 shows how the design scales with
+//! cores; four pinned workers share the two cores two by two, so 2 → 4 shows the cost of
+//! oversubscription, not more hardware.
 
 use std::time::{Duration, Instant};
 
+use rag_ingest::chunk::Chunker;
 use rag_ingest::embed::{CandleEmbedder, Embedder};
 use rag_ingest::message::Document;
 use rag_ingest::queue::Submitter;
 use rag_ingest::setup;
-use rag_ingest::store::{EdgeStore, QdrantStore};
+use rag_ingest::store::{EdgeStore, QdrantStore, VectorStore};
 
+#[path = "../tests/support/qdrant_server.rs"]
+mod qdrant_server;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -45,8 +57,17 @@ use support::{BenchPipeline, WorkerBinary, WorkerProcess};
 /// Documents per run.
 const DOCS: usize = 128;
 
-/// Runs of each process count.
+/// Documents of the server corpus sent in two versions.
+const VERSIONED: usize = 8;
+
+/// Runs of each case.
 const RUNS: usize = 3;
+
+/// Worker process counts on the shared server.
+const SERVER_PROCESSES: [usize; 3] = [1, 2, 4];
+
+/// Log line of a message skipped because a newer version is stored.
+const STALE: &str = "older version skipped";
 
 /// Where the workers store.
 enum Backend {
@@ -60,22 +81,75 @@ impl Backend {
     fn name(&self) -> &'static str {
         match self {
             Backend::EdgePerProcess => "edge (one directory per process)",
-            Backend::Qdrant(_) => "qdrant (one shared collection)",
+            Backend::Qdrant(_) => "qdrant server (one shared collection)",
         }
     }
 }
 
-/// One run with `processes` workers; returns the time from the first publish to the last
-/// stored document.
+/// What a run publishes and what the store must hold afterwards.
+struct Corpus {
+    /// Published in this order.
+    messages: Vec<Document>,
+    /// The newest version of each document.
+    finals: Vec<Document>,
+    /// Chunk count of each of `finals`.
+    expected: Vec<usize>,
+    /// Model tokens of every message's chunks.
+    tokens: u64,
+}
+
+impl Corpus {
+    fn new(messages: Vec<Document>, chunker: &Chunker, tokenizer: &tokenizers::Tokenizer) -> Self {
+        let mut finals: Vec<Document> = Vec::new();
+        for doc in &messages {
+            match finals
+                .iter_mut()
+                .find(|d| d.tenant == doc.tenant && d.document_id == doc.document_id)
+            {
+                Some(existing) if existing.version < doc.version => *existing = doc.clone(),
+                Some(_) => {}
+                None => finals.push(doc.clone()),
+            }
+        }
+        let expected = support::expected_chunks(chunker, &finals);
+        let texts: Vec<String> = messages
+            .iter()
+            .flat_map(|doc| {
+                chunker
+                    .split(&doc.content, doc.format().expect("markdown"))
+                    .into_iter()
+                    .map(|c| c.text)
+            })
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let tokens = support::model_tokens(tokenizer, &refs);
+        Corpus {
+            messages,
+            finals,
+            expected,
+            tokens,
+        }
+    }
+}
+
+/// The figures of one run.
+struct RunResult {
+    elapsed: Duration,
+    /// Every difference between the store and the corpus (empty when right).
+    problems: Vec<String>,
+}
+
+/// One run with `processes` workers (pinned to a core each if `cores` is given).
+#[allow(clippy::too_many_arguments)]
 fn run(
     rt: &tokio::runtime::Runtime,
     binary: &WorkerBinary,
     backend: &Backend,
     processes: usize,
-    docs: &[Document],
-    expected: &[usize],
+    cores: Option<&[usize]>,
+    corpus: &Corpus,
     embedder: &CandleEmbedder,
-) -> Duration {
+) -> RunResult {
     let pipeline = BenchPipeline::new("scale", |t| {
         if let Backend::Qdrant(url) = backend {
             let collection = format!(
@@ -98,7 +172,11 @@ fn run(
         .collect();
     let mut workers: Vec<WorkerProcess> = configs
         .iter()
-        .map(|(file, _)| WorkerProcess::start(binary, file, &[]))
+        .enumerate()
+        .map(|(k, (file, _))| {
+            let core = cores.map(|c| c[k % c.len()]);
+            WorkerProcess::start_on(binary, file, &[], core)
+        })
         .collect();
     for worker in &mut workers {
         worker.wait_for(support::CONSUMING, 1, Duration::from_secs(120));
@@ -107,10 +185,11 @@ fn run(
         .block_on(Submitter::connect(&pipeline.config))
         .expect("the submitter connects");
 
+    let messages = &corpus.messages;
     let started = Instant::now();
-    for (doc, result) in docs
+    for (doc, result) in messages
         .iter()
-        .zip(rt.block_on(submitter.submit_all(docs, |_, _| {})))
+        .zip(rt.block_on(submitter.submit_all(messages, |_, _| {})))
     {
         if let Err(e) = result {
             panic!(
@@ -121,8 +200,11 @@ fn run(
     }
     let deadline = started + Duration::from_secs(900);
     loop {
-        let stored: usize = workers.iter().map(|w| w.count(support::STORED)).sum();
-        if stored >= docs.len() {
+        let done: usize = workers
+            .iter()
+            .map(|w| w.count(support::STORED) + w.count(STALE))
+            .sum();
+        if done >= messages.len() {
             break;
         }
         for worker in &mut workers {
@@ -135,8 +217,8 @@ fn run(
         }
         assert!(
             Instant::now() < deadline,
-            "BENCH FAILED: only {stored} of {} documents stored within 15 minutes",
-            docs.len()
+            "BENCH FAILED: only {done} of {} messages processed within 15 minutes",
+            messages.len()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -146,7 +228,7 @@ fn run(
     for worker in &workers {
         worker.signal("TERM");
     }
-    let mut per_worker = Vec::new();
+    let (mut per_worker, mut stale) = (Vec::new(), 0);
     for worker in workers {
         let (status, log) = worker.wait_exit(Duration::from_secs(60));
         assert!(
@@ -161,15 +243,17 @@ fn run(
             );
         }
         per_worker.push(support::final_count(&log, "stored"));
+        stale += support::final_count(&log, "stale");
     }
-    let total: u64 = per_worker.iter().sum();
-    assert_eq!(
-        total,
-        docs.len() as u64,
-        "BENCH FAILED: the workers stored {per_worker:?} documents, expected {} in all \
-         (each exactly once)",
-        docs.len()
-    );
+    let mut problems = Vec::new();
+    let total: u64 = per_worker.iter().sum::<u64>() + stale;
+    if total != messages.len() as u64 {
+        problems.push(format!(
+            "the workers stored {per_worker:?} and skipped {stale} as older: {total} outcomes \
+             for {} messages (each must have exactly one)",
+            messages.len()
+        ));
+    }
     let fingerprint = embedder.fingerprint();
     let verified = match backend {
         Backend::EdgePerProcess => {
@@ -180,7 +264,12 @@ fn run(
                         .expect("a worker's store opens after it exited")
                 })
                 .collect();
-            rt.block_on(support::verify_stored(&stores, docs, expected))
+            rt.block_on(support::verify_stored(
+                &stores,
+                &corpus.finals,
+                &corpus.expected,
+            ))
+            .map(|_| ())
         }
         Backend::Qdrant(_) => rt.block_on(async {
             let store = QdrantStore::open(
@@ -190,20 +279,122 @@ fn run(
             )
             .await
             .expect("the Qdrant collection opens");
-            support::verify_stored(&[store], docs, expected).await
+            let counts = support::verify_stored(
+                std::slice::from_ref(&store),
+                &corpus.finals,
+                &corpus.expected,
+            )
+            .await;
+            let versions = verify_newest(&store, corpus).await;
+            match (counts, versions) {
+                (Ok(_), Ok(())) => Ok(()),
+                (a, b) => Err([a.err(), b.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("\n")),
+            }
         }),
     };
     if let Err(e) = verified {
-        panic!("BENCH FAILED: the stores do not hold every chunk exactly once:\n{e}");
+        problems.push(format!("the store differs from the corpus:\n{e}"));
     }
+    let pinning = match cores {
+        Some(c) => format!(
+            "pinned ({})",
+            (0..processes)
+                .map(|k| format!("w{k}→cpu{}", c[k % c.len()]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        None => "unpinned".to_owned(),
+    };
     eprintln!(
-        "scale_out: {}: {processes} process(es): {:.3} s, {:.2} docs/s; documents stored per \
-         process {per_worker:?}",
+        "scale_out: {}: {processes} process(es), {pinning}: {:.3} s, {:.2} docs/s; stored per \
+         process {per_worker:?}, skipped as older {stale}{}",
         backend.name(),
         elapsed.as_secs_f64(),
-        docs.len() as f64 / elapsed.as_secs_f64()
+        messages.len() as f64 / elapsed.as_secs_f64(),
+        if problems.is_empty() {
+            String::new()
+        } else {
+            format!("; PROBLEMS:\n{}", problems.join("\n"))
+        }
     );
-    elapsed
+    RunResult { elapsed, problems }
+}
+
+/// Checks that every chunk of each versioned document carries its newest version.
+async fn verify_newest(store: &QdrantStore, corpus: &Corpus) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (doc, &want) in corpus.finals.iter().zip(&corpus.expected) {
+        let Some(newest) = doc.version.filter(|&v| v > 1) else {
+            continue;
+        };
+        let chunks = store
+            .chunk_vectors(&doc.tenant, &doc.document_id, want)
+            .await
+            .map_err(|e| format!("read {}: {e}", doc.document_id))?;
+        let versions: Vec<Option<u64>> = chunks.iter().map(|c| c.payload.version).collect();
+        if chunks.len() != want || versions.iter().any(|v| *v != Some(newest)) {
+            problems.push(format!(
+                "{}/{}: chunk versions {versions:?}, expected {want} chunks of version {newest}",
+                doc.tenant, doc.document_id
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// The server corpus: `docs` as version 1, then [`VERSIONED`] of them again as version 2 with
+/// more text (so more chunks), published after all the others.
+fn versioned(docs: &[Document]) -> Vec<Document> {
+    let mut messages: Vec<Document> = docs
+        .iter()
+        .map(|d| Document {
+            version: Some(1),
+            ..d.clone()
+        })
+        .collect();
+    let step = docs.len() / VERSIONED;
+    for k in 0..VERSIONED {
+        let mut newer = messages[k * step].clone();
+        newer.version = Some(2);
+        newer.content = format!(
+            "{}\n\n## Revision 2\n\n{}",
+            newer.content,
+            messages[(k * step + 1) % docs.len()].content
+        );
+        newer.metadata.insert("revision".into(), 2.into());
+        messages.push(newer);
+    }
+    messages
+}
+
+/// The CPU cores this process may run on (`taskset -cp`), e.g. `[0, 1]`.
+fn allowed_cores() -> Vec<usize> {
+    let out = std::process::Command::new("taskset")
+        .args(["-cp", &std::process::id().to_string()])
+        .output()
+        .expect("taskset runs (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let list = text.rsplit(':').next().unwrap_or("").trim();
+    let mut cores = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().expect("core"), b.parse().expect("core"));
+                cores.extend(a..=b);
+            }
+            None => cores.push(part.parse().expect("core")),
+        }
+    }
+    assert!(!cores.is_empty(), "no cores in {text:?}");
+    cores
 }
 
 fn main() {
@@ -216,51 +407,136 @@ fn main() {
         .expect("the model loads (scripts/fetch-model.sh)");
     let chunker = setup::chunker(&config, &embedder).expect("chunker");
     let docs = support::realistic_docs("scale", DOCS);
-    let expected = support::expected_chunks(&chunker, &docs);
-    let chunks: usize = expected.iter().sum();
-    let texts: Vec<String> = docs
-        .iter()
-        .flat_map(|doc| {
-            chunker
-                .split(&doc.content, doc.format().expect("markdown"))
-                .into_iter()
-                .map(|c| c.text)
-        })
-        .collect();
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let tokens = support::model_tokens(embedder.tokenizer(), &refs);
+    let edge = Corpus::new(docs.clone(), &chunker, embedder.tokenizer());
+    let server = Corpus::new(versioned(&docs), &chunker, embedder.tokenizer());
+    // A second version has more chunks than its first, so a mix of the two shows.
+    for (doc, &chunks) in server.finals.iter().zip(&server.expected) {
+        if doc.version == Some(2) {
+            let first = docs
+                .iter()
+                .find(|d| d.document_id == doc.document_id)
+                .expect("the first version");
+            let older = support::expected_chunks(&chunker, std::slice::from_ref(first));
+            assert!(
+                chunks > older[0],
+                "{}: version 2 has {chunks} chunks, version 1 {}",
+                doc.document_id,
+                older[0]
+            );
+        }
+    }
     eprintln!(
-        "scale_out: {DOCS} documents, {chunks} chunks, {tokens} model tokens; \
-         worker.concurrency {} per process",
+        "scale_out: edge corpus {DOCS} documents, {} chunks, {} model tokens; server corpus {} \
+         messages ({VERSIONED} documents in two versions), {} chunks stored at the end, {} model \
+         tokens; worker.concurrency {} per process",
+        edge.expected.iter().sum::<usize>(),
+        edge.tokens,
+        server.messages.len(),
+        server.expected.iter().sum::<usize>(),
+        server.tokens,
         config.worker.concurrency
     );
+    let mut problems: Vec<String> = Vec::new();
+    let rate = |corpus: &Corpus, d: Duration| {
+        (
+            corpus.messages.len() as f64 / d.as_secs_f64(),
+            corpus.tokens as f64 / d.as_secs_f64(),
+        )
+    };
 
-    let mut backends = vec![Backend::EdgePerProcess];
-    match std::env::var("QDRANT_URL") {
-        Ok(url) if !url.trim().is_empty() => backends.push(Backend::Qdrant(url)),
-        _ => eprintln!(
-            "SKIPPED: QDRANT_URL not set — the shared-server scale-out needs a Qdrant server"
-        ),
-    }
-    for backend in &backends {
-        // Alternating 1 and 2 processes, so a burst of load elsewhere hits both alike.
-        let (mut ones, mut twos) = (Vec::new(), Vec::new());
-        for _ in 0..RUNS {
-            ones.push(run(&rt, &binary, backend, 1, &docs, &expected, &embedder));
-            twos.push(run(&rt, &binary, backend, 2, &docs, &expected, &embedder));
+    // Edge, alternating 1 and 2 processes, so a burst of load elsewhere hits both alike.
+    let backend = Backend::EdgePerProcess;
+    let (mut ones, mut twos) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        for (n, into) in [(1, &mut ones), (2, &mut twos)] {
+            let r = run(&rt, &binary, &backend, n, None, &edge, &embedder);
+            problems.extend(r.problems);
+            into.push(r.elapsed);
         }
-        let one = support::median(&ones).expect("RUNS > 0");
-        let two = support::median(&twos).expect("RUNS > 0");
-        let rate = |d: Duration| DOCS as f64 / d.as_secs_f64();
-        println!(
-            "scale-out, {} (medians of {RUNS} runs each): 1 process {:.2} docs/s ({:.0} tokens/s), 2 processes {:.2} docs/s \
-             ({:.0} tokens/s): speed-up {:.2}x",
-            backend.name(),
-            rate(one),
-            tokens as f64 / one.as_secs_f64(),
-            rate(two),
-            tokens as f64 / two.as_secs_f64(),
-            one.as_secs_f64() / two.as_secs_f64()
-        );
     }
+    let one = support::median(&ones).expect("RUNS > 0");
+    let two = support::median(&twos).expect("RUNS > 0");
+    let ((d1, t1), (d2, t2)) = (rate(&edge, one), rate(&edge, two));
+    println!(
+        "scale-out, {} (medians of {RUNS} runs each): 1 process {d1:.2} docs/s ({t1:.0} \
+         tokens/s), 2 processes {d2:.2} docs/s ({t2:.0} tokens/s): speed-up {:.2}x",
+        backend.name(),
+        one.as_secs_f64() / two.as_secs_f64()
+    );
+
+    // The shared server: QDRANT_URL, or one of our own.
+    let mut own_server = None;
+    let url = match std::env::var("QDRANT_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            eprintln!("scale_out: QDRANT_URL not set; starting a Qdrant server of this bench");
+            own_server = rt.block_on(qdrant_server::QdrantServer::start(
+                "the shared-server scale-out",
+                qdrant_server::ServerOptions::default(),
+            ));
+            own_server.as_ref().map(|s| s.grpc_url())
+        }
+    };
+    match url {
+        None => eprintln!(
+            "SKIPPED: no Qdrant server (QDRANT_URL unset and no server binary) — the \
+             shared-server scale-out did not run"
+        ),
+        Some(url) => {
+            let backend = Backend::Qdrant(url);
+            let cores = allowed_cores();
+            let cases: Vec<(usize, bool)> = [false, true]
+                .into_iter()
+                .flat_map(|pinned| SERVER_PROCESSES.map(|n| (n, pinned)))
+                .collect();
+            let mut times: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+            for _ in 0..RUNS {
+                for (i, &(n, pinned)) in cases.iter().enumerate() {
+                    let pin = pinned.then_some(cores.as_slice());
+                    let r = run(&rt, &binary, &backend, n, pin, &server, &embedder);
+                    problems.extend(r.problems);
+                    times[i].push(r.elapsed);
+                }
+            }
+            println!(
+                "scale-out, {} (medians of {RUNS} runs each; {} messages, {} tokens; cores \
+                 {cores:?}):",
+                backend.name(),
+                server.messages.len(),
+                server.tokens
+            );
+            for pinned in [false, true] {
+                let mut base = None;
+                let mut line = Vec::new();
+                for (i, &(n, p)) in cases.iter().enumerate() {
+                    if p != pinned {
+                        continue;
+                    }
+                    let median = support::median(&times[i]).expect("RUNS > 0");
+                    let base = *base.get_or_insert(median);
+                    let (docs_s, tokens_s) = rate(&server, median);
+                    line.push(format!(
+                        "{n} process(es) {docs_s:.2} docs/s ({tokens_s:.0} tokens/s, {:.2}x)",
+                        base.as_secs_f64() / median.as_secs_f64()
+                    ));
+                }
+                println!(
+                    "  {}: {}",
+                    if pinned {
+                        "pinned, one core each (worker i on core i mod cores)"
+                    } else {
+                        "unpinned"
+                    },
+                    line.join(", ")
+                );
+            }
+        }
+    }
+    drop(own_server);
+    assert!(
+        problems.is_empty(),
+        "BENCH FAILED: {} run(s) found the store differing from the corpus:\n{}",
+        problems.len(),
+        problems.join("\n\n")
+    );
 }

@@ -594,6 +594,18 @@ pub struct QdrantConfig {
     /// Largest retry delay in milliseconds.
     #[serde(default = "default_qdrant_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// Shards of a collection this worker creates (1 to 65536); unset = the server's default
+    /// (one per peer at creation in a cluster, 1 on a single node). Only used at creation.
+    #[serde(default)]
+    pub shard_number: Option<u32>,
+    /// Copies of each shard kept on distinct peers of a cluster (1 to 64); unset = the
+    /// server's default (1). Only used when this worker creates the collection.
+    #[serde(default)]
+    pub replication_factor: Option<u32>,
+    /// Replicas that must apply a write before the server answers (1 to
+    /// `replication_factor`); unset = the server's default (1). Only used at creation.
+    #[serde(default)]
+    pub write_consistency_factor: Option<u32>,
 }
 
 impl Default for QdrantConfig {
@@ -607,6 +619,9 @@ impl Default for QdrantConfig {
             retries: default_qdrant_retries(),
             backoff_min_ms: default_qdrant_backoff_min_ms(),
             backoff_max_ms: default_qdrant_backoff_max_ms(),
+            shard_number: None,
+            replication_factor: None,
+            write_consistency_factor: None,
         }
     }
 }
@@ -1242,6 +1257,49 @@ impl PipelineConfig {
                 "must be at least 1 and not above store.qdrant.backoff_max_ms".into(),
             ));
         }
+        self.validate_qdrant_cluster(fail)
+    }
+
+    /// `store.qdrant.shard_number`, `replication_factor` and `write_consistency_factor`.
+    fn validate_qdrant_cluster(
+        &self,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let q = &self.store.qdrant;
+        if let Some(n) = q.shard_number
+            && !(1..=65_536).contains(&n)
+        {
+            return Err(fail(
+                "store.qdrant.shard_number",
+                format!("{n} must be between 1 and 65536"),
+            ));
+        }
+        if let Some(n) = q.replication_factor
+            && !(1..=64).contains(&n)
+        {
+            return Err(fail(
+                "store.qdrant.replication_factor",
+                format!("{n} must be between 1 and 64"),
+            ));
+        }
+        if let Some(w) = q.write_consistency_factor {
+            // The server's default replication factor is 1.
+            let replicas = q.replication_factor.unwrap_or(1);
+            if w == 0 || w > replicas {
+                return Err(fail(
+                    "store.qdrant.write_consistency_factor",
+                    format!(
+                        "{w} must be between 1 and store.qdrant.replication_factor ({replicas}{}): \
+                         a write cannot wait for more replicas than exist",
+                        if q.replication_factor.is_none() {
+                            ", the server's default when unset"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1775,6 +1833,49 @@ max_document_bytes = 1000
             "collection = \"docs\"\n[store.qdrant]\napi_key_env = \"MY_QDRANT_KEY\"",
         );
         assert!(parse_with(&edge, |_| None).is_ok());
+    }
+
+    #[test]
+    fn cluster_settings_default_to_the_server_and_are_checked() {
+        let c = parse_with(QDRANT, key_env).expect("valid");
+        assert_eq!(c.store.qdrant.shard_number, None);
+        assert_eq!(c.store.qdrant.replication_factor, None);
+        assert_eq!(c.store.qdrant.write_consistency_factor, None);
+        let url = "url = \"http://qdrant:6334\"";
+        let with = |extra: &str| QDRANT.replace(url, &format!("{url}\n{extra}"));
+        let c = parse_with(
+            &with("shard_number = 2\nreplication_factor = 3\nwrite_consistency_factor = 2"),
+            key_env,
+        )
+        .expect("valid");
+        assert_eq!(c.store.qdrant.shard_number, Some(2));
+        assert_eq!(c.store.qdrant.replication_factor, Some(3));
+        assert_eq!(c.store.qdrant.write_consistency_factor, Some(2));
+        let cases = [
+            ("shard_number = 0", "store.qdrant.shard_number"),
+            ("replication_factor = 0", "store.qdrant.replication_factor"),
+            ("replication_factor = 65", "store.qdrant.replication_factor"),
+            (
+                "replication_factor = 2\nwrite_consistency_factor = 3",
+                "store.qdrant.write_consistency_factor",
+            ),
+            (
+                "replication_factor = 2\nwrite_consistency_factor = 0",
+                "store.qdrant.write_consistency_factor",
+            ),
+            // Unset replication factor is the server's 1.
+            (
+                "write_consistency_factor = 2",
+                "store.qdrant.write_consistency_factor",
+            ),
+        ];
+        for (extra, field) in cases {
+            assert_eq!(
+                field_of(parse_with(&with(extra), key_env)),
+                field,
+                "{extra}"
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::embed::{
     OpenAiEmbedder, OpenAiOptions,
 };
 use crate::process::Pipeline;
-use crate::store::{BatchLimits, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError};
+use crate::store::{
+    BatchLimits, CollectionLayout, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError,
+};
 
 /// Why a component could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +223,11 @@ pub fn qdrant_options(config: &PipelineConfig) -> QdrantOptions {
         backoff_min: std::time::Duration::from_millis(q.backoff_min_ms),
         backoff_max: std::time::Duration::from_millis(q.backoff_max_ms),
         limits: batch_limits(config),
+        layout: CollectionLayout {
+            shard_number: q.shard_number,
+            replication_factor: q.replication_factor,
+            write_consistency_factor: q.write_consistency_factor,
+        },
     }
 }
 

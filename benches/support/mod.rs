@@ -509,7 +509,27 @@ impl WorkerProcess {
     /// Starts `<binary> worker --pipeline <file> <extra>` with info logs (lapin and
     /// qdrant_edge at warn).
     pub fn start(binary: &WorkerBinary, file: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary.path())
+        Self::start_on(binary, file, extra, None)
+    }
+
+    /// Like [`start`](Self::start); with `core`, the process may run on that CPU core only
+    /// (`taskset -c <core>`, which then executes the worker in its place, so [`id`](Self::id)
+    /// is the worker's pid).
+    pub fn start_on(
+        binary: &WorkerBinary,
+        file: &Path,
+        extra: &[&str],
+        core: Option<usize>,
+    ) -> Self {
+        let mut command = match core {
+            Some(core) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &core.to_string()]).arg(binary.path());
+                c
+            }
+            None => Command::new(binary.path()),
+        };
+        let mut child = command
             .args(["--log-format", "text", "worker", "--pipeline"])
             .arg(file)
             .args(extra)

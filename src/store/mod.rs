@@ -22,7 +22,7 @@ mod edge;
 mod qdrant;
 
 pub use edge::{EdgeMaintenance, EdgeStore, disk_usage};
-pub use qdrant::{QdrantOptions, QdrantStore};
+pub use qdrant::{CollectionLayout, QdrantOptions, QdrantStore};
 
 use std::fmt;
 use std::future::Future;

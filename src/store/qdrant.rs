@@ -7,7 +7,9 @@
 //!   under the key [`FINGERPRINT_METADATA_KEY`] (collection metadata needs a Qdrant server
 //!   ≥ 1.16). Creation and recording are one request, so there is no window in which the
 //!   collection exists without its fingerprint; a concurrent creator is tolerated
-//!   (`AlreadyExists` is not an error);
+//!   (`AlreadyExists` is not an error). On a cluster, the [`CollectionLayout`] (shard number,
+//!   replication factor, write consistency factor) is set at creation; unset values are the
+//!   server's defaults;
 //! - keyword payload indexes on `tenant_id` (`is_tenant`), `document_id` and `content_sha256`,
 //!   and integer indexes on `version` and `chunk_count`, are created if missing (`wait=true`).
 //!   Metadata filters use `metadata.<key>`, which is not indexed: a server in strict mode
@@ -116,6 +118,22 @@ pub struct QdrantOptions {
     pub backoff_max: Duration,
     /// Caps on one upsert request.
     pub limits: BatchLimits,
+    /// Sharding and replication of a collection this store creates.
+    pub layout: CollectionLayout,
+}
+
+/// How a collection created by [`QdrantStore::open`] is spread over a cluster. `None`
+/// leaves a setting to the server's default (on a single node: one shard, one replica,
+/// writes wait for one replica). Only used when the collection is created; an existing
+/// collection keeps its own (a difference is logged as a warning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CollectionLayout {
+    /// Shards of the collection.
+    pub shard_number: Option<u32>,
+    /// Copies of each shard, on distinct peers.
+    pub replication_factor: Option<u32>,
+    /// Replicas that must apply a write before the server answers it.
+    pub write_consistency_factor: Option<u32>,
 }
 
 impl QdrantOptions {
@@ -132,6 +150,7 @@ impl QdrantOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             limits: BatchLimits::default(),
+            layout: CollectionLayout::default(),
         }
     }
 }
@@ -148,6 +167,7 @@ impl fmt::Debug for QdrantOptions {
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
             .field("limits", &self.limits)
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -165,6 +185,7 @@ pub struct QdrantStore {
     limits: BatchLimits,
     /// What to tell a user whose credentials the server refuses.
     auth_hint: String,
+    layout: CollectionLayout,
 }
 
 impl fmt::Debug for QdrantStore {
@@ -233,6 +254,7 @@ impl QdrantStore {
                 max_bytes: options.limits.max_bytes.max(1),
             },
             auth_hint: auth_hint(options),
+            layout: options.layout,
         };
         store.bootstrap(fingerprint).await?;
         Ok(store)
@@ -302,6 +324,7 @@ impl QdrantStore {
             }
         }
         self.check_vector_params(config, fingerprint)?;
+        self.compare_layout(config);
 
         for (field, is_tenant) in KEYWORD_INDEXES {
             if !info.payload_schema.contains_key(field) {
@@ -345,6 +368,9 @@ impl QdrantStore {
                 FINGERPRINT_METADATA_KEY.to_owned(),
                 QValue::from(recorded),
             )]),
+            shard_number: self.layout.shard_number,
+            replication_factor: self.layout.replication_factor,
+            write_consistency_factor: self.layout.write_consistency_factor,
             ..CreateCollection::default()
         };
         let result = self
@@ -438,6 +464,39 @@ impl QdrantStore {
                  unnamed vector"
                     .to_owned(),
             )),
+        }
+    }
+
+    /// Logs a warning for each layout setting the configuration names that the existing
+    /// collection does not have (the collection keeps its own: Qdrant changes replication
+    /// only through an explicit collection update).
+    fn compare_layout(&self, config: Option<&qdrant_client::qdrant::CollectionConfig>) {
+        let Some(params) = config.and_then(|c| c.params.as_ref()) else {
+            return;
+        };
+        let actual = [
+            ("shard_number", Some(params.shard_number)),
+            ("replication_factor", params.replication_factor),
+            ("write_consistency_factor", params.write_consistency_factor),
+        ];
+        let wanted = [
+            self.layout.shard_number,
+            self.layout.replication_factor,
+            self.layout.write_consistency_factor,
+        ];
+        for ((setting, actual), wanted) in actual.into_iter().zip(wanted) {
+            if let Some(wanted) = wanted
+                && actual != Some(wanted)
+            {
+                warn!(
+                    collection = %self.collection,
+                    setting,
+                    configured = wanted,
+                    actual = ?actual,
+                    "the existing collection has another layout than store.qdrant configures; \
+                     it keeps its own (change it with a Qdrant collection update)"
+                );
+            }
         }
     }
 

@@ -762,3 +762,25 @@ pub fn qdrant_url_or_skip(test: &str) -> Option<String> {
         }
     }
 }
+
+/// Like [`write_pipeline_file`], with the store on a Qdrant server: `store.kind = "qdrant"`,
+/// the collection named after the pipeline (unique per test, so the shared server is safe),
+/// `store.qdrant.url = url`, and `qdrant_extra` (TOML lines, e.g. `replication_factor = 3`)
+/// added to `[store.qdrant]`. Returns the file's path.
+pub fn write_qdrant_pipeline_file(t: &TestPipeline, url: &str, qdrant_extra: &str) -> PathBuf {
+    let path = write_pipeline_file(t);
+    let text = std::fs::read_to_string(&path).expect("read pipeline file");
+    let mut table: toml::Table = text.parse().expect("pipeline file is TOML");
+    let mut qdrant: toml::Table = qdrant_extra.parse().expect("qdrant_extra is TOML");
+    qdrant.insert("url".into(), url.into());
+    let store = table
+        .get_mut("store")
+        .and_then(toml::Value::as_table_mut)
+        .expect("[store]");
+    store.insert("kind".into(), "qdrant".into());
+    store.remove("path");
+    store.insert("collection".into(), t.config.name.clone().into());
+    store.insert("qdrant".into(), qdrant.into());
+    std::fs::write(&path, toml::to_string(&table).expect("serialise")).expect("write");
+    path
+}

@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The Qdrant server version the tests run against (`../shared/bin/qdrant`), and that
+/// `docker-compose.yml` and `pipelines/compose.toml` name (`tests/compose.rs` checks them).
+pub const TESTED_VERSION: &str = "1.19.0";
+
 /// The Qdrant server binary, if this machine has one.
 pub fn qdrant_bin() -> Option<PathBuf> {
     if let Some(bin) = std::env::var_os("QDRANT_BIN").filter(|b| !b.is_empty()) {
@@ -104,6 +108,43 @@ impl QdrantServer {
             options,
         };
         Some(server.launch().await)
+    }
+
+    /// Starts one peer of a cluster (cluster mode, `--uri` its own p2p URL) and waits until it
+    /// is ready: the first peer of a new cluster with `bootstrap = None`, a joining peer with
+    /// the p2p URL of a running one ([`p2p_url`](Self::p2p_url)). `None` after a loud SKIPPED
+    /// line when this machine has no server binary.
+    pub async fn start_peer(test: &str, bootstrap: Option<String>) -> Option<Self> {
+        let bin = qdrant_bin_or_skip(test)?;
+        let p2p_port = free_port();
+        let mut args = vec!["--uri".to_owned(), format!("http://127.0.0.1:{p2p_port}")];
+        if let Some(url) = bootstrap {
+            args.push("--bootstrap".to_owned());
+            args.push(url);
+        }
+        let server = QdrantServer {
+            bin,
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            http_port: free_port(),
+            grpc_port: free_port(),
+            p2p_port,
+            options: ServerOptions {
+                args,
+                cluster: true,
+                ..ServerOptions::default()
+            },
+        };
+        Some(server.launch().await)
+    }
+
+    /// How many peers this peer's view of the cluster holds (`GET /cluster`); 0 if it does
+    /// not answer.
+    pub fn cluster_peers(&self) -> usize {
+        self.http_get("/cluster")
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|v| v["result"]["peers"].as_object().map(|p| p.len()))
+            .unwrap_or(0)
     }
 
     /// Spawns the process and waits until it is ready.
