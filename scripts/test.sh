@@ -35,7 +35,7 @@ cargo test --locked --no-run
 limit="${RAG_INGEST_TEST_TIMEOUT:-40m}"
 echo "== cargo test (limit ${limit})"
 set +e
-timeout --kill-after=60s "$limit" cargo test --locked 2>&1 | tee "${CARGO_TARGET_DIR}/last-test-run.log"
+timeout --kill-after=60s "$limit" cargo test --locked --no-fail-fast 2>&1 | tee "${CARGO_TARGET_DIR}/last-test-run.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "== summary"

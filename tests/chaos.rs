@@ -196,32 +196,31 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     let total = docs.len() as u64 + bad.len() as u64;
     submit(&t, &docs, &bad).await;
 
+    // Fault 1: the embedding provider is down (503) as the workers start, until they have
+    // seen it fail several times (their breakers open and they stop taking messages); then
+    // it comes back.
+    provider.set_down(true);
     let mut workers = vec![
         WorkerProcess::start(&file, false),
         WorkerProcess::start(&file, false),
     ];
-    // Fault 1: SIGKILL a worker mid-run, start it again.
+    common::eventually(
+        Duration::from_secs(120),
+        "failed embedding calls",
+        || async { provider.requests.load(std::sync::atomic::Ordering::SeqCst) >= 6 },
+    )
+    .await;
+    provider.set_down(false);
+    // Fault 2: SIGKILL a worker mid-run, start it again.
     wait_backlog(&t, total * 4 / 5).await;
     workers[0].signal("KILL");
     let killed = workers.remove(0);
     let (status, _) = killed.wait_exit(Duration::from_secs(20)).await;
     assert!(!status.success(), "killed");
     workers.push(WorkerProcess::start(&file, false));
-    // Fault 2: the broker drops every worker connection.
-    wait_backlog(&t, total * 7 / 10).await;
+    // Fault 3: the broker drops every worker connection.
+    wait_backlog(&t, total * 3 / 5).await;
     let dropped = common::close_worker_connections(&t.config.name);
-    // Fault 3: the embedding provider is down (503) until the workers have seen it fail a
-    // few times (their breakers open and they stop taking messages), then comes back.
-    wait_backlog(&t, total * 11 / 20).await;
-    let before = provider.requests.load(std::sync::atomic::Ordering::SeqCst);
-    provider.set_down(true);
-    common::eventually(
-        Duration::from_secs(60),
-        "failed embedding calls",
-        || async { provider.requests.load(std::sync::atomic::Ordering::SeqCst) >= before + 6 },
-    )
-    .await;
-    provider.set_down(false);
     // Fault 4: the Qdrant server crashes and comes back.
     wait_backlog(&t, total * 2 / 5).await;
     server.kill();
