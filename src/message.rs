@@ -476,7 +476,7 @@ mod tests {
         assert!(err.reason.contains("`metadata`"), "{err}");
         assert!(err.reason.contains("limits.max_metadata_bytes"), "{err}");
         // Many tiny values are counted by what they take in memory, not by their JSON.
-        let tiny = format!("{{\"t\":[{}]}}", vec!["0"; 8].join(","));
+        let tiny = format!("{{\"t\":[{}]}}", ["0"; 8].join(","));
         let err = decode(body(&tiny).as_bytes(), &rules()).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidField, "{err}");
     }

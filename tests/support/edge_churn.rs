@@ -55,7 +55,7 @@ pub fn unit_vector(seed: u64) -> Vec<f32> {
 
 /// Chunks of version `version` of a document.
 pub fn chunk_count(version: u64) -> usize {
-    if version % 2 == 0 { 3 } else { 6 }
+    if version.is_multiple_of(2) { 3 } else { 6 }
 }
 
 /// The revision of version `version` of document `doc`.
