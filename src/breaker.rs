@@ -22,6 +22,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::telemetry::emit;
+use crate::telemetry::events::{BreakerChanged, BreakerCreated};
+
 /// Where a [`CircuitBreaker`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BreakerState {
@@ -114,8 +117,10 @@ impl CircuitBreaker {
             failure_threshold: config.failure_threshold.max(1),
             ..config
         };
+        let name = name.into();
+        emit(BreakerCreated { breaker: &name });
         CircuitBreaker {
-            name: name.into(),
+            name,
             config,
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
@@ -303,28 +308,13 @@ impl CircuitBreaker {
     fn transition(&self, inner: &mut Inner, to: BreakerState) {
         let from = inner.state;
         inner.state = to;
-        match to {
-            BreakerState::Open => tracing::warn!(
-                breaker = %self.name,
-                %from,
-                to = %to,
-                consecutive_failures = inner.consecutive_failures,
-                open_for_ms = u64::try_from(self.config.open_for.as_millis()).unwrap_or(u64::MAX),
-                "circuit breaker opened: calls fail fast until the probe"
-            ),
-            BreakerState::HalfOpen => tracing::info!(
-                breaker = %self.name,
-                %from,
-                to = %to,
-                "circuit breaker half-open: probing"
-            ),
-            BreakerState::Closed => tracing::info!(
-                breaker = %self.name,
-                %from,
-                to = %to,
-                "circuit breaker closed: the dependency answered again"
-            ),
-        }
+        emit(BreakerChanged {
+            breaker: &self.name,
+            from,
+            to,
+            consecutive_failures: inner.consecutive_failures,
+            open_for: self.config.open_for,
+        });
         self.state.send_replace(to);
     }
 }

@@ -27,6 +27,23 @@ use serde::Serialize;
 pub type Probe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// The `/readyz` store check: a live count of the points of tenant `readyz-probe`, which
+/// shows that `store` answers without reading a real tenant's data. Fails with the store's
+/// error text.
+pub fn store_probe<S: crate::store::VectorStore + 'static>(store: Arc<S>) -> Probe {
+    Arc::new(move || {
+        let store = Arc::clone(&store);
+        Box::pin(async move {
+            let probe = crate::tenant::TenantId::new("readyz-probe").map_err(|e| e.to_string())?;
+            store
+                .count(&probe, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    })
+}
+
 /// Shared readiness state, updated by the worker and read by `/readyz`.
 #[derive(Default)]
 pub struct Health {
@@ -204,7 +221,7 @@ pub async fn serve(
         .with_state(AppState { health, metrics });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics/health server stopped");
+            crate::telemetry::emit(crate::telemetry::events::MetricsServerStopped { error: &e });
         }
     });
     Ok(bound)

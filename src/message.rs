@@ -95,6 +95,15 @@ impl Document {
         ChunkFormat::from_content_type(&self.content_type)
     }
 
+    /// Checks the document exactly as a worker with `rules` will when it arrives: its wire
+    /// body is decoded and validated. Producers call this to learn at once what the worker
+    /// would send to the dead-letter queue.
+    ///
+    /// Fails with the [`Rejection`] the worker would record.
+    pub fn check(&self, rules: &Rules) -> Result<(), Rejection> {
+        decode(&self.to_wire(), rules).map(|_| ())
+    }
+
     /// Serialises the document as a wire schema v1 JSON body.
     pub fn to_wire(&self) -> Vec<u8> {
         let mut body = Map::new();
@@ -150,6 +159,18 @@ pub struct Rules {
     pub max_document_bytes: usize,
     /// Largest accepted metadata, in bytes as counted by [`metadata_size`].
     pub max_metadata_bytes: usize,
+}
+
+impl Rules {
+    /// What the workers of `config`'s pipeline accept: its allowed tenants and its
+    /// `limits.max_document_bytes` / `limits.max_metadata_bytes`.
+    pub fn from_config(config: &crate::config::PipelineConfig) -> Self {
+        Rules {
+            allowed_tenants: config.allowed_tenants(),
+            max_document_bytes: config.limits.max_document_bytes,
+            max_metadata_bytes: config.limits.max_metadata_bytes,
+        }
+    }
 }
 
 /// Bytes added to the compact JSON length for every key and value of a metadata object:
@@ -211,6 +232,34 @@ pub fn peek_tenant(body: &[u8]) -> Option<String> {
 /// `unsupported_schema`, `missing_tenant`, `unknown_tenant`, `invalid_document_id`,
 /// `empty_content`, `unsupported_content_type` or `content_too_large`.
 pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
+    let obj = parse_object(body, rules)?;
+    check_schema(&obj)?;
+    let op = field_op(&obj)?;
+    let tenant = field_tenant(&obj, rules)?;
+    let document_id = field_document_id(&obj)?;
+    let version = field_version(&obj)?;
+    let metadata = field_metadata(&obj, rules)?;
+    let request_id = optional_string(&obj, "request_id")?;
+    let content_type =
+        optional_string(&obj, "content_type")?.unwrap_or_else(|| "text/plain".to_string());
+    let content = field_content(&obj, op)?;
+    if op == Op::Upsert {
+        check_upsert(&content, &content_type, rules)?;
+    }
+    Ok(Document {
+        op,
+        tenant,
+        document_id,
+        version,
+        content_type,
+        content,
+        metadata,
+        request_id,
+    })
+}
+
+/// The body as a JSON object, within the size any acceptable document can have.
+fn parse_object(body: &[u8], rules: &Rules) -> Result<Map<String, Value>, Rejection> {
     // A JSON-escaped body can be up to 6 bytes per content byte; refuse anything that
     // cannot possibly hold an acceptable document before parsing it.
     let body_cap = rules
@@ -246,7 +295,11 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
             "body must be a JSON object",
         ));
     };
+    Ok(obj)
+}
 
+/// Checks field `schema` is the supported version.
+fn check_schema(obj: &Map<String, Value>) -> Result<(), Rejection> {
     match obj.get("schema") {
         None => {
             return Err(Rejection::new(
@@ -263,8 +316,12 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
         }
         Some(other) => return Err(wrong_type("schema", "an integer", other)),
     }
+    Ok(())
+}
 
-    let op = match obj.get("op") {
+/// Field `op` (default upsert).
+fn field_op(obj: &Map<String, Value>) -> Result<Op, Rejection> {
+    Ok(match obj.get("op") {
         None | Some(Value::Null) => Op::Upsert,
         Some(Value::String(s)) if s == "upsert" => Op::Upsert,
         Some(Value::String(s)) if s == "delete" => Op::Delete,
@@ -275,8 +332,11 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
             ));
         }
         Some(other) => return Err(wrong_type("op", "a string", other)),
-    };
+    })
+}
 
+/// Field `tenant_id`, which must be one of the pipeline's allowed tenants.
+fn field_tenant(obj: &Map<String, Value>, rules: &Rules) -> Result<TenantId, Rejection> {
     let tenant = match obj.get("tenant_id") {
         None | Some(Value::Null) => {
             return Err(Rejection::new(
@@ -301,8 +361,12 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
             format!("tenant {tenant:?} is not in this pipeline's tenants.allowed"),
         ));
     }
+    Ok(tenant)
+}
 
-    let document_id = match obj.get("document_id") {
+/// Field `document_id`: non-blank, at most [`MAX_DOCUMENT_ID_BYTES`].
+fn field_document_id(obj: &Map<String, Value>) -> Result<String, Rejection> {
+    Ok(match obj.get("document_id") {
         None | Some(Value::Null) => {
             return Err(Rejection::new(
                 ErrorKind::InvalidDocumentId,
@@ -326,9 +390,12 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
         }
         Some(Value::String(s)) => s.clone(),
         Some(other) => return Err(wrong_type("document_id", "a string", other)),
-    };
+    })
+}
 
-    let version = match obj.get("version") {
+/// Field `version`: a non-negative integer up to the stores' maximum.
+fn field_version(obj: &Map<String, Value>) -> Result<Option<u64>, Rejection> {
+    Ok(match obj.get("version") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) if n.as_u64().is_some() => match n.as_u64() {
             // The stores keep versions as signed 64-bit integers: refuse a larger one here,
@@ -345,9 +412,15 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
             v => v,
         },
         Some(other) => return Err(wrong_type("version", "a non-negative integer", other)),
-    };
+    })
+}
 
-    let metadata = match obj.get("metadata") {
+/// Field `metadata`: an object within [`Rules::max_metadata_bytes`].
+fn field_metadata(
+    obj: &Map<String, Value>,
+    rules: &Rules,
+) -> Result<Map<String, Value>, Rejection> {
+    Ok(match obj.get("metadata") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => {
             let size = metadata_size(m);
@@ -365,21 +438,12 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
             m.clone()
         }
         Some(other) => return Err(wrong_type("metadata", "an object", other)),
-    };
+    })
+}
 
-    let request_id = match obj.get("request_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => return Err(wrong_type("request_id", "a string", other)),
-    };
-
-    let content_type = match obj.get("content_type") {
-        None | Some(Value::Null) => "text/plain".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(wrong_type("content_type", "a string", other)),
-    };
-
-    let content = match (op, obj.get("content")) {
+/// Field `content` (required for an upsert).
+fn field_content(obj: &Map<String, Value>, op: Op) -> Result<String, Rejection> {
+    Ok(match (op, obj.get("content")) {
         (Op::Delete, None | Some(Value::Null)) => String::new(),
         (Op::Upsert, None | Some(Value::Null)) => {
             return Err(Rejection::new(
@@ -389,45 +453,45 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
         }
         (_, Some(Value::String(s))) => s.clone(),
         (_, Some(other)) => return Err(wrong_type("content", "a string", other)),
-    };
-
-    if op == Op::Upsert {
-        if content.len() > rules.max_document_bytes {
-            return Err(Rejection::new(
-                ErrorKind::ContentTooLarge,
-                format!(
-                    "content is {} bytes; limits.max_document_bytes is {}",
-                    content.len(),
-                    rules.max_document_bytes
-                ),
-            ));
-        }
-        if content.trim().is_empty() {
-            return Err(Rejection::new(
-                ErrorKind::EmptyContent,
-                "field `content` is empty",
-            ));
-        }
-        if ChunkFormat::from_content_type(&content_type).is_none() {
-            return Err(Rejection::new(
-                ErrorKind::UnsupportedContentType,
-                format!(
-                    "content type {content_type:?} is not supported; use text/plain or text/markdown"
-                ),
-            ));
-        }
-    }
-
-    Ok(Document {
-        op,
-        tenant,
-        document_id,
-        version,
-        content_type,
-        content,
-        metadata,
-        request_id,
     })
+}
+
+/// Optional string field `name`.
+fn optional_string(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, Rejection> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(wrong_type(name, "a string", other)),
+    }
+}
+
+/// The checks of an upsert's content: size, not blank, supported content type.
+fn check_upsert(content: &str, content_type: &str, rules: &Rules) -> Result<(), Rejection> {
+    if content.len() > rules.max_document_bytes {
+        return Err(Rejection::new(
+            ErrorKind::ContentTooLarge,
+            format!(
+                "content is {} bytes; limits.max_document_bytes is {}",
+                content.len(),
+                rules.max_document_bytes
+            ),
+        ));
+    }
+    if content.trim().is_empty() {
+        return Err(Rejection::new(
+            ErrorKind::EmptyContent,
+            "field `content` is empty",
+        ));
+    }
+    if ChunkFormat::from_content_type(&content_type).is_none() {
+        return Err(Rejection::new(
+            ErrorKind::UnsupportedContentType,
+            format!(
+                "content type {content_type:?} is not supported; use text/plain or text/markdown"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn wrong_type(field: &str, expected: &str, got: &Value) -> Rejection {

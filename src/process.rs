@@ -39,7 +39,10 @@ use crate::embed::{EmbedError, Embedder};
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
 use crate::store::{ChunkPayload, ChunkPoint, MAX_SEQ, Order, StoreError, VectorStore, point_id};
-use crate::telemetry::names;
+use crate::telemetry::emit;
+use crate::telemetry::events::{
+    ChunksEmbedded, StaleMessageSkipped, StoreCall, StoredVectorsUnreadable,
+};
 
 /// A processing failure: what kind, at which stage, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,18 +179,18 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     /// Fails with a [`Failure`] from the chunk, embed or store stage; transient kinds may
     /// be retried with the same document (every write is idempotent).
     pub async fn process(&self, doc: &Document) -> Result<Processed, Failure> {
-        let stored = self
-            .store
-            .first_chunk(&doc.tenant, &doc.document_id)
-            .await?;
+        let stored = timed(
+            "read_head",
+            self.store.first_chunk(&doc.tenant, &doc.document_id),
+        )
+        .await?;
         if let (Some(head), Some(version)) = (stored.as_ref(), doc.version) {
             let head_order = head.effective_order();
             if version < head_order.version {
-                tracing::debug!(
+                emit(StaleMessageSkipped {
                     version,
-                    stored_version = head_order.version,
-                    "message older than the stored version; skipped"
-                );
+                    stored_version: head_order.version,
+                });
                 // Leftovers of an interrupted older write are removed on the way.
                 if head.order.is_some() {
                     self.settle(doc, head_order, head.chunk_count).await?;
@@ -229,7 +232,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 &self.embedder.fingerprint().id(),
             ),
         };
-        self.store.upsert_newer(vec![tombstone], order).await?;
+        timed("upsert", self.store.upsert_newer(vec![tombstone], order)).await?;
         Ok(match self.settle(doc, order, 0).await? {
             Some(newer) => Processed::Stale {
                 stored: newer.version,
@@ -313,10 +316,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             .collect();
         // Chunk 0 identifies the stored revision: write it last (stores write in order).
         points.rotate_left(1);
-        let started = Instant::now();
-        self.store.upsert_newer(points, order).await?;
-        metrics::histogram!(names::STORE_SECONDS, "op" => "upsert")
-            .record(started.elapsed().as_secs_f64());
+        timed("upsert", self.store.upsert_newer(points, order)).await?;
         Ok(match self.settle(doc, order, chunk_count).await? {
             Some(newer) => Processed::Stale {
                 stored: newer.version,
@@ -337,10 +337,12 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         chunk_count: usize,
         fingerprint: &str,
     ) -> Result<HashMap<String, Vec<f32>>, Failure> {
-        match self
-            .store
-            .chunk_vectors(&doc.tenant, &doc.document_id, chunk_count)
-            .await
+        match timed(
+            "read_vectors",
+            self.store
+                .chunk_vectors(&doc.tenant, &doc.document_id, chunk_count),
+        )
+        .await
         {
             Ok(stored) => Ok(stored
                 .into_iter()
@@ -349,7 +351,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 .collect()),
             Err(e @ StoreError::Unavailable(_)) => Err(e.into()),
             Err(e) => {
-                tracing::warn!(error = %e, "stored vectors not reusable; embedding every chunk");
+                emit(StoredVectorsUnreadable { error: &e });
                 Ok(HashMap::new())
             }
         }
@@ -380,25 +382,32 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             }
         }
         let embedded = texts.len();
-        if !texts.is_empty() {
+        if texts.is_empty() {
+            emit(ChunksEmbedded {
+                tenant: doc.tenant.as_str(),
+                provider: "",
+                tokens: 0,
+                chunks: 0,
+                reused,
+                elapsed: None,
+            });
+        } else {
             let started = Instant::now();
             let (vectors, usage) = self.embedder.embed_with_usage(texts.clone()).await?;
-            metrics::histogram!(names::EMBED_SECONDS).record(started.elapsed().as_secs_f64());
             if usage.prompt_tokens > 0 {
                 tokens = usage.prompt_tokens;
             }
-            metrics::counter!(names::CHUNKS_EMBEDDED).increment(embedded as u64);
-            metrics::counter!(
-                names::TOKENS_EMBEDDED,
-                "tenant" => doc.tenant.as_str().to_string(),
-                "provider" => usage.provider.clone()
-            )
-            .increment(tokens);
-            tracing::info!(tokens, provider = %usage.provider, chunks = embedded, reused, "chunks embedded");
+            emit(ChunksEmbedded {
+                tenant: doc.tenant.as_str(),
+                provider: &usage.provider,
+                tokens,
+                chunks: embedded,
+                reused,
+                elapsed: Some(started.elapsed()),
+            });
             self.check_vectors(&vectors, embedded)?;
             known.extend(texts.into_iter().zip(vectors));
         }
-        metrics::counter!(names::CHUNKS_REUSED).increment(reused as u64);
         let vectors = chunks
             .iter()
             .map(|chunk| {
@@ -453,16 +462,18 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     ) -> Result<Processed, Failure> {
         let relabel = stored.version != doc.version || stored.metadata != doc.metadata;
         let settled = if relabel {
-            self.store
-                .relabel_document(
+            timed(
+                "relabel",
+                self.store.relabel_document(
                     &doc.tenant,
                     &doc.document_id,
                     &stored.revision(),
                     doc.version,
                     &doc.metadata,
                     order,
-                )
-                .await?;
+                ),
+            )
+            .await?;
             self.settle(doc, order, stored.chunk_count).await?
         } else if stored.order.is_some() {
             self.settle(doc, stored.effective_order(), stored.chunk_count)
@@ -470,14 +481,21 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         } else {
             // Written before write orders existed: a full write would be needed to clean up
             // by order; the stored revision is complete unless the document has more points.
-            let count = self
-                .store
-                .count(&doc.tenant, Some(&doc.document_id))
-                .await?;
+            let count = timed(
+                "count",
+                self.store.count(&doc.tenant, Some(&doc.document_id)),
+            )
+            .await?;
             if count != stored.chunk_count {
-                self.store
-                    .delete_document(&doc.tenant, &doc.document_id, Some(&stored.revision()))
-                    .await?;
+                timed(
+                    "delete",
+                    self.store.delete_document(
+                        &doc.tenant,
+                        &doc.document_id,
+                        Some(&stored.revision()),
+                    ),
+                )
+                .await?;
             }
             None
         };
@@ -508,10 +526,11 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         order: Order,
         chunk_count: usize,
     ) -> Result<Option<Order>, Failure> {
-        let head = self
-            .store
-            .first_chunk(&doc.tenant, &doc.document_id)
-            .await?;
+        let head = timed(
+            "read_head",
+            self.store.first_chunk(&doc.tenant, &doc.document_id),
+        )
+        .await?;
         let Some(head) = head else {
             // Purged meanwhile (`purge_tenant`): nothing left to clean up.
             return Ok(None);
@@ -528,19 +547,26 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             ));
         }
         if leader > order {
-            self.store
-                .delete_older(&doc.tenant, &doc.document_id, leader)
-                .await?;
+            timed(
+                "delete",
+                self.store
+                    .delete_older(&doc.tenant, &doc.document_id, leader),
+            )
+            .await?;
             return Ok(Some(leader));
         }
-        let count = self
-            .store
-            .count(&doc.tenant, Some(&doc.document_id))
-            .await?;
+        let count = timed(
+            "count",
+            self.store.count(&doc.tenant, Some(&doc.document_id)),
+        )
+        .await?;
         if count != chunk_count {
-            self.store
-                .delete_older(&doc.tenant, &doc.document_id, order)
-                .await?;
+            timed(
+                "delete",
+                self.store
+                    .delete_older(&doc.tenant, &doc.document_id, order),
+            )
+            .await?;
         }
         Ok(None)
     }
@@ -577,4 +603,16 @@ pub fn write_order(version: Option<u64>, stored: Option<Order>) -> Order {
         version,
         seq: seq.min(MAX_SEQ),
     }
+}
+
+/// Runs the store call `call`, recording its duration as `op` ([`StoreCall`]).
+async fn timed<T, E>(op: &'static str, call: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let started = Instant::now();
+    let result = call.await;
+    emit(StoreCall {
+        op,
+        elapsed: started.elapsed(),
+        ok: result.is_ok(),
+    });
+    result
 }

@@ -84,7 +84,13 @@ async fn submit_worker_search_through_the_binary() {
     );
 
     let out = bin()
-        .args(["worker", "--exit-when-idle", "--pipeline"])
+        .args([
+            "worker",
+            "--exit-when-idle",
+            "--report",
+            "json",
+            "--pipeline",
+        ])
         .arg(&path)
         .output()
         .expect("runs");
@@ -93,11 +99,10 @@ async fn submit_worker_search_through_the_binary() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("stored=4"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["stored"], 4, "{report}");
+    assert_eq!(report["dead_lettered"], 0, "{report}");
 
     let out = bin()
         .args(["search", "--json", "--pipeline"])
@@ -186,4 +191,189 @@ async fn submit_dry_run_counts_chunks_and_tokens_and_publishes_nothing() {
     );
     let exists = common::within("inspect the queue", declare).await;
     assert!(exists.is_err(), "a dry run must not touch the broker");
+}
+
+/// Whether the pipeline's main queue exists (it is declared by the first publish).
+async fn main_queue_exists(t: &TestPipeline) -> bool {
+    let conn = common::connect().await;
+    let ch = common::within("open a channel", conn.create_channel())
+        .await
+        .expect("channel");
+    let declare = ch.queue_declare(
+        rag_ingest::queue::Topology::new(&t.config)
+            .main_queue()
+            .as_str()
+            .into(),
+        lapin::options::QueueDeclareOptions::durable().passive(),
+        lapin::types::FieldTable::default(),
+    );
+    common::within("inspect the queue", declare).await.is_ok()
+}
+
+#[tokio::test]
+async fn submit_refuses_what_the_worker_would_reject_and_publishes_nothing() {
+    let t = TestPipeline::new("cli-refuse", "");
+    let path = write_config(&t);
+    let docs = t.dir.path().join("docs");
+    std::fs::create_dir_all(&docs).expect("mkdir");
+    let limit = t.config.limits.max_document_bytes;
+    std::fs::write(docs.join("big.md"), "word ".repeat(limit)).expect("write");
+    std::fs::write(docs.join("blank.txt"), " \n\t\n").expect("write");
+    std::fs::write(docs.join("empty.txt"), "").expect("write");
+    std::fs::write(docs.join("fine.md"), "# Fine\n\nA small document.").expect("write");
+    for dry_run in [true, false] {
+        let mut cmd = bin();
+        cmd.args(["submit", "--pipeline"]).arg(&path);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd
+            .args(["--tenant", "acme"])
+            .arg(&docs)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "dry_run={dry_run}: {err}");
+        for (file, kind) in [
+            ("big.md", "content_too_large"),
+            ("blank.txt", "empty_content"),
+            ("empty.txt", "empty_content"),
+        ] {
+            assert!(
+                err.lines().any(|l| l.contains(file) && l.contains(kind)),
+                "dry_run={dry_run}: {file} not refused as {kind}: {err}"
+            );
+        }
+        assert!(
+            !err.lines().any(|l| l.contains("fine.md")),
+            "dry_run={dry_run}: {err}"
+        );
+    }
+    assert!(!main_queue_exists(&t).await, "nothing may be published");
+}
+
+#[test]
+fn submit_walks_a_symlink_loop_once_and_says_what_it_skipped() {
+    let t = TestPipeline::new("cli-loop", "");
+    let path = write_config(&t);
+    let docs = t.dir.path().join("docs");
+    std::fs::create_dir_all(docs.join("sub")).expect("mkdir");
+    std::fs::write(docs.join("a.md"), "# A\n\nFirst document.").expect("write");
+    std::fs::write(docs.join("sub/b.txt"), "Second document.").expect("write");
+    std::os::unix::fs::symlink("..", docs.join("sub/up")).expect("symlink");
+    std::os::unix::fs::symlink(".", docs.join("self")).expect("symlink");
+    std::fs::write(docs.join("notes.pdf"), "not text").expect("write");
+    let out = bin()
+        .args(["submit", "--dry-run", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme"])
+        .arg(&docs)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let ids: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" chunk(s)\t") && !l.starts_with("dry run"))
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert_eq!(ids, ["a.md", "sub/b.txt"], "each file once: {stdout}");
+    for skipped in ["self", "up", "notes.pdf"] {
+        assert!(
+            err.lines().any(|l| l.contains(skipped)),
+            "{skipped} not reported as skipped: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn delete_publishes_a_confirmed_delete_per_document() {
+    let t = TestPipeline::new("cli-delete", "");
+    let path = write_config(&t);
+    let out = bin()
+        .args(["delete", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme", "--version", "7", "doc-1", "doc-2"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let queue = rag_ingest::queue::Topology::new(&t.config).main_queue();
+    let messages = common::take_all(&queue).await;
+    let rules = rag_ingest::message::Rules::from_config(&t.config);
+    let mut deleted: Vec<(String, Option<u64>)> = messages
+        .iter()
+        .map(|(_, body)| {
+            let doc = rag_ingest::message::decode(body, &rules).expect("a valid message");
+            assert_eq!(doc.op, rag_ingest::message::Op::Delete);
+            assert_eq!(doc.tenant.as_str(), "acme");
+            (doc.document_id, doc.version)
+        })
+        .collect();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            ("doc-1".to_string(), Some(7)),
+            ("doc-2".to_string(), Some(7))
+        ]
+    );
+
+    let out = bin()
+        .args(["delete", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme", " "])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "a blank document id is refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_document_id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.delete_queues().await;
+}
+
+#[test]
+fn search_keeps_stderr_quiet_unless_verbose() {
+    let t = TestPipeline::new("cli-quiet", "");
+    let path = write_config(&t);
+    let search = |verbose: bool| {
+        let mut cmd = bin();
+        if verbose {
+            cmd.arg("-v");
+        }
+        cmd.args(["search", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "acme", "anything"])
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("runs")
+    };
+    let quiet = search(false);
+    assert!(
+        quiet.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&quiet.stdout).contains("no results"),
+        "{}",
+        String::from_utf8_lossy(&quiet.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.stderr),
+        "",
+        "nothing on stderr by default"
+    );
+    let verbose = search(true);
+    assert!(verbose.status.success());
+    assert!(
+        !verbose.stderr.is_empty(),
+        "-v shows progress (the model loading) on stderr"
+    );
 }

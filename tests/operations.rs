@@ -359,3 +359,62 @@ async fn readyz_names_the_store_while_it_fails_its_probe() {
     down.store(false, Ordering::SeqCst);
     assert_eq!(get(addr, "/readyz").await.map(|(s, _)| s), Some(200));
 }
+
+/// Every family is described and has a series as soon as the worker serves `/metrics`, so
+/// alerts on rates (`rate(rag_ingest_dead_lettered_total[5m])`) work before the first event.
+/// `rag_ingest_breaker_open` has one series per circuit breaker, from its creation: the
+/// local model has none (`embed_openai` covers the remote embedder's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_is_described_and_present_at_start() {
+    let metrics_port = free_port();
+    let extra = format!("[metrics]\naddress = \"127.0.0.1:{metrics_port}\"");
+    let t = TestPipeline::new("ops-families", &extra);
+    let file = common::write_pipeline_file(&t);
+    let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("addr");
+    let worker = WorkerProcess::start(&file, false);
+    eventually(Duration::from_secs(60), "/metrics answers", || async {
+        matches!(get(addr, "/metrics").await, Some((200, _)))
+    })
+    .await;
+    let (_, body) = get(addr, "/metrics").await.expect("metrics answer");
+    let mut missing = Vec::new();
+    let names = rag_ingest::telemetry::names::ALL;
+    for name in names
+        .iter()
+        .filter(|n| **n != rag_ingest::telemetry::names::BREAKER_OPEN)
+    {
+        let described = body.contains(&format!("# HELP {name} "));
+        let has_series = body.lines().any(|l| {
+            !l.starts_with('#')
+                && (l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name}_count{{"))
+                    || l.starts_with(&format!("{name} ")))
+        });
+        if !(described && has_series) {
+            missing.push(format!(
+                "{name} (described: {described}, series: {has_series})"
+            ));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "families missing at start: {missing:?}\n{body}"
+    );
+    for kind in rag_ingest::error::ErrorKind::ALL {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with("rag_ingest_dead_lettered_total{")
+                    && l.contains(&format!("kind=\"{kind}\""))),
+            "no zero series for dead-lettered kind {kind}:\n{body}"
+        );
+    }
+    assert_eq!(
+        sample(&body, "rag_ingest_messages_total", &[]),
+        0.0,
+        "{body}"
+    );
+    worker.signal("TERM");
+    let (status, log) = worker.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{log}");
+    t.delete_queues().await;
+}

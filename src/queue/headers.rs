@@ -17,7 +17,7 @@ pub const H_LAST_FAILED_AT: &str = "x-last-failed-at";
 /// How many times the message was replayed from the DLQ.
 pub const H_REPROCESSED: &str = "x-reprocessed";
 /// How many times processing this message panicked (set by the worker when it hands a
-/// panicked delivery back; see `consume::give_up_on_panic`).
+/// panicked delivery back; see `worker::delivery::give_up_on_panic`).
 pub const H_PANICS: &str = "x-panics";
 /// Tenant of the document (set by the submitter).
 pub const H_TENANT: &str = "x-tenant-id";

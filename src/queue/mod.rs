@@ -3,14 +3,13 @@
 //! into acks, delayed retries and dead letters.
 
 mod budget;
-mod consume;
 mod dlq;
 mod headers;
 mod publish;
 mod topology;
+mod worker;
 
 pub use budget::MessageFootprint;
-pub use consume::{RunOptions, Worker, WorkerError, WorkerReport};
 pub use dlq::{DlqEntry, DlqFilter, DlqSummary, ReprocessReport, inspect_dlq, reprocess};
 pub use headers::{
     H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
@@ -18,6 +17,7 @@ pub use headers::{
 };
 pub use publish::{Submitter, publish_confirmed};
 pub use topology::{DLX, EXCHANGE, Topology};
+pub use worker::{RunOptions, Worker, WorkerError, WorkerReport};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,6 +26,8 @@ use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{BrokerConfig, redact_url};
+use crate::telemetry::emit;
+use crate::telemetry::events::{BrokerConnected, BrokerUrlUnreachable};
 
 /// How long opening a broker connection (TCP connect and AMQP handshake) may take before it
 /// fails with [`QueueError::ConnectTimeout`]: a broker that accepts the TCP connection but
@@ -212,13 +214,16 @@ impl Endpoints {
                     self.next.store((index + 1) % count, Ordering::Relaxed);
                     let url = redact_url(url);
                     if count > 1 {
-                        tracing::info!(url = %url, "connected to RabbitMQ");
+                        emit(BrokerConnected { url: &url });
                     }
                     return Ok((conn, url));
                 }
                 Err(e) if count == 1 => return Err(e),
                 Err(e) => {
-                    tracing::warn!(url = %redact_url(url), error = %e, "broker URL unreachable; trying the next one");
+                    emit(BrokerUrlUnreachable {
+                        url: &redact_url(url),
+                        error: &e,
+                    });
                     errors.push(e.to_string());
                 }
             }

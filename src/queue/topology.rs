@@ -162,11 +162,10 @@ impl Topology {
                     let _ = ch.close(200, "declared".into()).await;
                 }
                 legacy?;
-                tracing::warn!(
-                    queue = %dlq,
-                    broker = %server,
-                    "the DLQ was declared by an earlier version without x-delivery-limit; on RabbitMQ 4.0-4.2 each inspection (dlq list/show, reprocess) counts toward the default limit of 20. To migrate: stop the workers, move its messages, delete the queue and start a worker again"
-                );
+                crate::telemetry::emit(crate::telemetry::events::LegacyDlqFound {
+                    queue: &dlq,
+                    broker: &server,
+                });
                 Ok(())
             }
             other => other,

@@ -1,0 +1,470 @@
+//! One broker session of a worker: a connection, its consume and publish channels, the
+//! consumer on the main queue and the message tasks started from it. The session ends when
+//! it is asked to stop (in-flight messages finish within the grace period, the rest is
+//! handed back), when the queues are idle with `--exit-when-idle`, or when the broker side
+//! is lost (the worker then reconnects).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::BasicCancelOptions;
+use lapin::{Channel, Connection};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::delivery::{give_up_on_panic, park};
+use super::{Feed, RunOptions, Subscription, Worker};
+use crate::breaker::{BreakerState, CircuitBreaker};
+use crate::embed::Embedder;
+use crate::queue::QueueError;
+use crate::queue::budget::{ByteBudget, MessageFootprint};
+use crate::store::VectorStore;
+use crate::telemetry::emit;
+use crate::telemetry::events::{
+    BreakerProbeAllowed, BrokerClosed, ConsumerPaused, InFlight, MessageParked, MessageTaskFailed,
+    PrefetchedHandedBack, QueuesChecked, SettleFailed, ShutdownGraceExpired, ShutdownRequested,
+};
+
+/// How often the session checks that its connection and channels are still open.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
+/// How often an idle worker with `--exit-when-idle` checks the queues.
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+
+/// How long a stopping worker waits for the broker's cancel-ok while handing back
+/// prefetched deliveries.
+const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a session ended.
+pub(super) enum SessionEnd {
+    /// Asked to stop, or idle with `--exit-when-idle`: the worker exits.
+    Stopped,
+    /// The broker side was lost: the worker reconnects.
+    Lost(QueueError),
+}
+
+/// The state of one session (see the module documentation).
+pub(super) struct Session<'w, E, S> {
+    worker: &'w Worker<E, S>,
+    conn: Connection,
+    consume: Channel,
+    publish: Channel,
+    breaker: Option<&'w CircuitBreaker>,
+    /// Breaker state changes (`None` without a breaker, or once the breaker is gone).
+    changes: Option<watch::Receiver<BreakerState>>,
+    budget: ByteBudget,
+    tasks: JoinSet<Result<(), QueueError>>,
+    /// The delivery of every running task, so that past the shutdown grace period an
+    /// unfinished one can be handed back without touching its delivery count.
+    held: HashMap<tokio::task::Id, Arc<Delivery>>,
+    sub: Option<Subscription>,
+    last_activity: Instant,
+    /// Consecutive idle checks that found the queues empty. One is not enough: a delivery
+    /// may sit in the consumer's buffer (unacked, so not counted as ready) when the tick
+    /// wins the `select!`, and a message moving from a retry tier back to the main queue
+    /// is briefly in neither.
+    empty_checks: u32,
+    /// The breaker lets a probe through (its open interval has passed).
+    probe_ready: bool,
+}
+
+impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
+    /// Connects (declaring the topology) and returns the session, not consuming yet.
+    ///
+    /// Fails if no broker URL can be reached or the topology cannot be declared.
+    pub(super) async fn open(worker: &'w Worker<E, S>) -> Result<Self, QueueError> {
+        let (conn, consume, publish) = worker.connect().await?;
+        worker.set_connected(true);
+        let breaker = worker.pipeline.embedder().breaker();
+        let budget = ByteBudget::new(worker.config.worker.max_inflight_bytes).with_footprint(
+            MessageFootprint::new(
+                &worker.config,
+                worker.pipeline.embedder().fingerprint().dims,
+            ),
+        );
+        Ok(Session {
+            worker,
+            conn,
+            consume,
+            publish,
+            breaker,
+            changes: breaker.map(CircuitBreaker::subscribe),
+            budget,
+            tasks: JoinSet::new(),
+            held: HashMap::new(),
+            sub: None,
+            last_activity: Instant::now(),
+            empty_checks: 0,
+            probe_ready: false,
+        })
+    }
+
+    /// Consumes until stopped, idle or lost (see the module documentation), then finishes or
+    /// abandons the running tasks and closes the connection.
+    pub(super) async fn run(
+        mut self,
+        options: &RunOptions,
+        mut shutdown: Pin<&mut (impl Future<Output = ()> + Send)>,
+    ) -> SessionEnd {
+        let mut idle_tick = tokio::time::interval(IDLE_CHECK);
+        // A closed channel or connection must end the session even while nothing polls the
+        // consumer (breaker open, concurrency full): the broker may have closed the channel
+        // (consumer_timeout, an operator) and the worker would otherwise sit without a
+        // consumer forever.
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        let end = loop {
+            let state = self.observe();
+            let gated = state.filter(|s| *s != BreakerState::Closed);
+            if let Err(e) = self.adjust_feed(state, gated.is_some()).await {
+                break SessionEnd::Lost(e);
+            }
+            let can_take =
+                self.tasks.len() < self.worker.config.worker.concurrency && self.budget.has_room();
+            let poll_feed = self.sub.as_ref().is_some_and(|s| s.cancelling || can_take);
+            let breaker = self.breaker;
+            let (tasks, changes, sub) = (&mut self.tasks, &mut self.changes, &mut self.sub);
+            tokio::select! {
+                _ = shutdown.as_mut() => {
+                    emit(ShutdownRequested);
+                    break SessionEnd::Stopped;
+                }
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    if let Some(end) = self.task_done(joined) {
+                        break end;
+                    }
+                }
+                () = async {
+                    if let Some(b) = breaker {
+                        b.ready().await;
+                    }
+                }, if gated.is_some() && !self.probe_ready => {
+                    self.probe_ready = true;
+                    emit(BreakerProbeAllowed);
+                }
+                changed = async {
+                    match changes.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !changed {
+                        self.changes = None;
+                    }
+                    // Re-evaluate from the new state: a probe that failed re-opens the
+                    // breaker and the next probe waits for its interval again.
+                    self.probe_ready = false;
+                }
+                next = async {
+                    match sub.as_mut() {
+                        Some(s) => s.stream.next().await,
+                        None => std::future::pending().await,
+                    }
+                }, if poll_feed => {
+                    if let Some(end) = self.delivered(next).await {
+                        break end;
+                    }
+                }
+                _ = liveness.tick() => {
+                    if let Some(what) = closed_part(&self.conn, &self.consume, &self.publish) {
+                        emit(BrokerClosed { what });
+                        break SessionEnd::Lost(QueueError::Closed { what: what.into() });
+                    }
+                }
+                _ = idle_tick.tick(), if options.exit_when_idle && tasks.is_empty() => {
+                    if let Some(end) = self.idle_check(options).await {
+                        break end;
+                    }
+                }
+            }
+        };
+        self.close(end).await
+    }
+
+    /// Publishes the breaker and in-flight state (health, metrics); returns the breaker's
+    /// state (`None` without a breaker).
+    fn observe(&self) -> Option<BreakerState> {
+        let state = self.breaker.map(CircuitBreaker::state);
+        if let (Some(b), Some(h)) = (self.breaker, &self.worker.health) {
+            h.set_breaker_open(b.name(), state == Some(BreakerState::Open));
+        }
+        emit(InFlight {
+            messages: self.tasks.len(),
+            bytes: self.budget.in_flight(),
+        });
+        state
+    }
+
+    /// Keeps the consumer the breaker state calls for: the full feed while it is closed,
+    /// none while it is open (the consumer is cancelled and what it prefetched is parked),
+    /// a probe feed of one message once the breaker lets a probe through.
+    ///
+    /// Fails if the broker refuses the cancel or the new consumer.
+    async fn adjust_feed(
+        &mut self,
+        state: Option<BreakerState>,
+        gated: bool,
+    ) -> Result<(), QueueError> {
+        let wanted = if !gated {
+            Some(Feed::Full)
+        } else if self.probe_ready {
+            Some(Feed::Probe)
+        } else {
+            None
+        };
+        match &mut self.sub {
+            Some(s) if !s.cancelling && Some(s.feed) != wanted => {
+                self.consume
+                    .basic_cancel(s.tag.as_str().into(), BasicCancelOptions::default())
+                    .await?;
+                s.cancelling = true;
+                self.worker.set_consuming(false);
+                emit(ConsumerPaused {
+                    breaker: state.map_or("none", BreakerState::as_str),
+                });
+            }
+            None => {
+                if let Some(feed) = wanted {
+                    self.sub = Some(self.worker.subscribe(&self.consume, feed).await?);
+                    self.worker.set_consuming(true);
+                }
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A message task ended; `Some` ends the session when its delivery could not be settled.
+    fn task_done(
+        &mut self,
+        joined: Result<(tokio::task::Id, Result<(), QueueError>), tokio::task::JoinError>,
+    ) -> Option<SessionEnd> {
+        self.last_activity = Instant::now();
+        self.empty_checks = 0;
+        match joined {
+            Ok((id, Ok(()))) => {
+                self.held.remove(&id);
+                None
+            }
+            Ok((id, Err(e))) => {
+                self.held.remove(&id);
+                emit(SettleFailed {
+                    error: &e,
+                    consequence: "the channel is unusable; reconnecting",
+                });
+                Some(SessionEnd::Lost(e))
+            }
+            Err(e) => {
+                self.held.remove(&e.id());
+                emit(MessageTaskFailed { error: &e });
+                None
+            }
+        }
+    }
+
+    /// The consumer yielded `next`: a delivery is started (or parked while the consumer is
+    /// being cancelled); `Some` ends the session when the consumer or channel failed.
+    async fn delivered(
+        &mut self,
+        next: Option<Result<Delivery, lapin::Error>>,
+    ) -> Option<SessionEnd> {
+        let cancelling = self.sub.as_ref().is_some_and(|s| s.cancelling);
+        match next {
+            Some(Ok(delivery)) if cancelling => {
+                // Prefetched but not started: hand it back without a redelivery (see `park`).
+                if let Err(e) = park(&self.publish, &self.worker.topology, &delivery).await {
+                    return Some(SessionEnd::Lost(e));
+                }
+                emit(MessageParked);
+            }
+            Some(Ok(delivery)) => self.start(delivery),
+            Some(Err(e)) => return Some(SessionEnd::Lost(QueueError::Amqp(e))),
+            None if cancelling => self.sub = None,
+            None => {
+                return Some(SessionEnd::Lost(QueueError::Closed {
+                    what: "consumer (cancelled by the broker)".into(),
+                }));
+            }
+        }
+        None
+    }
+
+    /// Starts the task that processes and settles `delivery`, within the byte budget.
+    fn start(&mut self, delivery: Delivery) {
+        self.last_activity = Instant::now();
+        self.empty_checks = 0;
+        let delivery = Arc::new(delivery);
+        let admitted = self.budget.admit_body(&delivery.data);
+        let work = self
+            .worker
+            .handle(Arc::clone(&delivery), self.publish.clone());
+        let task = give_up_on_panic(
+            work,
+            Arc::clone(&delivery),
+            self.publish.clone(),
+            self.worker.topology.clone(),
+            self.worker.config.broker.delivery_limit,
+        );
+        let spawned = self.tasks.spawn(async move {
+            let _admitted = admitted;
+            task.await
+        });
+        self.held.insert(spawned.id(), delivery);
+    }
+
+    /// With `--exit-when-idle`: after the idle grace, checks the queues; `Some` ends the
+    /// session once two checks in a row found them empty (or the check failed).
+    async fn idle_check(&mut self, options: &RunOptions) -> Option<SessionEnd> {
+        if self.last_activity.elapsed() < options.idle_grace {
+            return None;
+        }
+        match self.worker.topology.pending(&self.publish).await {
+            Ok(0) if self.empty_checks >= 1 => {
+                emit(QueuesChecked { pending: 0 });
+                Some(SessionEnd::Stopped)
+            }
+            Ok(0) => {
+                self.empty_checks += 1;
+                None
+            }
+            Ok(pending) => {
+                self.empty_checks = 0;
+                emit(QueuesChecked { pending });
+                None
+            }
+            Err(e) => Some(SessionEnd::Lost(e)),
+        }
+    }
+
+    /// Ends the session: on a stop, hands back what was prefetched and lets the running
+    /// tasks finish within the grace period (handing back the unfinished ones); on a loss,
+    /// aborts them (their deliveries return with the channel). Closes the channels and
+    /// the connection.
+    async fn close(mut self, end: SessionEnd) -> SessionEnd {
+        self.worker.set_connected(false);
+        self.worker.set_consuming(false);
+        match &end {
+            SessionEnd::Stopped => {
+                if let Some(sub) = self.sub.take() {
+                    self.hand_back_prefetched(sub).await;
+                }
+                self.finish_tasks().await;
+            }
+            SessionEnd::Lost(_) => self.tasks.abort_all(),
+        }
+        let _ = self.consume.close(200, "bye".into()).await;
+        let _ = self.publish.close(200, "bye".into()).await;
+        let _ = self.conn.close(200, "bye".into()).await;
+        end
+    }
+
+    /// Waits for the running tasks for at most the shutdown grace period, then aborts the
+    /// rest and hands their deliveries back to the queue (see [`park`]).
+    async fn finish_tasks(&mut self) {
+        let grace = self.worker.config.shutdown_grace();
+        let (tasks, held) = (&mut self.tasks, &mut self.held);
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = tasks.join_next_with_id().await {
+                match joined {
+                    Ok((id, result)) => {
+                        held.remove(&id);
+                        if let Err(e) = result {
+                            emit(SettleFailed {
+                                error: &e,
+                                consequence: "left unacked during shutdown; redelivered by the broker",
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        held.remove(&e.id());
+                    }
+                }
+            }
+        })
+        .await;
+        if drained.is_ok() {
+            return;
+        }
+        self.tasks.abort_all();
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            if let Ok((id, _)) = joined {
+                self.held.remove(&id);
+            }
+        }
+        let mut handed_back = 0usize;
+        for delivery in self.held.values() {
+            // A task stopped before settling its delivery: hand it back (a copy at the
+            // queue's tail, then ack) so the shutdown does not count as a failed delivery.
+            // Processing is idempotent, so a task that had already written its document
+            // costs only a repeat.
+            if delivery.acker.usable()
+                && park(&self.publish, &self.worker.topology, delivery)
+                    .await
+                    .is_ok()
+            {
+                handed_back += 1;
+            }
+        }
+        emit(ShutdownGraceExpired {
+            unfinished: self.held.len(),
+            handed_back,
+        });
+    }
+
+    /// Cancels `sub` (unless already cancelling) and hands back every delivery it had
+    /// prefetched (see [`park`]), waiting at most [`HAND_BACK_TIMEOUT`] for the broker's
+    /// cancel-ok. Whatever cannot be handed back stays unacked and returns to the queue when
+    /// the channel closes.
+    async fn hand_back_prefetched(&self, mut sub: Subscription) {
+        let drained = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
+            if !sub.cancelling
+                && self
+                    .consume
+                    .basic_cancel(sub.tag.as_str().into(), BasicCancelOptions::default())
+                    .await
+                    .is_err()
+            {
+                return 0usize;
+            }
+            let mut handed_back = 0usize;
+            while let Some(Ok(delivery)) = sub.stream.next().await {
+                if park(&self.publish, &self.worker.topology, &delivery)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                handed_back += 1;
+            }
+            handed_back
+        })
+        .await;
+        emit(match drained {
+            Ok(count) => PrefetchedHandedBack {
+                count,
+                confirmed: true,
+            },
+            Err(_) => PrefetchedHandedBack {
+                count: 0,
+                confirmed: false,
+            },
+        });
+    }
+}
+
+/// Which part of the session the broker has closed, if any.
+fn closed_part(conn: &Connection, consume: &Channel, publish: &Channel) -> Option<&'static str> {
+    if !conn.status().connected() {
+        Some("connection")
+    } else if !consume.status().connected() {
+        Some("consumer channel")
+    } else if !publish.status().connected() {
+        Some("publish channel")
+    } else {
+        None
+    }
+}

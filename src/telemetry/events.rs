@@ -1,0 +1,721 @@
+//! One type per observable event. Each event's [`InternalEvent::emit`] writes its log line,
+//! with a stable `event` field (the type's name in snake case), and updates its metrics.
+//!
+//! Tests and dashboards key on the `event` field and the structured fields (JSON logs with
+//! `--log-format json`), never on the wording of the message, which may change.
+//!
+//! Metrics are documented in `docs/operations.md`; each family is updated by exactly one
+//! event here.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use super::InternalEvent;
+use super::names;
+use crate::breaker::BreakerState;
+use crate::process::{Failure, Processed};
+
+/// Emits `event`: shorthand for [`InternalEvent::emit`], so call sites read
+/// `emit(MessageSettled { .. })`.
+pub fn emit(event: impl InternalEvent) {
+    event.emit();
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------------------
+
+/// A message was processed and acked: `rag_ingest_messages_total{outcome}` and, the
+/// message having succeeded, `rag_ingest_last_success_timestamp_seconds`.
+#[derive(Debug)]
+pub struct MessageSettled<'a> {
+    /// What processing did.
+    pub outcome: &'a Processed,
+}
+
+impl InternalEvent for MessageSettled<'_> {
+    fn emit(self) {
+        let outcome = self.outcome.label();
+        metrics::counter!(names::MESSAGES, "outcome" => outcome).increment(1);
+        metrics::gauge!(names::LAST_SUCCESS).set(chrono::Utc::now().timestamp() as f64);
+        match self.outcome {
+            Processed::Stored { chunks, reused } => tracing::info!(
+                event = "message_settled",
+                outcome,
+                chunks,
+                reused,
+                "document stored"
+            ),
+            Processed::Stale { stored } => tracing::info!(
+                event = "message_settled",
+                outcome,
+                stored_version = stored,
+                "older version skipped"
+            ),
+            Processed::Unchanged | Processed::Deleted => {
+                tracing::info!(event = "message_settled", outcome, "document processed")
+            }
+        }
+    }
+}
+
+/// A transient failure is retried: in process after `delay` (`queue` is `None`), or through
+/// the delay tier `queue` (the message is settled as `retried`). Counts
+/// `rag_ingest_retries_total{stage,kind}` either way, and `rag_ingest_messages_total
+/// {outcome="retried"}` for a delayed retry.
+#[derive(Debug)]
+pub struct MessageRetried<'a> {
+    /// The failure being retried.
+    pub failure: &'a Failure,
+    /// Attempts made so far (this one included).
+    pub attempts: u64,
+    /// In process: the wait before the next attempt.
+    pub delay: Option<Duration>,
+    /// Delayed: the retry tier the message was published to.
+    pub queue: Option<&'a str>,
+}
+
+impl InternalEvent for MessageRetried<'_> {
+    fn emit(self) {
+        let f = self.failure;
+        metrics::counter!(names::RETRIES, "stage" => f.stage.as_str(), "kind" => f.kind.as_str())
+            .increment(1);
+        match self.queue {
+            Some(queue) => {
+                metrics::counter!(names::MESSAGES, "outcome" => "retried").increment(1);
+                tracing::warn!(
+                    event = "message_retried",
+                    mode = "delayed",
+                    kind = %f.kind,
+                    stage = %f.stage,
+                    error = %f.reason,
+                    attempts = self.attempts,
+                    queue,
+                    "transient failure; scheduled a delayed retry"
+                );
+            }
+            None => tracing::warn!(
+                event = "message_retried",
+                mode = "in_process",
+                kind = %f.kind,
+                stage = %f.stage,
+                error = %f.reason,
+                attempts = self.attempts,
+                retry_in_ms = self.delay.map(millis),
+                "transient failure; retrying in process"
+            ),
+        }
+    }
+}
+
+/// A message went to the dead-letter queue: `rag_ingest_dead_lettered_total{kind}` and
+/// `rag_ingest_messages_total{outcome="dead_lettered"}`.
+#[derive(Debug)]
+pub struct MessageDeadLettered<'a> {
+    /// Why.
+    pub failure: &'a Failure,
+    /// Attempts made.
+    pub attempts: u64,
+}
+
+impl InternalEvent for MessageDeadLettered<'_> {
+    fn emit(self) {
+        let f = self.failure;
+        metrics::counter!(names::DEAD_LETTERED, "kind" => f.kind.as_str()).increment(1);
+        metrics::counter!(names::MESSAGES, "outcome" => "dead_lettered").increment(1);
+        tracing::warn!(
+            event = "message_dead_lettered",
+            kind = %f.kind,
+            stage = %f.stage,
+            error = %f.reason,
+            attempts = self.attempts,
+            "message dead-lettered"
+        );
+    }
+}
+
+/// A prefetched delivery was handed back to the queue's tail unprocessed (the consumer
+/// paused): `rag_ingest_messages_total{outcome="parked"}`.
+#[derive(Debug)]
+pub struct MessageParked;
+
+impl InternalEvent for MessageParked {
+    fn emit(self) {
+        metrics::counter!(names::MESSAGES, "outcome" => "parked").increment(1);
+        tracing::debug!(
+            event = "message_parked",
+            "prefetched delivery handed back while the consumer is paused"
+        );
+    }
+}
+
+/// Processing a message panicked; the delivery is handed back with its panic count, or
+/// dead-lettered once the count reaches the limit (then [`MessageDeadLettered`] follows).
+#[derive(Debug)]
+pub struct MessagePanicked {
+    /// Panics of this message so far.
+    pub panics: u64,
+    /// The panic limit is reached: the message goes to the DLQ.
+    pub give_up: bool,
+}
+
+impl InternalEvent for MessagePanicked {
+    fn emit(self) {
+        tracing::error!(
+            event = "message_panicked",
+            panics = self.panics,
+            give_up = self.give_up,
+            "message processing panicked; handing the delivery back with its panic count"
+        );
+    }
+}
+
+/// A message was older than the stored version of its document and was skipped.
+#[derive(Debug)]
+pub struct StaleMessageSkipped {
+    /// The message's version.
+    pub version: u64,
+    /// The stored version.
+    pub stored_version: u64,
+}
+
+impl InternalEvent for StaleMessageSkipped {
+    fn emit(self) {
+        tracing::debug!(
+            event = "stale_message_skipped",
+            version = self.version,
+            stored_version = self.stored_version,
+            "message older than the stored version; skipped"
+        );
+    }
+}
+
+/// A message's `x-attempts` header was ignored: the message did not come from a retry tier.
+#[derive(Debug)]
+pub struct UntrustedAttempts {
+    /// The value the header claimed.
+    pub claimed: u64,
+}
+
+impl InternalEvent for UntrustedAttempts {
+    fn emit(self) {
+        tracing::debug!(
+            event = "untrusted_attempts",
+            claimed = self.claimed,
+            "ignoring an x-attempts header on a message that did not come from a retry tier"
+        );
+    }
+}
+
+/// A delivery could not be settled (ack, nack or hand-back) on the broker; what happens to
+/// the message is in `consequence`.
+#[derive(Debug)]
+pub struct SettleFailed<'a, E: Display> {
+    /// The broker error.
+    pub error: &'a E,
+    /// What happens to the message.
+    pub consequence: &'static str,
+}
+
+impl<E: Display> InternalEvent for SettleFailed<'_, E> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "settle_failed",
+            error = %self.error,
+            consequence = self.consequence,
+            "could not settle a delivery"
+        );
+    }
+}
+
+/// A message task ended without settling its delivery (it was aborted or panicked outside
+/// the panic guard); the delivery stays unacked until the channel closes.
+#[derive(Debug)]
+pub struct MessageTaskFailed<'a, E: Display> {
+    /// Why the task ended.
+    pub error: &'a E,
+}
+
+impl<E: Display> InternalEvent for MessageTaskFailed<'_, E> {
+    fn emit(self) {
+        tracing::error!(
+            event = "message_task_failed",
+            error = %self.error,
+            "message task failed to complete; its delivery stays unacked until the channel closes"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Embedding and storing
+// ---------------------------------------------------------------------------------------
+
+/// A document's new chunks were embedded (`chunks` may be 0 when every chunk reused a stored
+/// vector): `rag_ingest_chunks_embedded_total`, `rag_ingest_chunks_reused_total`,
+/// `rag_ingest_tokens_embedded_total{tenant,provider}` and `rag_ingest_embed_seconds`.
+#[derive(Debug)]
+pub struct ChunksEmbedded<'a> {
+    /// The document's tenant.
+    pub tenant: &'a str,
+    /// Who embedded (`local` or the remote provider's label).
+    pub provider: &'a str,
+    /// Model tokens embedded (the provider's billed count where it reports one).
+    pub tokens: u64,
+    /// Chunks embedded.
+    pub chunks: usize,
+    /// Chunks whose stored vector was reused.
+    pub reused: usize,
+    /// Time the embedding call took (`None` when nothing was embedded).
+    pub elapsed: Option<Duration>,
+}
+
+impl InternalEvent for ChunksEmbedded<'_> {
+    fn emit(self) {
+        metrics::counter!(names::CHUNKS_REUSED).increment(self.reused as u64);
+        let Some(elapsed) = self.elapsed else {
+            return;
+        };
+        metrics::histogram!(names::EMBED_SECONDS).record(elapsed.as_secs_f64());
+        metrics::counter!(names::CHUNKS_EMBEDDED).increment(self.chunks as u64);
+        metrics::counter!(
+            names::TOKENS_EMBEDDED,
+            "tenant" => self.tenant.to_string(),
+            "provider" => self.provider.to_string()
+        )
+        .increment(self.tokens);
+        tracing::info!(
+            event = "chunks_embedded",
+            tokens = self.tokens,
+            provider = self.provider,
+            chunks = self.chunks,
+            reused = self.reused,
+            elapsed_ms = millis(elapsed),
+            "chunks embedded"
+        );
+    }
+}
+
+/// The pipeline made a store call: `rag_ingest_store_seconds{op}` (successful or not).
+#[derive(Debug)]
+pub struct StoreCall {
+    /// Which call (one of [`super::metrics::STORE_OPS`]).
+    pub op: &'static str,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// Whether it succeeded.
+    pub ok: bool,
+}
+
+impl InternalEvent for StoreCall {
+    fn emit(self) {
+        metrics::histogram!(names::STORE_SECONDS, "op" => self.op)
+            .record(self.elapsed.as_secs_f64());
+        tracing::trace!(
+            event = "store_call",
+            op = self.op,
+            ok = self.ok,
+            elapsed_ms = millis(self.elapsed),
+            "store call"
+        );
+    }
+}
+
+/// The stored vectors of a document could not be read back for reuse; every chunk is
+/// embedded again.
+#[derive(Debug)]
+pub struct StoredVectorsUnreadable<'a, E: Display> {
+    /// Why.
+    pub error: &'a E,
+}
+
+impl<E: Display> InternalEvent for StoredVectorsUnreadable<'_, E> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "stored_vectors_unreadable",
+            error = %self.error,
+            "stored vectors not reusable; embedding every chunk"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Circuit breakers
+// ---------------------------------------------------------------------------------------
+
+/// A circuit breaker was created: `rag_ingest_breaker_open{breaker}` starts at 0.
+#[derive(Debug)]
+pub struct BreakerCreated<'a> {
+    /// The breaker's name (the dependency it guards).
+    pub breaker: &'a str,
+}
+
+impl InternalEvent for BreakerCreated<'_> {
+    fn emit(self) {
+        metrics::gauge!(names::BREAKER_OPEN, "breaker" => self.breaker.to_string()).set(0.0);
+    }
+}
+
+/// A circuit breaker changed state: `rag_ingest_breaker_open{breaker}` is 1 while open.
+#[derive(Debug)]
+pub struct BreakerChanged<'a> {
+    /// The breaker's name.
+    pub breaker: &'a str,
+    /// Previous state.
+    pub from: BreakerState,
+    /// New state.
+    pub to: BreakerState,
+    /// Consecutive failures counted so far.
+    pub consecutive_failures: u32,
+    /// How long the breaker stays open before a probe.
+    pub open_for: Duration,
+}
+
+impl InternalEvent for BreakerChanged<'_> {
+    fn emit(self) {
+        let open = self.to == BreakerState::Open;
+        metrics::gauge!(names::BREAKER_OPEN, "breaker" => self.breaker.to_string()).set(if open {
+            1.0
+        } else {
+            0.0
+        });
+        let (from, to) = (self.from.as_str(), self.to.as_str());
+        match self.to {
+            BreakerState::Open => tracing::warn!(
+                event = "breaker_changed",
+                breaker = self.breaker,
+                from,
+                to,
+                consecutive_failures = self.consecutive_failures,
+                open_for_ms = millis(self.open_for),
+                "circuit breaker opened: calls fail fast until the probe"
+            ),
+            BreakerState::HalfOpen => tracing::info!(
+                event = "breaker_changed",
+                breaker = self.breaker,
+                from,
+                to,
+                "circuit breaker half-open: probing"
+            ),
+            BreakerState::Closed => tracing::info!(
+                event = "breaker_changed",
+                breaker = self.breaker,
+                from,
+                to,
+                "circuit breaker closed: the dependency answered again"
+            ),
+        }
+    }
+}
+
+/// The embedder's breaker lets a probe message through.
+#[derive(Debug)]
+pub struct BreakerProbeAllowed;
+
+impl InternalEvent for BreakerProbeAllowed {
+    fn emit(self) {
+        tracing::debug!(
+            event = "breaker_probe_allowed",
+            "embedder breaker lets a probe through"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Broker and consumer
+// ---------------------------------------------------------------------------------------
+
+/// Connected to one of several broker URLs.
+#[derive(Debug)]
+pub struct BrokerConnected<'a> {
+    /// The URL, password redacted.
+    pub url: &'a str,
+}
+
+impl InternalEvent for BrokerConnected<'_> {
+    fn emit(self) {
+        tracing::info!(
+            event = "broker_connected",
+            url = self.url,
+            "connected to RabbitMQ"
+        );
+    }
+}
+
+/// One of several broker URLs did not answer; the next one is tried.
+#[derive(Debug)]
+pub struct BrokerUrlUnreachable<'a, E: Display> {
+    /// The URL, password redacted.
+    pub url: &'a str,
+    /// Why.
+    pub error: &'a E,
+}
+
+impl<E: Display> InternalEvent for BrokerUrlUnreachable<'_, E> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "broker_url_unreachable",
+            url = self.url,
+            error = %self.error,
+            "broker URL unreachable; trying the next one"
+        );
+    }
+}
+
+/// The worker's broker session ended (connection or channel lost, or it could not start);
+/// it reconnects after `retry_in`.
+#[derive(Debug)]
+pub struct BrokerConnectionLost<'a, E: Display> {
+    /// Why the session ended.
+    pub error: &'a E,
+    /// The wait before reconnecting.
+    pub retry_in: Duration,
+}
+
+impl<E: Display> InternalEvent for BrokerConnectionLost<'_, E> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "broker_connection_lost",
+            error = %self.error,
+            retry_in_ms = millis(self.retry_in),
+            "broker connection lost; reconnecting"
+        );
+    }
+}
+
+/// The worker starts a new broker session after losing one:
+/// `rag_ingest_broker_reconnects_total`.
+#[derive(Debug)]
+pub struct BrokerReconnecting;
+
+impl InternalEvent for BrokerReconnecting {
+    fn emit(self) {
+        metrics::counter!(names::BROKER_RECONNECTS).increment(1);
+        tracing::debug!(event = "broker_reconnecting", "reconnecting to the broker");
+    }
+}
+
+/// The broker closed the worker's connection or a channel; the session ends.
+#[derive(Debug)]
+pub struct BrokerClosed<'a> {
+    /// What was closed (`connection`, `consume channel`, `publish channel`).
+    pub what: &'a str,
+}
+
+impl InternalEvent for BrokerClosed<'_> {
+    fn emit(self) {
+        tracing::error!(
+            event = "broker_closed",
+            closed = self.what,
+            "the broker closed the worker's {}; reconnecting",
+            self.what
+        );
+    }
+}
+
+/// The worker consumes the main queue.
+#[derive(Debug)]
+pub struct WorkerConsuming<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// The broker URL, password redacted.
+    pub broker: &'a str,
+    /// The consumer's prefetch.
+    pub prefetch: u16,
+    /// Messages processed at once.
+    pub concurrency: usize,
+    /// `full`, or `probe` (one message while the embedder's breaker probes).
+    pub feed: &'a str,
+}
+
+impl InternalEvent for WorkerConsuming<'_> {
+    fn emit(self) {
+        tracing::info!(
+            event = "worker_consuming",
+            queue = self.queue,
+            broker = self.broker,
+            prefetch = self.prefetch,
+            concurrency = self.concurrency,
+            feed = self.feed,
+            "worker consuming"
+        );
+    }
+}
+
+/// The consumer was cancelled because the embedder's breaker is not closed.
+#[derive(Debug)]
+pub struct ConsumerPaused<'a> {
+    /// The breaker's state.
+    pub breaker: &'a str,
+}
+
+impl InternalEvent for ConsumerPaused<'_> {
+    fn emit(self) {
+        tracing::info!(
+            event = "consumer_paused",
+            breaker = self.breaker,
+            "consumer cancelled while the embedder breaker is not closed; prefetched deliveries are handed back"
+        );
+    }
+}
+
+/// Prefetched deliveries were handed back to the queue (`count` of them), or the broker did
+/// not confirm the consumer's cancel in time (`confirmed` false).
+#[derive(Debug)]
+pub struct PrefetchedHandedBack {
+    /// Deliveries handed back.
+    pub count: usize,
+    /// The broker confirmed the cancel within the time limit.
+    pub confirmed: bool,
+}
+
+impl InternalEvent for PrefetchedHandedBack {
+    fn emit(self) {
+        if !self.confirmed {
+            tracing::warn!(
+                event = "prefetched_handed_back",
+                count = self.count,
+                confirmed = false,
+                "the broker did not confirm the consumer's cancel in time"
+            );
+        } else if self.count > 0 {
+            tracing::info!(
+                event = "prefetched_handed_back",
+                count = self.count,
+                confirmed = true,
+                "prefetched deliveries handed back"
+            );
+        }
+    }
+}
+
+/// Messages being processed: `rag_ingest_in_flight_messages` and
+/// `rag_ingest_in_flight_bytes`.
+#[derive(Debug)]
+pub struct InFlight {
+    /// Messages.
+    pub messages: usize,
+    /// Estimated bytes.
+    pub bytes: usize,
+}
+
+impl InternalEvent for InFlight {
+    fn emit(self) {
+        metrics::gauge!(names::IN_FLIGHT).set(self.messages as f64);
+        metrics::gauge!(names::IN_FLIGHT_BYTES).set(self.bytes as f64);
+    }
+}
+
+/// With `--exit-when-idle`: the queues still hold `pending` messages (0: drained, the worker
+/// exits).
+#[derive(Debug)]
+pub struct QueuesChecked {
+    /// Messages still queued.
+    pub pending: u64,
+}
+
+impl InternalEvent for QueuesChecked {
+    fn emit(self) {
+        if self.pending == 0 {
+            tracing::info!(event = "queues_drained", "queues drained; exiting");
+        } else {
+            tracing::debug!(
+                event = "queues_pending",
+                pending = self.pending,
+                "waiting for queued messages"
+            );
+        }
+    }
+}
+
+/// A stop was requested (SIGTERM, SIGINT): no new deliveries, in-flight messages finish.
+#[derive(Debug)]
+pub struct ShutdownRequested;
+
+impl InternalEvent for ShutdownRequested {
+    fn emit(self) {
+        tracing::info!(
+            event = "shutdown_requested",
+            "shutdown requested: no new deliveries, finishing in-flight messages"
+        );
+    }
+}
+
+/// The shutdown grace period ran out: `unfinished` messages were stopped, `handed_back` of
+/// them went back to the queue.
+#[derive(Debug)]
+pub struct ShutdownGraceExpired {
+    /// Messages still running when the grace period ended.
+    pub unfinished: usize,
+    /// Of those, how many were handed back to the queue.
+    pub handed_back: usize,
+}
+
+impl InternalEvent for ShutdownGraceExpired {
+    fn emit(self) {
+        tracing::warn!(
+            event = "shutdown_grace_expired",
+            unfinished = self.unfinished,
+            handed_back = self.handed_back,
+            "grace period over; unfinished messages were handed back to the queue"
+        );
+    }
+}
+
+/// The metrics and health endpoints are served.
+#[derive(Debug)]
+pub struct MetricsServing<'a> {
+    /// The bound address.
+    pub address: &'a str,
+}
+
+impl InternalEvent for MetricsServing<'_> {
+    fn emit(self) {
+        tracing::info!(
+            event = "metrics_serving",
+            address = self.address,
+            "serving /metrics, /healthz and /readyz"
+        );
+    }
+}
+
+/// The metrics and health server stopped (the worker keeps running without it).
+#[derive(Debug)]
+pub struct MetricsServerStopped<'a, E: Display> {
+    /// Why.
+    pub error: &'a E,
+}
+
+impl<E: Display> InternalEvent for MetricsServerStopped<'_, E> {
+    fn emit(self) {
+        tracing::error!(
+            event = "metrics_server_stopped",
+            error = %self.error,
+            "metrics/health server stopped"
+        );
+    }
+}
+
+/// The DLQ exists without `x-delivery-limit` (declared by an earlier version); see the
+/// operations documentation for the migration.
+#[derive(Debug)]
+pub struct LegacyDlqFound<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// The broker, password redacted.
+    pub broker: &'a str,
+}
+
+impl InternalEvent for LegacyDlqFound<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "legacy_dlq_found",
+            queue = self.queue,
+            broker = self.broker,
+            "the DLQ was declared by an earlier version without x-delivery-limit; on RabbitMQ 4.0-4.2 each inspection (dlq list/show, reprocess) counts toward the default limit of 20. To migrate: stop the workers, move its messages, delete the queue and start a worker again"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! The metric families: names, descriptions and the labels they are registered with at
+//! start, and the process-wide Prometheus recorder.
+//!
+//! Only [`super::events`] updates metrics; this module declares them.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+
+use crate::error::{ErrorKind, Stage};
+
+/// Metric names (all carry a `pipeline` label).
+pub mod names {
+    /// Counter: messages settled, by `outcome` (stored, unchanged, stale, deleted, retried,
+    /// dead_lettered, parked).
+    pub const MESSAGES: &str = "rag_ingest_messages_total";
+    /// Counter: chunks embedded.
+    pub const CHUNKS_EMBEDDED: &str = "rag_ingest_chunks_embedded_total";
+    /// Counter: chunks of changed documents whose stored vector was reused (same text and
+    /// embedder), so they were not embedded again.
+    pub const CHUNKS_REUSED: &str = "rag_ingest_chunks_reused_total";
+    /// Counter: model tokens embedded, by `tenant` and `provider`.
+    pub const TOKENS_EMBEDDED: &str = "rag_ingest_tokens_embedded_total";
+    /// Histogram: seconds per embedding call.
+    pub const EMBED_SECONDS: &str = "rag_ingest_embed_seconds";
+    /// Histogram: seconds per store call, by `op`.
+    pub const STORE_SECONDS: &str = "rag_ingest_store_seconds";
+    /// Counter: retries, by `stage` and `kind` (in-process and delayed).
+    pub const RETRIES: &str = "rag_ingest_retries_total";
+    /// Counter: dead-lettered messages, by `kind`.
+    pub const DEAD_LETTERED: &str = "rag_ingest_dead_lettered_total";
+    /// Gauge: 1 while the named `breaker` is open.
+    pub const BREAKER_OPEN: &str = "rag_ingest_breaker_open";
+    /// Gauge: messages being processed.
+    pub const IN_FLIGHT: &str = "rag_ingest_in_flight_messages";
+    /// Gauge: estimated memory of the messages being processed (`worker.max_inflight_bytes`).
+    pub const IN_FLIGHT_BYTES: &str = "rag_ingest_in_flight_bytes";
+    /// Gauge: Unix time of the last successful ingest (0 until the first).
+    pub const LAST_SUCCESS: &str = "rag_ingest_last_success_timestamp_seconds";
+    /// Counter: times the worker lost its broker connection and reconnected.
+    pub const BROKER_RECONNECTS: &str = "rag_ingest_broker_reconnects_total";
+
+    /// Every family, in the order of the operations documentation.
+    pub const ALL: [&str; 13] = [
+        MESSAGES,
+        CHUNKS_EMBEDDED,
+        CHUNKS_REUSED,
+        TOKENS_EMBEDDED,
+        EMBED_SECONDS,
+        STORE_SECONDS,
+        RETRIES,
+        DEAD_LETTERED,
+        BREAKER_OPEN,
+        IN_FLIGHT,
+        IN_FLIGHT_BYTES,
+        LAST_SUCCESS,
+        BROKER_RECONNECTS,
+    ];
+}
+
+/// Every `outcome` of [`names::MESSAGES`].
+pub const OUTCOMES: [&str; 7] = [
+    "stored",
+    "unchanged",
+    "stale",
+    "deleted",
+    "retried",
+    "dead_lettered",
+    "parked",
+];
+
+/// Every `op` of [`names::STORE_SECONDS`], as the pipeline names its store calls.
+pub const STORE_OPS: [&str; 6] = [
+    "read_head",
+    "read_vectors",
+    "upsert",
+    "relabel",
+    "count",
+    "delete",
+];
+
+/// Describes every family (`# HELP`) and registers the series known in advance at zero, so
+/// that alerts such as `rate(rag_ingest_dead_lettered_total[5m])` have a series from the
+/// start. Per-tenant and per-breaker series appear with their first tenant or breaker.
+pub fn describe_all() {
+    describe_counter!(
+        names::MESSAGES,
+        "Messages settled, by outcome (stored, unchanged, stale, deleted, retried, dead_lettered, parked)."
+    );
+    describe_counter!(
+        names::CHUNKS_EMBEDDED,
+        "Chunks embedded (distinct texts sent to the embedder)."
+    );
+    describe_counter!(
+        names::CHUNKS_REUSED,
+        "Chunks of edited documents whose stored vector was reused instead of embedded."
+    );
+    describe_counter!(
+        names::TOKENS_EMBEDDED,
+        "Model tokens embedded, by tenant and provider (remote: the provider's billed prompt_tokens)."
+    );
+    describe_histogram!(
+        names::EMBED_SECONDS,
+        metrics::Unit::Seconds,
+        "Time per embedding call (one document's new chunks)."
+    );
+    describe_histogram!(
+        names::STORE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time per vector store call made while processing a message, by op."
+    );
+    describe_counter!(
+        names::RETRIES,
+        "Retries of a transient failure, in process and through a delay tier, by stage and kind."
+    );
+    describe_counter!(
+        names::DEAD_LETTERED,
+        "Messages sent to the dead-letter queue, by error kind."
+    );
+    describe_gauge!(
+        names::BREAKER_OPEN,
+        "1 while the named circuit breaker is open (the worker takes no messages), else 0."
+    );
+    describe_gauge!(names::IN_FLIGHT, "Messages being processed.");
+    describe_gauge!(
+        names::IN_FLIGHT_BYTES,
+        metrics::Unit::Bytes,
+        "Estimated memory of the messages being processed (bounded by worker.max_inflight_bytes)."
+    );
+    describe_gauge!(
+        names::LAST_SUCCESS,
+        "Unix time of the last successfully settled message (0 until the first)."
+    );
+    describe_counter!(
+        names::BROKER_RECONNECTS,
+        "Times the worker lost its broker connection and reconnected."
+    );
+
+    for outcome in OUTCOMES {
+        metrics::counter!(names::MESSAGES, "outcome" => outcome).increment(0);
+    }
+    for kind in ErrorKind::ALL {
+        metrics::counter!(names::DEAD_LETTERED, "kind" => kind.as_str()).increment(0);
+    }
+    for (stage, kind) in [
+        (Stage::Embed, ErrorKind::EmbedderUnavailable),
+        (Stage::Store, ErrorKind::StoreUnavailable),
+    ] {
+        metrics::counter!(names::RETRIES, "stage" => stage.as_str(), "kind" => kind.as_str())
+            .increment(0);
+    }
+    metrics::counter!(names::CHUNKS_EMBEDDED).increment(0);
+    metrics::counter!(names::CHUNKS_REUSED).increment(0);
+    metrics::counter!(names::TOKENS_EMBEDDED).increment(0);
+    metrics::counter!(names::BROKER_RECONNECTS).increment(0);
+    // Registering a histogram handle makes its family show with a zero count.
+    let _ = metrics::histogram!(names::EMBED_SECONDS);
+    for op in STORE_OPS {
+        let _ = metrics::histogram!(names::STORE_SECONDS, "op" => op);
+    }
+    metrics::gauge!(names::IN_FLIGHT).set(0.0);
+    metrics::gauge!(names::IN_FLIGHT_BYTES).set(0.0);
+    metrics::gauge!(names::LAST_SUCCESS).set(0.0);
+}
+
+/// Installs the process-wide Prometheus recorder with the global label `pipeline` and
+/// registers every family ([`describe_all`]) (once; later calls return the same handle,
+/// with the first call's label).
+///
+/// Fails only if another metrics recorder was installed by someone else.
+pub fn metrics_handle(
+    pipeline: &str,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError>
+{
+    use std::sync::Mutex;
+    static HANDLE: Mutex<Option<metrics_exporter_prometheus::PrometheusHandle>> = Mutex::new(None);
+    let mut slot = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = slot.as_ref() {
+        return Ok(h.clone());
+    }
+    let buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&buckets)?
+        .add_global_label("pipeline", pipeline)
+        .install_recorder()?;
+    describe_all();
+    *slot = Some(handle.clone());
+    Ok(handle)
+}
