@@ -483,7 +483,7 @@ fn check_upsert(content: &str, content_type: &str, rules: &Rules) -> Result<(), 
             "field `content` is empty",
         ));
     }
-    if ChunkFormat::from_content_type(&content_type).is_none() {
+    if ChunkFormat::from_content_type(content_type).is_none() {
         return Err(Rejection::new(
             ErrorKind::UnsupportedContentType,
             format!(

@@ -15,10 +15,12 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use tracing::{Instrument, info_span};
 
-use super::Worker;
+use super::{Counters, Worker};
+use crate::config::PipelineConfig;
 use crate::embed::Embedder;
-use crate::message::{decode, peek_tenant};
-use crate::process::{Failure, Processed};
+use crate::error::{ErrorKind, Stage};
+use crate::message::{Document, Rules, decode, peek_tenant};
+use crate::process::{Failure, Pipeline, Processed};
 use crate::queue::dlq::republish_failed;
 use crate::queue::headers::{
     H_ATTEMPTS, H_PANICS, H_TENANT, death_queues, get_str, get_u64, set_u64,
@@ -48,18 +50,13 @@ impl DocLocks {
 }
 
 impl<E: Embedder, S: VectorStore> Worker<E, S> {
-    /// The task that processes and settles `delivery` (see the module documentation).
+    /// The task that processes and settles `delivery` (see the module documentation), in
+    /// the `message` span that labels its log lines.
     pub(super) fn handle(
         &self,
         delivery: Arc<Delivery>,
         publish: Channel,
     ) -> impl Future<Output = Result<(), QueueError>> + Send + 'static {
-        let pipeline = self.pipeline.clone();
-        let rules = Arc::clone(&self.rules);
-        let config = Arc::clone(&self.config);
-        let topology = self.topology.clone();
-        let locks = Arc::clone(&self.locks);
-        let counters = Arc::clone(&self.counters);
         let message_id = delivery
             .properties
             .message_id()
@@ -68,105 +65,188 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             .unwrap_or_default();
         let span = info_span!(
             "message",
-            pipeline = %config.name,
+            pipeline = %self.config.name,
             message_id = %message_id,
             tenant_id = tracing::field::Empty,
             document_id = tracing::field::Empty,
             request_id = tracing::field::Empty,
             stage = tracing::field::Empty,
         );
-        async move {
-            let headers = delivery.properties.headers();
-            let previous = trusted_attempts(headers, &topology, config.retry.max_attempts);
-            let attempts = previous.saturating_add(1);
-            let decoded = decode(&delivery.data, &rules)
-                .map_err(|rejection| Failure::new(rejection.kind, crate::error::Stage::Decode, rejection.reason))
-                .and_then(|doc| match get_str(headers, H_TENANT) {
-                    // The header is the producer's claim; the body is what gets stored. A
-                    // header naming another tenant is a broken (or hostile) producer.
-                    Some(claimed) if claimed != doc.tenant.as_str() => Err(Failure::new(
-                        crate::error::ErrorKind::InvalidField,
-                        crate::error::Stage::Decode,
-                        format!(
-                            "header `{H_TENANT}` ({claimed:?}) disagrees with the body's `tenant_id` ({:?})",
-                            doc.tenant.as_str()
-                        ),
-                    )),
-                    _ => Ok(doc),
-                });
-            let outcome = match decoded {
-                Err(failure) => {
-                    let span = tracing::Span::current();
-                    span.record("stage", "decode");
-                    if let Some(t) = peek_tenant(&delivery.data) {
-                        span.record("tenant_id", t.as_str());
-                    }
-                    Err(failure)
-                }
-                Ok(doc) => {
-                    let span = tracing::Span::current();
-                    span.record("tenant_id", doc.tenant.as_str());
-                    span.record("document_id", doc.document_id.as_str());
-                    if let Some(r) = &doc.request_id {
-                        span.record("request_id", r.as_str());
-                    }
-                    let lock = locks.get(format!("{}/{}", doc.tenant, doc.document_id));
-                    let _guard = lock.lock().await;
-                    with_retries(
-                        &config.retry,
-                        || pipeline.process(&doc),
-                        |failure, delay| {
-                            emit(MessageRetried { failure, attempts, delay: Some(delay), queue: None });
-                        },
-                    )
-                    .await
-                }
-            };
-            match outcome {
-                Ok(done) => {
-                    let counter = match &done {
-                        Processed::Stored { .. } => &counters.stored,
-                        Processed::Unchanged => &counters.unchanged,
-                        Processed::Stale { .. } => &counters.stale,
-                        Processed::Deleted => &counters.deleted,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    emit(MessageSettled { outcome: &done });
-                }
-                Err(failure) => {
-                    // A breaker refusal does not burn an attempt: the message waits in a
-                    // delay tier with its count unchanged until the dependency is back.
-                    let attempts = if failure.circuit_open { previous } else { attempts };
-                    let retry = failure.circuit_open
-                        || (failure.kind.is_transient() && attempts < u64::from(config.retry.max_attempts));
-                    let queue = if retry {
-                        topology.retry_queue(tier_delay(&config.retry, u32::try_from(attempts).unwrap_or(u32::MAX)))
-                    } else {
-                        topology.dlq()
-                    };
-                    if let Err(e) = republish_failed(&publish, &queue, &delivery.data, &delivery.properties, &failure, attempts).await {
-                        // Not confirmed: leave the source with the broker so nothing is lost.
-                        let _ = delivery
-                            .acker
-                            .nack(BasicNackOptions { multiple: false, requeue: true })
-                            .await;
-                        return Err(e);
-                    }
-                    if retry {
-                        counters.retried.fetch_add(1, Ordering::Relaxed);
-                        emit(MessageRetried { failure: &failure, attempts, delay: None, queue: Some(&queue) });
-                    } else {
-                        counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                        emit(MessageDeadLettered { failure: &failure, attempts });
-                    }
+        let task = Task {
+            pipeline: self.pipeline.clone(),
+            rules: Arc::clone(&self.rules),
+            config: Arc::clone(&self.config),
+            topology: self.topology.clone(),
+            locks: Arc::clone(&self.locks),
+            counters: Arc::clone(&self.counters),
+            delivery,
+            publish,
+        };
+        task.run().instrument(span)
+    }
+}
+
+/// What one delivery's task needs of its worker.
+struct Task<E, S> {
+    pipeline: Pipeline<E, S>,
+    rules: Arc<Rules>,
+    config: Arc<PipelineConfig>,
+    topology: Topology,
+    locks: Arc<DocLocks>,
+    counters: Arc<Counters>,
+    delivery: Arc<Delivery>,
+    publish: Channel,
+}
+
+impl<E: Embedder, S: VectorStore> Task<E, S> {
+    /// Decodes, processes and settles the delivery: ack on success, a delay tier or the DLQ
+    /// on failure (acked once the copy is confirmed).
+    ///
+    /// Fails when the delivery cannot be settled (the channel is gone: the broker
+    /// redelivers, and the write is idempotent).
+    async fn run(self) -> Result<(), QueueError> {
+        let headers = self.delivery.properties.headers();
+        let previous = trusted_attempts(headers, &self.topology, self.config.retry.max_attempts);
+        let attempts = previous.saturating_add(1);
+        let outcome = match self.decode() {
+            Err(failure) => Err(failure),
+            Ok(doc) => self.process(&doc, attempts).await,
+        };
+        match outcome {
+            Ok(done) => {
+                self.counters.count(&done);
+                emit(MessageSettled { outcome: &done });
+            }
+            Err(failure) => self.fail(&failure, previous, attempts).await?,
+        }
+        settled(self.delivery.acker.ack(BasicAckOptions::default()).await).inspect_err(|e| {
+            emit(SettleFailed {
+                error: e,
+                consequence: "the message will be redelivered",
+            });
+        })
+    }
+
+    /// The document of the delivery, checked against the pipeline's rules and the
+    /// producer's tenant header; records the span's fields.
+    fn decode(&self) -> Result<Document, Failure> {
+        let span = tracing::Span::current();
+        let body = &self.delivery.data;
+        let decoded = decode(body, &self.rules)
+            .map_err(|rejection| Failure::new(rejection.kind, Stage::Decode, rejection.reason))
+            .and_then(|doc| match get_str(self.delivery.properties.headers(), H_TENANT) {
+                // The header is the producer's claim; the body is what gets stored. A
+                // header naming another tenant is a broken (or hostile) producer.
+                Some(claimed) if claimed != doc.tenant.as_str() => Err(Failure::new(
+                    ErrorKind::InvalidField,
+                    Stage::Decode,
+                    format!(
+                        "header `{H_TENANT}` ({claimed:?}) disagrees with the body's `tenant_id` ({:?})",
+                        doc.tenant.as_str()
+                    ),
+                )),
+                _ => Ok(doc),
+            });
+        match &decoded {
+            Err(_) => {
+                span.record("stage", "decode");
+                if let Some(t) = peek_tenant(body) {
+                    span.record("tenant_id", t.as_str());
                 }
             }
-            // If the channel is gone the broker redelivers; the write is idempotent.
-            settled(delivery.acker.ack(BasicAckOptions::default()).await).inspect_err(|e| {
-                emit(SettleFailed { error: e, consequence: "the message will be redelivered" });
-            })
+            Ok(doc) => {
+                span.record("tenant_id", doc.tenant.as_str());
+                span.record("document_id", doc.document_id.as_str());
+                if let Some(r) = &doc.request_id {
+                    span.record("request_id", r.as_str());
+                }
+            }
         }
-        .instrument(span)
+        decoded
+    }
+
+    /// Processes `doc` under its document lock, retrying transient failures in process.
+    async fn process(&self, doc: &Document, attempts: u64) -> Result<Processed, Failure> {
+        let lock = self
+            .locks
+            .get(format!("{}/{}", doc.tenant, doc.document_id));
+        let _guard = lock.lock().await;
+        with_retries(
+            &self.config.retry,
+            || self.pipeline.process(doc),
+            |failure, delay| {
+                emit(MessageRetried {
+                    failure,
+                    attempts,
+                    delay: Some(delay),
+                    queue: None,
+                });
+            },
+        )
+        .await
+    }
+
+    /// Sends the delivery to a delay tier (a transient failure with attempts left, or a
+    /// breaker refusal, which does not burn an attempt) or to the DLQ, with its failure in
+    /// the headers.
+    ///
+    /// Fails when the copy is not confirmed; the delivery is then nacked with requeue so the
+    /// broker keeps it.
+    async fn fail(
+        &self,
+        failure: &Failure,
+        previous: u64,
+        attempts: u64,
+    ) -> Result<(), QueueError> {
+        // A breaker refusal does not burn an attempt: the message waits in a delay tier
+        // with its count unchanged until the dependency is back.
+        let attempts = if failure.circuit_open {
+            previous
+        } else {
+            attempts
+        };
+        let max_attempts = u64::from(self.config.retry.max_attempts);
+        let retry =
+            failure.circuit_open || (failure.kind.is_transient() && attempts < max_attempts);
+        let queue = if retry {
+            let tier = u32::try_from(attempts).unwrap_or(u32::MAX);
+            self.topology
+                .retry_queue(tier_delay(&self.config.retry, tier))
+        } else {
+            self.topology.dlq()
+        };
+        let delivery = &self.delivery;
+        let republished = republish_failed(
+            &self.publish,
+            &queue,
+            &delivery.data,
+            &delivery.properties,
+            failure,
+            attempts,
+        )
+        .await;
+        if let Err(e) = republished {
+            // Not confirmed: leave the source with the broker so nothing is lost.
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            let _ = delivery.acker.nack(requeue).await;
+            return Err(e);
+        }
+        if retry {
+            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+            emit(MessageRetried {
+                failure,
+                attempts,
+                delay: None,
+                queue: Some(&queue),
+            });
+        } else {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            emit(MessageDeadLettered { failure, attempts });
+        }
+        Ok(())
     }
 }
 
@@ -321,7 +401,7 @@ pub(super) async fn give_up_on_panic(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PipelineConfig;
+
     use lapin::types::{FieldArray, LongString};
 
     fn topology() -> Topology {

@@ -79,6 +79,19 @@ struct Counters {
 }
 
 impl Counters {
+    /// Counts a settled message's outcome.
+    fn count(&self, done: &crate::process::Processed) {
+        use crate::process::Processed;
+        let counter = match done {
+            Processed::Stored { .. } => &self.stored,
+            Processed::Unchanged => &self.unchanged,
+            Processed::Stale { .. } => &self.stale,
+            Processed::Deleted => &self.deleted,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
     fn report(&self) -> WorkerReport {
         WorkerReport {
             stored: self.stored.load(Ordering::Relaxed),
