@@ -33,7 +33,10 @@ fn the_readme_starts_with_the_demo_and_test_commands() {
     assert_eq!(first_fence, readme.find("```sh\n").expect("the sh block"));
     // CI runs exactly the README's test command.
     let ci = read(".ci/run");
-    assert!(ci.lines().any(|l| l.trim() == "exec scripts/test.sh"), "{ci}");
+    assert!(
+        ci.lines().any(|l| l.trim() == "exec scripts/test.sh"),
+        "{ci}"
+    );
 }
 
 #[test]
@@ -206,7 +209,11 @@ fn every_relative_link_resolves_and_every_doc_is_linked_from_the_readme() {
         .iter()
         .skip(1)
         .filter_map(|p| p.file_name()?.to_str().map(|n| format!("docs/{n}")))
-        .filter(|doc| !readme_links.iter().any(|l| l.split('#').next() == Some(doc)))
+        .filter(|doc| {
+            !readme_links
+                .iter()
+                .any(|l| l.split('#').next() == Some(doc.as_str()))
+        })
         .collect();
     assert!(
         unlinked.is_empty(),
