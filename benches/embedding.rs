@@ -1,10 +1,10 @@
 //! Embedding throughput in tokens per second (real tokens, special tokens included) on
 //! deterministic corpora built from the fixture documents:
 //!
-//! - `long256`: 32 texts truncated to the model's 256 tokens (the conditions of
-//!   `PERFORMANCE.md`), candle-transformers' `BertModel` (`reference`) vs `CandleEmbedder`
-//!   (`fast`), and `CandleEmbedder` with `Precision::Bf16` (`fast_bf16`, on CPUs with
-//!   AVX-512 BF16);
+//! - `long256`: 32 texts truncated to the model's 256 tokens (the conditions of the
+//!   `embedding` rows in `docs/performance-history.md`), candle-transformers' `BertModel`
+//!   (`reference`) vs `CandleEmbedder` (`fast`), and `CandleEmbedder` with
+//!   `Precision::Bf16` (`fast_bf16`, on CPUs with AVX-512 BF16);
 //! - `chunks`: 64 KiB of the fixture documents chunked like the pipeline does (at most 200
 //!   tokens, mixed lengths);
 //! - `short`: 256 single sentences of 10 to 20 tokens, at several batch sizes;

@@ -65,7 +65,7 @@ pub async fn run(path: &Path) -> Vec<Check> {
             checks.push(Check::fail(
                 "config",
                 e.to_string(),
-                "correct the named field (every field is documented in the README's configuration reference)",
+                "correct the named field (every field is documented in docs/configuration.md)",
             ));
             return checks;
         }
@@ -122,7 +122,7 @@ async fn broker(config: &PipelineConfig) -> Check {
         Err(e) => Check::fail(
             "broker",
             e,
-            "see the README's queue topology section for migrating queues declared with other arguments",
+            "see \"Queue topology\" in docs/messages.md for migrating queues declared with other arguments",
         ),
     }
 }

@@ -16,3 +16,9 @@ pub mod setup;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
+
+/// The README's code blocks, compiled by `cargo test --doc` so its library example keeps
+/// matching the API. Exists only while doc tests are collected.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
