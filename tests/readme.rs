@@ -220,3 +220,46 @@ fn every_relative_link_resolves_and_every_doc_is_linked_from_the_readme() {
         "docs not linked from the README: {unlinked:?}"
     );
 }
+
+/// The metric families and log events documented in `docs/operations.md` are exactly those
+/// the code emits: every name in `telemetry::names::ALL` and every `event = "…"` of
+/// `src/telemetry/events.rs` has a row, and every documented `rag_ingest_*` family exists.
+#[test]
+fn every_metric_and_log_event_is_in_docs_operations_and_nothing_else() {
+    let ops = read("docs/operations.md");
+    let rows: Vec<&str> = ops.lines().filter(|l| l.starts_with("| `")).collect();
+    let row_names: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.strip_prefix("| `")?.split(['`', '{']).next())
+        .collect();
+    let families = rag_ingest::telemetry::names::ALL;
+    let missing: Vec<&str> = families
+        .iter()
+        .copied()
+        .filter(|name| !row_names.contains(name))
+        .collect();
+    assert!(missing.is_empty(), "metrics missing from docs/operations.md: {missing:?}");
+    let unknown: Vec<&str> = row_names
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("rag_ingest_") && !families.contains(n))
+        .collect();
+    assert!(unknown.is_empty(), "documented metrics the code lacks: {unknown:?}");
+
+    let source = read("src/telemetry/events.rs");
+    let events: Vec<&str> = source
+        .split("event = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(events.len() > 20, "{events:?}");
+    let undocumented: Vec<&str> = events
+        .iter()
+        .copied()
+        .filter(|e| !row_names.contains(e))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "log events missing from docs/operations.md: {undocumented:?}"
+    );
+}
