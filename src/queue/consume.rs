@@ -455,8 +455,8 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
                         }
                         Some(Err(e)) => break SessionEnd::Lost(QueueError::Amqp(e)),
                         None if cancelling => sub = None,
-                        None => break SessionEnd::Lost(QueueError::Closed {
-                            what: "consumer (cancelled by the broker)".into(),
+                        None => break SessionEnd::Lost(QueueError::ConsumerCancelled {
+                            consumer_tag: sub.as_ref().map(|s| s.tag.clone()).unwrap_or_default(),
                         }),
                     }
                 }
