@@ -121,8 +121,7 @@ pub fn open_store(
         }
         StoreKind::Qdrant => Err(StoreError::rejected(
             "store.kind = \"qdrant\" is opened with setup::open_vector_store (async), not \
-             setup::open_store"
-                .into(),
+             setup::open_store",
         )
         .into()),
     }

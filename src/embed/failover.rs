@@ -79,7 +79,14 @@ impl<P: Embedder, F: Embedder> FailoverEmbedder<P, F> {
                 }
                 return Ok(answer);
             }
-            Err(e) if e.kind() == ErrorKind::EmbedderRejected => return Err(e),
+            // A refused input is refused by the fallback too; a primary whose own settings
+            // fail (`Config`, permanent as well) is worked around by the fallback.
+            Err(e)
+                if e.kind() == ErrorKind::EmbedderRejected
+                    && !matches!(e, EmbedError::Config(_)) =>
+            {
+                return Err(e);
+            }
             Err(e) => e,
         };
         if !self.on_fallback.swap(true, Ordering::Relaxed) {

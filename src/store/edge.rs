@@ -399,7 +399,7 @@ impl Shared {
             let shard = state.shard()?;
             if state.unflushed {
                 Err(StoreError::unavailable(
-                    "an earlier flush failed; not optimizing until a flush succeeds".to_owned(),
+                    "an earlier flush failed; not optimizing until a flush succeeds",
                 ))
             } else {
                 self.optimizations.fetch_add(1, Ordering::Relaxed);
@@ -640,7 +640,7 @@ impl EdgeStore {
     ) -> Result<Self, StoreError> {
         if fingerprint.dims == 0 {
             return Err(StoreError::rejected(
-                "embedder fingerprint has 0 dimensions".to_owned(),
+                "embedder fingerprint has 0 dimensions",
             ));
         }
         let dir = collection_dir(data_dir, collection)?;
@@ -824,7 +824,7 @@ impl EdgeStore {
         let shared = self
             .shared
             .clone()
-            .ok_or_else(|| StoreError::unavailable("vector store is closed".to_owned()))?;
+            .ok_or_else(|| StoreError::unavailable("vector store is closed"))?;
         let collection = &self.collection;
         tokio::task::spawn_blocking(move || f(&shared))
             .await

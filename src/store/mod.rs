@@ -499,9 +499,7 @@ pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError
         });
     }
     if vector.iter().any(|v| !v.is_finite()) {
-        return Err(StoreError::rejected(
-            "vector holds a NaN or infinite value".to_owned(),
-        ));
+        return Err(StoreError::rejected("vector holds a NaN or infinite value"));
     }
     Ok(())
 }

@@ -247,7 +247,7 @@ impl QdrantStore {
     ) -> Result<Self, StoreError> {
         if fingerprint.dims == 0 {
             return Err(StoreError::rejected(
-                "embedder fingerprint has 0 dimensions".to_owned(),
+                "embedder fingerprint has 0 dimensions",
             ));
         }
         check_collection_name(collection)?;
@@ -1028,9 +1028,8 @@ fn scope_filter(tenant: &TenantId, document_id: Option<&str>) -> Filter {
 /// `with_version`) the same version, or no version when `revision.version` is `None`.
 fn revision_filter(revision: &Revision, with_version: bool) -> Result<Filter, StoreError> {
     check_version(revision.version)?;
-    let chunk_count = i64::try_from(revision.chunk_count).map_err(|_| {
-        StoreError::rejected("chunk_count is too large to compare in a filter".to_owned())
-    })?;
+    let chunk_count = i64::try_from(revision.chunk_count)
+        .map_err(|_| StoreError::rejected("chunk_count is too large to compare in a filter"))?;
     let mut must = vec![
         keyword_match("content_sha256", &revision.content_sha256),
         Condition::matches("chunk_count", MatchValue::Integer(chunk_count)),
