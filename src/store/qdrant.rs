@@ -1325,6 +1325,33 @@ mod tests {
     }
 
     #[test]
+    fn errors_keep_the_operation_collection_and_cause_without_metadata() {
+        use std::error::Error as _;
+        let mut answer = tonic::Status::new(Code::Unavailable, "down");
+        answer
+            .metadata_mut()
+            .insert("api-key", "s3cr3t-key".parse().expect("ascii"));
+        let e = QdrantError::ResponseError { status: answer };
+        let error = map_error("upsert points", "docs", "http://h:6334", &e);
+        let StoreError::Unavailable(failure) = &error else {
+            panic!("expected Unavailable, got {error:?}");
+        };
+        assert_eq!(failure.operation, "upsert points");
+        assert_eq!(failure.collection, "docs");
+        let cause = error
+            .source()
+            .and_then(|f| f.source())
+            .expect("the server's error is kept");
+        let kept = cause
+            .downcast_ref::<QdrantError>()
+            .and_then(status)
+            .expect("a gRPC status");
+        assert_eq!(kept.code(), Code::Unavailable);
+        assert!(kept.metadata().is_empty());
+        assert!(!cause.to_string().contains("s3cr3t"), "{cause}");
+    }
+
+    #[test]
     fn options_debug_hides_the_api_key() {
         let mut options = QdrantOptions::new("http://127.0.0.1:6334");
         options.api_key = Some(Secret::new("s3cr3t-key"));
