@@ -10,8 +10,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::embed::{Fingerprint, Precision};
+use crate::fingerprint::{Fingerprint, Precision};
+use crate::secret::Secret;
 use crate::tenant::TenantId;
+use crate::validate::{
+    has_scheme, http_url_has_credentials, is_env_var_name, is_http_url_with_host, is_plain_name,
+};
+/// Re-exported from [`crate::validate`], where the shared URL helpers live.
+pub use crate::validate::{redact_url, split_url_list};
 
 /// Environment variable overriding `broker.url` (one URL, or several separated by commas).
 pub const ENV_AMQP_URL: &str = "RAG_INGEST_AMQP_URL";
@@ -109,8 +115,11 @@ impl MetricsConfig {
     }
 }
 
+/// Default of `metrics.address`.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9464";
+
 fn default_metrics_address() -> String {
-    "127.0.0.1:9464".into()
+    DEFAULT_METRICS_ADDRESS.to_owned()
 }
 
 /// `[broker]`: the RabbitMQ connection. Its `Debug` output shows the URLs with their
@@ -142,7 +151,7 @@ pub struct BrokerConfig {
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &Secret::url(self.url.as_str()))
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "…"))
             .field("prefetch", &self.prefetch)
@@ -410,9 +419,7 @@ impl EmbedderConfig {
             return Err(required("model"));
         }
         if let Some(name) = &self.api_key_env
-            && (name.is_empty()
-                || name.starts_with(|c: char| c.is_ascii_digit())
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            && !is_env_var_name(name)
         {
             return Err(fail(
                 &field("api_key_env"),
@@ -542,28 +549,8 @@ pub struct StoreConfig {
     pub qdrant: QdrantConfig,
 }
 
-/// An API key read from the environment. Its `Debug` output is `ApiKey(***)`, so it never
-/// shows up in logs or error messages by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// Wraps `key`.
-    pub fn new(key: impl Into<String>) -> Self {
-        ApiKey(key.into())
-    }
-
-    /// The key itself, to hand to a client. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey(***)")
-    }
-}
+/// An API key read from the environment: a [`Secret`] (its `Debug` and `Display` print `***`).
+pub type ApiKey = Secret;
 
 /// `[store.qdrant]`: how to reach a Qdrant server.
 #[derive(Debug, Clone, Deserialize)]
@@ -707,88 +694,135 @@ impl Default for WorkerConfig {
     }
 }
 
+// Defaults: each declared once, here, and used by the serde defaults below, the `Default`
+// impls and the components' own constructors (e.g. `QdrantOptions::new`).
+
+/// Default of `broker.delivery_limit`.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+/// Default of `embedder.request_timeout_ms` (openai).
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Default of `embedder.max_concurrent_requests` (openai).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 4;
+/// Default of `embedder.rate_limit_retries` (openai).
+pub const DEFAULT_RATE_LIMIT_RETRIES: u32 = 2;
+/// Default of `embedder.max_retry_after_ms` (openai).
+pub const DEFAULT_MAX_RETRY_AFTER_MS: u64 = 30_000;
+/// Default of `embedder.breaker_failures` (openai).
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Default of `embedder.breaker_open_ms` (openai).
+pub const DEFAULT_BREAKER_OPEN_MS: u64 = 30_000;
+/// Default of `retry.max_attempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default of `retry.in_process_retries`.
+pub const DEFAULT_IN_PROCESS_RETRIES: u32 = 3;
+/// Default of `retry.backoff_min_ms`.
+pub const DEFAULT_BACKOFF_MIN_MS: u64 = 100;
+/// Default of `retry.backoff_max_ms`.
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 5_000;
+/// Default of `retry.delays_ms`.
+pub const DEFAULT_DELAYS_MS: [u64; 3] = [1_000, 10_000, 60_000];
+/// Default of `worker.concurrency`.
+pub const DEFAULT_CONCURRENCY: usize = 4;
+/// Default of `limits.max_metadata_bytes`.
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Default of `worker.max_inflight_bytes`.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 16 * 1024 * 1024;
+/// Default of `worker.shutdown_grace_secs`.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// Default of `worker.reconnect_give_up_secs`.
+pub const DEFAULT_RECONNECT_GIVE_UP_SECS: u64 = 300;
+/// Default of `store.max_batch_points`.
+pub const DEFAULT_MAX_BATCH_POINTS: usize = 256;
+/// Default of `store.max_batch_bytes`: 16 MiB, half of a Qdrant server's default request
+/// limit (`service.max_request_size_mb` = 32).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Default of `store.qdrant.url`.
+pub const DEFAULT_QDRANT_URL: &str = "http://127.0.0.1:6334";
+/// Default of `store.qdrant.timeout_ms`.
+pub const DEFAULT_QDRANT_TIMEOUT_MS: u64 = 10_000;
+/// Default of `store.qdrant.connect_timeout_ms`.
+pub const DEFAULT_QDRANT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Default of `store.qdrant.retries`.
+pub const DEFAULT_QDRANT_RETRIES: u32 = 3;
+/// Default of `store.qdrant.backoff_min_ms`.
+pub const DEFAULT_QDRANT_BACKOFF_MIN_MS: u64 = 100;
+/// Default of `store.qdrant.backoff_max_ms`.
+pub const DEFAULT_QDRANT_BACKOFF_MAX_MS: u64 = 2_000;
+
 fn default_delivery_limit() -> u32 {
-    5
+    DEFAULT_DELIVERY_LIMIT
 }
 fn default_request_timeout_ms() -> u64 {
-    30_000
+    DEFAULT_REQUEST_TIMEOUT_MS
 }
 fn default_max_concurrent_requests() -> usize {
-    4
+    DEFAULT_MAX_CONCURRENT_REQUESTS
 }
 fn default_rate_limit_retries() -> u32 {
-    2
+    DEFAULT_RATE_LIMIT_RETRIES
 }
 fn default_max_retry_after_ms() -> u64 {
-    30_000
+    DEFAULT_MAX_RETRY_AFTER_MS
 }
 fn default_breaker_failures() -> u32 {
-    5
+    DEFAULT_BREAKER_FAILURES
 }
 fn default_breaker_open_ms() -> u64 {
-    30_000
+    DEFAULT_BREAKER_OPEN_MS
 }
 fn default_max_attempts() -> u32 {
-    5
+    DEFAULT_MAX_ATTEMPTS
 }
 fn default_in_process_retries() -> u32 {
-    3
+    DEFAULT_IN_PROCESS_RETRIES
 }
 fn default_backoff_min_ms() -> u64 {
-    100
+    DEFAULT_BACKOFF_MIN_MS
 }
 fn default_backoff_max_ms() -> u64 {
-    5_000
+    DEFAULT_BACKOFF_MAX_MS
 }
 fn default_delays_ms() -> Vec<u64> {
-    vec![1_000, 10_000, 60_000]
+    DEFAULT_DELAYS_MS.to_vec()
 }
 fn default_concurrency() -> usize {
-    4
+    DEFAULT_CONCURRENCY
 }
 fn default_max_metadata_bytes() -> usize {
-    16 * 1024
+    DEFAULT_MAX_METADATA_BYTES
 }
 fn default_max_inflight_bytes() -> usize {
-    16 * 1024 * 1024
+    DEFAULT_MAX_INFLIGHT_BYTES
 }
 fn default_shutdown_grace_secs() -> u64 {
-    30
+    DEFAULT_SHUTDOWN_GRACE_SECS
 }
 fn default_reconnect_give_up_secs() -> u64 {
-    300
+    DEFAULT_RECONNECT_GIVE_UP_SECS
 }
 fn default_max_batch_points() -> usize {
-    crate::store::DEFAULT_MAX_BATCH_POINTS
+    DEFAULT_MAX_BATCH_POINTS
 }
 fn default_max_batch_bytes() -> usize {
-    crate::store::DEFAULT_MAX_BATCH_BYTES
+    DEFAULT_MAX_BATCH_BYTES
 }
 fn default_qdrant_url() -> String {
-    "http://127.0.0.1:6334".to_string()
+    DEFAULT_QDRANT_URL.to_owned()
 }
 fn default_qdrant_timeout_ms() -> u64 {
-    10_000
+    DEFAULT_QDRANT_TIMEOUT_MS
 }
 fn default_qdrant_connect_timeout_ms() -> u64 {
-    5_000
+    DEFAULT_QDRANT_CONNECT_TIMEOUT_MS
 }
 fn default_qdrant_retries() -> u32 {
-    3
+    DEFAULT_QDRANT_RETRIES
 }
 fn default_qdrant_backoff_min_ms() -> u64 {
-    100
+    DEFAULT_QDRANT_BACKOFF_MIN_MS
 }
 fn default_qdrant_backoff_max_ms() -> u64 {
-    2_000
-}
-
-/// Whether `name` can be the name of an environment variable (letters, digits, '_', not
-/// starting with a digit).
-fn is_env_var_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    DEFAULT_QDRANT_BACKOFF_MAX_MS
 }
 
 impl PipelineConfig {
@@ -853,48 +887,26 @@ impl PipelineConfig {
         if !config.store.path.as_os_str().is_empty() {
             config.store.path = base.join(&config.store.path);
         }
-        config.resolve_qdrant_api_key(origin, &env)?;
-        config.validate(origin)?;
-        config.load_broker_ca(origin)?;
-        Ok(config)
-    }
-
-    /// For `store.kind = "qdrant"` with `store.qdrant.api_key_env`: reads the key from that
-    /// environment variable. Fails naming `store.qdrant.api_key_env` if the name is not an
-    /// environment variable name or the variable is unset or empty (the key is never shown).
-    fn resolve_qdrant_api_key(
-        &mut self,
-        origin: &Path,
-        env: &impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
-        if self.store.kind != StoreKind::Qdrant {
-            return Ok(());
-        }
-        let Some(name) = &self.store.qdrant.api_key_env else {
-            return Ok(());
-        };
-        let fail = |problem: String| ConfigError::Field {
-            path: origin.to_path_buf(),
-            field: "store.qdrant.api_key_env".to_string(),
-            problem,
-        };
-        if !is_env_var_name(name) {
-            return Err(fail(
-                "must be the NAME of an environment variable (letters, digits, '_'), not the key \
-                 itself"
-                    .into(),
-            ));
-        }
-        match env(name) {
-            Some(key) if !key.trim().is_empty() => {
-                self.store.qdrant.api_key = Some(ApiKey(key));
-                Ok(())
+        let field_error = |field: &'static str| {
+            move |problem: String| ConfigError::Field {
+                path: origin.to_path_buf(),
+                field: field.to_owned(),
+                problem,
             }
-            _ => Err(fail(format!(
-                "environment variable {name} is not set or empty; export the Qdrant API key in \
-                 it, or remove api_key_env for a server without authentication"
-            ))),
+        };
+        if config.store.kind == StoreKind::Qdrant {
+            config
+                .store
+                .qdrant
+                .resolve_api_key(&env)
+                .map_err(field_error("store.qdrant.api_key_env"))?;
         }
+        config.validate(origin)?;
+        config
+            .broker
+            .load_ca()
+            .map_err(field_error("broker.tls_ca_file"))?;
+        Ok(config)
     }
 
     /// The allowed tenants, validated.
@@ -911,54 +923,13 @@ impl PipelineConfig {
         redact_url(&self.broker.url)
     }
 
-    /// With `broker.tls_ca_file`: checks that some broker URL is `amqps://`, reads the file and
-    /// keeps its certificates in `broker.tls_ca_pem`. Fails naming `broker.tls_ca_file` if no
-    /// URL uses TLS, or the file cannot be read or holds no valid PEM certificate.
-    fn load_broker_ca(&mut self, origin: &Path) -> Result<(), ConfigError> {
-        let Some(file) = &self.broker.tls_ca_file else {
-            return Ok(());
-        };
-        let fail = |problem: String| ConfigError::Field {
-            path: origin.to_path_buf(),
-            field: "broker.tls_ca_file".to_string(),
-            problem,
-        };
-        if !self.broker.urls().iter().any(|u| {
-            u.get(..8)
-                .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
-        }) {
-            return Err(fail(
-                "is only used for TLS, but no broker.url is amqps://; remove it or use amqps://"
-                    .into(),
-            ));
-        }
-        let pem = std::fs::read_to_string(file)
-            .map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
-        let certificates = ca_certificates(&pem)
-            .map_err(|problem| fail(format!("{}: {problem}", file.display())))?;
-        if certificates == 0 {
-            return Err(fail(format!(
-                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                file.display()
-            )));
-        }
-        self.broker.tls_ca_pem = Some(pem);
-        Ok(())
-    }
-
     fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
         let fail = |field: &str, problem: String| ConfigError::Field {
             path: origin.to_path_buf(),
             field: field.to_string(),
             problem,
         };
-        if self.name.is_empty()
-            || self.name.len() > 100
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-        {
+        if !is_plain_name(&self.name, 100) {
             return Err(fail(
                 "name",
                 format!(
@@ -967,128 +938,33 @@ impl PipelineConfig {
                 ),
             ));
         }
-        self.validate_broker_urls(&fail)?;
-        if self.broker.prefetch == 0 {
-            return Err(fail("broker.prefetch", "must be at least 1".into()));
-        }
-        if self.broker.delivery_limit == 0 {
-            return Err(fail("broker.delivery_limit", "must be at least 1".into()));
-        }
-        if self.tenants.allowed.is_empty() {
-            return Err(fail(
-                "tenants.allowed",
-                "must list at least one tenant".into(),
-            ));
-        }
-        for (i, t) in self.tenants.allowed.iter().enumerate() {
-            if let Err(e) = TenantId::new(t.clone()) {
-                return Err(fail(&format!("tenants.allowed[{i}]"), e.to_string()));
-            }
-        }
-        if self.chunking.max_tokens < 8 {
-            return Err(fail(
-                "chunking.max_tokens",
-                format!("{} is too small; use at least 8", self.chunking.max_tokens),
-            ));
-        }
-        if self.chunking.overlap >= self.chunking.max_tokens {
-            return Err(fail(
-                "chunking.overlap",
-                format!(
-                    "{} must be less than chunking.max_tokens ({})",
-                    self.chunking.overlap, self.chunking.max_tokens
-                ),
-            ));
-        }
-        self.validate_embedder(&fail)?;
-        if self.store.collection.is_empty()
-            || !self
-                .store
-                .collection
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-        {
-            return Err(fail(
-                "store.collection",
-                format!(
-                    "{:?} must be non-empty letters, digits, '_' or '-'",
-                    self.store.collection
-                ),
-            ));
-        }
-        self.validate_store(&fail)?;
-        if self.limits.max_document_bytes == 0 {
-            return Err(fail(
-                "limits.max_document_bytes",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.limits.max_metadata_bytes < 2 {
-            return Err(fail(
-                "limits.max_metadata_bytes",
-                "must be at least 2 (an empty object)".into(),
-            ));
-        }
-        if self.retry.max_attempts == 0 {
-            return Err(fail("retry.max_attempts", "must be at least 1".into()));
-        }
-        if self.retry.backoff_min_ms == 0 || self.retry.backoff_min_ms > self.retry.backoff_max_ms {
-            return Err(fail(
-                "retry.backoff_min_ms",
-                "must be at least 1 and not above retry.backoff_max_ms".into(),
-            ));
-        }
-        if self.retry.delays_ms.is_empty() || self.retry.delays_ms.contains(&0) {
-            return Err(fail(
-                "retry.delays_ms",
-                "must list at least one delay, each at least 1 ms".into(),
-            ));
-        }
-        if self.worker.concurrency == 0
-            || self.worker.concurrency > usize::from(self.broker.prefetch)
-        {
-            return Err(fail(
-                "worker.concurrency",
-                format!(
-                    "{} must be between 1 and broker.prefetch ({})",
-                    self.worker.concurrency, self.broker.prefetch
-                ),
-            ));
-        }
-        if self.worker.max_inflight_bytes == 0 {
-            return Err(fail(
-                "worker.max_inflight_bytes",
-                "must be at least 1".into(),
-            ));
-        }
-        if !self.metrics.address.is_empty()
-            && self
-                .metrics
-                .address
-                .parse::<std::net::SocketAddr>()
-                .is_err()
-        {
-            return Err(fail(
-                "metrics.address",
-                format!(
-                    "{:?} is not host:port with an IP address (e.g. 127.0.0.1:9464), nor \"\" to turn the endpoint off",
-                    self.metrics.address
-                ),
-            ));
-        }
-        Ok(())
+        self.broker.validate(&fail)?;
+        self.tenants.validate(&fail)?;
+        self.chunking.validate(&fail)?;
+        self.embedder.validate_with_fallback(&fail)?;
+        self.store.validate(&fail)?;
+        self.limits.validate(&fail)?;
+        self.retry.validate(&fail)?;
+        self.worker.validate(self.broker.prefetch, &fail)?;
+        self.metrics.validate(&fail)
     }
 
-    /// `[embedder]` and `[embedder.fallback]`: each on its own, then their fingerprints
-    /// against each other when both are configured explicitly (a candle model's fingerprint
-    /// is only known once loaded: `setup::embedder` checks that case).
-    /// Checks every URL of `broker.url`: at least one, each `amqp://` or `amqps://` and
-    /// parseable as an AMQP URI (errors show the URL with its password redacted).
-    fn validate_broker_urls(
-        &self,
-        fail: &dyn Fn(&str, String) -> ConfigError,
-    ) -> Result<(), ConfigError> {
-        let urls = self.broker.urls();
+    /// Grace period for in-flight messages at shutdown.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.worker.shutdown_grace_secs)
+    }
+}
+
+/// Builds the [`ConfigError::Field`] for a dotted field name and a problem; each section's
+/// `validate` reports through one.
+type Fail<'a> = &'a dyn Fn(&str, String) -> ConfigError;
+
+impl BrokerConfig {
+    /// Checks `[broker]`: every URL of `url` (at least one, each `amqp://` or `amqps://` and
+    /// parseable as an AMQP URI; errors show it with its password redacted), `prefetch` and
+    /// `delivery_limit` at least 1. Fails with the first problem, naming its field.
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        let urls = self.urls();
         if urls.is_empty() {
             return Err(fail(
                 "broker.url",
@@ -1102,11 +978,7 @@ impl PipelineConfig {
             } else {
                 String::new()
             };
-            let scheme_ok = ["amqp://", "amqps://"].iter().any(|scheme| {
-                url.get(..scheme.len())
-                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
-            });
-            if !scheme_ok {
+            if !(has_scheme(url, "amqp://") || has_scheme(url, "amqps://")) {
                 return Err(fail(
                     "broker.url",
                     format!(
@@ -1125,22 +997,72 @@ impl PipelineConfig {
                 ));
             }
         }
+        if self.prefetch == 0 {
+            return Err(fail("broker.prefetch", "must be at least 1".into()));
+        }
+        if self.delivery_limit == 0 {
+            return Err(fail("broker.delivery_limit", "must be at least 1".into()));
+        }
         Ok(())
     }
+}
 
-    fn validate_embedder(
-        &self,
-        fail: &dyn Fn(&str, String) -> ConfigError,
-    ) -> Result<(), ConfigError> {
-        self.embedder.validate("embedder", fail)?;
+impl TenantsConfig {
+    /// Checks `[tenants]`: at least one tenant, each a valid [`TenantId`].
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if self.allowed.is_empty() {
+            return Err(fail(
+                "tenants.allowed",
+                "must list at least one tenant".into(),
+            ));
+        }
+        for (i, t) in self.allowed.iter().enumerate() {
+            if let Err(e) = TenantId::new(t.clone()) {
+                return Err(fail(&format!("tenants.allowed[{i}]"), e.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChunkingConfig {
+    /// Checks `[chunking]`: `max_tokens` at least 8, `overlap` below it. (Whether they fit the
+    /// model is checked when the chunker is built.)
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if self.max_tokens < 8 {
+            return Err(fail(
+                "chunking.max_tokens",
+                format!("{} is too small; use at least 8", self.max_tokens),
+            ));
+        }
+        if self.overlap >= self.max_tokens {
+            return Err(fail(
+                "chunking.overlap",
+                format!(
+                    "{} must be less than chunking.max_tokens ({})",
+                    self.overlap, self.max_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl EmbedderConfig {
+    /// `[embedder]` and `[embedder.fallback]`: each on its own, then their fingerprints
+    /// against each other when both are configured explicitly (a candle model's fingerprint
+    /// is only known once loaded: `setup::embedder` checks that case), then whether the
+    /// chunker has a tokenizer. Fails with the first problem, naming its field.
+    fn validate_with_fallback(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        self.validate("embedder", fail)?;
         let tokenizer_required = || {
             fail(
                 "embedder.tokenizer",
                 "is required for kind \"openai\" unless the fallback is a candle model: chunks are sized in the model's own tokens".into(),
             )
         };
-        let Some(fallback) = &self.embedder.fallback else {
-            if self.embedder.kind == EmbedderKind::OpenAi && self.embedder.tokenizer.is_none() {
+        let Some(fallback) = &self.fallback else {
+            if self.kind == EmbedderKind::OpenAi && self.tokenizer.is_none() {
                 return Err(tokenizer_required());
             }
             return Ok(());
@@ -1153,7 +1075,7 @@ impl PipelineConfig {
         }
         fallback.validate("embedder.fallback", fail)?;
         if let (Some(primary), Some(other)) = (
-            self.embedder.configured_fingerprint(),
+            self.configured_fingerprint(),
             fallback.configured_fingerprint(),
         ) && primary != other
         {
@@ -1166,107 +1088,109 @@ impl PipelineConfig {
                 ),
             ));
         }
-        if self.embedder.kind == EmbedderKind::OpenAi
-            && self.embedder.tokenizer.is_none()
+        if self.kind == EmbedderKind::OpenAi
+            && self.tokenizer.is_none()
             && fallback.kind != EmbedderKind::Candle
         {
             return Err(tokenizer_required());
         }
         Ok(())
     }
+}
 
-    /// `[store]` and `[store.qdrant]` besides the collection name.
-    fn validate_store(
-        &self,
-        fail: &dyn Fn(&str, String) -> ConfigError,
-    ) -> Result<(), ConfigError> {
-        let store = &self.store;
-        if store.kind == StoreKind::Edge && store.path.as_os_str().is_empty() {
+impl StoreConfig {
+    /// Checks `[store]` (collection name, `path` for edge, write caps) and, for
+    /// `kind = "qdrant"`, `[store.qdrant]`. Fails with the first problem, naming its field.
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if !is_plain_name(&self.collection, usize::MAX) {
+            return Err(fail(
+                "store.collection",
+                format!(
+                    "{:?} must be non-empty letters, digits, '_' or '-'",
+                    self.collection
+                ),
+            ));
+        }
+        if self.kind == StoreKind::Edge && self.path.as_os_str().is_empty() {
             return Err(fail(
                 "store.path",
                 "is required for kind \"edge\" (the data directory)".into(),
             ));
         }
-        if store.max_batch_points == 0 || store.max_batch_points > 10_000 {
+        if self.max_batch_points == 0 || self.max_batch_points > 10_000 {
             return Err(fail(
                 "store.max_batch_points",
-                format!("{} must be between 1 and 10000", store.max_batch_points),
+                format!("{} must be between 1 and 10000", self.max_batch_points),
             ));
         }
-        if store.max_batch_bytes < 1024 || store.max_batch_bytes > 256 * 1024 * 1024 {
+        if self.max_batch_bytes < 1024 || self.max_batch_bytes > 256 * 1024 * 1024 {
             return Err(fail(
                 "store.max_batch_bytes",
                 format!(
                     "{} must be between 1024 and 268435456 (256 MiB); a Qdrant server refuses \
                      requests above its max_request_size_mb (32 MiB by default)",
-                    store.max_batch_bytes
+                    self.max_batch_bytes
                 ),
             ));
         }
-        if store.kind != StoreKind::Qdrant {
+        if self.kind != StoreKind::Qdrant {
             return Ok(());
         }
-        let q = &store.qdrant;
-        let after_scheme = q
-            .url
-            .strip_prefix("http://")
-            .or_else(|| q.url.strip_prefix("https://"));
-        if let Some(rest) = after_scheme
-            && rest
-                .split('/')
-                .next()
-                .is_some_and(|authority| authority.contains('@'))
-        {
+        self.qdrant.validate(fail)
+    }
+}
+
+impl QdrantConfig {
+    /// Checks `[store.qdrant]`: an `http(s)://` URL with a host and without credentials,
+    /// timeouts at least 1 ms, at most 20 retries, a backoff range, and the cluster layout.
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if http_url_has_credentials(&self.url) {
             return Err(fail(
                 "store.qdrant.url",
                 format!(
                     "{:?} must not carry credentials; put the API key in the environment \
                      variable named by store.qdrant.api_key_env",
-                    redact_url(&q.url)
+                    redact_url(&self.url)
                 ),
             ));
         }
-        if after_scheme.is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
+        if !is_http_url_with_host(&self.url) {
             return Err(fail(
                 "store.qdrant.url",
                 format!(
                     "{:?} must be an http:// or https:// URL with a host, e.g. \
                      http://127.0.0.1:6334 (the gRPC port)",
-                    redact_url(&q.url)
+                    redact_url(&self.url)
                 ),
             ));
         }
-        if q.timeout_ms == 0 {
+        if self.timeout_ms == 0 {
             return Err(fail("store.qdrant.timeout_ms", "must be at least 1".into()));
         }
-        if q.connect_timeout_ms == 0 {
+        if self.connect_timeout_ms == 0 {
             return Err(fail(
                 "store.qdrant.connect_timeout_ms",
                 "must be at least 1".into(),
             ));
         }
-        if q.retries > 20 {
+        if self.retries > 20 {
             return Err(fail(
                 "store.qdrant.retries",
-                format!("{} must be between 0 and 20", q.retries),
+                format!("{} must be between 0 and 20", self.retries),
             ));
         }
-        if q.backoff_min_ms == 0 || q.backoff_min_ms > q.backoff_max_ms {
+        if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
             return Err(fail(
                 "store.qdrant.backoff_min_ms",
                 "must be at least 1 and not above store.qdrant.backoff_max_ms".into(),
             ));
         }
-        self.validate_qdrant_cluster(fail)
+        self.validate_cluster(fail)
     }
 
-    /// `store.qdrant.shard_number`, `replication_factor` and `write_consistency_factor`.
-    fn validate_qdrant_cluster(
-        &self,
-        fail: &dyn Fn(&str, String) -> ConfigError,
-    ) -> Result<(), ConfigError> {
-        let q = &self.store.qdrant;
-        if let Some(n) = q.shard_number
+    /// `shard_number`, `replication_factor` and `write_consistency_factor`.
+    fn validate_cluster(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if let Some(n) = self.shard_number
             && !(1..=65_536).contains(&n)
         {
             return Err(fail(
@@ -1274,7 +1198,7 @@ impl PipelineConfig {
                 format!("{n} must be between 1 and 65536"),
             ));
         }
-        if let Some(n) = q.replication_factor
+        if let Some(n) = self.replication_factor
             && !(1..=64).contains(&n)
         {
             return Err(fail(
@@ -1282,16 +1206,16 @@ impl PipelineConfig {
                 format!("{n} must be between 1 and 64"),
             ));
         }
-        if let Some(w) = q.write_consistency_factor {
+        if let Some(w) = self.write_consistency_factor {
             // The server's default replication factor is 1.
-            let replicas = q.replication_factor.unwrap_or(1);
+            let replicas = self.replication_factor.unwrap_or(1);
             if w == 0 || w > replicas {
                 return Err(fail(
                     "store.qdrant.write_consistency_factor",
                     format!(
                         "{w} must be between 1 and store.qdrant.replication_factor ({replicas}{}): \
                          a write cannot wait for more replicas than exist",
-                        if q.replication_factor.is_none() {
+                        if self.replication_factor.is_none() {
                             ", the server's default when unset"
                         } else {
                             ""
@@ -1302,10 +1226,144 @@ impl PipelineConfig {
         }
         Ok(())
     }
+}
 
-    /// Grace period for in-flight messages at shutdown.
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.worker.shutdown_grace_secs)
+impl QdrantConfig {
+    /// With `api_key_env`: reads the key from that environment variable (looked up with
+    /// `env`) into `api_key`. Fails with the problem (for `store.qdrant.api_key_env`) if the
+    /// name is not an environment variable name or the variable is unset or empty; the key is
+    /// never shown.
+    fn resolve_api_key(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        let Some(name) = &self.api_key_env else {
+            return Ok(());
+        };
+        if !is_env_var_name(name) {
+            return Err(
+                "must be the NAME of an environment variable (letters, digits, '_'), not the key \
+                 itself"
+                    .into(),
+            );
+        }
+        match env(name) {
+            Some(key) if !key.trim().is_empty() => {
+                self.api_key = Some(Secret::new(key));
+                Ok(())
+            }
+            _ => Err(format!(
+                "environment variable {name} is not set or empty; export the Qdrant API key in \
+                 it, or remove api_key_env for a server without authentication"
+            )),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// With `tls_ca_file`: checks that some URL is `amqps://`, reads the file and keeps its
+    /// certificates in `tls_ca_pem`. Fails with the problem (for `broker.tls_ca_file`) if no
+    /// URL uses TLS, or the file cannot be read or holds no valid PEM certificate.
+    fn load_ca(&mut self) -> Result<(), String> {
+        let Some(file) = &self.tls_ca_file else {
+            return Ok(());
+        };
+        if !self.urls().iter().any(|u| has_scheme(u, "amqps://")) {
+            return Err(
+                "is only used for TLS, but no broker.url is amqps://; remove it or use amqps://"
+                    .into(),
+            );
+        }
+        let pem = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let certificates =
+            ca_certificates(&pem).map_err(|problem| format!("{}: {problem}", file.display()))?;
+        if certificates == 0 {
+            return Err(format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                file.display()
+            ));
+        }
+        self.tls_ca_pem = Some(pem);
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    /// Checks `[limits]`: a document of at least 1 byte, metadata of at least 2 (`{}`).
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if self.max_document_bytes == 0 {
+            return Err(fail(
+                "limits.max_document_bytes",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.max_metadata_bytes < 2 {
+            return Err(fail(
+                "limits.max_metadata_bytes",
+                "must be at least 2 (an empty object)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RetryConfig {
+    /// Checks `[retry]`: at least one attempt, a backoff range, at least one delay tier, each
+    /// at least 1 ms.
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(fail("retry.max_attempts", "must be at least 1".into()));
+        }
+        if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
+            return Err(fail(
+                "retry.backoff_min_ms",
+                "must be at least 1 and not above retry.backoff_max_ms".into(),
+            ));
+        }
+        if self.delays_ms.is_empty() || self.delays_ms.contains(&0) {
+            return Err(fail(
+                "retry.delays_ms",
+                "must list at least one delay, each at least 1 ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl WorkerConfig {
+    /// Checks `[worker]`: `concurrency` between 1 and `prefetch` (`broker.prefetch`), a
+    /// non-zero in-flight byte budget.
+    fn validate(&self, prefetch: u16, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if self.concurrency == 0 || self.concurrency > usize::from(prefetch) {
+            return Err(fail(
+                "worker.concurrency",
+                format!(
+                    "{} must be between 1 and broker.prefetch ({prefetch})",
+                    self.concurrency
+                ),
+            ));
+        }
+        if self.max_inflight_bytes == 0 {
+            return Err(fail(
+                "worker.max_inflight_bytes",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl MetricsConfig {
+    /// Checks `[metrics]`: `address` is `""` or an IP socket address.
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if !self.address.is_empty() && self.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(fail(
+                "metrics.address",
+                format!(
+                    "{:?} is not host:port with an IP address (e.g. 127.0.0.1:9464), nor \"\" to turn the endpoint off",
+                    self.address
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1320,74 +1378,6 @@ fn ca_certificates(pem: &str) -> Result<usize, String> {
         count = count.saturating_add(1);
     }
     Ok(count)
-}
-
-/// Splits a list of URLs separated by commas (`amqp://a/,amqp://b/`) into its URLs, trimmed,
-/// without empty entries. A comma only separates when the text after it (past spaces) starts a
-/// new URL (`scheme://`), so a comma inside a password does not split a single URL.
-pub fn split_url_list(list: &str) -> Vec<&str> {
-    let mut urls = Vec::new();
-    let mut start = 0;
-    for (i, c) in list.char_indices() {
-        if c == ',' && starts_url(&list[i + 1..]) {
-            urls.push(list[start..i].trim());
-            start = i + 1;
-        }
-    }
-    urls.push(list[start..].trim());
-    urls.retain(|u| !u.is_empty());
-    urls
-}
-
-/// Whether `text` (after leading spaces) starts with `scheme://`.
-fn starts_url(text: &str) -> bool {
-    let text = text.trim_start();
-    let Some(end) = text.find("://") else {
-        return false;
-    };
-    let scheme = &text[..end];
-    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-}
-
-/// Replaces the password of a URL like `amqp://user:pass@host/` with `***`; in a list of URLs
-/// separated by commas ([`split_url_list`]), that of each one.
-///
-/// The password is everything between the first `:` of the user information and the LAST `@`
-/// of the URL, so a password with an unencoded `/`, `@`, `#`, `?` or `:` is hidden whole. (A
-/// URL without a password but with `@` after a `:` further on, e.g. in a query, is redacted
-/// from that `:` on: more than needed, never less.)
-pub fn redact_url(url: &str) -> String {
-    let urls = split_url_list(url);
-    if urls.len() > 1 {
-        return urls
-            .iter()
-            .map(|u| redact_one_url(u))
-            .collect::<Vec<_>>()
-            .join(",");
-    }
-    redact_one_url(url)
-}
-
-fn redact_one_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}://{}:***{}",
-            &url[..scheme_end],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -1781,14 +1771,8 @@ max_document_bytes = 1000
     fn edge_defaults_for_new_store_fields() {
         let c = parse_with(EDGE, |_| None).expect("valid");
         assert_eq!(c.store.kind, StoreKind::Edge);
-        assert_eq!(
-            c.store.max_batch_points,
-            crate::store::DEFAULT_MAX_BATCH_POINTS
-        );
-        assert_eq!(
-            c.store.max_batch_bytes,
-            crate::store::DEFAULT_MAX_BATCH_BYTES
-        );
+        assert_eq!(c.store.max_batch_points, DEFAULT_MAX_BATCH_POINTS);
+        assert_eq!(c.store.max_batch_bytes, DEFAULT_MAX_BATCH_BYTES);
         assert_eq!(c.store.qdrant.url, "http://127.0.0.1:6334");
         assert!(c.store.qdrant.api_key.is_none());
     }

@@ -4,6 +4,8 @@
 //! name that appears in the `x-error-kind` header of dead-lettered messages, in logs and in
 //! metrics) and a [`Stage`] (where it happened). A kind is either permanent (retrying cannot
 //! help: the message goes to the dead-letter queue at once) or transient (retry later).
+//! A [`Failure`] carries both with the reason; the stage errors (`EmbedError`, `StoreError`)
+//! convert into one where they are defined, so this module depends on nothing else in the crate.
 
 use std::fmt;
 
@@ -149,6 +151,33 @@ impl Stage {
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A processing failure: what kind, at which stage, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} at {stage}: {reason}")]
+pub struct Failure {
+    /// Taxonomy kind; [`ErrorKind::is_transient`] decides between retry and DLQ.
+    pub kind: ErrorKind,
+    /// Where it happened.
+    pub stage: Stage,
+    /// Human-readable cause (never contains secrets).
+    pub reason: String,
+    /// The failure was a circuit breaker refusing the call: the dependency is known to be
+    /// down, so the attempt says nothing about this message and is not counted.
+    pub circuit_open: bool,
+}
+
+impl Failure {
+    /// A failure of `kind` at `stage`.
+    pub fn new(kind: ErrorKind, stage: Stage, reason: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            stage,
+            reason: reason.into(),
+            circuit_open: false,
+        }
     }
 }
 

@@ -6,16 +6,19 @@ pub mod config;
 pub mod doctor;
 pub mod embed;
 pub mod error;
+pub mod fingerprint;
 pub mod health;
 pub mod message;
 pub mod process;
 pub mod queue;
 pub mod retry;
 pub mod search;
+pub mod secret;
 pub mod setup;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
+pub mod validate;
 
 /// The README's code blocks, compiled by `cargo test --doc` so its library example keeps
 /// matching the API. Exists only while doc tests are collected.

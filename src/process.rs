@@ -35,7 +35,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::chunk::{Chunk, ChunkFormat, Chunker};
-use crate::embed::{EmbedError, Embedder};
+use crate::embed::Embedder;
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
 use crate::store::{ChunkPayload, ChunkPoint, MAX_SEQ, Order, StoreError, VectorStore, point_id};
@@ -44,48 +44,8 @@ use crate::telemetry::events::{
     ChunksEmbedded, StaleMessageSkipped, StoreCall, StoredVectorsUnreadable,
 };
 
-/// A processing failure: what kind, at which stage, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} at {stage}: {reason}")]
-pub struct Failure {
-    /// Taxonomy kind; [`ErrorKind::is_transient`] decides between retry and DLQ.
-    pub kind: ErrorKind,
-    /// Where it happened.
-    pub stage: Stage,
-    /// Human-readable cause (never contains secrets).
-    pub reason: String,
-    /// The failure was a circuit breaker refusing the call: the dependency is known to be
-    /// down, so the attempt says nothing about this message and is not counted.
-    pub circuit_open: bool,
-}
-
-impl Failure {
-    /// A failure of `kind` at `stage`.
-    pub fn new(kind: ErrorKind, stage: Stage, reason: impl Into<String>) -> Self {
-        Failure {
-            kind,
-            stage,
-            reason: reason.into(),
-            circuit_open: false,
-        }
-    }
-}
-
-impl From<EmbedError> for Failure {
-    fn from(e: EmbedError) -> Self {
-        let circuit_open = matches!(e, EmbedError::CircuitOpen { .. });
-        Failure {
-            circuit_open,
-            ..Failure::new(e.kind(), Stage::Embed, e.to_string())
-        }
-    }
-}
-
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        Failure::new(e.kind(), Stage::Store, e.to_string())
-    }
-}
+/// Re-exported from [`crate::error`], where the failure taxonomy lives.
+pub use crate::error::Failure;
 
 /// What processing did with a document.
 #[derive(Debug, Clone, PartialEq, Eq)]

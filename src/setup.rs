@@ -10,7 +10,7 @@ use crate::embed::{
 };
 use crate::process::Pipeline;
 use crate::store::{
-    BatchLimits, CollectionLayout, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError,
+    BatchLimits, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError, StoreFailure,
 };
 
 /// Why a component could not be built.
@@ -116,13 +116,12 @@ pub fn open_store(
         StoreKind::Edge => {
             Ok(
                 EdgeStore::open(&config.store.path, &config.store.collection, fingerprint)?
-                    .with_batch_limits(batch_limits(config)),
+                    .with_batch_limits(BatchLimits::from(&config.store)),
             )
         }
-        StoreKind::Qdrant => Err(StoreError::Rejected(
+        StoreKind::Qdrant => Err(StoreError::rejected(
             "store.kind = \"qdrant\" is opened with setup::open_vector_store (async), not \
-             setup::open_store"
-                .into(),
+             setup::open_store",
         )
         .into()),
     }
@@ -143,18 +142,24 @@ pub async fn open_vector_store(
 ) -> Result<Store, SetupError> {
     match config.store.kind {
         StoreKind::Edge => {
+            let collection = config.store.collection.clone();
             let config = config.clone();
             let fingerprint = fingerprint.clone();
             let store = tokio::task::spawn_blocking(move || open_store(&config, &fingerprint))
                 .await
                 .map_err(|e| {
-                    StoreError::Unavailable(format!("opening the edge store failed: {e}"))
+                    StoreError::Unavailable(StoreFailure::caused_by(
+                        "open",
+                        collection,
+                        format!("opening the edge store failed: {e}"),
+                        e,
+                    ))
                 })??;
             Ok(Store::Edge(store))
         }
         StoreKind::Qdrant => Ok(Store::from(
             QdrantStore::open(
-                &qdrant_options(config),
+                &QdrantOptions::from_config(&config.store),
                 &config.store.collection,
                 fingerprint,
             )
@@ -188,47 +193,27 @@ pub async fn open_vector_store_waiting(
         .retry(backoff)
         .sleep(tokio::time::sleep)
         .when(|e| {
-            matches!(e, SetupError::Store(StoreError::Unavailable(_)))
-                && started.elapsed() < give_up
+            matches!(e, SetupError::Store(e) if e.is_transient()) && started.elapsed() < give_up
         })
         .notify(|e, delay| {
-            tracing::warn!(
-                error = %e,
-                retry_in_ms = delay.as_millis() as u64,
-                "the store is unavailable at start-up; waiting for it"
-            );
+            crate::telemetry::emit(crate::telemetry::events::StoreWaiting {
+                error: e,
+                retry_in: delay,
+            });
         })
         .await
 }
 
-/// The write caps `config.store` sets (`max_batch_points`, `max_batch_bytes`).
+/// The write caps `config.store` sets (`max_batch_points`, `max_batch_bytes`); the same as
+/// `BatchLimits::from(&config.store)`.
 pub fn batch_limits(config: &PipelineConfig) -> BatchLimits {
-    BatchLimits {
-        max_points: config.store.max_batch_points,
-        max_bytes: config.store.max_batch_bytes,
-    }
+    BatchLimits::from(&config.store)
 }
 
-/// The Qdrant server options `config.store.qdrant` describes (the API key as resolved when
-/// the config was loaded).
+/// The Qdrant server options `config.store` describes (the API key as resolved when the
+/// config was loaded); the same as [`QdrantOptions::from_config`].
 pub fn qdrant_options(config: &PipelineConfig) -> QdrantOptions {
-    let q = &config.store.qdrant;
-    QdrantOptions {
-        url: q.url.clone(),
-        api_key: q.api_key.as_ref().map(|k| k.expose().to_owned()),
-        api_key_env: q.api_key_env.clone(),
-        timeout: std::time::Duration::from_millis(q.timeout_ms),
-        connect_timeout: std::time::Duration::from_millis(q.connect_timeout_ms),
-        retries: q.retries as usize,
-        backoff_min: std::time::Duration::from_millis(q.backoff_min_ms),
-        backoff_max: std::time::Duration::from_millis(q.backoff_max_ms),
-        limits: batch_limits(config),
-        layout: CollectionLayout {
-            shard_number: q.shard_number,
-            replication_factor: q.replication_factor,
-            write_consistency_factor: q.write_consistency_factor,
-        },
-    }
+    QdrantOptions::from_config(&config.store)
 }
 
 /// Builds the chunker for `embedder`'s tokenizer and `config.chunking`.

@@ -126,7 +126,7 @@ impl FaultyStore {
             .rng
             .chance(self.random_permille.load(Ordering::Relaxed))
         {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "injected random {op} fault"
             )));
         }

@@ -238,13 +238,19 @@ fn every_metric_and_log_event_is_in_docs_operations_and_nothing_else() {
         .copied()
         .filter(|name| !row_names.contains(name))
         .collect();
-    assert!(missing.is_empty(), "metrics missing from docs/operations.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "metrics missing from docs/operations.md: {missing:?}"
+    );
     let unknown: Vec<&str> = row_names
         .iter()
         .copied()
         .filter(|n| n.starts_with("rag_ingest_") && !families.contains(n))
         .collect();
-    assert!(unknown.is_empty(), "documented metrics the code lacks: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "documented metrics the code lacks: {unknown:?}"
+    );
 
     let source = read("src/telemetry/events.rs");
     let events: Vec<&str> = source

@@ -119,7 +119,7 @@ impl Backend for QdrantBackend {
         limits: BatchLimits,
     ) -> Result<QdrantStore, StoreError> {
         let mut options = QdrantOptions::new(self.url.clone());
-        options.api_key = self.api_key.clone();
+        options.api_key = self.api_key.clone().map(rag_ingest::secret::Secret::new);
         options.limits = limits;
         QdrantStore::open(&options, &self.collection, fingerprint).await
     }
@@ -1106,7 +1106,8 @@ async fn a_batch_over_the_byte_cap_is_split_and_fully_stored<B: Backend>(backend
     let mut oversized = points(&a, "huge", 3, "a", 300, 100);
     oversized[1].payload.text = "y".repeat(10 * 1024);
     match store.upsert(oversized).await {
-        Err(StoreError::Rejected(message)) => {
+        Err(StoreError::Rejected(failure)) => {
+            let message = failure.to_string();
             assert!(message.contains("max_batch_bytes"), "{message}");
         }
         other => panic!("expected Rejected, got {other:?}"),

@@ -33,7 +33,7 @@ use serde::Deserialize;
 use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
-use super::{EmbedError, Embedder, Fingerprint};
+use super::{EmbedError, Embedder, Fingerprint, Precision};
 use batcher::{Pending, Queue, TokenIds};
 use bert::{Bert, Sequence};
 
@@ -46,21 +46,6 @@ const TOKENIZER_FILE: &str = "tokenizer.json";
 const WEIGHTS_FILE: &str = "model.safetensors";
 const POOLING_FILE: &str = "1_Pooling/config.json";
 const SENTENCE_BERT_FILE: &str = "sentence_bert_config.json";
-
-/// The arithmetic of the linear layers (Q/K/V, attention output, feed-forward), which
-/// hold about 90 % of the model's floating-point operations; embeddings, attention,
-/// softmax, GELU, layer norm and pooling always run in f32.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// f32 weights and activations: the reference vectors.
-    #[default]
-    F32,
-    /// bf16 weights (converted once at load) times bf16 activations, accumulated in f32
-    /// with AVX-512 BF16 (`vdpbf16ps`): faster, with vectors within cosine 0.999 of
-    /// [`Precision::F32`]'s. Needs a CPU with the `avx512f` and `avx512bf16` features.
-    Bf16,
-}
 
 /// A sentence-transformers model (BERT architecture, mean pooling, L2-normalised output)
 /// running on the CPU with candle.
@@ -142,15 +127,14 @@ impl CandleEmbedder {
                 path: model_dir.to_path_buf(),
                 reason: format!("cannot start the embedding thread: {e}"),
             })?;
-        tracing::info!(
-            model = %inner.fingerprint.model,
-            dims = inner.fingerprint.dims,
-            max_seq_length = inner.max_seq_length,
-            batch_size = inner.batch_size,
-            ?precision,
-            dir = %model_dir.display(),
-            "embedding model loaded"
-        );
+        crate::telemetry::emit(crate::telemetry::events::ModelLoaded {
+            model: &inner.fingerprint.model,
+            dims: inner.fingerprint.dims,
+            max_seq_length: inner.max_seq_length,
+            batch_size: inner.batch_size,
+            precision: &format!("{precision:?}"),
+            dir: &model_dir.display().to_string(),
+        });
         Ok(Self { inner, requests })
     }
 

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::{EmbedError, Embedder, Fingerprint, Usage};
 use crate::breaker::CircuitBreaker;
 use crate::error::ErrorKind;
+use crate::telemetry::emit;
+use crate::telemetry::events::EmbedderFailover;
 
 /// A primary embedder with a same-space fallback. See the [module docs](self).
 #[derive(Debug)]
@@ -72,35 +74,48 @@ impl<P: Embedder, F: Embedder> FailoverEmbedder<P, F> {
         let primary_error = match self.primary.embed_with_usage(texts.clone()).await {
             Ok(answer) => {
                 if self.on_fallback.swap(false, Ordering::Relaxed) {
-                    tracing::info!(
-                        fingerprint = %self.primary.fingerprint().id(),
-                        "primary embedder answered again; leaving the fallback"
-                    );
+                    emit(EmbedderFailover {
+                        state: "recovered",
+                        primary: &self.primary.fingerprint().id(),
+                        error: None,
+                        fallback_error: None,
+                    });
                 }
                 return Ok(answer);
             }
-            Err(e) if e.kind() == ErrorKind::EmbedderRejected => return Err(e),
+            // A refused input is refused by the fallback too; a primary whose own settings
+            // fail (`Config`, permanent as well) is worked around by the fallback.
+            Err(e)
+                if e.kind() == ErrorKind::EmbedderRejected
+                    && !matches!(e, EmbedError::Config(_)) =>
+            {
+                return Err(e);
+            }
             Err(e) => e,
         };
-        if !self.on_fallback.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                error = %primary_error,
-                kind = %primary_error.kind(),
-                fingerprint = %self.primary.fingerprint().id(),
-                "primary embedder failed; using the same-space fallback"
-            );
-        } else {
-            tracing::debug!(error = %primary_error, "primary embedder still failing; using the fallback");
-        }
+        let primary = self.primary.fingerprint().id();
+        emit(EmbedderFailover {
+            state: if self.on_fallback.swap(true, Ordering::Relaxed) {
+                "still_failing"
+            } else {
+                "switched"
+            },
+            primary: &primary,
+            error: Some(format!("{} ({})", primary_error, primary_error.kind())),
+            fallback_error: None,
+        });
         self.fallback_calls.fetch_add(1, Ordering::Relaxed);
-        self.fallback.embed_with_usage(texts).await.map_err(|e| {
-            tracing::warn!(
-                primary_error = %primary_error,
-                fallback_error = %e,
-                "the fallback embedder failed too"
-            );
-            e
-        })
+        self.fallback
+            .embed_with_usage(texts)
+            .await
+            .inspect_err(|e| {
+                emit(EmbedderFailover {
+                    state: "both_failed",
+                    primary: &primary,
+                    error: Some(primary_error.to_string()),
+                    fallback_error: Some(e.to_string()),
+                });
+            })
     }
 }
 

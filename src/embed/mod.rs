@@ -12,7 +12,7 @@ mod failover;
 mod openai;
 
 pub use any::AnyEmbedder;
-pub use candle::{CandleEmbedder, Precision};
+pub use candle::CandleEmbedder;
 pub use failover::FailoverEmbedder;
 pub use openai::{ApiKey, OpenAiEmbedder, OpenAiOptions};
 
@@ -22,36 +22,10 @@ use std::time::Duration;
 
 use crate::breaker::{BreakerOpen, CircuitBreaker};
 
-use serde::{Deserialize, Serialize};
-
-use crate::error::ErrorKind;
-
-/// Identifies a vector space: two embedders with equal fingerprints produce comparable vectors.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    /// Model identity, e.g. `sentence-transformers/all-MiniLM-L6-v2`.
-    pub model: String,
-    /// Vector dimension.
-    pub dims: usize,
-    /// Pooling strategy, e.g. `mean`.
-    pub pooling: String,
-    /// Whether vectors are L2-normalised.
-    pub normalized: bool,
-}
-
-impl Fingerprint {
-    /// A compact one-line form, e.g. `sentence-transformers/all-MiniLM-L6-v2|384|mean|l2`,
-    /// stored in every point's payload.
-    pub fn id(&self) -> String {
-        format!(
-            "{}|{}|{}|{}",
-            self.model,
-            self.dims,
-            self.pooling,
-            if self.normalized { "l2" } else { "raw" }
-        )
-    }
-}
+use crate::error::{ErrorKind, Failure, Stage};
+/// Re-exported from [`crate::fingerprint`], where they live so that the config and the stores
+/// need not depend on the embedders.
+pub use crate::fingerprint::{Fingerprint, Precision};
 
 /// Why embedding failed.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +65,7 @@ pub enum EmbedError {
     },
     /// A remote embedder's settings cannot be used (bad URL, API key variable unset or not a
     /// valid header value, unreadable tokenizer, HTTP client setup). Never contains the key.
+    /// Permanent ([`ErrorKind::EmbedderRejected`]): the same settings fail the same way.
     #[error("embedder configuration: {0}")]
     Config(String),
     /// A remote provider could not be reached, timed out, or answered 5xx or 429 (after the
@@ -159,7 +134,10 @@ impl EmbedError {
     /// The taxonomy kind of this failure.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            EmbedError::Tokenize(_) | EmbedError::Rejected { .. } => ErrorKind::EmbedderRejected,
+            // A configuration problem does not pass by itself: retrying cannot help.
+            EmbedError::Tokenize(_) | EmbedError::Rejected { .. } | EmbedError::Config(_) => {
+                ErrorKind::EmbedderRejected
+            }
             EmbedError::Auth { .. } => ErrorKind::EmbedderAuth,
             EmbedError::Dimension { .. } | EmbedError::FingerprintMismatch { .. } => {
                 ErrorKind::DimensionMismatch
@@ -168,7 +146,6 @@ impl EmbedError {
             | EmbedError::ModelLoad { .. }
             | EmbedError::Inference(_)
             | EmbedError::WorkerGone
-            | EmbedError::Config(_)
             | EmbedError::Unavailable { .. }
             | EmbedError::InvalidResponse { .. }
             | EmbedError::CircuitOpen { .. } => ErrorKind::EmbedderUnavailable,
@@ -182,6 +159,18 @@ impl EmbedError {
             EmbedError::Unavailable { retry_after, .. } => *retry_after,
             EmbedError::CircuitOpen { source, .. } => Some(source.retry_in),
             _ => None,
+        }
+    }
+}
+
+/// An embedding failure as a processing [`Failure`] at [`Stage::Embed`]; a circuit breaker's
+/// refusal is marked [`Failure::circuit_open`].
+impl From<EmbedError> for Failure {
+    fn from(e: EmbedError) -> Self {
+        let circuit_open = matches!(e, EmbedError::CircuitOpen { .. });
+        Failure {
+            circuit_open,
+            ..Failure::new(e.kind(), Stage::Embed, e.to_string())
         }
     }
 }

@@ -46,8 +46,14 @@ use tokio::task::JoinSet;
 
 use super::{EmbedError, Embedder, Fingerprint, Usage};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-use crate::config::{DEFAULT_REMOTE_MAX_INPUT_TOKENS, EmbedderConfig, EmbedderKind, redact_url};
+use crate::config::{
+    DEFAULT_BREAKER_FAILURES, DEFAULT_BREAKER_OPEN_MS, DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_RETRY_AFTER_MS, DEFAULT_RATE_LIMIT_RETRIES, DEFAULT_REMOTE_MAX_INPUT_TOKENS,
+    DEFAULT_REQUEST_TIMEOUT_MS, EmbedderConfig, EmbedderKind,
+};
 use crate::error::ErrorKind;
+use crate::secret::Secret;
+use crate::validate::redact_url;
 
 /// Longest provider message kept in an error, in characters.
 const MAX_MESSAGE_CHARS: usize = 500;
@@ -57,22 +63,8 @@ const ESTIMATE_EXTRA_TOKENS: usize = 4;
 /// Response bodies larger than this (plus room for the expected vectors) are refused.
 const BASE_BODY_LIMIT: usize = 1 << 20;
 
-/// An API key. Its `Debug` output is `ApiKey(***)`; it has no `Display`.
-#[derive(Clone)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// Wraps a key.
-    pub fn new(key: impl Into<String>) -> Self {
-        ApiKey(key.into())
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(***)")
-    }
-}
+/// An API key: a [`Secret`] (its `Debug` and `Display` print `***`).
+pub type ApiKey = Secret;
 
 /// Everything an [`OpenAiEmbedder`] needs. [`OpenAiOptions::new`] fills in the defaults;
 /// [`OpenAiOptions::from_config`] reads an `[embedder]` table.
@@ -154,13 +146,16 @@ impl OpenAiOptions {
             batch_size: 32,
             max_request_tokens: None,
             tokenizer: None,
-            request_timeout: Duration::from_secs(30),
-            max_concurrent_requests: 4,
-            rate_limit_retries: 2,
+            request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            rate_limit_retries: DEFAULT_RATE_LIMIT_RETRIES,
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
-            max_retry_after: Duration::from_secs(30),
-            breaker: BreakerConfig::default(),
+            max_retry_after: Duration::from_millis(DEFAULT_MAX_RETRY_AFTER_MS),
+            breaker: BreakerConfig {
+                failure_threshold: DEFAULT_BREAKER_FAILURES,
+                open_for: Duration::from_millis(DEFAULT_BREAKER_OPEN_MS),
+            },
         }
     }
 
@@ -197,7 +192,7 @@ impl OpenAiOptions {
                     "the API key variable {name} (embedder.api_key_env) is not set or empty"
                 ))
             })?;
-            options.api_key = Some(ApiKey::new(key.trim()));
+            options.api_key = Some(Secret::new(key.trim()));
         }
         if let Some(path) = &config.tokenizer {
             let tokenizer = Tokenizer::from_file(path).map_err(|e| {
@@ -352,8 +347,8 @@ impl OpenAiEmbedder {
             .api_key
             .as_ref()
             .map(|key| {
-                let mut value =
-                    HeaderValue::from_str(&format!("Bearer {}", key.0)).map_err(|_| {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                    .map_err(|_| {
                         EmbedError::Config(
                         "the API key contains characters that are not allowed in an HTTP header"
                             .into(),
@@ -408,13 +403,12 @@ impl OpenAiEmbedder {
             tokens_used: AtomicU64::new(0),
             requests_sent: AtomicU64::new(0),
         };
-        tracing::info!(
-            endpoint = %inner.label,
-            model = %inner.model,
-            fingerprint = %inner.fingerprint.id(),
-            authenticated = inner.authorization.is_some(),
-            "remote embedder configured"
-        );
+        crate::telemetry::emit(crate::telemetry::events::RemoteEmbedderConfigured {
+            endpoint: &inner.label,
+            model: &inner.model,
+            fingerprint: &inner.fingerprint.id(),
+            authenticated: inner.authorization.is_some(),
+        });
         Ok(OpenAiEmbedder {
             inner: Arc::new(inner),
         })
@@ -654,14 +648,13 @@ impl Inner {
                             self.max_retry_after
                         )));
                     }
-                    tracing::warn!(
-                        provider = %self.label,
+                    crate::telemetry::emit(crate::telemetry::events::ProviderThrottled {
+                        provider: &self.label,
                         status,
-                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        retry_after = retry_after.is_some(),
-                        attempt = requests,
-                        "embedding provider asked to slow down; retrying"
-                    );
+                        delay,
+                        retry_after: retry_after.is_some(),
+                        attempt: requests,
+                    });
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -849,7 +842,7 @@ impl Inner {
     /// `text` with every occurrence of the API key replaced by `***`.
     fn mask(&self, text: &str) -> String {
         match &self.api_key {
-            Some(ApiKey(key)) if !key.is_empty() => text.replace(key.as_str(), "***"),
+            Some(key) if !key.is_empty() => text.replace(key.expose(), "***"),
             _ => text.to_owned(),
         }
     }

@@ -25,9 +25,10 @@ use std::time::Duration;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
-use crate::config::{BrokerConfig, redact_url};
+use crate::config::BrokerConfig;
 use crate::telemetry::emit;
 use crate::telemetry::events::{BrokerConnected, BrokerUrlUnreachable};
+use crate::validate::redact_url;
 
 /// How long opening a broker connection (TCP connect and AMQP handshake) may take before it
 /// fails with [`QueueError::ConnectTimeout`]: a broker that accepts the TCP connection but
@@ -82,12 +83,20 @@ pub enum QueueError {
         errors: String,
     },
     /// The broker closed the connection or a channel (e.g. `consumer_timeout`, an operator's
-    /// `rabbitmqctl close_connection`), or cancelled the consumer: deliveries held on it can
-    /// no longer be settled and the worker must reconnect.
+    /// `rabbitmqctl close_connection`): deliveries held on it can no longer be settled and the
+    /// worker must reconnect.
     #[error("the broker closed the {what}")]
     Closed {
-        /// What was closed: `connection`, `consumer channel`, `publish channel`, `consumer`.
+        /// What was closed: `connection`, `consumer channel`, `publish channel`.
         what: String,
+    },
+    /// The broker cancelled this worker's consumer (`basic.cancel` from the server: the queue
+    /// was deleted, or the cluster node holding it went away) while the worker had not asked
+    /// for it: no more deliveries come on it and the worker must reconnect to consume again.
+    #[error("the broker cancelled the consumer {consumer_tag:?}")]
+    ConsumerCancelled {
+        /// The consumer tag the broker cancelled (empty if unknown).
+        consumer_tag: String,
     },
     /// Any other AMQP failure (connection or channel lost, protocol error).
     #[error("RabbitMQ error: {0}")]

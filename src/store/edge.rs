@@ -85,10 +85,11 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{
     BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm, Revision,
-    ScoredChunk, SearchRequest, StoreError, StoredChunk, TOMBSTONE_FIELD, VectorStore, check_owner,
-    check_points_order, check_vector, check_version, point_id, split_batches,
+    ScoredChunk, SearchRequest, StoreError, StoreFailure, StoredChunk, TOMBSTONE_FIELD,
+    VectorStore, check_owner, check_points_order, check_vector, check_version, point_id,
+    split_batches,
 };
-use crate::embed::Fingerprint;
+use crate::fingerprint::Fingerprint;
 use crate::tenant::TenantId;
 
 /// Name of the sidecar file (inside the collection directory) recording the [`Fingerprint`].
@@ -200,7 +201,7 @@ impl State {
     /// The shard, or [`StoreError::Unavailable`] if it could not be reloaded.
     fn shard(&self) -> Result<&EdgeShard, StoreError> {
         self.shard.as_ref().map_err(|reason| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "the Qdrant Edge shard is closed after a failed reload ({reason}); restart the \
                  worker"
             ))
@@ -293,7 +294,7 @@ impl Shared {
         let fail_all = |reason: String| -> Vec<(u64, Result<(), StoreError>)> {
             tickets
                 .iter()
-                .map(|ticket| (*ticket, Err(StoreError::Unavailable(reason.clone()))))
+                .map(|ticket| (*ticket, Err(StoreError::unavailable(reason.clone()))))
                 .collect()
         };
         let _exclusive = lock(&self.exclusive);
@@ -381,7 +382,7 @@ impl Shared {
             return Ok(());
         }
         self.flush(state.shard()?).map_err(|reason| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "an earlier flush of the Qdrant Edge shard failed, and flushing again failed \
                  too ({reason}): nothing is read until writes are durable"
             ))
@@ -397,21 +398,21 @@ impl Shared {
             let state = read_lock(&self.state);
             let shard = state.shard()?;
             if state.unflushed {
-                Err(StoreError::Unavailable(
-                    "an earlier flush failed; not optimizing until a flush succeeds".to_owned(),
+                Err(StoreError::unavailable(
+                    "an earlier flush failed; not optimizing until a flush succeeds",
                 ))
             } else {
                 self.optimizations.fetch_add(1, Ordering::Relaxed);
                 let optimized = match panic::catch_unwind(AssertUnwindSafe(|| shard.optimize())) {
                     Ok(result) => result.map(drop).map_err(map_op_err),
-                    Err(panic) => Err(StoreError::Unavailable(format!(
+                    Err(panic) => Err(StoreError::unavailable(format!(
                         "optimizing the Qdrant Edge shard panicked: {}",
                         panic_message(panic.as_ref())
                     ))),
                 };
                 optimized.and_then(|()| {
                     self.flush(shard).map_err(|reason| {
-                        StoreError::Unavailable(format!(
+                        StoreError::unavailable(format!(
                             "flushing the Qdrant Edge shard after optimizing failed: {reason}"
                         ))
                     })
@@ -440,7 +441,7 @@ impl Shared {
                 self.writes_since_optimize.store(0, Ordering::Relaxed);
                 let _exclusive = lock(&self.exclusive);
                 if let Err(e) = self.optimize_locked() {
-                    tracing::warn!(error = %e, dir = %self.dir.display(), "optimizing the Qdrant Edge shard failed");
+                    self.maintenance_failed("optimize", &e);
                 }
             }
         }
@@ -448,13 +449,22 @@ impl Shared {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = self.compact_wal() {
-                    tracing::error!(error = %e, dir = %self.dir.display(), "compacting the Qdrant Edge WAL failed");
+                    self.maintenance_failed("compact_wal", &e);
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot measure the Qdrant Edge WAL");
+                self.maintenance_failed("measure_wal", &e);
             }
         }
+    }
+
+    /// Reports a failed maintenance `task` of this shard ([`crate::telemetry::events::EdgeMaintenanceFailed`]).
+    fn maintenance_failed(&self, task: &'static str, error: &dyn std::fmt::Display) {
+        crate::telemetry::emit(crate::telemetry::events::EdgeMaintenanceFailed {
+            task,
+            dir: &self.dir.display().to_string(),
+            error: &error.to_string(),
+        });
     }
 
     /// Whether the WAL takes more than [`EdgeMaintenance::wal_compact_bytes`] on disk and
@@ -483,17 +493,14 @@ impl Shared {
         // Everything applied is flushed, so closing it loses nothing; its `Drop` flushes once
         // more and releases the WAL's directory lock and memory maps.
         if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(move || drop(shard))) {
-            tracing::warn!(
-                error = panic_message(panic.as_ref()),
-                "the Qdrant Edge shard's final flush failed while closing it for WAL compaction"
-            );
+            self.maintenance_failed("close_for_compaction", &panic_message(panic.as_ref()));
         }
         let reloaded = remove_old_wal_segments(&self.dir.join(WAL_DIR)).and_then(|()| {
             panic::catch_unwind(AssertUnwindSafe(|| {
                 EdgeShard::load(&self.dir, Some(self.config.clone())).map_err(map_op_err)
             }))
             .unwrap_or_else(|panic| {
-                Err(StoreError::Unavailable(format!(
+                Err(StoreError::unavailable(format!(
                     "loading the Qdrant Edge shard panicked: {}",
                     panic_message(panic.as_ref())
                 )))
@@ -519,11 +526,7 @@ impl Drop for Shared {
         let shard = std::mem::replace(&mut state.shard, Err("closed".to_owned()));
         // `EdgeShard`'s `Drop` flushes and panics if that fails: report it instead.
         if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(move || drop(shard))) {
-            tracing::error!(
-                error = panic_message(panic.as_ref()),
-                dir = %self.dir.display(),
-                "the final flush of the Qdrant Edge shard failed"
-            );
+            self.maintenance_failed("final_flush", &panic_message(panic.as_ref()));
         }
     }
 }
@@ -567,9 +570,9 @@ fn allocated_bytes(metadata: &fs::Metadata) -> u64 {
 /// directory. Only for a WAL no shard has open.
 fn remove_old_wal_segments(wal: &Path) -> Result<(), StoreError> {
     let mut closed: Vec<(u64, PathBuf)> = Vec::new();
-    let entries = fs::read_dir(wal).map_err(|e| io_error("cannot list", wal, &e))?;
+    let entries = fs::read_dir(wal).map_err(|e| io_error("cannot list", wal, e))?;
     for entry in entries {
-        let entry = entry.map_err(|e| io_error("cannot list", wal, &e))?;
+        let entry = entry.map_err(|e| io_error("cannot list", wal, e))?;
         let name = entry.file_name();
         let start = name
             .to_str()
@@ -585,7 +588,7 @@ fn remove_old_wal_segments(wal: &Path) -> Result<(), StoreError> {
         return Ok(());
     }
     for (_, path) in &closed {
-        fs::remove_file(path).map_err(|e| io_error("cannot delete", path, &e))?;
+        fs::remove_file(path).map_err(|e| io_error("cannot delete", path, e))?;
     }
     sync_dir(wal)
 }
@@ -638,12 +641,12 @@ impl EdgeStore {
         maintenance: EdgeMaintenance,
     ) -> Result<Self, StoreError> {
         if fingerprint.dims == 0 {
-            return Err(StoreError::Rejected(
-                "embedder fingerprint has 0 dimensions".to_owned(),
+            return Err(StoreError::rejected(
+                "embedder fingerprint has 0 dimensions",
             ));
         }
         let dir = collection_dir(data_dir, collection)?;
-        fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, &e))?;
+        fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
 
         let config = EdgeConfig::builder()
             .vector(
@@ -814,7 +817,7 @@ impl EdgeStore {
     }
 
     /// Runs `f` on the blocking pool; a panic or cancelled task becomes
-    /// [`StoreError::Unavailable`].
+    /// [`StoreError::Unavailable`]. Failures name this store's collection.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -823,15 +826,19 @@ impl EdgeStore {
         let shared = self
             .shared
             .clone()
-            .ok_or_else(|| StoreError::Unavailable("vector store is closed".to_owned()))?;
+            .ok_or_else(|| StoreError::unavailable("vector store is closed"))?;
+        let collection = &self.collection;
         tokio::task::spawn_blocking(move || f(&shared))
             .await
             .map_err(|e| {
-                StoreError::Unavailable(format!(
-                    "vector store operation on collection {} failed: {e}",
-                    self.collection
+                StoreError::Unavailable(StoreFailure::caused_by(
+                    "vector store operation",
+                    collection,
+                    format!("the blocking task failed: {e}"),
+                    e,
                 ))
             })?
+            .map_err(|e| e.during("", collection))
     }
 
     /// Runs `f` on the shard on the blocking pool once it holds only durable state (see
@@ -1002,7 +1009,7 @@ impl VectorStore for EdgeStore {
                 chunks.push(match record.vector.map(VectorStructPersisted::from) {
                     Some(VectorStructPersisted::Single(vector)) => StoredChunk { payload, vector },
                     _ => {
-                        return Err(StoreError::Rejected(format!(
+                        return Err(StoreError::rejected(format!(
                             "point {} has no dense vector",
                             record.id
                         )));
@@ -1131,7 +1138,7 @@ impl VectorStore for EdgeStore {
                 }
                 let payload = decode_payload(&hit.id, hit.payload)?;
                 if payload.tenant_id != tenant {
-                    return Err(StoreError::Rejected(format!(
+                    return Err(StoreError::rejected(format!(
                         "search for tenant {tenant} matched point {} of another tenant",
                         hit.id
                     )));
@@ -1243,12 +1250,12 @@ fn not_tombstone() -> Result<Condition, StoreError> {
 /// `order` as stored in a payload.
 fn encode_order(order: Order) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(order)
-        .map_err(|e| StoreError::Rejected(format!("cannot encode write order: {e}")))
+        .map_err(|e| StoreError::rejected(format!("cannot encode write order: {e}")))
 }
 
 /// The condition `metadata.<key> == value`.
 fn metadata_match(key: &str, value: &MetadataValue) -> Result<Condition, StoreError> {
-    super::validate_metadata_key(key).map_err(StoreError::Rejected)?;
+    super::validate_metadata_key(key).map_err(StoreError::rejected)?;
     let value = match value {
         MetadataValue::String(s) => ValueVariants::String(s.clone()),
         MetadataValue::Integer(i) => ValueVariants::Integer(*i),
@@ -1263,7 +1270,7 @@ fn metadata_match(key: &str, value: &MetadataValue) -> Result<Condition, StoreEr
 /// The condition `field == value` on an integer payload field.
 fn integer_match(field: &str, value: impl TryInto<i64>) -> Result<Condition, StoreError> {
     let value = value.try_into().map_err(|_| {
-        StoreError::Rejected(format!("{field} is too large to compare in a filter"))
+        StoreError::rejected(format!("{field} is too large to compare in a filter"))
     })?;
     Ok(Condition::Field(FieldCondition::new_match(
         json_path(field)?,
@@ -1280,7 +1287,7 @@ fn collection_dir(data_dir: &Path, collection: &str) -> Result<PathBuf, StoreErr
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if !plain {
-        return Err(StoreError::Rejected(format!(
+        return Err(StoreError::rejected(format!(
             "collection name {collection:?} may only contain letters, digits, '_', '.' and '-' \
              (and may not be empty, '.' or '..')"
         )));
@@ -1294,10 +1301,10 @@ fn read_fingerprint(dir: &Path) -> Result<Option<Fingerprint>, StoreError> {
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_error("cannot read", &path, &e)),
+        Err(e) => return Err(io_error("cannot read", &path, e)),
     };
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        StoreError::Rejected(format!(
+        StoreError::rejected(format!(
             "{} is not a valid embedder fingerprint: {e}",
             path.display()
         ))
@@ -1307,11 +1314,11 @@ fn read_fingerprint(dir: &Path) -> Result<Option<Fingerprint>, StoreError> {
 /// Fails with [`StoreError::Rejected`] if `dir` (which has no sidecar) holds anything but a
 /// leftover temporary sidecar: it is not ours to overwrite.
 fn ensure_no_foreign_data(dir: &Path) -> Result<(), StoreError> {
-    let entries = fs::read_dir(dir).map_err(|e| io_error("cannot list", dir, &e))?;
+    let entries = fs::read_dir(dir).map_err(|e| io_error("cannot list", dir, e))?;
     for entry in entries {
-        let entry = entry.map_err(|e| io_error("cannot list", dir, &e))?;
+        let entry = entry.map_err(|e| io_error("cannot list", dir, e))?;
         if entry.file_name() != FINGERPRINT_TMP_FILE {
-            return Err(StoreError::Rejected(format!(
+            return Err(StoreError::rejected(format!(
                 "{} is not empty but has no {FINGERPRINT_FILE}: it is not a rag-ingest \
                  collection; use another collection name or data directory",
                 dir.display()
@@ -1325,15 +1332,15 @@ fn ensure_no_foreign_data(dir: &Path) -> Result<(), StoreError> {
 /// the directory).
 fn write_fingerprint(dir: &Path, fingerprint: &Fingerprint) -> Result<(), StoreError> {
     let json = serde_json::to_vec_pretty(fingerprint).map_err(|e| {
-        StoreError::Rejected(format!("cannot encode the embedder fingerprint: {e}"))
+        StoreError::rejected(format!("cannot encode the embedder fingerprint: {e}"))
     })?;
     let tmp = dir.join(FINGERPRINT_TMP_FILE);
     let path = dir.join(FINGERPRINT_FILE);
-    let mut file = File::create(&tmp).map_err(|e| io_error("cannot create", &tmp, &e))?;
+    let mut file = File::create(&tmp).map_err(|e| io_error("cannot create", &tmp, e))?;
     file.write_all(&json)
         .and_then(|()| file.sync_all())
-        .map_err(|e| io_error("cannot write", &tmp, &e))?;
-    fs::rename(&tmp, &path).map_err(|e| io_error("cannot create", &path, &e))?;
+        .map_err(|e| io_error("cannot write", &tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| io_error("cannot create", &path, e))?;
     sync_dir(dir)
 }
 
@@ -1342,7 +1349,7 @@ fn write_fingerprint(dir: &Path, fingerprint: &Fingerprint) -> Result<(), StoreE
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("cannot sync", dir, &e))
+        .map_err(|e| io_error("cannot sync", dir, e))
 }
 
 /// Directories cannot be opened for syncing on this platform; the rename is all we can do.
@@ -1351,8 +1358,14 @@ fn sync_dir(_dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn io_error(action: &str, path: &Path, e: &io::Error) -> StoreError {
-    StoreError::Unavailable(format!("{action} {}: {e}", path.display()))
+/// A failed file operation (`action`, e.g. `cannot read`, on `path`) as
+/// [`StoreError::Unavailable`], keeping the I/O error as its source.
+fn io_error(action: &str, path: &Path, e: io::Error) -> StoreError {
+    StoreError::Unavailable(StoreFailure {
+        reason: format!("{action} {}: {e}", path.display()),
+        source: Some(e.into()),
+        ..StoreFailure::new("")
+    })
 }
 
 /// The operation creating a keyword index on `field`.
@@ -1395,17 +1408,17 @@ fn keyword_match(field: &str, value: &str) -> Result<Condition, StoreError> {
 
 fn json_path(field: &str) -> Result<JsonPath, StoreError> {
     JsonPath::try_from(field)
-        .map_err(|()| StoreError::Rejected(format!("invalid payload field path {field:?}")))
+        .map_err(|()| StoreError::rejected(format!("invalid payload field path {field:?}")))
 }
 
 /// `payload` as a point payload (its fields at the top level).
 fn encode_payload(payload: &ChunkPayload) -> Result<Payload, StoreError> {
     match serde_json::to_value(payload) {
         Ok(serde_json::Value::Object(map)) => Ok(Payload(map)),
-        Ok(other) => Err(StoreError::Rejected(format!(
+        Ok(other) => Err(StoreError::rejected(format!(
             "chunk payload encoded to a JSON {other} instead of an object"
         ))),
-        Err(e) => Err(StoreError::Rejected(format!(
+        Err(e) => Err(StoreError::rejected(format!(
             "cannot encode chunk payload: {e}"
         ))),
     }
@@ -1415,23 +1428,28 @@ fn encode_payload(payload: &ChunkPayload) -> Result<Payload, StoreError> {
 /// does not deserialize.
 fn decode_payload(id: &PointId, payload: Option<Payload>) -> Result<ChunkPayload, StoreError> {
     let payload =
-        payload.ok_or_else(|| StoreError::Rejected(format!("point {id} has no payload")))?;
+        payload.ok_or_else(|| StoreError::rejected(format!("point {id} has no payload")))?;
     serde_json::from_value(serde_json::Value::Object(payload.0)).map_err(|e| {
-        StoreError::Rejected(format!(
+        StoreError::rejected(format!(
             "point {id} does not hold a rag-ingest chunk payload: {e}"
         ))
     })
 }
 
 /// Transient failures (I/O, corruption, timeouts) become [`StoreError::Unavailable`], everything
-/// else (invalid requests) [`StoreError::Rejected`].
+/// else (invalid requests) [`StoreError::Rejected`]; the engine's error is kept as the source.
 fn map_op_err(e: OperationError) -> StoreError {
+    let failure = |e: OperationError| StoreFailure {
+        reason: e.to_string(),
+        source: Some(e.into()),
+        ..StoreFailure::new("")
+    };
     match e {
         OperationError::ServiceError { .. }
         | OperationError::InconsistentStorage { .. }
         | OperationError::OutOfMemory { .. }
         | OperationError::Cancelled { .. }
-        | OperationError::Timeout { .. } => StoreError::Unavailable(e.to_string()),
+        | OperationError::Timeout { .. } => StoreError::Unavailable(failure(e)),
         OperationError::WrongVectorDimension {
             expected_dim,
             received_dim,
@@ -1449,6 +1467,6 @@ fn map_op_err(e: OperationError) -> StoreError {
         | OperationError::MissingRangeIndexForOrderBy { .. }
         | OperationError::MissingMapIndexForFacet { .. }
         | OperationError::VariableTypeError { .. }
-        | OperationError::NonFiniteNumber { .. } => StoreError::Rejected(e.to_string()),
+        | OperationError::NonFiniteNumber { .. } => StoreError::Rejected(failure(e)),
     }
 }

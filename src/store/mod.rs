@@ -12,7 +12,7 @@
 //! - every chunk written by one upsert of a document carries the same [`Revision`]
 //!   (`content_sha256`, `version`, `chunk_count`); after writing a revision the pipeline
 //!   deletes the document's points of any other revision;
-//! - the collection records the embedder [`Fingerprint`](crate::embed::Fingerprint) and the
+//! - the collection records the embedder [`Fingerprint`](crate::fingerprint::Fingerprint) and the
 //!   vector size; opening it with another embedder fails with
 //!   [`StoreError::FingerprintMismatch`], which says what differs;
 //! - writes are split into requests of at most [`BatchLimits::max_points`] points and
@@ -30,18 +30,16 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::embed::Fingerprint;
-use crate::error::ErrorKind;
+use crate::config::StoreConfig;
+use crate::error::{ErrorKind, Failure, Stage};
+use crate::fingerprint::Fingerprint;
 use crate::tenant::TenantId;
 
 /// Namespace of the UUIDv5 point ids (a fixed random UUID; never change it, or ids change).
 const POINT_NAMESPACE: Uuid = Uuid::from_u128(0x5b0c_7f0e_2f4e_4c3a_9d61_8a3e_1f2b_6c47);
 
-/// Default for [`BatchLimits::max_points`].
-pub const DEFAULT_MAX_BATCH_POINTS: usize = 256;
-/// Default for [`BatchLimits::max_bytes`]: 16 MiB, half of a Qdrant server's default request
-/// limit (`service.max_request_size_mb` = 32).
-pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Defaults of [`BatchLimits`] (declared with the `[store]` settings they are defaults of).
+pub use crate::config::{DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_POINTS};
 
 /// The largest document version a store accepts: versions are matched as signed 64-bit
 /// integers by Qdrant's filters.
@@ -147,7 +145,7 @@ impl Order {
     pub(crate) fn check(self) -> Result<(), StoreError> {
         check_version(Some(self.version))?;
         if self.seq > MAX_SEQ {
-            return Err(StoreError::Rejected(format!(
+            return Err(StoreError::rejected(format!(
                 "write order {} is above the largest the store can compare ({MAX_SEQ})",
                 self.seq
             )));
@@ -336,7 +334,7 @@ impl SearchFilter {
     /// Fails with [`StoreError::Rejected`] if a key is not a plain metadata key.
     pub fn validate(&self) -> Result<(), StoreError> {
         for (key, _) in &self.metadata {
-            validate_metadata_key(key).map_err(StoreError::Rejected)?;
+            validate_metadata_key(key).map_err(StoreError::rejected)?;
         }
         Ok(())
     }
@@ -396,7 +394,7 @@ impl SearchRequest {
         if let Some(min) = self.min_score
             && !min.is_finite()
         {
-            return Err(StoreError::Rejected(format!(
+            return Err(StoreError::rejected(format!(
                 "min_score must be a finite number, got {min}"
             )));
         }
@@ -423,6 +421,17 @@ impl Default for BatchLimits {
     }
 }
 
+impl From<&StoreConfig> for BatchLimits {
+    /// The write caps `[store]` sets (`max_batch_points`, `max_batch_bytes`), validated when
+    /// the config was loaded.
+    fn from(config: &StoreConfig) -> Self {
+        BatchLimits {
+            max_points: config.max_batch_points,
+            max_bytes: config.max_batch_bytes,
+        }
+    }
+}
+
 /// Splits `items` into consecutive batches of at most `limits.max_points` items whose sizes
 /// (`size(item)` each, plus `overhead` once per batch) add up to at most `limits.max_bytes`.
 ///
@@ -440,7 +449,7 @@ pub(crate) fn split_batches<T>(
     for (index, item) in items.into_iter().enumerate() {
         let bytes = size(&item);
         if overhead.saturating_add(bytes) > limits.max_bytes {
-            return Err(StoreError::Rejected(format!(
+            return Err(StoreError::rejected(format!(
                 "point {index} of the batch needs {bytes} bytes, more than the write limit of {} \
                  bytes (store.max_batch_bytes); raise the limit or use smaller chunks",
                 limits.max_bytes
@@ -475,7 +484,7 @@ pub(crate) fn check_owner(
     if payload.tenant_id == tenant && payload.document_id == document_id {
         Ok(())
     } else {
-        Err(StoreError::Rejected(format!(
+        Err(StoreError::rejected(format!(
             "point {id} should hold a chunk of document {document_id:?} of tenant {tenant}, \
              but its payload names another tenant or document"
         )))
@@ -490,9 +499,7 @@ pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError
         });
     }
     if vector.iter().any(|v| !v.is_finite()) {
-        return Err(StoreError::Rejected(
-            "vector holds a NaN or infinite value".to_owned(),
-        ));
+        return Err(StoreError::rejected("vector holds a NaN or infinite value"));
     }
     Ok(())
 }
@@ -502,7 +509,7 @@ pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError
 pub(crate) fn check_points_order(points: &[ChunkPoint], order: Order) -> Result<(), StoreError> {
     order.check()?;
     match points.iter().find(|p| p.payload.order != Some(order)) {
-        Some(point) => Err(StoreError::Rejected(format!(
+        Some(point) => Err(StoreError::rejected(format!(
             "point {} carries order {:?}, not the write's order {order:?}",
             point.id, point.payload.order
         ))),
@@ -513,7 +520,7 @@ pub(crate) fn check_points_order(points: &[ChunkPoint], order: Order) -> Result<
 /// Fails with [`StoreError::Rejected`] if `version` is above [`MAX_VERSION`].
 pub(crate) fn check_version(version: Option<u64>) -> Result<(), StoreError> {
     match version {
-        Some(v) if v > MAX_VERSION => Err(StoreError::Rejected(format!(
+        Some(v) if v > MAX_VERSION => Err(StoreError::rejected(format!(
             "document version {v} is above the largest version the store can compare \
              ({MAX_VERSION})"
         ))),
@@ -556,15 +563,111 @@ pub fn describe_fingerprint_difference(stored: &Fingerprint, expected: &Fingerpr
     }
 }
 
+/// The underlying error of a [`StoreFailure`] (an I/O error, a gRPC status, a storage-engine
+/// error), kept for [`std::error::Error::source`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a failed store operation was doing and why it failed: the operation (e.g.
+/// `upsert points`), the collection, a reason safe to log (never a secret), and the
+/// underlying error when there is one, as its [`source`](std::error::Error::source).
+///
+/// A failure detected by this crate before any request (an invalid input, a closed store) has
+/// a reason but no source; [`StoreFailure::from`] a string makes one.
+#[derive(Debug)]
+pub struct StoreFailure {
+    /// The operation that failed, e.g. `upsert points`; empty when not tied to one.
+    pub operation: String,
+    /// The collection it was working on; empty when not known.
+    pub collection: String,
+    /// What went wrong, safe to log.
+    pub reason: String,
+    /// The underlying error, if any.
+    pub source: Option<BoxError>,
+}
+
+impl StoreFailure {
+    /// A failure with only a reason (no operation, collection or underlying error).
+    pub fn new(reason: impl Into<String>) -> Self {
+        StoreFailure {
+            operation: String::new(),
+            collection: String::new(),
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// A failure of `operation` on `collection`, described by `reason`, caused by `source`.
+    pub fn caused_by(
+        operation: impl Into<String>,
+        collection: impl Into<String>,
+        reason: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        StoreFailure {
+            operation: operation.into(),
+            collection: collection.into(),
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Fills in the operation and the collection where they are not known yet.
+    pub fn during(mut self, operation: &str, collection: &str) -> Self {
+        if self.operation.is_empty() {
+            operation.clone_into(&mut self.operation);
+        }
+        if self.collection.is_empty() {
+            collection.clone_into(&mut self.collection);
+        }
+        self
+    }
+}
+
+impl fmt::Display for StoreFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.operation.is_empty(), self.collection.is_empty()) {
+            (false, false) => write!(
+                f,
+                "{} on collection {} failed: ",
+                self.operation, self.collection
+            )?,
+            (false, true) => write!(f, "{} failed: ", self.operation)?,
+            (true, false) => write!(f, "collection {}: ", self.collection)?,
+            (true, true) => {}
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for StoreFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<String> for StoreFailure {
+    fn from(reason: String) -> Self {
+        StoreFailure::new(reason)
+    }
+}
+
+impl From<&str> for StoreFailure {
+    fn from(reason: &str) -> Self {
+        StoreFailure::new(reason)
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached or failed in a way that may pass (I/O, timeouts).
     #[error("vector store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] StoreFailure),
     /// The store refused the request; sending it again will not help.
     #[error("vector store rejected the request: {0}")]
-    Rejected(String),
+    Rejected(#[source] StoreFailure),
     /// The collection was created for another embedder.
     #[error(
         "collection {collection} was built with embedder {stored}, but this pipeline's embedder is {expected} (differs in {differs}); use another collection or re-ingest into a new one"
@@ -601,6 +704,32 @@ impl StoreError {
         }
     }
 
+    /// A transient failure with only a reason ([`StoreError::Unavailable`]).
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        StoreError::Unavailable(StoreFailure::new(reason))
+    }
+
+    /// A permanent failure with only a reason ([`StoreError::Rejected`]).
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        StoreError::Rejected(StoreFailure::new(reason))
+    }
+
+    /// Whether retrying may succeed (the store was unavailable).
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
+
+    /// Adds the operation and the collection to an [`Unavailable`](StoreError::Unavailable)
+    /// or [`Rejected`](StoreError::Rejected) failure that does not name them yet; other
+    /// variants are returned as they are.
+    pub fn during(self, operation: &str, collection: &str) -> Self {
+        match self {
+            StoreError::Unavailable(f) => StoreError::Unavailable(f.during(operation, collection)),
+            StoreError::Rejected(f) => StoreError::Rejected(f.during(operation, collection)),
+            other => other,
+        }
+    }
+
     /// The mismatch error for `collection`, recorded with `stored`, opened with `expected`.
     pub(crate) fn mismatch(collection: &str, stored: &Fingerprint, expected: &Fingerprint) -> Self {
         StoreError::FingerprintMismatch {
@@ -609,6 +738,13 @@ impl StoreError {
             expected: expected.id(),
             differs: describe_fingerprint_difference(stored, expected),
         }
+    }
+}
+
+/// A store failure as a processing [`Failure`] at [`Stage::Store`].
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::new(e.kind(), Stage::Store, e.to_string())
     }
 }
 
@@ -906,7 +1042,7 @@ mod tests {
     fn an_item_over_the_byte_cap_is_rejected() {
         let err = split_batches(vec![1, 2], 10, limits(10, 100), |i| i * 60).unwrap_err();
         assert!(
-            matches!(&err, StoreError::Rejected(m) if m.contains("point 1")),
+            matches!(&err, StoreError::Rejected(m) if m.to_string().contains("point 1")),
             "{err}"
         );
     }

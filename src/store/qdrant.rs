@@ -56,15 +56,22 @@ use qdrant_client::qdrant::{
 };
 use qdrant_client::{Qdrant, QdrantError};
 use tonic::Code;
-use tracing::warn;
 
 use super::{
-    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm, Revision,
-    ScoredChunk, SearchRequest, StoreError, StoredChunk, TOMBSTONE_FIELD, VectorStore, check_owner,
-    check_points_order, check_vector, check_version, point_id, split_batches,
+    BatchLimits, BoxError, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm,
+    Revision, ScoredChunk, SearchRequest, StoreError, StoreFailure, StoredChunk, TOMBSTONE_FIELD,
+    VectorStore, check_owner, check_points_order, check_vector, check_version, point_id,
+    split_batches,
 };
-use crate::embed::Fingerprint;
+use crate::config::{
+    DEFAULT_QDRANT_BACKOFF_MAX_MS, DEFAULT_QDRANT_BACKOFF_MIN_MS,
+    DEFAULT_QDRANT_CONNECT_TIMEOUT_MS, DEFAULT_QDRANT_RETRIES, DEFAULT_QDRANT_TIMEOUT_MS,
+    StoreConfig,
+};
+use crate::fingerprint::Fingerprint;
+use crate::secret::Secret;
 use crate::tenant::TenantId;
+use crate::validate::redact_url;
 
 /// Collection metadata key holding the embedder [`Fingerprint`] (a JSON object with `model`,
 /// `dims`, `pooling` and `normalized`).
@@ -100,9 +107,9 @@ const RETRIEVE_BATCH: usize = 256;
 pub struct QdrantOptions {
     /// gRPC URL, e.g. `http://127.0.0.1:6334` (`https://` for TLS).
     pub url: String,
-    /// API key sent with every request, if the server needs one. Never logged or shown:
-    /// this type's `Debug` prints `***` instead.
-    pub api_key: Option<String>,
+    /// API key sent with every request, if the server needs one. Never logged or shown: a
+    /// [`Secret`] prints `***`.
+    pub api_key: Option<Secret>,
     /// Name of the environment variable the key came from (`store.qdrant.api_key_env`), so
     /// that a refused key is reported with where to fix it.
     pub api_key_env: Option<String>,
@@ -137,20 +144,44 @@ pub struct CollectionLayout {
 }
 
 impl QdrantOptions {
-    /// Options for `url` with the defaults: no API key, 10 s request and 5 s connect timeout,
+    /// Options for `url` with the defaults of `[store.qdrant]` (see the `DEFAULT_QDRANT_*`
+    /// constants in [`crate::config`]): no API key, 10 s request and 5 s connect timeout,
     /// 3 retries from 100 ms to 2 s, default [`BatchLimits`].
     pub fn new(url: impl Into<String>) -> Self {
         QdrantOptions {
             url: url.into(),
             api_key: None,
             api_key_env: None,
-            timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            retries: 3,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(2),
+            timeout: Duration::from_millis(DEFAULT_QDRANT_TIMEOUT_MS),
+            connect_timeout: Duration::from_millis(DEFAULT_QDRANT_CONNECT_TIMEOUT_MS),
+            retries: DEFAULT_QDRANT_RETRIES as usize,
+            backoff_min: Duration::from_millis(DEFAULT_QDRANT_BACKOFF_MIN_MS),
+            backoff_max: Duration::from_millis(DEFAULT_QDRANT_BACKOFF_MAX_MS),
             limits: BatchLimits::default(),
             layout: CollectionLayout::default(),
+        }
+    }
+
+    /// The options a validated `[store]` section describes: `[store.qdrant]` (the API key
+    /// as resolved from its environment variable when the config was loaded) and the write
+    /// caps of `[store]`. Cannot fail: the section was checked when it was loaded.
+    pub fn from_config(config: &StoreConfig) -> Self {
+        let q = &config.qdrant;
+        QdrantOptions {
+            url: q.url.clone(),
+            api_key: q.api_key.clone(),
+            api_key_env: q.api_key_env.clone(),
+            timeout: Duration::from_millis(q.timeout_ms),
+            connect_timeout: Duration::from_millis(q.connect_timeout_ms),
+            retries: q.retries as usize,
+            backoff_min: Duration::from_millis(q.backoff_min_ms),
+            backoff_max: Duration::from_millis(q.backoff_max_ms),
+            limits: BatchLimits::from(config),
+            layout: CollectionLayout {
+                shard_number: q.shard_number,
+                replication_factor: q.replication_factor,
+                write_consistency_factor: q.write_consistency_factor,
+            },
         }
     }
 }
@@ -158,8 +189,8 @@ impl QdrantOptions {
 impl fmt::Debug for QdrantOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QdrantOptions")
-            .field("url", &crate::config::redact_url(&self.url))
-            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("url", &redact_url(&self.url))
+            .field("api_key", &self.api_key)
             .field("api_key_env", &self.api_key_env)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -214,14 +245,14 @@ impl QdrantStore {
         fingerprint: &Fingerprint,
     ) -> Result<Self, StoreError> {
         if fingerprint.dims == 0 {
-            return Err(StoreError::Rejected(
-                "embedder fingerprint has 0 dimensions".to_owned(),
+            return Err(StoreError::rejected(
+                "embedder fingerprint has 0 dimensions",
             ));
         }
         check_collection_name(collection)?;
-        let url = crate::config::redact_url(&options.url);
+        let url = redact_url(&options.url);
         if !(options.url.starts_with("http://") || options.url.starts_with("https://")) {
-            return Err(StoreError::Rejected(format!(
+            return Err(StoreError::rejected(format!(
                 "Qdrant URL {url:?} must start with http:// or https://"
             )));
         }
@@ -230,13 +261,13 @@ impl QdrantStore {
             .connect_timeout(options.connect_timeout)
             .skip_compatibility_check();
         if let Some(key) = &options.api_key {
-            builder.set_api_key(key);
+            builder.set_api_key(key.expose());
         }
         let client = builder.build().map_err(|e| match e {
             QdrantError::InvalidUri(e) => {
-                StoreError::Rejected(format!("Qdrant URL {url:?} is not a valid URI: {e}"))
+                StoreError::rejected(format!("Qdrant URL {url:?} is not a valid URI: {e}"))
             }
-            other => StoreError::Rejected(format!(
+            other => StoreError::rejected(format!(
                 "cannot build a Qdrant client for {url}: {}",
                 describe(&other)
             )),
@@ -314,7 +345,7 @@ impl QdrantStore {
             }
             Some(_) => {}
             None => {
-                return Err(StoreError::Rejected(format!(
+                return Err(StoreError::rejected(format!(
                     "collection {} has no embedder fingerprint in its metadata (key \
                      {FINGERPRINT_METADATA_KEY}): it was not created by rag-ingest, or the \
                      server is older than Qdrant 1.16 and does not keep collection metadata; \
@@ -353,7 +384,7 @@ impl QdrantStore {
     /// someone else (`AlreadyExists`) is not an error.
     async fn create_collection(&self, fingerprint: &Fingerprint) -> Result<(), StoreError> {
         let recorded = serde_json::to_value(fingerprint).map_err(|e| {
-            StoreError::Rejected(format!("cannot encode the embedder fingerprint: {e}"))
+            StoreError::rejected(format!("cannot encode the embedder fingerprint: {e}"))
         })?;
         let request = CreateCollection {
             collection_name: self.collection.clone(),
@@ -419,7 +450,7 @@ impl QdrantStore {
             })
             .await?;
         response.result.ok_or_else(|| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "the server returned no description of collection {}",
                 self.collection
             ))
@@ -488,14 +519,12 @@ impl QdrantStore {
             if let Some(wanted) = wanted
                 && actual != Some(wanted)
             {
-                warn!(
-                    collection = %self.collection,
+                crate::telemetry::emit(crate::telemetry::events::CollectionLayoutDiffers {
+                    collection: &self.collection,
                     setting,
-                    configured = wanted,
-                    actual = ?actual,
-                    "the existing collection has another layout than store.qdrant configures; \
-                     it keeps its own (change it with a Qdrant collection update)"
-                );
+                    configured: wanted,
+                    actual,
+                });
             }
         }
     }
@@ -528,8 +557,9 @@ impl QdrantStore {
         let refused = status(e)
             .is_some_and(|s| matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied));
         match error {
-            StoreError::Rejected(message) if refused => {
-                StoreError::Rejected(format!("{message}; {}", self.auth_hint))
+            StoreError::Rejected(mut failure) if refused => {
+                failure.reason = format!("{}; {}", failure.reason, self.auth_hint);
+                StoreError::Rejected(failure)
             }
             other => other,
         }
@@ -561,13 +591,12 @@ impl QdrantStore {
                 (_, delay) => delay,
             })
             .notify(|e, delay| {
-                warn!(
-                    collection = %collection,
-                    operation = what,
-                    error = %describe(e),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "Qdrant request failed transiently; retrying"
-                );
+                crate::telemetry::emit(crate::telemetry::events::StoreRetrying {
+                    collection,
+                    operation: what,
+                    error: &describe(e),
+                    retry_in: delay,
+                });
             })
             .await
     }
@@ -755,7 +784,7 @@ impl VectorStore for QdrantStore {
                 let vector = match point.vectors.and_then(|v| v.get_vector()) {
                     Some(vector_output::Vector::Dense(dense)) => dense.data,
                     _ => {
-                        return Err(StoreError::Rejected(format!(
+                        return Err(StoreError::rejected(format!(
                             "point {id} has no dense vector"
                         )));
                     }
@@ -812,7 +841,7 @@ impl VectorStore for QdrantStore {
             .push(Condition::from(revision_filter(revision, false)?));
         filter.must.push(Condition::from(older_filter(order)));
         let order = serde_json::to_value(order)
-            .map_err(|e| StoreError::Rejected(format!("cannot encode write order: {e}")))?;
+            .map_err(|e| StoreError::rejected(format!("cannot encode write order: {e}")))?;
         let payload = HashMap::from([
             (
                 "version".to_owned(),
@@ -885,7 +914,7 @@ impl VectorStore for QdrantStore {
             let id = describe_point_id(hit.id.as_ref());
             let payload = decode_payload(&id, hit.payload)?;
             if payload.tenant_id != tenant {
-                return Err(StoreError::Rejected(format!(
+                return Err(StoreError::rejected(format!(
                     "search for tenant {tenant} matched point {id} of another tenant"
                 )));
             }
@@ -920,7 +949,7 @@ impl VectorStore for QdrantStore {
             .await?;
         let count = response.result.map(|r| r.count).unwrap_or(0);
         usize::try_from(count).map_err(|_| {
-            StoreError::Rejected(format!("the server counted {count} points, too many"))
+            StoreError::rejected(format!("the server counted {count} points, too many"))
         })
     }
 }
@@ -938,7 +967,7 @@ fn check_collection_name(name: &str) -> Result<(), StoreError> {
     if plain {
         Ok(())
     } else {
-        Err(StoreError::Rejected(format!(
+        Err(StoreError::rejected(format!(
             "collection name {name:?} may only contain letters, digits, '_', '.' and '-' (1 to \
              255 characters, not '.' or '..')"
         )))
@@ -956,7 +985,7 @@ fn read_fingerprint(
     serde_json::from_value(value.clone().into_json())
         .map(Some)
         .map_err(|e| {
-            StoreError::Rejected(format!(
+            StoreError::rejected(format!(
                 "collection {collection} records an invalid embedder fingerprint under \
                  {FINGERPRINT_METADATA_KEY}: {e}"
             ))
@@ -995,9 +1024,8 @@ fn scope_filter(tenant: &TenantId, document_id: Option<&str>) -> Filter {
 /// `with_version`) the same version, or no version when `revision.version` is `None`.
 fn revision_filter(revision: &Revision, with_version: bool) -> Result<Filter, StoreError> {
     check_version(revision.version)?;
-    let chunk_count = i64::try_from(revision.chunk_count).map_err(|_| {
-        StoreError::Rejected("chunk_count is too large to compare in a filter".to_owned())
-    })?;
+    let chunk_count = i64::try_from(revision.chunk_count)
+        .map_err(|_| StoreError::rejected("chunk_count is too large to compare in a filter"))?;
     let mut must = vec![
         keyword_match("content_sha256", &revision.content_sha256),
         Condition::matches("chunk_count", MatchValue::Integer(chunk_count)),
@@ -1067,7 +1095,7 @@ fn keyword_match(field: &str, value: &str) -> Condition {
 
 /// The condition `metadata.<key> == value`.
 fn metadata_match(key: &str, value: &MetadataValue) -> Result<Condition, StoreError> {
-    super::validate_metadata_key(key).map_err(StoreError::Rejected)?;
+    super::validate_metadata_key(key).map_err(StoreError::rejected)?;
     let value = match value {
         MetadataValue::String(s) => MatchValue::Keyword(s.clone()),
         MetadataValue::Integer(i) => MatchValue::Integer(*i),
@@ -1083,10 +1111,10 @@ fn encode_payload(payload: &ChunkPayload) -> Result<HashMap<String, QValue>, Sto
             .into_iter()
             .map(|(key, value)| (key, QValue::from(value)))
             .collect()),
-        Ok(other) => Err(StoreError::Rejected(format!(
+        Ok(other) => Err(StoreError::rejected(format!(
             "chunk payload encoded to a JSON {other} instead of an object"
         ))),
-        Err(e) => Err(StoreError::Rejected(format!(
+        Err(e) => Err(StoreError::rejected(format!(
             "cannot encode chunk payload: {e}"
         ))),
     }
@@ -1096,14 +1124,14 @@ fn encode_payload(payload: &ChunkPayload) -> Result<HashMap<String, QValue>, Sto
 /// deserialize.
 fn decode_payload(id: &str, payload: HashMap<String, QValue>) -> Result<ChunkPayload, StoreError> {
     if payload.is_empty() {
-        return Err(StoreError::Rejected(format!("point {id} has no payload")));
+        return Err(StoreError::rejected(format!("point {id} has no payload")));
     }
     let map: serde_json::Map<String, serde_json::Value> = payload
         .into_iter()
         .map(|(key, value)| (key, value.into_json()))
         .collect();
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| {
-        StoreError::Rejected(format!(
+        StoreError::rejected(format!(
             "point {id} does not hold a rag-ingest chunk payload: {e}"
         ))
     })
@@ -1167,11 +1195,15 @@ fn auth_hint(options: &QdrantOptions) -> String {
     }
 }
 
-/// The [`StoreError`] for a failed request `what` (see the module documentation).
+/// The [`StoreError`] for a failed request `what` (see the module documentation): the
+/// operation, the collection and the server's error (without its metadata, see [`sanitized`])
+/// as the source.
 fn map_error(what: &str, collection: &str, url: &str, e: &QdrantError) -> StoreError {
-    let message = format!(
-        "{what} on Qdrant collection {collection} at {url} failed: {}",
-        describe(e)
+    let failure = StoreFailure::caused_by(
+        what,
+        collection,
+        format!("{} (Qdrant at {url})", describe(e)),
+        sanitized(e),
     );
     let transient = match status(e) {
         Some(s) => {
@@ -1184,9 +1216,29 @@ fn map_error(what: &str, collection: &str, url: &str, e: &QdrantError) -> StoreE
         None => matches!(e, QdrantError::Io(_)),
     };
     if transient {
-        StoreError::Unavailable(message)
+        StoreError::Unavailable(failure)
     } else {
-        StoreError::Rejected(message)
+        StoreError::Rejected(failure)
+    }
+}
+
+/// The client's error to keep as a [`StoreFailure`]'s source: a gRPC status is rebuilt from
+/// its code and message only (its metadata could echo request headers such as the API key),
+/// any other error is described by its message (the remaining variants carry no request
+/// data).
+fn sanitized(e: &QdrantError) -> BoxError {
+    match e {
+        QdrantError::ResponseError { status } => Box::new(QdrantError::ResponseError {
+            status: tonic::Status::new(status.code(), status.message()),
+        }),
+        QdrantError::ResourceExhaustedError {
+            status,
+            retry_after_seconds,
+        } => Box::new(QdrantError::ResourceExhaustedError {
+            status: tonic::Status::new(status.code(), status.message()),
+            retry_after_seconds: *retry_after_seconds,
+        }),
+        other => describe(other).into(),
     }
 }
 
@@ -1269,9 +1321,36 @@ mod tests {
     }
 
     #[test]
+    fn errors_keep_the_operation_collection_and_cause_without_metadata() {
+        use std::error::Error as _;
+        let mut answer = tonic::Status::new(Code::Unavailable, "down");
+        answer
+            .metadata_mut()
+            .insert("api-key", "s3cr3t-key".parse().expect("ascii"));
+        let e = QdrantError::ResponseError { status: answer };
+        let error = map_error("upsert points", "docs", "http://h:6334", &e);
+        let StoreError::Unavailable(failure) = &error else {
+            panic!("expected Unavailable, got {error:?}");
+        };
+        assert_eq!(failure.operation, "upsert points");
+        assert_eq!(failure.collection, "docs");
+        let cause = error
+            .source()
+            .and_then(|f| f.source())
+            .expect("the server's error is kept");
+        let kept = cause
+            .downcast_ref::<QdrantError>()
+            .and_then(status)
+            .expect("a gRPC status");
+        assert_eq!(kept.code(), Code::Unavailable);
+        assert!(kept.metadata().is_empty());
+        assert!(!cause.to_string().contains("s3cr3t"), "{cause}");
+    }
+
+    #[test]
     fn options_debug_hides_the_api_key() {
         let mut options = QdrantOptions::new("http://127.0.0.1:6334");
-        options.api_key = Some("s3cr3t-key".into());
+        options.api_key = Some(Secret::new("s3cr3t-key"));
         let text = format!("{options:?}");
         assert!(!text.contains("s3cr3t"), "{text}");
         assert!(text.contains("***"), "{text}");
@@ -1302,7 +1381,7 @@ mod tests {
         options.backoff_min = Duration::from_millis(1);
         options.backoff_max = Duration::from_millis(2);
         options.connect_timeout = Duration::from_millis(500);
-        options.api_key = Some("s3cr3t-key".into());
+        options.api_key = Some(Secret::new("s3cr3t-key"));
         let fingerprint = Fingerprint {
             model: "m".into(),
             dims: 4,

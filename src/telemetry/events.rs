@@ -719,3 +719,247 @@ impl InternalEvent for LegacyDlqFound<'_> {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Components: model, remote embedder, stores
+// ---------------------------------------------------------------------------------------
+
+/// The local embedding model is loaded and its thread started.
+#[derive(Debug)]
+pub struct ModelLoaded<'a> {
+    /// The model's name (fingerprint).
+    pub model: &'a str,
+    /// Vector dimensions.
+    pub dims: usize,
+    /// Longest input in model tokens.
+    pub max_seq_length: usize,
+    /// Chunks per forward pass.
+    pub batch_size: usize,
+    /// The precision the forward pass runs in.
+    pub precision: &'a str,
+    /// Where the model files are.
+    pub dir: &'a str,
+}
+
+impl InternalEvent for ModelLoaded<'_> {
+    fn emit(self) {
+        tracing::info!(
+            event = "model_loaded",
+            model = self.model,
+            dims = self.dims,
+            max_seq_length = self.max_seq_length,
+            batch_size = self.batch_size,
+            precision = self.precision,
+            dir = self.dir,
+            "embedding model loaded"
+        );
+    }
+}
+
+/// A remote (OpenAI-compatible) embedder is configured.
+#[derive(Debug)]
+pub struct RemoteEmbedderConfigured<'a> {
+    /// The endpoint's label (host, no credentials).
+    pub endpoint: &'a str,
+    /// The provider's model name.
+    pub model: &'a str,
+    /// The fingerprint its vectors are stored under.
+    pub fingerprint: &'a str,
+    /// Whether an API key is sent.
+    pub authenticated: bool,
+}
+
+impl InternalEvent for RemoteEmbedderConfigured<'_> {
+    fn emit(self) {
+        tracing::info!(
+            event = "remote_embedder_configured",
+            endpoint = self.endpoint,
+            model = self.model,
+            fingerprint = self.fingerprint,
+            authenticated = self.authenticated,
+            "remote embedder configured"
+        );
+    }
+}
+
+/// The embedding provider asked to slow down (429 or 503); the request is retried after
+/// `delay`.
+#[derive(Debug)]
+pub struct ProviderThrottled<'a> {
+    /// The provider's label.
+    pub provider: &'a str,
+    /// The HTTP status.
+    pub status: u16,
+    /// The wait before the next request.
+    pub delay: Duration,
+    /// The wait comes from the provider's `Retry-After`.
+    pub retry_after: bool,
+    /// Requests made for this batch so far.
+    pub attempt: u64,
+}
+
+impl InternalEvent for ProviderThrottled<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "provider_throttled",
+            provider = self.provider,
+            status = self.status,
+            delay_ms = millis(self.delay),
+            retry_after = self.retry_after,
+            attempt = self.attempt,
+            "embedding provider asked to slow down; retrying"
+        );
+    }
+}
+
+/// What a failover embedder did: `switched` to the fallback, `still_failing` on it,
+/// `recovered` (the primary answered again) or `both_failed`.
+#[derive(Debug)]
+pub struct EmbedderFailover<'a> {
+    /// `switched`, `still_failing`, `recovered` or `both_failed`.
+    pub state: &'static str,
+    /// The primary's fingerprint.
+    pub primary: &'a str,
+    /// The primary's error (not for `recovered`).
+    pub error: Option<String>,
+    /// The fallback's error (`both_failed`).
+    pub fallback_error: Option<String>,
+}
+
+impl InternalEvent for EmbedderFailover<'_> {
+    fn emit(self) {
+        let (error, fallback_error) = (self.error, self.fallback_error);
+        match self.state {
+            "recovered" => tracing::info!(
+                event = "embedder_failover",
+                state = self.state,
+                primary = self.primary,
+                "primary embedder answered again; leaving the fallback"
+            ),
+            "still_failing" => tracing::debug!(
+                event = "embedder_failover",
+                state = self.state,
+                primary = self.primary,
+                error,
+                "primary embedder still failing; using the fallback"
+            ),
+            _ => tracing::warn!(
+                event = "embedder_failover",
+                state = self.state,
+                primary = self.primary,
+                error,
+                fallback_error,
+                "primary embedder failed; using the same-space fallback (or both failed)"
+            ),
+        }
+    }
+}
+
+/// A store request failed transiently and is retried in process after `retry_in`.
+#[derive(Debug)]
+pub struct StoreRetrying<'a> {
+    /// The collection.
+    pub collection: &'a str,
+    /// The operation.
+    pub operation: &'a str,
+    /// The error.
+    pub error: &'a str,
+    /// The wait before the next try.
+    pub retry_in: Duration,
+}
+
+impl InternalEvent for StoreRetrying<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "store_retrying",
+            collection = self.collection,
+            operation = self.operation,
+            error = self.error,
+            retry_in_ms = millis(self.retry_in),
+            "store request failed transiently; retrying"
+        );
+    }
+}
+
+/// The store is unavailable while the worker starts; it waits for it (up to
+/// `worker.reconnect_give_up_secs`).
+#[derive(Debug)]
+pub struct StoreWaiting<'a, E: Display> {
+    /// Why the store cannot be opened.
+    pub error: &'a E,
+    /// The wait before the next try.
+    pub retry_in: Duration,
+}
+
+impl<E: Display> InternalEvent for StoreWaiting<'_, E> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "store_waiting",
+            error = %self.error,
+            retry_in_ms = millis(self.retry_in),
+            "the store is unavailable at start-up; waiting for it"
+        );
+    }
+}
+
+/// An existing Qdrant collection has another layout than `store.qdrant` configures; it keeps
+/// its own.
+#[derive(Debug)]
+pub struct CollectionLayoutDiffers<'a> {
+    /// The collection.
+    pub collection: &'a str,
+    /// The setting (`shard_number`, `replication_factor`, `write_consistency_factor`).
+    pub setting: &'a str,
+    /// The configured value.
+    pub configured: u32,
+    /// The collection's value, if it reports one.
+    pub actual: Option<u32>,
+}
+
+impl InternalEvent for CollectionLayoutDiffers<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "collection_layout_differs",
+            collection = self.collection,
+            setting = self.setting,
+            configured = self.configured,
+            actual = self.actual,
+            "the existing collection has another layout than store.qdrant configures; \
+             it keeps its own (change it with a Qdrant collection update)"
+        );
+    }
+}
+
+/// A Qdrant Edge maintenance task failed: `optimize`, `compact_wal`, `measure_wal`,
+/// `close_for_compaction` or `final_flush` (the last two are errors: writes may be lost
+/// from the segments, though not from the WAL).
+#[derive(Debug)]
+pub struct EdgeMaintenanceFailed<'a> {
+    /// The task.
+    pub task: &'static str,
+    /// The shard's directory.
+    pub dir: &'a str,
+    /// Why.
+    pub error: &'a str,
+}
+
+impl InternalEvent for EdgeMaintenanceFailed<'_> {
+    fn emit(self) {
+        match self.task {
+            "compact_wal" | "final_flush" => tracing::error!(
+                event = "edge_maintenance_failed",
+                task = self.task,
+                dir = self.dir,
+                error = self.error,
+                "a Qdrant Edge maintenance task failed"
+            ),
+            _ => tracing::warn!(
+                event = "edge_maintenance_failed",
+                task = self.task,
+                dir = self.dir,
+                error = self.error,
+                "a Qdrant Edge maintenance task failed"
+            ),
+        }
+    }
+}

@@ -285,8 +285,8 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             Some(Err(e)) => return Some(SessionEnd::Lost(QueueError::Amqp(e))),
             None if cancelling => self.sub = None,
             None => {
-                return Some(SessionEnd::Lost(QueueError::Closed {
-                    what: "consumer (cancelled by the broker)".into(),
+                return Some(SessionEnd::Lost(QueueError::ConsumerCancelled {
+                    consumer_tag: self.sub.as_ref().map(|s| s.tag.clone()).unwrap_or_default(),
                 }));
             }
         }
