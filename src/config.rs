@@ -115,7 +115,7 @@ impl MetricsConfig {
     }
 }
 
-/// Default of `metrics.address`.
+/// Default of `metrics.address`: loopback only, so `/metrics` is not exposed by accident.
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9464";
 
 fn default_metrics_address() -> String {
@@ -394,6 +394,8 @@ impl EmbedderConfig {
         Ok(())
     }
 
+    /// The endpoint and fingerprint of an openai embedder (every field the kind requires),
+    /// then its limits; fails naming the first missing or invalid field.
     fn validate_remote(
         &self,
         field: &dyn Fn(&str) -> String,
@@ -455,6 +457,16 @@ impl EmbedderConfig {
                 ),
             ));
         }
+        self.validate_remote_limits(field, fail)
+    }
+
+    /// The request limits of an openai embedder: token budgets, timeout, concurrency and
+    /// circuit breaker; fails naming the first field out of range.
+    fn validate_remote_limits(
+        &self,
+        field: &dyn Fn(&str) -> String,
+        fail: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         let max_input = self
             .max_input_tokens
             .unwrap_or(DEFAULT_REMOTE_MAX_INPUT_TOKENS);

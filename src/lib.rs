@@ -1,4 +1,5 @@
 //! rag-ingest: a queue-driven ingestion worker for retrieval-augmented generation.
+#![warn(missing_docs)]
 
 pub mod breaker;
 pub mod chunk;

@@ -259,7 +259,7 @@ pub struct ChunkPoint {
     pub id: Uuid,
     /// The embedding.
     pub vector: Vec<f32>,
-    /// The payload.
+    /// What is stored beside the vector: text, ids, version, order and metadata.
     pub payload: ChunkPayload,
 }
 

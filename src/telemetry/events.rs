@@ -116,7 +116,7 @@ impl InternalEvent for MessageRetried<'_> {
 /// `rag_ingest_messages_total{outcome="dead_lettered"}`.
 #[derive(Debug)]
 pub struct MessageDeadLettered<'a> {
-    /// Why.
+    /// The failure that sent it there (kind, stage, reason).
     pub failure: &'a Failure,
     /// Attempts made.
     pub attempts: u64,
@@ -179,7 +179,7 @@ impl InternalEvent for MessagePanicked {
 pub struct StaleMessageSkipped {
     /// The message's version.
     pub version: u64,
-    /// The stored version.
+    /// The version of the document in the store, newer than the message's.
     pub stored_version: u64,
 }
 
@@ -328,7 +328,7 @@ impl InternalEvent for StoreCall {
 /// embedded again.
 #[derive(Debug)]
 pub struct StoredVectorsUnreadable<'a, E: Display> {
-    /// Why.
+    /// The store error that made the stored vectors unusable.
     pub error: &'a E,
 }
 
@@ -450,7 +450,7 @@ impl InternalEvent for BrokerConnected<'_> {
 pub struct BrokerUrlUnreachable<'a, E: Display> {
     /// The URL, password redacted.
     pub url: &'a str,
-    /// Why.
+    /// The connection error of this URL.
     pub error: &'a E,
 }
 
@@ -519,7 +519,7 @@ impl InternalEvent for BrokerClosed<'_> {
 /// The worker consumes the main queue.
 #[derive(Debug)]
 pub struct WorkerConsuming<'a> {
-    /// The queue.
+    /// The main queue the consumer is on (`rag-ingest.<pipeline>`).
     pub queue: &'a str,
     /// The broker URL, password redacted.
     pub broker: &'a str,
@@ -596,7 +596,7 @@ impl InternalEvent for PrefetchedHandedBack {
 /// `rag_ingest_in_flight_bytes`.
 #[derive(Debug)]
 pub struct InFlight {
-    /// Messages.
+    /// Message tasks running.
     pub messages: usize,
     /// Estimated bytes.
     pub bytes: usize,
@@ -685,7 +685,7 @@ impl InternalEvent for MetricsServing<'_> {
 /// The metrics and health server stopped (the worker keeps running without it).
 #[derive(Debug)]
 pub struct MetricsServerStopped<'a, E: Display> {
-    /// Why.
+    /// The server's error.
     pub error: &'a E,
 }
 
@@ -703,7 +703,7 @@ impl<E: Display> InternalEvent for MetricsServerStopped<'_, E> {
 /// operations documentation for the migration.
 #[derive(Debug)]
 pub struct LegacyDlqFound<'a> {
-    /// The queue.
+    /// The dead-letter queue found without `x-delivery-limit`.
     pub queue: &'a str,
     /// The broker, password redacted.
     pub broker: &'a str,
@@ -858,11 +858,11 @@ impl InternalEvent for EmbedderFailover<'_> {
 /// A store request failed transiently and is retried in process after `retry_in`.
 #[derive(Debug)]
 pub struct StoreRetrying<'a> {
-    /// The collection.
+    /// The collection the request was for.
     pub collection: &'a str,
-    /// The operation.
+    /// The request that failed (`upsert`, `delete`, `count`, …).
     pub operation: &'a str,
-    /// The error.
+    /// The transient error, described without secrets.
     pub error: &'a str,
     /// The wait before the next try.
     pub retry_in: Duration,
@@ -906,7 +906,7 @@ impl<E: Display> InternalEvent for StoreWaiting<'_, E> {
 /// its own.
 #[derive(Debug)]
 pub struct CollectionLayoutDiffers<'a> {
-    /// The collection.
+    /// The collection whose layout differs.
     pub collection: &'a str,
     /// The setting (`shard_number`, `replication_factor`, `write_consistency_factor`).
     pub setting: &'a str,
@@ -935,11 +935,11 @@ impl InternalEvent for CollectionLayoutDiffers<'_> {
 /// from the segments, though not from the WAL).
 #[derive(Debug)]
 pub struct EdgeMaintenanceFailed<'a> {
-    /// The task.
+    /// Which maintenance task failed.
     pub task: &'static str,
     /// The shard's directory.
     pub dir: &'a str,
-    /// Why.
+    /// The error, or the panic message of the storage engine.
     pub error: &'a str,
 }
 
