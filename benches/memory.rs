@@ -174,7 +174,7 @@ fn main() {
     rt.block_on(probe.close());
 
     worker.signal("TERM");
-    let (status, log) = worker.wait_exit(Duration::from_secs(60));
+    let (status, log) = worker.wait_exit_blocking(Duration::from_secs(60));
     let stored = log.lines().filter(|l| l.contains(support::STORED)).count();
     eprintln!(
         "memory: stopped after {:.1} s ({stop_reason}); worker exited with {status}",

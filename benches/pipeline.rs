@@ -85,7 +85,7 @@ fn run_once(
 
     rt.block_on(submitter.close());
     worker.signal("TERM");
-    let (status, log) = worker.wait_exit(Duration::from_secs(60));
+    let (status, log) = worker.wait_exit_blocking(Duration::from_secs(60));
     support::check_clean_exit(status, &log, work.docs.len() as u64);
     let store = EdgeStore::open(
         pipeline.store_path(),

@@ -230,7 +230,7 @@ fn run(
     }
     let (mut per_worker, mut stale) = (Vec::new(), 0);
     for worker in workers {
-        let (status, log) = worker.wait_exit(Duration::from_secs(60));
+        let (status, log) = worker.wait_exit_blocking(Duration::from_secs(60));
         assert!(
             status.success(),
             "BENCH FAILED: a worker exited with {status}; log:\n{log}"

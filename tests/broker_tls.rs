@@ -124,20 +124,8 @@ async fn amqps_with_a_self_signed_certificate_round_trips_and_untrusted_ones_fai
     // The worker consumes over TLS and stores every document.
     let pipeline = t.pipeline();
     let store = std::sync::Arc::clone(pipeline.store());
-    let worker = Worker::new(config.clone(), pipeline);
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        worker.run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the worker drains within a minute")
-    .expect("the worker runs over amqps");
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    let report = common::drain(&config, pipeline, timeout, grace).await;
     assert_eq!(report.stored, docs.len() as u64, "{report:?}");
     for doc in &docs {
         let count = store

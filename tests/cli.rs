@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::TestPipeline;
+use common::{TestPipeline, run_ok};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
@@ -65,17 +65,12 @@ async fn submit_worker_search_through_the_binary() {
     let t = TestPipeline::new("cli", "");
     let path = write_config(&t);
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/acme");
-    let out = bin()
-        .args(["submit", "--pipeline"])
-        .arg(&path)
-        .args(["--tenant", "acme"])
-        .arg(&docs)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args(["submit", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "acme"])
+            .arg(&docs),
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("submitted 4 of 4"),
@@ -83,15 +78,10 @@ async fn submit_worker_search_through_the_binary() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    let out = bin()
-        .args(["worker", "--exit-when-idle", "--pipeline"])
-        .arg(&path)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args(["worker", "--exit-when-idle", "--pipeline"])
+            .arg(&path),
     );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("stored=4"),
@@ -99,33 +89,17 @@ async fn submit_worker_search_through_the_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let out = bin()
-        .args(["search", "--json", "--pipeline"])
-        .arg(&path)
-        .args([
-            "--tenant",
-            "acme",
-            "--top-k",
-            "2",
-            "getting money back for a taxi",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(bin().args(["search", "--json", "--pipeline"]).arg(&path).args([
+        "--tenant",
+        "acme",
+        "--top-k",
+        "2",
+        "getting money back for a taxi",
+    ]));
     let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(hits[0]["document_id"], "expenses.txt", "{hits:#}");
 
-    let out = bin()
-        .args(["embed", "--pipeline"])
-        .arg(&path)
-        .args(["one", "two"])
-        .output()
-        .expect("runs");
-    assert!(out.status.success());
+    let out = run_ok(bin().args(["embed", "--pipeline"]).arg(&path).args(["one", "two"]));
     let lines: Vec<Vec<f32>> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("vector"))
@@ -141,17 +115,12 @@ async fn submit_dry_run_counts_chunks_and_tokens_and_publishes_nothing() {
     let t = TestPipeline::new("cli-dry", "");
     let path = write_config(&t);
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/globex");
-    let out = bin()
-        .args(["submit", "--dry-run", "--pipeline"])
-        .arg(&path)
-        .args(["--tenant", "globex"])
-        .arg(&docs)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args(["submit", "--dry-run", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "globex"])
+            .arg(&docs),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("dry run: 4 document(s)"), "{stdout}");

@@ -429,19 +429,8 @@ async fn faults_tenant_header_disagreeing_with_the_body_is_invalid_field() {
 
     let pipeline = t.pipeline();
     let store = Arc::clone(pipeline.store());
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        Worker::new(t.config.clone(), pipeline).run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("drains")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    let report = common::drain(&t.config, pipeline, timeout, grace).await;
     assert_eq!((report.stored, report.dead_lettered), (0, 1), "{report:?}");
     assert!(
         store
@@ -541,19 +530,8 @@ async fn faults_producer_set_attempts_do_not_skip_retries() {
     let pipeline = rag_ingest::setup::pipeline(&config)
         .await
         .expect("pipeline builds");
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        Worker::new(config.clone(), pipeline).run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("drains")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    let report = common::drain(&config, pipeline, timeout, grace).await;
     assert_eq!(
         (report.retried, report.dead_lettered),
         (u64::from(config.retry.max_attempts) - 1, 1),

@@ -1211,19 +1211,8 @@ async fn drain_with_remote(
             .all(Result::is_ok)
     );
     submitter.close().await;
-    let report = tokio::time::timeout(
-        Duration::from_secs(120),
-        Worker::new(t.config.clone(), pipeline).run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("drains")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(120), Duration::from_millis(300));
+    let report = common::drain(&t.config, pipeline, timeout, grace).await;
     (t, report, store)
 }
 

@@ -95,16 +95,8 @@ async fn an_api_key_server_takes_the_right_key_and_names_the_variable_for_a_wron
 
 /// Runs `openssl` with `args` in `dir`; panics with its output if it fails.
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Debian package openssl.
+    common::run_ok(std::process::Command::new("openssl").args(args).current_dir(dir));
 }
 
 /// A private CA and a server certificate for 127.0.0.1/localhost signed by it, in `dir`:

@@ -6,14 +6,10 @@
 //! Everything a bench creates is removed again when its owner is dropped, also when the
 //! bench panics: [`BenchPipeline`] deletes its queues (and its Qdrant collection) and data
 //! directory, [`WorkerProcess`] kills a worker that is still running.
-#![allow(dead_code)]
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -27,13 +23,13 @@ use rag_ingest::tenant::TenantId;
 
 #[path = "../../tests/support/queues.rs"]
 mod queues;
-#[path = "../../tests/support/worker_log.rs"]
-mod worker_log;
+#[path = "../../tests/support/worker_process.rs"]
+mod worker_process;
 pub use queues::delete_queues;
 use queues::within;
 // Each test or bench crate uses a subset of these helpers.
 #[allow(unused_imports)]
-pub use worker_log::final_count;
+pub use worker_process::{WorkerProcess, final_count};
 
 /// Log line the worker prints once it consumes (model loaded, store open, topology declared).
 pub const CONSUMING: &str = "worker consuming";
@@ -490,193 +486,31 @@ impl WorkerBinary {
     }
 }
 
-/// Lines of a worker's stderr, with a condition variable signalled on every new line.
-#[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    grew: Condvar,
-}
-
-/// A running `rag-ingest worker` process (the release binary built with the benches) whose
-/// stderr is collected line by line.
-pub struct WorkerProcess {
-    child: Child,
-    log: Arc<Log>,
-    reader: Option<JoinHandle<()>>,
-}
-
 impl WorkerProcess {
-    /// Starts `<binary> worker --pipeline <file> <extra>` with info logs (lapin and
-    /// qdrant_edge at warn).
+    /// Starts `<binary> --log-format text worker --pipeline <file> <extra>` with info logs
+    /// (lapin and qdrant_edge at warn).
     pub fn start(binary: &WorkerBinary, file: &Path, extra: &[&str]) -> Self {
         Self::start_on(binary, file, extra, None)
     }
 
     /// Like [`start`](Self::start); with `core`, the process may run on that CPU core only
-    /// (`taskset -c <core>`, which then executes the worker in its place, so [`id`](Self::id)
-    /// is the worker's pid).
+    /// (`taskset -c <core>`, which then executes the worker in its place, so
+    /// [`id`](Self::id) is the worker's pid).
     pub fn start_on(
         binary: &WorkerBinary,
         file: &Path,
         extra: &[&str],
         core: Option<usize>,
     ) -> Self {
-        let mut command = match core {
-            Some(core) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &core.to_string()]).arg(binary.path());
-                c
-            }
-            None => Command::new(binary.path()),
-        };
-        let mut child = command
-            .args(["--log-format", "text", "worker", "--pipeline"])
-            .arg(file)
-            .args(extra)
-            .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the rag-ingest binary starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Log::default());
-        let sink = Arc::clone(&log);
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lines
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(line);
-                sink.grew.notify_all();
-            }
-            // Wake waiters once more at end of stream (the process is exiting).
-            sink.grew.notify_all();
-        });
-        WorkerProcess {
-            child,
-            log,
-            reader: Some(reader),
-        }
-    }
-
-    /// The process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Log lines containing `needle` so far.
-    pub fn count(&self, needle: &str) -> usize {
-        self.log
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// The whole log so far.
-    pub fn log(&self) -> String {
-        self.log
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .join("\n")
-    }
-
-    /// The exit status if the process has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    /// Blocks until `n` log lines contain `needle`, woken by every new line. Panics with the
-    /// log if the worker exits first or `timeout` passes.
-    pub fn wait_for(&mut self, needle: &str, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self
-            .log
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if lines.iter().filter(|l| l.contains(needle)).count() >= n {
-                return;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(lines);
-                panic!(
-                    "BENCH FAILED: fewer than {n} log lines with {needle:?} within {timeout:?}; \
-                     worker log:\n{}",
-                    self.log()
-                );
-            }
-            // Wake at least every 200 ms to notice a worker that died without output.
-            let wait = (deadline - now).min(Duration::from_millis(200));
-            lines = self
-                .log
-                .grew
-                .wait_timeout(lines, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                drop(lines);
-                if self.count(needle) >= n {
-                    return;
-                }
-                panic!(
-                    "BENCH FAILED: the worker exited ({status}) before {n} log lines with \
-                     {needle:?}; worker log:\n{}",
-                    self.log()
-                );
-            }
-        }
-    }
-
-    /// Sends `signal` (`TERM`, `INT`, `KILL`) with kill(1).
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -s {signal} {}", self.child.id());
-    }
-
-    /// Waits (polling every 20 ms) for the process to exit; returns its status and whole
-    /// log. Kills it and panics if it is still running after `timeout`.
-    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "BENCH FAILED: the worker did not exit within {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        (status, self.log())
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // A failed bench must not leave a worker behind.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        WorkerProcess::launch(worker_process::Launch {
+            binary: binary.path(),
+            global_args: &["--log-format", "text"],
+            pipeline: file,
+            args: extra,
+            env: &[],
+            core,
+            failure: "BENCH FAILED: ",
+        })
     }
 }
 

@@ -1,6 +1,5 @@
 //! Shared helpers for integration tests: a unique pipeline per test (own queue names, own
 //! store directory), the real model loaded once per test binary, and broker utilities.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -14,19 +13,23 @@ use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
 
+#[path = "../support/command.rs"]
+mod command;
 #[path = "../support/openai_server.rs"]
 pub mod openai_server;
 #[path = "../support/qdrant_server.rs"]
 pub mod qdrant_server;
 #[path = "../support/queues.rs"]
 mod queues;
-#[path = "../support/worker_log.rs"]
-mod worker_log;
+#[path = "../support/worker_process.rs"]
+mod worker_process;
 // Each test or bench crate uses a subset of these helpers.
+#[allow(unused_imports)]
+pub use command::{run_ok, stdout};
 #[allow(unused_imports)]
 pub use queues::{close_quietly, within};
 #[allow(unused_imports)]
-pub use worker_log::final_count;
+pub use worker_process::{WorkerProcess, final_count};
 
 /// The broker URL tests use.
 pub fn amqp_url() -> String {
@@ -279,6 +282,30 @@ pub async fn submit(config: &PipelineConfig, docs: &[rag_ingest::message::Docume
     submitter.close().await;
 }
 
+/// Runs an in-process worker of `config` over `pipeline` until its queues stay idle for
+/// `idle_grace`; returns its report. Panics if it fails or has not finished within `timeout`.
+pub async fn drain<E, S>(
+    config: &PipelineConfig,
+    pipeline: Pipeline<E, S>,
+    timeout: Duration,
+    idle_grace: Duration,
+) -> rag_ingest::queue::WorkerReport
+where
+    E: rag_ingest::embed::Embedder,
+    S: rag_ingest::store::VectorStore,
+{
+    let worker = rag_ingest::queue::Worker::new(config.clone(), pipeline);
+    let options = rag_ingest::queue::RunOptions {
+        exit_when_idle: true,
+        idle_grace,
+    };
+    let run = worker.run(options, std::future::pending());
+    match tokio::time::timeout(timeout, run).await {
+        Ok(report) => report.expect("the worker runs"),
+        Err(_) => panic!("the worker did not drain the queues within {timeout:?}"),
+    }
+}
+
 /// Polls `check` every 50 ms until it returns true; panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
@@ -362,19 +389,10 @@ address = "{metrics}"
     path
 }
 
-/// Runs `rabbitmqctl` with `args`; panics (with its output) if it fails.
+/// Runs `rabbitmqctl` with `args`; returns its stdout, or panics (with its output) if it
+/// fails.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout(&run_ok(std::process::Command::new("rabbitmqctl").args(args)))
 }
 
 /// Broker ids (`<rabbit@host.N.N.N>`, what `rabbitmqctl close_connection` takes) of the
@@ -540,138 +558,29 @@ pub fn short_docs(tenant: &str, prefix: &str, n: usize) -> Vec<rag_ingest::messa
         .collect()
 }
 
-/// A running `rag-ingest worker` process whose stderr lines are collected as they come.
-pub struct WorkerProcess {
-    child: std::process::Child,
-    lines: Arc<std::sync::Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
 impl WorkerProcess {
-    /// Starts `rag-ingest worker --pipeline <file>` (with `--exit-when-idle` if asked).
+    /// Starts `rag-ingest worker --pipeline <file>` of this build (with `--exit-when-idle`
+    /// and a 300 ms idle grace if asked); panics if the binary cannot be started.
     pub fn start(file: &Path, exit_when_idle: bool) -> Self {
         Self::start_with_env(file, exit_when_idle, &[])
     }
 
     /// Like [`WorkerProcess::start`], with extra environment variables.
     pub fn start_with_env(file: &Path, exit_when_idle: bool, env: &[(&str, &str)]) -> Self {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
-        cmd.envs(env.iter().copied());
-        cmd.args(["worker", "--pipeline"])
-            .arg(file)
-            .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        if exit_when_idle {
-            cmd.args(["--exit-when-idle", "--idle-grace-ms", "300"]);
-        }
-        let mut child = cmd.spawn().expect("the worker binary starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        WorkerProcess {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    /// Log lines containing `needle` so far.
-    pub fn count(&self, needle: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// The whole log so far.
-    pub fn log(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .join("\n")
-    }
-
-    /// Waits (polling) until at least `n` documents were stored; fails if the worker exits.
-    pub async fn wait_stored(&mut self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.count("document stored") < n {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("the worker exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {n} stored documents within a minute:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Sends `signal` (`KILL`, `TERM`, `INT`) with kill(1).
-    pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -s {signal}");
-    }
-
-    /// Waits (polling) for the process to exit; returns its status and whole stderr.
-    pub async fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "the worker did not exit within {timeout:?}:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let idle: &[&str] = if exit_when_idle {
+            &["--exit-when-idle", "--idle-grace-ms", "300"]
+        } else {
+            &[]
         };
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        let log = self.log();
-        (status, log)
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // A failed test must not leave a worker behind.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl WorkerProcess {
-    /// The process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// True once the process has exited.
-    pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+        WorkerProcess::launch(worker_process::Launch {
+            binary: Path::new(env!("CARGO_BIN_EXE_rag-ingest")),
+            global_args: &[],
+            pipeline: file,
+            args: idle,
+            env,
+            core: None,
+            failure: "",
+        })
     }
 }
 

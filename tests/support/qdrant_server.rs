@@ -8,7 +8,6 @@
 //!
 //! Every server listens on 127.0.0.1 only, on ports picked free at start, with its storage in
 //! its own temporary directory; it is killed when dropped.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

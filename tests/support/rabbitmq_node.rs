@@ -1,10 +1,13 @@
 //! A test's own RabbitMQ node on loopback, through `scripts/rabbitmq-node.sh` (never the
 //! machine's rabbit@localhost on 5672), stopped when the guard is dropped, also when the test
 //! panics.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "command.rs"]
+mod command;
+use command::{run_ok, stdout};
 
 /// The node script.
 pub fn node_script() -> PathBuf {
@@ -19,19 +22,10 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Runs `scripts/rabbitmq-node.sh ARGS`; panics with its output unless it succeeds.
+/// Runs `scripts/rabbitmq-node.sh ARGS`; returns its stdout, or panics with its output
+/// unless it succeeds.
 pub fn run_node_script(args: &[&str]) -> String {
-    let out = Command::new(node_script())
-        .args(args)
-        .output()
-        .expect("scripts/rabbitmq-node.sh runs");
-    assert!(
-        out.status.success(),
-        "rabbitmq-node.sh {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout(&run_ok(Command::new(node_script()).args(args)))
 }
 
 /// Writes a self-signed CA and a server certificate for 127.0.0.1/localhost into `dir`
