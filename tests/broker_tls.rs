@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{TestPipeline, within, write_pipeline_file};
 use rabbitmq_node::{RabbitNode, make_certificates};
 use rag_ingest::config::{ENV_AMQP_TLS_CA_FILE, ENV_AMQP_URL, PipelineConfig};
-use rag_ingest::queue::{QueueError, RunOptions, Submitter, Worker};
+use rag_ingest::queue::{QueueError, Submitter};
 use rag_ingest::store::VectorStore;
 
 /// Loads `t`'s pipeline file with the broker URL and CA file given as environment overrides,

@@ -89,17 +89,27 @@ async fn submit_worker_search_through_the_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let out = run_ok(bin().args(["search", "--json", "--pipeline"]).arg(&path).args([
-        "--tenant",
-        "acme",
-        "--top-k",
-        "2",
-        "getting money back for a taxi",
-    ]));
+    let out = run_ok(
+        bin()
+            .args(["search", "--json", "--pipeline"])
+            .arg(&path)
+            .args([
+                "--tenant",
+                "acme",
+                "--top-k",
+                "2",
+                "getting money back for a taxi",
+            ]),
+    );
     let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(hits[0]["document_id"], "expenses.txt", "{hits:#}");
 
-    let out = run_ok(bin().args(["embed", "--pipeline"]).arg(&path).args(["one", "two"]));
+    let out = run_ok(
+        bin()
+            .args(["embed", "--pipeline"])
+            .arg(&path)
+            .args(["one", "two"]),
+    );
     let lines: Vec<Vec<f32>> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("vector"))

@@ -18,13 +18,15 @@
 //! `qdrant-cluster: confirmed=N stored=N lost=0 duplicated=0 searches_ok=K searches_failed=0`.
 
 mod common;
+#[path = "support/qdrant_server.rs"]
+mod qdrant_server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::qdrant_server::QdrantServer;
 use common::{TestPipeline, WorkerProcess};
+use qdrant_server::QdrantServer;
 use rag_ingest::embed::Embedder;
 use rag_ingest::store::{QdrantOptions, QdrantStore, SearchRequest, VectorStore};
 use rag_ingest::tenant::TenantId;

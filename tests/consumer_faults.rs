@@ -7,20 +7,22 @@
 //! server that answers 503 while "down" and real all-MiniLM-L6-v2 vectors otherwise.
 
 mod common;
+#[path = "support/openai_server.rs"]
+mod openai_server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::openai_server::{Embedder503, MODEL};
 use common::{TestPipeline, WorkerProcess, eventually, queue_len, within};
 use lapin::Channel;
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use openai_server::{Embedder503, MODEL};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::queue::{
-    DlqFilter, RunOptions, Submitter, Topology, Worker, inspect_dlq, publish_confirmed, reprocess,
+    DlqFilter, Submitter, Topology, inspect_dlq, publish_confirmed, reprocess,
 };
 use rag_ingest::store::VectorStore;
 use serde_json::Value;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{TestPipeline, TestStore, embedder, queue_len};
 use rag_ingest::message::Document;
-use rag_ingest::queue::{DlqFilter, RunOptions, Submitter, Topology, Worker, inspect_dlq};
+use rag_ingest::queue::{DlqFilter, Submitter, Topology, inspect_dlq};
 use rag_ingest::search::{SearchError, Searcher};
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;

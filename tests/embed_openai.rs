@@ -1191,7 +1191,7 @@ async fn drain_with_remote(
     rag_ingest::queue::WorkerReport,
     Arc<rag_ingest::store::EdgeStore>,
 ) {
-    use rag_ingest::queue::{RunOptions, Submitter, Worker};
+    use rag_ingest::queue::Submitter;
     let t = common::TestPipeline::new(
         test,
         "[retry]\nmax_attempts = 2\nin_process_retries = 1\nbackoff_min_ms = 5\nbackoff_max_ms = 10\ndelays_ms = [100]",

@@ -15,7 +15,7 @@ use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::CandleEmbedder;
 use rag_ingest::message::Document;
 use rag_ingest::process::Pipeline;
-use rag_ingest::queue::{RunOptions, Worker, WorkerReport};
+use rag_ingest::queue::WorkerReport;
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::setup;
 use rag_ingest::store::VectorStore;

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use fault_store::{Call, FaultStore, Hook, Op};
 use common::{
     TestPipeline, TestStore, embedder, eventually, expected_chunks, queue_len, rabbitmqctl,
     short_docs,
 };
+use fault_store::{Call, FaultStore, Hook, Op};
 use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Fingerprint};
 use rag_ingest::message::Document;
 use rag_ingest::process::Pipeline;
@@ -32,10 +32,7 @@ use rag_ingest::queue::{
     reprocess,
 };
 use rag_ingest::setup;
-use rag_ingest::store::{
-    ChunkPayload, ChunkPoint, EdgeStore, Order, Revision, ScoredChunk, SearchRequest, Store,
-    StoreError, StoredChunk, VectorStore,
-};
+use rag_ingest::store::{EdgeStore, Store, StoreError, VectorStore};
 use rag_ingest::tenant::TenantId;
 
 /// Small retry delays so that every tier is exercised within a second.
@@ -780,7 +777,15 @@ async fn lose_nothing_dlq_inspection_keeps_every_message_in_order() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let show = ["dlq", "show", "--tenant", "acme", "--limit", "3", "--pipeline"];
+    let show = [
+        "dlq",
+        "show",
+        "--tenant",
+        "acme",
+        "--limit",
+        "3",
+        "--pipeline",
+    ];
     let out = common::run_ok(bin().args(show).arg(&file));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("3 message(s) shown"),

@@ -23,8 +23,8 @@ use rag_ingest::message::Document;
 use rag_ingest::process::{Pipeline, Processed};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::store::{
-    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, Order, QdrantOptions, QdrantStore, Revision,
-    ScoredChunk, SearchFilter, SearchRequest, StoreError, StoredChunk, VectorStore, point_id,
+    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
+    SearchFilter, SearchRequest, StoreError, VectorStore, point_id,
 };
 use rag_ingest::tenant::TenantId;
 

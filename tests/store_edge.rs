@@ -17,7 +17,7 @@ use rag_ingest::tenant::TenantId;
 
 #[path = "support/vectors.rs"]
 mod vectors;
-use vectors::{DIMS, fingerprint, unit_vector};
+use vectors::{fingerprint, unit_vector};
 
 const COLLECTION: &str = "chunks";
 

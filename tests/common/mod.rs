@@ -15,10 +15,6 @@ use rag_ingest::store::EdgeStore;
 
 #[path = "../support/command.rs"]
 mod command;
-#[path = "../support/openai_server.rs"]
-pub mod openai_server;
-#[path = "../support/qdrant_server.rs"]
-pub mod qdrant_server;
 #[path = "../support/queues.rs"]
 mod queues;
 #[path = "../support/worker_process.rs"]
@@ -32,6 +28,7 @@ pub use queues::{close_quietly, within};
 pub use worker_process::{WorkerProcess, final_count};
 
 /// The broker URL tests use.
+#[allow(dead_code)]
 pub fn amqp_url() -> String {
     std::env::var("RAG_INGEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -49,6 +46,7 @@ pub fn model_dir() -> PathBuf {
 }
 
 /// The real model, loaded once per test binary.
+#[allow(dead_code)]
 pub fn embedder() -> Arc<CandleEmbedder> {
     static MODEL: OnceLock<Arc<CandleEmbedder>> = OnceLock::new();
     Arc::clone(MODEL.get_or_init(|| {
@@ -58,10 +56,13 @@ pub fn embedder() -> Arc<CandleEmbedder> {
 
 /// Which store a test pipeline writes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(dead_code)]
 pub enum TestStore {
     /// Qdrant Edge in the test's own directory.
+    #[allow(dead_code)]
     Edge,
     /// A collection of the test's own on the Qdrant server at `url` (gRPC).
+    #[allow(dead_code)]
     Qdrant {
         /// gRPC URL.
         url: String,
@@ -71,6 +72,7 @@ pub enum TestStore {
 impl TestStore {
     /// The shared test server (`QDRANT_URL`), or `None` after a loud SKIPPED line naming
     /// `test`.
+    #[allow(dead_code)]
     pub fn qdrant_or_skip(test: &str) -> Option<Self> {
         qdrant_url_or_skip(test).map(|url| TestStore::Qdrant { url })
     }
@@ -101,19 +103,23 @@ macro_rules! on_both_stores {
 }
 
 /// A pipeline config with its own queue names and store directory (or server collection).
+#[allow(dead_code)]
 pub struct TestPipeline {
     pub config: PipelineConfig,
+    #[allow(dead_code)]
     pub dir: tempfile::TempDir,
 }
 
 impl TestPipeline {
     /// A unique pipeline named after `test` on Qdrant Edge; `extra` is appended to the TOML
     /// (e.g. a `[retry]` table).
+    #[allow(dead_code)]
     pub fn new(test: &str, extra: &str) -> Self {
         Self::on(TestStore::Edge, test, extra)
     }
 
     /// A unique pipeline named after `test` on `store`; `extra` is appended to the TOML.
+    #[allow(dead_code)]
     pub fn on(store: TestStore, test: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let name = format!(
@@ -160,6 +166,7 @@ max_document_bytes = 4096
 
     /// The processing pipeline over the shared model and this test's own store, whichever
     /// kind the config names.
+    #[allow(dead_code)]
     pub async fn store_pipeline(&self) -> Pipeline<CandleEmbedder, rag_ingest::store::Store> {
         let embedder = embedder();
         let chunker = setup::chunker(&self.config, &embedder).expect("chunker");
@@ -173,6 +180,7 @@ max_document_bytes = 4096
     }
 
     /// The processing pipeline over the shared model and this test's own Edge store.
+    #[allow(dead_code)]
     pub fn pipeline(&self) -> Pipeline<CandleEmbedder, EdgeStore> {
         let embedder = embedder();
         let chunker = setup::chunker(&self.config, &embedder).expect("chunker");
@@ -185,6 +193,7 @@ max_document_bytes = 4096
     }
 
     /// Deletes this pipeline's queues from the broker.
+    #[allow(dead_code)]
     pub async fn delete_queues(&self) {
         queues::delete_queues(&self.config).await;
     }
@@ -192,6 +201,7 @@ max_document_bytes = 4096
 
 /// The `[store]` section of a test pipeline: Edge under `path`, or the collection `name` on
 /// the server.
+#[allow(dead_code)]
 fn store_section(store: &TestStore, name: &str, path: &Path) -> String {
     match store {
         TestStore::Edge => format!(
@@ -207,6 +217,7 @@ fn store_section(store: &TestStore, name: &str, path: &Path) -> String {
 }
 
 /// The store section `write_pipeline_file` writes for `c`.
+#[allow(dead_code)]
 fn config_store_section(c: &PipelineConfig) -> String {
     use rag_ingest::config::StoreKind;
     match c.store.kind {
@@ -241,6 +252,7 @@ fn config_store_section(c: &PipelineConfig) -> String {
 }
 
 /// Opens a connection to the test broker (panics if it is down or does not answer).
+#[allow(dead_code)]
 pub async fn connect() -> Connection {
     within(
         "connect",
@@ -251,6 +263,7 @@ pub async fn connect() -> Connection {
 }
 
 /// Ready messages in `queue` (the queue must exist).
+#[allow(dead_code)]
 pub async fn queue_len(queue: &str) -> u32 {
     let conn = connect().await;
     let ch = within("open a channel", conn.create_channel())
@@ -270,6 +283,7 @@ pub async fn queue_len(queue: &str) -> u32 {
 
 /// Submits `docs` to `config`'s pipeline with confirms; panics unless every one is confirmed
 /// within the broker deadline.
+#[allow(dead_code)]
 pub async fn submit(config: &PipelineConfig, docs: &[rag_ingest::message::Document]) {
     let submitter = within("connect", rag_ingest::queue::Submitter::connect(config))
         .await
@@ -284,6 +298,7 @@ pub async fn submit(config: &PipelineConfig, docs: &[rag_ingest::message::Docume
 
 /// Runs an in-process worker of `config` over `pipeline` until its queues stay idle for
 /// `idle_grace`; returns its report. Panics if it fails or has not finished within `timeout`.
+#[allow(dead_code)]
 pub async fn drain<E, S>(
     config: &PipelineConfig,
     pipeline: Pipeline<E, S>,
@@ -307,6 +322,7 @@ where
 }
 
 /// Polls `check` every 50 ms until it returns true; panics with `what` after `timeout`.
+#[allow(dead_code)]
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -328,6 +344,7 @@ where
 
 /// Writes `t.config` (every section, retry and worker included) as a pipeline file the
 /// binary can load, next to the test's store; returns its path.
+#[allow(dead_code)]
 pub fn write_pipeline_file(t: &TestPipeline) -> PathBuf {
     let c = &t.config;
     let tenants: Vec<String> = c.tenants.allowed.iter().map(|t| format!("{t:?}")).collect();
@@ -391,13 +408,17 @@ address = "{metrics}"
 
 /// Runs `rabbitmqctl` with `args`; returns its stdout, or panics (with its output) if it
 /// fails.
+#[allow(dead_code)]
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    stdout(&run_ok(std::process::Command::new("rabbitmqctl").args(args)))
+    stdout(&run_ok(
+        std::process::Command::new("rabbitmqctl").args(args),
+    ))
 }
 
 /// Broker ids (`<rabbit@host.N.N.N>`, what `rabbitmqctl close_connection` takes) of the
 /// connections opened by workers of `pipeline`: their client property `connection_name` is
 /// `rag-ingest worker <pipeline>`.
+#[allow(dead_code)]
 pub fn worker_connections(pipeline: &str) -> Vec<String> {
     let out = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
     let wanted = format!("\"rag-ingest worker {pipeline}\"");
@@ -409,6 +430,7 @@ pub fn worker_connections(pipeline: &str) -> Vec<String> {
 
 /// Closes every broker connection of `pipeline`'s workers (only theirs); returns how many
 /// were closed.
+#[allow(dead_code)]
 pub fn close_worker_connections(pipeline: &str) -> usize {
     let mut closed = 0;
     for pid in worker_connections(pipeline) {
@@ -429,6 +451,7 @@ pub fn close_worker_connections(pipeline: &str) -> usize {
 }
 
 /// Opens a connection and a confirm-mode channel (panics if the broker is down).
+#[allow(dead_code)]
 pub async fn confirm_channel() -> (Connection, lapin::Channel) {
     let conn = connect().await;
     let ch = within("open a channel", conn.create_channel())
@@ -444,6 +467,7 @@ pub async fn confirm_channel() -> (Connection, lapin::Channel) {
 }
 
 /// Publishes `body` straight to `queue` (default exchange) and waits for the confirm.
+#[allow(dead_code)]
 pub async fn publish_to_queue(
     ch: &lapin::Channel,
     queue: &str,
@@ -457,6 +481,7 @@ pub async fn publish_to_queue(
 }
 
 /// Removes every message of `queue` (basic.get + ack) and returns them in queue order.
+#[allow(dead_code)]
 pub async fn take_all(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
     let conn = connect().await;
     let ch = within("open a channel", conn.create_channel())
@@ -486,6 +511,7 @@ pub async fn take_all(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
 }
 
 /// Ready messages of the main queue plus every retry queue of `config`'s pipeline.
+#[allow(dead_code)]
 pub async fn pending(config: &PipelineConfig) -> u64 {
     let topology = Topology::new(config);
     let mut total = u64::from(queue_len(&topology.main_queue()).await);
@@ -496,6 +522,7 @@ pub async fn pending(config: &PipelineConfig) -> u64 {
 }
 
 /// Header `name` of `properties` as text (strings) or a number rendered as text.
+#[allow(dead_code)]
 pub fn header(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
     use lapin::types::AMQPValue;
     match properties.headers().as_ref()?.inner().get(name)? {
@@ -509,6 +536,7 @@ pub fn header(properties: &lapin::BasicProperties, name: &str) -> Option<String>
 }
 
 /// The chunk count `doc` gets from `config`'s chunker (what the store must hold for it).
+#[allow(dead_code)]
 pub fn expected_chunks(config: &PipelineConfig, doc: &rag_ingest::message::Document) -> usize {
     static CHUNKERS: OnceLock<
         std::sync::Mutex<std::collections::HashMap<String, Arc<rag_ingest::chunk::Chunker>>>,
@@ -531,6 +559,7 @@ pub fn expected_chunks(config: &PipelineConfig, doc: &rag_ingest::message::Docum
 
 /// `n` short, distinct plain-text documents of `tenant` named `<prefix>-<i>`, of 1 to 3
 /// chunks each with the test pipelines' 64-token chunks.
+#[allow(dead_code)]
 pub fn short_docs(tenant: &str, prefix: &str, n: usize) -> Vec<rag_ingest::message::Document> {
     const WORDS: [&str; 24] = [
         "river", "granite", "lantern", "orchard", "falcon", "copper", "meadow", "harbor", "violin",
@@ -561,11 +590,13 @@ pub fn short_docs(tenant: &str, prefix: &str, n: usize) -> Vec<rag_ingest::messa
 impl WorkerProcess {
     /// Starts `rag-ingest worker --pipeline <file>` of this build (with `--exit-when-idle`
     /// and a 300 ms idle grace if asked); panics if the binary cannot be started.
+    #[allow(dead_code)]
     pub fn start(file: &Path, exit_when_idle: bool) -> Self {
         Self::start_with_env(file, exit_when_idle, &[])
     }
 
     /// Like [`WorkerProcess::start`], with extra environment variables.
+    #[allow(dead_code)]
     pub fn start_with_env(file: &Path, exit_when_idle: bool, env: &[(&str, &str)]) -> Self {
         let idle: &[&str] = if exit_when_idle {
             &["--exit-when-idle", "--idle-grace-ms", "300"]
@@ -590,6 +621,7 @@ impl WorkerProcess {
 
 /// An [`Embedder`](rag_ingest::embed::Embedder) that forwards to the real model and counts
 /// the calls and texts it was asked to embed.
+#[allow(dead_code)]
 pub struct CountingEmbedder {
     inner: Arc<CandleEmbedder>,
     calls: std::sync::atomic::AtomicUsize,
@@ -598,6 +630,7 @@ pub struct CountingEmbedder {
 
 impl CountingEmbedder {
     /// A counter around the shared real model ([`embedder`]).
+    #[allow(dead_code)]
     pub fn new() -> Self {
         CountingEmbedder {
             inner: embedder(),
@@ -607,20 +640,24 @@ impl CountingEmbedder {
     }
 
     /// Embedding calls so far.
+    #[allow(dead_code)]
     pub fn calls(&self) -> usize {
         self.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Texts embedded so far.
+    #[allow(dead_code)]
     pub fn texts(&self) -> usize {
         self.texts.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The model's tokenizer (for building a chunker).
+    #[allow(dead_code)]
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         self.inner.tokenizer()
     }
 
+    #[allow(dead_code)]
     fn count(&self, texts: &[String]) {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.texts
@@ -659,6 +696,7 @@ impl rag_ingest::embed::Embedder for CountingEmbedder {
 
 /// The Qdrant server of the server-side store tests (`QDRANT_URL`, gRPC), or `None` after
 /// printing a loud `SKIPPED` line to stderr naming `test`.
+#[allow(dead_code)]
 pub fn qdrant_url_or_skip(test: &str) -> Option<String> {
     match std::env::var("QDRANT_URL") {
         Ok(url) if !url.trim().is_empty() => Some(url),
@@ -676,6 +714,7 @@ pub fn qdrant_url_or_skip(test: &str) -> Option<String> {
 /// the collection named after the pipeline (unique per test, so the shared server is safe),
 /// `store.qdrant.url = url`, and `qdrant_extra` (TOML lines, e.g. `replication_factor = 3`)
 /// added to `[store.qdrant]`. Returns the file's path.
+#[allow(dead_code)]
 pub fn write_qdrant_pipeline_file(t: &TestPipeline, url: &str, qdrant_extra: &str) -> PathBuf {
     let path = write_pipeline_file(t);
     let text = std::fs::read_to_string(&path).expect("read pipeline file");

@@ -4,6 +4,7 @@ use std::process::{Command, Output};
 
 /// Runs `cmd` to completion and returns its output; panics naming the command, with its
 /// exit status, stdout and stderr, if it cannot be started or does not succeed.
+#[allow(dead_code)]
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -19,6 +20,7 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 /// The stdout of `out` as text.
+#[allow(dead_code)]
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

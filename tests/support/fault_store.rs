@@ -7,8 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use rag_ingest::store::{
-    ChunkPayload, ChunkPoint, Order, Revision, ScoredChunk, SearchRequest, StoreError,
-    StoredChunk, VectorStore,
+    ChunkPayload, ChunkPoint, Order, Revision, ScoredChunk, SearchRequest, StoreError, StoredChunk,
+    VectorStore,
 };
 use rag_ingest::tenant::TenantId;
 
@@ -30,10 +30,13 @@ pub enum Op {
 /// One call on its way to the inner store.
 pub struct Call<'a> {
     /// The operation.
+    #[allow(dead_code)]
     pub op: Op,
     /// The document the call is about, where it names one.
+    #[allow(dead_code)] // not every hook looks at it
     pub document_id: Option<&'a str>,
     /// The points of a write (`Upsert`, `UpsertNewer`), which the hook may change.
+    #[allow(dead_code)] // not every hook looks at them
     pub points: Option<&'a mut Vec<ChunkPoint>>,
 }
 
@@ -76,12 +79,9 @@ pub struct FaultStore<S, H> {
 }
 
 impl<S, H> FaultStore<S, H> {
-    /// `inner` (a store or a shared one) with `hook` around it.
-    pub fn new(inner: impl Into<Arc<S>>, hook: H) -> Self {
-        FaultStore {
-            inner: inner.into(),
-            hook,
-        }
+    /// `inner` with `hook` around it.
+    pub fn new(inner: Arc<S>, hook: H) -> Self {
+        FaultStore { inner, hook }
     }
 }
 

@@ -55,7 +55,7 @@ async fn embeddings(State(state): State<ServerState>, body: Bytes) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    let vectors = super::embedder()
+    let vectors = crate::common::embedder()
         .embed(inputs)
         .await
         .expect("the real model embeds");

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How to start a worker: `<binary> <global_args> worker --pipeline <pipeline> <args>`.
+#[allow(dead_code)]
 pub struct Launch<'a> {
     /// The `rag-ingest` binary (the tests' `CARGO_BIN_EXE_rag-ingest`, a bench's snapshot of
     /// the release build).
@@ -48,6 +49,7 @@ impl Lines {
     }
 
     /// Collects the lines of `stream` on a thread of its own until it ends.
+    #[allow(dead_code)]
     fn collect(self: &Arc<Self>, stream: impl Read + Send + 'static) -> JoinHandle<()> {
         let sink = Arc::clone(self);
         std::thread::spawn(move || {
@@ -75,6 +77,7 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts the worker `launch` describes; panics if the binary cannot be started. (The
     /// tests and the benches each add a `start` of their own on top.)
+    #[allow(dead_code)]
     pub fn launch(launch: Launch<'_>) -> Self {
         let mut command = match launch.core {
             Some(core) => {
@@ -156,7 +159,7 @@ impl WorkerProcess {
             .filter(|line| {
                 let f = line.get("fields");
                 let f = |name: &str| f.and_then(|f| f.get(name));
-                matches(f("event"), event) && fields.iter().all(|(k, v)| matches(f(k), v))
+                matches(f("event"), event) && fields.iter().all(|&(k, v)| matches(f(k), v))
             })
             .count()
     }
