@@ -32,11 +32,14 @@ use queues::within;
 pub use worker_process::{WorkerProcess, final_count};
 
 /// Log line the worker prints once it consumes (model loaded, store open, topology declared).
+#[allow(dead_code)]
 pub const CONSUMING: &str = "worker consuming";
 /// Log line the worker prints for every document it embedded and wrote.
+#[allow(dead_code)]
 pub const STORED: &str = "document stored";
 
 /// The broker URL: `RAG_INGEST_AMQP_URL` (which the worker honours too) or the local default.
+#[allow(dead_code)]
 pub fn amqp_url() -> String {
     std::env::var("RAG_INGEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -48,6 +51,7 @@ pub fn manifest_dir() -> &'static Path {
 }
 
 /// The real all-MiniLM-L6-v2 directory; panics naming the fix if it is missing.
+#[allow(dead_code)]
 pub fn model_dir() -> PathBuf {
     let dir = manifest_dir().join("models/all-MiniLM-L6-v2");
     assert!(
@@ -59,6 +63,7 @@ pub fn model_dir() -> PathBuf {
 }
 
 /// A tokio runtime for the benches' own async work (publishing, queue probes, store checks).
+#[allow(dead_code)]
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -69,6 +74,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Panics with a clear message unless the broker accepts a connection within 10 s: a bench
 /// without a broker would measure nothing.
+#[allow(dead_code)]
 pub async fn require_broker() {
     let url = amqp_url();
     let connect = Connection::connect(&url, ConnectionProperties::default());
@@ -94,8 +100,10 @@ pub async fn require_broker() {
 /// One fixture document of `fixtures/docs/<tenant>/`.
 pub struct Fixture {
     /// The tenant directory it lives in.
+    #[allow(dead_code)]
     pub tenant: String,
     /// The file name.
+    #[allow(dead_code)]
     pub name: String,
     /// The whole text.
     pub text: String,
@@ -132,6 +140,7 @@ pub fn fixtures() -> Vec<Fixture> {
 /// `acme` and `globex`. Document `i` is a heading followed by 2 to 5 of its tenant's
 /// fixture documents (rotating), about 0.8 to 2.5 KiB: a few chunks each at the default
 /// 200-token chunk size. Each carries `title` and `source` metadata.
+#[allow(dead_code)]
 pub fn realistic_docs(prefix: &str, n: usize) -> Vec<Document> {
     let fixtures = fixtures();
     (0..n)
@@ -165,6 +174,7 @@ pub fn realistic_docs(prefix: &str, n: usize) -> Vec<Document> {
 /// `n` distinct documents of exactly `bytes` bytes named `<prefix>-NNN`, alternating tenants
 /// and content types (`text/markdown`, `text/plain`): the fixture documents of the tenant
 /// repeated under numbered section headings.
+#[allow(dead_code)]
 pub fn large_docs(prefix: &str, n: usize, bytes: usize) -> Vec<Document> {
     let fixtures = fixtures();
     (0..n)
@@ -198,6 +208,7 @@ pub fn large_docs(prefix: &str, n: usize, bytes: usize) -> Vec<Document> {
 
 /// Sets the dotted `path` (e.g. `broker.prefetch`) of a TOML table, creating tables on the
 /// way.
+#[allow(dead_code)]
 pub fn set(table: &mut toml::Table, path: &str, value: impl Into<toml::Value>) {
     let mut parts: Vec<&str> = path.split('.').collect();
     let last = parts.pop().expect("a non-empty path");
@@ -216,6 +227,7 @@ pub fn set(table: &mut toml::Table, path: &str, value: impl Into<toml::Value>) {
 /// size, batch size, prefetch, concurrency, limits) with a unique name (so its own queues),
 /// an absolute model path, the bench's broker URL, its own store directory, metrics off, and
 /// whatever the bench changes on top.
+#[allow(dead_code)]
 pub struct BenchPipeline {
     /// The loaded configuration, exactly as the worker loads it.
     pub config: PipelineConfig,
@@ -224,12 +236,14 @@ pub struct BenchPipeline {
     /// Qdrant collection to delete on drop (`store.kind = "qdrant"`).
     qdrant_collection: Option<String>,
     /// Holds the pipeline file and the edge store; removed on drop.
+    #[allow(dead_code)]
     dir: tempfile::TempDir,
 }
 
 impl BenchPipeline {
     /// A pipeline named `bench-<prefix>-<random>`; `edit` changes the TOML table before it
     /// is written (see [`set`]).
+    #[allow(dead_code)]
     pub fn new(prefix: &str, edit: impl FnOnce(&mut toml::Table)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let base = manifest_dir().join("pipelines/docs.toml");
@@ -266,6 +280,7 @@ impl BenchPipeline {
     }
 
     /// The directory of the edge store (`store.path`).
+    #[allow(dead_code)]
     pub fn store_path(&self) -> &Path {
         &self.config.store.path
     }
@@ -273,6 +288,7 @@ impl BenchPipeline {
     /// A copy of the pipeline file for worker process `k` of several, with its own edge
     /// store directory (Qdrant Edge is one process per directory) and the same queues;
     /// returns the file and the loaded configuration.
+    #[allow(dead_code)]
     pub fn for_process(&self, k: usize) -> (PathBuf, PipelineConfig) {
         let text = std::fs::read_to_string(&self.file).expect("the pipeline file is readable");
         let mut table: toml::Table = text.parse().expect("the pipeline file is valid TOML");
@@ -284,12 +300,14 @@ impl BenchPipeline {
     }
 
     /// The main queue.
+    #[allow(dead_code)]
     pub fn main_queue(&self) -> String {
         Topology::new(&self.config).main_queue()
     }
 }
 
 /// Writes `table` to `file` and loads it exactly as the worker will.
+#[allow(dead_code)]
 fn write_and_load(file: &Path, table: &toml::Table) -> PipelineConfig {
     std::fs::write(
         file,
@@ -322,6 +340,7 @@ impl Drop for BenchPipeline {
 }
 
 /// Deletes `collection` on `config`'s Qdrant server (errors ignored: best effort).
+#[allow(dead_code)]
 async fn delete_qdrant_collection(config: &PipelineConfig, collection: &str) {
     let q = &config.store.qdrant;
     let mut builder = qdrant_client::Qdrant::from_url(&q.url).skip_compatibility_check();
@@ -334,6 +353,7 @@ async fn delete_qdrant_collection(config: &PipelineConfig, collection: &str) {
 }
 
 /// One open channel for asking the broker about queues.
+#[allow(dead_code)]
 pub struct QueueProbe {
     conn: Connection,
     channel: Channel,
@@ -341,6 +361,7 @@ pub struct QueueProbe {
 
 impl QueueProbe {
     /// Connects to the bench broker.
+    #[allow(dead_code)]
     pub async fn connect() -> Self {
         let conn = within(
             "connect",
@@ -355,6 +376,7 @@ impl QueueProbe {
     }
 
     /// Ready (not yet delivered) messages in `queue`, which must exist.
+    #[allow(dead_code)]
     pub async fn ready(&self, queue: &str) -> u32 {
         let declare = self.channel.queue_declare(
             queue.into(),
@@ -368,6 +390,7 @@ impl QueueProbe {
     }
 
     /// Closes the connection (and with it the channel).
+    #[allow(dead_code)]
     pub async fn close(self) {
         drop(self.channel);
         queues::close_quietly(self.conn).await;
@@ -375,6 +398,7 @@ impl QueueProbe {
 }
 
 /// The chunk count of each document with `chunker` (what the store must hold for it).
+#[allow(dead_code)]
 pub fn expected_chunks(chunker: &Chunker, docs: &[Document]) -> Vec<usize> {
     docs.iter()
         .map(|doc| {
@@ -389,6 +413,7 @@ pub fn expected_chunks(chunker: &Chunker, docs: &[Document]) -> Vec<usize> {
 /// store has exactly `expected[i]` points for it and every other store none, and the stores
 /// hold nothing else for the documents' tenants. Returns the total number of points, or a
 /// description of every difference.
+#[allow(dead_code)]
 pub async fn verify_stored<S: VectorStore>(
     stores: &[S],
     docs: &[Document],
@@ -440,6 +465,7 @@ pub async fn verify_stored<S: VectorStore>(
 }
 
 /// Model tokens of `texts`, `[CLS]`/`[SEP]` included (what the forward pass computes).
+#[allow(dead_code)]
 pub fn model_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[&str]) -> u64 {
     tokenizer
         .encode_batch(texts.to_vec(), true)
@@ -452,6 +478,7 @@ pub fn model_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[&str]) -> u64 {
 /// A private link to (or copy of) the `rag-ingest` binary cargo built with this bench,
 /// taken once at the start: the target directory may be shared with other checkouts whose
 /// builds replace `target/release/rag-ingest` while a bench runs. Removed on drop.
+#[allow(dead_code)]
 pub struct WorkerBinary {
     path: PathBuf,
     _dir: tempfile::TempDir,
@@ -460,6 +487,7 @@ pub struct WorkerBinary {
 impl WorkerBinary {
     /// Links (or, across file systems, copies) `CARGO_BIN_EXE_rag-ingest` into a temporary
     /// directory and prints which build it is.
+    #[allow(dead_code)]
     pub fn snapshot() -> Self {
         let source = Path::new(env!("CARGO_BIN_EXE_rag-ingest"));
         let dir = tempfile::tempdir().expect("temp dir");
@@ -481,6 +509,7 @@ impl WorkerBinary {
     }
 
     /// The binary to run.
+    #[allow(dead_code)]
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -489,6 +518,7 @@ impl WorkerBinary {
 impl WorkerProcess {
     /// Starts `<binary> --log-format text worker --pipeline <file> <extra>` with info logs
     /// (lapin and qdrant_edge at warn).
+    #[allow(dead_code)]
     pub fn start(binary: &WorkerBinary, file: &Path, extra: &[&str]) -> Self {
         Self::start_on(binary, file, extra, None)
     }
@@ -496,6 +526,7 @@ impl WorkerProcess {
     /// Like [`start`](Self::start); with `core`, the process may run on that CPU core only
     /// (`taskset -c <core>`, which then executes the worker in its place, so
     /// [`id`](Self::id) is the worker's pid).
+    #[allow(dead_code)]
     pub fn start_on(
         binary: &WorkerBinary,
         file: &Path,
@@ -516,6 +547,7 @@ impl WorkerProcess {
 
 /// Panics with the log unless a worker that was asked to stop exited cleanly, stored
 /// `stored` documents and retried or dead-lettered none.
+#[allow(dead_code)]
 pub fn check_clean_exit(status: ExitStatus, log: &str, stored: u64) {
     assert!(
         status.success(),
@@ -532,6 +564,7 @@ pub fn check_clean_exit(status: ExitStatus, log: &str, stored: u64) {
 
 /// Median of `values` (the mean of the two middle values for an even count); `None` when
 /// empty.
+#[allow(dead_code)]
 pub fn median(values: &[Duration]) -> Option<Duration> {
     let mut sorted = values.to_vec();
     sorted.sort();

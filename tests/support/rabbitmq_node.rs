@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[path = "command.rs"]
-mod command;
-use command::{run_ok, stdout};
+// The includers (tests/broker_tls.rs, tests/cluster_rabbitmq.rs) have `mod common`.
+use crate::common::{run_ok, stdout};
 
 /// The node script.
 #[allow(dead_code)]

@@ -149,7 +149,7 @@ impl WorkerProcess {
     pub fn count_event(&self, event: &str, fields: &[(&str, &str)]) -> usize {
         let matches = |field: Option<&serde_json::Value>, want: &str| match field {
             Some(serde_json::Value::String(s)) => s == want,
-            Some(other) => other.to_string() == want,
+            Some(other) => serde_json::to_string(other).is_ok_and(|text| text == want),
             None => false,
         };
         self.stderr
