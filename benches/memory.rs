@@ -135,7 +135,7 @@ fn main() {
             rss_kib = proc_status_kib(pid, "VmRSS").unwrap_or(rss_kib);
         }
         let ready = rt.block_on(probe.ready(&queue)) as usize;
-        let stored = worker.count(support::STORED);
+        let stored = worker.count(&support::STORED);
         let in_flight = DOCS.saturating_sub(ready + stored);
         max_in_flight = max_in_flight.max(in_flight);
         if window_full_after.is_none() && in_flight >= PREFETCH as usize {
@@ -174,8 +174,8 @@ fn main() {
     rt.block_on(probe.close());
 
     worker.signal("TERM");
-    let (status, log) = worker.wait_exit(Duration::from_secs(60));
-    let stored = log.lines().filter(|l| l.contains(support::STORED)).count();
+    let (status, log) = worker.wait_exit_blocking(Duration::from_secs(60));
+    let stored = support::final_count(&log, "stored");
     eprintln!(
         "memory: stopped after {:.1} s ({stop_reason}); worker exited with {status}",
         observed.as_secs_f64()

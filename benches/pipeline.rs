@@ -65,7 +65,7 @@ fn run_once(
 ) -> Duration {
     let pipeline = BenchPipeline::new("pipeline", |_| {});
     let mut worker = WorkerProcess::start(binary, &pipeline.file, &[]);
-    worker.wait_for(support::CONSUMING, 1, Duration::from_secs(120));
+    worker.wait_for(&support::CONSUMING, 1, Duration::from_secs(120));
     let submitter = rt
         .block_on(Submitter::connect(&pipeline.config))
         .expect("the submitter connects");
@@ -80,12 +80,12 @@ fn run_once(
             );
         }
     }
-    worker.wait_for(support::STORED, work.docs.len(), Duration::from_secs(900));
+    worker.wait_for(&support::STORED, work.docs.len(), Duration::from_secs(900));
     let elapsed = started.elapsed();
 
     rt.block_on(submitter.close());
     worker.signal("TERM");
-    let (status, log) = worker.wait_exit(Duration::from_secs(60));
+    let (status, log) = worker.wait_exit_blocking(Duration::from_secs(60));
     support::check_clean_exit(status, &log, work.docs.len() as u64);
     let store = EdgeStore::open(
         pipeline.store_path(),

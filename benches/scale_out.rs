@@ -66,9 +66,6 @@ const RUNS: usize = 3;
 /// Worker process counts on the shared server.
 const SERVER_PROCESSES: [usize; 3] = [1, 2, 4];
 
-/// Log line of a message skipped because a newer version is stored.
-const STALE: &str = "older version skipped";
-
 /// Where the workers store.
 enum Backend {
     /// Each process its own Qdrant Edge directory.
@@ -179,7 +176,7 @@ fn run(
         })
         .collect();
     for worker in &mut workers {
-        worker.wait_for(support::CONSUMING, 1, Duration::from_secs(120));
+        worker.wait_for(&support::CONSUMING, 1, Duration::from_secs(120));
     }
     let submitter = rt
         .block_on(Submitter::connect(&pipeline.config))
@@ -202,7 +199,7 @@ fn run(
     loop {
         let done: usize = workers
             .iter()
-            .map(|w| w.count(support::STORED) + w.count(STALE))
+            .map(|w| w.count(&support::STORED) + w.count(&support::STALE))
             .sum();
         if done >= messages.len() {
             break;
@@ -230,7 +227,7 @@ fn run(
     }
     let (mut per_worker, mut stale) = (Vec::new(), 0);
     for worker in workers {
-        let (status, log) = worker.wait_exit(Duration::from_secs(60));
+        let (status, log) = worker.wait_exit_blocking(Duration::from_secs(60));
         assert!(
             status.success(),
             "BENCH FAILED: a worker exited with {status}; log:\n{log}"

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{TestPipeline, within, write_pipeline_file};
 use rabbitmq_node::{RabbitNode, make_certificates};
 use rag_ingest::config::{ENV_AMQP_TLS_CA_FILE, ENV_AMQP_URL, PipelineConfig};
-use rag_ingest::queue::{QueueError, RunOptions, Submitter, Worker};
+use rag_ingest::queue::{QueueError, Submitter};
 use rag_ingest::store::VectorStore;
 
 /// Loads `t`'s pipeline file with the broker URL and CA file given as environment overrides,
@@ -124,20 +124,8 @@ async fn amqps_with_a_self_signed_certificate_round_trips_and_untrusted_ones_fai
     // The worker consumes over TLS and stores every document.
     let pipeline = t.pipeline();
     let store = std::sync::Arc::clone(pipeline.store());
-    let worker = Worker::new(config.clone(), pipeline);
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        worker.run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the worker drains within a minute")
-    .expect("the worker runs over amqps");
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    let report = common::drain(&config, pipeline, timeout, grace).await;
     assert_eq!(report.stored, docs.len() as u64, "{report:?}");
     for doc in &docs {
         let count = store

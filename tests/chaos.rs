@@ -13,13 +13,17 @@
 //! `CHAOS_DOCS=200` for a longer one.
 
 mod common;
+#[path = "support/openai_server.rs"]
+mod openai_server;
+#[path = "support/qdrant_server.rs"]
+mod qdrant_server;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::openai_server::{Embedder503, MODEL};
-use common::qdrant_server::{QdrantServer, ServerOptions};
 use common::{TestPipeline, TestStore, WorkerProcess, embedder, expected_chunks};
+use openai_server::{Embedder503, MODEL};
+use qdrant_server::{QdrantServer, ServerOptions};
 use rag_ingest::embed::Embedder;
 use rag_ingest::message::{Document, Op};
 use rag_ingest::queue::{Submitter, Topology};

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::TestPipeline;
+use common::{TestPipeline, run_ok};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
@@ -65,17 +65,12 @@ async fn submit_worker_search_through_the_binary() {
     let t = TestPipeline::new("cli", "");
     let path = write_config(&t);
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/acme");
-    let out = bin()
-        .args(["submit", "--pipeline"])
-        .arg(&path)
-        .args(["--tenant", "acme"])
-        .arg(&docs)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args(["submit", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "acme"])
+            .arg(&docs),
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("submitted 4 of 4"),
@@ -83,54 +78,43 @@ async fn submit_worker_search_through_the_binary() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    let out = bin()
-        .args([
-            "worker",
-            "--exit-when-idle",
-            "--report",
-            "json",
-            "--pipeline",
-        ])
-        .arg(&path)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args([
+                "worker",
+                "--exit-when-idle",
+                "--report",
+                "json",
+                "--pipeline",
+            ])
+            .arg(&path),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(report["stored"], 4, "{report}");
     assert_eq!(report["dead_lettered"], 0, "{report}");
 
-    let out = bin()
-        .args(["search", "--json", "--pipeline"])
-        .arg(&path)
-        .args([
-            "--tenant",
-            "acme",
-            "--top-k",
-            "2",
-            "getting money back for a taxi",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args(["search", "--json", "--pipeline"])
+            .arg(&path)
+            .args([
+                "--tenant",
+                "acme",
+                "--top-k",
+                "2",
+                "getting money back for a taxi",
+            ]),
     );
     let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(hits[0]["document_id"], "expenses.txt", "{hits:#}");
 
-    let out = bin()
-        .args(["embed", "--pipeline"])
-        .arg(&path)
-        .args(["one", "two"])
-        .output()
-        .expect("runs");
-    assert!(out.status.success());
+    let out = run_ok(
+        bin()
+            .args(["embed", "--pipeline"])
+            .arg(&path)
+            .args(["one", "two"]),
+    );
     let lines: Vec<Vec<f32>> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("vector"))
@@ -146,17 +130,12 @@ async fn submit_dry_run_counts_chunks_and_tokens_and_publishes_nothing() {
     let t = TestPipeline::new("cli-dry", "");
     let path = write_config(&t);
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/globex");
-    let out = bin()
-        .args(["submit", "--dry-run", "--pipeline"])
-        .arg(&path)
-        .args(["--tenant", "globex"])
-        .arg(&docs)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        bin()
+            .args(["submit", "--dry-run", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "globex"])
+            .arg(&docs),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("dry run: 4 document(s)"), "{stdout}");
@@ -253,16 +232,15 @@ fn submit_walks_a_symlink_loop_once_and_says_what_it_skipped() {
     std::os::unix::fs::symlink("..", docs.join("sub/up")).expect("symlink");
     std::os::unix::fs::symlink(".", docs.join("self")).expect("symlink");
     std::fs::write(docs.join("notes.pdf"), "not text").expect("write");
-    let out = bin()
-        .args(["submit", "--dry-run", "--pipeline"])
-        .arg(&path)
-        .args(["--tenant", "acme"])
-        .arg(&docs)
-        .output()
-        .expect("runs");
+    let out = run_ok(
+        bin()
+            .args(["submit", "--dry-run", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "acme"])
+            .arg(&docs),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     let ids: Vec<&str> = stdout
         .lines()
         .filter(|l| l.contains(" chunk(s)\t") && !l.starts_with("dry run"))
@@ -281,17 +259,14 @@ fn submit_walks_a_symlink_loop_once_and_says_what_it_skipped() {
 async fn delete_publishes_a_confirmed_delete_per_document() {
     let t = TestPipeline::new("cli-delete", "");
     let path = write_config(&t);
-    let out = bin()
-        .args(["delete", "--pipeline"])
-        .arg(&path)
-        .args(["--tenant", "acme", "--version", "7", "doc-1", "doc-2"])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(bin().args(["delete", "--pipeline"]).arg(&path).args([
+        "--tenant",
+        "acme",
+        "--version",
+        "7",
+        "doc-1",
+        "doc-2",
+    ]));
     let queue = rag_ingest::queue::Topology::new(&t.config).main_queue();
     let messages = common::take_all(&queue).await;
     let rules = rag_ingest::message::Rules::from_config(&t.config);
@@ -337,19 +312,14 @@ fn search_keeps_stderr_quiet_unless_verbose() {
         if verbose {
             cmd.arg("-v");
         }
-        cmd.args(["search", "--pipeline"])
-            .arg(&path)
-            .args(["--tenant", "acme", "anything"])
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("runs")
+        run_ok(
+            cmd.args(["search", "--pipeline"])
+                .arg(&path)
+                .args(["--tenant", "acme", "anything"])
+                .env_remove("RUST_LOG"),
+        )
     };
     let quiet = search(false);
-    assert!(
-        quiet.status.success(),
-        "{}",
-        String::from_utf8_lossy(&quiet.stderr)
-    );
     assert!(
         String::from_utf8_lossy(&quiet.stdout).contains("no results"),
         "{}",
@@ -361,7 +331,6 @@ fn search_keeps_stderr_quiet_unless_verbose() {
         "nothing on stderr by default"
     );
     let verbose = search(true);
-    assert!(verbose.status.success());
     assert!(
         !verbose.stderr.is_empty(),
         "-v shows progress (the model loading) on stderr"

@@ -18,13 +18,15 @@
 //! `qdrant-cluster: confirmed=N stored=N lost=0 duplicated=0 searches_ok=K searches_failed=0`.
 
 mod common;
+#[path = "support/qdrant_server.rs"]
+mod qdrant_server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::qdrant_server::QdrantServer;
 use common::{TestPipeline, WorkerProcess};
+use qdrant_server::QdrantServer;
 use rag_ingest::embed::Embedder;
 use rag_ingest::store::{QdrantOptions, QdrantStore, SearchRequest, VectorStore};
 use rag_ingest::tenant::TenantId;
@@ -64,7 +66,7 @@ async fn a_replicated_collection_survives_a_peer_killed_during_ingestion() {
     let collection = t.config.name.clone();
     let worker = WorkerProcess::start(&file, false);
     common::eventually(Duration::from_secs(120), "the worker consuming", || {
-        let n = worker.count("worker consuming");
+        let n = worker.count(&common::CONSUMING);
         async move { n >= 1 }
     })
     .await;
@@ -133,22 +135,22 @@ async fn a_replicated_collection_survives_a_peer_killed_during_ingestion() {
         Duration::from_secs(120),
         "a third of the documents stored",
         || {
-            let n = worker.count("document stored");
+            let n = worker.count(&common::STORED);
             async move { n >= DOCS / 3 }
         },
     )
     .await;
     peer2.kill();
-    let stored_at_kill = worker.count("document stored");
+    let stored_at_kill = worker.count(&common::STORED);
     assert!(
         stored_at_kill < DOCS,
         "the peer must die during ingestion, not after ({stored_at_kill} of {DOCS} stored)"
     );
     let searches_before_kill = ok.load(Ordering::SeqCst);
 
-    // "document stored", or "document processed" for a retry that found its chunks written.
+    // Settled as stored, or as unchanged for a retry that found its chunks written.
     common::eventually(Duration::from_secs(240), "every document processed", || {
-        let n = worker.count("document stored") + worker.count("document processed");
+        let n = worker.count(&common::SETTLED);
         async move { n >= DOCS }
     })
     .await;

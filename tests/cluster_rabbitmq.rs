@@ -59,17 +59,11 @@ impl Cluster {
             ports: port_numbers,
             alive: [true; 3],
         };
-        let out = Command::new(cluster_script())
-            .args(["start", &dir.display().to_string(), &prefix])
-            .env("RABBITMQ_CLUSTER_PORTS", ports.join(" "))
-            .env("RABBITMQ_CLUSTER_DIST_PORTS", dist.join(" "))
-            .output()
-            .expect("scripts/rabbitmq-cluster.sh runs");
-        assert!(
-            out.status.success(),
-            "the cluster starts: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        common::run_ok(
+            Command::new(cluster_script())
+                .args(["start", &dir.display().to_string(), &prefix])
+                .env("RABBITMQ_CLUSTER_PORTS", ports.join(" "))
+                .env("RABBITMQ_CLUSTER_DIST_PORTS", dist.join(" ")),
         );
         cluster
     }
@@ -188,22 +182,10 @@ async fn wait_for(
     worker: &mut WorkerProcess,
     secs: u64,
     what: &str,
-    mut check: impl FnMut(&WorkerProcess) -> bool,
+    check: impl FnMut(&WorkerProcess) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check(worker) {
-        assert!(
-            !worker.exited(),
-            "the worker exited while waiting for {what}:\n{}",
-            worker.log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}:\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (timeout, every) = (Duration::from_secs(secs), Duration::from_millis(200));
+    worker.wait_until(what, timeout, every, check).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +226,7 @@ async fn killing_the_quorum_leader_loses_and_duplicates_nothing() {
     }
 
     let mut worker = WorkerProcess::start(&file, false);
-    let settled = |w: &WorkerProcess| w.count("document stored") + w.count("document processed");
+    let settled = |w: &WorkerProcess| w.count(&common::SETTLED);
     wait_for(&mut worker, 120, "the first documents stored", |w| {
         settled(w) >= 40
     })

@@ -6,12 +6,14 @@
 //! of the test's own from the server binary; without either the second test prints SKIPPED.
 
 mod common;
+#[path = "support/qdrant_server.rs"]
+mod qdrant_server;
 
 use std::path::Path;
 use std::time::Duration;
 
 use common::WorkerProcess;
-use common::qdrant_server::{QdrantServer, ServerOptions, TESTED_VERSION};
+use qdrant_server::{QdrantServer, ServerOptions, TESTED_VERSION};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::Embedder;
 use rag_ingest::message::Document;
@@ -56,7 +58,7 @@ fn compose_files_name_the_tested_qdrant_version() {
         read("pipelines/compose.toml").contains(&image),
         "pipelines/compose.toml names {image}"
     );
-    match common::qdrant_server::qdrant_bin() {
+    match qdrant_server::qdrant_bin() {
         Some(bin) => {
             let out = std::process::Command::new(&bin)
                 .arg("--version")
@@ -124,7 +126,7 @@ async fn the_worker_with_compose_settings_stores_a_document_on_the_server() {
 
     let mut worker = WorkerProcess::start(&file, false);
     common::eventually(Duration::from_secs(120), "the worker consuming", || {
-        let n = worker.count("worker consuming");
+        let n = worker.count(&common::CONSUMING);
         async move { n >= 1 }
     })
     .await;

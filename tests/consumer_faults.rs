@@ -7,20 +7,22 @@
 //! server that answers 503 while "down" and real all-MiniLM-L6-v2 vectors otherwise.
 
 mod common;
+#[path = "support/openai_server.rs"]
+mod openai_server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::openai_server::{Embedder503, MODEL};
 use common::{TestPipeline, WorkerProcess, eventually, queue_len, within};
 use lapin::Channel;
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use openai_server::{Embedder503, MODEL};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::queue::{
-    DlqFilter, RunOptions, Submitter, Topology, Worker, inspect_dlq, publish_confirmed, reprocess,
+    DlqFilter, Submitter, Topology, inspect_dlq, publish_confirmed, reprocess,
 };
 use rag_ingest::store::VectorStore;
 use serde_json::Value;
@@ -429,19 +431,8 @@ async fn faults_tenant_header_disagreeing_with_the_body_is_invalid_field() {
 
     let pipeline = t.pipeline();
     let store = Arc::clone(pipeline.store());
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        Worker::new(t.config.clone(), pipeline).run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("drains")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    let report = common::drain(&t.config, pipeline, timeout, grace).await;
     assert_eq!((report.stored, report.dead_lettered), (0, 1), "{report:?}");
     assert!(
         store
@@ -541,19 +532,8 @@ async fn faults_producer_set_attempts_do_not_skip_retries() {
     let pipeline = rag_ingest::setup::pipeline(&config)
         .await
         .expect("pipeline builds");
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        Worker::new(config.clone(), pipeline).run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("drains")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    let report = common::drain(&config, pipeline, timeout, grace).await;
     assert_eq!(
         (report.retried, report.dead_lettered),
         (u64::from(config.retry.max_attempts) - 1, 1),

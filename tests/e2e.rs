@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{TestPipeline, TestStore, embedder, queue_len};
 use rag_ingest::message::Document;
-use rag_ingest::queue::{DlqFilter, RunOptions, Submitter, Topology, Worker, inspect_dlq};
+use rag_ingest::queue::{DlqFilter, Submitter, Topology, inspect_dlq};
 use rag_ingest::search::{SearchError, Searcher};
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
@@ -130,20 +130,8 @@ async fn two_tenants_end_to_end_with_bad_messages(kind: TestStore) {
     }
     submitter.close().await;
 
-    let worker = Worker::new(t.config.clone(), pipeline.clone());
-    let report = tokio::time::timeout(
-        Duration::from_secs(300),
-        worker.run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(500),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the worker drains within 5 minutes")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(300), Duration::from_millis(500));
+    let report = common::drain(&t.config, pipeline.clone(), timeout, grace).await;
 
     let bad_total: usize = bad_expected.values().sum();
     assert_eq!(report.stored as usize, docs.len(), "{report:?}");

@@ -62,20 +62,13 @@ async fn child(dir: &Path, failures: u32) -> ! {
 /// Runs `test` in a child process against `dir` with `failures` failing flushes; returns
 /// its stdout.
 fn run_child(test: &str, dir: &Path, failures: u32) -> String {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD_DIR_ENV, dir)
-        .env(CHILD_FAILURES_ENV, failures.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "the child failed: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    let output = common::run_ok(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_DIR_ENV, dir)
+            .env(CHILD_FAILURES_ENV, failures.to_string()),
     );
-    stdout
+    common::stdout(&output)
 }
 
 /// The child's side when this process is one; otherwise nothing.

@@ -1191,7 +1191,7 @@ async fn drain_with_remote(
     rag_ingest::queue::WorkerReport,
     Arc<rag_ingest::store::EdgeStore>,
 ) {
-    use rag_ingest::queue::{RunOptions, Submitter, Worker};
+    use rag_ingest::queue::Submitter;
     let t = common::TestPipeline::new(
         test,
         "[retry]\nmax_attempts = 2\nin_process_retries = 1\nbackoff_min_ms = 5\nbackoff_max_ms = 10\ndelays_ms = [100]",
@@ -1211,19 +1211,8 @@ async fn drain_with_remote(
             .all(Result::is_ok)
     );
     submitter.close().await;
-    let report = tokio::time::timeout(
-        Duration::from_secs(120),
-        Worker::new(t.config.clone(), pipeline).run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("drains")
-    .expect("worker ran");
+    let (timeout, grace) = (Duration::from_secs(120), Duration::from_millis(300));
+    let report = common::drain(&t.config, pipeline, timeout, grace).await;
     (t, report, store)
 }
 

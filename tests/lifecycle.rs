@@ -15,7 +15,7 @@ use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::CandleEmbedder;
 use rag_ingest::message::Document;
 use rag_ingest::process::Pipeline;
-use rag_ingest::queue::{RunOptions, Worker, WorkerReport};
+use rag_ingest::queue::WorkerReport;
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::setup;
 use rag_ingest::store::VectorStore;
@@ -60,20 +60,8 @@ async fn submit_and_drain<S: VectorStore>(
     docs: &[Document],
 ) -> WorkerReport {
     common::submit(&t.config, docs).await;
-    let worker = Worker::new(t.config.clone(), pipeline.clone());
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        worker.run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(500),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the worker drains within 5 minutes")
-    .expect("worker ran")
+    let (timeout, grace) = (Duration::from_secs(300), Duration::from_millis(500));
+    common::drain(&t.config, pipeline.clone(), timeout, grace).await
 }
 
 on_both_stores!(a_changed_document_replaces_the_old_one_and_a_stale_version_changes_nothing);

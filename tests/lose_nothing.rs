@@ -9,6 +9,8 @@
 //! duplicated=0` line.
 
 mod common;
+#[path = "support/fault_store.rs"]
+mod fault_store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -21,6 +23,7 @@ use common::{
     TestPipeline, TestStore, embedder, eventually, expected_chunks, queue_len, rabbitmqctl,
     short_docs,
 };
+use fault_store::{Call, FaultStore, Hook, Op};
 use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Fingerprint};
 use rag_ingest::message::Document;
 use rag_ingest::process::Pipeline;
@@ -29,10 +32,7 @@ use rag_ingest::queue::{
     reprocess,
 };
 use rag_ingest::setup;
-use rag_ingest::store::{
-    ChunkPayload, ChunkPoint, EdgeStore, Order, Revision, ScoredChunk, SearchRequest, Store,
-    StoreError, StoredChunk, VectorStore,
-};
+use rag_ingest::store::{EdgeStore, Store, StoreError, VectorStore};
 use rag_ingest::tenant::TenantId;
 
 /// Small retry delays so that every tier is exercised within a second.
@@ -78,9 +78,8 @@ impl Rng {
     }
 }
 
-/// The real [`EdgeStore`] with switchable faults.
-struct FaultyStore {
-    inner: Store,
+/// Switchable faults around the real store (see [`FaultyStore`]).
+struct Faults {
     /// This many upserts fail with `Unavailable`, then they work again.
     fail_next_upserts: AtomicU32,
     /// While set, every upsert fails with `Unavailable` (an outage).
@@ -103,24 +102,28 @@ struct FaultyStore {
     max_active_upserts: AtomicU32,
 }
 
-impl FaultyStore {
-    fn new(inner: impl Into<Store>) -> Self {
-        FaultyStore {
-            inner: inner.into(),
-            fail_next_upserts: AtomicU32::new(0),
-            outage: AtomicBool::new(false),
-            reject: AtomicBool::new(false),
-            random_permille: AtomicU32::new(0),
-            rng: Rng::new(0x5eed),
-            upsert_calls: AtomicU32::new(0),
-            upserts_done: AtomicU64::new(0),
-            reads: AtomicU32::new(0),
-            hold_upserts_ms: AtomicU64::new(0),
-            active_upserts: AtomicU32::new(0),
-            max_active_upserts: AtomicU32::new(0),
-        }
-    }
+/// The real store (Edge or server) with switchable [`Faults`].
+type FaultyStore = FaultStore<Store, Faults>;
 
+/// `inner` with every fault switched off.
+fn faulty_store(inner: impl Into<Store>) -> FaultyStore {
+    let faults = Faults {
+        fail_next_upserts: AtomicU32::new(0),
+        outage: AtomicBool::new(false),
+        reject: AtomicBool::new(false),
+        random_permille: AtomicU32::new(0),
+        rng: Rng::new(0x5eed),
+        upsert_calls: AtomicU32::new(0),
+        upserts_done: AtomicU64::new(0),
+        reads: AtomicU32::new(0),
+        hold_upserts_ms: AtomicU64::new(0),
+        active_upserts: AtomicU32::new(0),
+        max_active_upserts: AtomicU32::new(0),
+    };
+    FaultStore::new(Arc::new(inner.into()), faults)
+}
+
+impl Faults {
     fn random_fault(&self, op: &str) -> Result<(), StoreError> {
         if self
             .rng
@@ -132,14 +135,9 @@ impl FaultyStore {
         }
         Ok(())
     }
-}
 
-impl FaultyStore {
-    /// Applies the upsert faults, then `write` (the real store's upsert).
-    async fn faulty_upsert(
-        &self,
-        write: impl std::future::Future<Output = Result<(), StoreError>>,
-    ) -> Result<(), StoreError> {
+    /// The upsert faults; once they pass, the write is counted as under way (and held).
+    async fn before_upsert(&self) -> Result<(), StoreError> {
         self.upsert_calls.fetch_add(1, Ordering::SeqCst);
         if self.outage.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected outage".into()));
@@ -158,102 +156,41 @@ impl FaultyStore {
         if hold > 0 {
             tokio::time::sleep(Duration::from_millis(hold)).await;
         }
-        let written = write.await;
-        self.active_upserts.fetch_sub(1, Ordering::SeqCst);
-        written?;
-        self.upserts_done.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
 
-impl VectorStore for FaultyStore {
-    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
-        self.faulty_upsert(self.inner.upsert(points)).await
-    }
-
-    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
-        self.faulty_upsert(self.inner.upsert_newer(points, order))
-            .await
-    }
-
-    async fn delete_older(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        self.random_fault("delete")?;
-        self.inner.delete_older(tenant, document_id, order).await
-    }
-
-    async fn first_chunk(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-    ) -> Result<Option<ChunkPayload>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        assert!(
-            !document_id.starts_with("poison"),
-            "injected panic: processing {document_id} crashes the message task"
-        );
-        if self.reject.load(Ordering::SeqCst) {
-            return Err(StoreError::Rejected("injected permanent rejection".into()));
+impl Hook for Faults {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        match call.op {
+            Op::Upsert | Op::UpsertNewer => self.before_upsert().await,
+            Op::FirstChunk => {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                let document_id = call.document_id.unwrap_or_default();
+                assert!(
+                    !document_id.starts_with("poison"),
+                    "injected panic: processing {document_id} crashes the message task"
+                );
+                if self.reject.load(Ordering::SeqCst) {
+                    return Err(StoreError::Rejected("injected permanent rejection".into()));
+                }
+                self.random_fault("read")
+            }
+            Op::ChunkVectors => self.random_fault("read"),
+            Op::DeleteOlder | Op::DeleteDocument => self.random_fault("delete"),
+            Op::RelabelDocument => self.random_fault("relabel"),
+            Op::PurgeTenant | Op::Search | Op::Count => Ok(()),
         }
-        self.random_fault("read")?;
-        self.inner.first_chunk(tenant, document_id).await
     }
 
-    async fn chunk_vectors(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        chunk_count: usize,
-    ) -> Result<Vec<StoredChunk>, StoreError> {
-        self.random_fault("read")?;
-        self.inner
-            .chunk_vectors(tenant, document_id, chunk_count)
-            .await
-    }
-
-    async fn delete_document(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        keep: Option<&Revision>,
-    ) -> Result<(), StoreError> {
-        self.random_fault("delete")?;
-        self.inner.delete_document(tenant, document_id, keep).await
-    }
-
-    async fn relabel_document(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        revision: &Revision,
-        version: Option<u64>,
-        metadata: &serde_json::Map<String, serde_json::Value>,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        self.random_fault("relabel")?;
-        self.inner
-            .relabel_document(tenant, document_id, revision, version, metadata, order)
-            .await
-    }
-
-    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        self.inner.purge_tenant(tenant).await
-    }
-
-    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.inner.search(request).await
-    }
-
-    async fn count(
-        &self,
-        tenant: &TenantId,
-        document_id: Option<&str>,
-    ) -> Result<usize, StoreError> {
-        self.inner.count(tenant, document_id).await
+    async fn after(&self, op: Op, ok: bool) -> Result<(), StoreError> {
+        if matches!(op, Op::Upsert | Op::UpsertNewer) {
+            self.active_upserts.fetch_sub(1, Ordering::SeqCst);
+            if ok {
+                self.upserts_done.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -299,7 +236,7 @@ async fn faulty_pipeline(
     let store = setup::open_vector_store(&t.config, embedder.fingerprint())
         .await
         .expect("store opens");
-    let store = Arc::new(FaultyStore::new(store));
+    let store = Arc::new(faulty_store(store));
     (
         Pipeline::new(Arc::new(chunker), embedder, Arc::clone(&store)),
         store,
@@ -311,20 +248,8 @@ async fn run_until_idle<E: Embedder, S: VectorStore>(
     t: &TestPipeline,
     pipeline: &Pipeline<E, S>,
 ) -> WorkerReport {
-    let worker = Worker::new(t.config.clone(), pipeline.clone());
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        worker.run(
-            RunOptions {
-                exit_when_idle: true,
-                idle_grace: Duration::from_millis(300),
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the worker drains the queues within a minute")
-    .expect("the worker runs")
+    let (timeout, grace) = (Duration::from_secs(60), Duration::from_millis(300));
+    common::drain(&t.config, pipeline.clone(), timeout, grace).await
 }
 
 /// A worker running in the background until the returned sender fires (or is dropped).
@@ -845,39 +770,23 @@ async fn lose_nothing_dlq_inspection_keeps_every_message_in_order() {
 
     // The binary's `dlq list` and `dlq show`.
     let file = common::write_pipeline_file(&t);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
-        .args(["dlq", "list", "--pipeline"])
-        .arg(&file)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
+    let out = common::run_ok(bin().args(["dlq", "list", "--pipeline"]).arg(&file));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("30 message(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
-        .args([
-            "dlq",
-            "show",
-            "--tenant",
-            "acme",
-            "--limit",
-            "3",
-            "--pipeline",
-        ])
-        .arg(&file)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let show = [
+        "dlq",
+        "show",
+        "--tenant",
+        "acme",
+        "--limit",
+        "3",
+        "--pipeline",
+    ];
+    let out = common::run_ok(bin().args(show).arg(&file));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("3 message(s) shown"),
         "{}",
@@ -1262,16 +1171,15 @@ async fn soak_binary_round(
     // Make sure the store is free (an aborted in-process worker may still be flushing).
     drop(soak_open_store(t).await);
     let mut worker = common::WorkerProcess::start(file, false);
-    let settled = |w: &common::WorkerProcess| {
-        w.count("document stored") + w.count("document processed") + w.count("dead-lettered")
-    };
+    let settled =
+        |w: &common::WorkerProcess| w.count(&common::SETTLED) + w.count(&common::DEAD_LETTERED);
     let mut drop_first = rng.below(100) < 25;
     loop {
         let target = settled(&worker) + 20 + rng.below(120) as usize;
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while settled(&worker) < target && backlog.ready().await > 0 {
             assert!(
-                !worker.exited(),
+                worker.exited().is_none(),
                 "the worker died by itself:\n{}",
                 worker.log()
             );
@@ -1313,7 +1221,7 @@ async fn soak_in_process_round(
     rng: &Rng,
     faults: &mut SoakFaults,
 ) {
-    let store = Arc::new(FaultyStore::new(soak_open_store(t).await));
+    let store = Arc::new(faulty_store(soak_open_store(t).await));
     store.random_permille.store(30, Ordering::SeqCst);
     let embed = Arc::new(FaultyEmbedder {
         inner: embedder(),
@@ -1559,7 +1467,7 @@ fn faulty_pipeline_with(
 ) -> (Pipeline<CandleEmbedder, FaultyStore>, Arc<FaultyStore>) {
     let embedder = embedder();
     let chunker = setup::chunker(&t.config, &embedder).expect("chunker");
-    let store = Arc::new(FaultyStore::new(store));
+    let store = Arc::new(faulty_store(store));
     (
         Pipeline::new(Arc::new(chunker), embedder, Arc::clone(&store)),
         store,

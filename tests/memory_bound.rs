@@ -163,22 +163,17 @@ async fn the_worst_message_stays_within_its_counted_footprint() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "the_worst_message_stays_within_its_counted_footprint",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let output = common::run_ok(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "the_worst_message_stays_within_its_counted_footprint",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, dir.path()),
     );
+    let stdout = common::stdout(&output);
+    eprintln!("{stdout}");
     assert!(stdout.contains("MEMORY-BOUND"), "{stdout}");
 }

@@ -5,13 +5,15 @@
 //! SKIPPED line and passes where there is none.
 
 mod common;
+#[path = "support/qdrant_server.rs"]
+mod qdrant_server;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::qdrant_server::{QdrantServer, ServerOptions};
 use common::{TestPipeline, TestStore, WorkerProcess, embedder, short_docs};
+use qdrant_server::{QdrantServer, ServerOptions};
 use rag_ingest::config::ApiKey;
 use rag_ingest::embed::Embedder;
 use rag_ingest::queue::Topology;
@@ -95,15 +97,11 @@ async fn an_api_key_server_takes_the_right_key_and_names_the_variable_for_a_wron
 
 /// Runs `openssl` with `args` in `dir`; panics with its output if it fails.
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    // Debian package openssl.
+    common::run_ok(
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir),
     );
 }
 

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{
-    TestPipeline, TestStore, WorkerProcess, embedder, eventually, expected_chunks, final_count,
-    queue_len, short_docs,
+    Event, MODEL_LOADED, STORED, TestPipeline, TestStore, WorkerProcess, count_events, embedder,
+    eventually, expected_chunks, final_count, queue_len, short_docs,
 };
 use rag_ingest::embed::Embedder;
 use rag_ingest::message::Document;
@@ -110,7 +110,7 @@ async fn signals_sigkill_mid_batch_then_restart_stores_each_document_once(kind: 
     worker.signal("KILL");
     let (status, log) = worker.wait_exit(Duration::from_secs(10)).await;
     assert!(!status.success(), "killed");
-    let stored_before = log.matches("document stored").count();
+    let stored_before = count_events(&log, &STORED);
     assert!(
         stored_before < docs.len(),
         "killed mid-batch ({stored_before} stored)"
@@ -143,9 +143,13 @@ async fn graceful_stop(signal: &str) {
     worker.signal(signal);
     let (status, log) = worker.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "SIG{signal} exits 0:\n{log}");
-    assert!(log.contains("shutdown requested"), "{log}");
+    assert_eq!(
+        count_events(&log, &Event::named("shutdown_requested")),
+        1,
+        "{log}"
+    );
     let reported = final_count(&log, "stored") as usize;
-    assert_eq!(reported, log.matches("document stored").count(), "{log}");
+    assert_eq!(reported, count_events(&log, &STORED), "{log}");
     assert!(
         reported < docs.len(),
         "stopped mid-batch ({reported} stored)"
@@ -204,7 +208,10 @@ async fn signals_connection_closed_by_broker_worker_reconnects_and_finishes() {
     assert_eq!(common::close_worker_connections(&t.config.name), 1);
     let (status, log) = worker.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{log}");
-    assert!(log.contains("reconnecting"), "{log}");
+    assert!(
+        count_events(&log, &Event::named("broker_connection_lost")) >= 1,
+        "{log}"
+    );
     assert!(final_count(&log, "reconnects") >= 1, "{log}");
     assert_all_stored_once(&t, &docs).await;
     t.delete_queues().await;
@@ -217,7 +224,7 @@ async fn signals_sigterm_during_startup_exits_zero() {
     let (t, file) = setup_pipeline("sig-early", &docs("early", 2)).await;
     let worker = WorkerProcess::start(&file, false);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while worker.count("embedding model loaded") == 0 {
+    while worker.count(&MODEL_LOADED) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "no start-up:\n{}",

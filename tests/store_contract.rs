@@ -10,22 +10,28 @@
 //! (wrapped in a call counter) and the real chunker; storage contracts use synthetic vectors.
 
 mod common;
+#[path = "support/fault_store.rs"]
+mod fault_store;
 
 use std::sync::Arc;
 
 use common::{CountingEmbedder, qdrant_url_or_skip};
+use fault_store::{Call, FaultStore, Hook, Op};
 use rag_ingest::chunk::{ChunkFormat, Chunker};
 use rag_ingest::embed::{Embedder, Fingerprint};
 use rag_ingest::message::Document;
 use rag_ingest::process::{Pipeline, Processed};
 use rag_ingest::search::{SearchOptions, Searcher};
 use rag_ingest::store::{
-    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, Order, QdrantOptions, QdrantStore, Revision,
-    ScoredChunk, SearchFilter, SearchRequest, StoreError, StoredChunk, VectorStore, point_id,
+    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
+    SearchFilter, SearchRequest, StoreError, VectorStore, point_id,
 };
 use rag_ingest::tenant::TenantId;
 
-const DIMS: usize = 384;
+#[path = "support/vectors.rs"]
+mod vectors;
+use vectors::{DIMS, unit_vector};
+
 /// Chunk sizes of the pipelines built here (tokens of the real model).
 const MAX_TOKENS: usize = 64;
 const OVERLAP: usize = 8;
@@ -271,24 +277,6 @@ fn doc(tenant_name: &str, id: &str, content: &str, version: Option<u64>) -> Docu
     let mut doc = Document::upsert(tenant(tenant_name), id, content);
     doc.version = version;
     doc
-}
-
-/// A deterministic pseudo-random unit vector (splitmix64 from `seed`).
-fn unit_vector(seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut v: Vec<f32> = (0..DIMS)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f32 / (1u64 << 52) as f32 - 1.0
-        })
-        .collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.iter_mut().for_each(|x| *x /= norm);
-    v
 }
 
 /// Synthetic chunks 0..count of `doc` (revision `sha`, version 1); chunk `i` gets vector
@@ -1205,103 +1193,33 @@ async fn a_forged_payload_is_never_returned_to_another_tenant<B: Backend>(backen
     backend.finish().await;
 }
 
-/// A store whose next upsert writes only its first `partial` points, then fails transiently
-/// (a write interrupted between two batches).
-struct Interrupting<S> {
-    inner: Arc<S>,
+/// A store hook: the next upsert writes only its first `partial` points, then fails
+/// transiently (a write interrupted between two batches).
+#[derive(Default)]
+struct Interrupt {
     partial: std::sync::Mutex<Option<usize>>,
+    /// Set while a cut write is under way: its success is turned into the failure.
+    cut: std::sync::atomic::AtomicBool,
 }
 
-impl<S: VectorStore> VectorStore for Interrupting<S> {
-    async fn upsert(&self, mut points: Vec<ChunkPoint>) -> Result<(), StoreError> {
-        let partial = self.partial.lock().expect("lock").take();
-        if let Some(n) = partial {
-            points.truncate(n);
-            self.inner.upsert(points).await?;
+impl Hook for Interrupt {
+    async fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if let Some(points) = call.points {
+            let partial = self.partial.lock().expect("lock").take();
+            if let Some(n) = partial {
+                points.truncate(n);
+                self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    async fn after(&self, op: Op, _ok: bool) -> Result<(), StoreError> {
+        let write = matches!(op, Op::Upsert | Op::UpsertNewer);
+        if write && self.cut.swap(false, std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Unavailable("interrupted".into()));
         }
-        self.inner.upsert(points).await
-    }
-
-    async fn upsert_newer(
-        &self,
-        mut points: Vec<ChunkPoint>,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        let partial = self.partial.lock().expect("lock").take();
-        if let Some(n) = partial {
-            points.truncate(n);
-            self.inner.upsert_newer(points, order).await?;
-            return Err(StoreError::Unavailable("interrupted".into()));
-        }
-        self.inner.upsert_newer(points, order).await
-    }
-
-    async fn delete_older(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_older(tenant, document_id, order).await
-    }
-
-    async fn first_chunk(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-    ) -> Result<Option<ChunkPayload>, StoreError> {
-        self.inner.first_chunk(tenant, document_id).await
-    }
-
-    async fn chunk_vectors(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        chunk_count: usize,
-    ) -> Result<Vec<StoredChunk>, StoreError> {
-        self.inner
-            .chunk_vectors(tenant, document_id, chunk_count)
-            .await
-    }
-
-    async fn delete_document(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        keep: Option<&Revision>,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_document(tenant, document_id, keep).await
-    }
-
-    async fn relabel_document(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        revision: &Revision,
-        version: Option<u64>,
-        metadata: &serde_json::Map<String, serde_json::Value>,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        self.inner
-            .relabel_document(tenant, document_id, revision, version, metadata, order)
-            .await
-    }
-
-    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        self.inner.purge_tenant(tenant).await
-    }
-
-    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.inner.search(request).await
-    }
-
-    async fn count(
-        &self,
-        tenant: &TenantId,
-        document_id: Option<&str>,
-    ) -> Result<usize, StoreError> {
-        self.inner.count(tenant, document_id).await
+        Ok(())
     }
 }
 
@@ -1311,10 +1229,7 @@ impl<S: VectorStore> VectorStore for Interrupting<S> {
 /// extra chunks are removed.
 async fn an_interrupted_write_is_completed_by_the_retry<B: Backend>(backend: B) {
     let inner = Arc::new(open(&backend).await);
-    let store = Arc::new(Interrupting {
-        inner: Arc::clone(&inner),
-        partial: std::sync::Mutex::new(None),
-    });
+    let store = Arc::new(FaultStore::new(Arc::clone(&inner), Interrupt::default()));
     let (pipeline, embedder) = pipeline(Arc::clone(&store));
     let a = tenant("acme");
 
@@ -1518,8 +1433,10 @@ async fn editing_one_paragraph_embeds_only_the_chunks_it_touches<B: Backend>(bac
 // Several writers of one document (issue: newest wins across workers)
 // ---------------------------------------------------------------------------------------
 
-/// Where a [`Paused`] store stops: it signals `paused` after its first read of a document's
-/// stored revision, then waits for `release`.
+/// A store hook that stops a writer: it signals `paused` after the first read of a
+/// document's stored revision (`first_chunk`, which still returns what it read), then waits
+/// for `release`: the writer has read the stored revision and stalls (a slow embedder, a GC
+/// pause) while another writer stores a different version.
 #[derive(Default)]
 struct Gate {
     paused: tokio::sync::Notify,
@@ -1527,97 +1444,13 @@ struct Gate {
     used: std::sync::atomic::AtomicBool,
 }
 
-/// A store whose first `first_chunk` call returns what it read, but only after the test
-/// released it: the writer has read the stored revision and stalls (a slow embedder, a GC
-/// pause) while another writer stores a different version.
-struct Paused<S> {
-    inner: Arc<S>,
-    gate: Arc<Gate>,
-}
-
-impl<S: VectorStore> VectorStore for Paused<S> {
-    async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
-        self.inner.upsert(points).await
-    }
-
-    async fn upsert_newer(&self, points: Vec<ChunkPoint>, order: Order) -> Result<(), StoreError> {
-        self.inner.upsert_newer(points, order).await
-    }
-
-    async fn delete_older(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_older(tenant, document_id, order).await
-    }
-
-    async fn first_chunk(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-    ) -> Result<Option<ChunkPayload>, StoreError> {
-        let read = self.inner.first_chunk(tenant, document_id).await;
-        if !self
-            .gate
-            .used
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            self.gate.paused.notify_one();
-            self.gate.release.notified().await;
+impl Hook for Gate {
+    async fn after(&self, op: Op, _ok: bool) -> Result<(), StoreError> {
+        if op == Op::FirstChunk && !self.used.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.paused.notify_one();
+            self.release.notified().await;
         }
-        read
-    }
-
-    async fn chunk_vectors(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        chunk_count: usize,
-    ) -> Result<Vec<StoredChunk>, StoreError> {
-        self.inner
-            .chunk_vectors(tenant, document_id, chunk_count)
-            .await
-    }
-
-    async fn delete_document(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        keep: Option<&Revision>,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_document(tenant, document_id, keep).await
-    }
-
-    async fn relabel_document(
-        &self,
-        tenant: &TenantId,
-        document_id: &str,
-        revision: &Revision,
-        version: Option<u64>,
-        metadata: &serde_json::Map<String, serde_json::Value>,
-        order: Order,
-    ) -> Result<(), StoreError> {
-        self.inner
-            .relabel_document(tenant, document_id, revision, version, metadata, order)
-            .await
-    }
-
-    async fn purge_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        self.inner.purge_tenant(tenant).await
-    }
-
-    async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        self.inner.search(request).await
-    }
-
-    async fn count(
-        &self,
-        tenant: &TenantId,
-        document_id: Option<&str>,
-    ) -> Result<usize, StoreError> {
-        self.inner.count(tenant, document_id).await
+        Ok(())
     }
 }
 
@@ -1630,10 +1463,7 @@ async fn race<S: VectorStore>(
     fast: Document,
 ) -> (Processed, Processed) {
     let gate = Arc::new(Gate::default());
-    let paused = Arc::new(Paused {
-        inner: slow_store,
-        gate: Arc::clone(&gate),
-    });
+    let paused = Arc::new(FaultStore::new(slow_store, Arc::clone(&gate)));
     let (slow_pipeline, _) = pipeline(paused);
     let slow_task = tokio::spawn(async move { slow_pipeline.process(&slow).await });
     common::within(

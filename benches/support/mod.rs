@@ -6,14 +6,10 @@
 //! Everything a bench creates is removed again when its owner is dropped, also when the
 //! bench panics: [`BenchPipeline`] deletes its queues (and its Qdrant collection) and data
 //! directory, [`WorkerProcess`] kills a worker that is still running.
-#![allow(dead_code)]
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -27,20 +23,16 @@ use rag_ingest::tenant::TenantId;
 
 #[path = "../../tests/support/queues.rs"]
 mod queues;
-#[path = "../../tests/support/worker_log.rs"]
-mod worker_log;
+#[path = "../../tests/support/worker_process.rs"]
+mod worker_process;
 pub use queues::delete_queues;
 use queues::within;
 // Each test or bench crate uses a subset of these helpers.
 #[allow(unused_imports)]
-pub use worker_log::final_count;
-
-/// Log line the worker prints once it consumes (model loaded, store open, topology declared).
-pub const CONSUMING: &str = "worker consuming";
-/// Log line the worker prints for every document it embedded and wrote.
-pub const STORED: &str = "document stored";
+pub use worker_process::{CONSUMING, STALE, STORED, WorkerProcess, final_count};
 
 /// The broker URL: `RAG_INGEST_AMQP_URL` (which the worker honours too) or the local default.
+#[allow(dead_code)]
 pub fn amqp_url() -> String {
     std::env::var("RAG_INGEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -52,6 +44,7 @@ pub fn manifest_dir() -> &'static Path {
 }
 
 /// The real all-MiniLM-L6-v2 directory; panics naming the fix if it is missing.
+#[allow(dead_code)]
 pub fn model_dir() -> PathBuf {
     let dir = manifest_dir().join("models/all-MiniLM-L6-v2");
     assert!(
@@ -63,6 +56,7 @@ pub fn model_dir() -> PathBuf {
 }
 
 /// A tokio runtime for the benches' own async work (publishing, queue probes, store checks).
+#[allow(dead_code)]
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -73,6 +67,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Panics with a clear message unless the broker accepts a connection within 10 s: a bench
 /// without a broker would measure nothing.
+#[allow(dead_code)]
 pub async fn require_broker() {
     let url = amqp_url();
     let connect = Connection::connect(&url, ConnectionProperties::default());
@@ -98,8 +93,10 @@ pub async fn require_broker() {
 /// One fixture document of `fixtures/docs/<tenant>/`.
 pub struct Fixture {
     /// The tenant directory it lives in.
+    #[allow(dead_code)]
     pub tenant: String,
     /// The file name.
+    #[allow(dead_code)]
     pub name: String,
     /// The whole text.
     pub text: String,
@@ -136,6 +133,7 @@ pub fn fixtures() -> Vec<Fixture> {
 /// `acme` and `globex`. Document `i` is a heading followed by 2 to 5 of its tenant's
 /// fixture documents (rotating), about 0.8 to 2.5 KiB: a few chunks each at the default
 /// 200-token chunk size. Each carries `title` and `source` metadata.
+#[allow(dead_code)]
 pub fn realistic_docs(prefix: &str, n: usize) -> Vec<Document> {
     let fixtures = fixtures();
     (0..n)
@@ -169,6 +167,7 @@ pub fn realistic_docs(prefix: &str, n: usize) -> Vec<Document> {
 /// `n` distinct documents of exactly `bytes` bytes named `<prefix>-NNN`, alternating tenants
 /// and content types (`text/markdown`, `text/plain`): the fixture documents of the tenant
 /// repeated under numbered section headings.
+#[allow(dead_code)]
 pub fn large_docs(prefix: &str, n: usize, bytes: usize) -> Vec<Document> {
     let fixtures = fixtures();
     (0..n)
@@ -202,6 +201,7 @@ pub fn large_docs(prefix: &str, n: usize, bytes: usize) -> Vec<Document> {
 
 /// Sets the dotted `path` (e.g. `broker.prefetch`) of a TOML table, creating tables on the
 /// way.
+#[allow(dead_code)]
 pub fn set(table: &mut toml::Table, path: &str, value: impl Into<toml::Value>) {
     let mut parts: Vec<&str> = path.split('.').collect();
     let last = parts.pop().expect("a non-empty path");
@@ -220,6 +220,7 @@ pub fn set(table: &mut toml::Table, path: &str, value: impl Into<toml::Value>) {
 /// size, batch size, prefetch, concurrency, limits) with a unique name (so its own queues),
 /// an absolute model path, the bench's broker URL, its own store directory, metrics off, and
 /// whatever the bench changes on top.
+#[allow(dead_code)]
 pub struct BenchPipeline {
     /// The loaded configuration, exactly as the worker loads it.
     pub config: PipelineConfig,
@@ -228,12 +229,14 @@ pub struct BenchPipeline {
     /// Qdrant collection to delete on drop (`store.kind = "qdrant"`).
     qdrant_collection: Option<String>,
     /// Holds the pipeline file and the edge store; removed on drop.
+    #[allow(dead_code)]
     dir: tempfile::TempDir,
 }
 
 impl BenchPipeline {
     /// A pipeline named `bench-<prefix>-<random>`; `edit` changes the TOML table before it
     /// is written (see [`set`]).
+    #[allow(dead_code)]
     pub fn new(prefix: &str, edit: impl FnOnce(&mut toml::Table)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let base = manifest_dir().join("pipelines/docs.toml");
@@ -270,6 +273,7 @@ impl BenchPipeline {
     }
 
     /// The directory of the edge store (`store.path`).
+    #[allow(dead_code)]
     pub fn store_path(&self) -> &Path {
         &self.config.store.path
     }
@@ -277,6 +281,7 @@ impl BenchPipeline {
     /// A copy of the pipeline file for worker process `k` of several, with its own edge
     /// store directory (Qdrant Edge is one process per directory) and the same queues;
     /// returns the file and the loaded configuration.
+    #[allow(dead_code)]
     pub fn for_process(&self, k: usize) -> (PathBuf, PipelineConfig) {
         let text = std::fs::read_to_string(&self.file).expect("the pipeline file is readable");
         let mut table: toml::Table = text.parse().expect("the pipeline file is valid TOML");
@@ -288,12 +293,14 @@ impl BenchPipeline {
     }
 
     /// The main queue.
+    #[allow(dead_code)]
     pub fn main_queue(&self) -> String {
         Topology::new(&self.config).main_queue()
     }
 }
 
 /// Writes `table` to `file` and loads it exactly as the worker will.
+#[allow(dead_code)]
 fn write_and_load(file: &Path, table: &toml::Table) -> PipelineConfig {
     std::fs::write(
         file,
@@ -326,6 +333,7 @@ impl Drop for BenchPipeline {
 }
 
 /// Deletes `collection` on `config`'s Qdrant server (errors ignored: best effort).
+#[allow(dead_code)]
 async fn delete_qdrant_collection(config: &PipelineConfig, collection: &str) {
     let q = &config.store.qdrant;
     let mut builder = qdrant_client::Qdrant::from_url(&q.url).skip_compatibility_check();
@@ -338,6 +346,7 @@ async fn delete_qdrant_collection(config: &PipelineConfig, collection: &str) {
 }
 
 /// One open channel for asking the broker about queues.
+#[allow(dead_code)]
 pub struct QueueProbe {
     conn: Connection,
     channel: Channel,
@@ -345,6 +354,7 @@ pub struct QueueProbe {
 
 impl QueueProbe {
     /// Connects to the bench broker.
+    #[allow(dead_code)]
     pub async fn connect() -> Self {
         let conn = within(
             "connect",
@@ -359,6 +369,7 @@ impl QueueProbe {
     }
 
     /// Ready (not yet delivered) messages in `queue`, which must exist.
+    #[allow(dead_code)]
     pub async fn ready(&self, queue: &str) -> u32 {
         let declare = self.channel.queue_declare(
             queue.into(),
@@ -372,6 +383,7 @@ impl QueueProbe {
     }
 
     /// Closes the connection (and with it the channel).
+    #[allow(dead_code)]
     pub async fn close(self) {
         drop(self.channel);
         queues::close_quietly(self.conn).await;
@@ -379,6 +391,7 @@ impl QueueProbe {
 }
 
 /// The chunk count of each document with `chunker` (what the store must hold for it).
+#[allow(dead_code)]
 pub fn expected_chunks(chunker: &Chunker, docs: &[Document]) -> Vec<usize> {
     docs.iter()
         .map(|doc| {
@@ -393,6 +406,7 @@ pub fn expected_chunks(chunker: &Chunker, docs: &[Document]) -> Vec<usize> {
 /// store has exactly `expected[i]` points for it and every other store none, and the stores
 /// hold nothing else for the documents' tenants. Returns the total number of points, or a
 /// description of every difference.
+#[allow(dead_code)]
 pub async fn verify_stored<S: VectorStore>(
     stores: &[S],
     docs: &[Document],
@@ -444,6 +458,7 @@ pub async fn verify_stored<S: VectorStore>(
 }
 
 /// Model tokens of `texts`, `[CLS]`/`[SEP]` included (what the forward pass computes).
+#[allow(dead_code)]
 pub fn model_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[&str]) -> u64 {
     tokenizer
         .encode_batch(texts.to_vec(), true)
@@ -456,6 +471,7 @@ pub fn model_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[&str]) -> u64 {
 /// A private link to (or copy of) the `rag-ingest` binary cargo built with this bench,
 /// taken once at the start: the target directory may be shared with other checkouts whose
 /// builds replace `target/release/rag-ingest` while a bench runs. Removed on drop.
+#[allow(dead_code)]
 pub struct WorkerBinary {
     path: PathBuf,
     _dir: tempfile::TempDir,
@@ -464,6 +480,7 @@ pub struct WorkerBinary {
 impl WorkerBinary {
     /// Links (or, across file systems, copies) `CARGO_BIN_EXE_rag-ingest` into a temporary
     /// directory and prints which build it is.
+    #[allow(dead_code)]
     pub fn snapshot() -> Self {
         let source = Path::new(env!("CARGO_BIN_EXE_rag-ingest"));
         let dir = tempfile::tempdir().expect("temp dir");
@@ -485,203 +502,49 @@ impl WorkerBinary {
     }
 
     /// The binary to run.
+    #[allow(dead_code)]
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
-/// Lines of a worker's stderr, with a condition variable signalled on every new line.
-#[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    grew: Condvar,
-}
-
-/// A running `rag-ingest worker` process (the release binary built with the benches) whose
-/// stderr is collected line by line.
-pub struct WorkerProcess {
-    child: Child,
-    log: Arc<Log>,
-    reader: Option<JoinHandle<()>>,
-}
-
 impl WorkerProcess {
-    /// Starts `<binary> worker --pipeline <file> <extra>` with info logs (lapin and
-    /// qdrant_edge at warn).
+    /// Starts `<binary> --log-format text worker --pipeline <file> <extra>` with info logs
+    /// (lapin and qdrant_edge at warn).
+    #[allow(dead_code)]
     pub fn start(binary: &WorkerBinary, file: &Path, extra: &[&str]) -> Self {
         Self::start_on(binary, file, extra, None)
     }
 
     /// Like [`start`](Self::start); with `core`, the process may run on that CPU core only
-    /// (`taskset -c <core>`, which then executes the worker in its place, so [`id`](Self::id)
-    /// is the worker's pid).
+    /// (`taskset -c <core>`, which then executes the worker in its place, so
+    /// [`id`](Self::id) is the worker's pid).
+    #[allow(dead_code)]
     pub fn start_on(
         binary: &WorkerBinary,
         file: &Path,
         extra: &[&str],
         core: Option<usize>,
     ) -> Self {
-        let mut command = match core {
-            Some(core) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &core.to_string()]).arg(binary.path());
-                c
-            }
-            None => Command::new(binary.path()),
-        };
-        let mut child = command
-            .args(["--log-format", "text", "worker", "--pipeline"])
-            .arg(file)
-            .args(extra)
-            .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the rag-ingest binary starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Log::default());
-        let sink = Arc::clone(&log);
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lines
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(line);
-                sink.grew.notify_all();
-            }
-            // Wake waiters once more at end of stream (the process is exiting).
-            sink.grew.notify_all();
-        });
-        WorkerProcess {
-            child,
-            log,
-            reader: Some(reader),
-        }
-    }
-
-    /// The process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Log lines containing `needle` so far.
-    pub fn count(&self, needle: &str) -> usize {
-        self.log
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// The whole log so far.
-    pub fn log(&self) -> String {
-        self.log
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .join("\n")
-    }
-
-    /// The exit status if the process has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    /// Blocks until `n` log lines contain `needle`, woken by every new line. Panics with the
-    /// log if the worker exits first or `timeout` passes.
-    pub fn wait_for(&mut self, needle: &str, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self
-            .log
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if lines.iter().filter(|l| l.contains(needle)).count() >= n {
-                return;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(lines);
-                panic!(
-                    "BENCH FAILED: fewer than {n} log lines with {needle:?} within {timeout:?}; \
-                     worker log:\n{}",
-                    self.log()
-                );
-            }
-            // Wake at least every 200 ms to notice a worker that died without output.
-            let wait = (deadline - now).min(Duration::from_millis(200));
-            lines = self
-                .log
-                .grew
-                .wait_timeout(lines, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                drop(lines);
-                if self.count(needle) >= n {
-                    return;
-                }
-                panic!(
-                    "BENCH FAILED: the worker exited ({status}) before {n} log lines with \
-                     {needle:?}; worker log:\n{}",
-                    self.log()
-                );
-            }
-        }
-    }
-
-    /// Sends `signal` (`TERM`, `INT`, `KILL`) with kill(1).
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -s {signal} {}", self.child.id());
-    }
-
-    /// Waits (polling every 20 ms) for the process to exit; returns its status and whole
-    /// log. Kills it and panics if it is still running after `timeout`.
-    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "BENCH FAILED: the worker did not exit within {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        (status, self.log())
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // A failed bench must not leave a worker behind.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let args: Vec<&str> = ["--report", "json"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        WorkerProcess::launch(worker_process::Launch {
+            binary: binary.path(),
+            global_args: &["--log-format", "json"],
+            pipeline: file,
+            args: &args,
+            env: &[],
+            core,
+            failure: "BENCH FAILED: ",
+        })
     }
 }
 
 /// Panics with the log unless a worker that was asked to stop exited cleanly, stored
 /// `stored` documents and retried or dead-lettered none.
+#[allow(dead_code)]
 pub fn check_clean_exit(status: ExitStatus, log: &str, stored: u64) {
     assert!(
         status.success(),
@@ -698,6 +561,7 @@ pub fn check_clean_exit(status: ExitStatus, log: &str, stored: u64) {
 
 /// Median of `values` (the mean of the two middle values for an even count); `None` when
 /// empty.
+#[allow(dead_code)]
 pub fn median(values: &[Duration]) -> Option<Duration> {
     let mut sorted = values.to_vec();
     sorted.sort();

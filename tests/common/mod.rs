@@ -1,6 +1,5 @@
 //! Shared helpers for integration tests: a unique pipeline per test (own queue names, own
 //! store directory), the real model loaded once per test binary, and broker utilities.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -14,21 +13,25 @@ use rag_ingest::queue::Topology;
 use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
 
-#[path = "../support/openai_server.rs"]
-pub mod openai_server;
-#[path = "../support/qdrant_server.rs"]
-pub mod qdrant_server;
+#[path = "../support/command.rs"]
+mod command;
 #[path = "../support/queues.rs"]
 mod queues;
-#[path = "../support/worker_log.rs"]
-mod worker_log;
+#[path = "../support/worker_process.rs"]
+mod worker_process;
 // Each test or bench crate uses a subset of these helpers.
+#[allow(unused_imports)]
+pub use command::{run_ok, stdout};
 #[allow(unused_imports)]
 pub use queues::{close_quietly, within};
 #[allow(unused_imports)]
-pub use worker_log::final_count;
+pub use worker_process::{
+    CONSUMING, DEAD_LETTERED, Event, MODEL_LOADED, SETTLED, STALE, STORED, WorkerProcess,
+    count_events, final_count,
+};
 
 /// The broker URL tests use.
+#[allow(dead_code)]
 pub fn amqp_url() -> String {
     std::env::var("RAG_INGEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -46,6 +49,7 @@ pub fn model_dir() -> PathBuf {
 }
 
 /// The real model, loaded once per test binary.
+#[allow(dead_code)]
 pub fn embedder() -> Arc<CandleEmbedder> {
     static MODEL: OnceLock<Arc<CandleEmbedder>> = OnceLock::new();
     Arc::clone(MODEL.get_or_init(|| {
@@ -55,10 +59,13 @@ pub fn embedder() -> Arc<CandleEmbedder> {
 
 /// Which store a test pipeline writes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(dead_code)]
 pub enum TestStore {
     /// Qdrant Edge in the test's own directory.
+    #[allow(dead_code)]
     Edge,
     /// A collection of the test's own on the Qdrant server at `url` (gRPC).
+    #[allow(dead_code)]
     Qdrant {
         /// gRPC URL.
         url: String,
@@ -68,6 +75,7 @@ pub enum TestStore {
 impl TestStore {
     /// The shared test server (`QDRANT_URL`), or `None` after a loud SKIPPED line naming
     /// `test`.
+    #[allow(dead_code)]
     pub fn qdrant_or_skip(test: &str) -> Option<Self> {
         qdrant_url_or_skip(test).map(|url| TestStore::Qdrant { url })
     }
@@ -98,19 +106,23 @@ macro_rules! on_both_stores {
 }
 
 /// A pipeline config with its own queue names and store directory (or server collection).
+#[allow(dead_code)]
 pub struct TestPipeline {
     pub config: PipelineConfig,
+    #[allow(dead_code)]
     pub dir: tempfile::TempDir,
 }
 
 impl TestPipeline {
     /// A unique pipeline named after `test` on Qdrant Edge; `extra` is appended to the TOML
     /// (e.g. a `[retry]` table).
+    #[allow(dead_code)]
     pub fn new(test: &str, extra: &str) -> Self {
         Self::on(TestStore::Edge, test, extra)
     }
 
     /// A unique pipeline named after `test` on `store`; `extra` is appended to the TOML.
+    #[allow(dead_code)]
     pub fn on(store: TestStore, test: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let name = format!(
@@ -157,6 +169,7 @@ max_document_bytes = 4096
 
     /// The processing pipeline over the shared model and this test's own store, whichever
     /// kind the config names.
+    #[allow(dead_code)]
     pub async fn store_pipeline(&self) -> Pipeline<CandleEmbedder, rag_ingest::store::Store> {
         let embedder = embedder();
         let chunker = setup::chunker(&self.config, &embedder).expect("chunker");
@@ -170,6 +183,7 @@ max_document_bytes = 4096
     }
 
     /// The processing pipeline over the shared model and this test's own Edge store.
+    #[allow(dead_code)]
     pub fn pipeline(&self) -> Pipeline<CandleEmbedder, EdgeStore> {
         let embedder = embedder();
         let chunker = setup::chunker(&self.config, &embedder).expect("chunker");
@@ -182,6 +196,7 @@ max_document_bytes = 4096
     }
 
     /// Deletes this pipeline's queues from the broker.
+    #[allow(dead_code)]
     pub async fn delete_queues(&self) {
         queues::delete_queues(&self.config).await;
     }
@@ -189,6 +204,7 @@ max_document_bytes = 4096
 
 /// The `[store]` section of a test pipeline: Edge under `path`, or the collection `name` on
 /// the server.
+#[allow(dead_code)]
 fn store_section(store: &TestStore, name: &str, path: &Path) -> String {
     match store {
         TestStore::Edge => format!(
@@ -204,6 +220,7 @@ fn store_section(store: &TestStore, name: &str, path: &Path) -> String {
 }
 
 /// The store section `write_pipeline_file` writes for `c`.
+#[allow(dead_code)]
 fn config_store_section(c: &PipelineConfig) -> String {
     use rag_ingest::config::StoreKind;
     match c.store.kind {
@@ -238,6 +255,7 @@ fn config_store_section(c: &PipelineConfig) -> String {
 }
 
 /// Opens a connection to the test broker (panics if it is down or does not answer).
+#[allow(dead_code)]
 pub async fn connect() -> Connection {
     within(
         "connect",
@@ -248,6 +266,7 @@ pub async fn connect() -> Connection {
 }
 
 /// Ready messages in `queue` (the queue must exist).
+#[allow(dead_code)]
 pub async fn queue_len(queue: &str) -> u32 {
     let conn = connect().await;
     let ch = within("open a channel", conn.create_channel())
@@ -267,6 +286,7 @@ pub async fn queue_len(queue: &str) -> u32 {
 
 /// Submits `docs` to `config`'s pipeline with confirms; panics unless every one is confirmed
 /// within the broker deadline.
+#[allow(dead_code)]
 pub async fn submit(config: &PipelineConfig, docs: &[rag_ingest::message::Document]) {
     let submitter = within("connect", rag_ingest::queue::Submitter::connect(config))
         .await
@@ -279,7 +299,33 @@ pub async fn submit(config: &PipelineConfig, docs: &[rag_ingest::message::Docume
     submitter.close().await;
 }
 
+/// Runs an in-process worker of `config` over `pipeline` until its queues stay idle for
+/// `idle_grace`; returns its report. Panics if it fails or has not finished within `timeout`.
+#[allow(dead_code)]
+pub async fn drain<E, S>(
+    config: &PipelineConfig,
+    pipeline: Pipeline<E, S>,
+    timeout: Duration,
+    idle_grace: Duration,
+) -> rag_ingest::queue::WorkerReport
+where
+    E: rag_ingest::embed::Embedder,
+    S: rag_ingest::store::VectorStore,
+{
+    let worker = rag_ingest::queue::Worker::new(config.clone(), pipeline);
+    let options = rag_ingest::queue::RunOptions {
+        exit_when_idle: true,
+        idle_grace,
+    };
+    let run = worker.run(options, std::future::pending());
+    match tokio::time::timeout(timeout, run).await {
+        Ok(report) => report.expect("the worker runs"),
+        Err(_) => panic!("the worker did not drain the queues within {timeout:?}"),
+    }
+}
+
 /// Polls `check` every 50 ms until it returns true; panics with `what` after `timeout`.
+#[allow(dead_code)]
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -301,6 +347,7 @@ where
 
 /// Writes `t.config` (every section, retry and worker included) as a pipeline file the
 /// binary can load, next to the test's store; returns its path.
+#[allow(dead_code)]
 pub fn write_pipeline_file(t: &TestPipeline) -> PathBuf {
     let c = &t.config;
     let tenants: Vec<String> = c.tenants.allowed.iter().map(|t| format!("{t:?}")).collect();
@@ -362,24 +409,19 @@ address = "{metrics}"
     path
 }
 
-/// Runs `rabbitmqctl` with `args`; panics (with its output) if it fails.
+/// Runs `rabbitmqctl` with `args`; returns its stdout, or panics (with its output) if it
+/// fails.
+#[allow(dead_code)]
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout(&run_ok(
+        std::process::Command::new("rabbitmqctl").args(args),
+    ))
 }
 
 /// Broker ids (`<rabbit@host.N.N.N>`, what `rabbitmqctl close_connection` takes) of the
 /// connections opened by workers of `pipeline`: their client property `connection_name` is
 /// `rag-ingest worker <pipeline>`.
+#[allow(dead_code)]
 pub fn worker_connections(pipeline: &str) -> Vec<String> {
     let out = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
     let wanted = format!("\"rag-ingest worker {pipeline}\"");
@@ -391,6 +433,7 @@ pub fn worker_connections(pipeline: &str) -> Vec<String> {
 
 /// Closes every broker connection of `pipeline`'s workers (only theirs); returns how many
 /// were closed.
+#[allow(dead_code)]
 pub fn close_worker_connections(pipeline: &str) -> usize {
     let mut closed = 0;
     for pid in worker_connections(pipeline) {
@@ -411,6 +454,7 @@ pub fn close_worker_connections(pipeline: &str) -> usize {
 }
 
 /// Opens a connection and a confirm-mode channel (panics if the broker is down).
+#[allow(dead_code)]
 pub async fn confirm_channel() -> (Connection, lapin::Channel) {
     let conn = connect().await;
     let ch = within("open a channel", conn.create_channel())
@@ -426,6 +470,7 @@ pub async fn confirm_channel() -> (Connection, lapin::Channel) {
 }
 
 /// Publishes `body` straight to `queue` (default exchange) and waits for the confirm.
+#[allow(dead_code)]
 pub async fn publish_to_queue(
     ch: &lapin::Channel,
     queue: &str,
@@ -439,6 +484,7 @@ pub async fn publish_to_queue(
 }
 
 /// Removes every message of `queue` (basic.get + ack) and returns them in queue order.
+#[allow(dead_code)]
 pub async fn take_all(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
     let conn = connect().await;
     let ch = within("open a channel", conn.create_channel())
@@ -468,6 +514,7 @@ pub async fn take_all(queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
 }
 
 /// Ready messages of the main queue plus every retry queue of `config`'s pipeline.
+#[allow(dead_code)]
 pub async fn pending(config: &PipelineConfig) -> u64 {
     let topology = Topology::new(config);
     let mut total = u64::from(queue_len(&topology.main_queue()).await);
@@ -478,6 +525,7 @@ pub async fn pending(config: &PipelineConfig) -> u64 {
 }
 
 /// Header `name` of `properties` as text (strings) or a number rendered as text.
+#[allow(dead_code)]
 pub fn header(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
     use lapin::types::AMQPValue;
     match properties.headers().as_ref()?.inner().get(name)? {
@@ -491,6 +539,7 @@ pub fn header(properties: &lapin::BasicProperties, name: &str) -> Option<String>
 }
 
 /// The chunk count `doc` gets from `config`'s chunker (what the store must hold for it).
+#[allow(dead_code)]
 pub fn expected_chunks(config: &PipelineConfig, doc: &rag_ingest::message::Document) -> usize {
     static CHUNKERS: OnceLock<
         std::sync::Mutex<std::collections::HashMap<String, Arc<rag_ingest::chunk::Chunker>>>,
@@ -513,6 +562,7 @@ pub fn expected_chunks(config: &PipelineConfig, doc: &rag_ingest::message::Docum
 
 /// `n` short, distinct plain-text documents of `tenant` named `<prefix>-<i>`, of 1 to 3
 /// chunks each with the test pipelines' 64-token chunks.
+#[allow(dead_code)]
 pub fn short_docs(tenant: &str, prefix: &str, n: usize) -> Vec<rag_ingest::message::Document> {
     const WORDS: [&str; 24] = [
         "river", "granite", "lantern", "orchard", "falcon", "copper", "meadow", "harbor", "violin",
@@ -540,138 +590,39 @@ pub fn short_docs(tenant: &str, prefix: &str, n: usize) -> Vec<rag_ingest::messa
         .collect()
 }
 
-/// A running `rag-ingest worker` process whose stderr lines are collected as they come.
-pub struct WorkerProcess {
-    child: std::process::Child,
-    lines: Arc<std::sync::Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
 impl WorkerProcess {
-    /// Starts `rag-ingest worker --pipeline <file>` (with `--exit-when-idle` if asked).
+    /// Starts `rag-ingest --log-format json worker --pipeline <file> --report json` of this
+    /// build (with `--exit-when-idle` and a 300 ms idle grace if asked), so its log is typed
+    /// events ([`WorkerProcess::count`]) and its exit report JSON ([`final_count`]); panics if
+    /// the binary cannot be started.
+    #[allow(dead_code)]
     pub fn start(file: &Path, exit_when_idle: bool) -> Self {
         Self::start_with_env(file, exit_when_idle, &[])
     }
 
     /// Like [`WorkerProcess::start`], with extra environment variables.
+    #[allow(dead_code)]
     pub fn start_with_env(file: &Path, exit_when_idle: bool, env: &[(&str, &str)]) -> Self {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
-        cmd.envs(env.iter().copied());
-        cmd.args(["worker", "--pipeline"])
-            .arg(file)
-            .env("RUST_LOG", "info,lapin=warn,qdrant_edge=warn")
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        if exit_when_idle {
-            cmd.args(["--exit-when-idle", "--idle-grace-ms", "300"]);
-        }
-        let mut child = cmd.spawn().expect("the worker binary starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        WorkerProcess {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    /// Log lines containing `needle` so far.
-    pub fn count(&self, needle: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// The whole log so far.
-    pub fn log(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .join("\n")
-    }
-
-    /// Waits (polling) until at least `n` documents were stored; fails if the worker exits.
-    pub async fn wait_stored(&mut self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.count("document stored") < n {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("the worker exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {n} stored documents within a minute:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Sends `signal` (`KILL`, `TERM`, `INT`) with kill(1).
-    pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -s {signal}");
-    }
-
-    /// Waits (polling) for the process to exit; returns its status and whole stderr.
-    pub async fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "the worker did not exit within {timeout:?}:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let args: &[&str] = if exit_when_idle {
+            &[
+                "--report",
+                "json",
+                "--exit-when-idle",
+                "--idle-grace-ms",
+                "300",
+            ]
+        } else {
+            &["--report", "json"]
         };
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        let log = self.log();
-        (status, log)
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        // A failed test must not leave a worker behind.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl WorkerProcess {
-    /// The process id.
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// True once the process has exited.
-    pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+        WorkerProcess::launch(worker_process::Launch {
+            binary: Path::new(env!("CARGO_BIN_EXE_rag-ingest")),
+            global_args: &["--log-format", "json"],
+            pipeline: file,
+            args,
+            env,
+            core: None,
+            failure: "",
+        })
     }
 }
 
@@ -681,6 +632,7 @@ impl WorkerProcess {
 
 /// An [`Embedder`](rag_ingest::embed::Embedder) that forwards to the real model and counts
 /// the calls and texts it was asked to embed.
+#[allow(dead_code)]
 pub struct CountingEmbedder {
     inner: Arc<CandleEmbedder>,
     calls: std::sync::atomic::AtomicUsize,
@@ -689,6 +641,7 @@ pub struct CountingEmbedder {
 
 impl CountingEmbedder {
     /// A counter around the shared real model ([`embedder`]).
+    #[allow(dead_code)]
     pub fn new() -> Self {
         CountingEmbedder {
             inner: embedder(),
@@ -698,20 +651,24 @@ impl CountingEmbedder {
     }
 
     /// Embedding calls so far.
+    #[allow(dead_code)]
     pub fn calls(&self) -> usize {
         self.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Texts embedded so far.
+    #[allow(dead_code)]
     pub fn texts(&self) -> usize {
         self.texts.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The model's tokenizer (for building a chunker).
+    #[allow(dead_code)]
     pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
         self.inner.tokenizer()
     }
 
+    #[allow(dead_code)]
     fn count(&self, texts: &[String]) {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.texts
@@ -750,6 +707,7 @@ impl rag_ingest::embed::Embedder for CountingEmbedder {
 
 /// The Qdrant server of the server-side store tests (`QDRANT_URL`, gRPC), or `None` after
 /// printing a loud `SKIPPED` line to stderr naming `test`.
+#[allow(dead_code)]
 pub fn qdrant_url_or_skip(test: &str) -> Option<String> {
     match std::env::var("QDRANT_URL") {
         Ok(url) if !url.trim().is_empty() => Some(url),
@@ -767,6 +725,7 @@ pub fn qdrant_url_or_skip(test: &str) -> Option<String> {
 /// the collection named after the pipeline (unique per test, so the shared server is safe),
 /// `store.qdrant.url = url`, and `qdrant_extra` (TOML lines, e.g. `replication_factor = 3`)
 /// added to `[store.qdrant]`. Returns the file's path.
+#[allow(dead_code)]
 pub fn write_qdrant_pipeline_file(t: &TestPipeline, url: &str, qdrant_extra: &str) -> PathBuf {
     let path = write_pipeline_file(t);
     let text = std::fs::read_to_string(&path).expect("read pipeline file");

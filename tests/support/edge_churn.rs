@@ -3,54 +3,28 @@
 //! (upsert the new revision's chunks, then delete the document's chunks of any other
 //! revision). Chunk counts alternate between 3 and 6, so every other version leaves stale
 //! points behind to delete. Shared by `tests/edge_durability.rs` and `benches/edge_disk.rs`.
-#![allow(dead_code)]
 
 use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::Arc;
 
-use rag_ingest::embed::Fingerprint;
 use rag_ingest::store::{
     ChunkPayload, ChunkPoint, EdgeStore, Revision, VectorStore, disk_usage, point_id,
 };
 use rag_ingest::tenant::TenantId;
 
-/// Vector dimension of all-MiniLM-L6-v2.
-pub const DIMS: usize = 384;
+#[path = "vectors.rs"]
+mod vectors;
+/// The fingerprint the churn stores record.
+pub use vectors::fingerprint;
+use vectors::unit_vector;
+
 /// The collection every churn store uses.
 pub const COLLECTION: &str = "churn";
-
-/// The fingerprint the churn stores record.
-pub fn fingerprint() -> Fingerprint {
-    Fingerprint {
-        model: "test/synthetic".to_owned(),
-        dims: DIMS,
-        pooling: "mean".to_owned(),
-        normalized: true,
-    }
-}
 
 /// The tenant every churn document belongs to.
 pub fn tenant() -> TenantId {
     TenantId::new("acme").expect("valid tenant")
-}
-
-/// A deterministic pseudo-random unit vector (splitmix64 from `seed`).
-pub fn unit_vector(seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut v: Vec<f32> = (0..DIMS)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f32 / (1u64 << 52) as f32 - 1.0
-        })
-        .collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.iter_mut().for_each(|x| *x /= norm);
-    v
 }
 
 /// Chunks of version `version` of a document.

@@ -1,7 +1,6 @@
 //! An OpenAI-compatible `/v1/embeddings` endpoint for tests: it answers 503 while "down" and
 //! the real all-MiniLM-L6-v2 vectors (computed in the test process) while up, in the exact
 //! OpenAI wire format.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,7 +55,7 @@ async fn embeddings(State(state): State<ServerState>, body: Bytes) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    let vectors = super::embedder()
+    let vectors = crate::common::embedder()
         .embed(inputs)
         .await
         .expect("the real model embeds");

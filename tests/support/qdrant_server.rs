@@ -8,7 +8,6 @@
 //!
 //! Every server listens on 127.0.0.1 only, on ports picked free at start, with its storage in
 //! its own temporary directory; it is killed when dropped.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 
 /// The Qdrant server version the tests run against (`../shared/bin/qdrant`), and that
 /// `docker-compose.yml` and `pipelines/compose.toml` name (`tests/compose.rs` checks them).
+#[allow(dead_code)]
 pub const TESTED_VERSION: &str = "1.19.0";
 
 /// The Qdrant server binary, if this machine has one.
@@ -73,6 +73,7 @@ pub struct ServerOptions {
 
 impl ServerOptions {
     /// Adds the environment setting `key=value`.
+    #[allow(dead_code)]
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.push((key.to_owned(), value.into()));
         self
@@ -96,6 +97,7 @@ pub struct QdrantServer {
 impl QdrantServer {
     /// Starts a server with `options` and waits (up to 60 s) until it is ready; `None` after a
     /// loud SKIPPED line when this machine has no server binary. Panics if it does not start.
+    #[allow(dead_code)]
     pub async fn start(test: &str, options: ServerOptions) -> Option<Self> {
         let bin = qdrant_bin_or_skip(test)?;
         let server = QdrantServer {
@@ -114,6 +116,7 @@ impl QdrantServer {
     /// is ready: the first peer of a new cluster with `bootstrap = None`, a joining peer with
     /// the p2p URL of a running one ([`p2p_url`](Self::p2p_url)). `None` after a loud SKIPPED
     /// line when this machine has no server binary.
+    #[allow(dead_code)]
     pub async fn start_peer(test: &str, bootstrap: Option<String>) -> Option<Self> {
         let bin = qdrant_bin_or_skip(test)?;
         let p2p_port = free_port();
@@ -140,6 +143,7 @@ impl QdrantServer {
 
     /// How many peers this peer's view of the cluster holds (`GET /cluster`); 0 if it does
     /// not answer.
+    #[allow(dead_code)]
     pub fn cluster_peers(&self) -> usize {
         self.http_get("/cluster")
             .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
@@ -214,6 +218,7 @@ impl QdrantServer {
     }
 
     /// The p2p URL of this peer (cluster mode).
+    #[allow(dead_code)]
     pub fn p2p_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.p2p_port)
     }
@@ -273,6 +278,7 @@ impl QdrantServer {
     }
 
     /// Stops the process gracefully (SIGTERM, then SIGKILL after 20 s); storage is kept.
+    #[allow(dead_code)]
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -292,6 +298,7 @@ impl QdrantServer {
 
     /// Starts the process again on the same ports and storage (after [`kill`](Self::kill) or
     /// [`stop`](Self::stop)) and waits until it is ready.
+    #[allow(dead_code)]
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "restart a stopped server only");
         self.spawn();
@@ -299,6 +306,7 @@ impl QdrantServer {
     }
 
     /// Whether the process is running.
+    #[allow(dead_code)]
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(child) => matches!(child.try_wait(), Ok(None)),
@@ -307,6 +315,7 @@ impl QdrantServer {
     }
 
     /// Its storage directory.
+    #[allow(dead_code)]
     pub fn storage_dir(&self) -> PathBuf {
         self.dir.path().join("storage")
     }

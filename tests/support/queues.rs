@@ -11,9 +11,11 @@ use rag_ingest::config::PipelineConfig;
 use rag_ingest::queue::Topology;
 
 /// How long one broker (or store) operation of a test or bench may take.
+#[allow(dead_code)]
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Awaits `fut`; panics naming `what` if it has not finished within [`DEADLINE`].
+#[allow(dead_code)]
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(DEADLINE, fut).await {
         Ok(value) => value,
@@ -23,12 +25,14 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 
 /// Closes `conn`, waiting at most a few seconds (a close that is never answered must not
 /// hang a test; the connection is dropped either way).
+#[allow(dead_code)]
 pub async fn close_quietly(conn: Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
 }
 
 /// Deletes `config`'s main, retry and dead-letter queues (errors ignored: best effort;
 /// each step gives up after [`DEADLINE`]).
+#[allow(dead_code)]
 pub async fn delete_queues(config: &PipelineConfig) {
     let topology = Topology::new(config);
     let connect = Connection::connect(&config.broker.url, ConnectionProperties::default());

@@ -1,12 +1,15 @@
 //! A test's own RabbitMQ node on loopback, through `scripts/rabbitmq-node.sh` (never the
 //! machine's rabbit@localhost on 5672), stopped when the guard is dropped, also when the test
 //! panics.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// The includers (tests/broker_tls.rs, tests/cluster_rabbitmq.rs) have `mod common`.
+use crate::common::{run_ok, stdout};
+
 /// The node script.
+#[allow(dead_code)]
 pub fn node_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-node.sh")
 }
@@ -19,34 +22,29 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Runs `scripts/rabbitmq-node.sh ARGS`; panics with its output unless it succeeds.
+/// Runs `scripts/rabbitmq-node.sh ARGS`; returns its stdout, or panics with its output
+/// unless it succeeds.
+#[allow(dead_code)]
 pub fn run_node_script(args: &[&str]) -> String {
-    let out = Command::new(node_script())
-        .args(args)
-        .output()
-        .expect("scripts/rabbitmq-node.sh runs");
-    assert!(
-        out.status.success(),
-        "rabbitmq-node.sh {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout(&run_ok(Command::new(node_script()).args(args)))
 }
 
 /// Writes a self-signed CA and a server certificate for 127.0.0.1/localhost into `dir`
 /// (`ca.pem`, `server.pem`, `server.key`).
+#[allow(dead_code)]
 pub fn make_certificates(dir: &Path) {
     run_node_script(&["certs", &dir.display().to_string()]);
 }
 
 /// A running node; stopped on drop.
+#[allow(dead_code)]
 pub struct RabbitNode {
     /// Short node name (the node is `<name>@localhost`).
     pub name: String,
     /// The node's state directory.
     pub dir: PathBuf,
     /// Plain AMQP port on 127.0.0.1.
+    #[allow(dead_code)]
     pub amqp_port: u16,
     /// TLS (amqps) port on 127.0.0.1, if started with certificates.
     pub tls_port: Option<u16>,
@@ -57,6 +55,7 @@ impl RabbitNode {
     /// Starts node `<name>@localhost` with its state under `dir`, on free loopback ports; with
     /// `certs` (a directory from [`make_certificates`]) also an amqps listener. Panics if the
     /// node does not come up (the script waits at most 90 s).
+    #[allow(dead_code)]
     pub fn start(name: &str, dir: &Path, certs: Option<&Path>) -> Self {
         let amqp_port = free_port();
         let dist_port = free_port();
@@ -86,6 +85,7 @@ impl RabbitNode {
     }
 
     /// `rabbitmqctl -n <node> ARGS` with the node's cookie; panics unless it succeeds.
+    #[allow(dead_code)]
     pub fn ctl(&self, args: &[&str]) -> String {
         let dir = self.dir.display().to_string();
         let mut all = vec!["ctl", self.name.as_str(), dir.as_str()];
@@ -94,6 +94,7 @@ impl RabbitNode {
     }
 
     /// Stops the node (SIGTERM, then SIGKILL).
+    #[allow(dead_code)]
     pub fn stop(&mut self) {
         if self.running {
             self.running = false;
