@@ -62,12 +62,17 @@ pub struct BreakerConfig {
     pub open_for: Duration,
 }
 
+/// Consecutive failures that open a breaker by default.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+/// How long a breaker stays open by default, in milliseconds.
+pub const DEFAULT_OPEN_FOR_MS: u64 = 30_000;
+
 impl Default for BreakerConfig {
-    /// 5 consecutive failures, 30 s open.
+    /// [`DEFAULT_FAILURE_THRESHOLD`] consecutive failures, [`DEFAULT_OPEN_FOR_MS`] open.
     fn default() -> Self {
         BreakerConfig {
-            failure_threshold: 5,
-            open_for: Duration::from_secs(30),
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            open_for: Duration::from_millis(DEFAULT_OPEN_FOR_MS),
         }
     }
 }

@@ -719,10 +719,10 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 4;
 pub const DEFAULT_RATE_LIMIT_RETRIES: u32 = 2;
 /// Default of `embedder.max_retry_after_ms` (openai).
 pub const DEFAULT_MAX_RETRY_AFTER_MS: u64 = 30_000;
-/// Default of `embedder.breaker_failures` (openai).
-pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
-/// Default of `embedder.breaker_open_ms` (openai).
-pub const DEFAULT_BREAKER_OPEN_MS: u64 = 30_000;
+/// Default of `embedder.breaker_failures` (openai): the breaker's own default.
+pub const DEFAULT_BREAKER_FAILURES: u32 = crate::breaker::DEFAULT_FAILURE_THRESHOLD;
+/// Default of `embedder.breaker_open_ms` (openai): the breaker's own default.
+pub const DEFAULT_BREAKER_OPEN_MS: u64 = crate::breaker::DEFAULT_OPEN_FOR_MS;
 /// Default of `retry.max_attempts`.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Default of `retry.in_process_retries`.
