@@ -291,6 +291,14 @@ pub struct EmbedderConfig {
     /// openai: HTTP requests in flight at once, over all messages of this worker.
     #[serde(default = "default_max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// openai: requests per minute this worker sends at most (0 = no limit); requests wait
+    /// for budget instead of collecting 429s.
+    #[serde(default)]
+    pub max_requests_per_minute: u32,
+    /// openai: model tokens per minute this worker sends at most (0 = no limit), counted
+    /// with the embedder's tokenizer.
+    #[serde(default)]
+    pub max_tokens_per_minute: u32,
     /// openai: retries of one request answered 429 or 503, inside the embedder (honouring
     /// `Retry-After`). Other transient failures are retried by the worker (`[retry]`).
     #[serde(default = "default_rate_limit_retries")]

@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use rag_ingest::breaker::{BreakerConfig, BreakerState};
 use rag_ingest::config::{ConfigError, PipelineConfig, RetryConfig};
+use rag_ingest::embed::rate::RateLimits;
 use rag_ingest::embed::{
     ApiKey, CandleEmbedder, EmbedError, Embedder, FailoverEmbedder, Fingerprint, OpenAiEmbedder,
     OpenAiOptions, Usage,
@@ -90,6 +91,13 @@ struct ServerState {
     seen: Mutex<Vec<Seen>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// The provider's rate limit: at most this many requests answered in any second; the
+    /// others get 429 (0 = no limit).
+    per_second: AtomicUsize,
+    /// Arrival times of the requests answered under `per_second`.
+    admitted: Mutex<VecDeque<Instant>>,
+    /// Requests answered 429 by `per_second`.
+    throttled: AtomicUsize,
 }
 
 struct Server {
@@ -134,6 +142,17 @@ impl Server {
     fn requests(&self) -> usize {
         self.state.seen.lock().expect("lock").len()
     }
+
+    /// Answers 429 to any request beyond `n` in one second (a sliding window), as a
+    /// provider's rate limit does.
+    fn limit_per_second(&self, n: usize) {
+        self.state.per_second.store(n, Ordering::SeqCst);
+    }
+
+    /// Requests answered 429 by [`Server::limit_per_second`].
+    fn throttled(&self) -> usize {
+        self.state.throttled.load(Ordering::SeqCst)
+    }
 }
 
 /// Tokens of `text` for the real model, special tokens included.
@@ -162,6 +181,27 @@ async fn embeddings(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
     });
+    let limit = state.per_second.load(Ordering::SeqCst);
+    if limit > 0 {
+        let now = Instant::now();
+        let mut admitted = state.admitted.lock().expect("lock");
+        while admitted
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            admitted.pop_front();
+        }
+        if admitted.len() >= limit {
+            state.throttled.fetch_add(1, Ordering::SeqCst);
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                json!({"error": {"message": "Rate limit reached for requests"}}).to_string(),
+            )
+                .into_response();
+        }
+        admitted.push_back(now);
+    }
     let answer = state.script.lock().expect("lock").pop_front();
     let answer = answer
         .or_else(|| state.default.lock().expect("lock").clone())
@@ -467,6 +507,69 @@ async fn rate_limit_waits_for_retry_after() {
         "the retry came {waited:?} after the 429"
     );
     assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+}
+
+/// With `max_requests_per_minute` below the provider's rate, requests wait on the client
+/// instead of being refused: no 429 at all, every text embedded, and (lower bound) the
+/// requests took at least as long as the configured rate allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_side_limit_keeps_requests_under_the_provider_rate() {
+    let server = Server::start().await;
+    server.limit_per_second(10);
+    let mut o = options(&server);
+    o.batch_size = 1;
+    o.max_concurrent_requests = 8;
+    o.rate_limit_retries = 0;
+    // 8 per second, under the provider's 10.
+    o.rate_limits = RateLimits {
+        requests_per_minute: 480,
+        tokens_per_minute: 0,
+    };
+    let embedder = remote(o);
+    let inputs = texts(32);
+    let started = Instant::now();
+    let vectors = embedder
+        .embed(inputs.clone())
+        .await
+        .expect("no request is refused");
+    let elapsed = started.elapsed();
+    assert_same_vectors(&vectors, &local(&inputs));
+    assert_eq!(server.throttled(), 0, "no 429s");
+    assert_eq!(server.requests(), 32, "one request per text, none retried");
+    assert!(
+        elapsed >= Duration::from_millis(31 * 1000 / 8),
+        "32 requests at 8 per second take at least 3.875 s: {elapsed:?}"
+    );
+
+    // The config fields reach the embedder's options.
+    let config = parse(&openai_toml(
+        &server.base_url(),
+        MODEL,
+        384,
+        "tokenizer = \"{tokenizer}\"\nmax_requests_per_minute = 480\nmax_tokens_per_minute = 90000\n",
+    ))
+    .expect("valid");
+    let from_config =
+        OpenAiOptions::from_config(&config.embedder, &|_| None).expect("options build");
+    assert_eq!(
+        from_config.rate_limits,
+        RateLimits {
+            requests_per_minute: 480,
+            tokens_per_minute: 90_000
+        }
+    );
+
+    // Without the client-side limit the same load collects 429s from the provider.
+    let mut o = options(&server);
+    o.batch_size = 1;
+    o.max_concurrent_requests = 8;
+    o.rate_limit_retries = 0;
+    let unlimited = remote(o);
+    let refused = unlimited.embed(texts(32)).await;
+    assert!(
+        server.throttled() > 0,
+        "the provider's limit is real: {refused:?}"
+    );
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ mod any;
 mod candle;
 mod failover;
 mod openai;
+pub mod rate;
 
 pub use any::AnyEmbedder;
 pub use candle::CandleEmbedder;

@@ -44,6 +44,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::rate::{RateLimiters, RateLimits};
 use super::{EmbedError, Embedder, Fingerprint, Usage};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::config::{
@@ -104,6 +105,8 @@ pub struct OpenAiOptions {
     pub max_retry_after: Duration,
     /// When the circuit breaker opens and how long it stays open.
     pub breaker: BreakerConfig,
+    /// Client-side requests and tokens per minute (0 = no limit).
+    pub rate_limits: RateLimits,
 }
 
 impl fmt::Debug for OpenAiOptions {
@@ -123,6 +126,7 @@ impl fmt::Debug for OpenAiOptions {
             .field("rate_limit_retries", &self.rate_limit_retries)
             .field("max_retry_after", &self.max_retry_after)
             .field("breaker", &self.breaker)
+            .field("rate_limits", &self.rate_limits)
             .finish_non_exhaustive()
     }
 }
@@ -152,6 +156,7 @@ impl OpenAiOptions {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             max_retry_after: Duration::from_millis(DEFAULT_MAX_RETRY_AFTER_MS),
+            rate_limits: RateLimits::default(),
             breaker: BreakerConfig {
                 failure_threshold: DEFAULT_BREAKER_FAILURES,
                 open_for: Duration::from_millis(DEFAULT_BREAKER_OPEN_MS),
@@ -208,6 +213,10 @@ impl OpenAiOptions {
         options.max_request_tokens = config.max_request_tokens;
         options.request_timeout = Duration::from_millis(config.request_timeout_ms);
         options.max_concurrent_requests = config.max_concurrent_requests;
+        options.rate_limits = RateLimits {
+            requests_per_minute: config.max_requests_per_minute,
+            tokens_per_minute: config.max_tokens_per_minute,
+        };
         options.rate_limit_retries = config.rate_limit_retries;
         options.max_retry_after = Duration::from_millis(config.max_retry_after_ms);
         options.breaker = BreakerConfig {
@@ -250,6 +259,7 @@ struct Inner {
     backoff_max: Duration,
     max_retry_after: Duration,
     slots: Semaphore,
+    rate: RateLimiters,
     breaker: CircuitBreaker,
     tokens_used: AtomicU64,
     requests_sent: AtomicU64,
@@ -400,6 +410,7 @@ impl OpenAiEmbedder {
             backoff_max: options.backoff_max.max(options.backoff_min),
             max_retry_after: options.max_retry_after,
             slots: Semaphore::new(options.max_concurrent_requests.max(1)),
+            rate: RateLimiters::new(options.rate_limits),
             tokens_used: AtomicU64::new(0),
             requests_sent: AtomicU64::new(0),
         };
@@ -615,6 +626,14 @@ impl Inner {
         let mut requests = 0u64;
         loop {
             requests += 1;
+            let waited = self.rate.acquire(counted_tokens).await;
+            if !waited.is_zero() {
+                crate::telemetry::emit(crate::telemetry::events::RateLimitWaited {
+                    provider: &self.label,
+                    waited,
+                    tokens: counted_tokens,
+                });
+            }
             match self.exchange(body.clone(), texts.len()).await? {
                 Exchange::Body(bytes) => {
                     let (vectors, reported) = self.parse(&bytes, texts.len())?;

@@ -963,3 +963,27 @@ impl InternalEvent for EdgeMaintenanceFailed<'_> {
         }
     }
 }
+
+/// A request to the embedding provider waited for the client-side rate limits
+/// (`embedder.max_requests_per_minute`, `embedder.max_tokens_per_minute`).
+#[derive(Debug)]
+pub struct RateLimitWaited<'a> {
+    /// The provider's label.
+    pub provider: &'a str,
+    /// How long the request waited.
+    pub waited: Duration,
+    /// The request's model tokens.
+    pub tokens: u64,
+}
+
+impl InternalEvent for RateLimitWaited<'_> {
+    fn emit(self) {
+        tracing::debug!(
+            event = "rate_limit_waited",
+            provider = self.provider,
+            waited_ms = millis(self.waited),
+            tokens = self.tokens,
+            "request waited for the client-side rate limit"
+        );
+    }
+}
