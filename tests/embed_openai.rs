@@ -7,6 +7,9 @@
 //! the `data` array shuffled so that only `index` tells which vector is whose.
 
 mod common;
+#[allow(dead_code)]
+#[path = "support/openai_server.rs"]
+mod openai_server;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use openai_server::{MODEL, request_inputs};
 use rag_ingest::breaker::{BreakerConfig, BreakerState};
 use rag_ingest::config::{ConfigError, PipelineConfig, RetryConfig};
 use rag_ingest::embed::rate::RateLimits;
@@ -34,7 +38,6 @@ use rag_ingest::{retry, setup};
 use serde_json::{Value, json};
 
 const SECRET: &str = "sk-test-RECOGNISABLE-0123456789-secret";
-const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
 
 /// What the server does with one request.
 #[derive(Clone, Debug)]
@@ -216,14 +219,7 @@ async fn embeddings(
 }
 
 async fn answer_with(answer: Answer, body: &Value) -> Response {
-    let inputs: Vec<String> = body["input"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let inputs = request_inputs(body);
     match answer {
         Answer::Fixed {
             status,

@@ -108,42 +108,8 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A private CA and a server certificate for 127.0.0.1/localhost signed by it, in `dir`:
 /// `ca.pem`, `server.pem`, `server.key`; and `other-ca.pem`, a CA that signed nothing.
 fn make_certificates(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=rag-ingest test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=another CA",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.pem",
-        ],
-    );
+    self_signed_ca(dir, "rag-ingest test CA", "ca");
+    self_signed_ca(dir, "another CA", "other-ca");
     openssl(
         dir,
         &[
@@ -182,6 +148,19 @@ fn make_certificates(dir: &Path) {
             "san.ext",
             "-out",
             "server.pem",
+        ],
+    );
+}
+
+/// A self-signed CA named `cn` in `dir`: `<name>.pem` and its key `<name>.key`.
+fn self_signed_ca(dir: &Path, cn: &str, name: &str) {
+    let subject = format!("/CN={cn}");
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject,
+            "-keyout", &key, "-out", &pem,
         ],
     );
 }

@@ -18,6 +18,19 @@ use serde_json::{Value, json};
 /// The model name the server reports (the fingerprint's model).
 pub const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
 
+/// The texts of an OpenAI embeddings request body (`input`, an array of strings); empty if
+/// it has none.
+pub fn request_inputs(body: &Value) -> Vec<String> {
+    body["input"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// An OpenAI-compatible embeddings endpoint that is down (503) or up (real vectors).
 pub struct Embedder503 {
     /// Where it listens.
@@ -47,14 +60,7 @@ async fn embeddings(State(state): State<ServerState>, body: Bytes) -> Response {
         Ok(v) => v,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     };
-    let inputs: Vec<String> = body["input"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let inputs = request_inputs(&body);
     let vectors = crate::common::embedder()
         .embed(inputs)
         .await
