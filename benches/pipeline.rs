@@ -90,7 +90,7 @@ fn run_once(
     let store = EdgeStore::open(
         pipeline.store_path(),
         &pipeline.config.store.collection,
-        embedder.fingerprint(),
+        &setup::collection_fingerprint(embedder.fingerprint()),
     )
     .expect("the worker's store opens after it exited");
     let stored = rt

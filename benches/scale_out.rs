@@ -251,7 +251,7 @@ fn run(
             messages.len()
         ));
     }
-    let fingerprint = embedder.fingerprint();
+    let fingerprint = &rag_ingest::setup::collection_fingerprint(embedder.fingerprint());
     let verified = match backend {
         Backend::EdgePerProcess => {
             let stores: Vec<EdgeStore> = configs

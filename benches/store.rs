@@ -42,6 +42,7 @@ fn fingerprint() -> Fingerprint {
         dims: DIMS,
         pooling: "mean".into(),
         normalized: true,
+        sparse: None,
     }
 }
 
@@ -128,6 +129,7 @@ impl PointFactory {
                 let point = ChunkPoint {
                     id: point_id(&tenant, &document_id, index),
                     vector: self.vector(),
+                    sparse: None,
                     payload: ChunkPayload {
                         tenant_id: tenant.as_str().to_owned(),
                         document_id: document_id.clone(),
@@ -143,6 +145,7 @@ impl PointFactory {
                         ingested_at: self.ingested_at.clone(),
                         order: None,
                         tombstone: false,
+                        context: None,
                     },
                 };
                 byte_start = byte_end + 1;

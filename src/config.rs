@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::context::{ContextMode, Contextualizer};
 use crate::fingerprint::{Fingerprint, Precision};
 use crate::secret::Secret;
 use crate::tenant::TenantId;
@@ -200,6 +201,12 @@ pub struct ChunkingConfig {
     pub max_tokens: usize,
     /// Tokens shared by consecutive chunks.
     pub overlap: usize,
+    /// What is embedded with each chunk: `"none"` (the chunk alone, the default) or
+    /// `"headings"` (the document title and the chunk's Markdown heading path, within
+    /// [`Contextualizer::budget_for`] tokens taken from `max_tokens`). Changing it re-embeds
+    /// each document at its next update.
+    #[serde(default)]
+    pub context: ContextMode,
 }
 
 /// Embedder implementations.
@@ -332,6 +339,7 @@ impl EmbedderConfig {
             dims: self.dims?,
             pooling: self.pooling.clone()?,
             normalized: self.normalized?,
+            sparse: None,
         })
     }
 
@@ -1061,6 +1069,19 @@ impl ChunkingConfig {
                 format!(
                     "{} must be less than chunking.max_tokens ({})",
                     self.overlap, self.max_tokens
+                ),
+            ));
+        }
+        let budget = Contextualizer::budget_for(self.context, self.max_tokens);
+        if self.overlap >= self.max_tokens - budget {
+            return Err(fail(
+                "chunking.overlap",
+                format!(
+                    "{} must be less than chunking.max_tokens ({}) minus the {budget} tokens \
+                     chunking.context = \"{}\" reserves",
+                    self.overlap,
+                    self.max_tokens,
+                    self.context.as_str()
                 ),
             ));
         }

@@ -18,11 +18,18 @@ pub struct Fingerprint {
     pub pooling: String,
     /// Whether vectors are L2-normalised.
     pub normalized: bool,
+    /// The keyword (sparse) model stored beside the dense vectors, as
+    /// [`SparseModel::id`](crate::sparse::SparseModel::id) names it; `None` for an embedder's
+    /// own fingerprint and for a collection written before hybrid search (dense vectors only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<String>,
 }
 
 impl Fingerprint {
-    /// A compact one-line form, e.g. `sentence-transformers/all-MiniLM-L6-v2|384|mean|l2`,
-    /// stored in every point's payload.
+    /// A compact one-line form of the dense vector space, e.g.
+    /// `sentence-transformers/all-MiniLM-L6-v2|384|mean|l2`, stored in every point's payload.
+    /// The sparse model is not part of it (a collection has one sparse model, checked when
+    /// it is opened).
     pub fn id(&self) -> String {
         format!(
             "{}|{}|{}|{}",
@@ -31,6 +38,14 @@ impl Fingerprint {
             self.pooling,
             if self.normalized { "l2" } else { "raw" }
         )
+    }
+
+    /// This fingerprint with the sparse model `sparse` (its
+    /// [`id`](crate::sparse::SparseModel::id)): what a collection holding dense and sparse
+    /// vectors records.
+    pub fn with_sparse(mut self, sparse: impl Into<String>) -> Self {
+        self.sparse = Some(sparse.into());
+        self
     }
 }
 

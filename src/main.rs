@@ -42,6 +42,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Delete(args) => cli::submit::delete(args).await,
         Command::Search(args) => cli::search::run(args).await,
         Command::PurgeTenant(args) => cli::admin::purge_tenant(args).await,
+        Command::Reindex(args) => cli::admin::reindex(args).await,
         Command::Embed(args) => cli::admin::embed(args).await,
         Command::Doctor(args) => cli::admin::doctor(args).await,
         Command::Dlq { command } => match command {

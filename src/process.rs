@@ -35,9 +35,11 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::chunk::{Chunk, ChunkFormat, Chunker};
+use crate::context::{self, ChunkContext, ContextMode, Contextualizer};
 use crate::embed::Embedder;
 use crate::error::{ErrorKind, Stage};
 use crate::message::{Document, Op};
+use crate::sparse::{SparseEncoder, SparseVector};
 use crate::store::{ChunkPayload, ChunkPoint, MAX_SEQ, Order, StoreError, VectorStore, point_id};
 use crate::telemetry::emit;
 use crate::telemetry::events::{
@@ -89,9 +91,21 @@ struct ChunkVectors {
     reused: usize,
 }
 
+/// A chunk ready to embed: its context, what is embedded, and its keyword vector.
+struct PreparedChunk {
+    chunk: Chunk,
+    context: Option<ChunkContext>,
+    /// The context and the text ([`context::embed_text`]): what the dense and the sparse
+    /// vector are computed from.
+    embed_text: String,
+    sparse: SparseVector,
+}
+
 /// Chunks, embeds and stores documents with one embedder and one store.
 pub struct Pipeline<E, S> {
     chunker: Arc<Chunker>,
+    context: Arc<Contextualizer>,
+    sparse: Arc<SparseEncoder>,
     embedder: Arc<E>,
     store: Arc<S>,
 }
@@ -100,6 +114,8 @@ impl<E, S> Clone for Pipeline<E, S> {
     fn clone(&self) -> Self {
         Pipeline {
             chunker: Arc::clone(&self.chunker),
+            context: Arc::clone(&self.context),
+            sparse: Arc::clone(&self.sparse),
             embedder: Arc::clone(&self.embedder),
             store: Arc::clone(&self.store),
         }
@@ -112,12 +128,36 @@ pub fn content_sha256(content: &str) -> String {
 }
 
 impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
-    /// A pipeline over the given stages.
+    /// A pipeline over the given stages, embedding each chunk's text alone
+    /// ([`ContextMode::None`]; see [`Pipeline::with_context`]) and giving every chunk a BM25
+    /// keyword vector ([`SparseEncoder::bm25`]).
     pub fn new(chunker: Arc<Chunker>, embedder: Arc<E>, store: Arc<S>) -> Self {
         Pipeline {
             chunker,
+            context: Arc::new(Contextualizer::default()),
+            sparse: Arc::new(SparseEncoder::bm25()),
             embedder,
             store,
+        }
+    }
+
+    /// This pipeline, embedding each chunk with the context `context` builds. The chunker
+    /// must cut chunks [`Contextualizer::budget`] tokens below the model's limit (as
+    /// [`crate::setup::pipeline`] builds it) so that context and chunk fit together.
+    pub fn with_context(mut self, context: Contextualizer) -> Self {
+        self.context = Arc::new(context);
+        self
+    }
+
+    /// What every point written by this pipeline records as its `embedder`: the embedder's
+    /// [`Fingerprint::id`](crate::embed::Fingerprint::id), plus `|ctx=headings` when chunks
+    /// are embedded with their context — so a change of either re-embeds a document at its
+    /// next update instead of keeping vectors of another kind.
+    pub fn embedded_with(&self) -> String {
+        let id = self.embedder.fingerprint().id();
+        match self.context.mode() {
+            ContextMode::None => id,
+            mode => format!("{id}|ctx={}", mode.as_str()),
         }
     }
 
@@ -184,12 +224,13 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         let tombstone = ChunkPoint {
             id: point_id(&doc.tenant, &doc.document_id, 0),
             vector,
+            sparse: None,
             payload: ChunkPayload::tombstone(
                 &doc.tenant,
                 &doc.document_id,
                 doc.version,
                 order,
-                &self.embedder.fingerprint().id(),
+                &self.embedded_with(),
             ),
         };
         timed("upsert", self.store.upsert_newer(vec![tombstone], order)).await?;
@@ -211,15 +252,21 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         stored_order: Option<Order>,
     ) -> Result<Processed, Failure> {
         let sha = content_sha256(&doc.content);
-        let fingerprint = self.embedder.fingerprint().id();
+        let fingerprint = self.embedded_with();
         // The stored revision's chunk count, when its vectors come from this embedder.
         let stored_chunks = stored
             .as_ref()
             .filter(|stored| stored.embedder == fingerprint)
             .map(|stored| stored.chunk_count);
+        // With contexts, the title is part of what is embedded: a new title re-embeds.
+        let same_title = self.context.mode() == ContextMode::None
+            || stored.as_ref().is_some_and(|stored| {
+                context::title(&stored.metadata) == context::title(&doc.metadata)
+            });
         if let Some(stored) = stored
             && stored.content_sha256 == sha
             && stored.embedder == fingerprint
+            && same_title
         {
             let order = write_order(doc.version, stored_order);
             return self.keep_unchanged(doc, stored, order).await;
@@ -240,6 +287,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 "the content produced no chunks",
             ));
         }
+        let chunks = self.prepare(doc, format, chunks).await?;
         let reusable = match stored_chunks {
             Some(count) => self.reusable_vectors(doc, count, &fingerprint).await?,
             None => HashMap::new(),
@@ -253,9 +301,11 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         let mut points: Vec<ChunkPoint> = chunks
             .into_iter()
             .zip(vectors.vectors)
-            .map(|(chunk, vector)| ChunkPoint {
+            .map(|(prepared, vector)| (prepared.chunk, prepared.context, prepared.sparse, vector))
+            .map(|(chunk, context, sparse, vector)| ChunkPoint {
                 id: point_id(&doc.tenant, &doc.document_id, chunk.index),
                 vector,
+                sparse: Some(sparse),
                 payload: ChunkPayload {
                     tenant_id: doc.tenant.as_str().to_string(),
                     document_id: doc.document_id.clone(),
@@ -271,6 +321,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                     ingested_at: ingested_at.clone(),
                     order: Some(order),
                     tombstone: false,
+                    context: context.map(|c| c.text),
                 },
             })
             .collect();
@@ -307,7 +358,11 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             Ok(stored) => Ok(stored
                 .into_iter()
                 .filter(|chunk| chunk.payload.embedder == fingerprint)
-                .map(|chunk| (chunk.payload.text, chunk.vector))
+                .map(|chunk| {
+                    let text =
+                        context::embed_text(chunk.payload.context.as_deref(), &chunk.payload.text);
+                    (text, chunk.vector)
+                })
                 .collect()),
             Err(e @ StoreError::Unavailable(_)) => Err(e.into()),
             Err(e) => {
@@ -317,28 +372,32 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         }
     }
 
-    /// One vector per chunk, in chunk order: `reusable` vectors for texts found there, the
-    /// embedder's for the others (each distinct text embedded once).
+    /// One vector per chunk, in chunk order: `known` vectors for embedded texts (context and
+    /// chunk text) found there, the embedder's for the others (each distinct text embedded
+    /// once).
     ///
     /// Fails with the embedder's failure, or [`ErrorKind::EmbedderRejected`] /
     /// [`ErrorKind::DimensionMismatch`] if it returns the wrong number or size of vectors.
     async fn embed_new(
         &self,
         doc: &Document,
-        chunks: &[Chunk],
+        chunks: &[PreparedChunk],
         mut known: HashMap<String, Vec<f32>>,
     ) -> Result<ChunkVectors, Failure> {
         let reused = chunks
             .iter()
-            .filter(|chunk| known.contains_key(&chunk.text))
+            .filter(|chunk| known.contains_key(&chunk.embed_text))
             .count();
         let mut texts: Vec<String> = Vec::new();
         let mut distinct = HashSet::new();
         let mut tokens = 0u64;
-        for chunk in chunks {
-            if !known.contains_key(&chunk.text) && distinct.insert(chunk.text.as_str()) {
-                texts.push(chunk.text.clone());
-                tokens += chunk.tokens as u64;
+        for prepared in chunks {
+            if !known.contains_key(&prepared.embed_text)
+                && distinct.insert(prepared.embed_text.as_str())
+            {
+                texts.push(prepared.embed_text.clone());
+                let context_tokens = prepared.context.as_ref().map_or(0, |c| c.tokens);
+                tokens += (prepared.chunk.tokens + context_tokens) as u64;
             }
         }
         let embedded = texts.len();
@@ -370,12 +429,12 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         }
         let vectors = chunks
             .iter()
-            .map(|chunk| {
-                known.get(&chunk.text).cloned().ok_or_else(|| {
+            .map(|prepared| {
+                known.get(&prepared.embed_text).cloned().ok_or_else(|| {
                     Failure::new(
                         ErrorKind::EmbedderRejected,
                         Stage::Embed,
-                        format!("no vector for chunk {}", chunk.index),
+                        format!("no vector for chunk {}", prepared.chunk.index),
                     )
                 })
             })
@@ -529,6 +588,48 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             .await?;
         }
         Ok(None)
+    }
+
+    /// Each chunk's context (from `doc`'s title and, for Markdown, the headings above it),
+    /// the text to embed and its keyword vector, on the blocking pool (tokenising and
+    /// stemming take CPU time).
+    async fn prepare(
+        &self,
+        doc: &Document,
+        format: ChunkFormat,
+        chunks: Vec<Chunk>,
+    ) -> Result<Vec<PreparedChunk>, Failure> {
+        let contextualizer = Arc::clone(&self.context);
+        let sparse = Arc::clone(&self.sparse);
+        let content = doc.content.clone();
+        let title = context::title(&doc.metadata).map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            let markdown = format == ChunkFormat::Markdown;
+            let contexts = contextualizer.contexts(&content, markdown, title.as_deref(), &chunks);
+            chunks
+                .into_iter()
+                .zip(contexts)
+                .map(|(chunk, context)| {
+                    let embed_text =
+                        context::embed_text(context.as_ref().map(|c| c.text.as_str()), &chunk.text);
+                    let sparse = sparse.document(&embed_text);
+                    PreparedChunk {
+                        chunk,
+                        context,
+                        embed_text,
+                        sparse,
+                    }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| {
+            Failure::new(
+                ErrorKind::ChunkFailed,
+                Stage::Chunk,
+                format!("preparing the chunks failed: {e}"),
+            )
+        })
     }
 
     async fn chunk(&self, content: String, format: ChunkFormat) -> Result<Vec<Chunk>, Failure> {

@@ -4,11 +4,13 @@ use std::sync::Arc;
 
 use crate::chunk::{ChunkError, Chunker};
 use crate::config::{EmbedderConfig, EmbedderKind, PipelineConfig, StoreKind};
+use crate::context::{ContextMode, Contextualizer};
 use crate::embed::{
     AnyEmbedder, CandleEmbedder, EmbedError, Embedder, FailoverEmbedder, Fingerprint,
     OpenAiEmbedder, OpenAiOptions,
 };
 use crate::process::Pipeline;
+use crate::sparse::SparseModel;
 use crate::store::{
     BatchLimits, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError, StoreFailure,
 };
@@ -93,10 +95,17 @@ pub fn chunker_for(config: &PipelineConfig, embedder: &AnyEmbedder) -> Result<Ch
     })?;
     Ok(Chunker::new(
         tokenizer.clone(),
-        config.chunking.max_tokens,
+        chunk_tokens(config),
         config.chunking.overlap,
         embedder.max_input_tokens(),
     )?)
+}
+
+/// What a collection for vectors of the embedder fingerprint `embedder` records: the dense
+/// space and the keyword model ([`SparseModel::BM25`]); every collection rag-ingest creates
+/// holds both.
+pub fn collection_fingerprint(embedder: &Fingerprint) -> Fingerprint {
+    embedder.clone().with_sparse(SparseModel::BM25.id())
 }
 
 /// Opens the embedded Edge store `config.store` names for vectors of `fingerprint`, with the
@@ -112,10 +121,11 @@ pub fn open_store(
     config: &PipelineConfig,
     fingerprint: &Fingerprint,
 ) -> Result<EdgeStore, SetupError> {
+    let fingerprint = collection_fingerprint(fingerprint);
     match config.store.kind {
         StoreKind::Edge => {
             Ok(
-                EdgeStore::open(&config.store.path, &config.store.collection, fingerprint)?
+                EdgeStore::open(&config.store.path, &config.store.collection, &fingerprint)?
                     .with_batch_limits(BatchLimits::from(&config.store)),
             )
         }
@@ -161,10 +171,58 @@ pub async fn open_vector_store(
             QdrantStore::open(
                 &QdrantOptions::from_config(&config.store),
                 &config.store.collection,
-                fingerprint,
+                &collection_fingerprint(fingerprint),
             )
             .await?,
         )),
+    }
+}
+
+/// Opens the existing collection `collection` of the store `config.store` names (its
+/// `collection` setting aside) as it was created, without creating anything, and returns it
+/// with the fingerprint it records: how `rag-ingest reindex` reads a collection of an older
+/// layout.
+///
+/// # Errors
+///
+/// [`SetupError::Store`]: the collection does not exist or records no fingerprint
+/// ([`StoreError::Rejected`]), or the store cannot be reached ([`StoreError::Unavailable`]).
+pub async fn open_existing_store(
+    config: &PipelineConfig,
+    collection: &str,
+) -> Result<(Store, Fingerprint), SetupError> {
+    match config.store.kind {
+        StoreKind::Edge => {
+            let path = config.store.path.clone();
+            let name = collection.to_owned();
+            let limits = BatchLimits::from(&config.store);
+            let opened = tokio::task::spawn_blocking(move || {
+                let recorded = EdgeStore::recorded_fingerprint(&path, &name)?.ok_or_else(|| {
+                    StoreError::rejected(format!(
+                        "collection {name} does not exist in {} (no rag-ingest collection there)",
+                        path.display()
+                    ))
+                })?;
+                let store = EdgeStore::open(&path, &name, &recorded)?.with_batch_limits(limits);
+                Ok::<_, StoreError>((Store::Edge(store), recorded))
+            })
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(StoreFailure::caused_by(
+                    "open",
+                    collection,
+                    format!("opening the edge store failed: {e}"),
+                    e,
+                ))
+            })??;
+            Ok(opened)
+        }
+        StoreKind::Qdrant => {
+            let (store, recorded) =
+                QdrantStore::open_existing(&QdrantOptions::from_config(&config.store), collection)
+                    .await?;
+            Ok((Store::from(store), recorded))
+        }
     }
 }
 
@@ -216,11 +274,13 @@ pub fn qdrant_options(config: &PipelineConfig) -> QdrantOptions {
     QdrantOptions::from_config(&config.store)
 }
 
-/// Builds the chunker for `embedder`'s tokenizer and `config.chunking`.
+/// Builds the chunker for `embedder`'s tokenizer and `config.chunking` (chunks are
+/// [`Contextualizer::budget_for`] tokens smaller than `chunking.max_tokens` when
+/// `chunking.context` reserves room for a context).
 pub fn chunker(config: &PipelineConfig, embedder: &CandleEmbedder) -> Result<Chunker, SetupError> {
     Ok(Chunker::new(
         embedder.tokenizer().clone(),
-        config.chunking.max_tokens,
+        chunk_tokens(config),
         config.chunking.overlap,
         embedder.max_input_tokens(),
     )?)
@@ -237,11 +297,42 @@ pub fn chunker(config: &PipelineConfig, embedder: &CandleEmbedder) -> Result<Chu
 pub async fn pipeline(config: &PipelineConfig) -> Result<Pipeline<AnyEmbedder, Store>, SetupError> {
     let embedder = embedder(config)?;
     let chunker = chunker_for(config, &embedder)?;
+    let context = contextualizer(config, &embedder)?;
     let give_up = std::time::Duration::from_secs(config.worker.reconnect_give_up_secs);
     let store = open_vector_store_waiting(config, embedder.fingerprint(), give_up).await?;
-    Ok(Pipeline::new(
-        Arc::new(chunker),
-        Arc::new(embedder),
-        Arc::new(store),
+    Ok(Pipeline::new(Arc::new(chunker), Arc::new(embedder), Arc::new(store)).with_context(context))
+}
+
+/// Chunk size the chunker cuts to: `chunking.max_tokens` minus the tokens
+/// `chunking.context` reserves for the context.
+fn chunk_tokens(config: &PipelineConfig) -> usize {
+    let chunking = &config.chunking;
+    chunking
+        .max_tokens
+        .saturating_sub(Contextualizer::budget_for(
+            chunking.context,
+            chunking.max_tokens,
+        ))
+}
+
+/// The contextualizer `chunking.context` asks for, counting in `embedder`'s tokens.
+///
+/// # Errors
+///
+/// [`SetupError::Embed`] if the embedder has no tokenizer (see [`chunker_for`]).
+pub fn contextualizer(
+    config: &PipelineConfig,
+    embedder: &AnyEmbedder,
+) -> Result<Contextualizer, SetupError> {
+    if config.chunking.context == ContextMode::None {
+        return Ok(Contextualizer::default());
+    }
+    let tokenizer = embedder.tokenizer().ok_or_else(|| {
+        EmbedError::Config("embedder.tokenizer is required to size chunk contexts".into())
+    })?;
+    Ok(Contextualizer::new(
+        config.chunking.context,
+        tokenizer,
+        config.chunking.max_tokens,
     ))
 }

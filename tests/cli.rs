@@ -4,8 +4,9 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 
-use common::{TestPipeline, run_ok};
+use common::{TestPipeline, TestStore, run_ok};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
@@ -108,6 +109,28 @@ async fn submit_worker_search_through_the_binary() {
     );
     let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(hits[0]["document_id"], "expenses.txt", "{hits:#}");
+    // The default mode is hybrid: each hit carries its rank in both branches.
+    assert!(hits[0]["ranks"]["dense"].is_u64(), "{hits:#}");
+
+    // Keyword search: an exact term of one document only, ranked by BM25.
+    let out = run_ok(
+        bin()
+            .args(["search", "--json", "--mode", "sparse", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "acme", "--top-k", "3", "Retry-After"]),
+    );
+    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(hits[0]["document_id"], "retries.md", "{hits:#}");
+    assert_eq!(hits[0]["ranks"]["sparse"], 1, "{hits:#}");
+    assert!(hits[0]["ranks"]["dense"].is_null(), "{hits:#}");
+    let out = bin()
+        .args(["search", "--mode", "fuzzy", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme", "q"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mode"));
 
     let out = run_ok(
         bin()
@@ -335,4 +358,151 @@ fn search_keeps_stderr_quiet_unless_verbose() {
         !verbose.stderr.is_empty(),
         "-v shows progress (the model loading) on stderr"
     );
+}
+
+on_both_stores!(
+    /// A collection written before keyword vectors existed: the worker's commands refuse it
+    /// naming the migration; `reindex --from` copies it (tombstones included, no model call)
+    /// into a new collection where keyword and hybrid searches work; a second run changes
+    /// nothing.
+    reindex_migrates_a_collection_created_before_keyword_vectors
+);
+
+async fn reindex_migrates_a_collection_created_before_keyword_vectors(store: TestStore) {
+    use rag_ingest::embed::Embedder;
+    use rag_ingest::message::Document;
+    use rag_ingest::store::{EdgeStore, QdrantOptions, QdrantStore, Store, VectorStore};
+
+    let mut t = TestPipeline::on(store, "reindex", "");
+    let new_collection = t.config.store.collection.clone();
+    let old_collection = format!("{new_collection}-old");
+    let embedder = common::embedder();
+    let dense_only = embedder.fingerprint().clone();
+    // The old layout: dense vectors only, as rag-ingest wrote collections before.
+    let old = match t.config.store.kind {
+        rag_ingest::config::StoreKind::Edge => Store::Edge(
+            EdgeStore::open(&t.config.store.path, &old_collection, &dense_only).expect("open"),
+        ),
+        rag_ingest::config::StoreKind::Qdrant => Store::from(
+            QdrantStore::open(
+                &QdrantOptions::from_config(&t.config.store),
+                &old_collection,
+                &dense_only,
+            )
+            .await
+            .expect("open"),
+        ),
+    };
+    let chunker = rag_ingest::setup::chunker(&t.config, &embedder).expect("chunker");
+    let old = Arc::new(old);
+    let pipeline = rag_ingest::process::Pipeline::new(
+        Arc::new(chunker),
+        Arc::clone(&embedder),
+        Arc::clone(&old),
+    );
+    let acme = rag_ingest::tenant::TenantId::new("acme").expect("tenant");
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/acme");
+    for name in ["retries.md", "expenses.txt", "security.md"] {
+        let content = std::fs::read_to_string(docs.join(name)).expect("fixture");
+        let mut doc = Document::upsert(acme.clone(), name, content);
+        doc.content_type = if name.ends_with(".md") {
+            "text/markdown"
+        } else {
+            "text/plain"
+        }
+        .into();
+        pipeline.process(&doc).await.expect("stored");
+    }
+    pipeline
+        .process(&Document::delete(acme.clone(), "security.md"))
+        .await
+        .expect("deleted");
+    let chunks = old.count(&acme, None).await.expect("count");
+    drop(pipeline);
+    drop(old);
+
+    // Pointed at the old collection, a search is refused, naming the way out.
+    t.config.store.collection = old_collection.clone();
+    let old_file = common::write_pipeline_file(&t);
+    let refused = bin()
+        .args(["search", "--pipeline"])
+        .arg(&old_file)
+        .args(["--tenant", "acme", "retry"])
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("reindex"), "{err}");
+    // Copying a collection onto itself is refused.
+    let itself = bin()
+        .args(["reindex", "--from", &old_collection, "--pipeline"])
+        .arg(&old_file)
+        .output()
+        .expect("runs");
+    assert!(!itself.status.success());
+
+    t.config.store.collection = new_collection.clone();
+    let file = common::write_pipeline_file(&t);
+    for run in 0..2 {
+        let out = run_ok(
+            bin()
+                .args(["reindex", "--from", &old_collection, "--pipeline"])
+                .arg(&file),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("copied {} point(s) (1 tombstone(s))", chunks + 1)),
+            "run {run}: {stdout}"
+        );
+    }
+    let out = run_ok(
+        bin()
+            .args(["search", "--json", "--mode", "sparse", "--pipeline"])
+            .arg(&file)
+            .args(["--tenant", "acme", "--top-k", "20", "Retry-After"]),
+    );
+    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(hits[0]["document_id"], "retries.md", "{hits:#}");
+    let out = run_ok(
+        bin()
+            .args(["search", "--json", "--pipeline"])
+            .arg(&file)
+            .args(["--tenant", "acme", "--top-k", "50", "security passwords"]),
+    );
+    let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<&str> = hits
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|h| h["document_id"].as_str())
+        .collect();
+    assert!(!ids.is_empty());
+    assert!(
+        !ids.contains(&"security.md"),
+        "the deleted document stays deleted: {ids:?}"
+    );
+    let new = rag_ingest::setup::open_vector_store(&t.config, embedder.fingerprint())
+        .await
+        .expect("the new collection opens");
+    assert_eq!(new.count(&acme, None).await.expect("count"), chunks);
+    // A second copy of a deleted document's tombstone keeps a later write of it possible.
+    assert!(
+        new.first_chunk(&acme, "security.md")
+            .await
+            .expect("read")
+            .is_some_and(|head| head.tombstone)
+    );
+    if let Store::Qdrant(q) = new {
+        q.delete_collection().await.expect("cleanup");
+        QdrantStore::open_existing(
+            &QdrantOptions::from_config(&t.config.store),
+            &old_collection,
+        )
+        .await
+        .expect("old")
+        .0
+        .delete_collection()
+        .await
+        .expect("cleanup");
+    }
 }

@@ -80,7 +80,7 @@ async fn a_replicated_collection_survives_a_peer_killed_during_ingestion() {
     assert_eq!(params["replication_factor"], 3, "{params}");
     assert_eq!(params["write_consistency_factor"], 2, "{params}");
 
-    let fingerprint = common::embedder().fingerprint().clone();
+    let fingerprint = rag_ingest::setup::collection_fingerprint(common::embedder().fingerprint());
     let open = |url: String| {
         let fingerprint = fingerprint.clone();
         let collection = collection.clone();

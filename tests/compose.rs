@@ -147,7 +147,7 @@ async fn the_worker_with_compose_settings_stores_a_document_on_the_server() {
     let store = QdrantStore::open(
         &rag_ingest::setup::qdrant_options(&config),
         &name,
-        common::embedder().fingerprint(),
+        &rag_ingest::setup::collection_fingerprint(common::embedder().fingerprint()),
     )
     .await
     .expect("the collection opens");

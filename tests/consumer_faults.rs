@@ -309,6 +309,7 @@ async fn faults_outage_longer_than_consumer_timeout_dead_letters_nothing() {
         dims: 384,
         pooling: "mean".into(),
         normalized: true,
+        sparse: None,
     };
     let store = rag_ingest::setup::open_store(&config, &fingerprint).expect("store opens");
     for doc in &docs {

@@ -76,6 +76,7 @@ async fn a_collection_of_another_embedder_fails_the_store_check() {
         dims: 384,
         pooling: "mean".into(),
         normalized: true,
+        sparse: None,
     };
     drop(
         EdgeStore::open(&t.config.store.path, &t.config.store.collection, &other).expect("create"),

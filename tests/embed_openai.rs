@@ -325,6 +325,7 @@ fn fingerprint() -> Fingerprint {
         dims: 384,
         pooling: "mean".into(),
         normalized: true,
+        sparse: None,
     }
 }
 

@@ -80,9 +80,13 @@ async fn child(dir: &Path) {
     let model = embedder();
     let chunker = setup::chunker(&config, &model).unwrap();
     let dims = model.fingerprint().dims;
-    let store = EdgeStore::open(dir, &config.store.collection, model.fingerprint())
-        .unwrap()
-        .with_batch_limits(setup::batch_limits(&config));
+    let store = EdgeStore::open(
+        dir,
+        &config.store.collection,
+        &setup::collection_fingerprint(model.fingerprint()),
+    )
+    .unwrap()
+    .with_batch_limits(setup::batch_limits(&config));
     let body = worst_body(&config);
     let rules = Rules {
         allowed_tenants: config.allowed_tenants(),
@@ -103,6 +107,7 @@ async fn child(dir: &Path) {
         .map(|chunk| ChunkPoint {
             id: point_id(&doc.tenant, &doc.document_id, chunk.index),
             vector: vec![1.0 / (dims as f32).sqrt(); dims],
+            sparse: None,
             payload: ChunkPayload {
                 tenant_id: doc.tenant.as_str().to_owned(),
                 document_id: doc.document_id.clone(),
@@ -118,6 +123,7 @@ async fn child(dir: &Path) {
                 ingested_at: "2025-01-01T00:00:00Z".to_owned(),
                 order: None,
                 tombstone: false,
+                context: None,
             },
         })
         .collect();

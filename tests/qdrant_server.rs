@@ -253,6 +253,7 @@ fn big_points(t: &TenantId, doc: &str, n: usize, text_len: usize) -> Vec<ChunkPo
             ChunkPoint {
                 id: point_id(t, doc, i),
                 vector,
+                sparse: None,
                 payload: ChunkPayload {
                     tenant_id: t.as_str().to_owned(),
                     document_id: doc.to_owned(),
@@ -268,6 +269,7 @@ fn big_points(t: &TenantId, doc: &str, n: usize, text_len: usize) -> Vec<ChunkPo
                     ingested_at: "2025-01-01T00:00:00Z".into(),
                     order: None,
                     tombstone: false,
+                    context: None,
                 },
             }
         })

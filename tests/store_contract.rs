@@ -21,7 +21,7 @@ use rag_ingest::chunk::{ChunkFormat, Chunker};
 use rag_ingest::embed::{Embedder, Fingerprint};
 use rag_ingest::message::Document;
 use rag_ingest::process::{Pipeline, Processed};
-use rag_ingest::search::{SearchOptions, Searcher};
+use rag_ingest::search::{SearchMode, SearchOptions, Searcher};
 use rag_ingest::store::{
     BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
     SearchFilter, SearchRequest, StoreError, VectorStore, point_id,
@@ -188,6 +188,10 @@ contract!(two_writers_that_read_the_same_revision_leave_only_the_newest);
 contract!(a_newer_writer_that_read_first_still_wins);
 contract!(without_versions_the_last_processed_write_wins_whole);
 contract!(a_delete_is_not_undone_by_an_older_upsert_arriving_later);
+contract!(keyword_and_hybrid_search_find_exact_terms_with_ranks_per_branch);
+contract!(keyword_and_hybrid_search_stay_in_the_tenant_and_apply_filters_to_every_branch);
+contract!(a_collection_without_keyword_vectors_is_refused_with_the_migration);
+contract!(contextual_chunks_store_their_context_and_reembed_on_a_new_title);
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -197,9 +201,10 @@ fn tenant(name: &str) -> TenantId {
     TenantId::new(name).expect("valid tenant name")
 }
 
-/// The real model's fingerprint (synthetic vectors live in its space for these tests).
+/// The fingerprint of a collection for the real model (synthetic vectors live in its space
+/// for these tests), with keyword vectors, as the product creates every collection.
 fn model_fingerprint() -> Fingerprint {
-    common::embedder().fingerprint().clone()
+    rag_ingest::setup::collection_fingerprint(common::embedder().fingerprint())
 }
 
 /// Opens `backend` for the real model with the default caps.
@@ -315,7 +320,9 @@ fn points(
                     ingested_at: "2025-01-01T00:00:00Z".to_owned(),
                     order: None,
                     tombstone: false,
+                    context: None,
                 },
+                sparse: None,
             }
         })
         .collect()
@@ -1669,5 +1676,316 @@ async fn a_delete_is_not_undone_by_an_older_upsert_arriving_later<B: Backend>(ba
 
     drop(pipeline);
     drop(store);
+    backend.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Keyword and hybrid search, contextual chunks (issue 17)
+// ---------------------------------------------------------------------------------------
+
+/// A document with one exact term (an error code) that the others do not have.
+const ERROR_DOC: &str = "When an upload fails, the worker waits and tries again, doubling the \
+    delay each time. Error E4012 means the vector store refused the batch because a point was \
+    larger than the byte cap.";
+
+/// Stores `ERROR_DOC` as `errors` and four documents of other topics for tenant `t`.
+async fn store_corpus<E: Embedder, S: VectorStore>(pipeline: &Pipeline<E, S>, t: &str) {
+    let mut docs = vec![doc(t, "errors", ERROR_DOC, Some(1))];
+    for topic in ["gardening", "astronomy", "cooking", "sailing"] {
+        docs.push(doc(t, topic, &paragraphs(topic, 2), Some(1)));
+    }
+    for d in &docs {
+        let outcome = pipeline.process(d).await.expect("stored");
+        assert!(matches!(outcome, Processed::Stored { .. }), "{outcome:?}");
+    }
+}
+
+/// A keyword search finds the one document with an exact term at rank 1 (no model call
+/// needed); a hybrid search returns it first with its rank in each branch; a dense search
+/// reports dense ranks only. Deleted documents are not found by keyword either.
+async fn keyword_and_hybrid_search_find_exact_terms_with_ranks_per_branch<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    store_corpus(&pipeline, "kw").await;
+    let searcher = Searcher::new(Arc::clone(&embedder), Arc::clone(&store));
+
+    let calls = embedder.calls();
+    let sparse = searcher
+        .search_with(
+            "kw",
+            "E4012",
+            &SearchOptions::new(5).mode(SearchMode::Sparse),
+        )
+        .await
+        .expect("keyword search");
+    assert_eq!(embedder.calls(), calls, "a keyword search embeds nothing");
+    assert!(!sparse.is_empty(), "the exact term is found");
+    assert!(
+        sparse.iter().all(|hit| hit.document_id == "errors"),
+        "only the document with the term matches: {:?}",
+        sparse.iter().map(|h| &h.document_id).collect::<Vec<_>>()
+    );
+    assert_eq!(sparse[0].ranks.sparse, Some(1));
+    assert_eq!(sparse[0].ranks.dense, None);
+
+    let hybrid = searcher
+        .search_with("kw", "error E4012", &SearchOptions::new(5))
+        .await
+        .expect("hybrid search (the default)");
+    assert_eq!(hybrid[0].document_id, "errors", "{hybrid:?}");
+    assert_eq!(hybrid[0].ranks.sparse, Some(1), "{:?}", hybrid[0].ranks);
+    assert!(hybrid[0].ranks.dense.is_some(), "{:?}", hybrid[0].ranks);
+    // Fused scores are reciprocal-rank sums, 1 / (RRF_K + rank - 1) per branch: at most
+    // 2 / RRF_K, best first.
+    let best = 2.0 / rag_ingest::store::RRF_K as f32;
+    assert!(
+        hybrid
+            .iter()
+            .all(|h| h.score > 0.0 && h.score <= best + 1e-6)
+    );
+    assert!(hybrid.windows(2).all(|w| w[0].score >= w[1].score));
+
+    let dense = searcher
+        .search_with(
+            "kw",
+            "vegetables in the garden",
+            &SearchOptions::new(3).mode(SearchMode::Dense),
+        )
+        .await
+        .expect("dense search");
+    for (i, hit) in dense.iter().enumerate() {
+        assert_eq!(hit.ranks.dense, Some(i + 1));
+        assert_eq!(hit.ranks.sparse, None);
+    }
+
+    let deleted = Document::delete(tenant("kw"), "errors");
+    pipeline.process(&deleted).await.expect("deleted");
+    for mode in [SearchMode::Sparse, SearchMode::Hybrid] {
+        let hits = searcher
+            .search_with("kw", "E4012", &SearchOptions::new(5).mode(mode))
+            .await
+            .expect("search after the delete");
+        assert!(
+            hits.iter().all(|hit| hit.document_id != "errors"),
+            "{mode}: a deleted document was found"
+        );
+    }
+    backend.finish().await;
+}
+
+/// Both branches of a hybrid search (and a keyword search) are scoped to the tenant and
+/// narrowed by the metadata filter: another tenant's document with the same term, or one of
+/// the tenant's documents outside the filter, is never returned.
+async fn keyword_and_hybrid_search_stay_in_the_tenant_and_apply_filters_to_every_branch<
+    B: Backend,
+>(
+    backend: B,
+) {
+    let store = Arc::new(open(&backend).await);
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    store_corpus(&pipeline, "ta").await;
+    store_corpus(&pipeline, "tb").await;
+    let mut tagged = doc("ta", "errors-ops", ERROR_DOC, Some(1));
+    tagged
+        .metadata
+        .insert("team".into(), serde_json::json!("ops"));
+    pipeline.process(&tagged).await.expect("stored");
+    let searcher = Searcher::new(embedder, Arc::clone(&store));
+
+    for mode in [SearchMode::Sparse, SearchMode::Hybrid] {
+        let hits = searcher
+            .search_with(
+                "ta",
+                "E4012 refused batch",
+                &SearchOptions::new(20).mode(mode),
+            )
+            .await
+            .expect("search");
+        assert!(!hits.is_empty());
+        assert!(
+            hits.iter()
+                .all(|hit| hit.metadata.get("team").is_none() || hit.document_id == "errors-ops"),
+            "{mode}"
+        );
+        let ids: std::collections::HashSet<_> =
+            hits.iter().map(|h| h.document_id.as_str()).collect();
+        assert!(
+            ids.contains("errors") && ids.contains("errors-ops"),
+            "{mode}: {ids:?}"
+        );
+
+        let filtered = searcher
+            .search_with(
+                "ta",
+                "E4012 refused batch",
+                &SearchOptions::new(20).mode(mode).metadata_eq("team", "ops"),
+            )
+            .await
+            .expect("filtered search");
+        assert!(!filtered.is_empty(), "{mode}");
+        assert!(
+            filtered.iter().all(|hit| hit.document_id == "errors-ops"),
+            "{mode}: the filter applies to every branch: {:?}",
+            filtered.iter().map(|h| &h.document_id).collect::<Vec<_>>()
+        );
+    }
+    // Raw store requests: a hit of another tenant would fail the search, not be returned.
+    let encoder = rag_ingest::sparse::SparseEncoder::bm25();
+    let request = SearchRequest::new(tenant("tb"), unit_vector(7), 50)
+        .with_mode(SearchMode::Hybrid, encoder.query("E4012"));
+    let hits = store.search(request).await.expect("hybrid store search");
+    assert!(hits.iter().all(|h| h.payload.tenant_id == "tb"));
+    backend.finish().await;
+}
+
+/// A collection created before hybrid search (dense vectors only) is refused by a pipeline
+/// that writes keyword vectors, saying what differs and how to migrate; opened as it is, it
+/// answers dense searches and refuses keyword ones with the same advice.
+async fn a_collection_without_keyword_vectors_is_refused_with_the_migration<B: Backend>(
+    backend: B,
+) {
+    let dense_only = common::embedder().fingerprint().clone();
+    assert!(dense_only.sparse.is_none());
+    let legacy = Arc::new(
+        backend
+            .open(&dense_only, BatchLimits::default())
+            .await
+            .expect("a dense-only collection opens"),
+    );
+    let (pipeline, embedder) = pipeline(Arc::clone(&legacy));
+    store_corpus(&pipeline, "old").await;
+
+    let searcher = Searcher::new(embedder, Arc::clone(&legacy));
+    let dense = searcher
+        .search_with(
+            "old",
+            "error codes",
+            &SearchOptions::new(3).mode(SearchMode::Dense),
+        )
+        .await
+        .expect("dense search still works");
+    assert!(!dense.is_empty());
+    match searcher
+        .search_with(
+            "old",
+            "E4012",
+            &SearchOptions::new(3).mode(SearchMode::Sparse),
+        )
+        .await
+    {
+        Err(rag_ingest::search::SearchError::Store(StoreError::Rejected(failure))) => {
+            assert!(failure.reason.contains("reindex"), "{failure}");
+        }
+        other => panic!("a keyword search of a dense-only collection must be refused: {other:?}"),
+    }
+    drop(searcher);
+    drop(pipeline);
+    drop(legacy);
+
+    match backend
+        .open(&model_fingerprint(), BatchLimits::default())
+        .await
+    {
+        Err(StoreError::FingerprintMismatch { differs, .. }) => {
+            assert!(differs.contains("sparse"), "{differs}");
+            assert!(differs.contains("reindex"), "{differs}");
+        }
+        Err(other) => panic!("expected FingerprintMismatch, got {other:?}"),
+        Ok(_) => panic!("a collection without keyword vectors must not open for hybrid search"),
+    }
+    backend.finish().await;
+}
+
+/// With `chunking.context = "headings"`, each chunk is embedded after the document title and
+/// its heading path, which is stored as `context` beside the chunk's own text (on both
+/// stores) and counted within the token limit; a new title re-embeds the document although
+/// its content is unchanged, and the same title does not.
+async fn contextual_chunks_store_their_context_and_reembed_on_a_new_title<B: Backend>(backend: B) {
+    let store = Arc::new(open(&backend).await);
+    let embedder = Arc::new(CountingEmbedder::new());
+    let mode = rag_ingest::context::ContextMode::Headings;
+    let budget = rag_ingest::context::Contextualizer::budget_for(mode, MAX_TOKENS);
+    let chunker = Chunker::new(
+        embedder.tokenizer().clone(),
+        MAX_TOKENS - budget,
+        OVERLAP,
+        embedder.max_input_tokens(),
+    )
+    .expect("chunker");
+    let context = rag_ingest::context::Contextualizer::new(mode, embedder.tokenizer(), MAX_TOKENS);
+    let pipeline = Pipeline::new(Arc::new(chunker), Arc::clone(&embedder), Arc::clone(&store))
+        .with_context(context);
+
+    let content = format!(
+        "# Retries\n\n{}\n\n## Backoff\n\n{}\n",
+        paragraphs("retry", 2),
+        paragraphs("backoff", 2)
+    );
+    let mut d = doc("ctx", "handbook", &content, Some(1));
+    d.content_type = "text/markdown".into();
+    d.metadata
+        .insert("title".into(), serde_json::json!("Handbook"));
+    assert!(matches!(
+        pipeline.process(&d).await,
+        Ok(Processed::Stored { .. })
+    ));
+
+    let stored = stored_chunks(store.as_ref(), &tenant("ctx"), "handbook").await;
+    assert!(stored.len() >= 3, "{} chunks", stored.len());
+    let contexts: Vec<_> = stored.iter().map(|c| c.context.clone()).collect();
+    assert!(
+        contexts
+            .iter()
+            .all(|c| c.as_deref().is_some_and(|c| c.starts_with("Handbook"))),
+        "{contexts:?}"
+    );
+    assert!(
+        contexts
+            .iter()
+            .any(|c| c.as_deref() == Some("Handbook › Retries › Backoff")),
+        "{contexts:?}"
+    );
+    let tokenizer = embedder.tokenizer();
+    for chunk in &stored {
+        assert_eq!(
+            &content[chunk.byte_start..chunk.byte_end],
+            chunk.text,
+            "text is the chunk's own bytes"
+        );
+        let embedded = rag_ingest::context::embed_text(chunk.context.as_deref(), &chunk.text);
+        let tokens = tokenizer.encode(embedded, false).expect("tokenize").len();
+        assert!(
+            tokens <= MAX_TOKENS,
+            "{tokens} tokens embedded for chunk {}",
+            chunk.chunk_index
+        );
+    }
+
+    // Same content and title, new version: relabelled, nothing embedded.
+    let texts = embedder.texts();
+    d.version = Some(2);
+    assert_eq!(
+        pipeline.process(&d).await.expect("processed"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.texts(), texts);
+
+    // A new title changes what is embedded: every chunk is embedded again.
+    d.version = Some(3);
+    d.metadata
+        .insert("title".into(), serde_json::json!("Operations guide"));
+    match pipeline.process(&d).await.expect("processed") {
+        Processed::Stored { chunks, reused } => {
+            assert_eq!(reused, 0, "{chunks} chunks");
+            assert_eq!(embedder.texts(), texts + chunks);
+        }
+        other => panic!("a new title must re-embed, got {other:?}"),
+    }
+    let stored = stored_chunks(store.as_ref(), &tenant("ctx"), "handbook").await;
+    assert!(stored.iter().all(|c| {
+        c.context
+            .as_deref()
+            .is_some_and(|c| c.starts_with("Operations guide"))
+    }));
     backend.finish().await;
 }

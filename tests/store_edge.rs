@@ -46,6 +46,7 @@ fn payload(tenant: &TenantId, doc: &str, index: usize, count: usize, sha: &str) 
         ingested_at: "2025-01-01T00:00:00Z".to_owned(),
         order: None,
         tombstone: false,
+        context: None,
     }
 }
 
@@ -61,6 +62,7 @@ fn doc_points(
         .map(|i| ChunkPoint {
             id: point_id(tenant, doc, i),
             vector: unit_vector(seed_base + i as u64),
+            sparse: None,
             payload: payload(tenant, doc, i, count, sha),
         })
         .collect()
@@ -299,6 +301,7 @@ async fn optimize_after_bulk_load_keeps_results_and_tenant_isolation() {
                     ChunkPoint {
                         id: point_id(t, &doc, n % 10),
                         vector: unit_vector(n as u64),
+                        sparse: None,
                         payload: payload(t, &doc, n % 10, 10, "a"),
                     }
                 })

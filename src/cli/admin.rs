@@ -1,15 +1,15 @@
-//! Store and model administration: `purge-tenant`, `embed` and `doctor`.
+//! Store and model administration: `purge-tenant`, `reindex`, `embed` and `doctor`.
 
 use std::io::Read;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use rag_ingest::embed::Embedder;
+use rag_ingest::embed::{Embedder, Fingerprint};
 use rag_ingest::setup;
 use rag_ingest::store::VectorStore;
 use rag_ingest::tenant::TenantId;
 
-use super::args::{EmbedArgs, PipelineArg, PurgeArgs};
+use super::args::{EmbedArgs, PipelineArg, PurgeArgs, ReindexArgs};
 
 /// Deletes every point of one tenant, after the explicit confirmation flag; exits non-zero
 /// if points remain (written concurrently).
@@ -42,6 +42,60 @@ pub async fn purge_tenant(args: PurgeArgs) -> Result<ExitCode> {
         eprintln!("{after} point(s) of tenant {tenant} remain (written concurrently?)");
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Copies the collection `args.from` into the pipeline's collection with keyword vectors
+/// (see [`rag_ingest::reindex`]), showing progress on a terminal.
+///
+/// Fails on a bad config, a source that does not exist, is the target itself or holds
+/// vectors of another embedder, or a store error (re-running the command resumes the copy).
+pub async fn reindex(args: ReindexArgs) -> Result<ExitCode> {
+    let config = super::load(&args.pipeline)?;
+    if args.from == config.store.collection {
+        anyhow::bail!(
+            "--from {} is the pipeline's own collection (store.collection): set \
+             store.collection to the new collection's name and pass the old one to --from",
+            args.from
+        );
+    }
+    let embedder = setup::embedder(&config)?;
+    let (source, recorded) = setup::open_existing_store(&config, &args.from)
+        .await
+        .with_context(|| format!("--from {}", args.from))?;
+    let dense = Fingerprint {
+        sparse: None,
+        ..recorded.clone()
+    };
+    if dense != *embedder.fingerprint() {
+        anyhow::bail!(
+            "collection {} holds vectors of {}, the pipeline's embedder makes {}: reindex copies \
+             vectors and cannot change the model; re-ingest the documents instead",
+            args.from,
+            recorded.id(),
+            embedder.fingerprint().id()
+        );
+    }
+    let target = setup::open_vector_store(&config, embedder.fingerprint()).await?;
+    let bar = super::progress::spinner("points copied");
+    let sparse = rag_ingest::sparse::SparseEncoder::bm25();
+    let report = rag_ingest::reindex::copy_collection(
+        &source,
+        &target,
+        &sparse,
+        args.page as usize,
+        |report| bar.set_position(report.points),
+    )
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "copied {} point(s) ({} tombstone(s)) from {} collection {} into {}, with keyword vectors",
+        report.points,
+        report.tombstones,
+        source.kind(),
+        args.from,
+        config.store.collection
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints one JSON vector per text (`-`: one text per stdin line).

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rag_ingest::queue::DlqFilter;
+use rag_ingest::search::SearchMode;
 
 /// `rag-ingest`: the whole command line.
 #[derive(Parser)]
@@ -83,6 +84,9 @@ pub enum Command {
     Search(SearchArgs),
     /// Delete every chunk of one tenant from the pipeline's store (irreversible).
     PurgeTenant(PurgeArgs),
+    /// Copy another collection into the pipeline's, adding keyword vectors (migrates a
+    /// collection created before hybrid search; no model call).
+    Reindex(ReindexArgs),
     /// Print each text's embedding as one JSON array per line (- reads one text per stdin line).
     Embed(EmbedArgs),
     /// Check config, broker, model and store; exit non-zero if any check fails.
@@ -184,14 +188,24 @@ pub struct SearchArgs {
     /// Only chunks whose metadata KEY equals VALUE exactly (repeatable; all must match).
     #[arg(long = "filter", value_parser = parse_key_value)]
     pub filters: Vec<(String, String)>,
-    /// Only results with at least this cosine similarity (-1 to 1).
+    /// Only results scoring at least this much: cosine similarity (-1 to 1) in dense mode,
+    /// BM25 score in sparse mode, fused reciprocal-rank score in hybrid mode.
     #[arg(long)]
     pub min_score: Option<f32>,
-    /// Print JSON instead of a table.
+    /// Which vectors to compare: dense (embeddings), sparse (BM25 keywords) or hybrid (both,
+    /// fused by reciprocal rank).
+    #[arg(long, default_value = "hybrid", value_parser = parse_search_mode)]
+    pub mode: SearchMode,
+    /// Print JSON instead of a table (each hit with its rank per branch).
     #[arg(long)]
     pub json: bool,
     /// The query text.
     pub query: String,
+}
+
+/// Parses `--mode`: `dense`, `sparse` or `hybrid`.
+fn parse_search_mode(value: &str) -> Result<SearchMode, String> {
+    value.parse()
 }
 
 /// `purge-tenant`.
@@ -205,6 +219,20 @@ pub struct PurgeArgs {
     /// Required: confirms that everything of this tenant is to be deleted.
     #[arg(long)]
     pub yes_delete_everything: bool,
+}
+
+/// `reindex`.
+#[derive(Args)]
+pub struct ReindexArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// The collection to copy from (same store, same embedder); the pipeline's
+    /// `store.collection` is written to and created if missing.
+    #[arg(long = "from", value_name = "COLLECTION")]
+    pub from: String,
+    /// Points read per request.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub page: u32,
 }
 
 /// `embed`.

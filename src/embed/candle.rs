@@ -305,6 +305,7 @@ impl Inner {
             dims: config.hidden_size,
             pooling: "mean".to_owned(),
             normalized: true,
+            sparse: None,
         };
         Ok(Self {
             model,

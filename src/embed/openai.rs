@@ -896,6 +896,7 @@ mod tests {
             dims: 2,
             pooling: "mean".into(),
             normalized: true,
+            sparse: None,
         }
     }
 

@@ -74,22 +74,25 @@ use std::sync::{
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
     Condition, ConditionalInsertOperation, CountRequest, CreateIndex, DEFAULT_VECTOR_NAME,
-    Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeVectorParams, FieldCondition,
-    FieldIndexOperations, Filter, IsEmptyCondition, JsonPath, KeywordIndexParams, Match,
-    NamedQuery, OperationError, Payload, PayloadFieldSchema, PayloadOps, PayloadSchemaParams,
-    PointId, PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum, QueryRequest,
-    Range, ScoringQuery, SetPayloadOp, UpdateOperation, ValueVariants, VectorStructPersisted,
-    WalOptions, WithPayloadInterface, WithVector,
+    Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard, EdgeSparseVectorParams,
+    EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter, Fusion, IsEmptyCondition,
+    JsonPath, KeywordIndexParams, Match, Modifier, NamedQuery, OperationError, Payload,
+    PayloadFieldSchema, PayloadOps, PayloadSchemaParams, PointId, PointInsertOperations,
+    PointOperations, PointStructPersisted, Prefetch, QueryEnum, QueryRequest, Range, ScoringQuery,
+    ScrollRequest, SetPayloadOp, UpdateOperation, ValueVariants, VectorInternal, VectorPersisted,
+    VectorStructPersisted, WalOptions, WithPayloadInterface, WithVector,
 };
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{
-    BatchLimits, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm, Revision,
-    ScoredChunk, SearchRequest, StoreError, StoreFailure, StoredChunk, TOMBSTONE_FIELD,
-    VectorStore, check_owner, check_points_order, check_vector, check_version, point_id,
+    BatchLimits, BranchRanks, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order,
+    OrderTerm, RRF_K, Revision, ScoredChunk, SearchMode, SearchRequest, StoreError, StoreFailure,
+    StoredChunk, TOMBSTONE_FIELD, VectorStore, assign_ranks, check_owner, check_points_order,
+    check_sparse, check_vector, check_version, hybrid_candidates, no_sparse_vectors, point_id,
     split_batches,
 };
 use crate::fingerprint::Fingerprint;
+use crate::sparse::{SPARSE_VECTOR_NAME, SparseVector};
 use crate::tenant::TenantId;
 
 /// Name of the sidecar file (inside the collection directory) recording the [`Fingerprint`].
@@ -143,8 +146,9 @@ impl Default for EdgeMaintenance {
 
 /// A [`VectorStore`] kept in an embedded Qdrant Edge shard under `data_dir/<collection>/`.
 ///
-/// Cosine distance, one unnamed dense vector of `fingerprint.dims` values per point, the
-/// [`ChunkPayload`] fields at the top level of the point payload. Every write is flushed to
+/// Cosine distance, one unnamed dense vector of `fingerprint.dims` values per point and (when
+/// the fingerprint names a sparse model) a sparse vector named
+/// [`SPARSE_VECTOR_NAME`] with the `idf` modifier, the [`ChunkPayload`] fields at the top level of the point payload. Every write is flushed to
 /// disk before the call returns, and no read observes a write that is not (see the module
 /// documentation). Upserts are split by [`BatchLimits`] (the defaults unless
 /// [`EdgeStore::with_batch_limits`] says otherwise). Dropping the store flushes the shard
@@ -153,6 +157,8 @@ impl Default for EdgeMaintenance {
 pub struct EdgeStore {
     collection: String,
     dims: usize,
+    /// Whether the collection holds keyword (sparse) vectors.
+    sparse: bool,
     limits: BatchLimits,
     /// Always `Some` until [`Drop`] takes it.
     shared: Option<Arc<Shared>>,
@@ -648,11 +654,19 @@ impl EdgeStore {
         let dir = collection_dir(data_dir, collection)?;
         fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, e))?;
 
-        let config = EdgeConfig::builder()
-            .vector(
-                DEFAULT_VECTOR_NAME,
-                EdgeVectorParams::builder(fingerprint.dims, Distance::Cosine).build(),
-            )
+        let mut config = EdgeConfig::builder().vector(
+            DEFAULT_VECTOR_NAME,
+            EdgeVectorParams::builder(fingerprint.dims, Distance::Cosine).build(),
+        );
+        if fingerprint.sparse.is_some() {
+            config = config.sparse_vector(
+                SPARSE_VECTOR_NAME,
+                EdgeSparseVectorParams::builder()
+                    .modifier(Modifier::Idf)
+                    .build(),
+            );
+        }
+        let config = config
             .optimizers(EdgeOptimizersConfig {
                 vacuum_min_vector_number: Some(maintenance.vacuum_min_points),
                 ..EdgeOptimizersConfig::default()
@@ -702,6 +716,7 @@ impl EdgeStore {
         Ok(Self {
             collection: collection.to_owned(),
             dims: fingerprint.dims,
+            sparse: fingerprint.sparse.is_some(),
             limits: BatchLimits::default(),
             shared: Some(Arc::new(shared)),
         })
@@ -770,6 +785,64 @@ impl EdgeStore {
         read_fingerprint(&collection_dir(data_dir, collection)?)
     }
 
+    /// The collection this store writes to.
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    /// Up to `limit` points (every tenant, tombstones included) in id order from `from` on:
+    /// see [`Store::scroll`](super::Store::scroll).
+    ///
+    /// Fails with [`StoreError::Rejected`] if a payload is not a [`ChunkPayload`] or a point
+    /// has no dense vector, [`StoreError::Unavailable`] if the read fails.
+    pub async fn scroll(
+        &self,
+        from: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<super::PointPage, StoreError> {
+        let request = ScrollRequest {
+            offset: from.map(PointId::Uuid),
+            limit: Some(limit.max(1)),
+            filter: None,
+            with_payload: Some(WithPayloadInterface::Bool(true)),
+            with_vector: WithVector::Bool(true),
+            order_by: None,
+        };
+        self.read(move |shard| {
+            let (records, next) = shard.scroll(request).map_err(map_op_err)?;
+            let mut points = Vec::with_capacity(records.len());
+            for record in records {
+                let PointId::Uuid(id) = record.id else {
+                    return Err(StoreError::rejected(format!(
+                        "point {} does not have a UUID id",
+                        record.id
+                    )));
+                };
+                let payload = decode_payload(&record.id, record.payload)?;
+                let vector = dense_vector(record.vector.map(VectorStructPersisted::from))
+                    .ok_or_else(|| {
+                        StoreError::rejected(format!("point {} has no dense vector", record.id))
+                    })?;
+                points.push(super::StoredPoint {
+                    id,
+                    payload,
+                    vector,
+                });
+            }
+            let next = match next {
+                Some(PointId::Uuid(id)) => Some(id),
+                Some(other) => {
+                    return Err(StoreError::rejected(format!(
+                        "point {other} does not have a UUID id"
+                    )));
+                }
+                None => None,
+            };
+            Ok(super::PointPage { points, next })
+        })
+        .await
+    }
+
     /// Runs the shard's optimizers until they have nothing left to do: builds the HNSW index
     /// (and merges or vacuums segments) — useful after bulk loads. Writes wait until it ends;
     /// searches keep working.
@@ -800,12 +873,36 @@ impl EdgeStore {
             check_vector(self.dims, &point.vector)?;
             check_version(point.payload.version)?;
             let payload = encode_payload(&point.payload)?;
-            let size = point_size(point.vector.len(), &payload);
+            let sparse = match point.sparse {
+                Some(sparse) if self.sparse => {
+                    check_sparse(&sparse)?;
+                    Some(sparse)
+                }
+                _ => None,
+            };
+            let size = point_size(
+                point.vector.len(),
+                sparse.as_ref().map_or(0, SparseVector::len),
+                &payload,
+            );
+            let vector = match sparse {
+                Some(sparse) => VectorStructPersisted::Named(HashMap::from([
+                    (
+                        DEFAULT_VECTOR_NAME.to_owned(),
+                        VectorPersisted::Dense(point.vector),
+                    ),
+                    (
+                        SPARSE_VECTOR_NAME.to_owned(),
+                        VectorPersisted::Sparse(edge_sparse(sparse)),
+                    ),
+                ])),
+                None => VectorStructPersisted::Single(point.vector),
+            };
             persisted.push((
                 size,
                 PointStructPersisted {
                     id: PointId::Uuid(point.id),
-                    vector: VectorStructPersisted::Single(point.vector),
+                    vector,
                     payload: Some(payload),
                 },
             ));
@@ -1006,15 +1103,17 @@ impl VectorStore for EdgeStore {
                 if payload.tombstone {
                     continue;
                 }
-                chunks.push(match record.vector.map(VectorStructPersisted::from) {
-                    Some(VectorStructPersisted::Single(vector)) => StoredChunk { payload, vector },
-                    _ => {
-                        return Err(StoreError::rejected(format!(
-                            "point {} has no dense vector",
-                            record.id
-                        )));
-                    }
-                });
+                chunks.push(
+                    match dense_vector(record.vector.map(VectorStructPersisted::from)) {
+                        Some(vector) => StoredChunk { payload, vector },
+                        None => {
+                            return Err(StoreError::rejected(format!(
+                                "point {} has no dense vector",
+                                record.id
+                            )));
+                        }
+                    },
+                );
             }
             Ok(chunks)
         })
@@ -1102,8 +1201,13 @@ impl VectorStore for EdgeStore {
     /// [`SearchRequest::validate`]) or a hit's payload is not a [`ChunkPayload`] of the tenant,
     /// [`StoreError::Unavailable`] if the query fails.
     async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        check_vector(self.dims, &request.vector)?;
+        if request.mode.uses_dense() {
+            check_vector(self.dims, &request.vector)?;
+        }
         request.validate()?;
+        if request.mode.uses_sparse() && !self.sparse {
+            return Err(no_sparse_vectors(&self.collection));
+        }
         if request.top_k == 0 {
             return Ok(Vec::new());
         }
@@ -1115,40 +1219,99 @@ impl VectorStore for EdgeStore {
         }
         filter.must_not = Some(vec![not_tombstone()?]);
         let min_score = request.min_score;
-        let query = QueryRequest {
-            prefetches: Vec::new(),
-            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(
-                NamedQuery::default_dense(request.vector),
-            ))),
-            filter: Some(filter),
-            score_threshold: min_score.map(OrderedFloat),
-            limit: request.top_k,
-            offset: 0,
-            params: None,
-            with_vector: WithVector::Bool(false),
-            with_payload: WithPayloadInterface::Bool(true),
-        };
+        let mode = request.mode;
+        let top_k = request.top_k;
+        let dense = NamedQuery::default_dense(request.vector);
+        let sparse = request.sparse.map(|sparse| {
+            NamedQuery::new(
+                VectorInternal::Sparse(edge_sparse(sparse)),
+                SPARSE_VECTOR_NAME,
+            )
+        });
         let tenant = request.tenant.as_str().to_owned();
         self.read(move |shard| {
-            let hits = shard.query(query).map_err(map_op_err)?;
-            let mut chunks = Vec::with_capacity(hits.len());
-            for hit in hits {
-                if min_score.is_some_and(|min| hit.score < min) {
-                    continue;
+            let query = |query: ScoringQuery, limit: usize, threshold: Option<f32>| QueryRequest {
+                prefetches: Vec::new(),
+                query: Some(query),
+                filter: Some(filter.clone()),
+                score_threshold: threshold.map(OrderedFloat),
+                limit,
+                offset: 0,
+                params: None,
+                with_vector: WithVector::Bool(false),
+                with_payload: WithPayloadInterface::Bool(true),
+            };
+            let nearest =
+                |named: NamedQuery<VectorInternal>| ScoringQuery::Vector(QueryEnum::Nearest(named));
+            let hits = match (mode, sparse) {
+                (SearchMode::Dense, _) => {
+                    let hits = shard
+                        .query(query(nearest(dense), top_k, min_score))
+                        .map_err(map_op_err)?;
+                    ranked(hits, &tenant, min_score, |rank| BranchRanks {
+                        dense: Some(rank),
+                        sparse: None,
+                    })?
                 }
-                let payload = decode_payload(&hit.id, hit.payload)?;
-                if payload.tenant_id != tenant {
-                    return Err(StoreError::rejected(format!(
-                        "search for tenant {tenant} matched point {} of another tenant",
-                        hit.id
-                    )));
+                (SearchMode::Sparse, Some(sparse)) => {
+                    let hits = shard
+                        .query(query(nearest(sparse), top_k, min_score))
+                        .map_err(map_op_err)?;
+                    ranked(hits, &tenant, min_score, |rank| BranchRanks {
+                        dense: None,
+                        sparse: Some(rank),
+                    })?
                 }
-                chunks.push(ScoredChunk {
-                    score: hit.score,
-                    payload,
-                });
-            }
-            Ok(chunks)
+                (SearchMode::Hybrid, Some(sparse)) => {
+                    let candidates = hybrid_candidates(top_k);
+                    let branch = |named: NamedQuery<VectorInternal>| Prefetch {
+                        prefetches: Vec::new(),
+                        query: Some(nearest(named)),
+                        limit: candidates,
+                        params: None,
+                        filter: Some(filter.clone()),
+                        score_threshold: None,
+                    };
+                    let fused = QueryRequest {
+                        prefetches: vec![branch(dense.clone()), branch(sparse.clone())],
+                        ..query(
+                            ScoringQuery::Fusion(Fusion::Rrf {
+                                k: RRF_K as usize,
+                                weights: None,
+                            }),
+                            top_k,
+                            min_score,
+                        )
+                    };
+                    let hits = shard.query(fused).map_err(map_op_err)?;
+                    let ids = |query: QueryRequest| -> Result<Vec<PointId>, StoreError> {
+                        Ok(shard
+                            .query(QueryRequest {
+                                with_payload: WithPayloadInterface::Bool(false),
+                                ..query
+                            })
+                            .map_err(map_op_err)?
+                            .into_iter()
+                            .map(|hit| hit.id)
+                            .collect())
+                    };
+                    let dense_ids = ids(query(nearest(dense), candidates, None))?;
+                    let sparse_ids = ids(query(nearest(sparse), candidates, None))?;
+                    let mut hits: Vec<(PointId, ScoredChunk)> = hits
+                        .into_iter()
+                        .filter(|hit| !min_score.is_some_and(|min| hit.score < min))
+                        .map(|hit| Ok((hit.id, scored(hit, &tenant)?)))
+                        .collect::<Result<_, StoreError>>()?;
+                    assign_ranks(&mut hits, &dense_ids, &sparse_ids);
+                    hits.into_iter().map(|(_, hit)| hit).collect()
+                }
+                (_, None) => {
+                    return Err(StoreError::rejected(
+                        "a keyword search needs a sparse vector",
+                    ));
+                }
+            };
+            Ok(hits)
         })
         .await
     }
@@ -1173,11 +1336,71 @@ impl VectorStore for EdgeStore {
     }
 }
 
-/// Bytes a point counts for against [`BatchLimits::max_bytes`]: 4 per vector value, the
-/// payload as JSON, and 64 for ids and framing.
-fn point_size(dims: usize, payload: &Payload) -> usize {
+/// Bytes a point counts for against [`BatchLimits::max_bytes`]: 4 per dense vector value, 8
+/// per sparse term (id and weight), the payload as JSON, and 64 for ids and framing.
+fn point_size(dims: usize, sparse_terms: usize, payload: &Payload) -> usize {
     let json = serde_json::to_vec(&payload.0).map(|v| v.len()).unwrap_or(0);
-    dims * 4 + json + 64
+    dims * 4 + sparse_terms * 8 + json + 64
+}
+
+/// The dense (default) vector of a stored point's vectors, if it has one.
+fn dense_vector(vectors: Option<VectorStructPersisted>) -> Option<Vec<f32>> {
+    match vectors? {
+        VectorStructPersisted::Single(vector) => Some(vector),
+        VectorStructPersisted::Named(mut named) => match named.remove(DEFAULT_VECTOR_NAME)? {
+            VectorPersisted::Dense(vector) => Some(vector),
+            _ => None,
+        },
+        VectorStructPersisted::MultiDense(_) => None,
+    }
+}
+
+/// `sparse` as Qdrant Edge's type.
+fn edge_sparse(sparse: SparseVector) -> qdrant_edge::SparseVector {
+    qdrant_edge::SparseVector {
+        indices: sparse.indices,
+        values: sparse.values,
+    }
+}
+
+/// A search hit as a [`ScoredChunk`] (ranks unset).
+///
+/// Fails with [`StoreError::Rejected`] if its payload is not a [`ChunkPayload`] of `tenant`.
+fn scored(hit: qdrant_edge::ScoredPoint, tenant: &str) -> Result<ScoredChunk, StoreError> {
+    let payload = decode_payload(&hit.id, hit.payload)?;
+    if payload.tenant_id != tenant {
+        return Err(StoreError::rejected(format!(
+            "search for tenant {tenant} matched point {} of another tenant",
+            hit.id
+        )));
+    }
+    Ok(ScoredChunk {
+        score: hit.score,
+        ranks: BranchRanks::default(),
+        payload,
+    })
+}
+
+/// The hits of a one-branch search, best first, with `ranks(rank)` (rank counting from 1);
+/// hits under `min_score` are left out.
+///
+/// Fails like [`scored`].
+fn ranked(
+    hits: Vec<qdrant_edge::ScoredPoint>,
+    tenant: &str,
+    min_score: Option<f32>,
+    ranks: impl Fn(usize) -> BranchRanks,
+) -> Result<Vec<ScoredChunk>, StoreError> {
+    let mut chunks = Vec::with_capacity(hits.len());
+    for hit in hits {
+        if min_score.is_some_and(|min| hit.score < min) {
+            continue;
+        }
+        let mut chunk = scored(hit, tenant)?;
+        chunk.ranks = ranks(chunks.len() + 1);
+        chunks.push(chunk);
+    }
+    Ok(chunks)
 }
 
 /// The filter "belongs to `revision`": same content hash and chunk count, and (when

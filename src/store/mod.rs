@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::config::StoreConfig;
 use crate::error::{ErrorKind, Failure, Stage};
 use crate::fingerprint::Fingerprint;
+pub use crate::sparse::SparseVector;
 use crate::tenant::TenantId;
 
 /// Namespace of the UUIDv5 point ids (a fixed random UUID; never change it, or ids change).
@@ -190,6 +191,12 @@ pub struct ChunkPayload {
     /// searches or counted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tombstone: bool,
+    /// The context embedded with the chunk's text (with `chunking.context = "headings"`: the
+    /// document title and the chunk's heading path, e.g. `Handbook › Retries › Backoff`);
+    /// `None` when the chunk was embedded alone. [`text`](ChunkPayload::text) stays the
+    /// chunk's own bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 impl ChunkPayload {
@@ -227,6 +234,7 @@ impl ChunkPayload {
             ingested_at: chrono::Utc::now().to_rfc3339(),
             order: Some(order),
             tombstone: true,
+            context: None,
         }
     }
 
@@ -259,8 +267,34 @@ pub struct ChunkPoint {
     pub id: Uuid,
     /// The embedding.
     pub vector: Vec<f32>,
+    /// The keyword vector (BM25 term weights, see [`crate::sparse`]); `None` writes the dense
+    /// vector only. A collection created without sparse vectors stores none (see
+    /// [`VectorStore::upsert`]).
+    pub sparse: Option<SparseVector>,
     /// What is stored beside the vector: text, ids, version, order and metadata.
     pub payload: ChunkPayload,
+}
+
+/// One stored point, as a scroll over a whole collection returns it
+/// ([`Store::scroll`]): tombstones included.
+#[derive(Debug, Clone)]
+pub struct StoredPoint {
+    /// The point id.
+    pub id: Uuid,
+    /// The stored payload.
+    pub payload: ChunkPayload,
+    /// The stored dense embedding.
+    pub vector: Vec<f32>,
+}
+
+/// One page of a scroll over a collection: its points, in id order, and where the next page
+/// starts (`None` after the last page).
+#[derive(Debug, Clone, Default)]
+pub struct PointPage {
+    /// The points of this page.
+    pub points: Vec<StoredPoint>,
+    /// The id the next page starts at.
+    pub next: Option<Uuid>,
 }
 
 /// A stored chunk with its vector (see [`VectorStore::chunk_vectors`]).
@@ -275,10 +309,108 @@ pub struct StoredChunk {
 /// A search result.
 #[derive(Debug, Clone)]
 pub struct ScoredChunk {
-    /// Cosine similarity to the query (higher is closer).
+    /// How well the chunk matches (higher is better): the cosine similarity for a
+    /// [`SearchMode::Dense`] search, the BM25 score for [`SearchMode::Sparse`], the
+    /// reciprocal-rank-fusion score for [`SearchMode::Hybrid`].
     pub score: f32,
+    /// The chunk's rank (1 = best) in each branch of the search, `None` where the branch did
+    /// not return it among its candidates.
+    pub ranks: BranchRanks,
     /// The stored payload.
     pub payload: ChunkPayload,
+}
+
+/// Where a search hit ranked in each branch (1 = best; `None` = not among the branch's
+/// candidates, or the branch did not run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BranchRanks {
+    /// Rank among the dense (embedding) nearest neighbours.
+    pub dense: Option<usize>,
+    /// Rank among the keyword (BM25) matches.
+    pub sparse: Option<usize>,
+}
+
+/// Which vectors a search compares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SearchMode {
+    /// Dense embeddings only: nearest neighbours by cosine similarity.
+    Dense,
+    /// Keyword vectors only: BM25 with inverse document frequencies over the collection.
+    Sparse,
+    /// Both branches, fused by reciprocal rank (`1 / (RRF_K + rank - 1)`, rank counted from
+    /// 1, summed over the branches), done by the store's query API.
+    #[default]
+    Hybrid,
+}
+
+impl SearchMode {
+    /// Every mode, in the order the CLI lists them.
+    pub const ALL: [SearchMode; 3] = [SearchMode::Dense, SearchMode::Sparse, SearchMode::Hybrid];
+
+    /// The mode's name: `dense`, `sparse` or `hybrid`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SearchMode::Dense => "dense",
+            SearchMode::Sparse => "sparse",
+            SearchMode::Hybrid => "hybrid",
+        }
+    }
+
+    /// Whether the search compares dense embeddings.
+    pub fn uses_dense(self) -> bool {
+        self != SearchMode::Sparse
+    }
+
+    /// Whether the search compares keyword vectors.
+    pub fn uses_sparse(self) -> bool {
+        self != SearchMode::Dense
+    }
+}
+
+impl fmt::Display for SearchMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = String;
+
+    /// Parses `dense`, `sparse` or `hybrid` (case-insensitive); the error lists the modes.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SearchMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown search mode {s:?}: use dense, sparse or hybrid"))
+    }
+}
+
+/// The `k` of reciprocal rank fusion: a hit's fused score is the sum of `1 / (k + rank - 1)`
+/// (rank counted from 1, Qdrant's convention) over the branches that returned it. 60, the
+/// value of the original RRF paper (Cormack et al. 2009), rather than Qdrant's default of 2:
+/// larger values flatten the weight of the top ranks, so agreement between the branches
+/// counts more than a single first place.
+pub const RRF_K: u32 = 60;
+
+/// How many candidates each branch of a hybrid search contributes to the fusion for a
+/// search of `top_k` results: four times `top_k`, at least 40, at most 1,000.
+pub fn hybrid_candidates(top_k: usize) -> usize {
+    top_k.saturating_mul(4).clamp(40, 1000)
+}
+
+/// Annotates `hits` (the fused result) with each hit's rank in `dense` and `sparse` (the
+/// branches' candidate lists, best first, by point id).
+pub(crate) fn assign_ranks<Id: PartialEq>(
+    hits: &mut [(Id, ScoredChunk)],
+    dense: &[Id],
+    sparse: &[Id],
+) {
+    for (id, hit) in hits.iter_mut() {
+        hit.ranks = BranchRanks {
+            dense: dense.iter().position(|d| d == id).map(|i| i + 1),
+            sparse: sparse.iter().position(|s| s == id).map(|i| i + 1),
+        };
+    }
 }
 
 /// A value a metadata field must equal exactly.
@@ -365,8 +497,14 @@ pub fn validate_metadata_key(key: &str) -> Result<(), String> {
 pub struct SearchRequest {
     /// The only tenant whose points may match.
     pub tenant: TenantId,
-    /// The query vector (the collection's dimension).
+    /// The query embedding (the collection's dimension); not read by a
+    /// [`SearchMode::Sparse`] search.
     pub vector: Vec<f32>,
+    /// The query's keyword vector ([`SparseEncoder::query`](crate::sparse::SparseEncoder::query)),
+    /// needed by [`SearchMode::Sparse`] and [`SearchMode::Hybrid`].
+    pub sparse: Option<SparseVector>,
+    /// Which vectors to compare.
+    pub mode: SearchMode,
     /// Most results to return; 0 returns none.
     pub top_k: usize,
     /// Further conditions on the payload.
@@ -376,21 +514,41 @@ pub struct SearchRequest {
 }
 
 impl SearchRequest {
-    /// The `top_k` nearest points of `tenant`, without further conditions.
+    /// The `top_k` nearest points of `tenant` by dense embedding ([`SearchMode::Dense`]),
+    /// without further conditions.
     pub fn new(tenant: TenantId, vector: Vec<f32>, top_k: usize) -> Self {
         SearchRequest {
             tenant,
             vector,
+            sparse: None,
+            mode: SearchMode::Dense,
             top_k,
             filter: SearchFilter::default(),
             min_score: None,
         }
     }
 
-    /// Fails with [`StoreError::Rejected`] if a filter key is invalid or `min_score` is not a
-    /// finite number.
+    /// This request in `mode`, with the query's keyword vector `sparse`.
+    pub fn with_mode(mut self, mode: SearchMode, sparse: SparseVector) -> Self {
+        self.mode = mode;
+        self.sparse = Some(sparse);
+        self
+    }
+
+    /// Fails with [`StoreError::Rejected`] if a filter key is invalid, `min_score` is not a
+    /// finite number, or a sparse or hybrid search has no keyword vector (or a malformed one:
+    /// lengths differ, a weight is not finite).
     pub fn validate(&self) -> Result<(), StoreError> {
         self.filter.validate()?;
+        if self.mode.uses_sparse() {
+            let Some(sparse) = &self.sparse else {
+                return Err(StoreError::rejected(format!(
+                    "a {} search needs the query's keyword vector",
+                    self.mode
+                )));
+            };
+            check_sparse(sparse)?;
+        }
         if let Some(min) = self.min_score
             && !min.is_finite()
         {
@@ -506,6 +664,40 @@ pub(crate) fn check_vector(dims: usize, vector: &[f32]) -> Result<(), StoreError
 
 /// Fails with [`StoreError::Rejected`] unless `order` is in range and every point's payload
 /// carries it.
+/// Fails with [`StoreError::Rejected`] if `sparse` has more ids than weights (or fewer), a
+/// repeated id, or a weight that is not finite.
+pub(crate) fn check_sparse(sparse: &SparseVector) -> Result<(), StoreError> {
+    if sparse.indices.len() != sparse.values.len() {
+        return Err(StoreError::rejected(format!(
+            "sparse vector has {} ids and {} weights",
+            sparse.indices.len(),
+            sparse.values.len()
+        )));
+    }
+    if sparse.values.iter().any(|v| !v.is_finite()) {
+        return Err(StoreError::rejected(
+            "sparse vector holds a weight that is not a finite number",
+        ));
+    }
+    let mut ids = sparse.indices.clone();
+    ids.sort_unstable();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        return Err(StoreError::rejected("sparse vector repeats a term id"));
+    }
+    Ok(())
+}
+
+/// The error of a keyword or hybrid search (or a write) that needs sparse vectors in a
+/// collection created without them, naming the migration.
+pub(crate) fn no_sparse_vectors(collection: &str) -> StoreError {
+    StoreError::rejected(format!(
+        "collection {collection} has no keyword (sparse) vectors: it was created before hybrid \
+         search. Search it with mode \"dense\", or migrate it: `rag-ingest reindex --from \
+         {collection}` into a new collection (see docs/storage.md, \"Migrating to hybrid \
+         search\")"
+    ))
+}
+
 pub(crate) fn check_points_order(points: &[ChunkPoint], order: Order) -> Result<(), StoreError> {
     order.check()?;
     match points.iter().find(|p| p.payload.order != Some(order)) {
@@ -555,6 +747,17 @@ pub fn describe_fingerprint_difference(stored: &Fingerprint, expected: &Fingerpr
             "normalized: stored {}, configured {}",
             stored.normalized, expected.normalized
         ));
+    }
+    match (&stored.sparse, &expected.sparse) {
+        (None, Some(configured)) => parts.push(format!(
+            "sparse: the collection has no keyword vectors (created before hybrid search), \
+             configured {configured:?}; migrate with `rag-ingest reindex` or re-ingest into a \
+             new collection (docs/storage.md, \"Migrating to hybrid search\")"
+        )),
+        (stored, configured) if stored != configured => parts.push(format!(
+            "sparse: stored {stored:?}, configured {configured:?}"
+        )),
+        _ => {}
     }
     if parts.is_empty() {
         "nothing (the fingerprints are equal)".to_owned()
@@ -900,6 +1103,29 @@ impl From<QdrantStore> for Store {
     }
 }
 
+impl Store {
+    /// Up to `limit` points of the whole collection (every tenant, tombstones included) in
+    /// id order, from `from` on (the first page without it). How a collection is copied
+    /// (`rag-ingest reindex`); never used by the pipeline or searches.
+    ///
+    /// Fails with [`StoreError::Rejected`] if a point's payload is not a [`ChunkPayload`] or
+    /// it has no dense vector, [`StoreError::Unavailable`] if the read fails.
+    pub async fn scroll(&self, from: Option<Uuid>, limit: usize) -> Result<PointPage, StoreError> {
+        match self {
+            Store::Edge(s) => s.scroll(from, limit).await,
+            Store::Qdrant(s) => s.scroll(from, limit).await,
+        }
+    }
+
+    /// The collection's name.
+    pub fn collection(&self) -> &str {
+        match self {
+            Store::Edge(s) => s.collection(),
+            Store::Qdrant(s) => s.collection(),
+        }
+    }
+}
+
 impl VectorStore for Store {
     async fn upsert(&self, points: Vec<ChunkPoint>) -> Result<(), StoreError> {
         match self {
@@ -1122,10 +1348,12 @@ mod tests {
             dims: 384,
             pooling: "mean".into(),
             normalized: true,
+            sparse: None,
         };
         let b = Fingerprint {
             dims: 768,
             normalized: false,
+            sparse: None,
             ..a.clone()
         };
         let text = describe_fingerprint_difference(&a, &b);

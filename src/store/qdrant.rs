@@ -49,19 +49,21 @@ use backon::{ExponentialBuilder, Retryable};
 use qdrant_client::qdrant::r#match::MatchValue;
 use qdrant_client::qdrant::{
     Condition, CountPoints, CreateCollection, CreateFieldIndexCollection, DeletePoints, Distance,
-    FieldType, Filter, GetPoints, KeywordIndexParams, PayloadIndexParams, PointId, PointStruct,
-    PointsSelector, Query, QueryPoints, Range, SetPayloadPoints, UpsertPoints, Value as QValue,
-    VectorParams, VectorsConfig, payload_index_params, point_id::PointIdOptions, vector_output,
-    vectors_config,
+    FieldType, Filter, GetPoints, KeywordIndexParams, Modifier, NamedVectors, PayloadIndexParams,
+    PointId, PointStruct, PointsSelector, PrefetchQuery, Query, QueryBatchPoints, QueryPoints,
+    Range, Rrf, ScoredPoint, ScrollPoints, SetPayloadPoints, SparseVectorConfig,
+    SparseVectorParams, UpsertPoints, Value as QValue, VectorInput, VectorParams, VectorsConfig,
+    payload_index_params, point_id::PointIdOptions, vector_output, vectors_config,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use tonic::Code;
 
 use super::{
-    BatchLimits, BoxError, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order, OrderTerm,
-    Revision, ScoredChunk, SearchRequest, StoreError, StoreFailure, StoredChunk, TOMBSTONE_FIELD,
-    VectorStore, check_owner, check_points_order, check_vector, check_version, point_id,
-    split_batches,
+    BatchLimits, BoxError, BranchRanks, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD,
+    Order, OrderTerm, RRF_K, Revision, ScoredChunk, SearchMode, SearchRequest, StoreError,
+    StoreFailure, StoredChunk, TOMBSTONE_FIELD, VectorStore, assign_ranks, check_owner,
+    check_points_order, check_sparse, check_vector, check_version, hybrid_candidates,
+    no_sparse_vectors, point_id, split_batches,
 };
 use crate::config::{
     DEFAULT_QDRANT_BACKOFF_MAX_MS, DEFAULT_QDRANT_BACKOFF_MIN_MS,
@@ -70,6 +72,7 @@ use crate::config::{
 };
 use crate::fingerprint::Fingerprint;
 use crate::secret::Secret;
+use crate::sparse::SPARSE_VECTOR_NAME;
 use crate::tenant::TenantId;
 use crate::validate::redact_url;
 
@@ -208,6 +211,8 @@ pub struct QdrantStore {
     client: Qdrant,
     collection: String,
     dims: usize,
+    /// Whether the collection holds keyword (sparse) vectors.
+    sparse: bool,
     /// The URL with any password redacted, for error messages.
     url: String,
     retries: usize,
@@ -244,6 +249,21 @@ impl QdrantStore {
         collection: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Self, StoreError> {
+        let store = Self::connect(options, collection, fingerprint)?;
+        store.bootstrap(fingerprint).await?;
+        Ok(store)
+    }
+
+    /// A store for `collection` on the server `options` names, for vectors of
+    /// `fingerprint`, without any request yet.
+    ///
+    /// Fails with [`StoreError::Rejected`] if the name, the URL or the fingerprint's
+    /// dimension is invalid.
+    fn connect(
+        options: &QdrantOptions,
+        collection: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Self, StoreError> {
         if fingerprint.dims == 0 {
             return Err(StoreError::rejected(
                 "embedder fingerprint has 0 dimensions",
@@ -276,6 +296,7 @@ impl QdrantStore {
             client,
             collection: collection.to_owned(),
             dims: fingerprint.dims,
+            sparse: fingerprint.sparse.is_some(),
             url,
             retries: options.retries,
             backoff_min: options.backoff_min,
@@ -287,8 +308,51 @@ impl QdrantStore {
             auth_hint: auth_hint(options),
             layout: options.layout,
         };
-        store.bootstrap(fingerprint).await?;
         Ok(store)
+    }
+
+    /// Opens the existing collection `collection` as it was created, whatever its recorded
+    /// fingerprint (returned with the store), without creating anything: how
+    /// `rag-ingest reindex` reads a collection of an older layout.
+    ///
+    /// Fails with [`StoreError::Rejected`] if the collection does not exist or has no
+    /// recorded fingerprint (or on anything [`QdrantStore::open`] refuses),
+    /// [`StoreError::Unavailable`] if the server cannot be reached.
+    pub async fn open_existing(
+        options: &QdrantOptions,
+        collection: &str,
+    ) -> Result<(Self, Fingerprint), StoreError> {
+        // A placeholder until the recorded fingerprint is read; `open_with` creates nothing
+        // with `create: false`.
+        let placeholder = Fingerprint {
+            model: String::new(),
+            dims: 1,
+            pooling: String::new(),
+            normalized: true,
+            sparse: None,
+        };
+        let mut store = Self::connect(options, collection, &placeholder)?;
+        let name = collection.to_owned();
+        let exists = store
+            .call("check collection", || {
+                store.client.collection_exists(name.clone())
+            })
+            .await?;
+        if !exists {
+            return Err(StoreError::rejected(format!(
+                "collection {collection} does not exist on {}",
+                store.url
+            )));
+        }
+        let recorded = store.recorded_fingerprint().await?.ok_or_else(|| {
+            StoreError::rejected(format!(
+                "collection {collection} has no embedder fingerprint in its metadata (key \
+                 {FINGERPRINT_METADATA_KEY}): it was not created by rag-ingest"
+            ))
+        })?;
+        store.dims = recorded.dims;
+        store.sparse = recorded.sparse.is_some();
+        Ok((store, recorded))
     }
 
     /// The collection this store writes to.
@@ -309,6 +373,60 @@ impl QdrantStore {
     pub async fn recorded_fingerprint(&self) -> Result<Option<Fingerprint>, StoreError> {
         let info = self.collection_info().await?;
         read_fingerprint(&self.collection, info.config.as_ref())
+    }
+
+    /// Up to `limit` points (every tenant, tombstones included) in id order from `from` on:
+    /// see [`Store::scroll`](super::Store::scroll).
+    ///
+    /// Fails with [`StoreError::Rejected`] if a payload is not a [`ChunkPayload`], a point
+    /// has no dense vector or no UUID id, [`StoreError::Unavailable`] if the server cannot be
+    /// reached.
+    pub async fn scroll(
+        &self,
+        from: Option<uuid::Uuid>,
+        limit: usize,
+    ) -> Result<super::PointPage, StoreError> {
+        let request = ScrollPoints {
+            collection_name: self.collection.clone(),
+            offset: from.map(uuid_point_id),
+            limit: Some(u32::try_from(limit.max(1)).unwrap_or(u32::MAX)),
+            with_payload: Some(true.into()),
+            with_vectors: Some(true.into()),
+            ..ScrollPoints::default()
+        };
+        let response = self
+            .call("scroll points", || self.client.scroll(request.clone()))
+            .await?;
+        let mut points = Vec::with_capacity(response.result.len());
+        for point in response.result {
+            let id = describe_point_id(point.id.as_ref());
+            let uuid = uuid::Uuid::parse_str(&id)
+                .map_err(|_| StoreError::rejected(format!("point {id} does not have a UUID id")))?;
+            let payload = decode_payload(&id, point.payload)?;
+            let vector = match point.vectors.and_then(|v| v.get_vector_by_name("")) {
+                Some(vector_output::Vector::Dense(dense)) => dense.data,
+                _ => {
+                    return Err(StoreError::rejected(format!(
+                        "point {id} has no dense vector"
+                    )));
+                }
+            };
+            points.push(super::StoredPoint {
+                id: uuid,
+                payload,
+                vector,
+            });
+        }
+        let next = match response.next_page_offset {
+            Some(next) => {
+                let id = describe_point_id(Some(&next));
+                Some(uuid::Uuid::parse_str(&id).map_err(|_| {
+                    StoreError::rejected(format!("point {id} does not have a UUID id"))
+                })?)
+            }
+            None => None,
+        };
+        Ok(super::PointPage { points, next })
     }
 
     /// Deletes the whole collection (every tenant's points and the recorded fingerprint).
@@ -394,6 +512,15 @@ impl QdrantStore {
                     distance: Distance::Cosine.into(),
                     ..VectorParams::default()
                 })),
+            }),
+            sparse_vectors_config: self.sparse.then(|| SparseVectorConfig {
+                map: HashMap::from([(
+                    SPARSE_VECTOR_NAME.to_owned(),
+                    SparseVectorParams {
+                        modifier: Some(Modifier::Idf.into()),
+                        ..SparseVectorParams::default()
+                    },
+                )]),
             }),
             metadata: HashMap::from([(
                 FINGERPRINT_METADATA_KEY.to_owned(),
@@ -488,14 +615,35 @@ impl QdrantStore {
                         Distance::try_from(p.distance).unwrap_or(Distance::UnknownDistance)
                     )));
                 }
-                Ok(())
             }
-            _ => Err(mismatch(
-                "vectors: the collection has named vectors or none, rag-ingest needs one \
-                 unnamed vector"
-                    .to_owned(),
-            )),
+            _ => {
+                return Err(mismatch(
+                    "vectors: the collection has named vectors or none, rag-ingest needs one \
+                     unnamed vector"
+                        .to_owned(),
+                ));
+            }
         }
+        if self.sparse {
+            let sparse = config
+                .and_then(|c| c.params.as_ref())
+                .and_then(|p| p.sparse_vectors_config.as_ref())
+                .and_then(|s| s.map.get(SPARSE_VECTOR_NAME));
+            match sparse {
+                Some(params) if params.modifier == Some(Modifier::Idf.into()) => {}
+                Some(_) => {
+                    return Err(mismatch(format!(
+                        "sparse vector {SPARSE_VECTOR_NAME:?} has no idf modifier"
+                    )));
+                }
+                None => {
+                    return Err(mismatch(format!(
+                        "the collection has no sparse vector {SPARSE_VECTOR_NAME:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Logs a warning for each layout setting the configuration names that the existing
@@ -614,10 +762,26 @@ impl QdrantStore {
             check_vector(self.dims, &point.vector)?;
             check_version(point.payload.version)?;
             let payload = encode_payload(&point.payload)?;
+            let vectors = match point.sparse {
+                Some(sparse) if self.sparse => {
+                    check_sparse(&sparse)?;
+                    NamedVectors::default()
+                        .add_vector("", point.vector)
+                        .add_vector(
+                            SPARSE_VECTOR_NAME,
+                            qdrant_client::qdrant::Vector::new_sparse(
+                                sparse.indices,
+                                sparse.values,
+                            ),
+                        )
+                        .into()
+                }
+                _ => point.vector.into(),
+            };
             let point = PointStruct {
                 id: Some(uuid_point_id(point.id)),
                 payload,
-                vectors: Some(point.vector.into()),
+                vectors: Some(vectors),
             };
             let len = prost::Message::encoded_len(&point);
             // Field tag plus length prefix of the repeated `points` entry.
@@ -781,7 +945,7 @@ impl VectorStore for QdrantStore {
                 if payload.tombstone {
                     continue;
                 }
-                let vector = match point.vectors.and_then(|v| v.get_vector()) {
+                let vector = match point.vectors.and_then(|v| v.get_vector_by_name("")) {
                     Some(vector_output::Vector::Dense(dense)) => dense.data,
                     _ => {
                         return Err(StoreError::rejected(format!(
@@ -882,8 +1046,13 @@ impl VectorStore for QdrantStore {
     /// [`SearchRequest::validate`]), a hit's payload is not a [`ChunkPayload`] of the tenant or
     /// the server refuses the query, [`StoreError::Unavailable`] if it cannot be reached.
     async fn search(&self, request: SearchRequest) -> Result<Vec<ScoredChunk>, StoreError> {
-        check_vector(self.dims, &request.vector)?;
+        if request.mode.uses_dense() {
+            check_vector(self.dims, &request.vector)?;
+        }
         request.validate()?;
+        if request.mode.uses_sparse() && !self.sparse {
+            return Err(no_sparse_vectors(&self.collection));
+        }
         if request.top_k == 0 {
             return Ok(Vec::new());
         }
@@ -892,38 +1061,129 @@ impl VectorStore for QdrantStore {
             filter.must.push(metadata_match(key, value)?);
         }
         filter.must_not.push(tombstone_condition());
-        let query = QueryPoints {
-            collection_name: self.collection.clone(),
-            query: Some(Query::new_nearest(request.vector)),
-            filter: Some(filter),
-            score_threshold: request.min_score,
-            limit: Some(request.top_k as u64),
-            with_payload: Some(true.into()),
-            with_vectors: Some(false.into()),
-            ..QueryPoints::default()
-        };
-        let response = self
-            .call("query points", || self.client.query(query.clone()))
-            .await?;
+        let dense = VectorInput::new_dense(request.vector);
+        let sparse = request
+            .sparse
+            .map(|s| VectorInput::new_sparse(s.indices, s.values));
+        let query =
+            |query: Query, using: Option<&str>, limit: usize, with_payload: bool| QueryPoints {
+                collection_name: self.collection.clone(),
+                query: Some(query),
+                using: using.map(str::to_owned),
+                filter: Some(filter.clone()),
+                score_threshold: request.min_score.filter(|_| with_payload),
+                limit: Some(limit as u64),
+                with_payload: Some(with_payload.into()),
+                with_vectors: Some(false.into()),
+                ..QueryPoints::default()
+            };
         let tenant = request.tenant.as_str();
-        let mut chunks = Vec::with_capacity(response.result.len());
-        for hit in response.result {
-            if request.min_score.is_some_and(|min| hit.score < min) {
-                continue;
+        let min_score = request.min_score;
+        let top_k = request.top_k;
+        let (mode, sparse) = match (request.mode, sparse) {
+            (SearchMode::Dense, _) => (SearchMode::Dense, None),
+            (mode, Some(sparse)) => (mode, Some(sparse)),
+            (_, None) => {
+                return Err(StoreError::rejected(
+                    "a keyword search needs a sparse vector",
+                ));
             }
-            let id = describe_point_id(hit.id.as_ref());
-            let payload = decode_payload(&id, hit.payload)?;
-            if payload.tenant_id != tenant {
-                return Err(StoreError::rejected(format!(
-                    "search for tenant {tenant} matched point {id} of another tenant"
-                )));
+        };
+        match (mode, sparse) {
+            (SearchMode::Sparse, Some(sparse)) => {
+                let request = query(
+                    Query::new_nearest(sparse),
+                    Some(SPARSE_VECTOR_NAME),
+                    top_k,
+                    true,
+                );
+                let response = self
+                    .call("query points", || self.client.query(request.clone()))
+                    .await?;
+                ranked(response.result, tenant, min_score, |rank| BranchRanks {
+                    dense: None,
+                    sparse: Some(rank),
+                })
             }
-            chunks.push(ScoredChunk {
-                score: hit.score,
-                payload,
-            });
+            (SearchMode::Hybrid, Some(sparse)) => {
+                let candidates = hybrid_candidates(top_k);
+                let branch = |query: Query, using: Option<&str>| PrefetchQuery {
+                    query: Some(query),
+                    using: using.map(str::to_owned),
+                    filter: Some(filter.clone()),
+                    limit: Some(candidates as u64),
+                    ..PrefetchQuery::default()
+                };
+                let fused = QueryPoints {
+                    prefetch: vec![
+                        branch(Query::new_nearest(dense.clone()), None),
+                        branch(Query::new_nearest(sparse.clone()), Some(SPARSE_VECTOR_NAME)),
+                    ],
+                    ..query(
+                        Query::new_rrf(Rrf {
+                            k: Some(RRF_K),
+                            weights: Vec::new(),
+                        }),
+                        None,
+                        top_k,
+                        true,
+                    )
+                };
+                // One round trip: the fused result, and each branch's candidates (ids only)
+                // to report every hit's rank per branch.
+                let batch = QueryBatchPoints {
+                    collection_name: self.collection.clone(),
+                    query_points: vec![
+                        fused,
+                        query(Query::new_nearest(dense), None, candidates, false),
+                        query(
+                            Query::new_nearest(sparse),
+                            Some(SPARSE_VECTOR_NAME),
+                            candidates,
+                            false,
+                        ),
+                    ],
+                    ..QueryBatchPoints::default()
+                };
+                let response = self
+                    .call("query points", || self.client.query_batch(batch.clone()))
+                    .await?;
+                let mut results = response.result.into_iter().map(|batch| batch.result);
+                let (Some(fused), Some(dense), Some(sparse)) =
+                    (results.next(), results.next(), results.next())
+                else {
+                    return Err(StoreError::unavailable(
+                        "the server answered a hybrid query batch with fewer than 3 results",
+                    ));
+                };
+                let ids = |hits: Vec<ScoredPoint>| -> Vec<String> {
+                    hits.iter()
+                        .map(|hit| describe_point_id(hit.id.as_ref()))
+                        .collect()
+                };
+                let (dense, sparse) = (ids(dense), ids(sparse));
+                let mut hits = Vec::with_capacity(fused.len());
+                for hit in fused {
+                    if min_score.is_some_and(|min| hit.score < min) {
+                        continue;
+                    }
+                    let id = describe_point_id(hit.id.as_ref());
+                    hits.push((id, scored(hit, tenant)?));
+                }
+                assign_ranks(&mut hits, &dense, &sparse);
+                Ok(hits.into_iter().map(|(_, hit)| hit).collect())
+            }
+            _ => {
+                let request = query(Query::new_nearest(dense), None, top_k, true);
+                let response = self
+                    .call("query points", || self.client.query(request.clone()))
+                    .await?;
+                ranked(response.result, tenant, min_score, |rank| BranchRanks {
+                    dense: Some(rank),
+                    sparse: None,
+                })
+            }
         }
-        Ok(chunks)
     }
 
     /// Exact count with the filter `tenant_id == tenant` (and `document_id == document_id`),
@@ -993,6 +1253,46 @@ fn read_fingerprint(
 }
 
 /// A UUID point id.
+/// A search hit as a [`ScoredChunk`] (ranks unset).
+///
+/// Fails with [`StoreError::Rejected`] if its payload is not a [`ChunkPayload`] of `tenant`.
+fn scored(hit: ScoredPoint, tenant: &str) -> Result<ScoredChunk, StoreError> {
+    let id = describe_point_id(hit.id.as_ref());
+    let payload = decode_payload(&id, hit.payload)?;
+    if payload.tenant_id != tenant {
+        return Err(StoreError::rejected(format!(
+            "search for tenant {tenant} matched point {id} of another tenant"
+        )));
+    }
+    Ok(ScoredChunk {
+        score: hit.score,
+        ranks: BranchRanks::default(),
+        payload,
+    })
+}
+
+/// The hits of a one-branch search, best first, with `ranks(rank)` (rank counting from 1);
+/// hits under `min_score` are left out.
+///
+/// Fails like [`scored`].
+fn ranked(
+    hits: Vec<ScoredPoint>,
+    tenant: &str,
+    min_score: Option<f32>,
+    ranks: impl Fn(usize) -> BranchRanks,
+) -> Result<Vec<ScoredChunk>, StoreError> {
+    let mut chunks = Vec::with_capacity(hits.len());
+    for hit in hits {
+        if min_score.is_some_and(|min| hit.score < min) {
+            continue;
+        }
+        let mut chunk = scored(hit, tenant)?;
+        chunk.ranks = ranks(chunks.len() + 1);
+        chunks.push(chunk);
+    }
+    Ok(chunks)
+}
+
 fn uuid_point_id(id: uuid::Uuid) -> PointId {
     PointId {
         point_id_options: Some(PointIdOptions::Uuid(id.to_string())),
@@ -1387,6 +1687,7 @@ mod tests {
             dims: 4,
             pooling: "mean".into(),
             normalized: true,
+            sparse: None,
         };
         let err = QdrantStore::open(&options, "c", &fingerprint)
             .await
@@ -1402,6 +1703,7 @@ mod tests {
             dims: 4,
             pooling: "mean".into(),
             normalized: true,
+            sparse: None,
         };
         let options = QdrantOptions::new("127.0.0.1:6334");
         assert!(matches!(

@@ -57,6 +57,7 @@ pub fn version_points(doc: usize, version: u64) -> Vec<ChunkPoint> {
         .map(|index| ChunkPoint {
             id: point_id(&tenant, &document_id, index),
             vector: unit_vector(version * 1_000 + doc as u64 * 10 + index as u64),
+            sparse: None,
             payload: ChunkPayload {
                 tenant_id: tenant.as_str().to_owned(),
                 document_id: document_id.clone(),
@@ -72,6 +73,7 @@ pub fn version_points(doc: usize, version: u64) -> Vec<ChunkPoint> {
                 ingested_at: "2025-01-01T00:00:00Z".to_owned(),
                 order: None,
                 tombstone: false,
+                context: None,
             },
         })
         .collect()

@@ -13,6 +13,7 @@ pub fn fingerprint() -> Fingerprint {
         dims: DIMS,
         pooling: "mean".to_owned(),
         normalized: true,
+        sparse: None,
     }
 }
 
