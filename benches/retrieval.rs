@@ -9,15 +9,16 @@
 //! registry (`$CARGO_HOME/registry/src/*/`), one document per crate (its newest version).
 //! Each crate's `description` (from its `Cargo.toml`) is the query, and its README the one
 //! relevant document. Derived mechanically:
-//! - a crate without a description of at least 20 characters or a README of at least 400
-//!   bytes is left out, and so is every crate whose description or README another crate
-//!   shares (workspace crates often share both: the query would have several answers);
+//! - a crate without a description of at least 20 characters or a README of at least 300
+//!   bytes is left out, and so is a crate whose description or README a crate earlier by
+//!   name has (workspace crates often share both: a query would have several answers);
 //! - the description's exact text is removed from the README (many READMEs open with it,
 //!   which would make the task a string match), and READMEs are cut at 16 KiB (at a line
 //!   break);
 //! - the title (`metadata.title`) is the crate name; the crates are taken in name order, at
 //!   most `RETRIEVAL_DOCS` of them (default 600; the bench refuses to report on fewer than
-//!   500).
+//!   500). `RETRIEVAL_CONTEXTS` (default `none,headings`) picks the `chunking.context` values
+//!   measured.
 //!
 //! Ingestion goes through the product: for each `chunking.context` (`none`, `headings`) a
 //! fresh pipeline from `pipelines/docs.toml` (tenant `acme`, its own queues and Edge store),
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use rag_ingest::message::Document;
 use rag_ingest::queue::Submitter;
-use rag_ingest::search::{SearchMode, SearchOptions, Searcher};
+use rag_ingest::search::{Fusion, SearchMode, SearchOptions, Searcher};
 use rag_ingest::tenant::TenantId;
 
 #[path = "support/mod.rs"]
@@ -46,6 +47,8 @@ use support::{BenchPipeline, WorkerBinary, WorkerProcess};
 const TENANT: &str = "acme";
 /// Documents below this count make the figures too noisy to report.
 const MIN_DOCS: usize = 500;
+/// READMEs shorter than this (after the description is removed) are left out.
+const MIN_README_BYTES: usize = 300;
 /// READMEs are cut at this many bytes.
 const MAX_README_BYTES: usize = 16 * 1024;
 /// Chunks asked for per query.
@@ -92,7 +95,12 @@ fn main() {
     rt.block_on(support::require_broker());
     let binary = WorkerBinary::snapshot();
     let mut table = Vec::new();
-    for context in ["none", "headings"] {
+    let contexts: Vec<String> = std::env::var("RETRIEVAL_CONTEXTS")
+        .unwrap_or_else(|_| "none,headings".to_owned())
+        .split(',')
+        .map(|c| c.trim().to_owned())
+        .collect();
+    for context in contexts.iter().map(String::as_str) {
         let pipeline = BenchPipeline::new(&format!("retrieval-{context}"), |t| {
             support::set(t, "chunking.context", context);
         });
@@ -106,9 +114,13 @@ fn main() {
         let searcher = rt
             .block_on(Searcher::open(&pipeline.config))
             .expect("the store opens after the worker exited");
-        for mode in SearchMode::ALL {
-            let scores = rt.block_on(evaluate(&searcher, &corpus, mode));
-            table.push((context, mode, scores));
+        for (label, options) in variants() {
+            let scores = rt.block_on(evaluate(&searcher, &corpus, &options));
+            eprintln!(
+                "retrieval: context={context} {label}: Recall@1 {:.3} MRR@10 {:.3} nDCG@10 {:.3}",
+                scores.recall_at_1, scores.mrr_at_10, scores.ndcg_at_10
+            );
+            table.push((context, label, scores));
         }
     }
 
@@ -120,36 +132,61 @@ fn main() {
     println!();
     println!("| chunking.context | mode | Recall@1 | MRR@10 | nDCG@10 | median query |");
     println!("|---|---|---|---|---|---|");
-    for (context, mode, s) in &table {
+    for (context, label, s) in &table {
         println!(
-            "| {context} | {mode} | {:.3} | {:.3} | {:.3} | {:.1} ms |",
+            "| {context} | {label} | {:.3} | {:.3} | {:.3} | {:.1} ms |",
             s.recall_at_1,
             s.mrr_at_10,
             s.ndcg_at_10,
             s.median_query.as_secs_f64() * 1000.0
         );
     }
-    for context in ["none", "headings"] {
-        let get = |mode: SearchMode| {
+    for context in contexts.iter().map(String::as_str) {
+        let get = |label: &str| {
             table
                 .iter()
-                .find(|(c, m, _)| *c == context && *m == mode)
+                .find(|(c, l, _)| *c == context && l == label)
                 .map(|(_, _, s)| s)
         };
-        if let (Some(d), Some(s), Some(h)) = (
-            get(SearchMode::Dense),
-            get(SearchMode::Sparse),
-            get(SearchMode::Hybrid),
-        ) {
+        let (Some(d), Some(s)) = (get("dense"), get("sparse")) else {
+            continue;
+        };
+        for (label, _) in variants().into_iter().skip(2) {
+            let Some(h) = get(&label) else {
+                continue;
+            };
             let wins = h.recall_at_1 > d.recall_at_1.max(s.recall_at_1)
                 && h.mrr_at_10 > d.mrr_at_10.max(s.mrr_at_10)
                 && h.ndcg_at_10 > d.ndcg_at_10.max(s.ndcg_at_10);
             println!(
-                "context={context}: hybrid {} the better of dense and sparse on every metric",
+                "context={context}: {label} {} the better of dense and sparse on every metric",
                 if wins { "beats" } else { "does NOT beat" }
             );
         }
     }
+}
+
+/// What is measured: dense, sparse, then hybrid with each fusion (the default first), each
+/// with its label.
+fn variants() -> Vec<(String, SearchOptions)> {
+    let base = SearchOptions::new(TOP_CHUNKS);
+    let mut variants = vec![
+        ("dense".to_owned(), base.clone().mode(SearchMode::Dense)),
+        ("sparse".to_owned(), base.clone().mode(SearchMode::Sparse)),
+    ];
+    let default = Fusion::default();
+    for fusion in [default, Fusion::Rrf { k: 2 }, Fusion::Dbsf] {
+        if fusion == default && variants.len() > 2 {
+            continue;
+        }
+        let label = if fusion == default {
+            format!("hybrid ({fusion}, default)")
+        } else {
+            format!("hybrid ({fusion})")
+        };
+        variants.push((label, base.clone().mode(SearchMode::Hybrid).fusion(fusion)));
+    }
+    variants
 }
 
 /// `$CARGO_HOME/registry/src` (`~/.cargo` without `CARGO_HOME`).
@@ -193,23 +230,18 @@ fn corpus(registry: &Path, limit: usize) -> Vec<Item> {
             })
         })
         .collect();
-    // A description or README shared by several crates is ambiguous: drop them all.
-    let mut descriptions: HashMap<String, usize> = HashMap::new();
-    let mut readmes: HashMap<String, usize> = HashMap::new();
-    for item in &items {
-        *descriptions
-            .entry(item.description.to_lowercase())
-            .or_default() += 1;
-        *readmes.entry(item.readme.clone()).or_default() += 1;
-    }
+    // A description or README shared by several crates (a workspace's crates often share
+    // both) would give a query several answers: only the first crate by name keeps it.
+    items.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut descriptions = HashSet::new();
+    let mut readmes = HashSet::new();
     items.retain(|item| {
-        descriptions[&item.description.to_lowercase()] == 1 && readmes[&item.readme] == 1
+        descriptions.insert(item.description.to_lowercase()) && readmes.insert(item.readme.clone())
     });
     for item in &mut items {
         item.readme = prepare_readme(&item.readme, &item.description);
     }
-    items.retain(|item| item.readme.trim().len() >= 400);
-    items.sort_by(|a, b| a.name.cmp(&b.name));
+    items.retain(|item| item.readme.trim().len() >= MIN_README_BYTES);
     items.truncate(limit);
     items
 }
@@ -307,19 +339,24 @@ fn ingest(
     support::check_clean_exit(status, &log, docs.len() as u64);
 }
 
-/// Recall@1, MRR@10, nDCG@10 and the median query time of `mode` over every description.
-async fn evaluate<E, S>(searcher: &Searcher<E, S>, corpus: &[Item], mode: SearchMode) -> Scores
+/// Recall@1, MRR@10, nDCG@10 and the median query time of searches with `options` over every
+/// description.
+async fn evaluate<E, S>(
+    searcher: &Searcher<E, S>,
+    corpus: &[Item],
+    options: &SearchOptions,
+) -> Scores
 where
     E: rag_ingest::embed::Embedder,
     S: rag_ingest::store::VectorStore,
 {
-    let options = SearchOptions::new(TOP_CHUNKS).mode(mode);
+    let mode = options.mode;
     let mut scores = Scores::default();
     let mut times = Vec::with_capacity(corpus.len());
     for item in corpus {
         let started = Instant::now();
         let hits = searcher
-            .search_with(TENANT, &item.description, &options)
+            .search_with(TENANT, &item.description, options)
             .await
             .unwrap_or_else(|e| panic!("BENCH FAILED: {mode} search for {}: {e}", item.name));
         times.push(started.elapsed());

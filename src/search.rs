@@ -1,10 +1,11 @@
 //! Querying what was ingested, always scoped to one tenant, optionally narrowed by exact
 //! metadata matches and a minimum score.
 //!
-//! A search compares dense embeddings, keyword (BM25) vectors, or both fused by reciprocal
-//! rank ([`SearchMode`], hybrid by default: on the retrieval benchmark of `benches/
-//! retrieval.rs` it finds the relevant document more often than either branch alone, see
-//! docs/performance.md). Every hit says where it ranked in each branch.
+//! A search compares dense embeddings, keyword (BM25) vectors, or both fused by the store
+//! ([`SearchMode`], hybrid by default; [`Fusion`], distribution-based score fusion by
+//! default): on the retrieval benchmark of `benches/retrieval.rs` hybrid search finds the
+//! relevant document more often than either branch alone (docs/performance.md). Every hit
+//! says where it ranked in each branch.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,7 +32,7 @@ use crate::config::PipelineConfig;
 use crate::embed::{AnyEmbedder, EmbedError, Embedder};
 use crate::setup::{SetupError, embedder, open_vector_store};
 use crate::sparse::SparseEncoder;
-pub use crate::store::{BranchRanks, MetadataValue, SearchFilter, SearchMode};
+pub use crate::store::{BranchRanks, Fusion, MetadataValue, SearchFilter, SearchMode};
 use crate::store::{SearchRequest, Store, StoreError, VectorStore, validate_metadata_key};
 use crate::tenant::{TenantError, TenantId};
 
@@ -95,6 +96,8 @@ pub struct SearchOptions {
     pub min_score: Option<f32>,
     /// Which vectors to compare ([`SearchMode::Hybrid`] by default).
     pub mode: SearchMode,
+    /// How a hybrid search merges its branches ([`Fusion::default`]).
+    pub fusion: Fusion,
 }
 
 impl SearchOptions {
@@ -105,7 +108,14 @@ impl SearchOptions {
             filter: SearchFilter::default(),
             min_score: None,
             mode: SearchMode::default(),
+            fusion: Fusion::default(),
         }
+    }
+
+    /// These options with the hybrid fusion `fusion`.
+    pub fn fusion(mut self, fusion: Fusion) -> Self {
+        self.fusion = fusion;
+        self
     }
 
     /// These options with the search mode `mode`.
@@ -214,6 +224,7 @@ impl<E: Embedder, S: VectorStore> Searcher<E, S> {
             vector,
             sparse,
             mode: options.mode,
+            fusion: options.fusion,
             top_k,
             filter: options.filter.clone(),
             min_score: options.min_score,

@@ -902,9 +902,11 @@ async fn metadata_filter_and_score_threshold<B: Backend>(backend: B) {
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].document_id, "pasta");
 
-    // Score threshold: between the best (a retry document) and the worst (pasta).
+    // Score threshold (cosine similarity: a dense search): between the best (a retry
+    // document) and the worst (pasta).
+    let dense = SearchOptions::new(10).mode(SearchMode::Dense);
     let all = searcher
-        .search_with("acme", query, &SearchOptions::new(10))
+        .search_with("acme", query, &dense)
         .await
         .expect("search");
     assert_eq!(all.len(), 3);
@@ -912,13 +914,13 @@ async fn metadata_filter_and_score_threshold<B: Backend>(backend: B) {
     assert_eq!(all[2].document_id, "pasta");
     let threshold = (all[1].score + all[2].score) / 2.0;
     let above = searcher
-        .search_with("acme", query, &SearchOptions::new(10).min_score(threshold))
+        .search_with("acme", query, &dense.clone().min_score(threshold))
         .await
         .expect("search");
     assert_eq!(above.len(), 2, "threshold {threshold}: {above:#?}");
     assert!(above.iter().all(|h| h.score >= threshold));
     let none = searcher
-        .search_with("acme", query, &SearchOptions::new(10).min_score(0.999))
+        .search_with("acme", query, &dense.clone().min_score(0.999))
         .await
         .expect("search");
     assert!(none.is_empty(), "{none:#?}");
@@ -1735,15 +1737,25 @@ async fn keyword_and_hybrid_search_find_exact_terms_with_ranks_per_branch<B: Bac
     assert_eq!(hybrid[0].document_id, "errors", "{hybrid:?}");
     assert_eq!(hybrid[0].ranks.sparse, Some(1), "{:?}", hybrid[0].ranks);
     assert!(hybrid[0].ranks.dense.is_some(), "{:?}", hybrid[0].ranks);
-    // Fused scores are reciprocal-rank sums, 1 / (RRF_K + rank - 1) per branch: at most
-    // 2 / RRF_K, best first.
-    let best = 2.0 / rag_ingest::store::RRF_K as f32;
-    assert!(
-        hybrid
-            .iter()
-            .all(|h| h.score > 0.0 && h.score <= best + 1e-6)
-    );
     assert!(hybrid.windows(2).all(|w| w[0].score >= w[1].score));
+    // With reciprocal rank fusion, scores are sums of 1 / (k + rank - 1) per branch: at most
+    // 2 / k, best first, and the same document leads.
+    let k = rag_ingest::store::RRF_K;
+    let rrf = searcher
+        .search_with(
+            "kw",
+            "error E4012",
+            &SearchOptions::new(5).fusion(rag_ingest::search::Fusion::Rrf { k }),
+        )
+        .await
+        .expect("hybrid search with RRF");
+    assert_eq!(rrf[0].document_id, "errors", "{rrf:?}");
+    let best = 2.0 / k as f32;
+    assert!(
+        rrf.iter().all(|h| h.score > 0.0 && h.score <= best + 1e-6),
+        "{rrf:?}"
+    );
+    assert!(rrf.windows(2).all(|w| w[0].score >= w[1].score));
 
     let dense = searcher
         .search_with(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rag_ingest::queue::DlqFilter;
-use rag_ingest::search::SearchMode;
+use rag_ingest::search::{Fusion, SearchMode};
 
 /// `rag-ingest`: the whole command line.
 #[derive(Parser)]
@@ -196,11 +196,20 @@ pub struct SearchArgs {
     /// fused by reciprocal rank).
     #[arg(long, default_value = "hybrid", value_parser = parse_search_mode)]
     pub mode: SearchMode,
+    /// How hybrid mode merges the branches: dbsf (distribution-based score fusion, the
+    /// default), rrf (reciprocal rank fusion, k = 60) or rrf:K.
+    #[arg(long, value_parser = parse_fusion)]
+    pub fusion: Option<Fusion>,
     /// Print JSON instead of a table (each hit with its rank per branch).
     #[arg(long)]
     pub json: bool,
     /// The query text.
     pub query: String,
+}
+
+/// Parses `--fusion`: `rrf`, `rrf:K` or `dbsf`.
+fn parse_fusion(value: &str) -> Result<Fusion, String> {
+    value.parse()
 }
 
 /// Parses `--mode`: `dense`, `sparse` or `hybrid`.

@@ -20,6 +20,9 @@ pub async fn run(args: SearchArgs) -> Result<ExitCode> {
     }
     options.min_score = args.min_score;
     options.mode = args.mode;
+    if let Some(fusion) = args.fusion {
+        options.fusion = fusion;
+    }
     let hits = searcher
         .search_with(&args.tenant, &args.query, &options)
         .await?;

@@ -86,7 +86,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{
     BatchLimits, BranchRanks, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD, Order,
-    OrderTerm, RRF_K, Revision, ScoredChunk, SearchMode, SearchRequest, StoreError, StoreFailure,
+    OrderTerm, Revision, ScoredChunk, SearchMode, SearchRequest, StoreError, StoreFailure,
     StoredChunk, TOMBSTONE_FIELD, VectorStore, assign_ranks, check_owner, check_points_order,
     check_sparse, check_vector, check_version, hybrid_candidates, no_sparse_vectors, point_id,
     split_batches,
@@ -1220,6 +1220,7 @@ impl VectorStore for EdgeStore {
         filter.must_not = Some(vec![not_tombstone()?]);
         let min_score = request.min_score;
         let mode = request.mode;
+        let fusion = request.fusion;
         let top_k = request.top_k;
         let dense = NamedQuery::default_dense(request.vector);
         let sparse = request.sparse.map(|sparse| {
@@ -1275,9 +1276,12 @@ impl VectorStore for EdgeStore {
                     let fused = QueryRequest {
                         prefetches: vec![branch(dense.clone()), branch(sparse.clone())],
                         ..query(
-                            ScoringQuery::Fusion(Fusion::Rrf {
-                                k: RRF_K as usize,
-                                weights: None,
+                            ScoringQuery::Fusion(match fusion {
+                                super::Fusion::Rrf { k } => Fusion::Rrf {
+                                    k: k as usize,
+                                    weights: None,
+                                },
+                                super::Fusion::Dbsf => Fusion::Dbsf,
                             }),
                             top_k,
                             min_score,

@@ -337,8 +337,8 @@ pub enum SearchMode {
     Dense,
     /// Keyword vectors only: BM25 with inverse document frequencies over the collection.
     Sparse,
-    /// Both branches, fused by reciprocal rank (`1 / (RRF_K + rank - 1)`, rank counted from
-    /// 1, summed over the branches), done by the store's query API.
+    /// Both branches, fused by the store's query API ([`Fusion`]: distribution-based score
+    /// fusion by default, or reciprocal rank fusion).
     #[default]
     Hybrid,
 }
@@ -391,6 +391,63 @@ impl std::str::FromStr for SearchMode {
 /// larger values flatten the weight of the top ranks, so agreement between the branches
 /// counts more than a single first place.
 pub const RRF_K: u32 = 60;
+
+/// How a hybrid search merges its two candidate lists (both computed by the store's query
+/// API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fusion {
+    /// Reciprocal rank fusion: each branch adds `1 / (k + rank - 1)` (rank from 1) to a hit's
+    /// score. Only ranks count, not how far apart the scores are.
+    Rrf {
+        /// The smoothing constant (at least 1): larger values weigh agreement between the
+        /// branches more than a first place in one of them.
+        k: u32,
+    },
+    /// Distribution-based score fusion: each branch's scores are normalised by their mean
+    /// and three standard deviations, then summed, so a hit far ahead in one branch keeps
+    /// that lead.
+    Dbsf,
+}
+
+impl Default for Fusion {
+    /// [`Fusion::Dbsf`]: on the retrieval benchmark (`benches/retrieval.rs`, 504 crate
+    /// READMEs) it is the fusion that beats both branches on every metric; reciprocal rank
+    /// fusion, which ignores how far ahead a hit is, trails the keyword branch there.
+    fn default() -> Self {
+        Fusion::Dbsf
+    }
+}
+
+impl fmt::Display for Fusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fusion::Rrf { k } => write!(f, "rrf(k={k})"),
+            Fusion::Dbsf => f.write_str("dbsf"),
+        }
+    }
+}
+
+impl std::str::FromStr for Fusion {
+    type Err = String;
+
+    /// Parses `dbsf`, `rrf` (with [`RRF_K`]) or `rrf:K` (K from 1 to 1000); the error says
+    /// what is accepted.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "rrf" => Ok(Fusion::Rrf { k: RRF_K }),
+            "dbsf" => Ok(Fusion::Dbsf),
+            other => other
+                .strip_prefix("rrf:")
+                .and_then(|k| k.parse().ok())
+                .filter(|k| (1..=1000).contains(k))
+                .map(|k| Fusion::Rrf { k })
+                .ok_or_else(|| {
+                    format!("unknown fusion {s:?}: use rrf, rrf:K (K from 1 to 1000) or dbsf")
+                }),
+        }
+    }
+}
 
 /// How many candidates each branch of a hybrid search contributes to the fusion for a
 /// search of `top_k` results: four times `top_k`, at least 40, at most 1,000.
@@ -505,6 +562,8 @@ pub struct SearchRequest {
     pub sparse: Option<SparseVector>,
     /// Which vectors to compare.
     pub mode: SearchMode,
+    /// How a hybrid search merges its branches.
+    pub fusion: Fusion,
     /// Most results to return; 0 returns none.
     pub top_k: usize,
     /// Further conditions on the payload.
@@ -522,6 +581,7 @@ impl SearchRequest {
             vector,
             sparse: None,
             mode: SearchMode::Dense,
+            fusion: Fusion::default(),
             top_k,
             filter: SearchFilter::default(),
             min_score: None,
@@ -540,6 +600,11 @@ impl SearchRequest {
     /// lengths differ, a weight is not finite).
     pub fn validate(&self) -> Result<(), StoreError> {
         self.filter.validate()?;
+        if let Fusion::Rrf { k: 0 } = self.fusion {
+            return Err(StoreError::rejected(
+                "the RRF constant k must be at least 1",
+            ));
+        }
         if self.mode.uses_sparse() {
             let Some(sparse) = &self.sparse else {
                 return Err(StoreError::rejected(format!(
@@ -1329,6 +1394,28 @@ mod tests {
             .check()
             .is_err()
         );
+    }
+
+    #[test]
+    fn search_modes_and_fusions_parse_and_name_what_is_accepted() {
+        assert_eq!("Hybrid".parse(), Ok(SearchMode::Hybrid));
+        assert_eq!(" sparse ".parse(), Ok(SearchMode::Sparse));
+        assert!(
+            "fuzzy"
+                .parse::<SearchMode>()
+                .is_err_and(|e| e.contains("dense"))
+        );
+        assert_eq!("dbsf".parse(), Ok(Fusion::Dbsf));
+        assert_eq!("rrf".parse(), Ok(Fusion::Rrf { k: RRF_K }));
+        assert_eq!("RRF:7".parse(), Ok(Fusion::Rrf { k: 7 }));
+        for bad in ["rrf:0", "rrf:1001", "rrf:x", "max"] {
+            assert!(
+                bad.parse::<Fusion>().is_err_and(|e| e.contains("rrf:K")),
+                "{bad}"
+            );
+        }
+        assert_eq!(Fusion::default(), Fusion::Dbsf);
+        assert_eq!(SearchMode::default(), SearchMode::Hybrid);
     }
 
     #[test]

@@ -60,10 +60,10 @@ use tonic::Code;
 
 use super::{
     BatchLimits, BoxError, BranchRanks, ChunkPayload, ChunkPoint, MetadataValue, ORDER_FIELD,
-    Order, OrderTerm, RRF_K, Revision, ScoredChunk, SearchMode, SearchRequest, StoreError,
-    StoreFailure, StoredChunk, TOMBSTONE_FIELD, VectorStore, assign_ranks, check_owner,
-    check_points_order, check_sparse, check_vector, check_version, hybrid_candidates,
-    no_sparse_vectors, point_id, split_batches,
+    Order, OrderTerm, Revision, ScoredChunk, SearchMode, SearchRequest, StoreError, StoreFailure,
+    StoredChunk, TOMBSTONE_FIELD, VectorStore, assign_ranks, check_owner, check_points_order,
+    check_sparse, check_vector, check_version, hybrid_candidates, no_sparse_vectors, point_id,
+    split_batches,
 };
 use crate::config::{
     DEFAULT_QDRANT_BACKOFF_MAX_MS, DEFAULT_QDRANT_BACKOFF_MIN_MS,
@@ -1120,10 +1120,15 @@ impl VectorStore for QdrantStore {
                         branch(Query::new_nearest(sparse.clone()), Some(SPARSE_VECTOR_NAME)),
                     ],
                     ..query(
-                        Query::new_rrf(Rrf {
-                            k: Some(RRF_K),
-                            weights: Vec::new(),
-                        }),
+                        match request.fusion {
+                            super::Fusion::Rrf { k } => Query::new_rrf(Rrf {
+                                k: Some(k),
+                                weights: Vec::new(),
+                            }),
+                            super::Fusion::Dbsf => {
+                                Query::new_fusion(qdrant_client::qdrant::Fusion::Dbsf)
+                            }
+                        },
                         None,
                         top_k,
                         true,
