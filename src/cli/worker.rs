@@ -65,8 +65,15 @@ fn report(format: ReportFormat, r: &WorkerReport, how: &str) -> Result<()> {
     match format {
         ReportFormat::Json => println!("{}", serde_json::to_string(r)?),
         ReportFormat::Text => eprintln!(
-            "worker {how}: stored={} unchanged={} stale={} deleted={} retried={} dead_lettered={} reconnects={}",
-            r.stored, r.unchanged, r.stale, r.deleted, r.retried, r.dead_lettered, r.reconnects
+            "worker {how}: stored={} unchanged={} stale={} deleted={} retried={} dead_lettered={} reconnects={} deferred={}",
+            r.stored,
+            r.unchanged,
+            r.stale,
+            r.deleted,
+            r.retried,
+            r.dead_lettered,
+            r.reconnects,
+            r.deferred
         ),
     }
     Ok(())
