@@ -386,12 +386,13 @@ async fn over_budget_is_deferred_not_dead_lettered_and_resumes_when_the_window_r
     );
 
     // The window rolls: the parked messages come back and are admitted again.
+    let all = acme_docs.len();
     eventually(
         Duration::from_secs(3 * WINDOW),
         "every acme document stored after the window rolled",
         || {
             let store = Arc::clone(&store);
-            async move { points(&*store, "acme").await == acme_docs.len() }
+            async move { points(&*store, "acme").await == all }
         },
     )
     .await;
@@ -429,8 +430,44 @@ fn events<'a>(log: &'a str, name: &'a str) -> impl Iterator<Item = Value> + 'a {
         .filter(move |v| v["fields"]["event"] == name)
 }
 
-/// Writes a candle pipeline file for `t` with `extra` TOML; returns its path.
-fn pipeline_file(t: &TestPipeline, extra: &str) -> PathBuf {
+/// The sum of the samples of metric `name` whose labels include every one of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// GET /metrics on `addr`.
+async fn metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    };
+    within("GET /metrics", fetch)
+        .await
+        .expect("the worker serves /metrics")
+}
+
+/// A free loopback address.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// Writes a candle pipeline file `name` for `t` with `extra` TOML, serving metrics on
+/// `metrics` (`""`: off); returns its path.
+fn pipeline_file(t: &TestPipeline, name: &str, metrics: &str, extra: &str) -> PathBuf {
     let c = &t.config;
     let text = format!(
         r#"name = "{name}"
@@ -453,14 +490,14 @@ collection = "c"
 [limits]
 max_document_bytes = 4096
 [metrics]
-address = ""
+address = "{metrics}"
 {extra}"#,
         name = c.name,
         url = c.broker.url,
         model = common::model_dir().display(),
         store = c.store.path.display(),
     );
-    let path = t.dir.path().join("fair-pipeline.toml");
+    let path = t.dir.path().join(name);
     std::fs::write(&path, text).expect("write the pipeline file");
     path
 }
@@ -482,22 +519,26 @@ async fn a_budget_holds_across_two_worker_processes() {
     let largest = tokens.iter().copied().max().unwrap_or(0);
     let budget = tokens.iter().take(10).sum::<u64>();
     // 31 days: the window does not roll during the test.
-    let file = pipeline_file(
-        &t,
-        &budget_toml(&prefix, 31 * 86_400, budget, "[worker]\nconcurrency = 1\n"),
-    );
-    let stores: Vec<String> = (0..2)
-        .map(|i| {
-            t.dir
+    let extra = budget_toml(&prefix, 31 * 86_400, budget, "[worker]\nconcurrency = 1\n");
+    let file = pipeline_file(&t, "fair-pipeline.toml", "", &extra);
+    // The first worker serves its metrics.
+    let metrics_addr = free_addr();
+    let files = [
+        pipeline_file(&t, "fair-pipeline-0.toml", &metrics_addr, &extra),
+        file.clone(),
+    ];
+    let mut workers: Vec<WorkerProcess> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let store = t
+                .dir
                 .path()
                 .join(format!("store-{i}"))
                 .display()
-                .to_string()
+                .to_string();
+            WorkerProcess::start_with_env(f, false, &[("RAG_INGEST_STORE_PATH", &store)])
         })
-        .collect();
-    let mut workers: Vec<WorkerProcess> = stores
-        .iter()
-        .map(|s| WorkerProcess::start_with_env(&file, false, &[("RAG_INGEST_STORE_PATH", s)]))
         .collect();
     for w in &mut workers {
         w.wait_for(&common::CONSUMING, 2, Duration::from_secs(120));
@@ -518,6 +559,31 @@ async fn a_budget_holds_across_two_worker_processes() {
             settled_or_deferred(&workers)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What an operator sees on the first worker's /metrics.
+    let body = metrics(&metrics_addr).await;
+    let acme = "tenant=\"acme\"";
+    assert_eq!(
+        sample(&body, "rag_ingest_tenant_budget_remaining_tokens", &[acme]),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(
+        sample(&body, "rag_ingest_tenant_budget_exhausted_total", &[acme]).unwrap_or(0.0) > 0.0
+            || workers[0].count(&deferred) == 0,
+        "{body}"
+    );
+    for tenant in ["acme", "globex"] {
+        let labels = [&format!("tenant=\"{tenant}\"")[..], "lane=\"live\""];
+        assert_eq!(
+            sample(&body, "rag_ingest_tenant_in_flight_messages", &labels),
+            Some(0.0),
+            "nothing in flight any more: {body}"
+        );
+        assert!(
+            sample(&body, "rag_ingest_queue_wait_seconds_count", &labels).is_some(),
+            "{body}"
+        );
     }
     let mut logs = Vec::new();
     for w in workers {
@@ -549,6 +615,10 @@ async fn a_budget_holds_across_two_worker_processes() {
         .count();
     let deferred_acme = 30 - stored_acme;
     assert!(deferred_acme > 0, "some acme messages were deferred");
+    eprintln!(
+        "two workers: budget {budget}, counted {used} (largest message {largest}), acme \
+         stored {stored_acme}, deferred {deferred_acme}"
+    );
     let topology = Topology::new(&t.config);
     assert_eq!(
         common::queue_len(&topology.parked_queue(Lane::Live)).await as usize,
@@ -650,7 +720,7 @@ fn openai_pipeline_file(t: &TestPipeline, server: &Embedder503, prefix: &str, rp
         r#"name = "{name}"
 [broker]
 url = "{url}"
-prefetch = 16
+prefetch = 32
 [tenants]
 allowed = ["acme", "globex"]
 [chunking]
@@ -677,7 +747,7 @@ collection = "c"
 [limits]
 max_document_bytes = 4096
 [worker]
-concurrency = 4
+concurrency = 16
 [metrics]
 address = ""
 [redis]
@@ -698,7 +768,8 @@ key_prefix = "{prefix}"
 /// Two worker processes share `max_requests_per_minute` = 480 (8 per second) through Redis
 /// against a provider that answers 429 above 10 requests per second: no request is refused,
 /// and over a 12-second window the provider serves within 10 % of 8 per second. (Each
-/// worker on its own bucket of 480 would send up to 16 per second.)
+/// worker on its own bucket of 480 would send up to 16 per second.) Each worker processes 16
+/// messages at once, so a slow store flush (a busy disk) does not leave the bucket idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_provider_rate_limit_without_a_429() {
     const RATE: f64 = 8.0;
@@ -726,7 +797,7 @@ async fn two_workers_share_the_provider_rate_limit_without_a_429() {
     // One chunk, so one request, per document.
     let docs = notes("acme", "r", 160);
     submit_to(&t.config, Lane::Live, &docs).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while server.served().len() < 130 {
         assert!(
             Instant::now() < deadline,
@@ -745,6 +816,11 @@ async fn two_workers_share_the_provider_rate_limit_without_a_429() {
         .filter(|t| **t >= start && **t < start + window)
         .count();
     let rate = in_window as f64 / window.as_secs_f64();
+    eprintln!(
+        "shared limit {RATE}/s: {in_window} requests served in {window:?} ({rate:.2}/s), {} \
+         throttled",
+        server.throttled()
+    );
     assert_eq!(server.throttled(), 0, "no request refused");
     assert!(
         (rate - RATE).abs() <= RATE * 0.1,
@@ -771,7 +847,7 @@ async fn a_shared_limit_falls_back_to_the_workers_own_bucket_without_redis() {
     let redis = Arc::new(Redis::new(&redis_config, "fair-fallback").expect("client"));
     let mut options = OpenAiOptions::new(
         format!("http://{}", server.addr),
-        "all-minilm".into(),
+        "all-minilm".to_owned(),
         common::embedder().fingerprint().clone(),
     );
     options.batch_size = 1;

@@ -33,6 +33,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
             )
         })?;
         let handle = telemetry::metrics_handle(&config.name)?;
+        telemetry::metrics::register_tenants(config.tenants.allowed.iter().map(String::as_str));
         let bound = health::serve(addr, Arc::clone(&health), handle)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
