@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against the real RabbitMQ, the real all-MiniLM-L6-v2 model, Qdrant
-# Edge and (where a binary is found, see scripts/ensure-qdrant.sh) a real Qdrant server:
+# Runs the whole test suite against the real RabbitMQ, Redis, the real all-MiniLM-L6-v2 model,
+# Qdrant Edge and (where a binary is found, see scripts/ensure-qdrant.sh) a real Qdrant server:
 # formatting and lint checks, one test build, then every test.
 #
 # The cargo target dir defaults to $HOME/.cache/rag-ingest/target so builds are reused
@@ -13,6 +13,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/rag-ingest/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 scripts/ensure-rabbitmq.sh
+scripts/ensure-redis.sh
 scripts/fetch-model.sh
 # The Qdrant server of the store tests (QDRANT_URL) where a binary is found; stopped on exit.
 # Without one, ensure-qdrant prints a SKIPPED banner and the server tests print SKIPPED.

@@ -4,7 +4,7 @@
 //! paths against the file's own directory, and validates every field. Any problem is a
 //! [`ConfigError`] that names the file, the field and what is wrong with it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ pub const ENV_MODEL_DIR: &str = "RAG_INGEST_MODEL_DIR";
 pub const ENV_STORE_PATH: &str = "RAG_INGEST_STORE_PATH";
 /// Environment variable overriding `store.qdrant.url`.
 pub const ENV_QDRANT_URL: &str = "RAG_INGEST_QDRANT_URL";
+/// Environment variable overriding `redis.url`.
+pub const ENV_REDIS_URL: &str = "RAG_INGEST_REDIS_URL";
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,155 @@ pub struct PipelineConfig {
     /// The worker's metrics and health endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// State shared by the pipeline's workers (tenant budgets, the shared provider rate
+    /// limit): a Redis server. Unset: nothing is shared.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+/// `[redis]`: the Redis server holding what the pipeline's workers share (tenant token
+/// budgets, the provider rate limit when `embedder.rate_limit_shared`). Its `Debug` output
+/// shows the URL with its password redacted.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` (env `RAG_INGEST_REDIS_URL`); a standalone
+    /// server or a primary (keys are not cluster-slotted).
+    pub url: String,
+    /// Prefix of every key (`<prefix>:<pipeline>:…`), so several deployments can share one
+    /// server.
+    #[serde(default = "default_redis_key_prefix")]
+    pub key_prefix: String,
+    /// Deadline of one Redis call (connecting included), in milliseconds: past it the call
+    /// counts as failed (see `tenants.budgets.on_redis_error`).
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &Secret::url(self.url.as_str()))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Checks `[redis]`: a `redis://` or `rediss://` URL the client accepts, a key prefix of
+    /// plain characters, a non-zero timeout.
+    fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if !(has_scheme(&self.url, "redis://") || has_scheme(&self.url, "rediss://")) {
+            return Err(fail(
+                "redis.url",
+                format!(
+                    "{:?} must start with redis:// or rediss://",
+                    redact_url(&self.url)
+                ),
+            ));
+        }
+        if let Err(e) = redis::Client::open(self.url.as_str()) {
+            return Err(fail(
+                "redis.url",
+                format!(
+                    "{:?} is not a valid Redis URL: {}",
+                    redact_url(&self.url),
+                    e.detail().unwrap_or("unparseable")
+                ),
+            ));
+        }
+        if !self
+            .key_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+            || self.key_prefix.is_empty()
+            || self.key_prefix.len() > 100
+        {
+            return Err(fail(
+                "redis.key_prefix",
+                format!(
+                    "{:?} must be 1 to 100 letters, digits, '_', '-', '.' or ':'",
+                    self.key_prefix
+                ),
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err(fail("redis.timeout_ms", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `[tenants.budgets]`: model tokens each listed tenant may embed per window, counted in
+/// Redis across every worker of the pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsConfig {
+    /// Length of a budget window in seconds; windows are aligned to the Unix epoch on the
+    /// Redis server's clock (86400: one UTC day).
+    #[serde(default = "default_budget_window_secs")]
+    pub window_secs: u64,
+    /// Tenant → model tokens per window. A tenant not listed has no budget.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, u64>,
+    /// What a worker does with a budgeted tenant's message while Redis cannot be asked.
+    #[serde(default)]
+    pub on_redis_error: RedisFailurePolicy,
+}
+
+/// `tenants.budgets.on_redis_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailurePolicy {
+    /// Fail closed: the message is deferred (parked briefly, no attempt used) until Redis
+    /// answers again; no token is spent that cannot be counted.
+    #[default]
+    Closed,
+    /// Fail open: the message is processed; its tokens are counted once Redis answers again.
+    Open,
+}
+
+impl RedisFailurePolicy {
+    /// `closed` or `open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisFailurePolicy::Closed => "closed",
+            RedisFailurePolicy::Open => "open",
+        }
+    }
+}
+
+/// Longest `tenants.budgets.window_secs`: 31 days.
+pub const MAX_BUDGET_WINDOW_SECS: u64 = 31 * 86_400;
+
+impl BudgetsConfig {
+    /// Checks `[tenants.budgets]`: a window of 1 s to 31 days, every listed tenant allowed
+    /// and given at least one token.
+    fn validate(&self, allowed: &[String], fail: Fail<'_>) -> Result<(), ConfigError> {
+        if self.window_secs == 0 || self.window_secs > MAX_BUDGET_WINDOW_SECS {
+            return Err(fail(
+                "tenants.budgets.window_secs",
+                format!(
+                    "{} must be between 1 and {MAX_BUDGET_WINDOW_SECS} (31 days)",
+                    self.window_secs
+                ),
+            ));
+        }
+        for (tenant, tokens) in &self.tokens {
+            let field = format!("tenants.budgets.tokens.{tenant}");
+            if !allowed.contains(tenant) {
+                return Err(fail(&field, "names a tenant not in tenants.allowed".into()));
+            }
+            if *tokens == 0 {
+                return Err(fail(
+                    &field,
+                    "must be at least 1 (remove the entry for no budget)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[metrics]`: where the worker serves `/metrics`, `/healthz` and `/readyz`.
@@ -191,6 +342,9 @@ fn url_or_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Stri
 pub struct TenantsConfig {
     /// Tenants whose documents are accepted; any other tenant is dead-lettered as `unknown_tenant`.
     pub allowed: Vec<String>,
+    /// `[tenants.budgets]`: model tokens per tenant per window (needs `[redis]`).
+    #[serde(default)]
+    pub budgets: Option<BudgetsConfig>,
 }
 
 /// `[chunking]`: chunk sizes in the embedding model's own tokens.
@@ -306,6 +460,11 @@ pub struct EmbedderConfig {
     /// with the embedder's tokenizer.
     #[serde(default)]
     pub max_tokens_per_minute: u32,
+    /// openai: `max_requests_per_minute` and `max_tokens_per_minute` are the limits of all
+    /// the pipeline's workers together, enforced by one bucket in Redis (needs `[redis]`);
+    /// false: each worker enforces them on its own.
+    #[serde(default)]
+    pub rate_limit_shared: bool,
     /// openai: retries of one request answered 429 or 503, inside the embedder (honouring
     /// `Retry-After`). Other transient failures are retried by the worker (`[retry]`).
     #[serde(default = "default_rate_limit_retries")]
@@ -368,7 +527,7 @@ impl EmbedderConfig {
                 format!("{} must be between 1 and 1024", self.batch_size),
             ));
         }
-        let remote_only: [(&str, bool); 11] = [
+        let remote_only: [(&str, bool); 12] = [
             ("base_url", self.base_url.is_some()),
             ("model", self.model.is_some()),
             ("api_key_env", self.api_key_env.is_some()),
@@ -380,6 +539,7 @@ impl EmbedderConfig {
             ("max_input_tokens", self.max_input_tokens.is_some()),
             ("max_request_tokens", self.max_request_tokens.is_some()),
             ("tokenizer", self.tokenizer.is_some()),
+            ("rate_limit_shared", self.rate_limit_shared),
         ];
         match self.kind {
             EmbedderKind::Candle => {
@@ -709,11 +869,28 @@ pub struct WorkerConfig {
     /// Seconds to keep trying to reconnect to the broker before exiting non-zero.
     #[serde(default = "default_reconnect_give_up_secs")]
     pub reconnect_give_up_secs: u64,
+    /// Most bulk-lane messages processed at once (1..=`concurrency`; default
+    /// `concurrency` − `concurrency`/4, at least 1): the other slots stay free for live
+    /// messages. See [`WorkerConfig::bulk_slots`].
+    #[serde(default)]
+    pub bulk_concurrency: Option<usize>,
+}
+
+impl WorkerConfig {
+    /// Most bulk-lane messages processed at once: `bulk_concurrency`, or by default
+    /// `concurrency` − `concurrency`/4 (at least 1), so a quarter of the slots are kept for
+    /// live messages.
+    pub fn bulk_slots(&self) -> usize {
+        self.bulk_concurrency
+            .unwrap_or_else(|| self.concurrency.saturating_sub(self.concurrency / 4))
+            .clamp(1, self.concurrency.max(1))
+    }
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
+            bulk_concurrency: None,
             concurrency: default_concurrency(),
             max_inflight_bytes: default_max_inflight_bytes(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
@@ -776,6 +953,12 @@ pub const DEFAULT_QDRANT_RETRIES: u32 = 3;
 pub const DEFAULT_QDRANT_BACKOFF_MIN_MS: u64 = 100;
 /// Default of `store.qdrant.backoff_max_ms`.
 pub const DEFAULT_QDRANT_BACKOFF_MAX_MS: u64 = 2_000;
+/// Default of `redis.key_prefix`.
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "rag-ingest";
+/// Default of `redis.timeout_ms`.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 500;
+/// Default of `tenants.budgets.window_secs`: one day.
+pub const DEFAULT_BUDGET_WINDOW_SECS: u64 = 86_400;
 
 fn default_delivery_limit() -> u32 {
     DEFAULT_DELIVERY_LIMIT
@@ -833,6 +1016,15 @@ fn default_max_batch_points() -> usize {
 }
 fn default_max_batch_bytes() -> usize {
     DEFAULT_MAX_BATCH_BYTES
+}
+fn default_redis_key_prefix() -> String {
+    DEFAULT_REDIS_KEY_PREFIX.to_owned()
+}
+fn default_redis_timeout_ms() -> u64 {
+    DEFAULT_REDIS_TIMEOUT_MS
+}
+fn default_budget_window_secs() -> u64 {
+    DEFAULT_BUDGET_WINDOW_SECS
 }
 fn default_qdrant_url() -> String {
     DEFAULT_QDRANT_URL.to_owned()
@@ -911,6 +1103,11 @@ impl PipelineConfig {
         if let Some(url) = env(ENV_QDRANT_URL) {
             config.store.qdrant.url = url;
         }
+        if let Some(url) = env(ENV_REDIS_URL)
+            && let Some(redis) = &mut config.redis
+        {
+            redis.url = url;
+        }
         config.embedder.resolve_paths(base);
         if !config.store.path.as_os_str().is_empty() {
             config.store.path = base.join(&config.store.path);
@@ -974,7 +1171,56 @@ impl PipelineConfig {
         self.limits.validate(&fail)?;
         self.retry.validate(&fail)?;
         self.worker.validate(self.broker.prefetch, &fail)?;
-        self.metrics.validate(&fail)
+        self.metrics.validate(&fail)?;
+        self.validate_shared(&fail)
+    }
+
+    /// Checks `[redis]` and what needs it: budgets with tenants listed, and
+    /// `embedder.rate_limit_shared` (which also needs a limit to share).
+    fn validate_shared(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
+        if let Some(redis) = &self.redis {
+            redis.validate(fail)?;
+        }
+        if let Some(budgets) = &self.tenants.budgets {
+            budgets.validate(&self.tenants.allowed, fail)?;
+            if !budgets.tokens.is_empty() && self.redis.is_none() {
+                return Err(fail(
+                    "tenants.budgets",
+                    "needs [redis]: budgets are counted there, across every worker".into(),
+                ));
+            }
+        }
+        let embedder = &self.embedder;
+        if embedder.rate_limit_shared {
+            if self.redis.is_none() {
+                return Err(fail(
+                    "embedder.rate_limit_shared",
+                    "needs [redis]: the shared bucket lives there".into(),
+                ));
+            }
+            if embedder.max_requests_per_minute == 0 && embedder.max_tokens_per_minute == 0 {
+                return Err(fail(
+                    "embedder.rate_limit_shared",
+                    "set embedder.max_requests_per_minute or max_tokens_per_minute to share".into(),
+                ));
+            }
+        }
+        if embedder
+            .fallback
+            .as_ref()
+            .is_some_and(|f| f.rate_limit_shared)
+        {
+            return Err(fail(
+                "embedder.fallback.rate_limit_shared",
+                "only the primary embedder's limit can be shared".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The token budget of `tenant` per window, if it has one.
+    pub fn budget_of(&self, tenant: &str) -> Option<u64> {
+        self.tenants.budgets.as_ref()?.tokens.get(tenant).copied()
     }
 
     /// Grace period for in-flight messages at shutdown.
@@ -1388,6 +1634,17 @@ impl WorkerConfig {
                 "must be at least 1".into(),
             ));
         }
+        if let Some(bulk) = self.bulk_concurrency
+            && (bulk == 0 || bulk > self.concurrency)
+        {
+            return Err(fail(
+                "worker.bulk_concurrency",
+                format!(
+                    "{bulk} must be between 1 and worker.concurrency ({})",
+                    self.concurrency
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -1561,6 +1818,78 @@ max_document_bytes = 1000
                 "after replacing {from:?} with {to:?}"
             );
         }
+    }
+
+    #[test]
+    fn fairness_fields_are_checked_and_named() {
+        let redis = "[redis]\nurl = \"redis://127.0.0.1:6379/\"\n";
+        let budgets = "[tenants.budgets]\nwindow_secs = 60\ntokens = { acme = 1000 }\n";
+        let ok = parse(&format!("{GOOD}{redis}{budgets}")).expect("valid");
+        assert_eq!(ok.budget_of("acme"), Some(1000));
+        assert_eq!(ok.budget_of("other"), None);
+        let b = ok.tenants.budgets.as_ref().expect("budgets");
+        assert_eq!(
+            b.on_redis_error,
+            RedisFailurePolicy::Closed,
+            "fails closed by default"
+        );
+        assert_eq!(ok.redis.as_ref().map(|r| r.timeout_ms), Some(500));
+        // 4 slots: one kept for live messages; 1 slot: shared.
+        assert_eq!(
+            ok.worker.bulk_slots(),
+            DEFAULT_CONCURRENCY - DEFAULT_CONCURRENCY / 4
+        );
+        let one = parse(&format!("{GOOD}[worker]\nconcurrency = 1\n")).expect("valid");
+        assert_eq!(one.worker.bulk_slots(), 1);
+
+        let cases = [
+            (format!("{GOOD}{budgets}"), "tenants.budgets"),
+            (
+                format!("{GOOD}{redis}{}", budgets.replace("60", "0")),
+                "tenants.budgets.window_secs",
+            ),
+            (
+                format!("{GOOD}{redis}{}", budgets.replace("acme", "nobody")),
+                "tenants.budgets.tokens.nobody",
+            ),
+            (
+                format!("{GOOD}{redis}{}", budgets.replace("1000", "0")),
+                "tenants.budgets.tokens.acme",
+            ),
+            (
+                format!("{GOOD}{}", redis.replace("redis://", "http://")),
+                "redis.url",
+            ),
+            (
+                format!("{GOOD}{redis}key_prefix = \"a b\"\n"),
+                "redis.key_prefix",
+            ),
+            (format!("{GOOD}{redis}timeout_ms = 0\n"), "redis.timeout_ms"),
+            (
+                format!("{GOOD}[worker]\nconcurrency = 4\nbulk_concurrency = 5\n"),
+                "worker.bulk_concurrency",
+            ),
+            (
+                format!("{GOOD}[worker]\nbulk_concurrency = 0\n"),
+                "worker.bulk_concurrency",
+            ),
+            (
+                GOOD.replace(
+                    "batch_size = 16",
+                    "batch_size = 16\nrate_limit_shared = true",
+                ),
+                "embedder.rate_limit_shared",
+            ),
+        ];
+        for (text, field) in cases {
+            assert_eq!(field_error(&text), field, "{text}");
+        }
+        // The password of the Redis URL never shows.
+        let secret = parse(&format!(
+            "{GOOD}[redis]\nurl = \"redis://:hunter2@127.0.0.1:6379/\"\n"
+        ))
+        .expect("valid");
+        assert!(!format!("{secret:?}").contains("hunter2"));
     }
 
     #[test]

@@ -50,5 +50,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             DlqCommand::Show { pipeline, filter } => cli::dlq::show(pipeline, filter).await,
         },
         Command::Reprocess(args) => cli::dlq::reprocess(args).await,
+        Command::Tenants(args) => cli::tenants::run(args).await,
     }
 }

@@ -10,6 +10,8 @@ use crate::embed::{
     OpenAiEmbedder, OpenAiOptions,
 };
 use crate::process::Pipeline;
+use crate::shared::Redis;
+use crate::shared::rate::SharedRateLimit;
 use crate::sparse::SparseModel;
 use crate::store::{
     BatchLimits, EdgeStore, QdrantOptions, QdrantStore, Store, StoreError, StoreFailure,
@@ -52,20 +54,40 @@ pub fn embedder_with_env(
     config: &PipelineConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<AnyEmbedder, SetupError> {
-    let primary = single_embedder(&config.embedder, env)?;
+    let primary = single_embedder(&config.embedder, env, shared_rate_limit(config)?)?;
     let Some(fallback) = &config.embedder.fallback else {
         return Ok(primary);
     };
-    let fallback = single_embedder(fallback, env)?;
+    let fallback = single_embedder(fallback, env, None)?;
     Ok(AnyEmbedder::Failover(Box::new(FailoverEmbedder::new(
         primary, fallback,
     )?)))
 }
 
-/// One embedder table, ignoring its `fallback`.
+/// The Redis bucket of `embedder.rate_limit_shared`, when set.
+///
+/// Fails with [`EmbedError::Config`] if `[redis]` cannot be used (its URL is checked when
+/// the config is loaded).
+fn shared_rate_limit(config: &PipelineConfig) -> Result<Option<SharedRateLimit>, EmbedError> {
+    if !config.embedder.rate_limit_shared {
+        return Ok(None);
+    }
+    let redis = Redis::from_config(config)
+        .map_err(|e| EmbedError::Config(format!("embedder.rate_limit_shared: {e}")))?
+        .ok_or_else(|| EmbedError::Config("embedder.rate_limit_shared needs [redis]".into()))?;
+    Ok(Some(SharedRateLimit::new(
+        Arc::new(redis),
+        config.embedder.max_requests_per_minute,
+        config.embedder.max_tokens_per_minute,
+    )))
+}
+
+/// One embedder table, ignoring its `fallback`; an openai one limited by `shared` (for
+/// all workers together) when given.
 fn single_embedder(
     config: &EmbedderConfig,
     env: &dyn Fn(&str) -> Option<String>,
+    shared: Option<SharedRateLimit>,
 ) -> Result<AnyEmbedder, EmbedError> {
     match config.kind {
         EmbedderKind::Candle => Ok(AnyEmbedder::Candle(CandleEmbedder::load_with_precision(
@@ -73,9 +95,11 @@ fn single_embedder(
             config.batch_size,
             config.precision,
         )?)),
-        EmbedderKind::OpenAi => Ok(AnyEmbedder::OpenAi(OpenAiEmbedder::new(
-            OpenAiOptions::from_config(config, env)?,
-        )?)),
+        EmbedderKind::OpenAi => {
+            let mut options = OpenAiOptions::from_config(config, env)?;
+            options.shared_rate_limit = shared;
+            Ok(AnyEmbedder::OpenAi(OpenAiEmbedder::new(options)?))
+        }
     }
 }
 

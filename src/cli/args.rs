@@ -99,6 +99,18 @@ pub enum Command {
     },
     /// Move matching DLQ messages back to the main queue.
     Reprocess(ReprocessArgs),
+    /// Each tenant's model tokens in the current budget window against its budget.
+    Tenants(TenantsArgs),
+}
+
+/// `tenants`.
+#[derive(Args)]
+pub struct TenantsArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Print JSON (one object per tenant in an array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `worker`.
@@ -153,6 +165,10 @@ pub struct SubmitArgs {
     /// Report the chunks and model tokens the documents would embed; publish nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Publish to the bulk lane (backfills, re-imports): consumed at a bounded share, so
+    /// live edits are not held back. Needs --version.
+    #[arg(long)]
+    pub bulk: bool,
     /// Files, directories (recursively: .md, .markdown, .txt, .text) or - for stdin.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,

@@ -6,6 +6,7 @@ pub mod dlq;
 pub mod progress;
 pub mod search;
 pub mod submit;
+pub mod tenants;
 pub mod worker;
 
 use anyhow::Result;

@@ -11,8 +11,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::Embedder;
+use rag_ingest::lane::Lane;
 use rag_ingest::message::{Document, Rules};
-use rag_ingest::queue::{Submitter, Topology};
+use rag_ingest::queue::Submitter;
 use rag_ingest::setup;
 use rag_ingest::tenant::TenantId;
 
@@ -31,6 +32,13 @@ const SKIPPED_SHOWN: usize = 20;
 pub async fn run(args: SubmitArgs) -> Result<ExitCode> {
     let config = super::load(&args.pipeline)?;
     let tenant = TenantId::new(args.tenant).context("--tenant")?;
+    if args.bulk && args.version.is_none() {
+        bail!(
+            "--bulk needs --version: versions keep the newest edit of a document whatever \
+             lane each message took (a worker dead-letters unversioned bulk messages)"
+        );
+    }
+    let lane = if args.bulk { Lane::Bulk } else { Lane::Live };
     let rules = Rules::from_config(&config);
     let inputs = Inputs {
         tenant: &tenant,
@@ -72,7 +80,7 @@ pub async fn run(args: SubmitArgs) -> Result<ExitCode> {
     if args.dry_run {
         dry_run_report(&config, &collected.docs)
     } else {
-        publish(&config, &collected.docs, "document(s)").await
+        publish(&config, &collected.docs, "document(s)", lane).await
     }
 }
 
@@ -106,7 +114,7 @@ pub async fn delete(args: DeleteArgs) -> Result<ExitCode> {
             problems.join("\n  ")
         );
     }
-    publish(&config, &docs, "delete(s)").await
+    publish(&config, &docs, "delete(s)", Lane::Live).await
 }
 
 /// Where documents come from, and how they are named and typed.
@@ -332,10 +340,16 @@ fn dry_run_report(config: &PipelineConfig, docs: &[Document]) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// Publishes `docs` with confirms, showing progress; exits non-zero listing the documents
-/// the broker did not confirm.
-async fn publish(config: &PipelineConfig, docs: &[Document], what: &str) -> Result<ExitCode> {
-    let submitter = Submitter::connect(config).await?;
+/// Publishes `docs` to `lane` with confirms, showing progress; exits non-zero listing the
+/// documents the broker did not confirm.
+async fn publish(
+    config: &PipelineConfig,
+    docs: &[Document],
+    what: &str,
+    lane: Lane,
+) -> Result<ExitCode> {
+    let submitter = Submitter::connect(config).await?.with_lane(lane);
+    let queue = submitter.queue();
     let bar = progress::bar(docs.len(), "confirmed");
     let results = submitter.submit_all(docs, |_, _| bar.inc(1)).await;
     bar.finish_and_clear();
@@ -349,7 +363,7 @@ async fn publish(config: &PipelineConfig, docs: &[Document], what: &str) -> Resu
         "submitted {} of {} {what} to {} for tenant {}",
         docs.len() - failed.len(),
         docs.len(),
-        Topology::new(config).main_queue(),
+        queue,
         docs.first().map(|d| d.tenant.as_str()).unwrap_or("-")
     );
     if failed.is_empty() {

@@ -33,6 +33,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
             )
         })?;
         let handle = telemetry::metrics_handle(&config.name)?;
+        telemetry::metrics::register_tenants(config.tenants.allowed.iter().map(String::as_str));
         let bound = health::serve(addr, Arc::clone(&health), handle)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
@@ -65,8 +66,15 @@ fn report(format: ReportFormat, r: &WorkerReport, how: &str) -> Result<()> {
     match format {
         ReportFormat::Json => println!("{}", serde_json::to_string(r)?),
         ReportFormat::Text => eprintln!(
-            "worker {how}: stored={} unchanged={} stale={} deleted={} retried={} dead_lettered={} reconnects={}",
-            r.stored, r.unchanged, r.stale, r.deleted, r.retried, r.dead_lettered, r.reconnects
+            "worker {how}: stored={} unchanged={} stale={} deleted={} retried={} dead_lettered={} reconnects={} deferred={}",
+            r.stored,
+            r.unchanged,
+            r.stale,
+            r.deleted,
+            r.retried,
+            r.dead_lettered,
+            r.reconnects,
+            r.deferred
         ),
     }
     Ok(())

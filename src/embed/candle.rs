@@ -9,7 +9,8 @@
 //! - continuous batching ([`batcher`]): requests are tokenised as they arrive and wait in one
 //!   queue; each forward pass takes a full token budget from its front whenever that much is
 //!   queued, mixing small documents and splitting long ones across passes, and each caller
-//!   receives exactly its own vectors as soon as its last text is embedded;
+//!   receives exactly its own vectors as soon as its last text is embedded; requests of
+//!   live-lane messages queue ahead of bulk-lane ones ([`crate::lane`]);
 //! - the tokio runtime never runs inference, and tokio's blocking pool stays free for file I/O;
 //! - a request whose caller has gone away (its future was dropped) is skipped, and a panic
 //!   inside inference is caught and reported as [`EmbedError::Inference`] without killing
@@ -34,6 +35,7 @@ use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
 use super::{EmbedError, Embedder, Fingerprint, Precision};
+use crate::lane::Lane;
 use batcher::{Pending, Queue, TokenIds};
 use bert::{Bert, Sequence};
 
@@ -77,6 +79,8 @@ struct Inner {
 struct Request {
     texts: Vec<String>,
     reply: Reply,
+    /// The lane of the message it serves: live requests are queued ahead of bulk ones.
+    lane: Lane,
 }
 
 /// The part of `sentence_bert_config.json` this embedder reads.
@@ -188,13 +192,14 @@ impl Embedder for CandleEmbedder {
         texts: Vec<String>,
     ) -> impl Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send {
         let requests = self.requests.clone();
+        let lane = crate::lane::current();
         async move {
             if texts.is_empty() {
                 return Ok(Vec::new());
             }
             let (reply, response) = oneshot::channel();
             requests
-                .send(Request { texts, reply })
+                .send(Request { texts, reply, lane })
                 .map_err(|_| EmbedError::WorkerGone)?;
             response.await.map_err(|_| EmbedError::WorkerGone)?
         }
@@ -351,19 +356,19 @@ impl Inner {
             .collect();
         if let Ok(tokenized) = self.tokenize(&all) {
             let mut tokenized = tokenized.into_iter();
-            for Request { texts, reply } in arrived {
-                queue.push(Pending::new(
-                    tokenized.by_ref().take(texts.len()).collect(),
-                    reply,
-                ));
+            for Request { texts, reply, lane } in arrived {
+                queue.push(
+                    Pending::new(tokenized.by_ref().take(texts.len()).collect(), reply)
+                        .in_lane(lane),
+                );
             }
             return;
         }
         // Some text was rejected: find out whose, so that only its own request fails.
-        for Request { texts, reply } in arrived {
+        for Request { texts, reply, lane } in arrived {
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             match self.tokenize(&texts) {
-                Ok(tokenized) => queue.push(Pending::new(tokenized, reply)),
+                Ok(tokenized) => queue.push(Pending::new(tokenized, reply).in_lane(lane)),
                 Err(error) => {
                     let _ = reply.send(Err(error));
                 }

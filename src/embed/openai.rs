@@ -54,6 +54,7 @@ use crate::config::{
 };
 use crate::error::ErrorKind;
 use crate::secret::Secret;
+use crate::shared::rate::SharedRateLimit;
 use crate::validate::redact_url;
 
 /// Longest provider message kept in an error, in characters.
@@ -107,6 +108,10 @@ pub struct OpenAiOptions {
     pub breaker: BreakerConfig,
     /// Client-side requests and tokens per minute (0 = no limit).
     pub rate_limits: RateLimits,
+    /// `rate_limits` enforced for all workers together in Redis
+    /// (`embedder.rate_limit_shared`; `None`: for this worker alone). Set by
+    /// [`crate::setup`].
+    pub shared_rate_limit: Option<SharedRateLimit>,
 }
 
 impl fmt::Debug for OpenAiOptions {
@@ -127,6 +132,7 @@ impl fmt::Debug for OpenAiOptions {
             .field("max_retry_after", &self.max_retry_after)
             .field("breaker", &self.breaker)
             .field("rate_limits", &self.rate_limits)
+            .field("shared_rate_limit", &self.shared_rate_limit)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +163,7 @@ impl OpenAiOptions {
             backoff_max: Duration::from_secs(5),
             max_retry_after: Duration::from_millis(DEFAULT_MAX_RETRY_AFTER_MS),
             rate_limits: RateLimits::default(),
+            shared_rate_limit: None,
             breaker: BreakerConfig {
                 failure_threshold: DEFAULT_BREAKER_FAILURES,
                 open_for: Duration::from_millis(DEFAULT_BREAKER_OPEN_MS),
@@ -410,7 +417,7 @@ impl OpenAiEmbedder {
             backoff_max: options.backoff_max.max(options.backoff_min),
             max_retry_after: options.max_retry_after,
             slots: Semaphore::new(options.max_concurrent_requests.max(1)),
-            rate: RateLimiters::new(options.rate_limits),
+            rate: RateLimiters::new(options.rate_limits).with_shared(options.shared_rate_limit),
             tokens_used: AtomicU64::new(0),
             requests_sent: AtomicU64::new(0),
         };

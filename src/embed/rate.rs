@@ -11,12 +11,19 @@
 //! both hold when the configured rate is at or below them.
 //!
 //! The limits are per worker process: with several workers, give each its share of the
-//! provider's limit (the provider's limit divided by the number of workers).
+//! provider's limit (the provider's limit divided by the number of workers), or share one
+//! bucket through Redis (`embedder.rate_limit_shared`, [`crate::shared::rate`]): the limits
+//! then hold for all workers together, and these buckets only serve while Redis cannot be
+//! asked.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::shared::rate::SharedRateLimit;
+use crate::telemetry::emit;
+use crate::telemetry::events::SharedStateUnavailable;
 
 /// The configured limits (0 = no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +38,7 @@ pub struct RateLimits {
 pub struct RateLimiters {
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
+    shared: Option<SharedRateLimit>,
 }
 
 impl std::fmt::Debug for RateLimiters {
@@ -41,6 +49,7 @@ impl std::fmt::Debug for RateLimiters {
                 "tokens",
                 &self.tokens.as_ref().map(|(_, burst)| burst.get()),
             )
+            .field("shared", &self.shared)
             .finish()
     }
 }
@@ -63,7 +72,15 @@ impl RateLimiters {
         RateLimiters {
             requests: bucket(limits.requests_per_minute, u32::MAX).map(|(limiter, _)| limiter),
             tokens: bucket(limits.tokens_per_minute, 600),
+            shared: None,
         }
+    }
+
+    /// These limits, enforced for all workers together by `shared` when it is `Some` (this
+    /// worker's own buckets then serve only while Redis cannot be asked).
+    pub fn with_shared(mut self, shared: Option<SharedRateLimit>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Whether any limit is set.
@@ -73,9 +90,20 @@ impl RateLimiters {
 
     /// Waits until one request of `tokens` model tokens fits both limits, and takes it from
     /// them. Returns how long it waited. Never fails: a request larger than the token burst
-    /// is charged in parts.
+    /// is charged in parts, and if the shared buckets cannot be asked this worker's own
+    /// are used ([`SharedStateUnavailable`] is emitted).
     pub async fn acquire(&self, tokens: u64) -> Duration {
         let started = tokio::time::Instant::now();
+        if let Some(shared) = &self.shared {
+            match shared.acquire(tokens).await {
+                Ok(waited) => return waited,
+                Err(error) => emit(SharedStateUnavailable {
+                    component: "rate_limit",
+                    error: &error,
+                    consequence: "this worker's own bucket limits the request",
+                }),
+            }
+        }
         if let Some((limiter, burst)) = &self.tokens {
             let mut left = tokens.max(1);
             while left > 0 {

@@ -9,14 +9,15 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
 use super::headers::{
-    H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
-    H_PANICS, H_REPROCESSED, death_reason, get_str, get_u64, set_str, set_u64,
+    H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LANE, H_LAST_FAILED_AT,
+    H_PANICS, H_REPROCESSED, death_queues, death_reason, get_str, get_u64, set_str, set_u64,
 };
 use super::publish::{open_channel, publish_confirmed};
 use super::topology::queue_len;
 use super::{DLX, EXCHANGE, QueueError, Topology};
 use crate::config::PipelineConfig;
 use crate::error::ErrorKind;
+use crate::lane::Lane;
 use crate::message::peek_tenant;
 use crate::process::Failure;
 
@@ -279,8 +280,9 @@ pub async fn reprocess(
                 held.push(d.delivery_tag);
                 continue;
             }
+            let key = topology.lane_routing_key(replay_lane(&d.properties, &topology));
             let props = replay_properties(&d.properties);
-            publish_confirmed(&channel, EXCHANGE, topology.routing_key(), &d.data, props).await?;
+            publish_confirmed(&channel, EXCHANGE, &key, &d.data, props).await?;
             channel
                 .basic_ack(d.delivery_tag, BasicAckOptions::default())
                 .await?;
@@ -311,6 +313,26 @@ async fn next_present(
     Ok(channel
         .basic_get(topology.dlq().into(), BasicGetOptions { no_ack: false })
         .await?)
+}
+
+/// The lane a DLQ message is replayed to: the bulk lane for a message the worker marked
+/// `x-lane: bulk` or that the broker dead-lettered from a bulk-lane queue, else the live
+/// lane.
+fn replay_lane(properties: &BasicProperties, topology: &Topology) -> Lane {
+    let headers = properties.headers();
+    if get_str(headers, H_LANE).as_deref().and_then(Lane::parse) == Some(Lane::Bulk) {
+        return Lane::Bulk;
+    }
+    let bulk = format!("{}.", topology.lane_queue(Lane::Bulk));
+    let bulk_queue = topology.lane_queue(Lane::Bulk);
+    if death_queues(headers)
+        .iter()
+        .any(|q| *q == bulk_queue || q.starts_with(&bulk))
+    {
+        Lane::Bulk
+    } else {
+        Lane::Live
+    }
 }
 
 fn replay_properties(properties: &BasicProperties) -> BasicProperties {

@@ -21,6 +21,13 @@ pub const H_REPROCESSED: &str = "x-reprocessed";
 pub const H_PANICS: &str = "x-panics";
 /// Tenant of the document (set by the submitter).
 pub const H_TENANT: &str = "x-tenant-id";
+/// The lane a message was published to, `bulk` for the bulk lane (set by the submitter, and
+/// by the worker on the DLQ copy of a bulk message, so `reprocess` puts it back there).
+/// Routing is by routing key; the header only records it.
+pub const H_LANE: &str = "x-lane";
+/// Unix time in milliseconds when the producer published the message (set by the
+/// submitter): the start of the queue wait (`rag_ingest_queue_wait_seconds`).
+pub const H_PUBLISHED_AT_MS: &str = "x-published-at-ms";
 
 /// Reads header `name` as a string (short or long string), if present.
 pub(crate) fn get_str(headers: &Option<FieldTable>, name: &str) -> Option<String> {

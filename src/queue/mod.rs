@@ -12,8 +12,8 @@ mod worker;
 pub use budget::MessageFootprint;
 pub use dlq::{DlqEntry, DlqFilter, DlqSummary, ReprocessReport, inspect_dlq, reprocess};
 pub use headers::{
-    H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LAST_FAILED_AT,
-    H_PANICS, H_REPROCESSED, H_TENANT,
+    H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LANE, H_LAST_FAILED_AT,
+    H_PANICS, H_PUBLISHED_AT_MS, H_REPROCESSED, H_TENANT,
 };
 pub use publish::{Submitter, publish_confirmed};
 pub use topology::{DLX, EXCHANGE, Topology};

@@ -7,9 +7,10 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use uuid::Uuid;
 
-use super::headers::{H_TENANT, set_str};
+use super::headers::{H_LANE, H_PUBLISHED_AT_MS, H_TENANT, set_str, set_u64};
 use super::{QueueError, Topology};
 use crate::config::PipelineConfig;
+use crate::lane::Lane;
 use crate::message::Document;
 use crate::process::content_sha256;
 
@@ -84,11 +85,14 @@ pub(crate) async fn open_channel(
     Ok((conn, channel))
 }
 
-/// Publishes documents to a pipeline's main queue with publisher confirms.
+/// Publishes documents to a pipeline's main queue (or, [`Submitter::with_lane`], its bulk
+/// lane) with publisher confirms.
 pub struct Submitter {
     conn: Connection,
     channel: Channel,
     topology: Topology,
+    lane: Lane,
+    routing_key: String,
 }
 
 impl Submitter {
@@ -103,13 +107,41 @@ impl Submitter {
         Ok(Submitter {
             conn,
             channel,
+            routing_key: topology.lane_routing_key(Lane::Live),
             topology,
+            lane: Lane::Live,
         })
+    }
+
+    /// This submitter, publishing to `lane` (routing key `P` or `P.bulk`; see
+    /// [`crate::lane`]). Backfills and re-imports go to [`Lane::Bulk`] so they cannot hold
+    /// back live edits.
+    pub fn with_lane(mut self, lane: Lane) -> Self {
+        self.routing_key = self.topology.lane_routing_key(lane);
+        self.lane = lane;
+        self
+    }
+
+    /// The queue this submitter publishes to.
+    pub fn queue(&self) -> String {
+        self.topology.lane_queue(self.lane)
+    }
+
+    /// [`Submitter::properties`] of `doc` for this submitter's lane (a bulk message also
+    /// carries `x-lane: bulk`).
+    fn lane_properties(&self, doc: &Document) -> BasicProperties {
+        let props = Self::properties(doc);
+        if self.lane == Lane::Live {
+            return props;
+        }
+        let mut headers = props.headers().clone().unwrap_or_default();
+        set_str(&mut headers, H_LANE, self.lane.as_str());
+        props.with_headers(headers)
     }
 
     /// The AMQP properties a document is published with: persistent, JSON, `message_id`
     /// derived from tenant, document, version and content (an idempotency key),
-    /// `correlation_id` = request id, header `x-tenant-id`.
+    /// `correlation_id` = request id, headers `x-tenant-id` and `x-published-at-ms` (now).
     pub fn properties(doc: &Document) -> BasicProperties {
         let key = format!(
             "{}/{}/{}/{}/{}",
@@ -122,6 +154,8 @@ impl Submitter {
         let message_id = Uuid::new_v5(&MESSAGE_NAMESPACE, key.as_bytes()).to_string();
         let mut headers = FieldTable::default();
         set_str(&mut headers, H_TENANT, doc.tenant.as_str());
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        set_u64(&mut headers, H_PUBLISHED_AT_MS, now_ms);
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -142,9 +176,9 @@ impl Submitter {
         publish_confirmed(
             &self.channel,
             super::EXCHANGE,
-            self.topology.routing_key(),
+            &self.routing_key,
             &doc.to_wire(),
-            Self::properties(doc),
+            self.lane_properties(doc),
         )
         .await
     }
@@ -159,7 +193,7 @@ impl Submitter {
         publish_confirmed(
             &self.channel,
             super::EXCHANGE,
-            self.topology.routing_key(),
+            &self.routing_key,
             body,
             properties,
         )
@@ -186,13 +220,13 @@ impl Submitter {
                     .channel
                     .basic_publish(
                         super::EXCHANGE.into(),
-                        self.topology.routing_key().into(),
+                        self.routing_key.as_str().into(),
                         BasicPublishOptions {
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
                         &doc.to_wire(),
-                        Self::properties(doc),
+                        self.lane_properties(doc),
                     )
                     .await;
                 pending.push(sent);
@@ -200,7 +234,7 @@ impl Submitter {
             for (offset, sent) in pending.into_iter().enumerate() {
                 let result = match sent {
                     Ok(confirm) => match confirm.await {
-                        Ok(c) => check_confirm(c, super::EXCHANGE, self.topology.routing_key()),
+                        Ok(c) => check_confirm(c, super::EXCHANGE, &self.routing_key),
                         Err(e) => Err(QueueError::Amqp(e)),
                     },
                     Err(e) => Err(QueueError::Amqp(e)),

@@ -12,7 +12,16 @@
 //!   dead-letter exchange of its own would drop a message after 20 inspections. (`-1`, which
 //!   4.x reads as "no limit", is accepted by 3.10 but means "dead-letter on the first
 //!   return" there.) A DLQ declared without the limit by an earlier version is kept as it is,
-//!   with a warning (see [`Topology::declare`]).
+//!   with a warning (see [`Topology::declare`]);
+//! - the bulk lane ([`crate::lane`]): quorum queue `rag-ingest.P.bulk` bound with key
+//!   `P.bulk`, with the main queue's arguments plus `x-dead-letter-routing-key: P` (the
+//!   broker's own dead letters reach the one DLQ), and its own delayed-retry tiers
+//!   `rag-ingest.P.bulk.retry.<ms>` dead-lettering back to `rag-ingest`/`P.bulk`, so a
+//!   retried backfill message never lands in the live lane;
+//! - one parked queue per lane, `rag-ingest.P.parked` and `rag-ingest.P.bulk.parked`, where
+//!   messages of a tenant over its token budget wait until the budget window rolls: each
+//!   copy carries a per-message `expiration` (the time left in the window), after which the
+//!   broker dead-letters it back to its lane (`rag-ingest`/`P` or `P.bulk`).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -21,6 +30,7 @@ use lapin::{Channel, Connection, ErrorKind as LapinErrorKind, ExchangeKind};
 
 use super::QueueError;
 use crate::config::PipelineConfig;
+use crate::lane::Lane;
 
 /// The main exchange every document is published to.
 pub const EXCHANGE: &str = "rag-ingest";
@@ -74,12 +84,66 @@ impl Topology {
         format!("{EXCHANGE}.{}.retry.", self.pipeline)
     }
 
-    /// Every delayed-retry queue.
+    /// Every delayed-retry queue of the live lane.
     pub fn retry_queues(&self) -> Vec<String> {
         self.delays_ms
             .iter()
             .map(|d| self.retry_queue(*d))
             .collect()
+    }
+
+    /// Routing key of `lane` on the main exchange: `P` (live) or `P.bulk`.
+    pub fn lane_routing_key(&self, lane: Lane) -> String {
+        match lane {
+            Lane::Live => self.pipeline.clone(),
+            Lane::Bulk => format!("{}.bulk", self.pipeline),
+        }
+    }
+
+    /// The queue of `lane`: the main queue (live) or `rag-ingest.P.bulk`.
+    pub fn lane_queue(&self, lane: Lane) -> String {
+        format!("{EXCHANGE}.{}", self.lane_routing_key(lane))
+    }
+
+    /// The delayed-retry queue of `lane` for `delay_ms`: `rag-ingest.P.retry.<ms>` (live) or
+    /// `rag-ingest.P.bulk.retry.<ms>`.
+    pub fn lane_retry_queue(&self, lane: Lane, delay_ms: u64) -> String {
+        format!("{}.retry.{delay_ms}", self.lane_queue(lane))
+    }
+
+    /// The common prefixes of both lanes' delayed-retry queues.
+    pub fn retry_queue_prefixes(&self) -> [String; 2] {
+        Lane::ALL.map(|lane| format!("{}.retry.", self.lane_queue(lane)))
+    }
+
+    /// The queue where `lane`'s messages of a tenant over its budget wait for the window
+    /// to roll: `rag-ingest.P.parked` or `rag-ingest.P.bulk.parked`.
+    pub fn parked_queue(&self, lane: Lane) -> String {
+        format!("{}.parked", self.lane_queue(lane))
+    }
+
+    /// The queues whose messages are waiting to be processed: both lanes and their
+    /// delayed-retry tiers (not the parked queues, which wait for a budget window, nor the
+    /// DLQ).
+    pub fn work_queues(&self) -> Vec<String> {
+        let mut queues = Vec::new();
+        for lane in Lane::ALL {
+            queues.push(self.lane_queue(lane));
+            queues.extend(
+                self.delays_ms
+                    .iter()
+                    .map(|d| self.lane_retry_queue(lane, *d)),
+            );
+        }
+        queues
+    }
+
+    /// Every queue of the pipeline: [`Topology::work_queues`], the parked queues and the DLQ.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut queues = self.work_queues();
+        queues.extend(Lane::ALL.map(|lane| self.parked_queue(lane)));
+        queues.push(self.dlq());
+        queues
     }
 
     /// Declares exchanges, queues and bindings on `channel` (the DLQ on channels of its own
@@ -104,35 +168,48 @@ impl Topology {
                 .map_err(|e| mismatch(exchange, e))?;
         }
 
+        for lane in Lane::ALL {
+            self.declare_lane(channel, lane).await?;
+        }
+        self.declare_dlq(conn).await?;
+        self.bind(channel, &self.dlq(), DLX).await?;
+        Ok(())
+    }
+
+    /// Declares `lane`'s queue (bound to the main exchange with its routing key), its
+    /// delayed-retry tiers and its parked queue. The live lane's queue keeps exactly the
+    /// arguments earlier versions declared.
+    async fn declare_lane(&self, channel: &Channel, lane: Lane) -> Result<(), QueueError> {
+        let key = self.lane_routing_key(lane);
         let mut main = quorum();
         str_arg(&mut main, "x-dead-letter-exchange", DLX);
+        if lane == Lane::Bulk {
+            // The DLQ is bound with the live key: the broker's own dead letters (delivery
+            // limit) of the bulk queue must reach it too.
+            str_arg(&mut main, "x-dead-letter-routing-key", &self.pipeline);
+        }
         str_arg(&mut main, "x-dead-letter-strategy", "at-least-once");
         str_arg(&mut main, "x-overflow", "reject-publish");
         main.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
         );
-        self.declare_queue(channel, &self.main_queue(), main)
-            .await?;
-        self.bind(channel, &self.main_queue(), EXCHANGE).await?;
+        let queue = self.lane_queue(lane);
+        self.declare_queue(channel, &queue, main).await?;
+        self.bind_key(channel, &queue, EXCHANGE, &key).await?;
 
         for delay in &self.delays_ms {
-            let mut args = quorum();
+            let mut args = back_to(&key);
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(*delay).unwrap_or(i64::MAX)),
             );
-            str_arg(&mut args, "x-dead-letter-exchange", EXCHANGE);
-            str_arg(&mut args, "x-dead-letter-routing-key", &self.pipeline);
-            str_arg(&mut args, "x-dead-letter-strategy", "at-least-once");
-            str_arg(&mut args, "x-overflow", "reject-publish");
-            self.declare_queue(channel, &self.retry_queue(*delay), args)
+            self.declare_queue(channel, &self.lane_retry_queue(lane, *delay), args)
                 .await?;
         }
-
-        self.declare_dlq(conn).await?;
-        self.bind(channel, &self.dlq(), DLX).await?;
-        Ok(())
+        // No queue TTL: each parked copy carries its own expiration (the rest of the window).
+        self.declare_queue(channel, &self.parked_queue(lane), back_to(&key))
+            .await
     }
 
     /// Declares the DLQ with [`DLQ_DELIVERY_LIMIT`]. A DLQ that an earlier version declared
@@ -186,11 +263,22 @@ impl Topology {
     }
 
     async fn bind(&self, channel: &Channel, queue: &str, exchange: &str) -> Result<(), QueueError> {
+        self.bind_key(channel, queue, exchange, &self.pipeline)
+            .await
+    }
+
+    async fn bind_key(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> Result<(), QueueError> {
         channel
             .queue_bind(
                 queue.into(),
                 exchange.into(),
-                self.pipeline.as_str().into(),
+                key.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -198,12 +286,13 @@ impl Topology {
         Ok(())
     }
 
-    /// Ready-message counts of the main queue and every retry queue (passive declares).
+    /// Ready-message counts of both lanes and every retry queue (passive declares; the
+    /// parked queues are not counted).
     ///
     /// Fails with [`QueueError::Amqp`] if a queue does not exist or the channel is gone.
     pub async fn pending(&self, channel: &Channel) -> Result<u64, QueueError> {
         let mut total = 0u64;
-        for q in std::iter::once(self.main_queue()).chain(self.retry_queues()) {
+        for q in self.work_queues() {
             total += u64::from(queue_len(channel, &q).await?);
         }
         Ok(total)
@@ -220,6 +309,17 @@ pub(crate) async fn queue_len(channel: &Channel, queue: &str) -> Result<u32, Que
         )
         .await?;
     Ok(q.message_count())
+}
+
+/// Arguments of a quorum queue whose messages the broker dead-letters back to the main
+/// exchange with routing key `key` (a delayed-retry tier or a parked queue).
+fn back_to(key: &str) -> FieldTable {
+    let mut args = quorum();
+    str_arg(&mut args, "x-dead-letter-exchange", EXCHANGE);
+    str_arg(&mut args, "x-dead-letter-routing-key", key);
+    str_arg(&mut args, "x-dead-letter-strategy", "at-least-once");
+    str_arg(&mut args, "x-overflow", "reject-publish");
+    args
 }
 
 fn quorum() -> FieldTable {

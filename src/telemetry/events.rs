@@ -287,6 +287,8 @@ impl InternalEvent for ChunksEmbedded<'_> {
             "provider" => self.provider.to_string()
         )
         .increment(self.tokens);
+        // The same count is charged to the tenant's budget (`crate::meter`).
+        crate::meter::record(self.tokens);
         tracing::info!(
             event = "chunks_embedded",
             tokens = self.tokens,
@@ -519,8 +521,10 @@ impl InternalEvent for BrokerClosed<'_> {
 /// The worker consumes the main queue.
 #[derive(Debug)]
 pub struct WorkerConsuming<'a> {
-    /// The main queue the consumer is on (`rag-ingest.<pipeline>`).
+    /// The queue the consumer is on (`rag-ingest.<pipeline>`, or `….bulk` for the bulk lane).
     pub queue: &'a str,
+    /// `live` or `bulk`.
+    pub lane: &'a str,
     /// The broker URL, password redacted.
     pub broker: &'a str,
     /// The consumer's prefetch.
@@ -536,6 +540,7 @@ impl InternalEvent for WorkerConsuming<'_> {
         tracing::info!(
             event = "worker_consuming",
             queue = self.queue,
+            lane = self.lane,
             broker = self.broker,
             prefetch = self.prefetch,
             concurrency = self.concurrency,
@@ -984,6 +989,164 @@ impl InternalEvent for RateLimitWaited<'_> {
             waited_ms = millis(self.waited),
             tokens = self.tokens,
             "request waited for the client-side rate limit"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fairness: lanes, tenant budgets, shared state
+// ---------------------------------------------------------------------------------------
+
+/// A message's processing starts (its tenant admitted): `rag_ingest_queue_wait_seconds
+/// {tenant,lane}` records how long it waited since the producer published it (first
+/// deliveries only: `queue_wait` is `None` for a message back from a retry tier or a parked
+/// queue, or without a publish time).
+#[derive(Debug)]
+pub struct MessageStarted<'a> {
+    /// The message's tenant (one of `tenants.allowed`).
+    pub tenant: &'a str,
+    /// `live` or `bulk`.
+    pub lane: &'static str,
+    /// Publish time to now.
+    pub queue_wait: Option<Duration>,
+}
+
+impl InternalEvent for MessageStarted<'_> {
+    fn emit(self) {
+        if let Some(wait) = self.queue_wait {
+            metrics::histogram!(
+                names::QUEUE_WAIT,
+                "tenant" => self.tenant.to_string(),
+                "lane" => self.lane
+            )
+            .record(wait.as_secs_f64());
+        }
+        tracing::debug!(
+            event = "message_started",
+            lane = self.lane,
+            queue_wait_ms = self.queue_wait.map(millis),
+            "processing started"
+        );
+    }
+}
+
+/// A message of `tenant` started (`delta` 1) or stopped (−1) being processed:
+/// `rag_ingest_tenant_in_flight_messages{tenant,lane}`. No log line.
+#[derive(Debug)]
+pub struct TenantInFlight<'a> {
+    /// The message's tenant (one of `tenants.allowed`).
+    pub tenant: &'a str,
+    /// `live` or `bulk`.
+    pub lane: &'static str,
+    /// +1 or −1.
+    pub delta: f64,
+}
+
+impl InternalEvent for TenantInFlight<'_> {
+    fn emit(self) {
+        metrics::gauge!(
+            names::TENANT_IN_FLIGHT,
+            "tenant" => self.tenant.to_string(),
+            "lane" => self.lane
+        )
+        .increment(self.delta);
+    }
+}
+
+/// A message was deferred without using an attempt: its copy waits in `queue` (a parked
+/// queue) for `resume_in`, then returns to its lane. `rag_ingest_messages_total
+/// {outcome="deferred"}`.
+#[derive(Debug)]
+pub struct MessageDeferred<'a> {
+    /// `budget_exhausted` (the tenant is over its budget until the window rolls) or
+    /// `budget_unknown` (Redis could not be asked and budgets fail closed).
+    pub reason: &'a str,
+    /// The parked queue.
+    pub queue: &'a str,
+    /// When the copy returns to its lane.
+    pub resume_in: Duration,
+}
+
+impl InternalEvent for MessageDeferred<'_> {
+    fn emit(self) {
+        metrics::counter!(names::MESSAGES, "outcome" => "deferred").increment(1);
+        tracing::info!(
+            event = "message_deferred",
+            reason = self.reason,
+            queue = self.queue,
+            resume_in_ms = millis(self.resume_in),
+            "message deferred; no attempt used"
+        );
+    }
+}
+
+/// A message of a tenant at or over its token budget was deferred until the window rolls:
+/// `rag_ingest_tenant_budget_exhausted_total{tenant}`.
+#[derive(Debug)]
+pub struct TenantBudgetExhausted<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// Tokens counted in the current window.
+    pub used: u64,
+    /// The tenant's budget per window.
+    pub budget: u64,
+    /// Time until the window rolls.
+    pub resume_in: Duration,
+}
+
+impl InternalEvent for TenantBudgetExhausted<'_> {
+    fn emit(self) {
+        metrics::counter!(names::BUDGET_EXHAUSTED, "tenant" => self.tenant.to_string())
+            .increment(1);
+        tracing::warn!(
+            event = "tenant_budget_exhausted",
+            tenant = self.tenant,
+            used = self.used,
+            budget = self.budget,
+            resume_in_ms = millis(self.resume_in),
+            "tenant over its token budget; its messages wait for the next window"
+        );
+    }
+}
+
+/// A budgeted tenant's count was read or updated: `rag_ingest_tenant_budget_remaining_tokens
+/// {tenant}` (0 once exhausted). No log line.
+#[derive(Debug)]
+pub struct TenantBudgetObserved<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// Tokens left in the current window.
+    pub remaining: u64,
+}
+
+impl InternalEvent for TenantBudgetObserved<'_> {
+    fn emit(self) {
+        metrics::gauge!(names::BUDGET_REMAINING, "tenant" => self.tenant.to_string())
+            .set(self.remaining as f64);
+    }
+}
+
+/// A call to the shared state (Redis) failed: `rag_ingest_shared_state_errors_total
+/// {component}`.
+#[derive(Debug)]
+pub struct SharedStateUnavailable<'a, E: Display> {
+    /// `budget` or `rate_limit`.
+    pub component: &'static str,
+    /// What failed.
+    pub error: &'a E,
+    /// What the worker does about it.
+    pub consequence: &'a str,
+}
+
+impl<E: Display> InternalEvent for SharedStateUnavailable<'_, E> {
+    fn emit(self) {
+        metrics::counter!(names::SHARED_STATE_ERRORS, "component" => self.component).increment(1);
+        tracing::warn!(
+            event = "shared_state_unavailable",
+            component = self.component,
+            error = %self.error,
+            consequence = self.consequence,
+            "shared state (Redis) unavailable"
         );
     }
 }

@@ -10,7 +10,7 @@ use crate::error::{ErrorKind, Stage};
 /// Metric names (all carry a `pipeline` label).
 pub mod names {
     /// Counter: messages settled, by `outcome` (stored, unchanged, stale, deleted, retried,
-    /// dead_lettered, parked).
+    /// dead_lettered, parked, deferred).
     pub const MESSAGES: &str = "rag_ingest_messages_total";
     /// Counter: chunks embedded.
     pub const CHUNKS_EMBEDDED: &str = "rag_ingest_chunks_embedded_total";
@@ -37,9 +37,19 @@ pub mod names {
     pub const LAST_SUCCESS: &str = "rag_ingest_last_success_timestamp_seconds";
     /// Counter: times the worker lost its broker connection and reconnected.
     pub const BROKER_RECONNECTS: &str = "rag_ingest_broker_reconnects_total";
+    /// Histogram: seconds from publish to processing start, by `tenant` and `lane`.
+    pub const QUEUE_WAIT: &str = "rag_ingest_queue_wait_seconds";
+    /// Gauge: messages being processed, by `tenant` and `lane`.
+    pub const TENANT_IN_FLIGHT: &str = "rag_ingest_tenant_in_flight_messages";
+    /// Gauge: model tokens left in the current budget window, by `tenant` (budgeted tenants).
+    pub const BUDGET_REMAINING: &str = "rag_ingest_tenant_budget_remaining_tokens";
+    /// Counter: messages deferred because their tenant was over its budget, by `tenant`.
+    pub const BUDGET_EXHAUSTED: &str = "rag_ingest_tenant_budget_exhausted_total";
+    /// Counter: failed calls to the shared state (Redis), by `component`.
+    pub const SHARED_STATE_ERRORS: &str = "rag_ingest_shared_state_errors_total";
 
     /// Every family, in the order of the operations documentation.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 18] = [
         MESSAGES,
         CHUNKS_EMBEDDED,
         CHUNKS_REUSED,
@@ -53,11 +63,16 @@ pub mod names {
         IN_FLIGHT_BYTES,
         LAST_SUCCESS,
         BROKER_RECONNECTS,
+        QUEUE_WAIT,
+        TENANT_IN_FLIGHT,
+        BUDGET_REMAINING,
+        BUDGET_EXHAUSTED,
+        SHARED_STATE_ERRORS,
     ];
 }
 
 /// Every `outcome` of [`names::MESSAGES`].
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; 8] = [
     "stored",
     "unchanged",
     "stale",
@@ -65,6 +80,7 @@ pub const OUTCOMES: [&str; 7] = [
     "retried",
     "dead_lettered",
     "parked",
+    "deferred",
 ];
 
 /// Every `op` of [`names::STORE_SECONDS`], as the pipeline names its store calls.
@@ -83,7 +99,7 @@ pub const STORE_OPS: [&str; 6] = [
 pub fn describe_all() {
     describe_counter!(
         names::MESSAGES,
-        "Messages settled, by outcome (stored, unchanged, stale, deleted, retried, dead_lettered, parked)."
+        "Messages settled, by outcome (stored, unchanged, stale, deleted, retried, dead_lettered, parked, deferred)."
     );
     describe_counter!(
         names::CHUNKS_EMBEDDED,
@@ -133,6 +149,27 @@ pub fn describe_all() {
         names::BROKER_RECONNECTS,
         "Times the worker lost its broker connection and reconnected."
     );
+    describe_histogram!(
+        names::QUEUE_WAIT,
+        metrics::Unit::Seconds,
+        "Time from publish to processing start, by tenant and lane (first deliveries only)."
+    );
+    describe_gauge!(
+        names::TENANT_IN_FLIGHT,
+        "Messages being processed, by tenant and lane."
+    );
+    describe_gauge!(
+        names::BUDGET_REMAINING,
+        "Model tokens left in the tenant's current budget window (budgeted tenants)."
+    );
+    describe_counter!(
+        names::BUDGET_EXHAUSTED,
+        "Messages deferred to the next budget window because their tenant was over its token budget."
+    );
+    describe_counter!(
+        names::SHARED_STATE_ERRORS,
+        "Failed calls to the shared state (Redis), by component (budget, rate_limit)."
+    );
 
     for outcome in OUTCOMES {
         metrics::counter!(names::MESSAGES, "outcome" => outcome).increment(0);
@@ -151,6 +188,9 @@ pub fn describe_all() {
     metrics::counter!(names::CHUNKS_REUSED).increment(0);
     metrics::counter!(names::TOKENS_EMBEDDED).increment(0);
     metrics::counter!(names::BROKER_RECONNECTS).increment(0);
+    for component in ["budget", "rate_limit"] {
+        metrics::counter!(names::SHARED_STATE_ERRORS, "component" => component).increment(0);
+    }
     // Registering a histogram handle makes its family show with a zero count.
     let _ = metrics::histogram!(names::EMBED_SECONDS);
     for op in STORE_OPS {
@@ -159,6 +199,25 @@ pub fn describe_all() {
     metrics::gauge!(names::IN_FLIGHT).set(0.0);
     metrics::gauge!(names::IN_FLIGHT_BYTES).set(0.0);
     metrics::gauge!(names::LAST_SUCCESS).set(0.0);
+}
+
+/// Registers the per-tenant series of a worker's `tenants` at zero (every tenant's queue
+/// wait and in-flight count on both lanes, and its budget deferrals), so those families have
+/// their series from the start. The label values are the allow-list's, so the series count
+/// is bounded by it (`tenants.allowed` × 2 lanes); messages of other tenants are
+/// dead-lettered before they are counted.
+pub fn register_tenants<'a>(tenants: impl IntoIterator<Item = &'a str>) {
+    for tenant in tenants {
+        for lane in crate::lane::Lane::ALL {
+            let labels = [
+                ("tenant", tenant.to_owned()),
+                ("lane", lane.as_str().to_owned()),
+            ];
+            let _ = metrics::histogram!(names::QUEUE_WAIT, &labels);
+            metrics::gauge!(names::TENANT_IN_FLIGHT, &labels).increment(0.0);
+        }
+        metrics::counter!(names::BUDGET_EXHAUSTED, "tenant" => tenant.to_owned()).increment(0);
+    }
 }
 
 /// Installs the process-wide Prometheus recorder with the global label `pipeline` and
@@ -179,8 +238,16 @@ pub fn metrics_handle(
     let buckets = [
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
+    // Queue waits run from milliseconds (idle) to hours (a backlog).
+    let wait_buckets = [
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+    ];
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&buckets)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(names::QUEUE_WAIT.to_owned()),
+            &wait_buckets,
+        )?
         .add_global_label("pipeline", pipeline)
         .install_recorder()?;
     describe_all();

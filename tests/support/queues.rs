@@ -30,7 +30,8 @@ pub async fn close_quietly(conn: Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
 }
 
-/// Deletes `config`'s main, retry and dead-letter queues (errors ignored: best effort;
+/// Deletes every queue of `config`'s pipeline: both lanes, their retry and parked queues,
+/// the dead-letter queue (errors ignored: best effort;
 /// each step gives up after [`DEADLINE`]).
 #[allow(dead_code)]
 pub async fn delete_queues(config: &PipelineConfig) {
@@ -40,9 +41,7 @@ pub async fn delete_queues(config: &PipelineConfig) {
         return;
     };
     if let Ok(Ok(ch)) = tokio::time::timeout(DEADLINE, conn.create_channel()).await {
-        let mut queues = vec![topology.main_queue(), topology.dlq()];
-        queues.extend(topology.retry_queues());
-        for queue in queues {
+        for queue in topology.all_queues() {
             let delete = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default());
             let _ = tokio::time::timeout(DEADLINE, delete).await;
         }

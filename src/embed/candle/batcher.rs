@@ -9,12 +9,17 @@
 //!   requests is, so the worker can store that document and take the next one while the
 //!   model runs on;
 //! - the model never waits for a pass to fill: when less than a budget is queued, the pass
-//!   takes what there is.
+//!   takes what there is;
+//! - a request of the live lane is queued ahead of every request of the bulk lane
+//!   ([`crate::lane`]), so a backfill's chunks never make a fresh edit wait for more than
+//!   the forward pass already running.
 //!
 //! This module only schedules; running the model is the caller's.
 
 use std::collections::VecDeque;
 use std::ops::Range;
+
+use crate::lane::Lane;
 
 /// The token ids of one text, as the model reads them (special tokens added, truncated).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,16 +40,25 @@ pub(super) struct Pending<R> {
     pub vectors: Vec<Vec<f32>>,
     /// How to answer the caller.
     pub reply: R,
+    /// The lane of the message the request serves.
+    pub lane: Lane,
 }
 
 impl<R> Pending<R> {
-    /// A request none of whose texts is embedded yet.
+    /// A request of the live lane none of whose texts is embedded yet.
     pub fn new(texts: Vec<TokenIds>, reply: R) -> Self {
         Pending {
             texts,
             vectors: Vec::new(),
             reply,
+            lane: Lane::Live,
         }
+    }
+
+    /// This request, serving a message of `lane`.
+    pub fn in_lane(mut self, lane: Lane) -> Self {
+        self.lane = lane;
+        self
     }
 
     /// Whether every text has its vector.
@@ -79,9 +93,18 @@ impl<R> Queue<R> {
         self.pending.is_empty()
     }
 
-    /// Appends a request at the back.
+    /// Queues a request: a bulk one at the back, a live one behind the other live ones but
+    /// ahead of every bulk one (also one whose texts are partly embedded: it carries on
+    /// after the live ones).
     pub fn push(&mut self, request: Pending<R>) {
-        self.pending.push_back(request);
+        let first_bulk = match request.lane {
+            Lane::Bulk => None,
+            Lane::Live => self.pending.iter().position(|p| p.lane == Lane::Bulk),
+        };
+        match first_bulk {
+            Some(index) => self.pending.insert(index, request),
+            None => self.pending.push_back(request),
+        }
     }
 
     /// Drops the requests for which `keep` is false (callers that went away).
@@ -147,7 +170,7 @@ impl<R> Queue<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pending, Queue, TokenIds};
+    use super::{Lane, Pending, Queue, TokenIds};
 
     fn text(len: usize) -> TokenIds {
         TokenIds {
@@ -250,6 +273,31 @@ mod tests {
         // The empty request at the front is answered before any pass.
         assert_eq!(passes, vec![vec![(0, vec![3])]]);
         assert_eq!(completed, ["empty-first", "a", "empty-behind"]);
+    }
+
+    #[test]
+    fn live_requests_go_ahead_of_bulk_ones() {
+        let mut queue = Queue::new(10);
+        queue.push(request(&[6, 6], "bulk-1").in_lane(Lane::Bulk));
+        queue.push(request(&[4], "live-1"));
+        queue.push(request(&[6], "bulk-2").in_lane(Lane::Bulk));
+        // The first pass takes live-1, queued ahead of bulk-1, and what fits of bulk-1.
+        let pass = queue.next_pass();
+        assert_eq!(pass, vec![(0, 0..1), (1, 0..1)]);
+        for (index, range) in pass {
+            let r = queue.get_mut(index).expect("queued");
+            r.vectors.extend(range.map(|_| vec![0.0]));
+        }
+        let done: Vec<_> = queue.take_complete().into_iter().map(|p| p.reply).collect();
+        assert_eq!(done, ["live-1"]);
+        // A live request arriving now overtakes bulk-1, although bulk-1 is half done.
+        queue.push(request(&[3], "live-2"));
+        let (passes, completed) = drain(&mut queue);
+        assert_eq!(
+            passes,
+            vec![vec![(0, vec![3]), (1, vec![6])], vec![(0, vec![6])]]
+        );
+        assert_eq!(completed, ["live-2", "bulk-1", "bulk-2"]);
     }
 
     #[test]

@@ -1,6 +1,19 @@
 //! One delivery, from decoding to settlement: the message is processed (with in-process
 //! retries of transient failures) under its document's lock, then acked, sent to a delay
 //! tier or dead-lettered, exactly once; a panic hands the delivery back with a count.
+//!
+//! Before processing, two rules of fairness apply:
+//! - a message on the bulk lane must carry a `version`; one without is dead-lettered as
+//!   `invalid_field`. Versioned messages are ordered by the store whatever lane they took
+//!   (newest wins), while unversioned ones are ordered by when they are processed ("last
+//!   processed wins"), so an unversioned backfill processed late would overwrite the live
+//!   edits published after it (see [`crate::lane`]);
+//! - a message of a tenant at or over its token budget is deferred: a confirmed copy goes to
+//!   its lane's parked queue with the rest of the budget window as its expiration, and the
+//!   original is acked; its attempts are untouched. With Redis unavailable and budgets
+//!   failing closed it is parked for a short while instead.
+//!
+//! The tokens its processing embedded ([`crate::meter`]) are then charged to its tenant.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,21 +32,29 @@ use super::{Counters, Worker};
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
 use crate::error::{ErrorKind, Stage};
-use crate::message::{Document, Rules, decode, peek_tenant};
+use crate::lane::Lane;
+use crate::message::{Document, Op, Rules, decode, peek_tenant};
 use crate::process::{Failure, Pipeline, Processed};
 use crate::queue::dlq::republish_failed;
 use crate::queue::headers::{
-    H_ATTEMPTS, H_PANICS, H_TENANT, death_queues, get_str, get_u64, set_u64,
+    H_ATTEMPTS, H_LANE, H_PANICS, H_PUBLISHED_AT_MS, H_TENANT, death_queues, get_str, get_u64,
+    set_str, set_u64,
 };
 use crate::queue::publish::publish_confirmed;
 use crate::queue::{EXCHANGE, QueueError, Topology};
 use crate::retry::{tier_delay, with_retries};
+use crate::shared::budget::{Admission, TenantBudgets};
 use crate::store::VectorStore;
 use crate::telemetry::emit;
 use crate::telemetry::events::{
-    MessageDeadLettered, MessagePanicked, MessageRetried, MessageSettled, SettleFailed,
+    MessageDeadLettered, MessageDeferred, MessagePanicked, MessageRetried, MessageSettled,
+    MessageStarted, SettleFailed, SharedStateUnavailable, TenantBudgetExhausted, TenantInFlight,
     UntrustedAttempts,
 };
+
+/// How long after its budget window rolls a deferred message comes back: enough that the
+/// broker's timer firing a little early does not find the old window still current.
+const WINDOW_ROLL_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Serialises processing of the same document within this worker, so two versions of one
 /// document in flight at once cannot interleave their writes and deletes.
@@ -56,6 +77,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         &self,
         delivery: Arc<Delivery>,
         publish: Channel,
+        lane: Lane,
     ) -> impl Future<Output = Result<(), QueueError>> + Send + 'static {
         let message_id = delivery
             .properties
@@ -67,6 +89,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             "message",
             pipeline = %self.config.name,
             message_id = %message_id,
+            lane = lane.as_str(),
             tenant_id = tracing::field::Empty,
             document_id = tracing::field::Empty,
             request_id = tracing::field::Empty,
@@ -79,8 +102,10 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             topology: self.topology.clone(),
             locks: Arc::clone(&self.locks),
             counters: Arc::clone(&self.counters),
+            budgets: self.budgets.clone(),
             delivery,
             publish,
+            lane,
         };
         task.run().instrument(span)
     }
@@ -94,8 +119,38 @@ struct Task<E, S> {
     topology: Topology,
     locks: Arc<DocLocks>,
     counters: Arc<Counters>,
+    budgets: Option<Arc<TenantBudgets>>,
     delivery: Arc<Delivery>,
     publish: Channel,
+    lane: Lane,
+}
+
+/// Counts a message of a tenant as in flight (`rag_ingest_tenant_in_flight_messages`) until
+/// dropped.
+struct TenantSlot<'a> {
+    tenant: &'a str,
+    lane: Lane,
+}
+
+impl<'a> TenantSlot<'a> {
+    fn take(tenant: &'a str, lane: Lane) -> Self {
+        emit(TenantInFlight {
+            tenant,
+            lane: lane.as_str(),
+            delta: 1.0,
+        });
+        TenantSlot { tenant, lane }
+    }
+}
+
+impl Drop for TenantSlot<'_> {
+    fn drop(&mut self) {
+        emit(TenantInFlight {
+            tenant: self.tenant,
+            lane: self.lane.as_str(),
+            delta: -1.0,
+        });
+    }
 }
 
 impl<E: Embedder, S: VectorStore> Task<E, S> {
@@ -110,7 +165,24 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
         let attempts = previous.saturating_add(1);
         let outcome = match self.decode() {
             Err(failure) => Err(failure),
-            Ok(doc) => self.process(&doc, attempts).await,
+            Ok(doc) => {
+                if let Some((resume_in, reason)) = self.deferral(&doc).await {
+                    return self.defer(resume_in, reason).await;
+                }
+                let tenant = doc.tenant.as_str();
+                emit(MessageStarted {
+                    tenant,
+                    lane: self.lane.as_str(),
+                    queue_wait: queue_wait(headers, self.delivery.properties.timestamp()),
+                });
+                let _slot = TenantSlot::take(tenant, self.lane);
+                let work = crate::lane::scope(self.lane, self.process(&doc, attempts));
+                let (outcome, tokens) = crate::meter::metered(work).await;
+                if let Some(budgets) = &self.budgets {
+                    budgets.record(tenant, tokens).await;
+                }
+                outcome
+            }
         };
         match outcome {
             Ok(done) => {
@@ -146,6 +218,16 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
                     ),
                 )),
                 _ => Ok(doc),
+            })
+            .and_then(|doc| {
+                if self.lane == Lane::Bulk && doc.version.is_none() {
+                    return Err(Failure::new(
+                        ErrorKind::InvalidField,
+                        Stage::Decode,
+                        "`version` is required on the bulk lane: without one, a backfill                          processed after newer live edits would overwrite them; submit it                          with a version (or to the live lane)",
+                    ));
+                }
+                Ok(doc)
             });
         match &decoded {
             Err(_) => {
@@ -163,6 +245,96 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
             }
         }
         decoded
+    }
+
+    /// Whether `doc` must wait instead of being processed: its tenant is over its budget
+    /// (`Some` with the time until the window rolls), or the budget could not be checked and
+    /// budgets fail closed (`Some` with a short wait). A delete embeds nothing and is never
+    /// deferred: a tenant over its budget can still remove its documents.
+    async fn deferral(&self, doc: &Document) -> Option<(std::time::Duration, &'static str)> {
+        if doc.op == Op::Delete {
+            return None;
+        }
+        let budgets = self.budgets.as_ref()?;
+        let tenant = doc.tenant.as_str();
+        match budgets.admit(tenant).await {
+            Admission::Admitted => None,
+            Admission::Exhausted {
+                used,
+                budget,
+                resume_in,
+            } => {
+                emit(TenantBudgetExhausted {
+                    tenant,
+                    used,
+                    budget,
+                    resume_in,
+                });
+                Some((resume_in + WINDOW_ROLL_MARGIN, "budget_exhausted"))
+            }
+            Admission::Unknown { error, retry_in } => {
+                emit(SharedStateUnavailable {
+                    component: "budget",
+                    error: &error,
+                    consequence: "message deferred (on_redis_error = closed)",
+                });
+                Some((retry_in, "budget_unknown"))
+            }
+        }
+    }
+
+    /// Parks the delivery for `resume_in`: a confirmed copy (attempts untouched) goes to the
+    /// lane's parked queue, expiring back to the lane after `resume_in`, then the original
+    /// is acked.
+    ///
+    /// Fails when the copy is not confirmed (the delivery is then nacked with requeue, so
+    /// the broker keeps it) or the ack cannot be sent.
+    async fn defer(
+        &self,
+        resume_in: std::time::Duration,
+        reason: &'static str,
+    ) -> Result<(), QueueError> {
+        let queue = self.topology.parked_queue(self.lane);
+        // At least 1 ms: an expiration of 0 would bounce straight back.
+        let ms = resume_in.as_millis().clamp(1, u128::from(u32::MAX));
+        let properties =
+            handed_back_properties(&self.delivery).with_expiration(ms.to_string().into());
+        self.move_to("", &queue, properties).await?;
+        emit(MessageDeferred {
+            reason,
+            queue: &queue,
+            resume_in,
+        });
+        self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publishes a confirmed copy of the delivery's body with `properties` to
+    /// `exchange`/`key`, then acks the delivery; if the copy is not confirmed the delivery
+    /// is nacked with requeue (the broker keeps it).
+    async fn move_to(
+        &self,
+        exchange: &str,
+        key: &str,
+        properties: lapin::BasicProperties,
+    ) -> Result<(), QueueError> {
+        let delivery = &self.delivery;
+        if let Err(e) =
+            publish_confirmed(&self.publish, exchange, key, &delivery.data, properties).await
+        {
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            let _ = delivery.acker.nack(requeue).await;
+            return Err(e);
+        }
+        settled(delivery.acker.ack(BasicAckOptions::default()).await).inspect_err(|e| {
+            emit(SettleFailed {
+                error: e,
+                consequence: "the message will be redelivered (its copy is queued too)",
+            });
+        })
     }
 
     /// Processes `doc` under its document lock, retrying transient failures in process.
@@ -211,7 +383,7 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
         let queue = if retry {
             let tier = u32::try_from(attempts).unwrap_or(u32::MAX);
             self.topology
-                .retry_queue(tier_delay(&self.config.retry, tier))
+                .lane_retry_queue(self.lane, tier_delay(&self.config.retry, tier))
         } else {
             self.topology.dlq()
         };
@@ -220,7 +392,7 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
             &self.publish,
             &queue,
             &delivery.data,
-            &delivery.properties,
+            &lane_marked(&delivery.properties, self.lane),
             failure,
             attempts,
         )
@@ -263,9 +435,58 @@ pub(super) fn settled(result: Result<bool, lapin::Error>) -> Result<(), QueueErr
     }
 }
 
-/// Hands a delivery that was taken but not processed back to the queue without a
-/// redelivery: publishes a copy (same body and properties, minus the broker's
-/// `x-delivery-count`) to the tail of the main queue, waits for the confirm, then acks the
+/// The properties of `properties`' message marked with its lane (`x-lane: bulk` for the
+/// bulk lane; a live message is left as it is), so a DLQ replay returns it to its lane.
+fn lane_marked(properties: &lapin::BasicProperties, lane: Lane) -> lapin::BasicProperties {
+    if lane == Lane::Live {
+        return properties.clone();
+    }
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    set_str(&mut headers, H_LANE, lane.as_str());
+    properties.clone().with_headers(headers)
+}
+
+/// The properties of a copy of `delivery` handed back without counting a redelivery: the
+/// same, minus the broker's `x-delivery-count`.
+fn handed_back_properties(delivery: &Delivery) -> lapin::BasicProperties {
+    let mut properties = delivery.properties.clone();
+    if let Some(old) = delivery.properties.headers() {
+        let mut headers = FieldTable::default();
+        for (k, v) in old.inner() {
+            if k.as_str() != "x-delivery-count" {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        properties = properties.with_headers(headers);
+    }
+    properties
+}
+
+/// How long a message waited since its producer published it (`x-published-at-ms`, else
+/// the AMQP `timestamp` in seconds), for a first delivery only: `None` for a message that
+/// came back from a retry tier or a parked queue (it carries `x-death`), or without a
+/// publish time. A publish time in the future (clock skew) counts as no wait.
+fn queue_wait(
+    headers: &Option<FieldTable>,
+    timestamp: &Option<u64>,
+) -> Option<std::time::Duration> {
+    if headers
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key("x-death"))
+    {
+        return None;
+    }
+    let published_ms = get_u64(headers, H_PUBLISHED_AT_MS)
+        .or_else(|| timestamp.map(|secs| secs.saturating_mul(1000)))?;
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    Some(std::time::Duration::from_millis(
+        now_ms.saturating_sub(published_ms),
+    ))
+}
+
+/// Hands a delivery that was taken but not processed back to the queue of its `lane`
+/// without a redelivery: publishes a copy (same body and properties, minus the broker's
+/// `x-delivery-count`) to the tail of the lane's queue, waits for the confirm, then acks the
 /// original.
 ///
 /// Requeueing instead (`basic.nack`/`basic.reject` with requeue, a consumer-channel close)
@@ -277,24 +498,15 @@ pub(super) fn settled(result: Result<bool, lapin::Error>) -> Result<(), QueueErr
 pub(super) async fn park(
     publish: &Channel,
     topology: &Topology,
+    lane: Lane,
     delivery: &Delivery,
 ) -> Result<(), QueueError> {
-    let mut properties = delivery.properties.clone();
-    if let Some(old) = delivery.properties.headers() {
-        let mut headers = FieldTable::default();
-        for (k, v) in old.inner() {
-            if k.as_str() != "x-delivery-count" {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-        properties = properties.with_headers(headers);
-    }
     publish_confirmed(
         publish,
         EXCHANGE,
-        topology.routing_key(),
+        &topology.lane_routing_key(lane),
         &delivery.data,
-        properties,
+        handed_back_properties(delivery),
     )
     .await?;
     settled(delivery.acker.ack(BasicAckOptions::default()).await)
@@ -315,8 +527,11 @@ pub(crate) fn trusted_attempts(
     let Some(claimed) = get_u64(headers, H_ATTEMPTS) else {
         return 0;
     };
-    let prefix = topology.retry_queue_prefix();
-    if death_queues(headers).iter().any(|q| q.starts_with(&prefix)) {
+    let prefixes = topology.retry_queue_prefixes();
+    if death_queues(headers)
+        .iter()
+        .any(|q| prefixes.iter().any(|p| q.starts_with(p.as_str())))
+    {
         claimed.min(u64::from(max_attempts))
     } else {
         emit(UntrustedAttempts { claimed });
@@ -335,6 +550,7 @@ pub(super) async fn give_up_on_panic(
     delivery: Arc<Delivery>,
     publish: Channel,
     topology: Topology,
+    lane: Lane,
     panic_limit: u32,
 ) -> Result<(), QueueError> {
     if let Ok(result) = AssertUnwindSafe(work).catch_unwind().await {
@@ -347,7 +563,7 @@ pub(super) async fn give_up_on_panic(
     emit(MessagePanicked { panics, give_up });
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     set_u64(&mut headers, H_PANICS, panics);
-    let properties = delivery.properties.clone().with_headers(headers);
+    let properties = lane_marked(&delivery.properties.clone().with_headers(headers), lane);
     let published = if give_up {
         let failure = Failure::new(
             crate::error::ErrorKind::DeliveryLimit,
@@ -372,7 +588,7 @@ pub(super) async fn give_up_on_panic(
         publish_confirmed(
             &publish,
             EXCHANGE,
-            topology.routing_key(),
+            &topology.lane_routing_key(lane),
             &delivery.data,
             properties,
         )
@@ -457,12 +673,44 @@ mod tests {
         let t = topology();
         let tier = t.retry_queue(1_000);
         assert_eq!(trusted_attempts(&headers(2, Some(&tier)), &t, 5), 2);
+        let bulk_tier = t.lane_retry_queue(Lane::Bulk, 1_000);
+        assert_eq!(trusted_attempts(&headers(3, Some(&bulk_tier)), &t, 5), 3);
+        assert_eq!(
+            trusted_attempts(&headers(3, Some(&t.parked_queue(Lane::Live))), &t, 5),
+            0,
+            "a parked queue is not a retry tier"
+        );
         assert_eq!(trusted_attempts(&headers(i64::MAX, Some(&tier)), &t, 5), 5);
         assert_eq!(
             trusted_attempts(&headers(i64::MAX, Some(&tier)), &t, 5).saturating_add(1),
             6,
             "no overflow"
         );
+    }
+
+    #[test]
+    fn queue_wait_counts_first_deliveries_from_their_publish_time() {
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let mut h = FieldTable::default();
+        set_u64(&mut h, H_PUBLISHED_AT_MS, now_ms.saturating_sub(1_500));
+        let wait = queue_wait(&Some(h.clone()), &None).expect("a publish time");
+        assert!(wait >= std::time::Duration::from_millis(1_500), "{wait:?}");
+        assert!(wait < std::time::Duration::from_secs(60), "{wait:?}");
+        // The AMQP timestamp (seconds) when the header is missing.
+        let secs = now_ms / 1000 - 10;
+        let wait = queue_wait(&None, &Some(secs)).expect("a timestamp");
+        assert!(wait >= std::time::Duration::from_secs(9), "{wait:?}");
+        // A publish time in the future is no wait; none at all is no figure.
+        let mut future = FieldTable::default();
+        set_u64(&mut future, H_PUBLISHED_AT_MS, now_ms + 60_000);
+        assert_eq!(
+            queue_wait(&Some(future), &None),
+            Some(std::time::Duration::ZERO)
+        );
+        assert_eq!(queue_wait(&None, &None), None);
+        // Back from a retry tier: not a queue wait.
+        let retried = headers(1, Some("rag-ingest.p.retry.1000"));
+        assert_eq!(queue_wait(&retried, &Some(secs)), None);
     }
 
     #[test]

@@ -9,9 +9,16 @@
 //! finish in-flight ones within `worker.shutdown_grace_secs`, hand the rest back, close.
 //!
 //! While the embedder's circuit breaker is open the worker holds no delivery it is not
-//! processing: it cancels its consumer and hands back what was prefetched (a confirmed copy
+//! processing: it cancels its consumers and hands back what was prefetched (a confirmed copy
 //! to the queue's tail, then an ack: see [`park`]), and consumes with prefetch 1 for the
 //! probe. A requeue or a closed channel would count toward the quorum queue's delivery limit.
+//!
+//! The worker consumes both lanes ([`crate::lane`]), each with a consumer of its own: the
+//! live lane with `broker.prefetch`, the bulk lane with `worker.bulk_concurrency`. A bulk
+//! delivery is taken only while fewer than `worker.bulk_concurrency` bulk messages are being
+//! processed and the in-flight bytes are under the same share of `worker.max_inflight_bytes`,
+//! so live deliveries always find a slot; with no live traffic the bulk lane still gets most
+//! of the worker.
 
 mod delivery;
 mod session;
@@ -30,8 +37,11 @@ use super::{Endpoints, QueueError, Topology};
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
 use crate::health::Health;
+use crate::lane::Lane;
 use crate::message::Rules;
 use crate::process::Pipeline;
+use crate::shared::Redis;
+use crate::shared::budget::TenantBudgets;
 use crate::store::VectorStore;
 use crate::telemetry::emit;
 use crate::telemetry::events::{BrokerConnectionLost, BrokerReconnecting, WorkerConsuming};
@@ -65,6 +75,8 @@ pub struct WorkerReport {
     pub dead_lettered: u64,
     /// Times the worker reconnected to the broker.
     pub reconnects: u64,
+    /// Messages deferred to a parked queue (tenant over its budget, or the budget unknown).
+    pub deferred: u64,
 }
 
 #[derive(Default)]
@@ -76,6 +88,7 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     reconnects: AtomicU64,
+    deferred: AtomicU64,
 }
 
 impl Counters {
@@ -101,6 +114,7 @@ impl Counters {
             retried: self.retried.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
         }
     }
 }
@@ -121,7 +135,7 @@ pub enum WorkerError {
     Fatal(QueueError),
 }
 
-/// Consumes one pipeline's main queue and processes every delivery.
+/// Consumes one pipeline's queues (both lanes) and processes every delivery.
 pub struct Worker<E, S> {
     config: Arc<PipelineConfig>,
     pipeline: Pipeline<E, S>,
@@ -131,13 +145,19 @@ pub struct Worker<E, S> {
     locks: Arc<DocLocks>,
     counters: Arc<Counters>,
     health: Option<Arc<Health>>,
+    budgets: Option<Arc<TenantBudgets>>,
 }
 
 impl<E: Embedder, S: VectorStore> Worker<E, S> {
     /// A worker for `config`'s pipeline, processing with `pipeline`.
+    /// With `[tenants.budgets]` and `[redis]`, messages are admitted against their
+    /// tenant's budget ([`TenantBudgets`]).
     pub fn new(config: PipelineConfig, pipeline: Pipeline<E, S>) -> Self {
         let rules = Rules::from_config(&config);
+        // The Redis URL was checked when the config was loaded.
+        let redis = Redis::from_config(&config).ok().flatten().map(Arc::new);
         Worker {
+            budgets: TenantBudgets::from_config(&config, redis).map(Arc::new),
             topology: Topology::new(&config),
             endpoints: Endpoints::from_config(&config.broker),
             config: Arc::new(config),
@@ -179,6 +199,9 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<WorkerReport, WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
+        crate::telemetry::metrics::register_tenants(
+            self.config.tenants.allowed.iter().map(String::as_str),
+        );
         let give_up = Duration::from_secs(self.config.worker.reconnect_give_up_secs);
         let new_backoff = || {
             ExponentialBuilder::new()
@@ -248,35 +271,54 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
         Ok((conn, consume, publish))
     }
 
-    /// Starts a consumer on the main queue for `feed` (its prefetch is set first: a
+    /// Most bulk-lane messages processed at once (`worker.bulk_concurrency`).
+    fn bulk_slots(&self) -> usize {
+        self.config.worker.bulk_slots()
+    }
+
+    /// Starts a consumer on `lane`'s queue for `feed` (its prefetch is set first: a
     /// per-consumer `basic.qos` applies to consumers started after it).
-    async fn subscribe(&self, consume: &Channel, feed: Feed) -> Result<Subscription, QueueError> {
-        let prefetch = match feed {
-            Feed::Full => self.config.broker.prefetch,
-            Feed::Probe => 1,
+    async fn subscribe(
+        &self,
+        consume: &Channel,
+        lane: Lane,
+        feed: Feed,
+    ) -> Result<Subscription, QueueError> {
+        let prefetch = match (feed, lane) {
+            (Feed::Full, Lane::Live) => self.config.broker.prefetch,
+            (Feed::Full, Lane::Bulk) => {
+                u16::try_from(self.bulk_slots()).unwrap_or(self.config.broker.prefetch)
+            }
+            (Feed::Probe, _) => 1,
         };
+        let queue = self.topology.lane_queue(lane);
         consume
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("rag-ingest-{}", uuid::Uuid::new_v4());
         let stream = consume
             .basic_consume(
-                self.topology.main_queue().into(),
+                queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         emit(WorkerConsuming {
-            queue: &self.topology.main_queue(),
+            queue: &queue,
+            lane: lane.as_str(),
             broker: &self.config.redacted_amqp_url(),
             prefetch,
-            concurrency: self.config.worker.concurrency,
+            concurrency: match lane {
+                Lane::Live => self.config.worker.concurrency,
+                Lane::Bulk => self.bulk_slots(),
+            },
             feed: feed.as_str(),
         });
         Ok(Subscription {
             stream,
             tag,
+            lane,
             feed,
             cancelling: false,
         })
@@ -302,10 +344,11 @@ impl Feed {
     }
 }
 
-/// A consumer on the main queue.
+/// A consumer on one lane's queue.
 struct Subscription {
     stream: lapin::Consumer,
     tag: String,
+    lane: Lane,
     feed: Feed,
     /// `basic.cancel` was sent: deliveries still arriving were prefetched before it and
     /// are handed back ([`park`]) until the stream ends.

@@ -1,5 +1,5 @@
-//! One broker session of a worker: a connection, its consume and publish channels, the
-//! consumer on the main queue and the message tasks started from it. The session ends when
+//! One broker session of a worker: a connection, its consume and publish channels, a
+//! consumer on each lane's queue and the message tasks started from them. The session ends when
 //! it is asked to stop (in-flight messages finish within the grace period, the rest is
 //! handed back), when the queues are idle with `--exit-when-idle`, or when the broker side
 //! is lost (the worker then reconnects).
@@ -21,6 +21,7 @@ use super::delivery::{give_up_on_panic, park};
 use super::{Feed, RunOptions, Subscription, Worker};
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::embed::Embedder;
+use crate::lane::Lane;
 use crate::queue::QueueError;
 use crate::queue::budget::{ByteBudget, MessageFootprint};
 use crate::store::VectorStore;
@@ -59,10 +60,13 @@ pub(super) struct Session<'w, E, S> {
     changes: Option<watch::Receiver<BreakerState>>,
     budget: ByteBudget,
     tasks: JoinSet<Result<(), QueueError>>,
-    /// The delivery of every running task, so that past the shutdown grace period an
-    /// unfinished one can be handed back without touching its delivery count.
-    held: HashMap<tokio::task::Id, Arc<Delivery>>,
-    sub: Option<Subscription>,
+    /// The delivery of every running task and its lane, so that past the shutdown grace
+    /// period an unfinished one can be handed back without touching its delivery count.
+    held: HashMap<tokio::task::Id, (Arc<Delivery>, Lane)>,
+    /// Running tasks of bulk-lane deliveries.
+    bulk_running: usize,
+    /// The consumer of each lane (indexed by [`lane_index`]).
+    subs: [Option<Subscription>; 2],
     last_activity: Instant,
     /// Consecutive idle checks that found the queues empty. One is not enough: a delivery
     /// may sit in the consumer's buffer (unacked, so not counted as ready) when the tick
@@ -97,7 +101,8 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             budget,
             tasks: JoinSet::new(),
             held: HashMap::new(),
-            sub: None,
+            bulk_running: 0,
+            subs: [None, None],
             last_activity: Instant::now(),
             empty_checks: 0,
             probe_ready: false,
@@ -123,11 +128,15 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             if let Err(e) = self.adjust_feed(state, gated.is_some()).await {
                 break SessionEnd::Lost(e);
             }
-            let can_take =
-                self.tasks.len() < self.worker.config.worker.concurrency && self.budget.has_room();
-            let poll_feed = self.sub.as_ref().is_some_and(|s| s.cancelling || can_take);
+            let (take_live, take_bulk) = self.can_take();
+            let poll = |sub: &Option<Subscription>, can_take: bool| {
+                sub.as_ref().is_some_and(|s| s.cancelling || can_take)
+            };
+            let poll_live = poll(&self.subs[0], take_live);
+            let poll_bulk = poll(&self.subs[1], take_bulk);
             let breaker = self.breaker;
-            let (tasks, changes, sub) = (&mut self.tasks, &mut self.changes, &mut self.sub);
+            let (tasks, changes) = (&mut self.tasks, &mut self.changes);
+            let [live_sub, bulk_sub] = &mut self.subs;
             tokio::select! {
                 _ = shutdown.as_mut() => {
                     emit(ShutdownRequested);
@@ -159,13 +168,15 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
                     // breaker and the next probe waits for its interval again.
                     self.probe_ready = false;
                 }
-                next = async {
-                    match sub.as_mut() {
-                        Some(s) => s.stream.next().await,
-                        None => std::future::pending().await,
+                // Each lane's consumer is polled while its lane may take a delivery
+                // (`can_take`): bulk deliveries never take the slots kept for live ones.
+                next = next_delivery(live_sub), if poll_live => {
+                    if let Some(end) = self.delivered(Lane::Live, next).await {
+                        break end;
                     }
-                }, if poll_feed => {
-                    if let Some(end) = self.delivered(next).await {
+                }
+                next = next_delivery(bulk_sub), if poll_bulk => {
+                    if let Some(end) = self.delivered(Lane::Bulk, next).await {
                         break end;
                     }
                 }
@@ -185,6 +196,22 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         self.close(end).await
     }
 
+    /// Whether a live and whether a bulk delivery may be started now: a live one while fewer
+    /// than `worker.concurrency` messages run and the in-flight bytes are under
+    /// `worker.max_inflight_bytes`; a bulk one, in addition, while fewer than
+    /// `worker.bulk_concurrency` bulk messages run and the in-flight bytes are under the
+    /// bulk share of the budget (`bulk_concurrency / concurrency` of it).
+    fn can_take(&self) -> (bool, bool) {
+        let worker = &self.worker.config.worker;
+        let live = self.tasks.len() < worker.concurrency && self.budget.has_room();
+        let slots = self.worker.bulk_slots();
+        let bulk_bytes = (worker.max_inflight_bytes / worker.concurrency.max(1))
+            .saturating_mul(slots)
+            .max(1);
+        let bulk = live && self.bulk_running < slots && self.budget.in_flight() < bulk_bytes;
+        (live, bulk)
+    }
+
     /// Publishes the breaker and in-flight state (health, metrics); returns the breaker's
     /// state (`None` without a breaker).
     fn observe(&self) -> Option<BreakerState> {
@@ -199,9 +226,9 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         state
     }
 
-    /// Keeps the consumer the breaker state calls for: the full feed while it is closed,
-    /// none while it is open (the consumer is cancelled and what it prefetched is parked),
-    /// a probe feed of one message once the breaker lets a probe through.
+    /// Keeps the consumers the breaker state calls for, on each lane: the full feed while it
+    /// is closed, none while it is open (the consumers are cancelled and what they prefetched
+    /// is parked), a probe feed of one message once the breaker lets a probe through.
     ///
     /// Fails if the broker refuses the cancel or the new consumer.
     async fn adjust_feed(
@@ -216,26 +243,38 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         } else {
             None
         };
-        match &mut self.sub {
-            Some(s) if !s.cancelling && Some(s.feed) != wanted => {
-                self.consume
-                    .basic_cancel(s.tag.as_str().into(), BasicCancelOptions::default())
-                    .await?;
-                s.cancelling = true;
-                self.worker.set_consuming(false);
-                emit(ConsumerPaused {
-                    breaker: state.map_or("none", BreakerState::as_str),
-                });
-            }
-            None => {
-                if let Some(feed) = wanted {
-                    self.sub = Some(self.worker.subscribe(&self.consume, feed).await?);
-                    self.worker.set_consuming(true);
+        for lane in Lane::ALL {
+            match &mut self.subs[lane_index(lane)] {
+                Some(s) if !s.cancelling && Some(s.feed) != wanted => {
+                    self.consume
+                        .basic_cancel(s.tag.as_str().into(), BasicCancelOptions::default())
+                        .await?;
+                    s.cancelling = true;
+                    self.worker.set_consuming(false);
+                    emit(ConsumerPaused {
+                        breaker: state.map_or("none", BreakerState::as_str),
+                    });
                 }
+                None => {
+                    if let Some(feed) = wanted {
+                        let sub = self.worker.subscribe(&self.consume, lane, feed).await?;
+                        self.subs[lane_index(lane)] = Some(sub);
+                        if self.subs.iter().all(Option::is_some) {
+                            self.worker.set_consuming(true);
+                        }
+                    }
+                }
+                Some(_) => {}
             }
-            Some(_) => {}
         }
         Ok(())
+    }
+
+    /// Forgets the running task `id` (its delivery and lane).
+    fn forget(&mut self, id: tokio::task::Id) {
+        if let Some((_, Lane::Bulk)) = self.held.remove(&id) {
+            self.bulk_running = self.bulk_running.saturating_sub(1);
+        }
     }
 
     /// A message task ended; `Some` ends the session when its delivery could not be settled.
@@ -247,11 +286,11 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         self.empty_checks = 0;
         match joined {
             Ok((id, Ok(()))) => {
-                self.held.remove(&id);
+                self.forget(id);
                 None
             }
             Ok((id, Err(e))) => {
-                self.held.remove(&id);
+                self.forget(id);
                 emit(SettleFailed {
                     error: &e,
                     consequence: "the channel is unusable; reconnecting",
@@ -259,61 +298,69 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
                 Some(SessionEnd::Lost(e))
             }
             Err(e) => {
-                self.held.remove(&e.id());
+                self.forget(e.id());
                 emit(MessageTaskFailed { error: &e });
                 None
             }
         }
     }
 
-    /// The consumer yielded `next`: a delivery is started (or parked while the consumer is
-    /// being cancelled); `Some` ends the session when the consumer or channel failed.
+    /// `lane`'s consumer yielded `next`: a delivery is started (or parked while the
+    /// consumer is being cancelled); `Some` ends the session when the consumer or channel
+    /// failed.
     async fn delivered(
         &mut self,
+        lane: Lane,
         next: Option<Result<Delivery, lapin::Error>>,
     ) -> Option<SessionEnd> {
-        let cancelling = self.sub.as_ref().is_some_and(|s| s.cancelling);
+        let sub = &mut self.subs[lane_index(lane)];
+        let cancelling = sub.as_ref().is_some_and(|s| s.cancelling);
         match next {
             Some(Ok(delivery)) if cancelling => {
                 // Prefetched but not started: hand it back without a redelivery (see `park`).
-                if let Err(e) = park(&self.publish, &self.worker.topology, &delivery).await {
+                if let Err(e) = park(&self.publish, &self.worker.topology, lane, &delivery).await {
                     return Some(SessionEnd::Lost(e));
                 }
                 emit(MessageParked);
             }
-            Some(Ok(delivery)) => self.start(delivery),
+            Some(Ok(delivery)) => self.start(delivery, lane),
             Some(Err(e)) => return Some(SessionEnd::Lost(QueueError::Amqp(e))),
-            None if cancelling => self.sub = None,
+            None if cancelling => *sub = None,
             None => {
                 return Some(SessionEnd::Lost(QueueError::ConsumerCancelled {
-                    consumer_tag: self.sub.as_ref().map(|s| s.tag.clone()).unwrap_or_default(),
+                    consumer_tag: sub.as_ref().map(|s| s.tag.clone()).unwrap_or_default(),
                 }));
             }
         }
         None
     }
 
-    /// Starts the task that processes and settles `delivery`, within the byte budget.
-    fn start(&mut self, delivery: Delivery) {
+    /// Starts the task that processes and settles `delivery` of `lane`, within the byte
+    /// budget.
+    fn start(&mut self, delivery: Delivery, lane: Lane) {
         self.last_activity = Instant::now();
         self.empty_checks = 0;
         let delivery = Arc::new(delivery);
         let admitted = self.budget.admit_body(&delivery.data);
         let work = self
             .worker
-            .handle(Arc::clone(&delivery), self.publish.clone());
+            .handle(Arc::clone(&delivery), self.publish.clone(), lane);
         let task = give_up_on_panic(
             work,
             Arc::clone(&delivery),
             self.publish.clone(),
             self.worker.topology.clone(),
+            lane,
             self.worker.config.broker.delivery_limit,
         );
         let spawned = self.tasks.spawn(async move {
             let _admitted = admitted;
             task.await
         });
-        self.held.insert(spawned.id(), delivery);
+        if lane == Lane::Bulk {
+            self.bulk_running += 1;
+        }
+        self.held.insert(spawned.id(), (delivery, lane));
     }
 
     /// With `--exit-when-idle`: after the idle grace, checks the queues; `Some` ends the
@@ -349,8 +396,10 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         self.worker.set_consuming(false);
         match &end {
             SessionEnd::Stopped => {
-                if let Some(sub) = self.sub.take() {
-                    self.hand_back_prefetched(sub).await;
+                for slot in 0..self.subs.len() {
+                    if let Some(sub) = self.subs[slot].take() {
+                        self.hand_back_prefetched(sub).await;
+                    }
                 }
                 self.finish_tasks().await;
             }
@@ -396,13 +445,13 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             }
         }
         let mut handed_back = 0usize;
-        for delivery in self.held.values() {
+        for (delivery, lane) in self.held.values() {
             // A task stopped before settling its delivery: hand it back (a copy at the
             // queue's tail, then ack) so the shutdown does not count as a failed delivery.
             // Processing is idempotent, so a task that had already written its document
             // costs only a repeat.
             if delivery.acker.usable()
-                && park(&self.publish, &self.worker.topology, delivery)
+                && park(&self.publish, &self.worker.topology, *lane, delivery)
                     .await
                     .is_ok()
             {
@@ -432,7 +481,7 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             }
             let mut handed_back = 0usize;
             while let Some(Ok(delivery)) = sub.stream.next().await {
-                if park(&self.publish, &self.worker.topology, &delivery)
+                if park(&self.publish, &self.worker.topology, sub.lane, &delivery)
                     .await
                     .is_err()
                 {
@@ -453,6 +502,22 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
                 confirmed: false,
             },
         });
+    }
+}
+
+/// The index of `lane`'s consumer in [`Session::subs`].
+fn lane_index(lane: Lane) -> usize {
+    match lane {
+        Lane::Live => 0,
+        Lane::Bulk => 1,
+    }
+}
+
+/// The next delivery of `sub`'s consumer; never completes without a consumer.
+async fn next_delivery(sub: &mut Option<Subscription>) -> Option<Result<Delivery, lapin::Error>> {
+    match sub.as_mut() {
+        Some(s) => s.stream.next().await,
+        None => std::future::pending().await,
     }
 }
 
