@@ -314,10 +314,17 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
         provider.requests.load(std::sync::atomic::Ordering::SeqCst)
     );
     assert!(problems.is_empty(), "{problems:#?}");
+    // What the DLQ holds, by kind, tenant and stage, to explain a mismatch.
+    let dlq_list = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
+        .args(["dlq", "list", "--pipeline"])
+        .arg(&file)
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_else(|e| format!("(dlq list failed: {e})"));
     assert_eq!(
         dead_lettered,
         bad.len(),
-        "only the bad messages are dead-lettered"
+        "only the bad messages are dead-lettered; the DLQ holds:\n{dlq_list}"
     );
     assert_eq!(common::pending(&t.config).await, 0);
     t.delete_queues().await;
