@@ -179,16 +179,8 @@ pub async fn open_vector_store(
             let collection = config.store.collection.clone();
             let config = config.clone();
             let fingerprint = fingerprint.clone();
-            let store = tokio::task::spawn_blocking(move || open_store(&config, &fingerprint))
-                .await
-                .map_err(|e| {
-                    StoreError::Unavailable(StoreFailure::caused_by(
-                        "open",
-                        collection,
-                        format!("opening the edge store failed: {e}"),
-                        e,
-                    ))
-                })??;
+            let store =
+                on_blocking_pool(&collection, move || open_store(&config, &fingerprint)).await?;
             Ok(Store::Edge(store))
         }
         StoreKind::Qdrant => Ok(Store::from(
@@ -220,7 +212,7 @@ pub async fn open_existing_store(
             let path = config.store.path.clone();
             let name = collection.to_owned();
             let limits = BatchLimits::from(&config.store);
-            let opened = tokio::task::spawn_blocking(move || {
+            let opened = on_blocking_pool(collection, move || {
                 let recorded = EdgeStore::recorded_fingerprint(&path, &name)?.ok_or_else(|| {
                     StoreError::rejected(format!(
                         "collection {name} does not exist in {} (no rag-ingest collection there)",
@@ -230,15 +222,7 @@ pub async fn open_existing_store(
                 let store = EdgeStore::open(&path, &name, &recorded)?.with_batch_limits(limits);
                 Ok::<_, StoreError>((Store::Edge(store), recorded))
             })
-            .await
-            .map_err(|e| {
-                StoreError::Unavailable(StoreFailure::caused_by(
-                    "open",
-                    collection,
-                    format!("opening the edge store failed: {e}"),
-                    e,
-                ))
-            })??;
+            .await?;
             Ok(opened)
         }
         StoreKind::Qdrant => {
@@ -247,6 +231,30 @@ pub async fn open_existing_store(
                     .await?;
             Ok((Store::from(store), recorded))
         }
+    }
+}
+
+/// Runs `open` (a blocking Qdrant Edge open of `collection`) on the blocking pool.
+///
+/// Fails with `open`'s error, or [`StoreError::Unavailable`] if the task panicked or was
+/// cancelled.
+async fn on_blocking_pool<T, E>(
+    collection: &str,
+    open: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, SetupError>
+where
+    T: Send + 'static,
+    E: Into<SetupError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(open).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(e) => Err(StoreError::Unavailable(StoreFailure::caused_by(
+            "open",
+            collection,
+            format!("opening the edge store failed: {e}"),
+            e,
+        ))
+        .into()),
     }
 }
 
