@@ -146,6 +146,7 @@ impl PointFactory {
                         order: None,
                         tombstone: false,
                         context: None,
+                        page: None,
                     },
                 };
                 byte_start = byte_end + 1;

@@ -17,8 +17,10 @@
 use std::fmt;
 use std::ops::Range;
 
-use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
+use text_splitter::{ChunkConfig, ChunkSizer, CodeSplitter, MarkdownSplitter, TextSplitter};
 use tokenizers::{PostProcessor, Tokenizer};
+
+use crate::language::Language;
 
 /// Bytes of a document tokenised at once by [`DocumentTokens`]: bounds the tokenizer's
 /// transient memory (an `Encoding` holds ~90 bytes per token) for megabyte documents.
@@ -31,6 +33,9 @@ pub enum ChunkFormat {
     Text,
     /// CommonMark/GFM: split at headings, blocks (paragraphs, code fences, lists), then as text.
     Markdown,
+    /// Source code: split along the language's syntax tree (items, functions, blocks,
+    /// statements), then as text.
+    Code(Language),
 }
 
 impl ChunkFormat {
@@ -177,6 +182,20 @@ impl Chunker {
             (Ok(config), ChunkFormat::Markdown) => MarkdownSplitter::new(config)
                 .chunk_indices(content)
                 .collect(),
+            (Ok(config), ChunkFormat::Code(language)) => {
+                match CodeSplitter::new(language.grammar(), config) {
+                    Ok(splitter) => splitter.chunk_indices(content).collect(),
+                    // Only a grammar built for another tree-sitter ABI is refused (a unit
+                    // test loads every grammar); the code is then split as plain text.
+                    Err(_) => match ChunkConfig::new(self.max_tokens)
+                        .with_sizer(&sizer)
+                        .with_overlap(self.overlap)
+                    {
+                        Ok(config) => TextSplitter::new(config).chunk_indices(content).collect(),
+                        Err(_) => vec![(0, content)],
+                    },
+                }
+            }
             // `new` checked `overlap < max_tokens`, all text-splitter asks; were it to refuse
             // anyway, the whole document is cut by the token limit alone.
             (Err(_), _) => vec![(0, content)],

@@ -813,6 +813,14 @@ pub struct LimitsConfig {
     /// chunk, so it is multiplied by the chunk count in memory and on disk. Default 16 KiB.
     #[serde(default = "default_max_metadata_bytes")]
     pub max_metadata_bytes: usize,
+    /// Most pages of an `application/pdf` document; a longer PDF is dead-lettered as
+    /// `content_too_large` before its pages are read. Default 2,000.
+    #[serde(default = "default_max_pdf_pages")]
+    pub max_pdf_pages: usize,
+}
+
+fn default_max_pdf_pages() -> usize {
+    2_000
 }
 
 /// `[retry]`: what happens to transient failures (store or embedder unavailable).
@@ -1587,6 +1595,9 @@ impl LimitsConfig {
                 "limits.max_metadata_bytes",
                 "must be at least 2 (an empty object)".into(),
             ));
+        }
+        if self.max_pdf_pages == 0 {
+            return Err(fail("limits.max_pdf_pages", "must be at least 1".into()));
         }
         Ok(())
     }

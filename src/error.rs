@@ -31,6 +31,17 @@ pub enum ErrorKind {
     InvalidEncoding,
     /// `content_type` is not one the chunker understands.
     UnsupportedContentType,
+    /// A source-code content type names a language without a grammar here
+    /// (`text/x-code; language=cobol`).
+    UnsupportedLanguage,
+    /// The HTML cannot be converted safely (NUL characters, absurdly deep nesting).
+    MalformedHtml,
+    /// The PDF cannot be parsed (not a PDF, a broken page).
+    PdfCorrupt,
+    /// The PDF needs a user password to be opened.
+    PdfEncrypted,
+    /// No page of the PDF holds text (a scan without OCR).
+    PdfNoText,
     /// The chunker failed on this content (a bug; the same input fails again).
     ChunkFailed,
     /// The content exceeds `limits.max_document_bytes`.
@@ -54,7 +65,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order (used by docs checks and metrics).
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 23] = [
         ErrorKind::InvalidJson,
         ErrorKind::InvalidField,
         ErrorKind::UnsupportedSchema,
@@ -64,6 +75,11 @@ impl ErrorKind {
         ErrorKind::EmptyContent,
         ErrorKind::InvalidEncoding,
         ErrorKind::UnsupportedContentType,
+        ErrorKind::UnsupportedLanguage,
+        ErrorKind::MalformedHtml,
+        ErrorKind::PdfCorrupt,
+        ErrorKind::PdfEncrypted,
+        ErrorKind::PdfNoText,
         ErrorKind::ChunkFailed,
         ErrorKind::ContentTooLarge,
         ErrorKind::EmbedderUnavailable,
@@ -87,6 +103,11 @@ impl ErrorKind {
             ErrorKind::EmptyContent => "empty_content",
             ErrorKind::InvalidEncoding => "invalid_encoding",
             ErrorKind::UnsupportedContentType => "unsupported_content_type",
+            ErrorKind::UnsupportedLanguage => "unsupported_language",
+            ErrorKind::MalformedHtml => "malformed_html",
+            ErrorKind::PdfCorrupt => "pdf_corrupt",
+            ErrorKind::PdfEncrypted => "pdf_encrypted",
+            ErrorKind::PdfNoText => "pdf_no_text",
             ErrorKind::ChunkFailed => "chunk_failed",
             ErrorKind::ContentTooLarge => "content_too_large",
             ErrorKind::EmbedderUnavailable => "embedder_unavailable",
@@ -125,6 +146,8 @@ impl fmt::Display for ErrorKind {
 pub enum Stage {
     /// Decoding and validating the message.
     Decode,
+    /// Extracting text from the content (HTML, PDF).
+    Extract,
     /// Splitting the document into chunks.
     Chunk,
     /// Computing embeddings.
@@ -140,6 +163,7 @@ impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Decode => "decode",
+            Stage::Extract => "extract",
             Stage::Chunk => "chunk",
             Stage::Embed => "embed",
             Stage::Store => "store",

@@ -4,16 +4,22 @@
 //! { "schema": 1, "op": "upsert", "tenant_id": "acme", "document_id": "handbook/retries.md",
 //!   "version": 3, "content_type": "text/markdown", "content": "…", "metadata": {}, "request_id": "…" }
 //! ```
+//!
+//! Binary content (a PDF) travels base64-encoded, with `"content_encoding": "base64"`; text
+//! may too. Without `content_encoding`, `content` is the text itself, as it always was.
 //! [`decode`] turns a delivery body into a [`Document`] or a [`Rejection`] whose
 //! [`ErrorKind`] says exactly what was wrong. Every rejection is permanent: the message goes
 //! to the dead-letter queue. Nothing in here panics on any input.
 
 use std::collections::BTreeSet;
 
+use std::borrow::Cow;
+
+use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use crate::chunk::ChunkFormat;
 use crate::error::ErrorKind;
+use crate::extract::{ContentKind, ContentTypeError};
 use crate::tenant::{TenantError, TenantId};
 
 /// The only wire-schema version this build speaks.
@@ -41,6 +47,27 @@ impl Op {
     }
 }
 
+/// How the wire field `content` holds the document's bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ContentEncoding {
+    /// `content` is the text itself (no `content_encoding`, or `"identity"`).
+    #[default]
+    Identity,
+    /// `content` is the bytes in standard base64 (`"content_encoding": "base64"`; padding
+    /// optional, whitespace ignored). Needed for binary content types (`application/pdf`).
+    Base64,
+}
+
+impl ContentEncoding {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentEncoding::Identity => "identity",
+            ContentEncoding::Base64 => "base64",
+        }
+    }
+}
+
 /// A validated document message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
@@ -52,10 +79,14 @@ pub struct Document {
     pub document_id: String,
     /// Optional monotonic version; an older version never overwrites a newer one.
     pub version: Option<u64>,
-    /// MIME type of `content` (`text/plain` or `text/markdown`).
+    /// MIME type of the content: `text/plain`, `text/markdown`, `text/html`,
+    /// `application/pdf` or a source-code type (see [`ContentKind::from_content_type`]).
     pub content_type: String,
-    /// The text (empty for deletes).
+    /// The content as it travels: the text, or its bytes in base64 (see
+    /// [`Document::content_encoding`]). Empty for deletes.
     pub content: String,
+    /// How `content` holds the bytes.
+    pub content_encoding: ContentEncoding,
     /// Free-form metadata stored with every chunk.
     pub metadata: Map<String, Value>,
     /// Correlation id for logs, if the producer set one.
@@ -76,6 +107,7 @@ impl Document {
             version: None,
             content_type: "text/plain".into(),
             content: content.into(),
+            content_encoding: ContentEncoding::Identity,
             metadata: Map::new(),
             request_id: None,
         }
@@ -90,9 +122,70 @@ impl Document {
         }
     }
 
-    /// The chunking format of the content type (`None` if unsupported).
-    pub fn format(&self) -> Option<ChunkFormat> {
-        ChunkFormat::from_content_type(&self.content_type)
+    /// A new upsert of binary (or any) `bytes` of `content_type`, sent base64-encoded; no
+    /// version, no metadata.
+    pub fn upsert_bytes(
+        tenant: TenantId,
+        document_id: impl Into<String>,
+        content_type: impl Into<String>,
+        bytes: &[u8],
+    ) -> Self {
+        Document {
+            content_type: content_type.into(),
+            content_encoding: ContentEncoding::Base64,
+            ..Document::upsert(
+                tenant,
+                document_id,
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+            )
+        }
+    }
+
+    /// How the content type's text is split (`None` if the type is unsupported). For text,
+    /// Markdown and code that text is `content` itself; HTML and PDF must be extracted first
+    /// ([`crate::extract::chunk_document`] does both).
+    pub fn format(&self) -> Option<crate::chunk::ChunkFormat> {
+        self.kind().ok().map(ContentKind::chunk_format)
+    }
+
+    /// What kind of content this is (which extractor and splitter it takes).
+    ///
+    /// Fails with `unsupported_content_type` or `unsupported_language`.
+    pub fn kind(&self) -> Result<ContentKind, Rejection> {
+        ContentKind::from_content_type(&self.content_type).map_err(|e| match e {
+            ContentTypeError::Unsupported(_) => Rejection::new(
+                ErrorKind::UnsupportedContentType,
+                format!("{e}; use {}", ContentKind::SUPPORTED),
+            ),
+            ContentTypeError::UnknownLanguage(_) => {
+                Rejection::new(ErrorKind::UnsupportedLanguage, e.to_string())
+            }
+        })
+    }
+
+    /// The document's bytes: `content` itself, or decoded from base64.
+    ///
+    /// Fails with `invalid_field` if `content` is not valid base64.
+    pub fn bytes(&self) -> Result<Cow<'_, [u8]>, Rejection> {
+        match self.content_encoding {
+            ContentEncoding::Identity => Ok(Cow::Borrowed(self.content.as_bytes())),
+            ContentEncoding::Base64 => decode_base64(&self.content).map(Cow::Owned),
+        }
+    }
+
+    /// The document's text: `content` itself, or its base64 decoded as UTF-8.
+    ///
+    /// Fails with `invalid_field` (not base64) or `invalid_encoding` (not UTF-8).
+    pub fn text(&self) -> Result<Cow<'_, str>, Rejection> {
+        match self.bytes()? {
+            Cow::Borrowed(_) => Ok(Cow::Borrowed(self.content.as_str())),
+            Cow::Owned(bytes) => String::from_utf8(bytes).map(Cow::Owned).map_err(|e| {
+                Rejection::new(
+                    ErrorKind::InvalidEncoding,
+                    format!("the base64 content is not valid UTF-8 ({e})"),
+                )
+            }),
+        }
     }
 
     /// Checks the document exactly as a worker with `rules` will when it arrives: its wire
@@ -120,6 +213,12 @@ impl Document {
                 Value::from(self.content_type.as_str()),
             );
             body.insert("content".into(), Value::from(self.content.as_str()));
+            if self.content_encoding != ContentEncoding::Identity {
+                body.insert(
+                    "content_encoding".into(),
+                    Value::from(self.content_encoding.as_str()),
+                );
+            }
         }
         if !self.metadata.is_empty() {
             body.insert("metadata".into(), Value::Object(self.metadata.clone()));
@@ -230,7 +329,9 @@ pub fn peek_tenant(body: &[u8]) -> Option<String> {
 /// unknown `op`, missing `content` or `schema`, `metadata` over
 /// [`Rules::max_metadata_bytes`]),
 /// `unsupported_schema`, `missing_tenant`, `unknown_tenant`, `invalid_document_id`,
-/// `empty_content`, `unsupported_content_type` or `content_too_large`.
+/// `empty_content`, `unsupported_content_type`, `unsupported_language` or
+/// `content_too_large`. Binary content (a PDF) is checked here only for its encoding and
+/// size: whether it can be read is found out when it is processed (`pdf_corrupt`, …).
 pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
     let obj = parse_object(body, rules)?;
     check_schema(&obj)?;
@@ -243,19 +344,22 @@ pub fn decode(body: &[u8], rules: &Rules) -> Result<Document, Rejection> {
     let content_type =
         optional_string(&obj, "content_type")?.unwrap_or_else(|| "text/plain".to_string());
     let content = field_content(&obj, op)?;
-    if op == Op::Upsert {
-        check_upsert(&content, &content_type, rules)?;
-    }
-    Ok(Document {
+    let content_encoding = field_content_encoding(&obj)?;
+    let doc = Document {
         op,
         tenant,
         document_id,
         version,
         content_type,
         content,
+        content_encoding,
         metadata,
         request_id,
-    })
+    };
+    if op == Op::Upsert {
+        check_upsert(&doc, rules)?;
+    }
+    Ok(doc)
 }
 
 /// The body as a JSON object, within the size any acceptable document can have.
@@ -465,33 +569,91 @@ fn optional_string(obj: &Map<String, Value>, name: &str) -> Result<Option<String
     }
 }
 
-/// The checks of an upsert's content: size, not blank, supported content type.
-fn check_upsert(content: &str, content_type: &str, rules: &Rules) -> Result<(), Rejection> {
-    if content.len() > rules.max_document_bytes {
+/// The checks of an upsert's content: supported content type, encoding, size, not blank.
+fn check_upsert(doc: &Document, rules: &Rules) -> Result<(), Rejection> {
+    let kind = doc.kind()?;
+    if kind.is_binary() && doc.content_encoding == ContentEncoding::Identity {
         return Err(Rejection::new(
-            ErrorKind::ContentTooLarge,
+            ErrorKind::InvalidField,
             format!(
-                "content is {} bytes; limits.max_document_bytes is {}",
-                content.len(),
-                rules.max_document_bytes
+                "{} content is binary: send it base64-encoded with \"content_encoding\": \"base64\"",
+                doc.content_type
             ),
         ));
     }
-    if content.trim().is_empty() {
+    // Identity content is checked before anything is copied; base64 after decoding (it is
+    // at most 4/3 of the decoded size, and the body cap bounds it).
+    let size = match doc.content_encoding {
+        ContentEncoding::Identity => doc.content.len(),
+        ContentEncoding::Base64 => base64_decoded_len(&doc.content),
+    };
+    if size > rules.max_document_bytes {
+        return Err(too_large(size, rules));
+    }
+    let blank = if kind.is_binary() {
+        doc.bytes()?.is_empty()
+    } else {
+        doc.text()?.trim().is_empty()
+    };
+    if blank {
         return Err(Rejection::new(
             ErrorKind::EmptyContent,
             "field `content` is empty",
         ));
     }
-    if ChunkFormat::from_content_type(content_type).is_none() {
-        return Err(Rejection::new(
-            ErrorKind::UnsupportedContentType,
-            format!(
-                "content type {content_type:?} is not supported; use text/plain or text/markdown"
-            ),
-        ));
-    }
     Ok(())
+}
+
+fn too_large(size: usize, rules: &Rules) -> Rejection {
+    Rejection::new(
+        ErrorKind::ContentTooLarge,
+        format!(
+            "content is {size} bytes; limits.max_document_bytes is {}",
+            rules.max_document_bytes
+        ),
+    )
+}
+
+/// The optional `content_encoding` field.
+fn field_content_encoding(obj: &Map<String, Value>) -> Result<ContentEncoding, Rejection> {
+    match optional_string(obj, "content_encoding")?.as_deref() {
+        None | Some("identity") => Ok(ContentEncoding::Identity),
+        Some("base64") => Ok(ContentEncoding::Base64),
+        Some(other) => Err(Rejection::new(
+            ErrorKind::InvalidField,
+            format!("field `content_encoding` is {other:?}; expected \"base64\" or \"identity\""),
+        )),
+    }
+}
+
+/// Bytes `text` decodes to as base64 (whitespace ignored, padding optional); an upper bound
+/// when `text` is not valid base64.
+fn base64_decoded_len(text: &str) -> usize {
+    let symbols = text
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
+        .count();
+    symbols / 4 * 3 + (symbols % 4).saturating_sub(1)
+}
+
+/// Standard base64 with optional padding, ASCII whitespace (line breaks) ignored.
+fn decode_base64(text: &str) -> Result<Vec<u8>, Rejection> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let compact: Cow<'_, str> = if text.bytes().any(|b| b.is_ascii_whitespace()) {
+        Cow::Owned(text.split_ascii_whitespace().collect())
+    } else {
+        Cow::Borrowed(text)
+    };
+    LENIENT.decode(compact.as_bytes()).map_err(|e| {
+        Rejection::new(
+            ErrorKind::InvalidField,
+            format!("field `content` is not valid base64 ({e})"),
+        )
+    })
 }
 
 fn wrong_type(field: &str, expected: &str, got: &Value) -> Rejection {
@@ -607,6 +769,80 @@ mod tests {
         .expect_err("invalid");
         assert_eq!(err.kind, ErrorKind::InvalidField);
         assert!(err.reason.contains("`version`"), "{}", err.reason);
+    }
+
+    #[test]
+    fn binary_content_travels_as_base64_and_is_checked_at_decode() {
+        let tenant = TenantId::new("acme").expect("valid");
+        let pdf = Document::upsert_bytes(tenant.clone(), "a.pdf", "application/pdf", b"%PDF\xff");
+        let back = decode(&pdf.to_wire(), &rules()).expect("valid");
+        assert_eq!(back.content_encoding, ContentEncoding::Base64);
+        assert_eq!(back.bytes().expect("base64").as_ref(), b"%PDF\xff");
+        // Whitespace (MIME line breaks) and missing padding are accepted.
+        let wrapped = r#"{"schema":1,"tenant_id":"acme","document_id":"d","content_type":"text/plain","content_encoding":"base64","content":"aGVs\nbG8"}"#;
+        let doc = decode(wrapped.as_bytes(), &rules()).expect("valid");
+        assert_eq!(doc.text().expect("utf-8"), "hello");
+        let body = |ct: &str, enc: &str, content: &str| {
+            format!(
+                r#"{{"schema":1,"tenant_id":"acme","document_id":"d","content_type":"{ct}"{enc},"content":"{content}"}}"#
+            )
+        };
+        let b64 = r#","content_encoding":"base64""#;
+        for (case, body, kind) in [
+            (
+                "pdf as text",
+                body("application/pdf", "", "%PDF-1.7"),
+                ErrorKind::InvalidField,
+            ),
+            (
+                "not base64",
+                body("application/pdf", b64, "%%%"),
+                ErrorKind::InvalidField,
+            ),
+            (
+                "bad encoding name",
+                body("text/plain", r#","content_encoding":"gzip""#, "x"),
+                ErrorKind::InvalidField,
+            ),
+            (
+                "text not utf-8",
+                body("text/plain", b64, "/w=="),
+                ErrorKind::InvalidEncoding,
+            ),
+            (
+                "empty pdf",
+                body("application/pdf", b64, ""),
+                ErrorKind::EmptyContent,
+            ),
+            (
+                "too large",
+                body("application/pdf", b64, &"A".repeat(140)),
+                ErrorKind::ContentTooLarge,
+            ),
+            (
+                "unknown language",
+                body("text/x-code; language=cobol", "", "x"),
+                ErrorKind::UnsupportedLanguage,
+            ),
+            (
+                "docx",
+                body("application/msword", "", "x"),
+                ErrorKind::UnsupportedContentType,
+            ),
+        ] {
+            let err = decode(body.as_bytes(), &rules()).expect_err(case);
+            assert_eq!(err.kind, kind, "{case}: {err}");
+        }
+    }
+
+    #[test]
+    fn decoded_length_matches_the_decoder() {
+        for n in 0..20usize {
+            let bytes = vec![7u8; n];
+            let text = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            assert_eq!(base64_decoded_len(&text), n, "{text}");
+            assert_eq!(base64_decoded_len(text.trim_end_matches('=')), n);
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::chunk::{Chunk, ChunkFormat, Chunker};
 use crate::context::{self, ChunkContext, ContextMode, Contextualizer};
 use crate::embed::Embedder;
 use crate::error::{ErrorKind, Stage};
+use crate::extract::{self, DocumentChunks, ExtractLimits};
 use crate::message::{Document, Op};
 use crate::sparse::{SparseEncoder, SparseVector};
 use crate::store::{ChunkPayload, ChunkPoint, MAX_SEQ, Order, StoreError, VectorStore, point_id};
@@ -94,6 +95,8 @@ struct ChunkVectors {
 /// A chunk ready to embed: its context, what is embedded, and its keyword vector.
 struct PreparedChunk {
     chunk: Chunk,
+    /// The chunk's page (1-based) in a PDF.
+    page: Option<u32>,
     context: Option<ChunkContext>,
     /// The context and the text ([`context::embed_text`]): what the dense and the sparse
     /// vector are computed from.
@@ -104,6 +107,7 @@ struct PreparedChunk {
 /// Chunks, embeds and stores documents with one embedder and one store.
 pub struct Pipeline<E, S> {
     chunker: Arc<Chunker>,
+    limits: ExtractLimits,
     context: Arc<Contextualizer>,
     sparse: Arc<SparseEncoder>,
     embedder: Arc<E>,
@@ -114,6 +118,7 @@ impl<E, S> Clone for Pipeline<E, S> {
     fn clone(&self) -> Self {
         Pipeline {
             chunker: Arc::clone(&self.chunker),
+            limits: self.limits,
             context: Arc::clone(&self.context),
             sparse: Arc::clone(&self.sparse),
             embedder: Arc::clone(&self.embedder),
@@ -134,6 +139,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     pub fn new(chunker: Arc<Chunker>, embedder: Arc<E>, store: Arc<S>) -> Self {
         Pipeline {
             chunker,
+            limits: ExtractLimits::default(),
             context: Arc::new(Contextualizer::default()),
             sparse: Arc::new(SparseEncoder::bm25()),
             embedder,
@@ -146,6 +152,13 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     /// [`crate::setup::pipeline`] builds it) so that context and chunk fit together.
     pub fn with_context(mut self, context: Contextualizer) -> Self {
         self.context = Arc::new(context);
+        self
+    }
+
+    /// This pipeline, extracting HTML and PDF content within `limits` (default:
+    /// [`ExtractLimits::default`]).
+    pub fn with_extract_limits(mut self, limits: ExtractLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -272,22 +285,15 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             return self.keep_unchanged(doc, stored, order).await;
         }
 
-        let format = doc.format().ok_or_else(|| {
-            Failure::new(
-                ErrorKind::UnsupportedContentType,
-                Stage::Chunk,
-                format!("content type {:?} is not supported", doc.content_type),
-            )
-        })?;
-        let chunks = self.chunk(doc.content.clone(), format).await?;
-        if chunks.is_empty() {
+        let extracted = self.extract_and_chunk(doc).await?;
+        if extracted.chunks.is_empty() {
             return Err(Failure::new(
                 ErrorKind::EmptyContent,
                 Stage::Chunk,
                 "the content produced no chunks",
             ));
         }
-        let chunks = self.prepare(doc, format, chunks).await?;
+        let chunks = self.prepare(doc, extracted).await?;
         let reusable = match stored_chunks {
             Some(count) => self.reusable_vectors(doc, count, &fingerprint).await?,
             None => HashMap::new(),
@@ -301,27 +307,27 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         let mut points: Vec<ChunkPoint> = chunks
             .into_iter()
             .zip(vectors.vectors)
-            .map(|(prepared, vector)| (prepared.chunk, prepared.context, prepared.sparse, vector))
-            .map(|(chunk, context, sparse, vector)| ChunkPoint {
-                id: point_id(&doc.tenant, &doc.document_id, chunk.index),
+            .map(|(prepared, vector)| ChunkPoint {
+                id: point_id(&doc.tenant, &doc.document_id, prepared.chunk.index),
                 vector,
-                sparse: Some(sparse),
+                sparse: Some(prepared.sparse),
                 payload: ChunkPayload {
                     tenant_id: doc.tenant.as_str().to_string(),
                     document_id: doc.document_id.clone(),
                     version: doc.version,
-                    chunk_index: chunk.index,
+                    chunk_index: prepared.chunk.index,
                     chunk_count,
-                    text: chunk.text,
-                    byte_start: chunk.byte_range.start,
-                    byte_end: chunk.byte_range.end,
+                    byte_start: prepared.chunk.byte_range.start,
+                    byte_end: prepared.chunk.byte_range.end,
+                    text: prepared.chunk.text,
                     content_sha256: sha.clone(),
                     metadata: doc.metadata.clone(),
                     embedder: fingerprint.clone(),
                     ingested_at: ingested_at.clone(),
                     order: Some(order),
                     tombstone: false,
-                    context: context.map(|c| c.text),
+                    context: prepared.context.map(|c| c.text),
+                    page: prepared.page,
                 },
             })
             .collect();
@@ -590,31 +596,39 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         Ok(None)
     }
 
-    /// Each chunk's context (from `doc`'s title and, for Markdown, the headings above it),
-    /// the text to embed and its keyword vector, on the blocking pool (tokenising and
-    /// stemming take CPU time).
+    /// Each chunk's context (from `doc`'s title — or the title found in the content — and,
+    /// for Markdown and HTML, the headings above it), the text to embed and its keyword
+    /// vector, on the blocking pool (tokenising and stemming take CPU time).
     async fn prepare(
         &self,
         doc: &Document,
-        format: ChunkFormat,
-        chunks: Vec<Chunk>,
+        extracted: DocumentChunks,
     ) -> Result<Vec<PreparedChunk>, Failure> {
         let contextualizer = Arc::clone(&self.context);
         let sparse = Arc::clone(&self.sparse);
-        let content = doc.content.clone();
-        let title = context::title(&doc.metadata).map(str::to_owned);
+        let title = context::title(&doc.metadata)
+            .map(str::to_owned)
+            .or(extracted.title);
         tokio::task::spawn_blocking(move || {
-            let markdown = format == ChunkFormat::Markdown;
-            let contexts = contextualizer.contexts(&content, markdown, title.as_deref(), &chunks);
-            chunks
+            let markdown = extracted.kind.chunk_format() == ChunkFormat::Markdown;
+            let contexts = contextualizer.contexts(
+                &extracted.text,
+                markdown,
+                title.as_deref(),
+                &extracted.chunks,
+            );
+            extracted
+                .chunks
                 .into_iter()
+                .zip(extracted.pages)
                 .zip(contexts)
-                .map(|(chunk, context)| {
+                .map(|((chunk, page), context)| {
                     let embed_text =
                         context::embed_text(context.as_ref().map(|c| c.text.as_str()), &chunk.text);
                     let sparse = sparse.document(&embed_text);
                     PreparedChunk {
                         chunk,
+                        page,
                         context,
                         embed_text,
                         sparse,
@@ -632,9 +646,13 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         })
     }
 
-    async fn chunk(&self, content: String, format: ChunkFormat) -> Result<Vec<Chunk>, Failure> {
+    /// Extracts `doc`'s text (HTML, PDF) and chunks it, on the blocking pool
+    /// ([`extract::chunk_document`]).
+    async fn extract_and_chunk(&self, doc: &Document) -> Result<DocumentChunks, Failure> {
         let chunker = Arc::clone(&self.chunker);
-        tokio::task::spawn_blocking(move || chunker.split(&content, format))
+        let limits = self.limits;
+        let doc = doc.clone();
+        tokio::task::spawn_blocking(move || extract::chunk_document(&chunker, &doc, &limits))
             .await
             .map_err(|e| {
                 Failure::new(
@@ -642,7 +660,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                     Stage::Chunk,
                     format!("chunking failed: {e}"),
                 )
-            })
+            })?
     }
 }
 

@@ -83,6 +83,9 @@ pub struct SearchHit {
     /// The context embedded with the chunk (title and heading path), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// The chunk's page (1-based) in a PDF document.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
 }
 
 /// How many results and which: `top_k`, exact metadata matches, a minimum score.
@@ -243,6 +246,7 @@ impl<E: Embedder, S: VectorStore> Searcher<E, S> {
                 byte_range: h.payload.byte_start..h.payload.byte_end,
                 metadata: h.payload.metadata,
                 context: h.payload.context,
+                page: h.payload.page,
             })
             .collect())
     }

@@ -332,7 +332,11 @@ pub async fn pipeline(config: &PipelineConfig) -> Result<Pipeline<AnyEmbedder, S
     let context = contextualizer(config, &embedder)?;
     let give_up = std::time::Duration::from_secs(config.worker.reconnect_give_up_secs);
     let store = open_vector_store_waiting(config, embedder.fingerprint(), give_up).await?;
-    Ok(Pipeline::new(Arc::new(chunker), Arc::new(embedder), Arc::new(store)).with_context(context))
+    Ok(
+        Pipeline::new(Arc::new(chunker), Arc::new(embedder), Arc::new(store))
+            .with_context(context)
+            .with_extract_limits(crate::extract::ExtractLimits::from_config(config)),
+    )
 }
 
 /// Chunk size the chunker cuts to: `chunking.max_tokens` minus the tokens

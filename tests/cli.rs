@@ -244,6 +244,85 @@ async fn submit_refuses_what_the_worker_would_reject_and_publishes_nothing() {
     assert!(!main_queue_exists(&t).await, "nothing may be published");
 }
 
+#[tokio::test]
+async fn submit_types_html_pdf_and_code_by_extension_and_refuses_an_encrypted_pdf() {
+    let mut t = TestPipeline::new("cli-types", "");
+    t.config.limits.max_document_bytes = 1 << 20;
+    let path = write_config(&t);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let docs = t.dir.path().join("docs");
+    std::fs::create_dir_all(&docs).expect("mkdir");
+    let files = [
+        "qemu-nbd.html",
+        "owner-password-only.pdf",
+        "semver_eval.rs",
+        "textwrap.py",
+        "zod_util.js",
+        "zod_error.d.ts",
+        "persistent_https_client.go",
+    ];
+    for file in files {
+        std::fs::copy(
+            root.join("fixtures/docs/content").join(file),
+            docs.join(file),
+        )
+        .expect("copy");
+    }
+    // A Word file is skipped (and said so), not sent.
+    std::fs::write(docs.join("notes.docx"), b"PK\x03\x04").expect("write");
+    let out = run_ok(
+        bin()
+            .args(["submit", "--dry-run", "--pipeline"])
+            .arg(&path)
+            .args(["--tenant", "acme"])
+            .arg(&docs),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("dry run: 7 document(s)"), "{stdout}");
+    for file in files {
+        let chunks: usize = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{file}\t")))
+            .and_then(|l| l.split('\t').nth(1))
+            .and_then(|c| c.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{file} not reported: {stdout}"));
+        assert!(chunks > 0, "{file}: {stdout}");
+    }
+    assert!(
+        stderr.contains("notes.docx"),
+        "the skipped file is named: {stderr}"
+    );
+
+    // An encrypted PDF is refused before anything is published, with its kind.
+    let message =
+        std::fs::read(root.join("fixtures/messages/unreadable/pdf_encrypted--user_password.json"))
+            .expect("fixture");
+    let message: serde_json::Value = serde_json::from_slice(&message).expect("json");
+    let doc = rag_ingest::message::decode(
+        message.to_string().as_bytes(),
+        &rag_ingest::message::Rules::from_config(&t.config),
+    )
+    .expect("decodes");
+    std::fs::write(docs.join("locked.pdf"), doc.bytes().expect("base64")).expect("write");
+    let out = bin()
+        .args(["submit", "--pipeline"])
+        .arg(&path)
+        .args(["--tenant", "acme"])
+        .arg(&docs)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("locked.pdf") && l.contains("pdf_encrypted")),
+        "{err}"
+    );
+    assert!(!main_queue_exists(&t).await, "nothing may be published");
+}
+
 #[test]
 fn submit_walks_a_symlink_loop_once_and_says_what_it_skipped() {
     let t = TestPipeline::new("cli-loop", "");
@@ -254,7 +333,7 @@ fn submit_walks_a_symlink_loop_once_and_says_what_it_skipped() {
     std::fs::write(docs.join("sub/b.txt"), "Second document.").expect("write");
     std::os::unix::fs::symlink("..", docs.join("sub/up")).expect("symlink");
     std::os::unix::fs::symlink(".", docs.join("self")).expect("symlink");
-    std::fs::write(docs.join("notes.pdf"), "not text").expect("write");
+    std::fs::write(docs.join("notes.docx"), "not text").expect("write");
     let out = run_ok(
         bin()
             .args(["submit", "--dry-run", "--pipeline"])
@@ -270,7 +349,7 @@ fn submit_walks_a_symlink_loop_once_and_says_what_it_skipped() {
         .filter_map(|l| l.split('\t').next())
         .collect();
     assert_eq!(ids, ["a.md", "sub/b.txt"], "each file once: {stdout}");
-    for skipped in ["self", "up", "notes.pdf"] {
+    for skipped in ["self", "up", "notes.docx"] {
         assert!(
             err.lines().any(|l| l.contains(skipped)),
             "{skipped} not reported as skipped: {err}"

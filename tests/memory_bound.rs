@@ -124,6 +124,7 @@ async fn child(dir: &Path) {
                 order: None,
                 tombstone: false,
                 context: None,
+                page: None,
             },
         })
         .collect();

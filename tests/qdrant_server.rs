@@ -270,6 +270,7 @@ fn big_points(t: &TenantId, doc: &str, n: usize, text_len: usize) -> Vec<ChunkPo
                     order: None,
                     tombstone: false,
                     context: None,
+                    page: None,
                 },
             }
         })

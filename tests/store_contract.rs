@@ -321,6 +321,7 @@ fn points(
                     order: None,
                     tombstone: false,
                     context: None,
+                    page: None,
                 },
                 sparse: None,
             }

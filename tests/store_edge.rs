@@ -47,6 +47,7 @@ fn payload(tenant: &TenantId, doc: &str, index: usize, count: usize, sha: &str) 
         order: None,
         tombstone: false,
         context: None,
+        page: None,
     }
 }
 

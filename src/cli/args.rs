@@ -153,7 +153,9 @@ pub struct SubmitArgs {
     /// Document id (required for stdin; only with a single input).
     #[arg(long)]
     pub document_id: Option<String>,
-    /// Content type (default: from the extension; .md → text/markdown, else text/plain).
+    /// Content type (default: from the extension: .md/.markdown → text/markdown, .txt/.text →
+    /// text/plain, .html/.htm → text/html, .pdf → application/pdf (sent base64), .rs .py .js
+    /// .ts .go → source code; stdin defaults to text/plain).
     #[arg(long)]
     pub content_type: Option<String>,
     /// Document version (monotonic per document).

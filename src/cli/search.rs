@@ -38,20 +38,22 @@ pub async fn run(args: SearchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line of the table: rank, score, ranks per branch, document, version, chunk, byte
-/// range, snippet.
+/// One line of the table: rank, score, ranks per branch, document, version, PDF page, chunk,
+/// byte range, snippet.
 fn table_row(rank: usize, h: &SearchHit) -> String {
     let snippet: String = h.text.split_whitespace().collect::<Vec<_>>().join(" ");
     let snippet: String = snippet.chars().take(160).collect();
     let version = h.version.map(|v| format!(" v{v}")).unwrap_or_default();
+    let page = h.page.map(|p| format!(" p.{p}")).unwrap_or_default();
     let branch = |rank: Option<usize>| rank.map_or("-".to_owned(), |r| r.to_string());
     format!(
-        "{rank:>2}. {:.3} (dense {}, sparse {})  {}{} #{} [{}..{}]  {}",
+        "{rank:>2}. {:.3} (dense {}, sparse {})  {}{}{} #{} [{}..{}]  {}",
         h.score,
         branch(h.ranks.dense),
         branch(h.ranks.sparse),
         h.document_id,
         version,
+        page,
         h.chunk_index,
         h.byte_range.start,
         h.byte_range.end,

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use rag_ingest::config::PipelineConfig;
 use rag_ingest::embed::Embedder;
+use rag_ingest::extract::{self, ContentKind, ExtractLimits};
 use rag_ingest::lane::Lane;
 use rag_ingest::message::{Document, Rules};
 use rag_ingest::queue::Submitter;
@@ -40,6 +41,7 @@ pub async fn run(args: SubmitArgs) -> Result<ExitCode> {
     }
     let lane = if args.bulk { Lane::Bulk } else { Lane::Live };
     let rules = Rules::from_config(&config);
+    let limits = ExtractLimits::from_config(&config);
     let inputs = Inputs {
         tenant: &tenant,
         document_id: args.document_id,
@@ -57,6 +59,11 @@ pub async fn run(args: SubmitArgs) -> Result<ExitCode> {
             collected.problems.push(format!(
                 "{}: {} ({})",
                 doc.document_id, rejection.reason, rejection.kind
+            ));
+        } else if let Err(failure) = extract::preflight(doc, &limits) {
+            collected.problems.push(format!(
+                "{}: {} ({})",
+                doc.document_id, failure.reason, failure.kind
             ));
         }
     }
@@ -207,10 +214,8 @@ impl Inputs<'_> {
                 self.max_bytes
             );
         }
-        let content = String::from_utf8(bytes).context("stdin is not valid UTF-8")?;
-        let mut doc = Document::upsert(self.tenant.clone(), id, content);
-        doc.content_type = self.content_type.unwrap_or("text/plain").to_string();
-        Ok(doc)
+        let content_type = self.content_type.unwrap_or("text/plain");
+        document(self.tenant, id, content_type, bytes).map_err(|e| anyhow::anyhow!("stdin: {e}"))
     }
 
     /// The document in file `path`, or the problem that keeps it out.
@@ -218,7 +223,8 @@ impl Inputs<'_> {
         let shown = path.display();
         let Some(content_type) = self.content_type.or_else(|| content_type_for(path)) else {
             return Err(format!(
-                "{shown}: unsupported extension (use .md, .txt or --content-type)"
+                "{shown}: unsupported extension (use one of {} or --content-type)",
+                ContentKind::EXTENSIONS
             ));
         };
         let size = std::fs::metadata(path)
@@ -231,10 +237,7 @@ impl Inputs<'_> {
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
-        let content = String::from_utf8(bytes).map_err(|_| format!("{shown}: not valid UTF-8"))?;
-        let mut doc = Document::upsert(self.tenant.clone(), id, content);
-        doc.content_type = content_type.to_string();
-        Ok(doc)
+        document(self.tenant, id, content_type, bytes).map_err(|e| format!("{shown}: {e}"))
     }
 }
 
@@ -281,7 +284,7 @@ impl Walk {
             } else if !path.is_file() {
                 skipped.push((path, "not a regular file (or a broken symlink)"));
             } else if content_type_for(&path).is_none() {
-                skipped.push((path, "unsupported extension (.md, .markdown, .txt, .text)"));
+                skipped.push((path, "unsupported extension"));
             } else if std::fs::canonicalize(&path).is_ok_and(|c| !self.seen.insert(c)) {
                 skipped.push((path, "same file as one already taken (a symlink)"));
             } else {
@@ -293,13 +296,36 @@ impl Walk {
     }
 }
 
-/// Content type for a file extension, if the chunker supports it.
+/// Content type for a file extension, if the worker reads it
+/// ([`ContentKind::content_type_for_extension`]).
 fn content_type_for(path: &Path) -> Option<&'static str> {
-    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
-        "md" | "markdown" => Some("text/markdown"),
-        "txt" | "text" => Some("text/plain"),
-        _ => None,
+    ContentKind::content_type_for_extension(path.extension()?.to_str()?)
+}
+
+/// The upsert of `bytes` as `content_type`: text travels as it is, binary content (PDF) in
+/// base64.
+///
+/// Fails if the content type is not supported, or text content is not UTF-8.
+fn document(
+    tenant: &TenantId,
+    id: String,
+    content_type: &str,
+    bytes: Vec<u8>,
+) -> Result<Document, String> {
+    let kind = ContentKind::from_content_type(content_type).map_err(|e| e.to_string())?;
+    if kind.is_binary() {
+        return Ok(Document::upsert_bytes(
+            tenant.clone(),
+            id,
+            content_type,
+            &bytes,
+        ));
     }
+    let content = String::from_utf8(bytes)
+        .map_err(|_| format!("not valid UTF-8 (required for {content_type})"))?;
+    let mut doc = Document::upsert(tenant.clone(), id, content);
+    doc.content_type = content_type.to_string();
+    Ok(doc)
 }
 
 /// `path` with forward slashes and without a leading `./`: the default document id.
@@ -313,14 +339,11 @@ fn dry_run_report(config: &PipelineConfig, docs: &[Document]) -> Result<ExitCode
     let embedder = setup::embedder(config)?;
     let chunker = setup::chunker_for(config, &embedder)?;
     let (mut chunks, mut tokens) = (0usize, 0usize);
+    let limits = ExtractLimits::from_config(config);
     for doc in docs {
-        let format = doc.format().with_context(|| {
-            format!(
-                "{}: content type {} is not supported",
-                doc.document_id, doc.content_type
-            )
-        })?;
-        let pieces = chunker.split(&doc.content, format);
+        let pieces = extract::chunk_document(&chunker, doc, &limits)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", doc.document_id))?
+            .chunks;
         let doc_tokens: usize = pieces.iter().map(|c| c.tokens).sum();
         println!(
             "{}\t{} chunk(s)\t{} token(s)",

@@ -170,7 +170,8 @@ pub struct ChunkPayload {
     pub chunk_count: usize,
     /// The chunk text.
     pub text: String,
-    /// Byte offset of the chunk's first byte in the source content.
+    /// Byte offset of the chunk's first byte in the document's text (the content itself for
+    /// text, Markdown and code; the extracted text for HTML and PDF).
     pub byte_start: usize,
     /// Byte offset one past the chunk's last byte in the source content.
     pub byte_end: usize,
@@ -197,6 +198,9 @@ pub struct ChunkPayload {
     /// chunk's own bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// The chunk's page (1-based) in a PDF document; `None` for other content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
 }
 
 impl ChunkPayload {
@@ -235,6 +239,7 @@ impl ChunkPayload {
             order: Some(order),
             tombstone: true,
             context: None,
+            page: None,
         }
     }
 

@@ -74,6 +74,7 @@ pub fn version_points(doc: usize, version: u64) -> Vec<ChunkPoint> {
                 order: None,
                 tombstone: false,
                 context: None,
+                page: None,
             },
         })
         .collect()
