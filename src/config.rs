@@ -401,9 +401,10 @@ pub struct EmbedderConfig {
     pub model_dir: PathBuf,
     /// candle: texts per forward pass; openai: most texts per HTTP request.
     pub batch_size: usize,
-    /// candle: arithmetic of the linear layers, `f32` (default, the reference vectors) or
-    /// `bf16` (about 1.5× faster on CPUs with AVX-512 BF16; vectors within cosine 0.999 of
-    /// f32's). Unused by openai.
+    /// candle: arithmetic of the linear layers: `auto` (default: bf16 where the CPU has
+    /// AVX-512 BF16 and a load-time self-check keeps cosine ≥ 0.9999 to f32, else f32), `f32`
+    /// (the reference vectors) or `bf16` (about 1.6× faster on CPUs with AVX-512 BF16; fails
+    /// to load elsewhere). Unused by openai.
     #[serde(default)]
     pub precision: Precision,
     /// openai: endpoint root; requests go to `{base_url}/v1/embeddings` (a trailing `/v1` is
@@ -557,7 +558,7 @@ impl EmbedderConfig {
                 }
             }
             EmbedderKind::OpenAi => {
-                if self.precision != Precision::F32 {
+                if self.precision == Precision::Bf16 {
                     return Err(fail(
                         &field("precision"),
                         "is only for kind \"candle\" (a remote provider computes its own vectors)"
@@ -1739,9 +1740,14 @@ max_document_bytes = 1000
     }
 
     #[test]
-    fn precision_is_f32_unless_set_and_unknown_values_are_named() {
+    fn precision_is_auto_unless_set_and_unknown_values_are_named() {
         assert_eq!(
             parse(GOOD).expect("valid").embedder.precision,
+            Precision::Auto
+        );
+        let f32 = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"f32\"");
+        assert_eq!(
+            parse(&f32).expect("valid").embedder.precision,
             Precision::F32
         );
         let bf16 = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"bf16\"");

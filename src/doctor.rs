@@ -134,7 +134,19 @@ async fn model(embedder: &crate::embed::AnyEmbedder) -> Check {
         .await
     {
         Ok(v) if v.len() == 1 && v[0].len() == embedder.fingerprint().dims => {
-            Check::pass("model", format!("{fp} embedded a test sentence"))
+            let precision = match embedder {
+                crate::embed::AnyEmbedder::Candle(candle) => {
+                    let choice = candle.precision();
+                    format!(
+                        " (precision {}, requested {}: {})",
+                        choice.running.as_str(),
+                        choice.requested.as_str(),
+                        choice.reason
+                    )
+                }
+                _ => String::new(),
+            };
+            Check::pass("model", format!("{fp} embedded a test sentence{precision}"))
         }
         Ok(v) => Check::fail(
             "model",

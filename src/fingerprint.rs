@@ -55,11 +55,27 @@ impl Fingerprint {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// f32 weights and activations: the reference vectors.
+    /// The default: [`Precision::Bf16`] where the CPU has AVX-512 BF16 and the model passes
+    /// a fidelity self-check at load time (a few built-in sentences embedded both ways, every
+    /// cosine ≥ 0.9999 to f32), else [`Precision::F32`]. Resolved once, when the model loads.
+    /// All three share one vector space: the collection fingerprint does not change.
     #[default]
+    Auto,
+    /// f32 weights and activations: the reference vectors.
     F32,
     /// bf16 weights (converted once at load) times bf16 activations, accumulated in f32
     /// with AVX-512 BF16 (`vdpbf16ps`): faster, with vectors within cosine 0.999 of
     /// [`Precision::F32`]'s. Needs a CPU with the `avx512f` and `avx512bf16` features.
     Bf16,
+}
+
+impl Precision {
+    /// The configuration name (`auto`, `f32`, `bf16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }

@@ -162,3 +162,63 @@ fn bf16_vectors_do_not_depend_on_the_batch() {
         }
     }
 }
+
+/// `auto` runs bf16 where the CPU has AVX-512 BF16 (the self-check passes on this model),
+/// with exactly the vectors of an explicit bf16 model; elsewhere it runs f32, saying why.
+#[test]
+fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
+    let dir = model_dir();
+    let auto = CandleEmbedder::load_with_precision(&dir, 8, Precision::Auto).expect("load auto");
+    let choice = auto.precision().clone();
+    assert_eq!(choice.requested, Precision::Auto);
+    let texts = [
+        "retries with exponential backoff",
+        "ok",
+        "Die Wartung beginnt am Montag.",
+    ];
+    match load_bf16(8) {
+        Some(bf16) => {
+            assert_eq!(choice.running, Precision::Bf16, "{}", choice.reason);
+            assert!(choice.reason.contains("self-check"), "{}", choice.reason);
+            assert_eq!(
+                auto.embed_blocking(&texts).expect("auto"),
+                bf16.embed_blocking(&texts).expect("bf16"),
+                "auto's bf16 is the bf16 forward pass"
+            );
+        }
+        None => {
+            assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+            assert!(choice.reason.contains("lacks"), "{}", choice.reason);
+        }
+    }
+}
+
+/// A self-check that bf16 cannot pass keeps f32: the vectors are exactly the reference ones.
+#[test]
+fn auto_keeps_f32_when_the_self_check_fails() {
+    let dir = model_dir();
+    // No cosine exceeds 1: a threshold above it fails on any CPU.
+    let strict = CandleEmbedder::load_auto(&dir, 8, 1.5).expect("load");
+    let choice = strict.precision().clone();
+    assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+    let f32 = CandleEmbedder::load(&dir, 8).expect("f32");
+    let texts = rag_ingest::embed::SELF_CHECK_TEXTS;
+    assert_eq!(
+        strict.embed_blocking(&texts).expect("auto"),
+        f32.embed_blocking(&texts).expect("f32")
+    );
+    // And the real threshold holds on the self-check texts wherever bf16 runs.
+    if let Some(bf16) = load_bf16(8) {
+        let a = f32.embed_blocking(&texts).expect("f32");
+        let b = bf16.embed_blocking(&texts).expect("bf16");
+        let least = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| cosine(x, y))
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            least >= rag_ingest::embed::AUTO_MIN_COSINE,
+            "least cosine {least}"
+        );
+    }
+}

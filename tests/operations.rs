@@ -385,6 +385,8 @@ async fn every_metric_family_is_described_and_present_at_start() {
         ![
             rag_ingest::telemetry::names::BREAKER_OPEN,
             rag_ingest::telemetry::names::BUDGET_REMAINING,
+            // Set when the model has loaded, checked below.
+            rag_ingest::telemetry::names::EMBEDDER_PRECISION,
         ]
         .contains(*n)
     }) {
@@ -405,6 +407,19 @@ async fn every_metric_family_is_described_and_present_at_start() {
         missing.is_empty(),
         "families missing at start: {missing:?}\n{body}"
     );
+    // Once the model is loaded, the precision it runs in (the default asks for `auto`).
+    let precision = rag_ingest::telemetry::names::EMBEDDER_PRECISION;
+    eventually(Duration::from_secs(120), "the precision gauge", || async {
+        get(addr, "/metrics").await.is_some_and(|(_, body)| {
+            body.lines().any(|l| {
+                l.starts_with(&format!("{precision}{{"))
+                    && l.contains("requested=\"auto\"")
+                    && (l.contains("running=\"bf16\"") || l.contains("running=\"f32\""))
+                    && l.ends_with(" 1")
+            })
+        })
+    })
+    .await;
     for kind in rag_ingest::error::ErrorKind::ALL {
         assert!(
             body.lines()

@@ -58,6 +58,51 @@ const SENTENCE_BERT_FILE: &str = "sentence_bert_config.json";
 pub struct CandleEmbedder {
     inner: Arc<Inner>,
     requests: mpsc::Sender<Request>,
+    precision: Arc<PrecisionChoice>,
+}
+
+/// The precision a [`CandleEmbedder`] runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrecisionChoice {
+    /// What the configuration asked for.
+    pub requested: Precision,
+    /// What the forward pass computes in ([`Precision::F32`] or [`Precision::Bf16`]).
+    pub running: Precision,
+    /// Why, in a sentence (the CPU features, the self-check's least cosine).
+    pub reason: String,
+}
+
+/// Least cosine between the bf16 and f32 vectors of [`SELF_CHECK_TEXTS`] for
+/// `precision = "auto"` to run bf16.
+pub const AUTO_MIN_COSINE: f64 = 0.9999;
+
+/// The texts `precision = "auto"` embeds both ways at load time: short and long, prose,
+/// code, numbers and non-English text.
+pub const SELF_CHECK_TEXTS: [&str; 6] = [
+    "How do I reset my password?",
+    "ok",
+    "The worker acknowledges a delivery only after the vector store has confirmed the write, \
+     so a crash between the two redelivers the message and the deterministic point ids make \
+     the second write overwrite the first instead of duplicating it.",
+    "fn backoff(attempt: u32) -> Duration { Duration::from_millis(100 << attempt.min(10)) }",
+    "Invoice 2024-0117: 3 × 19.99 EUR, VAT 21 %, total 72.56 EUR, due 2024-02-15.",
+    "Die Wartung beginnt am Montag um 6 Uhr; während dieser Zeit ist der Dienst nicht erreichbar.",
+];
+
+/// Cosine similarity of two vectors (0 when either is zero).
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na.sqrt() * nb.sqrt())
+    }
 }
 
 /// The loaded model; shared by the embedding thread and [`CandleEmbedder::embed_blocking`].
@@ -109,19 +154,95 @@ impl CandleEmbedder {
         Self::load_with_precision(model_dir, batch_size, Precision::F32)
     }
 
-    /// [`CandleEmbedder::load`], with the linear layers computed in `precision`.
+    /// [`CandleEmbedder::load`], with the linear layers computed in `precision`
+    /// ([`Precision::Auto`] resolves as [`CandleEmbedder::load_auto`] with
+    /// [`AUTO_MIN_COSINE`]).
     ///
     /// # Errors
     ///
     /// Those of [`CandleEmbedder::load`], and [`EmbedError::ModelLoad`] naming the missing
     /// CPU features if this CPU cannot compute in `precision` (checked before anything is
-    /// read; there is no fallback to another precision).
+    /// read; an explicit precision has no fallback).
     pub fn load_with_precision(
         model_dir: &Path,
         batch_size: usize,
         precision: Precision,
     ) -> Result<Self, EmbedError> {
-        let inner = Arc::new(Inner::load(model_dir, batch_size.max(1), precision)?);
+        if precision == Precision::Auto {
+            return Self::load_auto(model_dir, batch_size, AUTO_MIN_COSINE);
+        }
+        let inner = Inner::load(model_dir, batch_size.max(1), precision)?;
+        let choice = PrecisionChoice {
+            requested: precision,
+            running: precision,
+            reason: "set in the configuration".to_owned(),
+        };
+        Self::start(model_dir, inner, choice)
+    }
+
+    /// What `precision = "auto"` loads: the bf16 forward pass if this CPU has AVX-512 BF16
+    /// and, on [`SELF_CHECK_TEXTS`], every bf16 vector has cosine at least `min_cosine` to
+    /// the f32 one; else the f32 forward pass. Both passes are loaded for the check; the one
+    /// not chosen is dropped at once. [`CandleEmbedder::precision`] says which runs and why.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`CandleEmbedder::load`], or [`EmbedError::Inference`] if the self-check
+    /// cannot run.
+    pub fn load_auto(
+        model_dir: &Path,
+        batch_size: usize,
+        min_cosine: f64,
+    ) -> Result<Self, EmbedError> {
+        let batch_size = batch_size.max(1);
+        let f32 = Inner::load(model_dir, batch_size, Precision::F32)?;
+        if let Some(missing) = bf16::missing_features() {
+            let choice = PrecisionChoice {
+                requested: Precision::Auto,
+                running: Precision::F32,
+                reason: format!("this CPU lacks {missing} for bf16"),
+            };
+            return Self::start(model_dir, f32, choice);
+        }
+        let bf16 = Inner::load(model_dir, batch_size, Precision::Bf16)?;
+        let reference = f32.embed(&SELF_CHECK_TEXTS)?;
+        let reduced = bf16.embed(&SELF_CHECK_TEXTS)?;
+        let least = reference
+            .iter()
+            .zip(&reduced)
+            .map(|(a, b)| cosine(a, b))
+            .fold(f64::INFINITY, f64::min);
+        let (inner, choice) = if least >= min_cosine {
+            drop(f32);
+            (
+                bf16,
+                PrecisionChoice {
+                    requested: Precision::Auto,
+                    running: Precision::Bf16,
+                    reason: format!(
+                        "AVX-512 BF16 present; self-check min cosine {least:.6} >= {min_cosine}"
+                    ),
+                },
+            )
+        } else {
+            drop(bf16);
+            (
+                f32,
+                PrecisionChoice {
+                    requested: Precision::Auto,
+                    running: Precision::F32,
+                    reason: format!(
+                        "bf16 self-check min cosine {least:.6} < {min_cosine}: kept f32"
+                    ),
+                },
+            )
+        };
+        Self::start(model_dir, inner, choice)
+    }
+
+    /// Starts the embedding thread over `inner` and reports the load.
+    fn start(model_dir: &Path, inner: Inner, choice: PrecisionChoice) -> Result<Self, EmbedError> {
+        let inner = Arc::new(inner);
         let (requests, receiver) = mpsc::channel();
         let worker_inner = Arc::clone(&inner);
         thread::Builder::new()
@@ -136,10 +257,21 @@ impl CandleEmbedder {
             dims: inner.fingerprint.dims,
             max_seq_length: inner.max_seq_length,
             batch_size: inner.batch_size,
-            precision: &format!("{precision:?}"),
+            precision: choice.running.as_str(),
+            requested_precision: choice.requested.as_str(),
+            precision_reason: &choice.reason,
             dir: &model_dir.display().to_string(),
         });
-        Ok(Self { inner, requests })
+        Ok(Self {
+            inner,
+            requests,
+            precision: Arc::new(choice),
+        })
+    }
+
+    /// Which precision the forward pass runs in, what was asked for, and why.
+    pub fn precision(&self) -> &PrecisionChoice {
+        &self.precision
     }
 
     /// Embeds `texts` synchronously on the caller's thread, returning one L2-normalised
@@ -174,6 +306,7 @@ impl fmt::Debug for CandleEmbedder {
             .field("fingerprint", &self.inner.fingerprint)
             .field("max_seq_length", &self.inner.max_seq_length)
             .field("batch_size", &self.inner.batch_size)
+            .field("precision", &self.precision.running)
             .finish_non_exhaustive()
     }
 }

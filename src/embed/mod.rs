@@ -13,7 +13,7 @@ mod openai;
 pub mod rate;
 
 pub use any::AnyEmbedder;
-pub use candle::CandleEmbedder;
+pub use candle::{AUTO_MIN_COSINE, CandleEmbedder, PrecisionChoice, SELF_CHECK_TEXTS};
 pub use failover::FailoverEmbedder;
 pub use openai::{ApiKey, OpenAiEmbedder, OpenAiOptions};
 

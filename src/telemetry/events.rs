@@ -740,8 +740,12 @@ pub struct ModelLoaded<'a> {
     pub max_seq_length: usize,
     /// Chunks per forward pass.
     pub batch_size: usize,
-    /// The precision the forward pass runs in.
+    /// The precision the forward pass runs in (`f32` or `bf16`).
     pub precision: &'a str,
+    /// The precision the configuration asked for (`auto`, `f32` or `bf16`).
+    pub requested_precision: &'a str,
+    /// Why that precision runs.
+    pub precision_reason: &'a str,
     /// Where the model files are.
     pub dir: &'a str,
 }
@@ -755,9 +759,17 @@ impl InternalEvent for ModelLoaded<'_> {
             max_seq_length = self.max_seq_length,
             batch_size = self.batch_size,
             precision = self.precision,
+            requested_precision = self.requested_precision,
+            precision_reason = self.precision_reason,
             dir = self.dir,
             "embedding model loaded"
         );
+        metrics::gauge!(
+            names::EMBEDDER_PRECISION,
+            "requested" => self.requested_precision.to_owned(),
+            "running" => self.precision.to_owned()
+        )
+        .set(1.0);
     }
 }
 

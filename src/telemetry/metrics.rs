@@ -47,9 +47,12 @@ pub mod names {
     pub const BUDGET_EXHAUSTED: &str = "rag_ingest_tenant_budget_exhausted_total";
     /// Counter: failed calls to the shared state (Redis), by `component`.
     pub const SHARED_STATE_ERRORS: &str = "rag_ingest_shared_state_errors_total";
+    /// Gauge: 1 for the precision the in-process model runs in, by `requested` (`auto`,
+    /// `f32`, `bf16`) and `running` (`f32`, `bf16`).
+    pub const EMBEDDER_PRECISION: &str = "rag_ingest_embedder_precision";
 
     /// Every family, in the order of the operations documentation.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         MESSAGES,
         CHUNKS_EMBEDDED,
         CHUNKS_REUSED,
@@ -68,6 +71,7 @@ pub mod names {
         BUDGET_REMAINING,
         BUDGET_EXHAUSTED,
         SHARED_STATE_ERRORS,
+        EMBEDDER_PRECISION,
     ];
 }
 
@@ -169,6 +173,10 @@ pub fn describe_all() {
     describe_counter!(
         names::SHARED_STATE_ERRORS,
         "Failed calls to the shared state (Redis), by component (budget, rate_limit)."
+    );
+    describe_gauge!(
+        names::EMBEDDER_PRECISION,
+        "1 for the precision the in-process model runs in, by requested and running precision."
     );
 
     for outcome in OUTCOMES {

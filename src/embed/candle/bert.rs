@@ -440,7 +440,9 @@ impl Linear {
     ) -> Result<Self, String> {
         let outputs = bias.len();
         let weight = match precision {
-            Precision::F32 => Weight::F32(weight),
+            // `Auto` is resolved to F32 or Bf16 before a model is built; were it not, f32 is
+            // the precision that is always right.
+            Precision::F32 | Precision::Auto => Weight::F32(weight),
             Precision::Bf16 => Weight::Bf16(Bf16Weight::new(&weight, outputs, inputs)?),
         };
         Ok(Self {
