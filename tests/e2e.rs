@@ -108,18 +108,11 @@ async fn two_tenants_end_to_end_with_bad_messages(kind: TestStore) {
         results.iter().all(Result::is_ok),
         "every document confirmed: {results:?}"
     );
-    let bad_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/messages/bad");
     let mut bad_expected = BTreeMap::new();
-    for entry in std::fs::read_dir(&bad_dir).expect("bad fixtures") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        let kind = name.split("--").next().expect("kind").to_string();
-        *bad_expected.entry(kind).or_insert(0usize) += 1;
-        let body = std::fs::read(&path).expect("body");
+    for (name, body) in common::message_fixtures("bad") {
+        *bad_expected
+            .entry(common::fixture_kind(&name))
+            .or_insert(0usize) += 1;
         submitter
             .submit_raw(
                 &body,

@@ -89,17 +89,10 @@ async fn html_pdf_and_code_end_to_end_with_unreadable_content(kind: TestStore) {
     let results = submitter.submit_all(&docs, |_, _| {}).await;
     assert!(results.iter().all(Result::is_ok), "confirmed: {results:?}");
     let mut expected = BTreeMap::new();
-    let dir = root().join("fixtures/messages/unreadable");
-    for entry in std::fs::read_dir(&dir).expect("unreadable fixtures") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        let kind = name.split("--").next().expect("kind").to_string();
-        *expected.entry(kind).or_insert(0usize) += 1;
-        let body = std::fs::read(&path).expect("body");
+    for (name, body) in common::message_fixtures("unreadable") {
+        *expected
+            .entry(common::fixture_kind(&name))
+            .or_insert(0usize) += 1;
         submitter
             .submit_raw(
                 &body,

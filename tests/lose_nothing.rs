@@ -325,17 +325,7 @@ async fn lose_nothing_bad_batch_every_bad_message_in_dlq_byte_for_byte() {
     let mut good = short_docs("acme", "good", 6);
     good.extend(short_docs("globex", "good", 4));
 
-    let bad_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/messages/bad");
-    let mut bad: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    for entry in std::fs::read_dir(&bad_dir).expect("bad fixtures") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        bad.insert(name, std::fs::read(&path).expect("body"));
-    }
+    let bad: BTreeMap<String, Vec<u8>> = common::message_fixtures("bad");
     assert!(bad.len() >= 15, "fixtures present: {}", bad.len());
 
     // Interleave good and bad messages.
@@ -1014,11 +1004,7 @@ struct Submitted {
 /// 2,000 messages (`SOAK_DOCS` to change): 98% short documents of two tenants, 2% bad
 /// messages taken from the fixtures, interleaved.
 fn soak_messages(n: usize) -> Vec<Submitted> {
-    let bad_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/messages/bad");
-    let mut bad: Vec<Vec<u8>> = std::fs::read_dir(&bad_dir)
-        .expect("bad fixtures")
-        .map(|e| std::fs::read(e.expect("entry").path()).expect("body"))
-        .collect();
+    let mut bad: Vec<Vec<u8>> = common::message_fixtures("bad").into_values().collect();
     bad.sort();
     const WORDS: [&str; 16] = [
         "kiln", "ferry", "prism", "sable", "tulip", "cedar", "ripple", "oxide", "plume", "gale",

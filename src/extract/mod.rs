@@ -191,64 +191,61 @@ pub fn chunk_document(
 ) -> Result<DocumentChunks, Failure> {
     let kind = doc.kind().map_err(extract_failure)?;
     let format = kind.chunk_format();
-    match kind {
+    let (text, title) = match kind {
         ContentKind::Text | ContentKind::Markdown | ContentKind::Code(_) => {
-            let text = doc.text().map_err(extract_failure)?.into_owned();
-            let chunks = chunker.split(&text, format);
-            let pages = vec![None; chunks.len()];
-            Ok(DocumentChunks {
-                kind,
-                text,
-                title: None,
-                chunks,
-                pages,
-            })
+            (doc.text().map_err(extract_failure)?.into_owned(), None)
         }
         ContentKind::Html => {
             let source = doc.text().map_err(extract_failure)?;
             let page = html::to_markdown(&source, limits.max_html_depth)?;
-            let chunks = chunker.split(&page.markdown, format);
-            let pages = vec![None; chunks.len()];
-            Ok(DocumentChunks {
-                kind,
-                text: page.markdown,
-                title: page.title,
-                chunks,
-                pages,
-            })
+            (page.markdown, page.title)
         }
         ContentKind::Pdf => {
             let bytes = doc.bytes().map_err(extract_failure)?;
             let texts = pdf::pages(&bytes, limits.max_pdf_pages)?;
-            let mut text = String::new();
-            let mut chunks = Vec::new();
-            let mut pages = Vec::new();
-            for (number, page) in (1u32..).zip(&texts) {
-                let page = page.trim();
-                if page.is_empty() {
-                    continue;
-                }
-                if !text.is_empty() {
-                    text.push_str("\n\n");
-                }
-                let offset = text.len();
-                text.push_str(page);
-                for mut chunk in chunker.split(page, format) {
-                    chunk.index = chunks.len();
-                    chunk.byte_range =
-                        chunk.byte_range.start + offset..chunk.byte_range.end + offset;
-                    chunks.push(chunk);
-                    pages.push(Some(number));
-                }
-            }
-            Ok(DocumentChunks {
-                kind,
-                text,
-                title: None,
-                chunks,
-                pages,
-            })
+            return Ok(chunk_pages(chunker, &texts));
         }
+    };
+    let chunks = chunker.split(&text, format);
+    let pages = vec![None; chunks.len()];
+    Ok(DocumentChunks {
+        kind,
+        text,
+        title,
+        chunks,
+        pages,
+    })
+}
+
+/// A PDF's chunks: each page with text split on its own (no chunk spans two pages), the
+/// pages joined by blank lines into the document's text.
+fn chunk_pages(chunker: &Chunker, texts: &[String]) -> DocumentChunks {
+    let mut text = String::new();
+    let mut chunks = Vec::new();
+    let mut pages = Vec::new();
+    for (number, page) in (1u32..).zip(texts) {
+        let page = page.trim();
+        if page.is_empty() {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        let offset = text.len();
+        text.push_str(page);
+        for mut chunk in chunker.split(page, ChunkFormat::Text) {
+            chunk.index = chunks.len();
+            chunk.byte_range = chunk.byte_range.start + offset..chunk.byte_range.end + offset;
+            chunks.push(chunk);
+            pages.push(Some(number));
+        }
+    }
+    DocumentChunks {
+        kind: ContentKind::Pdf,
+        text,
+        title: None,
+        chunks,
+        pages,
     }
 }
 

@@ -265,6 +265,35 @@ pub async fn connect() -> Connection {
     .expect("RabbitMQ must be running on 127.0.0.1:5672 (scripts/ensure-rabbitmq.sh)")
 }
 
+/// The message fixtures of `fixtures/messages/<dir>` (`bad`, `unreadable`, `good`): file
+/// name → body, in name order. A name starts with the error kind it announces, then `--`.
+#[allow(dead_code)]
+pub fn message_fixtures(dir: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/messages")
+        .join(dir);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            let body = std::fs::read(&path).expect("fixture body");
+            (name, body)
+        })
+        .collect()
+}
+
+/// The error kind a message fixture's name announces (`pdf_corrupt--truncated.json` →
+/// `pdf_corrupt`).
+#[allow(dead_code)]
+pub fn fixture_kind(name: &str) -> String {
+    name.split("--").next().unwrap_or_default().to_string()
+}
+
 /// Ready messages in `queue` (the queue must exist).
 #[allow(dead_code)]
 pub async fn queue_len(queue: &str) -> u32 {
