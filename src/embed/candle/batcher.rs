@@ -11,8 +11,12 @@
 //! - the model never waits for a pass to fill: when less than a budget is queued, the pass
 //!   takes what there is;
 //! - a request of the live lane is queued ahead of every request of the bulk lane
-//!   ([`crate::lane`]), so a backfill's chunks never make a fresh edit wait for more than
-//!   the forward pass already running.
+//!   ([`crate::lane`]), and a pass never mixes the lanes: a live pass holds live texts only
+//!   (so it is as short as the edit), and a bulk pass takes at most half the budget
+//!   ([`BULK_PASS_DIVISOR`]). A fresh edit therefore waits at most for half a full pass
+//!   already running, then for a pass of its own texts — not for a full pass of a backfill's
+//!   chunks packed around it (measured by `benches/noisy_neighbour.rs`: that packing made
+//!   an edit wait up to two full passes).
 //!
 //! This module only schedules; running the model is the caller's.
 
@@ -20,6 +24,11 @@ use std::collections::VecDeque;
 use std::ops::Range;
 
 use crate::lane::Lane;
+
+/// A bulk pass takes at most `budget / BULK_PASS_DIVISOR` tokens, so that a live request
+/// arriving during one waits at most that long. Half-size passes cost little throughput:
+/// the forward pass's time is nearly linear in tokens once a pass holds a few texts.
+pub(super) const BULK_PASS_DIVISOR: usize = 2;
 
 /// The token ids of one text, as the model reads them (special tokens added, truncated).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,18 +132,35 @@ impl<R> Queue<R> {
     }
 
     /// The texts of the next forward pass: from the front request's first text without a
-    /// vector onwards, in queue order, as many as fit in the budget (at least one). Empty
-    /// only if no request has a text left.
+    /// vector onwards, in queue order, as many as fit in the budget (at least one), all of
+    /// the lane of that first text: live requests (queued ahead) get passes of their own,
+    /// and a bulk pass takes at most `budget / BULK_PASS_DIVISOR` tokens. Empty only if no
+    /// request has a text left.
     pub fn next_pass(&self) -> Pass {
         let mut pass = Pass::new();
         let mut tokens = 0;
+        let lane = self
+            .pending
+            .iter()
+            .find(|request| !request.is_complete())
+            .map_or(Lane::Live, |request| request.lane);
+        let budget = match lane {
+            Lane::Live => self.budget,
+            Lane::Bulk => (self.budget / BULK_PASS_DIVISOR).max(1),
+        };
         for (index, request) in self.pending.iter().enumerate() {
+            if request.lane != lane {
+                if request.is_complete() {
+                    continue;
+                }
+                break;
+            }
             let start = request.vectors.len();
             let mut end = start;
             for text in &request.texts[start..] {
                 let len = text.ids.len();
                 let first = pass.is_empty() && end == start;
-                if !first && tokens + len > self.budget {
+                if !first && tokens + len > budget {
                     break;
                 }
                 tokens += len;
@@ -281,21 +307,27 @@ mod tests {
         queue.push(request(&[6, 6], "bulk-1").in_lane(Lane::Bulk));
         queue.push(request(&[4], "live-1"));
         queue.push(request(&[6], "bulk-2").in_lane(Lane::Bulk));
-        // The first pass takes live-1, queued ahead of bulk-1, and what fits of bulk-1.
+        // The first pass takes live-1, queued ahead of bulk-1, and nothing of the bulk lane.
         let pass = queue.next_pass();
-        assert_eq!(pass, vec![(0, 0..1), (1, 0..1)]);
+        assert_eq!(pass, vec![(0, 0..1)]);
         for (index, range) in pass {
             let r = queue.get_mut(index).expect("queued");
             r.vectors.extend(range.map(|_| vec![0.0]));
         }
         let done: Vec<_> = queue.take_complete().into_iter().map(|p| p.reply).collect();
         assert_eq!(done, ["live-1"]);
-        // A live request arriving now overtakes bulk-1, although bulk-1 is half done.
+        // A bulk pass takes at most half the budget (5 tokens here: one text of 6).
+        let pass = queue.next_pass();
+        assert_eq!(pass, vec![(0, 0..1)]);
+        let r = queue.get_mut(0).expect("queued");
+        r.vectors.push(vec![0.0]);
+        // A live request arriving now overtakes bulk-1, although bulk-1 is half done, and
+        // has a pass of its own.
         queue.push(request(&[3], "live-2"));
         let (passes, completed) = drain(&mut queue);
         assert_eq!(
             passes,
-            vec![vec![(0, vec![3]), (1, vec![6])], vec![(0, vec![6])]]
+            vec![vec![(0, vec![3])], vec![(0, vec![6])], vec![(0, vec![6])]]
         );
         assert_eq!(completed, ["live-2", "bulk-1", "bulk-2"]);
     }
