@@ -108,19 +108,7 @@ async fn two_tenants_end_to_end_with_bad_messages(kind: TestStore) {
         results.iter().all(Result::is_ok),
         "every document confirmed: {results:?}"
     );
-    let mut bad_expected = BTreeMap::new();
-    for (name, body) in common::message_fixtures("bad") {
-        *bad_expected
-            .entry(common::fixture_kind(&name))
-            .or_insert(0usize) += 1;
-        submitter
-            .submit_raw(
-                &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("bad message confirmed");
-    }
+    let bad_expected = common::submit_message_fixtures(&submitter, "bad").await;
     submitter.close().await;
 
     let (timeout, grace) = (Duration::from_secs(300), Duration::from_millis(500));

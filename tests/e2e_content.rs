@@ -88,19 +88,7 @@ async fn html_pdf_and_code_end_to_end_with_unreadable_content(kind: TestStore) {
         .expect("RabbitMQ must be running on 127.0.0.1:5672");
     let results = submitter.submit_all(&docs, |_, _| {}).await;
     assert!(results.iter().all(Result::is_ok), "confirmed: {results:?}");
-    let mut expected = BTreeMap::new();
-    for (name, body) in common::message_fixtures("unreadable") {
-        *expected
-            .entry(common::fixture_kind(&name))
-            .or_insert(0usize) += 1;
-        submitter
-            .submit_raw(
-                &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("confirmed");
-    }
+    let expected = common::submit_message_fixtures(&submitter, "unreadable").await;
     submitter.close().await;
 
     let report = common::drain(

@@ -287,6 +287,27 @@ pub fn message_fixtures(dir: &str) -> std::collections::BTreeMap<String, Vec<u8>
         .collect()
 }
 
+/// Publishes every message fixture of `fixtures/messages/<dir>` as a raw persistent body
+/// (confirmed) and returns how many of each error kind their names announce.
+#[allow(dead_code)]
+pub async fn submit_message_fixtures(
+    submitter: &rag_ingest::queue::Submitter,
+    dir: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for (name, body) in message_fixtures(dir) {
+        *kinds.entry(fixture_kind(&name)).or_insert(0usize) += 1;
+        submitter
+            .submit_raw(
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{dir}/{name} not confirmed: {e}"));
+    }
+    kinds
+}
+
 /// The error kind a message fixture's name announces (`pdf_corrupt--truncated.json` →
 /// `pdf_corrupt`).
 #[allow(dead_code)]
