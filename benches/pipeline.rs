@@ -18,8 +18,8 @@
 //! same runtime, logging, embedder and store wiring; model load and start-up stay outside
 //! the clock.
 //!
-//! `bare_embed/all_chunks`: the same chunks embedded with `CandleEmbedder::embed_blocking` in
-//! one call (full forward passes of `embedder.batch_size` × 256 tokens), the ceiling the
+//! `bare_embed/all_chunks`: the same chunks embedded with `CandleEmbedder::embed_blocking`
+//! (the pipeline's `embedder.precision`, as the worker loads it) in one call (full forward passes of `embedder.batch_size` × 256 tokens), the ceiling the
 //! pipeline can reach. `bare_embed/per_document`: one call per document, each with its own
 //! forward passes (what the pipeline would do without continuous batching).
 //!
@@ -105,10 +105,21 @@ fn bench(c: &mut Criterion) {
     rt.block_on(support::require_broker());
     let binary = WorkerBinary::snapshot();
 
-    // The pipeline's own settings decide the chunks and the embedder's batch size.
+    // The pipeline's own settings decide the chunks and the embedder's batch size and
+    // precision (`auto`: bf16 where the CPU has it), so that bare embedding runs the very
+    // forward pass the worker runs.
     let config = BenchPipeline::new("pipeline-setup", |_| {}).config.clone();
-    let embedder = CandleEmbedder::load(&support::model_dir(), config.embedder.batch_size)
-        .expect("the model loads (scripts/fetch-model.sh)");
+    let embedder = CandleEmbedder::load_with_precision(
+        &support::model_dir(),
+        config.embedder.batch_size,
+        config.embedder.precision,
+    )
+    .expect("the model loads (scripts/fetch-model.sh)");
+    eprintln!(
+        "pipeline: bare embedding runs {} ({})",
+        embedder.precision().running.as_str(),
+        embedder.precision().reason
+    );
     let chunker = setup::chunker(&config, &embedder).expect("chunker");
     let docs = support::realistic_docs("pipeline", DOCS);
     let expected = support::expected_chunks(&chunker, &docs);

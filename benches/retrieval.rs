@@ -18,7 +18,8 @@
 //! - the title (`metadata.title`) is the crate name; the crates are taken in name order, at
 //!   most `RETRIEVAL_DOCS` of them (default 600; the bench refuses to report on fewer than
 //!   500). `RETRIEVAL_CONTEXTS` (default `none,headings`) picks the `chunking.context` values
-//!   measured.
+//!   measured, and `RETRIEVAL_PRECISIONS` (say `f32,int8`; default: the pipeline file's
+//!   `embedder.precision`) the embedder precisions, each with every context.
 //!
 //! Ingestion goes through the product: for each `chunking.context` (`none`, `headings`) a
 //! fresh pipeline from `pipelines/docs.toml` (tenant `acme`, its own queues and Edge store),
@@ -100,27 +101,41 @@ fn main() {
         .split(',')
         .map(|c| c.trim().to_owned())
         .collect();
-    for context in contexts.iter().map(String::as_str) {
-        let pipeline = BenchPipeline::new(&format!("retrieval-{context}"), |t| {
-            support::set(t, "chunking.context", context);
-        });
-        let started = Instant::now();
-        ingest(&rt, &binary, &pipeline, &corpus);
-        eprintln!(
-            "retrieval: context={context}: {} documents ingested in {:.0} s",
-            corpus.len(),
-            started.elapsed().as_secs_f64()
-        );
-        let searcher = rt
-            .block_on(Searcher::open(&pipeline.config))
-            .expect("the store opens after the worker exited");
-        for (label, options) in variants() {
-            let scores = rt.block_on(evaluate(&searcher, &corpus, &options));
+    let precisions: Vec<Option<String>> = match std::env::var("RETRIEVAL_PRECISIONS") {
+        Ok(list) => list.split(',').map(|p| Some(p.trim().to_owned())).collect(),
+        Err(_) => vec![None],
+    };
+    for precision in &precisions {
+        for context in contexts.iter().map(String::as_str) {
+            let name = match precision {
+                Some(p) => format!("retrieval-{p}-{context}"),
+                None => format!("retrieval-{context}"),
+            };
+            let pipeline = BenchPipeline::new(&name, |t| {
+                support::set(t, "chunking.context", context);
+                if let Some(p) = precision {
+                    support::set(t, "embedder.precision", p.as_str());
+                }
+            });
+            let precision = precision.clone().unwrap_or_else(|| "(pipeline)".to_owned());
+            let started = Instant::now();
+            ingest(&rt, &binary, &pipeline, &corpus);
             eprintln!(
-                "retrieval: context={context} {label}: Recall@1 {:.3} MRR@10 {:.3} nDCG@10 {:.3}",
-                scores.recall_at_1, scores.mrr_at_10, scores.ndcg_at_10
+                "retrieval: precision={precision} context={context}: {} documents ingested in {:.0} s",
+                corpus.len(),
+                started.elapsed().as_secs_f64()
             );
-            table.push((context, label, scores));
+            let searcher = rt
+                .block_on(Searcher::open(&pipeline.config))
+                .expect("the store opens after the worker exited");
+            for (label, options) in variants() {
+                let scores = rt.block_on(evaluate(&searcher, &corpus, &options));
+                eprintln!(
+                    "retrieval: precision={precision} context={context} {label}: Recall@1 {:.3} MRR@10 {:.3} nDCG@10 {:.3}",
+                    scores.recall_at_1, scores.mrr_at_10, scores.ndcg_at_10
+                );
+                table.push((precision.clone(), context, label, scores));
+            }
         }
     }
 
@@ -130,23 +145,35 @@ fn main() {
         corpus.len()
     );
     println!();
-    println!("| chunking.context | mode | Recall@1 | MRR@10 | nDCG@10 | median query |");
-    println!("|---|---|---|---|---|---|");
-    for (context, label, s) in &table {
+    println!(
+        "| embedder.precision | chunking.context | mode | Recall@1 | MRR@10 | nDCG@10 | median query |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (precision, context, label, s) in &table {
         println!(
-            "| {context} | {label} | {:.3} | {:.3} | {:.3} | {:.1} ms |",
+            "| {precision} | {context} | {label} | {:.3} | {:.3} | {:.3} | {:.1} ms |",
             s.recall_at_1,
             s.mrr_at_10,
             s.ndcg_at_10,
             s.median_query.as_secs_f64() * 1000.0
         );
     }
-    for context in contexts.iter().map(String::as_str) {
+    let measured: Vec<(&str, &str)> =
+        table
+            .iter()
+            .map(|(p, c, _, _)| (p.as_str(), *c))
+            .fold(Vec::new(), |mut seen, key| {
+                if !seen.contains(&key) {
+                    seen.push(key);
+                }
+                seen
+            });
+    for (precision, context) in measured {
         let get = |label: &str| {
             table
                 .iter()
-                .find(|(c, l, _)| *c == context && l == label)
-                .map(|(_, _, s)| s)
+                .find(|(p, c, l, _)| *p == precision && *c == context && l == label)
+                .map(|(_, _, _, s)| s)
         };
         let (Some(d), Some(s)) = (get("dense"), get("sparse")) else {
             continue;
@@ -159,7 +186,7 @@ fn main() {
                 && h.mrr_at_10 > d.mrr_at_10.max(s.mrr_at_10)
                 && h.ndcg_at_10 > d.ndcg_at_10.max(s.ndcg_at_10);
             println!(
-                "context={context}: {label} {} the better of dense and sparse on every metric",
+                "precision={precision} context={context}: {label} {} the better of dense and sparse on every metric",
                 if wins { "beats" } else { "does NOT beat" }
             );
         }

@@ -558,7 +558,7 @@ impl EmbedderConfig {
                 }
             }
             EmbedderKind::OpenAi => {
-                if self.precision == Precision::Bf16 {
+                if matches!(self.precision, Precision::Bf16 | Precision::Int8) {
                     return Err(fail(
                         &field("precision"),
                         "is only for kind \"candle\" (a remote provider computes its own vectors)"
@@ -1754,6 +1754,11 @@ max_document_bytes = 1000
         assert_eq!(
             parse(&bf16).expect("valid").embedder.precision,
             Precision::Bf16
+        );
+        let int8 = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"int8\"");
+        assert_eq!(
+            parse(&int8).expect("valid").embedder.precision,
+            Precision::Int8
         );
         let bad = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"f16\"");
         let err = parse(&bad).expect_err("f16 is not a precision").to_string();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use rag_ingest::embed::{CandleEmbedder, Embedder};
 
+#[allow(dead_code)]
 #[path = "support/fixtures.rs"]
 mod fixtures;
 #[path = "support/reference_bert.rs"]
@@ -14,28 +15,6 @@ mod reference_bert;
 
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
-}
-
-/// Every fixture document whole (truncated) and chunked at two sizes, plus short and
-/// over-long texts.
-fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
-    let mut texts = fixtures::chunked_fixtures(embedder, &[240, 48]);
-    texts.extend(
-        [
-            "This is a test sentence.",
-            "",
-            "ok",
-            "How do I reset my password?",
-            "检索增强生成 👨‍👩‍👧‍👦 Café naïve",
-            "The meeting has been postponed until Friday.",
-            "Retries back off exponentially, up to five attempts.",
-        ]
-        .map(str::to_owned),
-    );
-    let words: Vec<String> = (0..3000).map(|i| format!("word{}", i % 97)).collect();
-    texts.push(words.join(" "));
-    texts.push("Volcanoes erupt when magma rises through the crust. ".repeat(80));
-    texts
 }
 
 #[test]
@@ -47,7 +26,7 @@ fn fast_path_matches_candle_bert_model() {
         dir.display()
     );
     let embedder = CandleEmbedder::load(&dir, 16).expect("load");
-    let texts = corpus(&embedder);
+    let texts = fixtures::parity_corpus(&embedder);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let reference = reference_bert::Reference::load(
         &dir,

@@ -1,8 +1,11 @@
-//! The reduced-precision ([`Precision::Bf16`]) forward pass against the f32 one on a real
-//! corpus: the fixture documents chunked at several sizes (up to the 256-token limit) and
-//! whole (truncated), plus short sentences. Run `scripts/fetch-model.sh` first.
+//! The reduced-precision forward passes ([`Precision::Bf16`], [`Precision::Int8`]) against the
+//! f32 one on real corpora: the fixture documents chunked at several sizes (up to the
+//! 256-token limit) and whole (truncated), plus short sentences (the precision corpus), and
+//! the parity corpus (with empty, non-Latin and over-long texts). Run
+//! `scripts/fetch-model.sh` first.
 //!
-//! On a CPU without AVX-512 BF16 the tests print `SKIPPED: ...` and pass.
+//! On a CPU without AVX-512 BF16 (bf16) or AVX-512 VNNI (int8) those tests print
+//! `SKIPPED: ...` and pass.
 
 use std::path::PathBuf;
 
@@ -15,52 +18,27 @@ fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
 }
 
-/// The bf16 embedder, or `None` (after a loud message) if this CPU cannot run it.
-fn load_bf16(batch_size: usize) -> Option<CandleEmbedder> {
+/// The embedder in `precision`, or `None` (after a loud message) if this CPU cannot run it.
+fn load_reduced(precision: Precision, batch_size: usize) -> Option<CandleEmbedder> {
     let dir = model_dir();
     assert!(
         dir.join("model.safetensors").is_file(),
         "{} is missing: run scripts/fetch-model.sh first",
         dir.display()
     );
-    match CandleEmbedder::load_with_precision(&dir, batch_size, Precision::Bf16) {
+    match CandleEmbedder::load_with_precision(&dir, batch_size, precision) {
         Ok(embedder) => Some(embedder),
         Err(EmbedError::ModelLoad { reason, .. }) if reason.contains("CPU features") => {
-            eprintln!("SKIPPED: {reason} (avx512bf16 not available)");
+            eprintln!("SKIPPED: {reason}");
             None
         }
-        Err(e) => panic!("load bf16: {e}"),
+        Err(e) => panic!("load {}: {e}", precision.as_str()),
     }
 }
 
-/// Every fixture document chunked at 250, 160, 100, 60 and 30 tokens and whole (truncated to the
-/// model's 256 tokens), 12 windows of 400 words of the documents (truncated to 256 tokens),
-/// plus a few short sentences: over 100 texts of mixed lengths.
-fn corpus(embedder: &CandleEmbedder) -> Vec<String> {
-    let mut texts = fixtures::chunked_fixtures(embedder, &[250, 160, 100, 60, 30]);
-    let words: Vec<String> = fixtures::fixture_documents()
-        .iter()
-        .flat_map(|(_, doc)| doc.split_whitespace().map(str::to_owned))
-        .collect();
-    for i in 0..12 {
-        let window: Vec<&str> = words
-            .iter()
-            .cycle()
-            .skip(i * 397 % words.len())
-            .take(400)
-            .map(String::as_str)
-            .collect();
-        texts.push(window.join(" "));
-    }
-    texts.extend(
-        [
-            "How do I reset my password?",
-            "ok",
-            "The meeting has been postponed until Friday.",
-        ]
-        .map(str::to_owned),
-    );
-    texts
+/// The bf16 embedder, or `None` if this CPU cannot run it.
+fn load_bf16(batch_size: usize) -> Option<CandleEmbedder> {
+    load_reduced(Precision::Bf16, batch_size)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -79,7 +57,59 @@ fn bf16_vectors_match_f32_on_the_fixture_corpus() {
         return;
     };
     let f32 = CandleEmbedder::load(&model_dir(), 16).expect("load f32");
-    let texts = corpus(&f32);
+    let texts = fixtures::precision_corpus(&f32);
+    assert_faithful(&f32, &bf16, &texts, 0.999);
+}
+
+/// int8 keeps every vector of both corpora within cosine 0.999 of f32's.
+#[test]
+fn int8_vectors_match_f32_on_the_precision_and_parity_corpora() {
+    let Some(int8) = load_reduced(Precision::Int8, 16) else {
+        return;
+    };
+    let f32 = CandleEmbedder::load(&model_dir(), 16).expect("load f32");
+    assert_eq!(int8.precision().running, Precision::Int8);
+    assert_eq!(int8.fingerprint(), f32.fingerprint(), "one vector space");
+    let mut texts = fixtures::precision_corpus(&f32);
+    texts.extend(fixtures::parity_corpus(&f32));
+    assert_faithful(&f32, &int8, &texts, 0.999);
+}
+
+/// int8 quantises each token's activations on their own, so a text's vector is the same
+/// whatever else shares its forward pass.
+#[test]
+fn int8_vectors_do_not_depend_on_the_batch() {
+    let Some(int8) = load_reduced(Precision::Int8, 8) else {
+        return;
+    };
+    let texts = fixtures::precision_corpus(&int8);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let together = int8.embed_blocking(&texts).expect("embed batch");
+    let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+    let mut apart = int8.embed_blocking(&reversed).expect("embed reversed");
+    apart.reverse();
+    for (i, text) in texts.iter().enumerate().step_by(7) {
+        let alone = int8.embed_blocking(&[text]).expect("embed alone");
+        for (other, what) in [(&alone[0], "alone"), (&apart[i], "in another batch")] {
+            let c = cosine(&together[i], other);
+            assert!(
+                c >= 0.99999,
+                "text {i} {what}: cos {c} with the batched vector"
+            );
+        }
+    }
+}
+
+/// Embeds `texts` (over 100, with at least 8 at the token limit and some short ones) with
+/// both embedders and asserts every cosine to f32 is at least `min_cosine` and every reduced
+/// vector has unit norm; prints the least and mean cosine.
+fn assert_faithful(
+    f32: &CandleEmbedder,
+    reduced: &CandleEmbedder,
+    texts: &[String],
+    min_cosine: f64,
+) {
+    let name = reduced.precision().running.as_str();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let lengths: Vec<usize> = texts
         .iter()
@@ -104,11 +134,11 @@ fn bf16_vectors_match_f32_on_the_fixture_corpus() {
     assert!(lengths.iter().any(|&n| n < 32), "no short texts");
 
     let reference = f32.embed_blocking(&texts).expect("embed f32");
-    let reduced = bf16.embed_blocking(&texts).expect("embed bf16");
-    assert_eq!(reduced.len(), texts.len());
+    let vectors = reduced.embed_blocking(&texts).expect("embed reduced");
+    assert_eq!(vectors.len(), texts.len());
     let cosines: Vec<f64> = reference
         .iter()
-        .zip(&reduced)
+        .zip(&vectors)
         .map(|(a, b)| cosine(a, b))
         .collect();
     let (worst, min) =
@@ -122,18 +152,28 @@ fn bf16_vectors_match_f32_on_the_fixture_corpus() {
             );
     let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
     eprintln!(
-        "bf16 vs f32 over {} texts ({} tokens): min cos {min:.6} (text {worst}, {} tokens), mean cos {mean:.6}",
+        "{name} vs f32 over {} texts ({} tokens): min cos {min:.6} (text {worst}, {} tokens), mean cos {mean:.6}",
         texts.len(),
         lengths.iter().sum::<usize>(),
         lengths[worst]
     );
+    let mut order: Vec<usize> = (0..cosines.len()).collect();
+    order.sort_by(|&a, &b| cosines[a].total_cmp(&cosines[b]));
+    for &i in order.iter().take(5) {
+        eprintln!(
+            "  cos {:.6}: text {i} ({} tokens) {:?}",
+            cosines[i],
+            lengths[i],
+            texts[i].chars().take(60).collect::<String>()
+        );
+    }
     assert!(
-        min >= 0.999,
-        "min cosine {min} < 0.999 (text {worst}: {:?})",
+        min >= min_cosine,
+        "{name}: min cosine {min} < {min_cosine} (text {worst}: {:?})",
         texts[worst]
     );
-    for (i, v) in reduced.iter().enumerate() {
-        assert_eq!(v.len(), bf16.fingerprint().dims);
+    for (i, v) in vectors.iter().enumerate() {
+        assert_eq!(v.len(), reduced.fingerprint().dims);
         let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "text {i}: norm {norm}");
     }
@@ -144,7 +184,7 @@ fn bf16_vectors_do_not_depend_on_the_batch() {
     let Some(bf16) = load_bf16(8) else {
         return;
     };
-    let texts = corpus(&bf16);
+    let texts = fixtures::precision_corpus(&bf16);
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let together = bf16.embed_blocking(&texts).expect("embed batch");
     // Alone, and in a batch with other neighbours (the texts reversed).

@@ -740,9 +740,9 @@ pub struct ModelLoaded<'a> {
     pub max_seq_length: usize,
     /// Chunks per forward pass.
     pub batch_size: usize,
-    /// The precision the forward pass runs in (`f32` or `bf16`).
+    /// The precision the forward pass runs in (`f32`, `bf16` or `int8`).
     pub precision: &'a str,
-    /// The precision the configuration asked for (`auto`, `f32` or `bf16`).
+    /// The precision the configuration asked for (`auto`, `f32`, `bf16` or `int8`).
     pub requested_precision: &'a str,
     /// Why that precision runs.
     pub precision_reason: &'a str,

@@ -53,3 +53,55 @@ pub fn chunked_fixtures(embedder: &CandleEmbedder, sizes: &[usize]) -> Vec<Strin
     }
     texts
 }
+
+/// The parity corpus: every fixture document whole (truncated) and chunked at two sizes,
+/// plus short, empty, non-Latin and over-long texts.
+pub fn parity_corpus(embedder: &CandleEmbedder) -> Vec<String> {
+    let mut texts = chunked_fixtures(embedder, &[240, 48]);
+    texts.extend(
+        [
+            "This is a test sentence.",
+            "",
+            "ok",
+            "How do I reset my password?",
+            "检索增强生成 👨‍👩‍👧‍👦 Café naïve",
+            "The meeting has been postponed until Friday.",
+            "Retries back off exponentially, up to five attempts.",
+        ]
+        .map(str::to_owned),
+    );
+    let words: Vec<String> = (0..3000).map(|i| format!("word{}", i % 97)).collect();
+    texts.push(words.join(" "));
+    texts.push("Volcanoes erupt when magma rises through the crust. ".repeat(80));
+    texts
+}
+
+/// The precision corpus: every fixture document chunked at 250, 160, 100, 60 and 30 tokens
+/// and whole (truncated to the model's 256 tokens), 12 windows of 400 words of the documents
+/// (truncated to 256 tokens), plus a few short sentences: over 100 texts of mixed lengths.
+pub fn precision_corpus(embedder: &CandleEmbedder) -> Vec<String> {
+    let mut texts = chunked_fixtures(embedder, &[250, 160, 100, 60, 30]);
+    let words: Vec<String> = fixture_documents()
+        .iter()
+        .flat_map(|(_, doc)| doc.split_whitespace().map(str::to_owned))
+        .collect();
+    for i in 0..12 {
+        let window: Vec<&str> = words
+            .iter()
+            .cycle()
+            .skip(i * 397 % words.len())
+            .take(400)
+            .map(String::as_str)
+            .collect();
+        texts.push(window.join(" "));
+    }
+    texts.extend(
+        [
+            "How do I reset my password?",
+            "ok",
+            "The meeting has been postponed until Friday.",
+        ]
+        .map(str::to_owned),
+    );
+    texts
+}

@@ -19,22 +19,46 @@
 //!   use every thread, attention runs one (sequence, head) per task on rayon's pool;
 //! - with [`Precision::Bf16`] the linear layers multiply bf16 weights (converted once at
 //!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]); everything else
-//!   (embeddings, attention, softmax, GELU, layer norm, pooling) stays f32.
+//!   (embeddings, attention, softmax, GELU, layer norm, pooling) stays f32;
+//! - with [`Precision::Int8`] the model loads in f32, runs the built-in calibration text
+//!   once while recording each linear layer's largest input per channel ([`Bert::calibrate`]),
+//!   then [`Bert::quantize`] turns the layers an [`Int8Plan`] names into int8 weights
+//!   ([`Int8Weight`], smoothed with the calibration) and the others into bf16 (or f32 where
+//!   the CPU has no AVX-512 BF16).
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
 
 use super::Precision;
-use super::bf16::Bf16Weight;
+use super::bf16::{self, Bf16Weight};
+use super::int8::{Int8Weight, smoothing};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
 const ROWS_PER_TASK: usize = 32;
+
+/// The part of a Hugging Face BERT `config.json` the forward pass reads.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    /// Only `gelu` (exact, erf-based, as Hugging Face transformers computes it).
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    /// Only `absolute` (the default).
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
 
 /// One token sequence of a batch, as the tokenizer produced it.
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +120,82 @@ enum Weight {
     F32(Vec<f32>),
     /// Converted to bf16 and packed for the kernel.
     Bf16(Bf16Weight),
+    /// Quantised to int8 per output channel and packed for the kernel, with the weight in
+    /// the precision that sequences shorter than [`INT8_MIN_TOKENS`] use (bf16, or f32).
+    Int8(Int8Weight, Box<Weight>),
+}
+
+/// Sequences shorter than this many tokens (special tokens included) skip the int8 layers
+/// and use their bf16 (or f32) weights. int8 costs each token about cosine 0.998 on its own;
+/// mean pooling averages that away over a long text but not over two or three tokens (the
+/// empty text and "ok" fell to 0.9983 with int8 throughout). The short rows are few in an
+/// ingestion batch, so this costs next to nothing there.
+const INT8_MIN_TOKENS: usize = 16;
+
+/// The four linear layers of an encoder layer, as the calibration and the int8 plan name
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Site {
+    /// Q, K and V (input: the hidden states).
+    Qkv,
+    /// The attention output projection (input: the attention context).
+    AttentionOutput,
+    /// The feed-forward up projection (input: the hidden states after attention).
+    Intermediate,
+    /// The feed-forward down projection (input: GELU's output).
+    Output,
+}
+
+impl Site {
+    /// All four, in the order of a layer's forward pass.
+    pub(crate) const ALL: [Site; 4] = [
+        Site::Qkv,
+        Site::AttentionOutput,
+        Site::Intermediate,
+        Site::Output,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which linear layers [`Bert::quantize`] turns into int8, and how hard it smooths.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Int8Plan {
+    /// The sites computed in int8 (the rest in bf16, or f32 without AVX-512 BF16).
+    pub sites: Vec<Site>,
+    /// SmoothQuant migration strength in `[0, 1]` of each site (in [`Site::ALL`] order); 0
+    /// turns smoothing off.
+    pub alpha: [f32; 4],
+    /// An input channel whose calibration maximum exceeds this many times the median
+    /// channel's is computed in f32 (0: none).
+    pub outlier_ratio: f32,
+    /// At most this many outlier channels per layer (the largest).
+    pub max_outliers: usize,
+}
+
+/// The input channels of `maxima` (calibration maxima) above `ratio` × their median, the
+/// largest first, at most `limit`.
+fn outlier_channels(maxima: &[f32], ratio: f32, limit: usize) -> Vec<usize> {
+    if ratio <= 0.0 || maxima.is_empty() {
+        return Vec::new();
+    }
+    let mut sorted = maxima.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let mut channels: Vec<usize> = (0..maxima.len())
+        .filter(|&j| maxima[j] > ratio * median)
+        .collect();
+    channels.sort_by(|&a, &b| maxima[b].total_cmp(&maxima[a]));
+    channels.truncate(limit);
+    channels
+}
+
+/// The largest absolute input seen per channel by each linear layer of each encoder layer.
+pub(crate) struct Calibration {
+    /// `layers × 4` (in [`Site::ALL`] order), each as long as the layer's inputs.
+    maxima: Vec<[Vec<f32>; 4]>,
 }
 
 /// Layer norm parameters.
@@ -126,10 +226,19 @@ impl Bert {
     /// config asks for something this implementation does not do (activation other than
     /// exact GELU, heads not dividing the hidden size), or the CPU cannot run `precision`.
     pub(crate) fn load(path: &Path, config: &Config, precision: Precision) -> Result<Self, String> {
-        if !matches!(config.hidden_act, HiddenAct::Gelu) {
+        if config.hidden_act != "gelu" {
             return Err(format!(
-                "unsupported hidden_act {:?}: only exact (erf) gelu is implemented",
+                "unsupported hidden_act {:?}: only exact (erf) \"gelu\" is implemented",
                 config.hidden_act
+            ));
+        }
+        if let Some(kind) = config
+            .position_embedding_type
+            .as_deref()
+            .filter(|&kind| kind != "absolute")
+        {
+            return Err(format!(
+                "unsupported position_embedding_type {kind:?}: only \"absolute\" is implemented"
             ));
         }
         let hidden = config.hidden_size;
@@ -142,28 +251,37 @@ impl Bert {
         let head_dim = hidden / heads;
         let intermediate = config.intermediate_size;
 
-        // SAFETY: the file is memory-mapped only while the weights are copied out (the
-        // VarBuilder is dropped at the end of this function); like every mmap user we rely
-        // on nobody truncating model.safetensors during those moments.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
-            .map_err(|e| e.to_string())?;
+        let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        // SAFETY: the file is memory-mapped only while the weights are copied out (the map
+        // is dropped at the end of this function); like every mmap user we rely on nobody
+        // truncating model.safetensors during those moments.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+        // Checks the header, and that every tensor's bytes match its shape and dtype.
+        let tensors = SafeTensors::deserialize(&map).map_err(|e| e.to_string())?;
         // Exports of `BertModel` name tensors `embeddings.*`; exports of BERT pre-training
         // heads (`BertForMaskedLM`, ...) prefix them with `bert.`.
-        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-            vb.pp("bert")
+        let prefix = if tensors
+            .tensor("bert.embeddings.word_embeddings.weight")
+            .is_ok()
+        {
+            "bert."
         } else {
-            vb
+            ""
         };
-        let get = |shape: (usize, usize), name: &str| -> Result<Vec<f32>, String> {
-            vb.get(shape, name)
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(|e| format!("{name}: {e}"))
+        // A tensor of exactly `shape`, converted to f32 (from f16/bf16 exports too).
+        let tensor = |shape: &[usize], name: &str| -> Result<Vec<f32>, String> {
+            let name = format!("{prefix}{name}");
+            let view = tensors.tensor(&name).map_err(|e| format!("{name}: {e}"))?;
+            if view.shape() != shape {
+                return Err(format!(
+                    "{name}: shape {:?}, expected {shape:?}",
+                    view.shape()
+                ));
+            }
+            to_f32(view.dtype(), view.data()).map_err(|e| format!("{name}: {e}"))
         };
-        let get1 = |size: usize, name: &str| -> Result<Vec<f32>, String> {
-            vb.get(size, name)
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| format!("{name}: {e}"))
-        };
+        let get = |(rows, columns): (usize, usize), name: &str| tensor(&[rows, columns], name);
+        let get1 = |size: usize, name: &str| tensor(&[size], name);
         let norm = |prefix: &str| -> Result<Norm, String> {
             Ok(Norm {
                 gamma: get1(hidden, &format!("{prefix}.LayerNorm.weight"))?,
@@ -233,6 +351,113 @@ impl Bert {
     /// A message if a sequence is longer than the position embeddings, its type ids do not
     /// match its ids, or a token id is outside the vocabulary.
     pub(crate) fn embed(&self, sequences: &[Sequence<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        self.forward(sequences, None)
+    }
+
+    /// Runs `sequences` through the model (which should be in f32) and records the largest
+    /// absolute input of every linear layer per input channel.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bert::embed`].
+    pub(crate) fn calibrate(&self, sequences: &[Sequence<'_>]) -> Result<Calibration, String> {
+        let mut maxima: Vec<[Vec<f32>; 4]> = self
+            .layers
+            .iter()
+            .map(|layer| {
+                [
+                    &layer.qkv,
+                    &layer.attention_output,
+                    &layer.intermediate,
+                    &layer.output,
+                ]
+                .map(|linear| vec![0f32; linear.inputs])
+            })
+            .collect();
+        let mut observe = |layer: usize, site: Site, input: &[f32]| {
+            let Some(max) = maxima.get_mut(layer).map(|m| &mut m[site.index()]) else {
+                return;
+            };
+            let width = max.len().max(1);
+            for row in input.chunks_exact(width) {
+                for (m, v) in max.iter_mut().zip(row) {
+                    *m = m.max(v.abs());
+                }
+            }
+        };
+        self.forward(sequences, Some(&mut observe))?;
+        Ok(Calibration { maxima })
+    }
+
+    /// Converts the f32 linear layers that `plan` names to int8 (smoothed with
+    /// `calibration`), and the other f32 ones to bf16 where the CPU has AVX-512 BF16.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the missing CPU features if this CPU has no AVX-512 VNNI.
+    pub(crate) fn quantize(
+        &mut self,
+        calibration: &Calibration,
+        plan: &Int8Plan,
+    ) -> Result<(), String> {
+        let others = if bf16::missing_features().is_none() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        for (layer, maxima) in self.layers.iter_mut().zip(&calibration.maxima) {
+            let linears = [
+                &mut layer.qkv,
+                &mut layer.attention_output,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ];
+            for (site, linear) in Site::ALL.into_iter().zip(linears) {
+                let Weight::F32(weight) = &linear.weight else {
+                    continue;
+                };
+                linear.weight = if plan.sites.contains(&site) {
+                    let alpha = plan.alpha[site.index()];
+                    let smooth = (alpha > 0.0)
+                        .then(|| smoothing(&maxima[site.index()], weight, linear.outputs, alpha));
+                    let outliers = outlier_channels(
+                        &maxima[site.index()],
+                        plan.outlier_ratio,
+                        plan.max_outliers,
+                    );
+                    let fallback = if others == Precision::Bf16 {
+                        Weight::Bf16(Bf16Weight::new(weight, linear.outputs, linear.inputs)?)
+                    } else {
+                        Weight::F32(weight.clone())
+                    };
+                    Weight::Int8(
+                        Int8Weight::new(
+                            weight,
+                            linear.outputs,
+                            linear.inputs,
+                            smooth.as_deref(),
+                            &outliers,
+                        )?,
+                        Box::new(fallback),
+                    )
+                } else if others == Precision::Bf16 {
+                    Weight::Bf16(Bf16Weight::new(weight, linear.outputs, linear.inputs)?)
+                } else {
+                    continue;
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward pass of [`Bert::embed`], calling `observe` with the input of every linear
+    /// layer (encoder layer index, site, `tokens × inputs`) before it runs.
+    #[allow(clippy::type_complexity)]
+    fn forward(
+        &self,
+        sequences: &[Sequence<'_>],
+        mut observe: Option<&mut dyn FnMut(usize, Site, &[f32])>,
+    ) -> Result<Vec<Vec<f32>>, String> {
         let mut starts = Vec::with_capacity(sequences.len() + 1);
         starts.push(0);
         for s in sequences {
@@ -274,19 +499,36 @@ impl Bert {
         attended.resize(tokens * h, 0.0);
         inter.resize(tokens * self.intermediate, 0.0);
         self.embeddings(sequences, x)?;
-        for layer in &self.layers {
+        // The rows of sequences too short for int8 (ignored by f32 and bf16 weights).
+        let short: Vec<Range<usize>> = starts
+            .windows(2)
+            .filter(|w| w[1] - w[0] < INT8_MIN_TOKENS)
+            .map(|w| w[0]..w[1])
+            .collect();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let mut seen = |site: Site, input: &[f32]| {
+                if let Some(observe) = observe.as_mut() {
+                    observe(index, site, input);
+                }
+            };
             // Q, K, V for every token.
-            layer.qkv.forward(x, qkv, None, bf16);
+            seen(Site::Qkv, x);
+            layer.qkv.forward(x, qkv, None, bf16, &short);
             self.attention(qkv, &starts, context);
             // attended = LayerNorm(x + context Woᵀ + bo)
+            seen(Site::AttentionOutput, context);
             layer
                 .attention_output
-                .forward(context, attended, Some(x), bf16);
+                .forward(context, attended, Some(x), bf16, &short);
             layer_norm_rows(attended, &layer.attention_norm, self.eps);
             // x = LayerNorm(attended + GELU(attended Wiᵀ + bi) Woᵀ + bo)
-            layer.intermediate.forward(attended, inter, None, bf16);
+            seen(Site::Intermediate, attended);
+            layer
+                .intermediate
+                .forward(attended, inter, None, bf16, &short);
             gelu_rows(inter, self.intermediate);
-            layer.output.forward(inter, x, Some(attended), bf16);
+            seen(Site::Output, inter);
+            layer.output.forward(inter, x, Some(attended), bf16, &short);
             layer_norm_rows(x, &layer.output_norm, self.eps);
         }
         let vectors = starts
@@ -441,8 +683,9 @@ impl Linear {
         let outputs = bias.len();
         let weight = match precision {
             // `Auto` is resolved to F32 or Bf16 before a model is built; were it not, f32 is
-            // the precision that is always right.
-            Precision::F32 | Precision::Auto => Weight::F32(weight),
+            // the precision that is always right. `Int8` loads in f32 and is quantised after
+            // calibration ([`Bert::quantize`]).
+            Precision::F32 | Precision::Auto | Precision::Int8 => Weight::F32(weight),
             Precision::Bf16 => Weight::Bf16(Bf16Weight::new(&weight, outputs, inputs)?),
         };
         Ok(Self {
@@ -454,15 +697,60 @@ impl Linear {
     }
 
     /// `out = x Wᵀ + b (+ residual)` for every row of `x` (`rows × inputs`); `out` is
-    /// `rows × outputs`. `scratch` is space for the bf16 kernel.
+    /// `rows × outputs`. `scratch` is space for the bf16 and int8 kernels. With int8
+    /// weights, the rows in `short` (the tokens of short sequences) use the fallback weight.
     fn forward(
         &self,
         x: &[f32],
         out: &mut [f32],
         residual: Option<&[f32]>,
         scratch: &mut Vec<u32>,
+        short: &[Range<usize>],
     ) {
         let rows = x.len() / self.inputs;
+        self.start(out, residual);
+        match &self.weight {
+            Weight::Int8(int8, fallback) if !short.is_empty() => {
+                let (k, n) = (self.inputs, self.outputs);
+                let short_rows: usize = short.iter().map(ExactSizeIterator::len).sum();
+                if short_rows == rows {
+                    self.multiply(fallback, x, out, scratch);
+                    return;
+                }
+                int8.matmul(x, out, scratch);
+                // The short rows again, gathered, with the fallback weight; then put back.
+                let mut xs = Vec::with_capacity(short_rows * k);
+                let mut os = Vec::with_capacity(short_rows * n);
+                for range in short {
+                    xs.extend_from_slice(&x[range.start * k..range.end * k]);
+                    match residual {
+                        Some(residual) => {
+                            let rows = &residual[range.start * n..range.end * n];
+                            for row in rows.chunks_exact(n) {
+                                os.extend(row.iter().zip(&self.bias).map(|(r, b)| r + b));
+                            }
+                        }
+                        None => {
+                            for _ in range.clone() {
+                                os.extend_from_slice(&self.bias);
+                            }
+                        }
+                    }
+                }
+                self.multiply(fallback, &xs, &mut os, scratch);
+                let mut done = 0;
+                for range in short {
+                    let len = range.len() * n;
+                    out[range.start * n..range.end * n].copy_from_slice(&os[done..done + len]);
+                    done += len;
+                }
+            }
+            weight => self.multiply(weight, x, out, scratch),
+        }
+    }
+
+    /// `out = b (+ residual)`, every row.
+    fn start(&self, out: &mut [f32], residual: Option<&[f32]>) {
         let n = self.outputs;
         match residual {
             Some(residual) => out
@@ -481,7 +769,13 @@ impl Linear {
                 }
             }),
         }
-        match &self.weight {
+    }
+
+    /// `out += x weightᵀ` (`weight` is this layer's or its int8 fallback).
+    fn multiply(&self, weight: &Weight, x: &[f32], out: &mut [f32], scratch: &mut Vec<u32>) {
+        let rows = x.len() / self.inputs;
+        let n = self.outputs;
+        match weight {
             Weight::F32(weight) => matmul(
                 Dst {
                     data: out,
@@ -505,7 +799,33 @@ impl Linear {
                 Parallelism::Rayon(rayon::current_num_threads()),
             ),
             Weight::Bf16(weight) => weight.matmul(x, out, scratch),
+            Weight::Int8(weight, _) => weight.matmul(x, out, scratch),
         }
+    }
+}
+
+/// Little-endian tensor bytes of `dtype` as f32 values.
+///
+/// # Errors
+///
+/// A message if `dtype` is not a float type (f32, f16, bf16).
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    match dtype {
+        Dtype::F32 => Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()),
+        Dtype::F16 => Ok(bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()),
+        Dtype::BF16 => Ok(bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect()),
+        other => Err(format!(
+            "dtype {other:?}: only f32, f16 and bf16 weights are read"
+        )),
     }
 }
 
@@ -606,9 +926,18 @@ macro_rules! simd_kernel {
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) {
                     $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (and so AVX2 and FMA), checked just
+                    // above.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")

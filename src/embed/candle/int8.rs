@@ -1,0 +1,643 @@
+//! Matrix multiplication with int8 weights and u8 activations, accumulated in i32 with
+//! AVX-512 VNNI (`vpdpbusd`), for the linear layers of the int8 forward pass.
+//!
+//! Quantisation:
+//!
+//! - weights per output channel, symmetric: `w ≈ sw[c] · q` with `q ∈ [-127, 127]`, once at
+//!   load time;
+//! - activations per row (token), asymmetric: `x ≈ sa[r] · (u − zp[r])` with `u ∈ [0, 255]`,
+//!   computed for each call right before the product, so each token uses its own range;
+//! - optionally *smoothed* (SmoothQuant): input channel `j` of the activations is divided by
+//!   `s[j]` and the weights' column `j` multiplied by it, which leaves the product unchanged
+//!   in exact arithmetic but moves the range of outlier channels (a few channels of BERT's
+//!   hidden states are tens of times larger than the rest) from the activations, quantised
+//!   per token, into the weights, quantised per channel. `s` comes from calibration
+//!   ([`smoothing`]).
+//!
+//! Then `x·w = sa[r]·sw[c]·(Σ u·q − zp[r]·Σ q)`: the kernel computes `Σ u·q` exactly in
+//! i32 and the epilogue subtracts `zp[r]·Σ_k q[c][k]` (precomputed per output) and scales.
+//!
+//! The kernel computes an `MR × NR` (8 × 48) tile of the output in 24 zmm accumulators: for
+//! each quad of inputs `k..k+4` it loads 48 columns × 4 weights (three vectors of 64 bytes),
+//! broadcasts each row's four activations (one 32-bit word) and issues `vpdpbusd`, which adds
+//! `Σ_{i<4} u[k+i]·q[k+i]` to each i32 lane: four inputs per instruction where bf16 does two.
+//!
+//! Everything `unsafe` here is reached only through an [`Int8Weight`], which can only be
+//! built after run-time detection of AVX-512F, AVX-512BW and AVX-512 VNNI.
+
+use rayon::prelude::*;
+
+/// Columns of an output tile: three vectors of 16 i32 lanes.
+const NR: usize = 48;
+/// Rows of an output tile.
+const MR: usize = 8;
+/// Rows per parallel task.
+const MC: usize = 64;
+/// 32-bit lanes of a 512-bit vector.
+const LANES: usize = 16;
+
+/// Proof that the CPU runs the kernel: only [`Cpu::detect`] creates one. Uninhabited where
+/// the kernel does not exist, so that code using it is statically unreachable there.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Cpu(());
+
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+enum Cpu {}
+
+impl Cpu {
+    /// `Some` if this CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+    fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            missing_features().is_none().then_some(Self(()))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+}
+
+/// `None` if this CPU can run the kernel, else the CPU features it lacks for it (named as
+/// `is_x86_feature_detected!` names them; `/proc/cpuinfo` says `avx512_vnni`).
+pub(crate) fn missing_features() -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let missing: Vec<&str> = [
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            ("avx512bw", std::arch::is_x86_feature_detected!("avx512bw")),
+            (
+                "avx512vnni",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| (!present).then_some(name))
+        .collect();
+        (!missing.is_empty()).then(|| missing.join(", "))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Some("x86_64 with avx512f, avx512bw, avx512vnni".to_owned())
+    }
+}
+
+/// Smoothing factors `s[j] = max|x_j|^α / max|W_·j|^(1−α)` for each input channel `j`, from
+/// the largest absolute activation seen per channel in calibration (`activation_max`) and the
+/// weights (`outputs × inputs`, row-major); `alpha` in `[0, 1]` says how much of the range
+/// moves into the weights (SmoothQuant's migration strength). Channels never active, or with
+/// zero weights, get 1 (no smoothing).
+pub(crate) fn smoothing(
+    activation_max: &[f32],
+    weight: &[f32],
+    outputs: usize,
+    alpha: f32,
+) -> Vec<f32> {
+    let inputs = activation_max.len();
+    let mut weight_max = vec![0f32; inputs];
+    for row in weight.chunks_exact(inputs).take(outputs) {
+        for (m, w) in weight_max.iter_mut().zip(row) {
+            *m = m.max(w.abs());
+        }
+    }
+    activation_max
+        .iter()
+        .zip(&weight_max)
+        .map(|(&a, &w)| {
+            if a > 0.0 && w > 0.0 && a.is_finite() && w.is_finite() {
+                let s = a.powf(alpha) / w.powf(1.0 - alpha);
+                if s.is_finite() && s > 0.0 { s } else { 1.0 }
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// A weight matrix `W` (`outputs × inputs`) quantised to int8 per output channel and packed
+/// for the kernel: for each panel of [`NR`] outputs, for each quad of inputs, the 48
+/// outputs' four weights side by side. Outputs past the end of the last panel and inputs
+/// past the last full quad are zero.
+pub(crate) struct Int8Weight {
+    /// `panels × quads × NR × 4`.
+    data: Vec<i8>,
+    /// Scale of each output channel (`panels × NR`, zero past `outputs`).
+    scales: Vec<f32>,
+    /// `Σ_k q[c][k]` of each output channel (`panels × NR`).
+    sums: Vec<i32>,
+    /// What each input channel is multiplied by before quantisation: `1 / s[j]` if
+    /// smoothed, 0 for an outlier channel (computed in f32 instead), else 1; `None` if all 1.
+    unsmooth: Option<Vec<f32>>,
+    /// The outlier input channels, computed in f32 beside the int8 product.
+    outliers: Vec<usize>,
+    /// Their weights, `outliers.len() × outputs` (transposed, for contiguous output rows).
+    outlier_weights: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+    /// `ceil(inputs / 4)`.
+    quads: usize,
+    cpu: Cpu,
+}
+
+impl Int8Weight {
+    /// Quantises `weight` (`outputs × inputs`, row-major), first multiplying its input
+    /// columns by `smooth` if given (then activations are divided by it on every call).
+    /// The input channels in `outliers` stay out of the int8 product (their weights are
+    /// zeroed there, their activations left out of each token's range) and are multiplied in
+    /// f32 instead (LLM.int8()'s decomposition): a channel tens of times larger than the
+    /// rest would otherwise take most of a token's 256 levels.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the missing CPU features if this CPU cannot run the kernel.
+    ///
+    /// # Panics
+    ///
+    /// If `weight` does not hold `outputs × inputs` values or `smooth` not `inputs` (a bug
+    /// of the caller).
+    pub(crate) fn new(
+        weight: &[f32],
+        outputs: usize,
+        inputs: usize,
+        smooth: Option<&[f32]>,
+        outliers: &[usize],
+    ) -> Result<Self, String> {
+        let cpu = Cpu::detect()
+            .ok_or_else(|| format!("this CPU lacks {}", missing_features().unwrap_or_default()))?;
+        assert_eq!(weight.len(), outputs * inputs, "weight shape");
+        if let Some(s) = smooth {
+            assert_eq!(s.len(), inputs, "smoothing length");
+        }
+        assert!(outliers.iter().all(|&j| j < inputs), "outlier channel");
+        let mut outlier_weights = vec![0f32; outliers.len() * outputs];
+        for (o, &j) in outliers.iter().enumerate() {
+            for c in 0..outputs {
+                outlier_weights[o * outputs + c] = weight[c * inputs + j];
+            }
+        }
+        let mut unsmooth: Option<Vec<f32>> = smooth.map(|s| s.iter().map(|s| 1.0 / s).collect());
+        if !outliers.is_empty() {
+            let u = unsmooth.get_or_insert_with(|| vec![1.0; inputs]);
+            for &j in outliers {
+                u[j] = 0.0;
+            }
+        }
+        let quads = inputs.div_ceil(4);
+        let panels = outputs.div_ceil(NR);
+        let mut scales = vec![0f32; panels * NR];
+        let mut sums = vec![0i32; panels * NR];
+        let mut rows: Vec<Vec<i8>> = Vec::with_capacity(outputs);
+        for (c, row) in weight.chunks_exact(inputs.max(1)).take(outputs).enumerate() {
+            let mut smoothed: Vec<f32> = match smooth {
+                Some(s) => row.iter().zip(s).map(|(w, s)| w * s).collect(),
+                None => row.to_vec(),
+            };
+            for &j in outliers {
+                smoothed[j] = 0.0;
+            }
+            let max = smoothed.iter().fold(0f32, |m, w| m.max(w.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let q: Vec<i8> = smoothed
+                .iter()
+                // Within [-127, 127] by construction of `scale`; the cast saturates anyway.
+                .map(|w| (w / scale).round_ties_even().clamp(-127.0, 127.0) as i8)
+                .collect();
+            scales[c] = scale;
+            sums[c] = q.iter().map(|&v| i32::from(v)).sum();
+            rows.push(q);
+        }
+        let mut data = vec![0i8; panels * quads * NR * 4];
+        for (panel, packed) in data.chunks_exact_mut(quads * NR * 4).enumerate() {
+            for (quad, packed) in packed.chunks_exact_mut(NR * 4).enumerate() {
+                for (column, packed) in packed.chunks_exact_mut(4).enumerate() {
+                    let Some(row) = rows.get(panel * NR + column) else {
+                        continue;
+                    };
+                    for (i, value) in packed.iter_mut().enumerate() {
+                        if let Some(&q) = row.get(4 * quad + i) {
+                            *value = q;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            data,
+            scales,
+            sums,
+            unsmooth,
+            outliers: outliers.to_vec(),
+            outlier_weights,
+            inputs,
+            outputs,
+            quads,
+            cpu,
+        })
+    }
+
+    /// `out += x Wᵀ` for every row of `x` (`rows × inputs`); `out` is `rows × outputs`.
+    /// `scratch` holds the quantised activations (resized as needed; old contents do not
+    /// matter).
+    ///
+    /// # Panics
+    ///
+    /// If `x` and `out` do not have the same number of rows (a bug of the caller).
+    pub(crate) fn matmul(&self, x: &[f32], out: &mut [f32], scratch: &mut Vec<u32>) {
+        let (k, n, quads) = (self.inputs, self.outputs, self.quads);
+        if k == 0 || n == 0 {
+            return;
+        }
+        let rows = x.len() / k;
+        assert!(
+            x.len() == rows * k && out.len() == rows * n,
+            "matrix shapes"
+        );
+        scratch.resize(rows * quads, 0);
+        let cpu = self.cpu;
+        scratch
+            .par_chunks_mut(MC * quads)
+            .zip(x.par_chunks(MC * k))
+            .zip(out.par_chunks_mut(MC * n))
+            .for_each(|((a, x), out)| {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let Cpu(()) = cpu;
+                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F/BW/VNNI; the
+                    // slices are consistent: `x` and `out` hold the same rows (asserted
+                    // above, and chunked by the same row count), `a` has room for those
+                    // rows' quads.
+                    unsafe { x86::block(x, a, out, self) };
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (a, x, out);
+                    match cpu {}
+                }
+            });
+    }
+}
+
+/// Quantisation of one row of activations: `x ≈ scale · (u − zero)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct RowQuant {
+    scale: f32,
+    /// In `0..=255`.
+    zero: i32,
+}
+
+impl RowQuant {
+    /// The asymmetric u8 quantisation of values between `min` and `max` (0 is always
+    /// representable exactly, so that padding and exact zeros stay zero).
+    fn new(min: f32, max: f32) -> Self {
+        let (min, max) = (min.min(0.0), max.max(0.0));
+        let range = max - min;
+        if !(range > 0.0 && range.is_finite()) {
+            return Self {
+                scale: 1.0,
+                zero: 0,
+            };
+        }
+        let scale = range / 255.0;
+        // In [0, 255] since 0 ≤ -min ≤ range; the cast is exact for such values.
+        let zero = (-min / scale).round_ties_even().clamp(0.0, 255.0) as i32;
+        Self { scale, zero }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{
+        __m512, __m512i, _mm_storeu_si128, _mm512_add_epi32, _mm512_cvtepi32_ps,
+        _mm512_cvtps_epi32, _mm512_cvtusepi32_epi8, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
+        _mm512_loadu_epi32, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32, _mm512_min_ps,
+        _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
+        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512, _mm512_sub_epi32,
+    };
+
+    use super::{Int8Weight, LANES, MC, MR, NR, RowQuant};
+
+    /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F, AVX-512BW and AVX-512 VNNI; `x` must hold
+    /// `rows × w.inputs` values, `out` `rows × w.outputs` and `a` at least
+    /// `rows × w.quads`, with `rows ≤ MC`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn block(x: &[f32], a: &mut [u32], out: &mut [f32], w: &Int8Weight) {
+        let (k, n, quads) = (w.inputs, w.outputs, w.quads);
+        let rows = out.len() / n;
+        let mut quant = [RowQuant {
+            scale: 1.0,
+            zero: 0,
+        }; MC];
+        for ((x, a), q) in x
+            .chunks_exact(k)
+            .zip(a.chunks_exact_mut(quads))
+            .zip(quant.iter_mut())
+        {
+            *q = quantise_row(x, w.unsmooth.as_deref(), a);
+        }
+        add_outliers(x, out, w);
+        for panel in 0..n.div_ceil(NR) {
+            let columns = (n - panel * NR).min(NR);
+            let masks: [u16; 3] = std::array::from_fn(|v| {
+                let lanes = columns.saturating_sub(v * LANES).min(LANES);
+                // At most 16 ones, so the cast is exact.
+                ((1u32 << lanes) - 1) as u16
+            });
+            let b = &w.data[panel * quads * NR * 4..(panel + 1) * quads * NR * 4];
+            let scales = &w.scales[panel * NR..(panel + 1) * NR];
+            let sums = &w.sums[panel * NR..(panel + 1) * NR];
+            for r0 in (0..rows).step_by(MR) {
+                let a = &a[r0 * quads..];
+                let out = &mut out[r0 * n + panel * NR..];
+                let quant = &quant[r0..];
+                let epilogue = Epilogue {
+                    scales,
+                    sums,
+                    quant,
+                    masks,
+                    ldc: n,
+                };
+                // SAFETY (all arms): the tile's rows `r0..r0 + R` exist (`R ≤ rows - r0`), so
+                // `a` holds `R` rows of `quads` words, `quant` `R` entries, `b` holds
+                // `quads × NR × 4` values and `out` reaches row `R - 1`, column
+                // `columns - 1` (masked beyond); the CPU features are this function's own
+                // precondition.
+                unsafe {
+                    match rows - r0 {
+                        8.. => tile::<8>(a, quads, b, out, &epilogue),
+                        7 => tile::<7>(a, quads, b, out, &epilogue),
+                        6 => tile::<6>(a, quads, b, out, &epilogue),
+                        5 => tile::<5>(a, quads, b, out, &epilogue),
+                        4 => tile::<4>(a, quads, b, out, &epilogue),
+                        3 => tile::<3>(a, quads, b, out, &epilogue),
+                        2 => tile::<2>(a, quads, b, out, &epilogue),
+                        _ => tile::<1>(a, quads, b, out, &epilogue),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`
+    /// (compiled for AVX-512, so the loop over outputs runs 16 lanes wide).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn add_outliers(x: &[f32], out: &mut [f32], w: &Int8Weight) {
+        if w.outliers.is_empty() {
+            return;
+        }
+        let n = w.outputs;
+        for (x, out) in x.chunks_exact(w.inputs).zip(out.chunks_exact_mut(n)) {
+            for (&j, weights) in w.outliers.iter().zip(w.outlier_weights.chunks_exact(n)) {
+                let value = x[j];
+                for (o, weight) in out.iter_mut().zip(weights) {
+                    *o = value.mul_add(*weight, *o);
+                }
+            }
+        }
+    }
+
+    /// What turns a tile's i32 sums into f32 and adds them to the output.
+    struct Epilogue<'a> {
+        /// The panel's output scales.
+        scales: &'a [f32],
+        /// The panel's `Σ_k q`.
+        sums: &'a [i32],
+        /// The tile's rows' quantisation (from its first row on).
+        quant: &'a [RowQuant],
+        masks: [u16; 3],
+        ldc: usize,
+    }
+
+    /// One row of activations (divided by `unsmooth`'s reciprocals, if any) to u8 quads (zero
+    /// bytes after the last input); returns its quantisation.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn quantise_row(x: &[f32], unsmooth: Option<&[f32]>, a: &mut [u32]) -> RowQuant {
+        let vectors = x.len() / LANES;
+        let value = |i: usize| -> f32 {
+            let v = x[i];
+            unsmooth.map_or(v, |u| v * u[i])
+        };
+        // SAFETY: every load reads 16 f32 at `16i`, inside `x` (and `unsmooth`, which has
+        // the same length) since `16(i + 1) ≤ len`.
+        let load = |i: usize| -> __m512 {
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(LANES * i));
+                match unsmooth {
+                    Some(u) => _mm512_mul_ps(v, _mm512_loadu_ps(u.as_ptr().add(LANES * i))),
+                    None => v,
+                }
+            }
+        };
+        let (mut lo, mut hi) = (_mm512_set1_ps(0.0), _mm512_set1_ps(0.0));
+        for i in 0..vectors {
+            let v = load(i);
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+        }
+        let (mut min, mut max) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        for i in vectors * LANES..x.len() {
+            min = min.min(value(i));
+            max = max.max(value(i));
+        }
+        let quant = RowQuant::new(min, max);
+        let inverse = _mm512_set1_ps(1.0 / quant.scale);
+        let zero = _mm512_set1_epi32(quant.zero);
+        let (floor, ceiling) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
+        let bytes = a.as_mut_ptr().cast::<u8>();
+        for i in 0..vectors {
+            // Rounds to nearest even (the default MXCSR mode), then clamps to [0, 255].
+            let q = _mm512_cvtps_epi32(_mm512_mul_ps(load(i), inverse));
+            let q = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(q, zero), floor), ceiling);
+            // SAFETY: writes 16 bytes at byte `16i`; `a` has `ceil(len / 4)` words, that is
+            // at least `len ≥ 16(i + 1)` bytes.
+            unsafe { _mm_storeu_si128(bytes.add(LANES * i).cast(), _mm512_cvtusepi32_epi8(q)) };
+        }
+        let total = a.len() * 4;
+        for i in vectors * LANES..total {
+            let byte = if i < x.len() {
+                let q = (value(i) / quant.scale).round_ties_even() as i32 + quant.zero;
+                // Clamped to [0, 255], so the cast is exact.
+                q.clamp(0, 255) as u8
+            } else {
+                0
+            };
+            // SAFETY: `i < total`, the byte length of `a`.
+            unsafe { bytes.add(i).write(byte) };
+        }
+        quant
+    }
+
+    /// `out[r][0..48] += sa[r]·sw·(Σ_quads a[r]·b − zp[r]·Σq)` for `R` rows: the micro-kernel.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F/BW/VNNI; `a` must hold `R` rows of `quads` words each,
+    /// `quads` apart, `b` `quads × NR × 4` values, `e.quant` at least `R` entries, `e.scales`
+    /// and `e.sums` [`NR`] each, and `out` rows `e.ldc` apart reaching every lane set in
+    /// `e.masks` of row `R - 1`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn tile<const R: usize>(
+        a: &[u32],
+        quads: usize,
+        b: &[i8],
+        out: &mut [f32],
+        e: &Epilogue<'_>,
+    ) {
+        let (a, b, out) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
+        let mut acc: [[__m512i; 3]; R] = [[_mm512_setzero_si512(); 3]; R];
+        for quad in 0..quads {
+            // SAFETY: `quad < quads`, so the three 64-byte loads stay inside `b`'s
+            // `quads × 192` values and `a` row `r` word `quad` inside `a` (caller's contract).
+            unsafe {
+                let bp = b.add(quad * NR * 4);
+                let b0 = _mm512_loadu_si512(bp.cast());
+                let b1 = _mm512_loadu_si512(bp.add(64).cast());
+                let b2 = _mm512_loadu_si512(bp.add(128).cast());
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(a.add(r * quads + quad).read().cast_signed());
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
+                    acc[2] = _mm512_dpbusd_epi32(acc[2], av, b2);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let quant = e.quant[r];
+            let zero = _mm512_set1_epi32(quant.zero);
+            let row_scale = _mm512_set1_ps(quant.scale);
+            for (v, (&sum, &mask)) in acc.iter().zip(&e.masks).enumerate() {
+                // SAFETY: `e.sums` and `e.scales` hold NR = 3 × 16 values; lanes outside
+                // `mask` of `out` are neither read nor written, those inside are in `out`
+                // (caller's contract). (`wrapping_add`: a vector wholly past the last column
+                // may point past `out`.)
+                unsafe {
+                    let sums = _mm512_loadu_epi32(e.sums.as_ptr().add(v * LANES));
+                    let scales = _mm512_loadu_ps(e.scales.as_ptr().add(v * LANES));
+                    // |Σ u·q| ≤ 255 · 127 · inputs and |zp · Σq| ≤ 255 · 127 · inputs: no
+                    // overflow below 33,000 inputs.
+                    let exact = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zero, sums));
+                    let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
+                    let p = out.wrapping_add(r * e.ldc + v * LANES);
+                    let old = _mm512_maskz_loadu_ps(mask, p);
+                    _mm512_mask_storeu_ps(p, mask, _mm512_fmadd_ps(value, row_scale, old));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(count: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                // The top 24 bits, exactly representable in f32.
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zero_is_exact_and_the_range_is_covered() {
+        let q = RowQuant::new(-1.0, 3.0);
+        assert!((q.scale - 4.0 / 255.0).abs() < 1e-7);
+        assert_eq!(q.zero, 64);
+        let q = RowQuant::new(0.5, 2.0);
+        assert_eq!(q.zero, 0, "a positive row keeps zero representable");
+        let q = RowQuant::new(0.0, 0.0);
+        assert_eq!((q.scale, q.zero), (1.0, 0));
+        let q = RowQuant::new(f32::NEG_INFINITY, 1.0);
+        assert_eq!((q.scale, q.zero), (1.0, 0));
+    }
+
+    #[test]
+    fn smoothing_balances_activation_and_weight_ranges() {
+        // Channel 0: activations up to 16, weights up to 1; channel 1: 1 and 4; channel 2
+        // never active.
+        let weight = [1.0, 4.0, 1.0, -0.5, 2.0, 1.0];
+        let s = smoothing(&[16.0, 1.0, 0.0], &weight, 2, 0.5);
+        assert!((s[0] - 4.0).abs() < 1e-6, "{s:?}");
+        assert!((s[1] - 0.5).abs() < 1e-6, "{s:?}");
+        assert_eq!(s[2], 1.0);
+    }
+
+    #[test]
+    fn matches_a_naive_matmul() {
+        if let Some(missing) = missing_features() {
+            eprintln!("SKIPPED: {missing} not available");
+            return;
+        }
+        // Edge cases of every loop: one element, inputs not a multiple of 4 or 16, partial
+        // panels and tiles, several row blocks; with and without smoothing and outliers.
+        for (rows, inputs, outputs, smooth) in [
+            (1, 1, 1, false),
+            (3, 7, 50, false),
+            (9, 33, 48, true),
+            (13, 384, 100, false),
+            (130, 64, 16, true),
+            (200, 1536, 97, false),
+        ] {
+            let x = values(rows * inputs, 1);
+            let w = values(outputs * inputs, 2);
+            let start = values(rows * outputs, 3);
+            let s: Vec<f32> = values(inputs, 4).iter().map(|v| 1.5 + v).collect();
+            // Smoothed cases also take two channels out as outliers (computed in f32, so
+            // exact up to f32 rounding: the bound below still holds).
+            let outliers: Vec<usize> = if smooth {
+                vec![0, inputs - 1]
+            } else {
+                Vec::new()
+            };
+            let packed = Int8Weight::new(&w, outputs, inputs, smooth.then_some(&s[..]), &outliers)
+                .expect("supported");
+            let mut out = start.clone();
+            let mut scratch = Vec::new();
+            packed.matmul(&x, &mut out, &mut scratch);
+            for r in 0..rows {
+                let row = &x[r * inputs..(r + 1) * inputs];
+                let x_max = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v / if smooth { s[i] } else { 1.0 }).abs())
+                    .fold(0f64, |m, v| m.max(f64::from(v)));
+                for c in 0..outputs {
+                    let mut exact = f64::from(start[r * outputs + c]);
+                    let mut bound = 0.0;
+                    let w_max = (0..inputs)
+                        .map(|i| {
+                            f64::from(w[c * inputs + i] * if smooth { s[i] } else { 1.0 }).abs()
+                        })
+                        .fold(0f64, f64::max);
+                    for i in 0..inputs {
+                        let (xi, wi) = (f64::from(row[i]), f64::from(w[c * inputs + i]));
+                        let si = if smooth { f64::from(s[i]) } else { 1.0 };
+                        exact += xi * wi;
+                        // Each factor is off by at most half a step: x by (2 x_max / 255) / 2,
+                        // w by (w_max / 127) / 2, in the smoothed coordinates.
+                        let (xs, ws) = ((xi / si).abs(), (wi * si).abs());
+                        bound += xs * w_max / 254.0 + ws * x_max / 255.0 + x_max * w_max / 32_258.0;
+                    }
+                    let error = (f64::from(out[r * outputs + c]) - exact).abs();
+                    assert!(
+                        error <= bound * 1.01 + 1e-5,
+                        "{rows}×{inputs}×{outputs} [{r}, {c}]: error {error}, bound {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
