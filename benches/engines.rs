@@ -70,16 +70,6 @@ fn texts(count: usize) -> Vec<String> {
         .collect()
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
-}
-
 /// One engine's figures.
 struct Figures {
     engine: String,
@@ -176,7 +166,7 @@ fn main() {
         let cosines: Vec<f64> = reference
             .iter()
             .zip(&vectors)
-            .map(|(a, b)| cosine(a, b))
+            .map(|(a, b)| fixtures::cosine(a, b))
             .collect();
         figures.push(Figures {
             engine: name.to_owned(),

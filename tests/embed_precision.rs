@@ -41,16 +41,6 @@ fn load_bf16(batch_size: usize) -> Option<CandleEmbedder> {
     load_reduced(Precision::Bf16, batch_size)
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
-}
-
 #[test]
 fn bf16_vectors_match_f32_on_the_fixture_corpus() {
     let Some(bf16) = load_bf16(16) else {
@@ -79,21 +69,27 @@ fn int8_vectors_match_f32_on_the_precision_and_parity_corpora() {
 /// whatever else shares its forward pass.
 #[test]
 fn int8_vectors_do_not_depend_on_the_batch() {
-    let Some(int8) = load_reduced(Precision::Int8, 8) else {
-        return;
-    };
-    let texts = fixtures::precision_corpus(&int8);
+    if let Some(int8) = load_reduced(Precision::Int8, 8) {
+        assert_batch_independent(&int8, 0.99999);
+    }
+}
+
+/// Embeds the precision corpus together, reversed (other neighbours in each pass) and every
+/// 7th text alone, and asserts each vector's cosine to the batched one is at least
+/// `min_cosine`.
+fn assert_batch_independent(embedder: &CandleEmbedder, min_cosine: f64) {
+    let texts = fixtures::precision_corpus(embedder);
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let together = int8.embed_blocking(&texts).expect("embed batch");
+    let together = embedder.embed_blocking(&texts).expect("embed batch");
     let reversed: Vec<&str> = texts.iter().rev().copied().collect();
-    let mut apart = int8.embed_blocking(&reversed).expect("embed reversed");
+    let mut apart = embedder.embed_blocking(&reversed).expect("embed reversed");
     apart.reverse();
     for (i, text) in texts.iter().enumerate().step_by(7) {
-        let alone = int8.embed_blocking(&[text]).expect("embed alone");
+        let alone = embedder.embed_blocking(&[text]).expect("embed alone");
         for (other, what) in [(&alone[0], "alone"), (&apart[i], "in another batch")] {
-            let c = cosine(&together[i], other);
+            let c = fixtures::cosine(&together[i], other);
             assert!(
-                c >= 0.99999,
+                c >= min_cosine,
                 "text {i} {what}: cos {c} with the batched vector"
             );
         }
@@ -139,7 +135,7 @@ fn assert_faithful(
     let cosines: Vec<f64> = reference
         .iter()
         .zip(&vectors)
-        .map(|(a, b)| cosine(a, b))
+        .map(|(a, b)| fixtures::cosine(a, b))
         .collect();
     let (worst, min) =
         cosines
@@ -181,25 +177,8 @@ fn assert_faithful(
 
 #[test]
 fn bf16_vectors_do_not_depend_on_the_batch() {
-    let Some(bf16) = load_bf16(8) else {
-        return;
-    };
-    let texts = fixtures::precision_corpus(&bf16);
-    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let together = bf16.embed_blocking(&texts).expect("embed batch");
-    // Alone, and in a batch with other neighbours (the texts reversed).
-    let reversed: Vec<&str> = texts.iter().rev().copied().collect();
-    let mut apart = bf16.embed_blocking(&reversed).expect("embed reversed");
-    apart.reverse();
-    for (i, text) in texts.iter().enumerate().step_by(7) {
-        let alone = bf16.embed_blocking(&[text]).expect("embed alone");
-        for (other, what) in [(&alone[0], "alone"), (&apart[i], "in another batch")] {
-            let c = cosine(&together[i], other);
-            assert!(
-                c >= 0.9999,
-                "text {i} {what}: cos {c} with the batched vector"
-            );
-        }
+    if let Some(bf16) = load_bf16(8) {
+        assert_batch_independent(&bf16, 0.9999);
     }
 }
 
@@ -254,7 +233,7 @@ fn auto_keeps_f32_when_the_self_check_fails() {
         let least = a
             .iter()
             .zip(&b)
-            .map(|(x, y)| cosine(x, y))
+            .map(|(x, y)| fixtures::cosine(x, y))
             .fold(f64::INFINITY, f64::min);
         assert!(
             least >= rag_ingest::embed::AUTO_MIN_COSINE,
