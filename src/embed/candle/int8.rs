@@ -97,7 +97,7 @@ pub(crate) fn smoothing(
 ) -> Vec<f32> {
     let inputs = activation_max.len();
     let mut weight_max = vec![0f32; inputs];
-    for row in weight.chunks_exact(inputs).take(outputs) {
+    for row in weight.chunks_exact(inputs.max(1)).take(outputs) {
         for (m, w) in weight_max.iter_mut().zip(row) {
             *m = m.max(w.abs());
         }
