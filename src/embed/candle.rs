@@ -42,6 +42,7 @@ mod batcher;
 mod bert;
 mod bf16;
 mod int8;
+mod tile;
 
 /// The text `precision = "int8"` runs through the f32 model at load time to learn the range
 /// of each linear layer's inputs: prose, Markdown, code, logs, numbers and a little

@@ -17,14 +17,14 @@
 
 use rayon::prelude::*;
 
+use super::tile::LANES;
+
 /// Columns of an output tile: three vectors of 16 f32 lanes.
 const NR: usize = 48;
 /// Rows of an output tile.
 const MR: usize = 8;
 /// Rows per parallel task.
 const MC: usize = 64;
-/// f32 lanes of a 512-bit vector.
-const LANES: usize = 16;
 
 /// Proof that the CPU runs the kernel: only [`Cpu::detect`] creates one. Uninhabited where
 /// the kernel does not exist, so that code using it is statically unreachable there.
@@ -55,17 +55,13 @@ impl Cpu {
 pub(crate) fn missing_features() -> Option<String> {
     #[cfg(target_arch = "x86_64")]
     {
-        let missing: Vec<&str> = [
+        super::tile::missing(&[
             ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
             (
                 "avx512bf16",
                 std::arch::is_x86_feature_detected!("avx512bf16"),
             ),
-        ]
-        .into_iter()
-        .filter_map(|(name, present)| (!present).then_some(name))
-        .collect();
-        (!missing.is_empty()).then(|| missing.join(", "))
+        ])
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -185,6 +181,7 @@ mod x86 {
         _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
     };
 
+    use super::super::tile::lane_masks;
     use super::{Bf16Weight, LANES, MR, NR, to_bf16};
 
     /// `out += x Wᵀ` for the rows of `x`, converting them to bf16 into `a` first.
@@ -202,11 +199,7 @@ mod x86 {
         }
         for panel in 0..n.div_ceil(NR) {
             let columns = (n - panel * NR).min(NR);
-            let masks: [u16; 3] = std::array::from_fn(|v| {
-                let lanes = columns.saturating_sub(v * LANES).min(LANES);
-                // At most 16 ones, so the cast is exact.
-                ((1u32 << lanes) - 1) as u16
-            });
+            let masks = lane_masks(columns);
             let b = &w.data[panel * pairs * NR * 2..(panel + 1) * pairs * NR * 2];
             for r0 in (0..rows).step_by(MR) {
                 let a = &a[r0 * pairs..];

@@ -27,14 +27,14 @@
 
 use rayon::prelude::*;
 
+use super::tile::LANES;
+
 /// Columns of an output tile: three vectors of 16 i32 lanes.
 const NR: usize = 48;
 /// Rows of an output tile.
 const MR: usize = 8;
 /// Rows per parallel task.
 const MC: usize = 64;
-/// 32-bit lanes of a 512-bit vector.
-const LANES: usize = 16;
 
 /// Proof that the CPU runs the kernel: only [`Cpu::detect`] creates one. Uninhabited where
 /// the kernel does not exist, so that code using it is statically unreachable there.
@@ -65,18 +65,14 @@ impl Cpu {
 pub(crate) fn missing_features() -> Option<String> {
     #[cfg(target_arch = "x86_64")]
     {
-        let missing: Vec<&str> = [
+        super::tile::missing(&[
             ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
             ("avx512bw", std::arch::is_x86_feature_detected!("avx512bw")),
             (
                 "avx512vnni",
                 std::arch::is_x86_feature_detected!("avx512vnni"),
             ),
-        ]
-        .into_iter()
-        .filter_map(|(name, present)| (!present).then_some(name))
-        .collect();
-        (!missing.is_empty()).then(|| missing.join(", "))
+        ])
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -317,6 +313,7 @@ mod x86 {
         _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512, _mm512_sub_epi32,
     };
 
+    use super::super::tile::lane_masks;
     use super::{Int8Weight, LANES, MC, MR, NR, RowQuant};
 
     /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
@@ -344,11 +341,7 @@ mod x86 {
         add_outliers(x, out, w);
         for panel in 0..n.div_ceil(NR) {
             let columns = (n - panel * NR).min(NR);
-            let masks: [u16; 3] = std::array::from_fn(|v| {
-                let lanes = columns.saturating_sub(v * LANES).min(LANES);
-                // At most 16 ones, so the cast is exact.
-                ((1u32 << lanes) - 1) as u16
-            });
+            let masks = lane_masks(columns);
             let b = &w.data[panel * quads * NR * 4..(panel + 1) * quads * NR * 4];
             let scales = &w.scales[panel * NR..(panel + 1) * NR];
             let sums = &w.sums[panel * NR..(panel + 1) * NR];
