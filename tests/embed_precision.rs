@@ -212,6 +212,49 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     }
 }
 
+/// On a CPU with AMX that the process may not use (here: `RAG_INGEST_AMX=0`, as when the OS
+/// refuses the tile state), `auto` keeps f32: there AVX-512 BF16 alone is slower than f32.
+/// Runs itself again in a child process with the variable set (the environment is
+/// process-wide; the other tests of this binary must see AMX).
+#[test]
+fn auto_keeps_f32_on_an_amx_cpu_that_cannot_use_amx() {
+    const NAME: &str = "auto_keeps_f32_on_an_amx_cpu_that_cannot_use_amx";
+    if std::env::var_os("RAG_INGEST_AMX").is_none() {
+        let exe = std::env::current_exe().expect("test binary path");
+        let status = std::process::Command::new(exe)
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("RAG_INGEST_AMX", "0")
+            .status()
+            .expect("run the child test");
+        assert!(status.success(), "child test failed: {status}");
+        return;
+    }
+    if !cpu_has_amx() {
+        eprintln!("SKIPPED: this CPU has no AMX");
+        return;
+    }
+    let dir = model_dir();
+    let auto = CandleEmbedder::load_with_precision(&dir, 8, Precision::Auto).expect("load auto");
+    let choice = auto.precision().clone();
+    assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+    // An explicit bf16 still runs (on the AVX-512 kernel).
+    let bf16 = load_bf16(8).expect("bf16 loads on a CPU with AMX");
+    assert_eq!(bf16.precision().running, Precision::Bf16);
+}
+
+/// Whether the CPU has the AMX tile unit (CPUID leaf 7, EDX bit 24).
+fn cpu_has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 24) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// A self-check that bf16 cannot pass keeps f32: the vectors are exactly the reference ones.
 #[test]
 fn auto_keeps_f32_when_the_self_check_fails() {

@@ -38,6 +38,7 @@ use crate::lane::Lane;
 use batcher::{Pending, Queue, TokenIds};
 use bert::{Bert, Config, Int8Plan, Sequence, Site};
 
+mod amx;
 mod batcher;
 mod bert;
 mod bf16;
@@ -178,10 +179,18 @@ impl CandleEmbedder {
             return Self::load_auto(model_dir, batch_size, AUTO_MIN_COSINE);
         }
         let inner = Inner::load(model_dir, batch_size.max(1), precision)?;
+        let reason = match precision {
+            Precision::Int8 | Precision::Bf16 => format!(
+                "set in the configuration; {} products on {}",
+                precision.as_str(),
+                amx::Kernel::best().name()
+            ),
+            _ => "set in the configuration".to_owned(),
+        };
         let choice = PrecisionChoice {
             requested: precision,
             running: precision,
-            reason: "set in the configuration".to_owned(),
+            reason,
         };
         Self::start(model_dir, inner, choice)
     }
@@ -210,6 +219,17 @@ impl CandleEmbedder {
             };
             return Self::start(model_dir, f32, choice);
         }
+        let kernel = amx::Kernel::best();
+        if kernel != amx::Kernel::Amx && amx::in_cpu() {
+            let choice = PrecisionChoice {
+                requested: Precision::Auto,
+                running: Precision::F32,
+                reason: "this CPU has AMX but this process may not use it (OS permission, or \
+                         RAG_INGEST_AMX=0), and its AVX-512 BF16 path is slower than f32"
+                    .to_owned(),
+            };
+            return Self::start(model_dir, f32, choice);
+        }
         let bf16 = Inner::load(model_dir, batch_size, Precision::Bf16)?;
         let reference = f32.embed(&SELF_CHECK_TEXTS)?;
         let reduced = bf16.embed(&SELF_CHECK_TEXTS)?;
@@ -226,7 +246,9 @@ impl CandleEmbedder {
                     requested: Precision::Auto,
                     running: Precision::Bf16,
                     reason: format!(
-                        "AVX-512 BF16 present; self-check min cosine {least:.6} >= {min_cosine}"
+                        "AVX-512 BF16 present (products on {}); self-check min cosine \
+                         {least:.6} >= {min_cosine}",
+                        kernel.name()
                     ),
                 },
             )
@@ -638,6 +660,7 @@ fn int8_plan() -> Int8Plan {
         alpha: [0.5; 4],
         outlier_ratio: 3.0,
         max_outliers: 16,
+        kernel: amx::Kernel::best(),
     }
 }
 

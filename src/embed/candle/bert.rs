@@ -37,7 +37,7 @@ use serde::Deserialize;
 
 use super::Precision;
 use super::bf16::{self, Bf16Weight};
-use super::int8::{Int8Weight, smoothing};
+use super::int8::{Int8Weight, Kernel, smoothing};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
 const ROWS_PER_TASK: usize = 32;
@@ -173,6 +173,8 @@ pub(crate) struct Int8Plan {
     pub outlier_ratio: f32,
     /// At most this many outlier channels per layer (the largest).
     pub max_outliers: usize,
+    /// The kernel of the int8 products (AMX where available; same results as VNNI).
+    pub kernel: Kernel,
 }
 
 /// The input channels of `maxima` (calibration maxima) above `ratio` × their median, the
@@ -437,6 +439,7 @@ impl Bert {
                             linear.inputs,
                             smooth.as_deref(),
                             &outliers,
+                            plan.kernel,
                         )?,
                         Box::new(fallback),
                     )

@@ -22,11 +22,18 @@
 //! broadcasts each row's four activations (one 32-bit word) and issues `vpdpbusd`, which adds
 //! `Σ_{i<4} u[k+i]·q[k+i]` to each i32 lane: four inputs per instruction where bf16 does two.
 //!
+//! Where the CPU has Intel AMX (and the OS grants it), the same products run on AMX tiles
+//! instead ([`super::amx`]): 32 × 32 output blocks, 64 inputs per step, identical sums. For
+//! AMX the weights are packed in panels of 16 outputs (so that a B tile's rows are
+//! contiguous), the inputs padded to a multiple of 64 and the panels to an even count.
+//!
 //! Everything `unsafe` here is reached only through an [`Int8Weight`], which can only be
 //! built after run-time detection of AVX-512F, AVX-512BW and AVX-512 VNNI.
 
 use rayon::prelude::*;
 
+pub(crate) use super::amx::Kernel;
+use super::amx::{Amx, TILE_BYTES, TILE_ROWS};
 use super::tile::LANES;
 
 /// Columns of an output tile: three vectors of 16 i32 lanes.
@@ -35,6 +42,8 @@ const NR: usize = 48;
 const MR: usize = 8;
 /// Rows per parallel task.
 const MC: usize = 64;
+/// Rows of the AMX kernel's output block (two A tiles); a multiple of it divides [`MC`].
+const AMX_ROWS: usize = 2 * TILE_ROWS;
 
 /// Proof that the CPU runs the kernel: only [`Cpu::detect`] creates one. Uninhabited where
 /// the kernel does not exist, so that code using it is statically unreachable there.
@@ -113,15 +122,16 @@ pub(crate) fn smoothing(
 }
 
 /// A weight matrix `W` (`outputs × inputs`) quantised to int8 per output channel and packed
-/// for the kernel: for each panel of [`NR`] outputs, for each quad of inputs, the 48
-/// outputs' four weights side by side. Outputs past the end of the last panel and inputs
-/// past the last full quad are zero.
+/// for the kernel: for each panel of [`NR`] outputs (16 for AMX), for each quad of inputs,
+/// the panel's outputs' four weights side by side. Outputs past the end of the last panel and
+/// inputs past the last full quad are zero.
 pub(crate) struct Int8Weight {
-    /// `panels × quads × NR × 4`.
+    /// `panels × quads × width × 4` (`width` = [`NR`], or 16 for AMX).
     data: Vec<i8>,
-    /// Scale of each output channel (`panels × NR`, zero past `outputs`).
+    /// Scale of each output channel (at least `panels × width` and 48, zero past
+    /// `outputs`).
     scales: Vec<f32>,
-    /// `Σ_k q[c][k]` of each output channel (`panels × NR`).
+    /// `Σ_k q[c][k]` of each output channel (as long as `scales`).
     sums: Vec<i32>,
     /// What each input channel is multiplied by before quantisation: `1 / s[j]` if
     /// smoothed, 0 for an outlier channel (computed in f32 instead), else 1; `None` if all 1.
@@ -132,9 +142,11 @@ pub(crate) struct Int8Weight {
     outlier_weights: Vec<f32>,
     inputs: usize,
     outputs: usize,
-    /// `ceil(inputs / 4)`.
+    /// `ceil(inputs / 4)`, rounded up to a multiple of 16 for AMX.
     quads: usize,
     cpu: Cpu,
+    /// Set if the products run on AMX tiles.
+    amx: Option<Amx>,
 }
 
 impl Int8Weight {
@@ -144,6 +156,8 @@ impl Int8Weight {
     /// zeroed there, their activations left out of each token's range) and are multiplied in
     /// f32 instead (LLM.int8()'s decomposition): a channel tens of times larger than the
     /// rest would otherwise take most of a token's 256 levels.
+    ///
+    /// The products run on `kernel` where the CPU and OS allow it, else on VNNI.
     ///
     /// # Errors
     ///
@@ -159,9 +173,14 @@ impl Int8Weight {
         inputs: usize,
         smooth: Option<&[f32]>,
         outliers: &[usize],
+        kernel: Kernel,
     ) -> Result<Self, String> {
         let cpu = Cpu::detect()
             .ok_or_else(|| format!("this CPU lacks {}", missing_features().unwrap_or_default()))?;
+        let amx = match kernel {
+            Kernel::Amx => Amx::detect(),
+            Kernel::Avx512 => None,
+        };
         assert_eq!(weight.len(), outputs * inputs, "weight shape");
         if let Some(s) = smooth {
             assert_eq!(s.len(), inputs, "smoothing length");
@@ -180,10 +199,23 @@ impl Int8Weight {
                 u[j] = 0.0;
             }
         }
-        let quads = inputs.div_ceil(4);
-        let panels = outputs.div_ceil(NR);
-        let mut scales = vec![0f32; panels * NR];
-        let mut sums = vec![0i32; panels * NR];
+        // Panels of `width` outputs: 48 for AVX-512; for AMX 16 (one B tile wide, so that a
+        // tile's rows are contiguous), an even count (the kernel takes two at a time), and
+        // whole steps of 64 inputs.
+        let (quads, width) = match amx {
+            Some(_) => (
+                inputs.div_ceil(4).next_multiple_of(TILE_BYTES / 4),
+                TILE_ROWS,
+            ),
+            None => (inputs.div_ceil(4), NR),
+        };
+        let panels = match amx {
+            Some(_) => outputs.div_ceil(width).next_multiple_of(2),
+            None => outputs.div_ceil(width),
+        };
+        let columns = panels * width;
+        let mut scales = vec![0f32; columns.max(NR)];
+        let mut sums = vec![0i32; columns.max(NR)];
         let mut rows: Vec<Vec<i8>> = Vec::with_capacity(outputs);
         for (c, row) in weight.chunks_exact(inputs.max(1)).take(outputs).enumerate() {
             let mut smoothed: Vec<f32> = match smooth {
@@ -204,11 +236,11 @@ impl Int8Weight {
             sums[c] = q.iter().map(|&v| i32::from(v)).sum();
             rows.push(q);
         }
-        let mut data = vec![0i8; panels * quads * NR * 4];
-        for (panel, packed) in data.chunks_exact_mut(quads * NR * 4).enumerate() {
-            for (quad, packed) in packed.chunks_exact_mut(NR * 4).enumerate() {
+        let mut data = vec![0i8; panels * quads * width * 4];
+        for (panel, packed) in data.chunks_exact_mut(quads * width * 4).enumerate() {
+            for (quad, packed) in packed.chunks_exact_mut(width * 4).enumerate() {
                 for (column, packed) in packed.chunks_exact_mut(4).enumerate() {
-                    let Some(row) = rows.get(panel * NR + column) else {
+                    let Some(row) = rows.get(panel * width + column) else {
                         continue;
                     };
                     for (i, value) in packed.iter_mut().enumerate() {
@@ -230,6 +262,7 @@ impl Int8Weight {
             outputs,
             quads,
             cpu,
+            amx,
         })
     }
 
@@ -250,7 +283,13 @@ impl Int8Weight {
             x.len() == rows * k && out.len() == rows * n,
             "matrix shapes"
         );
-        scratch.resize(rows * quads, 0);
+        // AMX loads whole 32-row blocks: pad to them (the padding rows' sums are discarded).
+        let padded = if self.amx.is_some() {
+            rows.next_multiple_of(AMX_ROWS)
+        } else {
+            rows
+        };
+        scratch.resize(padded * quads, 0);
         let cpu = self.cpu;
         scratch
             .par_chunks_mut(MC * quads)
@@ -263,7 +302,8 @@ impl Int8Weight {
                     // SAFETY: a `Cpu` exists only if the CPU has AVX-512F/BW/VNNI; the
                     // slices are consistent: `x` and `out` hold the same rows (asserted
                     // above, and chunked by the same row count), `a` has room for those
-                    // rows' quads.
+                    // rows' quads, rounded up to 32 rows for AMX (`MC` is a multiple of 32,
+                    // so the chunks of `a` and `x` pair up).
                     unsafe { x86::block(x, a, out, self) };
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -314,7 +354,7 @@ mod x86 {
     };
 
     use super::super::tile::lane_masks;
-    use super::{Int8Weight, LANES, MC, MR, NR, RowQuant};
+    use super::{AMX_ROWS, Amx, Int8Weight, LANES, MC, MR, NR, RowQuant, TILE_BYTES, TILE_ROWS};
 
     /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
     ///
@@ -322,7 +362,7 @@ mod x86 {
     ///
     /// The CPU must have AVX-512F, AVX-512BW and AVX-512 VNNI; `x` must hold
     /// `rows × w.inputs` values, `out` `rows × w.outputs` and `a` at least
-    /// `rows × w.quads`, with `rows ≤ MC`.
+    /// `rows × w.quads` (with AMX: `rows` rounded up to 32), with `rows ≤ MC`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn block(x: &[f32], a: &mut [u32], out: &mut [f32], w: &Int8Weight) {
         let (k, n, quads) = (w.inputs, w.outputs, w.quads);
@@ -339,6 +379,12 @@ mod x86 {
             *q = quantise_row(x, w.unsmooth.as_deref(), a);
         }
         add_outliers(x, out, w);
+        if let Some(amx) = w.amx {
+            // SAFETY: `a` holds `rows` rounded up to 32 rows of `quads` words (this
+            // function's contract), `out` `rows × n`, `quant` the rows' quantisation.
+            unsafe { amx_block(a, &quant[..rows], out, w, amx) };
+            return;
+        }
         for panel in 0..n.div_ceil(NR) {
             let columns = (n - panel * NR).min(NR);
             let masks = lane_masks(columns);
@@ -377,19 +423,117 @@ mod x86 {
         }
     }
 
-    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`
-    /// (compiled for AVX-512, so the loop over outputs runs 16 lanes wide).
+    /// `out += sa·sw·(a·Bᵀ − zp·Σq)` on AMX tiles, 32 × 32 outputs at a time, for the
+    /// `quant.len()` rows of `out`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F/BW; `a` must hold `quant.len()` rounded up to 32 rows of
+    /// `w.quads` words (a multiple of 16), `out` `quant.len() × w.outputs` values; `w` must
+    /// have been packed for AMX (inputs padded to 64, an even number of panels).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn amx_block(a: &[u32], quant: &[RowQuant], out: &mut [f32], w: &Int8Weight, amx: Amx) {
+        let (n, quads, rows) = (w.outputs, w.quads, quant.len());
+        let lda = quads * 4;
+        let steps = quads / (TILE_BYTES / 4);
+        let mut tiles = amx.tiles();
+        let mut sums = [[0i32; TILE_ROWS * TILE_ROWS]; 4];
+        let a = a.as_ptr().cast::<u8>();
+        // Panel `s` of the packed weights (16 columns wide for AMX).
+        let slice = |s: usize| {
+            w.data
+                .as_ptr()
+                .cast::<u8>()
+                .wrapping_add(s * quads * TILE_BYTES)
+        };
+        for s0 in (0..n.div_ceil(TILE_ROWS)).step_by(2) {
+            let b = [slice(s0), slice(s0 + 1)];
+            for r0 in (0..rows).step_by(AMX_ROWS) {
+                let a = [
+                    a.wrapping_add(r0 * lda),
+                    a.wrapping_add((r0 + TILE_ROWS) * lda),
+                ];
+                // SAFETY: rows `r0..r0 + 32` of `a` exist (padded to 32 rows), each `lda`
+                // bytes with `steps` steps of 64 bytes; panels `s0` and `s0 + 1` exist (an
+                // even count), each `quads` rows of 64 bytes, 16 rows per step.
+                unsafe { tiles.product_u8i8(a, lda, b, TILE_BYTES, steps, &mut sums) };
+                for (t, tile) in sums.iter().enumerate() {
+                    let c0 = (s0 + t % 2) * TILE_ROWS;
+                    if c0 >= n {
+                        continue;
+                    }
+                    let lanes = (n - c0).min(LANES);
+                    // At most 16 ones, so the cast is exact.
+                    let mask = ((1u32 << lanes) - 1) as u16;
+                    // SAFETY: `scales` and `sums` hold `panels × 16 ≥ c0 + 16` values.
+                    let (column_sums, scales) = unsafe {
+                        (
+                            _mm512_loadu_epi32(w.sums.as_ptr().add(c0)),
+                            _mm512_loadu_ps(w.scales.as_ptr().add(c0)),
+                        )
+                    };
+                    let first = r0 + (t / 2) * TILE_ROWS;
+                    for (r, row) in tile.chunks_exact(TILE_ROWS).enumerate() {
+                        let Some(q) = quant.get(first + r) else {
+                            break;
+                        };
+                        // SAFETY: `row` holds 16 i32; `out` row `first + r < rows` reaches
+                        // column `c0 + lanes - 1 < n`, and lanes outside `mask` are neither
+                        // read nor written.
+                        unsafe {
+                            let exact = _mm512_sub_epi32(
+                                _mm512_loadu_epi32(row.as_ptr()),
+                                _mm512_mullo_epi32(_mm512_set1_epi32(q.zero), column_sums),
+                            );
+                            let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
+                            let p = out.as_mut_ptr().add((first + r) * n + c0);
+                            let old = _mm512_maskz_loadu_ps(mask, p);
+                            _mm512_mask_storeu_ps(
+                                p,
+                                mask,
+                                _mm512_fmadd_ps(value, _mm512_set1_ps(q.scale), old),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`: 16
+    /// outputs at a time, each loaded and stored once per 16 outlier channels.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     fn add_outliers(x: &[f32], out: &mut [f32], w: &Int8Weight) {
-        if w.outliers.is_empty() {
-            return;
-        }
+        const GROUP: usize = 16;
         let n = w.outputs;
         for (x, out) in x.chunks_exact(w.inputs).zip(out.chunks_exact_mut(n)) {
-            for (&j, weights) in w.outliers.iter().zip(w.outlier_weights.chunks_exact(n)) {
-                let value = x[j];
-                for (o, weight) in out.iter_mut().zip(weights) {
-                    *o = value.mul_add(*weight, *o);
+            for (channels, weights) in w
+                .outliers
+                .chunks(GROUP)
+                .zip(w.outlier_weights.chunks(GROUP * n))
+            {
+                let mut values = [0f32; GROUP];
+                for (v, &j) in values.iter_mut().zip(channels) {
+                    *v = x[j];
+                }
+                let values = &values[..channels.len()];
+                for c0 in (0..n).step_by(LANES) {
+                    let lanes = (n - c0).min(LANES);
+                    // At most 16 ones, so the cast is exact.
+                    let mask = ((1u32 << lanes) - 1) as u16;
+                    // SAFETY: lanes inside `mask` are columns `c0..c0 + lanes` of `out`'s
+                    // row and of each of `weights`' `values.len()` rows of `n` values;
+                    // lanes outside are neither read nor written.
+                    unsafe {
+                        let p = out.as_mut_ptr().add(c0);
+                        let mut acc = _mm512_maskz_loadu_ps(mask, p);
+                        for (o, &v) in values.iter().enumerate() {
+                            let weight =
+                                _mm512_maskz_loadu_ps(mask, weights.as_ptr().add(o * n + c0));
+                            acc = _mm512_fmadd_ps(_mm512_set1_ps(v), weight, acc);
+                        }
+                        _mm512_mask_storeu_ps(p, mask, acc);
+                    }
                 }
             }
         }
@@ -595,8 +739,15 @@ mod tests {
             } else {
                 Vec::new()
             };
-            let packed = Int8Weight::new(&w, outputs, inputs, smooth.then_some(&s[..]), &outliers)
-                .expect("supported");
+            let packed = Int8Weight::new(
+                &w,
+                outputs,
+                inputs,
+                smooth.then_some(&s[..]),
+                &outliers,
+                Kernel::Avx512,
+            )
+            .expect("supported");
             let mut out = start.clone();
             let mut scratch = Vec::new();
             packed.matmul(&x, &mut out, &mut scratch);
@@ -630,6 +781,61 @@ mod tests {
                         "{rows}×{inputs}×{outputs} [{r}, {c}]: error {error}, bound {bound}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn amx_and_vnni_give_identical_products() {
+        if let Some(missing) = missing_features() {
+            eprintln!("SKIPPED: {missing} not available");
+            return;
+        }
+        if Kernel::best() != Kernel::Amx {
+            eprintln!("SKIPPED: no AMX (AMX-TILE/AMX-INT8 and the OS's permission) here");
+            return;
+        }
+        // Both kernels sum u8 × i8 products exactly in i32 and share the epilogue's
+        // arithmetic, so the outputs must be bit-identical. Shapes cover partial 32-row
+        // blocks, inputs not a multiple of 64, outputs not a multiple of 16 or 48, odd
+        // panel counts, several parallel row chunks, smoothing and outliers.
+        for (rows, inputs, outputs, smooth) in [
+            (1, 1, 1, false),
+            (3, 7, 50, true),
+            (17, 64, 16, false),
+            (33, 100, 48, true),
+            (64, 384, 384, false),
+            (65, 384, 1536, true),
+            (300, 1536, 384, true),
+            (31, 130, 97, false),
+        ] {
+            let x: Vec<f32> = values(rows * inputs, 5).iter().map(|v| v * 3.0).collect();
+            let w = values(outputs * inputs, 6);
+            let start = values(rows * outputs, 7);
+            let s: Vec<f32> = values(inputs, 8).iter().map(|v| 1.5 + v).collect();
+            let outliers: Vec<usize> = if smooth { vec![inputs / 2] } else { Vec::new() };
+            let [vnni, amx] = [Kernel::Avx512, Kernel::Amx].map(|kernel| {
+                let packed = Int8Weight::new(
+                    &w,
+                    outputs,
+                    inputs,
+                    smooth.then_some(&s[..]),
+                    &outliers,
+                    kernel,
+                )
+                .expect("supported");
+                assert_eq!(packed.amx.is_some(), kernel == Kernel::Amx);
+                let mut out = start.clone();
+                // Stale scratch contents must not matter (AMX reads padding rows).
+                let mut scratch = vec![u32::MAX; 7];
+                packed.matmul(&x, &mut out, &mut scratch);
+                out
+            });
+            for (i, (v, a)) in vnni.iter().zip(&amx).enumerate() {
+                assert!(
+                    v.to_bits() == a.to_bits(),
+                    "{rows}×{inputs}×{outputs} element {i}: vnni {v}, amx {a}"
+                );
             }
         }
     }
