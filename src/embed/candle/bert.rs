@@ -38,6 +38,7 @@ use serde::Deserialize;
 use super::Precision;
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
+use super::tile::{RowsFn, Start};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
 const ROWS_PER_TASK: usize = 32;
@@ -516,23 +517,31 @@ impl Bert {
             };
             // Q, K, V for every token.
             seen(Site::Qkv, x);
-            layer.qkv.forward(x, qkv, None, bf16, &short);
+            layer.qkv.forward(x, qkv, None, bf16, &short, None);
             self.attention(qkv, &starts, context);
             // attended = LayerNorm(x + context Woᵀ + bo)
             seen(Site::AttentionOutput, context);
-            layer
-                .attention_output
-                .forward(context, attended, Some(x), bf16, &short);
-            layer_norm_rows(attended, &layer.attention_norm, self.eps);
+            let attention_norm =
+                |rows: &mut [f32]| layer_norm_rows_serial(rows, &layer.attention_norm, self.eps);
+            layer.attention_output.forward(
+                context,
+                attended,
+                Some(x),
+                bf16,
+                &short,
+                Some(&attention_norm),
+            );
             // x = LayerNorm(attended + GELU(attended Wiᵀ + bi) Woᵀ + bo)
             seen(Site::Intermediate, attended);
             layer
                 .intermediate
-                .forward(attended, inter, None, bf16, &short);
-            gelu_rows(inter, self.intermediate);
+                .forward(attended, inter, None, bf16, &short, Some(&gelu_serial));
             seen(Site::Output, inter);
-            layer.output.forward(inter, x, Some(attended), bf16, &short);
-            layer_norm_rows(x, &layer.output_norm, self.eps);
+            let output_norm =
+                |rows: &mut [f32]| layer_norm_rows_serial(rows, &layer.output_norm, self.eps);
+            layer
+                .output
+                .forward(inter, x, Some(attended), bf16, &short, Some(&output_norm));
         }
         let vectors = starts
             .windows(2)
@@ -700,8 +709,9 @@ impl Linear {
     }
 
     /// `out = x Wᵀ + b (+ residual)` for every row of `x` (`rows × inputs`); `out` is
-    /// `rows × outputs`. `scratch` is space for the bf16 and int8 kernels. With int8
-    /// weights, the rows in `short` (the tokens of short sequences) use the fallback weight.
+    /// `rows × outputs`, then `activation` of every output if given. `scratch` is space for
+    /// the bf16 and int8 kernels. With int8 weights, the rows in `short` (the tokens of short
+    /// sequences) use the fallback weight.
     fn forward(
         &self,
         x: &[f32],
@@ -709,18 +719,23 @@ impl Linear {
         residual: Option<&[f32]>,
         scratch: &mut Vec<u32>,
         short: &[Range<usize>],
+        activation: Option<RowsFn<'_>>,
     ) {
         let rows = x.len() / self.inputs;
-        self.start(out, residual);
+        let start = Start {
+            bias: &self.bias,
+            residual,
+            then: activation,
+        };
         match &self.weight {
             Weight::Int8(int8, fallback) if !short.is_empty() => {
                 let (k, n) = (self.inputs, self.outputs);
                 let short_rows: usize = short.iter().map(ExactSizeIterator::len).sum();
                 if short_rows == rows {
-                    self.multiply(fallback, x, out, scratch);
+                    self.multiply(fallback, x, out, scratch, start);
                     return;
                 }
-                int8.matmul(x, out, scratch);
+                int8.matmul(x, out, scratch, Some(start));
                 // The short rows again, gathered, with the fallback weight; then put back.
                 let mut xs = Vec::with_capacity(short_rows * k);
                 let mut os = Vec::with_capacity(short_rows * n);
@@ -740,7 +755,11 @@ impl Linear {
                         }
                     }
                 }
-                self.multiply(fallback, &xs, &mut os, scratch);
+                // `os` already holds bias (+ residual).
+                self.multiply_into(fallback, &xs, &mut os, scratch, None);
+                if let Some(activation) = activation {
+                    activation(&mut os);
+                }
                 let mut done = 0;
                 for range in short {
                     let len = range.len() * n;
@@ -748,7 +767,7 @@ impl Linear {
                     done += len;
                 }
             }
-            weight => self.multiply(weight, x, out, scratch),
+            weight => self.multiply(weight, x, out, scratch, start),
         }
     }
 
@@ -774,35 +793,63 @@ impl Linear {
         }
     }
 
-    /// `out += x weightᵀ` (`weight` is this layer's or its int8 fallback).
-    fn multiply(&self, weight: &Weight, x: &[f32], out: &mut [f32], scratch: &mut Vec<u32>) {
+    /// `out = start + x weightᵀ` (`weight` is this layer's or its int8 fallback).
+    fn multiply(
+        &self,
+        weight: &Weight,
+        x: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<u32>,
+        start: Start<'_>,
+    ) {
+        self.multiply_into(weight, x, out, scratch, Some(start));
+    }
+
+    /// `out += x weightᵀ`, or with `start` `out = start + x weightᵀ` (the bf16 and int8
+    /// kernels write the start block by block; for f32 it is a pass of its own first).
+    fn multiply_into(
+        &self,
+        weight: &Weight,
+        x: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<u32>,
+        start: Option<Start<'_>>,
+    ) {
         let rows = x.len() / self.inputs;
         let n = self.outputs;
         match weight {
-            Weight::F32(weight) => matmul(
-                Dst {
-                    data: out,
-                    offset: 0,
-                    rs: n,
-                },
-                Src {
-                    data: x,
-                    offset: 0,
-                    rs: self.inputs,
-                    cs: 1,
-                },
-                Src {
-                    data: weight,
-                    offset: 0,
-                    rs: 1,
-                    cs: self.inputs,
-                },
-                (rows, n, self.inputs),
-                true,
-                Parallelism::Rayon(rayon::current_num_threads()),
-            ),
-            Weight::Bf16(weight) => weight.matmul(x, out, scratch),
-            Weight::Int8(weight, _) => weight.matmul(x, out, scratch),
+            Weight::F32(weight) => {
+                if let Some(start) = start {
+                    self.start(out, start.residual);
+                }
+                matmul(
+                    Dst {
+                        data: out,
+                        offset: 0,
+                        rs: n,
+                    },
+                    Src {
+                        data: x,
+                        offset: 0,
+                        rs: self.inputs,
+                        cs: 1,
+                    },
+                    Src {
+                        data: weight,
+                        offset: 0,
+                        rs: 1,
+                        cs: self.inputs,
+                    },
+                    (rows, n, self.inputs),
+                    true,
+                    Parallelism::Rayon(rayon::current_num_threads()),
+                );
+                if let Some(then) = start.and_then(|s| s.then) {
+                    out.par_chunks_mut(ROWS_PER_TASK * n).for_each(then);
+                }
+            }
+            Weight::Bf16(weight) => weight.matmul(x, out, scratch, start),
+            Weight::Int8(weight, _) => weight.matmul(x, out, scratch, start),
         }
     }
 }
@@ -967,19 +1014,6 @@ simd_kernel! {
 simd_kernel! {
     /// Exact (erf) GELU of every element of `x`, in place, single-threaded.
     fn gelu_serial(x: &mut [f32]) = gelu_body
-}
-
-/// Layer norm of each row of `x`, in place, in parallel.
-fn layer_norm_rows(x: &mut [f32], norm: &Norm, eps: f32) {
-    let h = norm.gamma.len();
-    x.par_chunks_mut(ROWS_PER_TASK * h)
-        .for_each(|rows| layer_norm_rows_serial(rows, norm, eps));
-}
-
-/// Exact GELU of every element of `x` (`rows × width`), in place, in parallel.
-fn gelu_rows(x: &mut [f32], width: usize) {
-    x.par_chunks_mut(ROWS_PER_TASK * width)
-        .for_each(gelu_serial);
 }
 
 /// Lanes of the vectorised reductions: independent accumulators the compiler keeps in one

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 pub(crate) use super::amx::Kernel;
 use super::amx::{Amx, TILE_BYTES, TILE_ROWS};
-use super::tile::LANES;
+use super::tile::{LANES, Start};
 
 /// Columns of an output tile: three vectors of 16 i32 lanes.
 const NR: usize = 48;
@@ -267,13 +267,20 @@ impl Int8Weight {
     }
 
     /// `out += x Wᵀ` for every row of `x` (`rows × inputs`); `out` is `rows × outputs`.
+    /// With `start`, `out`'s contents are ignored: `out = start + x Wᵀ` (see [`Start`]).
     /// `scratch` holds the quantised activations (resized as needed; old contents do not
     /// matter).
     ///
     /// # Panics
     ///
     /// If `x` and `out` do not have the same number of rows (a bug of the caller).
-    pub(crate) fn matmul(&self, x: &[f32], out: &mut [f32], scratch: &mut Vec<u32>) {
+    pub(crate) fn matmul(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<u32>,
+        start: Option<Start<'_>>,
+    ) {
         let (k, n, quads) = (self.inputs, self.outputs, self.quads);
         if k == 0 || n == 0 {
             return;
@@ -283,6 +290,12 @@ impl Int8Weight {
             x.len() == rows * k && out.len() == rows * n,
             "matrix shapes"
         );
+        if let Some(start) = start {
+            assert!(
+                start.bias.len() == n && start.residual.is_none_or(|r| r.len() == out.len()),
+                "start shapes"
+            );
+        }
         // AMX loads whole 32-row blocks: pad to them (the padding rows' sums are discarded).
         let padded = if self.amx.is_some() {
             rows.next_multiple_of(AMX_ROWS)
@@ -295,7 +308,11 @@ impl Int8Weight {
             .par_chunks_mut(MC * quads)
             .zip(x.par_chunks(MC * k))
             .zip(out.par_chunks_mut(MC * n))
-            .for_each(|((a, x), out)| {
+            .enumerate()
+            .for_each(|(block, ((a, x), out))| {
+                if let Some(start) = start {
+                    start.write(out, block * MC);
+                }
                 #[cfg(target_arch = "x86_64")]
                 {
                     let Cpu(()) = cpu;
@@ -305,6 +322,9 @@ impl Int8Weight {
                     // rows' quads, rounded up to 32 rows for AMX (`MC` is a multiple of 32,
                     // so the chunks of `a` and `x` pair up).
                     unsafe { x86::block(x, a, out, self) };
+                    if let Some(then) = start.and_then(|s| s.then) {
+                        then(out);
+                    }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
@@ -750,7 +770,7 @@ mod tests {
             .expect("supported");
             let mut out = start.clone();
             let mut scratch = Vec::new();
-            packed.matmul(&x, &mut out, &mut scratch);
+            packed.matmul(&x, &mut out, &mut scratch, None);
             for r in 0..rows {
                 let row = &x[r * inputs..(r + 1) * inputs];
                 let x_max = row
@@ -828,7 +848,7 @@ mod tests {
                 let mut out = start.clone();
                 // Stale scratch contents must not matter (AMX reads padding rows).
                 let mut scratch = vec![u32::MAX; 7];
-                packed.matmul(&x, &mut out, &mut scratch);
+                packed.matmul(&x, &mut out, &mut scratch, None);
                 out
             });
             for (i, (v, a)) in vnni.iter().zip(&amx).enumerate() {
@@ -837,6 +857,44 @@ mod tests {
                     "{rows}×{inputs}×{outputs} element {i}: vnni {v}, amx {a}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_start_is_written_block_by_block_as_a_separate_pass_would() {
+        if missing_features().is_some() {
+            eprintln!("SKIPPED: this CPU cannot run the kernel");
+            return;
+        }
+        // More rows than one parallel block, so that the residual's offsets per block count.
+        let (rows, inputs, outputs) = (150, 96, 40);
+        let x = values(rows * inputs, 11);
+        let w = values(outputs * inputs, 12);
+        let bias = values(outputs, 13);
+        let residual = values(rows * outputs, 14);
+        let packed =
+            Int8Weight::new(&w, outputs, inputs, None, &[1], Kernel::best()).expect("supported");
+        for residual in [None, Some(&residual[..])] {
+            let mut expected: Vec<f32> = (0..rows * outputs)
+                .map(|i| bias[i % outputs] + residual.map_or(0.0, |r| r[i]))
+                .collect();
+            let mut scratch = Vec::new();
+            packed.matmul(&x, &mut expected, &mut scratch, None);
+            // Garbage in `out`: the start replaces it.
+            let mut out = vec![f32::NAN; rows * outputs];
+            let start = super::super::tile::Start {
+                bias: &bias,
+                residual,
+                then: None,
+            };
+            packed.matmul(&x, &mut out, &mut scratch, Some(start));
+            assert!(
+                out.iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "residual {}: the fused start differs",
+                residual.is_some()
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What the bf16 and int8 matrix kernels share: the tile width in 32-bit lanes, the masks of
-//! a partial output panel, and the message naming CPU features a kernel lacks.
+//! a partial output panel, the message naming CPU features a kernel lacks, and what an
+//! output starts from ([`Start`]).
 
 /// 32-bit lanes of a 512-bit vector.
 pub(super) const LANES: usize = 16;
@@ -12,6 +13,48 @@ pub(super) fn lane_masks(columns: usize) -> [u16; 3] {
         // At most 16 ones, so the cast is exact.
         ((1u32 << lanes) - 1) as u16
     })
+}
+
+/// A row-wise operation on whole output rows, in place (GELU, a layer norm).
+pub(crate) type RowsFn<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
+
+/// What a linear layer's output starts from before the product is added: its bias, plus the
+/// residual rows if any. A kernel writes it into each block of output rows right before it
+/// adds that block's product, while the rows are in cache — not in a separate pass over the
+/// whole output (at 32 × 256 tokens, the FFN's output is 50 MB).
+#[derive(Clone, Copy)]
+pub(crate) struct Start<'a> {
+    /// One value per output column.
+    pub bias: &'a [f32],
+    /// `rows × bias.len()`, the whole layer's, or `None`.
+    pub residual: Option<&'a [f32]>,
+    /// What is applied to each block of whole output rows once its product is added (GELU
+    /// after the FFN's first layer, layer norm after the residual layers), again while the
+    /// rows are in cache. It must act on each row alone.
+    pub then: Option<RowsFn<'a>>,
+}
+
+impl Start<'_> {
+    /// `out = bias (+ residual)` for the whole rows of `out`, which are the layer's rows
+    /// `first..`.
+    ///
+    /// # Panics
+    ///
+    /// If the residual does not reach those rows (a bug of the caller).
+    pub(super) fn write(&self, out: &mut [f32], first: usize) {
+        let n = self.bias.len().max(1);
+        for (r, row) in out.chunks_exact_mut(n).enumerate() {
+            match self.residual {
+                Some(residual) => {
+                    let at = (first + r) * n;
+                    for ((o, x), b) in row.iter_mut().zip(&residual[at..at + n]).zip(self.bias) {
+                        *o = x + b;
+                    }
+                }
+                None => row.copy_from_slice(self.bias),
+            }
+        }
+    }
 }
 
 /// The names of the `(feature, detected)` pairs not detected, joined by ", "; `None` if all
