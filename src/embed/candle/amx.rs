@@ -104,7 +104,10 @@ impl Amx {
                     options(nostack, readonly, preserves_flags)
                 );
             }
-            Tiles { _amx: self }
+            Tiles {
+                _amx: self,
+                _thread: std::marker::PhantomData,
+            }
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         match self {}
@@ -207,6 +210,8 @@ macro_rules! product {
 /// belongs to the thread that configured it.
 pub(super) struct Tiles {
     _amx: Amx,
+    /// Makes `Tiles` neither `Send` nor `Sync`.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Tiles {
