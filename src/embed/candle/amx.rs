@@ -258,6 +258,81 @@ impl Tiles {
     }
 }
 
+/// A 2 × 2 tile product ([`Tiles::product_u8i8`] or [`Tiles::product_bf16`]).
+pub(super) type Product<T> = unsafe fn(
+    &mut Tiles,
+    [*const u8; 2],
+    usize,
+    [*const u8; 2],
+    usize,
+    usize,
+    &mut [[T; TILE_ROWS * TILE_ROWS]; 4],
+);
+
+/// One 16 × 16 tile of sums for an epilogue: output rows `first..first + rows` (only those
+/// inside the output) and columns `column..column + 16`, of which the lanes set in `mask`
+/// are inside the output.
+pub(super) struct TileSums<'t, T> {
+    /// Row-major 16 × 16.
+    pub sums: &'t [T; TILE_ROWS * TILE_ROWS],
+    pub first: usize,
+    pub rows: usize,
+    pub column: usize,
+    pub mask: u16,
+}
+
+impl Tiles {
+    /// The whole product of a `rows × n` output, 32 × 32 at a time: for each pair of
+    /// 16-output panels of `b` (panel `s` at `b + s·panel_bytes`, rows of 64 bytes) and each
+    /// 32-row block of `a` (rows `lda` bytes apart), `product` sums `steps` steps, then
+    /// `epilogue` gets each of the four tiles that lies inside the output.
+    ///
+    /// # Safety
+    ///
+    /// `a` must hold `rows` rounded up to 32 rows of `lda ≥ 64·steps` bytes; `b` an even
+    /// number of panels, at least `n / 16` rounded up, of `panel_bytes ≥ 1024·steps` bytes.
+    pub(super) unsafe fn blocks<T>(
+        &mut self,
+        product: Product<T>,
+        (a, lda, rows): (*const u8, usize, usize),
+        (b, panel_bytes, n): (*const u8, usize, usize),
+        steps: usize,
+        sums: &mut [[T; TILE_ROWS * TILE_ROWS]; 4],
+        mut epilogue: impl FnMut(TileSums<'_, T>),
+    ) {
+        let panel = |s: usize| b.wrapping_add(s * panel_bytes);
+        for s0 in (0..n.div_ceil(TILE_ROWS)).step_by(2) {
+            let b = [panel(s0), panel(s0 + 1)];
+            for r0 in (0..rows).step_by(2 * TILE_ROWS) {
+                let a = [
+                    a.wrapping_add(r0 * lda),
+                    a.wrapping_add((r0 + TILE_ROWS) * lda),
+                ];
+                // SAFETY: rows `r0..r0 + 32` of `a` exist (padded to 32 rows), each with
+                // `steps` steps of 64 bytes; panels `s0` and `s0 + 1` exist (an even count),
+                // each 16 rows of 64 bytes per step (this function's contract).
+                unsafe { product(self, a, lda, b, TILE_BYTES, steps, sums) };
+                for (t, tile) in sums.iter().enumerate() {
+                    let column = (s0 + t % 2) * TILE_ROWS;
+                    if column >= n {
+                        continue;
+                    }
+                    let lanes = (n - column).min(TILE_ROWS);
+                    let first = r0 + (t / 2) * TILE_ROWS;
+                    epilogue(TileSums {
+                        sums: tile,
+                        first,
+                        rows: rows.saturating_sub(first).min(TILE_ROWS),
+                        column,
+                        // At most 16 ones, so the cast is exact.
+                        mask: ((1u32 << lanes) - 1) as u16,
+                    });
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Tiles {
     fn drop(&mut self) {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

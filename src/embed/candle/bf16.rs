@@ -256,8 +256,9 @@ mod x86 {
         _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
     };
 
+    use super::super::amx::{TileSums, Tiles};
     use super::super::tile::lane_masks;
-    use super::{AMX_ROWS, Amx, Bf16Weight, LANES, MR, NR, TILE_BYTES, TILE_ROWS, to_bf16};
+    use super::{Amx, Bf16Weight, LANES, MR, NR, TILE_BYTES, TILE_ROWS, to_bf16};
 
     /// `out += x Wᵀ` for the rows of `x`, converting them to bf16 into `a` first.
     ///
@@ -316,58 +317,35 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn amx_block(a: &[u32], rows: usize, out: &mut [f32], w: &Bf16Weight, amx: Amx) {
         let (n, pairs) = (w.outputs, w.pairs);
-        let lda = pairs * 4;
-        let steps = pairs / (TILE_BYTES / 4);
         let mut tiles = amx.tiles();
         let mut sums = [[0f32; TILE_ROWS * TILE_ROWS]; 4];
-        let a = a.as_ptr().cast::<u8>();
-        // Panel `s` of the packed weights (16 columns wide for AMX).
-        let slice = |s: usize| {
-            w.data
-                .as_ptr()
-                .cast::<u8>()
-                .wrapping_add(s * pairs * TILE_BYTES)
-        };
-        for s0 in (0..n.div_ceil(TILE_ROWS)).step_by(2) {
-            let b = [slice(s0), slice(s0 + 1)];
-            for r0 in (0..rows).step_by(AMX_ROWS) {
-                let a = [
-                    a.wrapping_add(r0 * lda),
-                    a.wrapping_add((r0 + TILE_ROWS) * lda),
-                ];
-                // SAFETY: rows `r0..r0 + 32` of `a` exist (padded to 32 rows), each `lda`
-                // bytes with `steps` steps of 64 bytes; panels `s0` and `s0 + 1` exist (an
-                // even count), each `pairs` rows of 64 bytes, 16 rows per step.
-                unsafe { tiles.product_bf16(a, lda, b, TILE_BYTES, steps, &mut sums) };
-                for (t, tile) in sums.iter().enumerate() {
-                    let c0 = (s0 + t % 2) * TILE_ROWS;
-                    if c0 >= n {
-                        continue;
-                    }
-                    let lanes = (n - c0).min(LANES);
-                    // At most 16 ones, so the cast is exact.
-                    let mask = ((1u32 << lanes) - 1) as u16;
-                    let first = r0 + (t / 2) * TILE_ROWS;
-                    for (r, row) in tile
-                        .chunks_exact(TILE_ROWS)
-                        .enumerate()
-                        .take(rows.saturating_sub(first))
-                    {
-                        // SAFETY: `row` holds 16 f32; `out` row `first + r < rows` reaches
-                        // column `c0 + lanes - 1 < n`, and lanes outside `mask` are neither
-                        // read nor written.
-                        unsafe {
-                            let p = out.as_mut_ptr().add((first + r) * n + c0);
-                            let old = _mm512_maskz_loadu_ps(mask, p);
-                            _mm512_mask_storeu_ps(
-                                p,
-                                mask,
-                                _mm512_add_ps(old, _mm512_loadu_ps(row.as_ptr())),
-                            );
-                        }
-                    }
+        let epilogue = |t: TileSums<'_, f32>| {
+            for (r, row) in t.sums.chunks_exact(TILE_ROWS).take(t.rows).enumerate() {
+                // SAFETY: `row` holds 16 f32; `out` row `t.first + r < rows` reaches every
+                // column set in `t.mask`, and lanes outside it are neither read nor written.
+                unsafe {
+                    let p = out.as_mut_ptr().add((t.first + r) * n + t.column);
+                    let old = _mm512_maskz_loadu_ps(t.mask, p);
+                    _mm512_mask_storeu_ps(
+                        p,
+                        t.mask,
+                        _mm512_add_ps(old, _mm512_loadu_ps(row.as_ptr())),
+                    );
                 }
             }
+        };
+        // SAFETY: `a` holds `rows` rounded up to 32 rows of `pairs` words (4 bytes each, a
+        // whole number of 64-byte steps); the weights were packed for AMX: an even number
+        // of 16-output panels of `pairs` rows of 64 bytes (this function's contract).
+        unsafe {
+            tiles.blocks(
+                Tiles::product_bf16,
+                (a.as_ptr().cast(), pairs * 4, rows),
+                (w.data.as_ptr().cast(), pairs * TILE_BYTES, n),
+                pairs / (TILE_BYTES / 4),
+                &mut sums,
+                epilogue,
+            );
         }
     }
 

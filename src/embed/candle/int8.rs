@@ -373,8 +373,9 @@ mod x86 {
         _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512, _mm512_sub_epi32,
     };
 
+    use super::super::amx::{TileSums, Tiles};
     use super::super::tile::lane_masks;
-    use super::{AMX_ROWS, Amx, Int8Weight, LANES, MC, MR, NR, RowQuant, TILE_BYTES, TILE_ROWS};
+    use super::{Amx, Int8Weight, LANES, MC, MR, NR, RowQuant, TILE_BYTES, TILE_ROWS};
 
     /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
     ///
@@ -454,69 +455,48 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn amx_block(a: &[u32], quant: &[RowQuant], out: &mut [f32], w: &Int8Weight, amx: Amx) {
         let (n, quads, rows) = (w.outputs, w.quads, quant.len());
-        let lda = quads * 4;
-        let steps = quads / (TILE_BYTES / 4);
         let mut tiles = amx.tiles();
         let mut sums = [[0i32; TILE_ROWS * TILE_ROWS]; 4];
-        let a = a.as_ptr().cast::<u8>();
-        // Panel `s` of the packed weights (16 columns wide for AMX).
-        let slice = |s: usize| {
-            w.data
-                .as_ptr()
-                .cast::<u8>()
-                .wrapping_add(s * quads * TILE_BYTES)
-        };
-        for s0 in (0..n.div_ceil(TILE_ROWS)).step_by(2) {
-            let b = [slice(s0), slice(s0 + 1)];
-            for r0 in (0..rows).step_by(AMX_ROWS) {
-                let a = [
-                    a.wrapping_add(r0 * lda),
-                    a.wrapping_add((r0 + TILE_ROWS) * lda),
-                ];
-                // SAFETY: rows `r0..r0 + 32` of `a` exist (padded to 32 rows), each `lda`
-                // bytes with `steps` steps of 64 bytes; panels `s0` and `s0 + 1` exist (an
-                // even count), each `quads` rows of 64 bytes, 16 rows per step.
-                unsafe { tiles.product_u8i8(a, lda, b, TILE_BYTES, steps, &mut sums) };
-                for (t, tile) in sums.iter().enumerate() {
-                    let c0 = (s0 + t % 2) * TILE_ROWS;
-                    if c0 >= n {
-                        continue;
-                    }
-                    let lanes = (n - c0).min(LANES);
-                    // At most 16 ones, so the cast is exact.
-                    let mask = ((1u32 << lanes) - 1) as u16;
-                    // SAFETY: `scales` and `sums` hold `panels × 16 ≥ c0 + 16` values.
-                    let (column_sums, scales) = unsafe {
-                        (
-                            _mm512_loadu_epi32(w.sums.as_ptr().add(c0)),
-                            _mm512_loadu_ps(w.scales.as_ptr().add(c0)),
-                        )
-                    };
-                    let first = r0 + (t / 2) * TILE_ROWS;
-                    for (r, row) in tile.chunks_exact(TILE_ROWS).enumerate() {
-                        let Some(q) = quant.get(first + r) else {
-                            break;
-                        };
-                        // SAFETY: `row` holds 16 i32; `out` row `first + r < rows` reaches
-                        // column `c0 + lanes - 1 < n`, and lanes outside `mask` are neither
-                        // read nor written.
-                        unsafe {
-                            let exact = _mm512_sub_epi32(
-                                _mm512_loadu_epi32(row.as_ptr()),
-                                _mm512_mullo_epi32(_mm512_set1_epi32(q.zero), column_sums),
-                            );
-                            let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
-                            let p = out.as_mut_ptr().add((first + r) * n + c0);
-                            let old = _mm512_maskz_loadu_ps(mask, p);
-                            _mm512_mask_storeu_ps(
-                                p,
-                                mask,
-                                _mm512_fmadd_ps(value, _mm512_set1_ps(q.scale), old),
-                            );
-                        }
-                    }
+        let epilogue = |t: TileSums<'_, i32>| {
+            // SAFETY: `scales` and `sums` hold at least `panels × 16 ≥ t.column + 16` values.
+            let (column_sums, scales) = unsafe {
+                (
+                    _mm512_loadu_epi32(w.sums.as_ptr().add(t.column)),
+                    _mm512_loadu_ps(w.scales.as_ptr().add(t.column)),
+                )
+            };
+            for (r, row) in t.sums.chunks_exact(TILE_ROWS).take(t.rows).enumerate() {
+                let q = quant[t.first + r];
+                // SAFETY: `row` holds 16 i32; `out` row `t.first + r < rows` reaches every
+                // column set in `t.mask`, and lanes outside it are neither read nor written.
+                unsafe {
+                    let exact = _mm512_sub_epi32(
+                        _mm512_loadu_epi32(row.as_ptr()),
+                        _mm512_mullo_epi32(_mm512_set1_epi32(q.zero), column_sums),
+                    );
+                    let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
+                    let p = out.as_mut_ptr().add((t.first + r) * n + t.column);
+                    let old = _mm512_maskz_loadu_ps(t.mask, p);
+                    _mm512_mask_storeu_ps(
+                        p,
+                        t.mask,
+                        _mm512_fmadd_ps(value, _mm512_set1_ps(q.scale), old),
+                    );
                 }
             }
+        };
+        // SAFETY: `a` holds `rows` rounded up to 32 rows of `quads` words (4 bytes each, a
+        // whole number of 64-byte steps); the weights were packed for AMX: an even number
+        // of 16-output panels of `quads` rows of 64 bytes (this function's contract).
+        unsafe {
+            tiles.blocks(
+                Tiles::product_u8i8,
+                (a.as_ptr().cast(), quads * 4, rows),
+                (w.data.as_ptr().cast(), quads * TILE_BYTES, n),
+                quads / (TILE_BYTES / 4),
+                &mut sums,
+                epilogue,
+            );
         }
     }
 
