@@ -9,7 +9,7 @@
 //! for each pair of inputs `k, k+1` it loads 48 columns × 2 weights (three vectors, 64
 //! bytes each), broadcasts each row's two activations (one 32-bit word) and issues
 //! `vdpbf16ps`, which adds `a[k]·w[k] + a[k+1]·w[k+1]` to each f32 lane. Rows are split
-//! into blocks of [`MC`] for rayon; a block's activations are converted to bf16 into its
+//! into blocks of [`tile::MC`] for rayon; a block's activations are converted to bf16 into its
 //! own part of the scratch buffer right before use, while they are in cache.
 //!
 //! Where the CPU has Intel AMX (and the OS grants it), the products run on AMX tiles
@@ -21,18 +21,14 @@
 //! Everything `unsafe` here is reached only through a [`Bf16Weight`], which can only be
 //! built after run-time detection of AVX-512F and AVX-512 BF16.
 
-use rayon::prelude::*;
-
 use super::amx::{Amx, Kernel, TILE_BYTES, TILE_ROWS};
-use super::tile::{LANES, Start};
+use super::tile::{self, LANES, Start};
 
 /// Columns of an output tile: three vectors of 16 f32 lanes.
 const NR: usize = 48;
 /// Rows of an output tile.
 const MR: usize = 8;
-/// Rows per parallel task.
-const MC: usize = 64;
-/// Rows of the AMX kernel's output block (two A tiles); a multiple of it divides [`MC`].
+/// Rows of the AMX kernel's output block (two A tiles); a multiple of it divides [`tile::MC`].
 const AMX_ROWS: usize = 2 * TILE_ROWS;
 
 /// Proof that the CPU runs the kernel: only [`Cpu::detect`] creates one. Uninhabited where
@@ -183,57 +179,29 @@ impl Bf16Weight {
         scratch: &mut Vec<u32>,
         start: Option<Start<'_>>,
     ) {
-        let (k, n, pairs) = (self.inputs, self.outputs, self.pairs);
-        if k == 0 || n == 0 {
-            return;
-        }
-        let rows = x.len() / k;
-        assert!(
-            x.len() == rows * k && out.len() == rows * n,
-            "matrix shapes"
-        );
-        if let Some(start) = start {
-            assert!(
-                start.bias.len() == n && start.residual.is_none_or(|r| r.len() == out.len()),
-                "start shapes"
-            );
-        }
-        // AMX loads whole 32-row blocks: pad to them (the padding rows' sums are discarded).
-        let padded = if self.amx.is_some() {
-            rows.next_multiple_of(AMX_ROWS)
-        } else {
-            rows
-        };
-        scratch.resize(padded * pairs, 0);
         let cpu = self.cpu;
-        scratch
-            .par_chunks_mut(MC * pairs)
-            .zip(x.par_chunks(MC * k))
-            .zip(out.par_chunks_mut(MC * n))
-            .enumerate()
-            .for_each(|(block, ((a, x), out))| {
-                if let Some(start) = start {
-                    start.write(out, block * MC);
-                }
+        let pad_rows = if self.amx.is_some() { AMX_ROWS } else { 1 };
+        tile::par_blocks(
+            (x, self.inputs),
+            (out, self.outputs),
+            (scratch, self.pairs, pad_rows),
+            start,
+            |x, a, out| {
                 #[cfg(target_arch = "x86_64")]
                 {
                     let Cpu(()) = cpu;
-                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16;
-                    // the slices are consistent: `x` and `out` hold the same rows
-                    // (asserted above, and chunked by the same row count), `a` has room
-                    // for those rows' pairs, rounded up to 32 rows for AMX (`MC` is a
-                    // multiple of 32, so the chunks of `a` and `x` pair up).
+                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16; `par_blocks`
+                    // hands over the same rows of `x` and `out` and room in `a` for their
+                    // pairs, rounded up to 32 rows for AMX.
                     unsafe { x86::block(x, a, out, self) };
-                    if let Some(then) = start.and_then(|s| s.then) {
-                        then(out);
-                    }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
                     let _ = (a, x, out);
                     match cpu {}
                 }
-            });
+            },
+        );
     }
 }
 

@@ -30,18 +30,14 @@
 //! Everything `unsafe` here is reached only through an [`Int8Weight`], which can only be
 //! built after run-time detection of AVX-512F, AVX-512BW and AVX-512 VNNI.
 
-use rayon::prelude::*;
-
 pub(crate) use super::amx::Kernel;
 use super::amx::{Amx, TILE_BYTES, TILE_ROWS};
-use super::tile::{LANES, Start};
+use super::tile::{self, LANES, MC, Start};
 
 /// Columns of an output tile: three vectors of 16 i32 lanes.
 const NR: usize = 48;
 /// Rows of an output tile.
 const MR: usize = 8;
-/// Rows per parallel task.
-const MC: usize = 64;
 /// Rows of the AMX kernel's output block (two A tiles); a multiple of it divides [`MC`].
 const AMX_ROWS: usize = 2 * TILE_ROWS;
 
@@ -281,57 +277,29 @@ impl Int8Weight {
         scratch: &mut Vec<u32>,
         start: Option<Start<'_>>,
     ) {
-        let (k, n, quads) = (self.inputs, self.outputs, self.quads);
-        if k == 0 || n == 0 {
-            return;
-        }
-        let rows = x.len() / k;
-        assert!(
-            x.len() == rows * k && out.len() == rows * n,
-            "matrix shapes"
-        );
-        if let Some(start) = start {
-            assert!(
-                start.bias.len() == n && start.residual.is_none_or(|r| r.len() == out.len()),
-                "start shapes"
-            );
-        }
-        // AMX loads whole 32-row blocks: pad to them (the padding rows' sums are discarded).
-        let padded = if self.amx.is_some() {
-            rows.next_multiple_of(AMX_ROWS)
-        } else {
-            rows
-        };
-        scratch.resize(padded * quads, 0);
         let cpu = self.cpu;
-        scratch
-            .par_chunks_mut(MC * quads)
-            .zip(x.par_chunks(MC * k))
-            .zip(out.par_chunks_mut(MC * n))
-            .enumerate()
-            .for_each(|(block, ((a, x), out))| {
-                if let Some(start) = start {
-                    start.write(out, block * MC);
-                }
+        let pad_rows = if self.amx.is_some() { AMX_ROWS } else { 1 };
+        tile::par_blocks(
+            (x, self.inputs),
+            (out, self.outputs),
+            (scratch, self.quads, pad_rows),
+            start,
+            |x, a, out| {
                 #[cfg(target_arch = "x86_64")]
                 {
                     let Cpu(()) = cpu;
-                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F/BW/VNNI; the
-                    // slices are consistent: `x` and `out` hold the same rows (asserted
-                    // above, and chunked by the same row count), `a` has room for those
-                    // rows' quads, rounded up to 32 rows for AMX (`MC` is a multiple of 32,
-                    // so the chunks of `a` and `x` pair up).
+                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F/BW/VNNI; `par_blocks`
+                    // hands over the same rows of `x` and `out` and room in `a` for their
+                    // quads, rounded up to 32 rows for AMX.
                     unsafe { x86::block(x, a, out, self) };
-                    if let Some(then) = start.and_then(|s| s.then) {
-                        then(out);
-                    }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
                     let _ = (a, x, out);
                     match cpu {}
                 }
-            });
+            },
+        );
     }
 }
 

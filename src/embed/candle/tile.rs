@@ -1,6 +1,8 @@
 //! What the bf16 and int8 matrix kernels share: the tile width in 32-bit lanes, the masks of
 //! a partial output panel, the message naming CPU features a kernel lacks, and what an
-//! output starts from ([`Start`]).
+//! output starts from ([`Start`]), and the parallel frame of a product ([`par_blocks`]).
+
+use rayon::prelude::*;
 
 /// 32-bit lanes of a 512-bit vector.
 pub(super) const LANES: usize = 16;
@@ -55,6 +57,59 @@ impl Start<'_> {
             }
         }
     }
+}
+
+/// Rows per parallel task of the bf16 and int8 kernels (a multiple of the AMX kernels' 32).
+pub(super) const MC: usize = 64;
+
+/// The shared frame of the bf16 and int8 products `out (+)= x Wᵀ`: checks the shapes, sizes
+/// `scratch` for `words` 32-bit words of converted activations per row (rows rounded up to
+/// `pad_rows`, for AMX), and runs `block(x, a, out)` on blocks of [`MC`] rows in parallel —
+/// with `start` written into each output block first and its `then` applied after.
+///
+/// # Panics
+///
+/// If `x` (`rows × inputs`) and `out` (`rows × outputs`) do not have the same number of
+/// rows, or `start` does not fit `out` (bugs of the caller).
+pub(super) fn par_blocks(
+    (x, inputs): (&[f32], usize),
+    (out, outputs): (&mut [f32], usize),
+    (scratch, words, pad_rows): (&mut Vec<u32>, usize, usize),
+    start: Option<Start<'_>>,
+    block: impl Fn(&[f32], &mut [u32], &mut [f32]) + Sync,
+) {
+    let (k, n) = (inputs, outputs);
+    if k == 0 || n == 0 {
+        return;
+    }
+    let rows = x.len() / k;
+    assert!(
+        x.len() == rows * k && out.len() == rows * n,
+        "matrix shapes"
+    );
+    if let Some(start) = start {
+        assert!(
+            start.bias.len() == n && start.residual.is_none_or(|r| r.len() == out.len()),
+            "start shapes"
+        );
+    }
+    // Padding rows' sums are computed and discarded; `MC` is a multiple of `pad_rows`, so
+    // the chunks of `scratch`, `x` and `out` pair up.
+    scratch.resize(rows.next_multiple_of(pad_rows.max(1)) * words, 0);
+    scratch
+        .par_chunks_mut(MC * words)
+        .zip(x.par_chunks(MC * k))
+        .zip(out.par_chunks_mut(MC * n))
+        .enumerate()
+        .for_each(|(index, ((a, x), out))| {
+            if let Some(start) = start {
+                start.write(out, index * MC);
+            }
+            block(x, a, out);
+            if let Some(then) = start.and_then(|s| s.then) {
+                then(out);
+            }
+        });
 }
 
 /// The names of the `(feature, detected)` pairs not detected, joined by ", "; `None` if all
