@@ -127,20 +127,11 @@ impl Bf16Weight {
             Kernel::Amx => Amx::detect(),
             Kernel::Avx512 => None,
         };
-        // Panels of `width` outputs: 48 for AVX-512; for AMX 16 (one B tile wide, so that a
-        // tile's rows are contiguous), an even count (the kernel takes two at a time), and
-        // whole steps of 32 inputs.
-        let (pairs, width) = match amx {
-            Some(_) => (
-                inputs.div_ceil(2).next_multiple_of(TILE_BYTES / 4),
-                TILE_ROWS,
-            ),
-            None => (inputs.div_ceil(2), NR),
-        };
-        let panels = match amx {
-            Some(_) => outputs.div_ceil(width).next_multiple_of(2),
-            None => outputs.div_ceil(width),
-        };
+        let tile::Packing {
+            words: pairs,
+            width,
+            panels,
+        } = tile::Packing::new(outputs, inputs, 2, amx.is_some());
         let mut data = vec![0; panels * pairs * width * 2];
         for (panel, packed) in data.chunks_exact_mut(pairs * width * 2).enumerate() {
             for (pair, packed) in packed.chunks_exact_mut(width * 2).enumerate() {
@@ -190,8 +181,8 @@ impl Bf16Weight {
                 #[cfg(target_arch = "x86_64")]
                 {
                     let Cpu(()) = cpu;
-                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16; `par_blocks`
-                    // hands over the same rows of `x` and `out` and room in `a` for their
+                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16;
+                    // `par_blocks` hands over the same rows of `x` and `out` and room in `a` for their
                     // pairs, rounded up to 32 rows for AMX.
                     unsafe { x86::block(x, a, out, self) };
                 }

@@ -195,20 +195,11 @@ impl Int8Weight {
                 u[j] = 0.0;
             }
         }
-        // Panels of `width` outputs: 48 for AVX-512; for AMX 16 (one B tile wide, so that a
-        // tile's rows are contiguous), an even count (the kernel takes two at a time), and
-        // whole steps of 64 inputs.
-        let (quads, width) = match amx {
-            Some(_) => (
-                inputs.div_ceil(4).next_multiple_of(TILE_BYTES / 4),
-                TILE_ROWS,
-            ),
-            None => (inputs.div_ceil(4), NR),
-        };
-        let panels = match amx {
-            Some(_) => outputs.div_ceil(width).next_multiple_of(2),
-            None => outputs.div_ceil(width),
-        };
+        let tile::Packing {
+            words: quads,
+            width,
+            panels,
+        } = tile::Packing::new(outputs, inputs, 4, amx.is_some());
         let columns = panels * width;
         let mut scales = vec![0f32; columns.max(NR)];
         let mut sums = vec![0i32; columns.max(NR)];

@@ -59,6 +59,39 @@ impl Start<'_> {
     }
 }
 
+/// Layout of a packed weight: `words` 32-bit groups of inputs per row (2 bf16 or 4 int8
+/// inputs each), `panels` panels of `width` outputs. AVX-512 kernels read 48-output panels;
+/// AMX ones 16-output panels (one B tile wide, so that a tile's rows are contiguous), in an
+/// even count (the kernel takes two at a time), with whole 64-byte steps of inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Packing {
+    pub words: usize,
+    pub width: usize,
+    pub panels: usize,
+}
+
+impl Packing {
+    /// The layout of `outputs × inputs` weights with `per_word` inputs per 32-bit group, for
+    /// AMX if `amx`.
+    pub(super) fn new(outputs: usize, inputs: usize, per_word: usize, amx: bool) -> Self {
+        let words = inputs.div_ceil(per_word.max(1));
+        if amx {
+            let width = 16;
+            Self {
+                words: words.next_multiple_of(16),
+                width,
+                panels: outputs.div_ceil(width).next_multiple_of(2),
+            }
+        } else {
+            Self {
+                words,
+                width: 3 * LANES,
+                panels: outputs.div_ceil(3 * LANES),
+            }
+        }
+    }
+}
+
 /// Rows per parallel task of the bf16 and int8 kernels (a multiple of the AMX kernels' 32).
 pub(super) const MC: usize = 64;
 
@@ -132,6 +165,34 @@ mod tests {
         assert_eq!(lane_masks(48), [0xffff; 3]);
         assert_eq!(lane_masks(20), [0xffff, 0x000f, 0]);
         assert_eq!(lane_masks(1), [1, 0, 0]);
+    }
+
+    #[test]
+    fn amx_packing_pads_to_whole_steps_and_panel_pairs() {
+        assert_eq!(
+            Packing::new(50, 7, 4, false),
+            Packing {
+                words: 2,
+                width: 48,
+                panels: 2
+            }
+        );
+        assert_eq!(
+            Packing::new(50, 7, 4, true),
+            Packing {
+                words: 16,
+                width: 16,
+                panels: 4
+            }
+        );
+        assert_eq!(
+            Packing::new(384, 384, 2, true),
+            Packing {
+                words: 192,
+                width: 16,
+                panels: 24
+            }
+        );
     }
 
     #[test]
