@@ -1,7 +1,9 @@
 //! `rag-ingest doctor`: checks a pipeline's config, broker, model and store one by one and
 //! says how to fix what fails.
 
+use std::future::Future;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
@@ -49,7 +51,25 @@ impl Check {
     }
 }
 
-/// Runs every check for the pipeline file at `path`. Never fails: each problem is a failed
+/// How long one check may wait for the broker, the model or the store (beyond the broker's
+/// own [`crate::queue::CONNECT_TIMEOUT`] per URL) before it fails as unanswered: `doctor`
+/// always answers, even when a service accepts a connection and then goes silent.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `check`, or fails the check `name` if it has not answered within `limit`.
+async fn within(name: &'static str, limit: Duration, check: impl Future<Output = Check>) -> Check {
+    match tokio::time::timeout(limit, check).await {
+        Ok(done) => done,
+        Err(_) => Check::fail(
+            name,
+            format!("no answer within {} s", limit.as_secs()),
+            "the service accepted the request and then went silent: check its health and logs (RabbitMQ: rabbitmq-diagnostics status; Qdrant: its /readyz), then run doctor again",
+        ),
+    }
+}
+
+/// Runs every check for the pipeline file at `path`. Never fails and never waits forever:
+/// each problem, including a check that does not answer within [`CHECK_TIMEOUT`], is a failed
 /// [`Check`]. Checks that depend on a failed one are skipped.
 pub async fn run(path: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
@@ -82,8 +102,15 @@ pub async fn run(path: &Path) -> Vec<Check> {
             return checks;
         }
     };
-    checks.push(model(&embedder).await);
-    checks.push(store(&config, embedder.fingerprint()).await);
+    checks.push(within("model", CHECK_TIMEOUT, model(&embedder)).await);
+    checks.push(
+        within(
+            "store",
+            CHECK_TIMEOUT,
+            store(&config, embedder.fingerprint()),
+        )
+        .await,
+    );
     checks
 }
 
@@ -106,25 +133,28 @@ async fn broker(config: &PipelineConfig) -> Check {
         }
     };
     let topology = Topology::new(config);
-    let result = match conn.create_channel().await {
-        Ok(ch) => topology
-            .declare(&conn, &ch)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let declared = async {
+        let result = match conn.create_channel().await {
+            Ok(ch) => topology
+                .declare(&conn, &ch)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        crate::queue::close_connection(&conn, "doctor").await;
+        match result {
+            Ok(()) => Check::pass(
+                "broker",
+                format!("{url}: topology of {} is in place", topology.main_queue()),
+            ),
+            Err(e) => Check::fail(
+                "broker",
+                e,
+                "see \"Queue topology\" in docs/messages.md for migrating queues declared with other arguments",
+            ),
+        }
     };
-    let _ = conn.close(200, "doctor".into()).await;
-    match result {
-        Ok(()) => Check::pass(
-            "broker",
-            format!("{url}: topology of {} is in place", topology.main_queue()),
-        ),
-        Err(e) => Check::fail(
-            "broker",
-            e,
-            "see \"Queue topology\" in docs/messages.md for migrating queues declared with other arguments",
-        ),
-    }
+    within("broker", CHECK_TIMEOUT, declared).await
 }
 
 async fn model(embedder: &crate::embed::AnyEmbedder) -> Check {
@@ -180,5 +210,31 @@ async fn store(config: &PipelineConfig, fingerprint: &crate::embed::Fingerprint)
             e.to_string(),
             "a fingerprint mismatch needs another store.collection (or re-ingesting into a new one); a lock error means a worker holds the embedded store — stop it or check a running worker's /readyz instead",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_never_answers_fails_at_its_deadline() {
+        let started = tokio::time::Instant::now();
+        let check = within("store", Duration::from_secs(7), std::future::pending()).await;
+        assert!(!check.ok);
+        assert_eq!(check.name, "store");
+        assert!(check.hint.is_some());
+        assert!(check.detail.contains("7 s"), "{}", check.detail);
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test]
+    async fn a_check_that_answers_in_time_is_returned_as_it_is() {
+        let check = within("model", CHECK_TIMEOUT, async {
+            Check::pass("model", "fine")
+        })
+        .await;
+        assert!(check.ok);
+        assert_eq!(check.detail, "fine");
     }
 }

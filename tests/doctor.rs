@@ -3,8 +3,9 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::{TestPipeline, write_pipeline_file};
+use common::{TestPipeline, output_within, write_pipeline_file};
 use rag_ingest::embed::Fingerprint;
 use rag_ingest::store::EdgeStore;
 
@@ -15,7 +16,8 @@ fn doctor(t: &TestPipeline, env: &[(&str, String)]) -> (Output, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("doctor runs");
+    // Doctor bounds each check itself (CHECK_TIMEOUT); this only turns a hang into a failure.
+    let out = output_within(&mut cmd, Duration::from_secs(300));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     (out, stdout)
 }

@@ -225,8 +225,8 @@ pub async fn inspect_dlq(
         held.push(msg.delivery.delivery_tag);
     }
     release(&channel, &topology.dlq(), &held, present as usize).await;
-    let _ = channel.close(200, "inspected".into()).await;
-    let _ = conn.close(200, "inspected".into()).await;
+    super::close_channel(&channel, "inspected").await;
+    super::close_connection(&conn, "inspected").await;
     Ok((summary, selected))
 }
 
@@ -294,8 +294,8 @@ pub async fn reprocess(
     // Ready again afterwards: the held messages plus those never read.
     let unread = (present as usize).saturating_sub(seen);
     release(&channel, &topology.dlq(), &held, held.len() + unread).await;
-    let _ = channel.close(200, "reprocessed".into()).await;
-    let _ = conn.close(200, "reprocessed".into()).await;
+    super::close_channel(&channel, "reprocessed").await;
+    super::close_connection(&conn, "reprocessed").await;
     result.map(|()| report)
 }
 

@@ -27,13 +27,47 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::config::BrokerConfig;
 use crate::telemetry::emit;
-use crate::telemetry::events::{BrokerConnected, BrokerUrlUnreachable};
+use crate::telemetry::events::{BrokerCloseUnanswered, BrokerConnected, BrokerUrlUnreachable};
 use crate::validate::redact_url;
 
 /// How long opening a broker connection (TCP connect and AMQP handshake) may take before it
 /// fails with [`QueueError::ConnectTimeout`]: a broker that accepts the TCP connection but
 /// never answers the handshake must not hang a worker, a submitter or `doctor`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long closing a channel or connection waits for the broker's close-ok. The client
+/// can wait for it forever when the socket goes away during the close (seen as a rare hang of
+/// `doctor` under load), and nothing is lost by giving up: the close is only a courtesy once
+/// every publish is confirmed and every delivery settled or handed back.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `channel` with `reason`, ignoring errors and giving up after [`CLOSE_TIMEOUT`]
+/// (the channel is dropped either way). Never fails.
+pub(crate) async fn close_channel(channel: &lapin::Channel, reason: &str) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into()))
+        .await
+        .is_err()
+    {
+        emit(BrokerCloseUnanswered {
+            what: "channel",
+            reason,
+        });
+    }
+}
+
+/// Closes `conn` with `reason`, ignoring errors and giving up after [`CLOSE_TIMEOUT`] (the
+/// connection is dropped either way). Never fails.
+pub(crate) async fn close_connection(conn: &Connection, reason: &str) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into()))
+        .await
+        .is_err()
+    {
+        emit(BrokerCloseUnanswered {
+            what: "connection",
+            reason,
+        });
+    }
+}
 
 /// Why a broker operation failed.
 #[derive(Debug, thiserror::Error)]

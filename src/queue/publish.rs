@@ -17,9 +17,6 @@ use crate::process::content_sha256;
 /// Namespace of message ids (UUIDv5 of tenant, document, version and content hash).
 const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x0d6f_2b1e_93c4_4f7a_b8e2_51a9_7c3d_e610);
 
-/// How long [`Submitter::close`] waits for the broker to acknowledge a close.
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Publishes `body` to `exchange` with `routing_key` (mandatory) and waits for the confirm.
 ///
 /// `channel` must be in confirm mode. Fails with [`QueueError::NotConfirmed`] on a nack or
@@ -250,7 +247,7 @@ impl Submitter {
     /// Errors and timeouts while closing are ignored: every publish has already been
     /// confirmed or reported, and the connection is dropped either way.
     pub async fn close(self) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, "done".into())).await;
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.close(200, "done".into())).await;
+        super::close_channel(&self.channel, "done").await;
+        super::close_connection(&self.conn, "done").await;
     }
 }

@@ -229,14 +229,14 @@ impl Topology {
         let ch = conn.create_channel().await?;
         let declared = self.declare_queue(&ch, &dlq, args).await;
         if ch.status().connected() {
-            let _ = ch.close(200, "declared".into()).await;
+            super::close_channel(&ch, "declared").await;
         }
         match declared {
             Err(QueueError::TopologyMismatch { server, .. }) => {
                 let ch = conn.create_channel().await?;
                 let legacy = self.declare_queue(&ch, &dlq, quorum()).await;
                 if ch.status().connected() {
-                    let _ = ch.close(200, "declared".into()).await;
+                    super::close_channel(&ch, "declared").await;
                 }
                 legacy?;
                 crate::telemetry::emit(crate::telemetry::events::LegacyDlqFound {

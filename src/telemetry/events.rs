@@ -518,6 +518,29 @@ impl InternalEvent for BrokerClosed<'_> {
     }
 }
 
+/// Closing a channel or connection got no close-ok within
+/// [`crate::queue::CLOSE_TIMEOUT`]; it is dropped instead (nothing is lost: a close only
+/// follows settled deliveries and confirmed publishes).
+#[derive(Debug)]
+pub struct BrokerCloseUnanswered<'a> {
+    /// What was being closed: `channel` or `connection`.
+    pub what: &'a str,
+    /// The close reason sent (`doctor`, `bye`, `done`, …).
+    pub reason: &'a str,
+}
+
+impl InternalEvent for BrokerCloseUnanswered<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "broker_close_unanswered",
+            closed = self.what,
+            reason = self.reason,
+            "the broker did not acknowledge closing a {} in time; dropped it",
+            self.what
+        );
+    }
+}
+
 /// The worker consumes the main queue.
 #[derive(Debug)]
 pub struct WorkerConsuming<'a> {

@@ -21,7 +21,7 @@ mod queues;
 mod worker_process;
 // Each test or bench crate uses a subset of these helpers.
 #[allow(unused_imports)]
-pub use command::{run_ok, stdout};
+pub use command::{output_within, run_ok, stdout};
 #[allow(unused_imports)]
 pub use queues::{close_quietly, within};
 #[allow(unused_imports)]

@@ -405,9 +405,9 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             }
             SessionEnd::Lost(_) => self.tasks.abort_all(),
         }
-        let _ = self.consume.close(200, "bye".into()).await;
-        let _ = self.publish.close(200, "bye".into()).await;
-        let _ = self.conn.close(200, "bye".into()).await;
+        crate::queue::close_channel(&self.consume, "bye").await;
+        crate::queue::close_channel(&self.publish, "bye").await;
+        crate::queue::close_connection(&self.conn, "bye").await;
         end
     }
 
