@@ -44,28 +44,20 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Closes `channel` with `reason`, ignoring errors and giving up after [`CLOSE_TIMEOUT`]
 /// (the channel is dropped either way). Never fails.
 pub(crate) async fn close_channel(channel: &lapin::Channel, reason: &str) {
-    if tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into()))
-        .await
-        .is_err()
-    {
-        emit(BrokerCloseUnanswered {
-            what: "channel",
-            reason,
-        });
-    }
+    bounded_close("channel", reason, channel.close(200, reason.into())).await;
 }
 
 /// Closes `conn` with `reason`, ignoring errors and giving up after [`CLOSE_TIMEOUT`] (the
 /// connection is dropped either way). Never fails.
 pub(crate) async fn close_connection(conn: &Connection, reason: &str) {
-    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into()))
-        .await
-        .is_err()
-    {
-        emit(BrokerCloseUnanswered {
-            what: "connection",
-            reason,
-        });
+    bounded_close("connection", reason, conn.close(200, reason.into())).await;
+}
+
+/// Awaits `closing` for at most [`CLOSE_TIMEOUT`], reporting [`BrokerCloseUnanswered`] if it
+/// does not finish; its result is ignored.
+async fn bounded_close<T>(what: &str, reason: &str, closing: impl std::future::Future<Output = T>) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        emit(BrokerCloseUnanswered { what, reason });
     }
 }
 
