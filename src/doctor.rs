@@ -135,10 +135,16 @@ async fn broker(config: &PipelineConfig) -> Check {
     let topology = Topology::new(config);
     let declared = async {
         let result = match conn.create_channel().await {
-            Ok(ch) => topology
-                .declare(&conn, &ch)
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(ch) => {
+                let declared = topology.declare(&conn, &ch).await;
+                // Closed (and its close-ok awaited) before the connection: dropping it would
+                // send its close concurrently with the connection's, a race in which the
+                // client logs a connection error on every healthy run.
+                if ch.status().connected() {
+                    crate::queue::close_channel(&ch, "doctor").await;
+                }
+                declared.map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         crate::queue::close_connection(&conn, "doctor").await;

@@ -90,3 +90,37 @@ async fn a_collection_of_another_embedder_fails_the_store_check() {
     assert!(stdout.contains("some-other-model"), "{stdout}");
     t.delete_queues().await;
 }
+
+/// A healthy run logs nothing at warn or error level: the lapin client used to log a
+/// connection error on every run, because doctor dropped its channel (an asynchronous close)
+/// right before closing the connection.
+#[tokio::test]
+async fn a_healthy_pipeline_logs_no_warning_or_error() {
+    let t = TestPipeline::new("doctor-quiet", "");
+    let file = write_pipeline_file(&t);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
+    cmd.args(["--log-format", "json", "doctor", "--pipeline"])
+        .arg(&file)
+        // The default filter's qdrant_edge=error: qdrant-edge warns on every shard open that
+        // its feature flags are unset, and it offers no way to set them.
+        .env("RUST_LOG", "info,qdrant_edge=error");
+    let out = output_within(&mut cmd, Duration::from_secs(300));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let mut lines = 0;
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        let level = event["level"].as_str().unwrap_or_default();
+        assert!(
+            level != "WARN" && level != "ERROR",
+            "a healthy doctor run logged at {level}: {line}"
+        );
+        lines += 1;
+    }
+    assert!(
+        lines > 0,
+        "no log lines at info level: is --log-format json applied?"
+    );
+    t.delete_queues().await;
+}
