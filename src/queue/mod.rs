@@ -36,9 +36,10 @@ use crate::validate::redact_url;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long closing a channel or connection waits for the broker's close-ok. The client
-/// can wait for it forever when the socket goes away during the close (seen as a rare hang of
-/// `doctor` under load), and nothing is lost by giving up: the close is only a courtesy once
-/// every publish is confirmed and every delivery settled or handed back.
+/// can wait for it forever when the socket goes away during the close or when a dropped
+/// channel's close races the connection's (the likely cause of a rare hang of `doctor`), and
+/// nothing is lost by giving up: the close is only a courtesy once every publish is confirmed
+/// and every delivery settled or handed back.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Closes `channel` with `reason`, ignoring errors and giving up after [`CLOSE_TIMEOUT`]
