@@ -732,7 +732,7 @@ impl Linear {
                 let (k, n) = (self.inputs, self.outputs);
                 let short_rows: usize = short.iter().map(ExactSizeIterator::len).sum();
                 if short_rows == rows {
-                    self.multiply(fallback, x, out, scratch, start);
+                    self.multiply_into(fallback, x, out, scratch, Some(start));
                     return;
                 }
                 int8.matmul(x, out, scratch, Some(start));
@@ -767,7 +767,7 @@ impl Linear {
                     done += len;
                 }
             }
-            weight => self.multiply(weight, x, out, scratch, start),
+            weight => self.multiply_into(weight, x, out, scratch, Some(start)),
         }
     }
 
@@ -793,20 +793,9 @@ impl Linear {
         }
     }
 
-    /// `out = start + x weightᵀ` (`weight` is this layer's or its int8 fallback).
-    fn multiply(
-        &self,
-        weight: &Weight,
-        x: &[f32],
-        out: &mut [f32],
-        scratch: &mut Vec<u32>,
-        start: Start<'_>,
-    ) {
-        self.multiply_into(weight, x, out, scratch, Some(start));
-    }
-
-    /// `out += x weightᵀ`, or with `start` `out = start + x weightᵀ` (the bf16 and int8
-    /// kernels write the start block by block; for f32 it is a pass of its own first).
+    /// `out += x weightᵀ`, or with `start` `out = start + x weightᵀ`; `weight` is this
+    /// layer's or its int8 fallback. The bf16 and int8 kernels write the start block by
+    /// block; for f32 it is a pass of its own first.
     fn multiply_into(
         &self,
         weight: &Weight,

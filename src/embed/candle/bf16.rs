@@ -394,20 +394,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                // The top 24 bits, exactly representable in f32.
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::embed::candle::tile::testing::{self, values};
 
     #[test]
     fn rounds_to_nearest_even() {
@@ -491,34 +478,9 @@ mod tests {
             eprintln!("SKIPPED: this CPU cannot run the kernel");
             return;
         }
-        // More rows than one parallel block, so that the residual's offsets per block count.
-        let (rows, inputs, outputs) = (150, 96, 40);
-        let x = values(rows * inputs, 11);
-        let w = values(outputs * inputs, 12);
-        let bias = values(outputs, 13);
-        let residual = values(rows * outputs, 14);
-        let packed = Bf16Weight::new(&w, outputs, inputs).expect("supported");
-        for residual in [None, Some(&residual[..])] {
-            let mut expected: Vec<f32> = (0..rows * outputs)
-                .map(|i| bias[i % outputs] + residual.map_or(0.0, |r| r[i]))
-                .collect();
-            let mut scratch = Vec::new();
-            packed.matmul(&x, &mut expected, &mut scratch, None);
-            // Garbage in `out`: the start replaces it.
-            let mut out = vec![f32::NAN; rows * outputs];
-            let start = super::super::tile::Start {
-                bias: &bias,
-                residual,
-                then: None,
-            };
-            packed.matmul(&x, &mut out, &mut scratch, Some(start));
-            assert!(
-                out.iter()
-                    .zip(&expected)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "residual {}: the fused start differs",
-                residual.is_some()
-            );
-        }
+        testing::fused_start_matches_a_separate_pass(
+            |w, outputs, inputs| Bf16Weight::new(w, outputs, inputs).expect("supported"),
+            |packed, x, out, scratch, start| packed.matmul(x, out, scratch, start),
+        );
     }
 }

@@ -204,3 +204,62 @@ mod tests {
         );
     }
 }
+
+/// Test helpers shared by the bf16 and int8 kernels' tests.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::Start;
+
+    /// Deterministic values in [-1, 1).
+    pub(in crate::embed::candle) fn values(count: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                // The top 24 bits, exactly representable in f32.
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Asserts that a product with a [`Start`] (bias, with and without a residual) is
+    /// bit-identical to the same start written into the output first and the product added
+    /// to it, with more rows than one parallel block (so the residual's per-block offsets
+    /// count) and garbage in the output. `pack` packs a `outputs × inputs` weight; `matmul`
+    /// is the packed weight's product.
+    pub(in crate::embed::candle) fn fused_start_matches_a_separate_pass<W>(
+        pack: impl FnOnce(&[f32], usize, usize) -> W,
+        matmul: impl Fn(&W, &[f32], &mut [f32], &mut Vec<u32>, Option<Start<'_>>),
+    ) {
+        let (rows, inputs, outputs) = (150, 96, 40);
+        let x = values(rows * inputs, 11);
+        let w = values(outputs * inputs, 12);
+        let bias = values(outputs, 13);
+        let residual = values(rows * outputs, 14);
+        let packed = pack(&w, outputs, inputs);
+        for residual in [None, Some(&residual[..])] {
+            let mut expected: Vec<f32> = (0..rows * outputs)
+                .map(|i| bias[i % outputs] + residual.map_or(0.0, |r| r[i]))
+                .collect();
+            let mut scratch = Vec::new();
+            matmul(&packed, &x, &mut expected, &mut scratch, None);
+            // Garbage in `out`: the start replaces it.
+            let mut out = vec![f32::NAN; rows * outputs];
+            let start = Start {
+                bias: &bias,
+                residual,
+                then: None,
+            };
+            matmul(&packed, &x, &mut out, &mut scratch, Some(start));
+            assert!(
+                out.iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "residual {}: the fused start differs",
+                residual.is_some()
+            );
+        }
+    }
+}
