@@ -25,6 +25,25 @@ set -a
 . "$qdrant_env"
 set +a
 
+# The reduced-precision kernels need CPU features; their tests pass without running where the
+# CPU lacks them. Say so up front and in the summary, so a green run on such a machine is not
+# read as "bf16/int8 checked".
+cpu_banner() {
+    local flags missing=()
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+    [[ "$flags" == *" avx512_bf16 "* ]] || missing+=(" bf16 (needs avx512_bf16)")
+    [[ "$flags" == *" avx512_vnni "* ]] || missing+=(" int8 (needs avx512_vnni)")
+    [[ "$flags" == *" amx_tile "* ]] || missing+=(" the AMX kernels (need amx_tile)")
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        echo "################################################################################"
+        local IFS=","
+        echo "# SKIPPED on this CPU:${missing[*]}."
+        echo "# Their tests print SKIPPED and pass without running; f32 (the reference) is tested."
+        echo "################################################################################"
+    fi
+}
+cpu_banner
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
@@ -41,6 +60,7 @@ status=${PIPESTATUS[0]}
 set -e
 echo "== summary"
 grep -E '^test result:|Running ' "${CARGO_TARGET_DIR}/last-test-run.log" || true
+cpu_banner
 if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
     echo "FAILED: the tests did not finish within ${limit}; the last 'Running' line above names" \
         "the test binary that hung ('has been running for over 60 seconds' names the test)" >&2
