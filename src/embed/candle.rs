@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
+use std::time::Instant;
 
 use serde::Deserialize;
 use tokenizers::{PostProcessor, Tokenizer, TruncationParams};
@@ -634,9 +635,15 @@ impl Inner {
             return Ok(Vec::new());
         }
         self.forward_passes.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let embedded = panic::catch_unwind(AssertUnwindSafe(|| self.model.embed(sequences)))
             .unwrap_or_else(|_| Err("inference panicked".to_owned()))
             .map_err(EmbedError::Inference)?;
+        crate::telemetry::emit(crate::telemetry::events::ForwardPassRun {
+            texts: sequences.len(),
+            tokens: sequences.iter().map(|s| s.ids.len()).sum(),
+            elapsed: started.elapsed(),
+        });
         if embedded.len() != sequences.len() {
             return Err(EmbedError::Inference(format!(
                 "model returned {} vectors for {} inputs",

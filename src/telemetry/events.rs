@@ -796,6 +796,34 @@ impl InternalEvent for ModelLoaded<'_> {
     }
 }
 
+/// The in-process model ran one forward pass: `rag_ingest_forward_pass_tokens` and
+/// `rag_ingest_forward_pass_seconds`. How full passes are is what continuous batching is
+/// for: passes far below `batch_size × max_seq_length` while messages wait mean the worker
+/// does not feed the model fast enough.
+#[derive(Debug)]
+pub struct ForwardPassRun {
+    /// Texts in the pass.
+    pub texts: usize,
+    /// Model tokens in the pass (special tokens included).
+    pub tokens: usize,
+    /// How long the pass took.
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for ForwardPassRun {
+    fn emit(self) {
+        metrics::histogram!(names::FORWARD_PASS_TOKENS).record(self.tokens as f64);
+        metrics::histogram!(names::FORWARD_PASS_SECONDS).record(self.elapsed.as_secs_f64());
+        tracing::debug!(
+            event = "forward_pass_run",
+            texts = self.texts,
+            tokens = self.tokens,
+            elapsed_ms = millis(self.elapsed),
+            "forward pass run"
+        );
+    }
+}
+
 /// A remote (OpenAI-compatible) embedder is configured.
 #[derive(Debug)]
 pub struct RemoteEmbedderConfigured<'a> {

@@ -50,9 +50,13 @@ pub mod names {
     /// Gauge: 1 for the precision the in-process model runs in, by `requested` (`auto`,
     /// `f32`, `bf16`) and `running` (`f32`, `bf16`).
     pub const EMBEDDER_PRECISION: &str = "rag_ingest_embedder_precision";
+    /// Histogram: model tokens per forward pass of the in-process model.
+    pub const FORWARD_PASS_TOKENS: &str = "rag_ingest_forward_pass_tokens";
+    /// Histogram: seconds per forward pass of the in-process model.
+    pub const FORWARD_PASS_SECONDS: &str = "rag_ingest_forward_pass_seconds";
 
     /// Every family, in the order of the operations documentation.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         MESSAGES,
         CHUNKS_EMBEDDED,
         CHUNKS_REUSED,
@@ -72,6 +76,8 @@ pub mod names {
         BUDGET_EXHAUSTED,
         SHARED_STATE_ERRORS,
         EMBEDDER_PRECISION,
+        FORWARD_PASS_TOKENS,
+        FORWARD_PASS_SECONDS,
     ];
 }
 
@@ -178,6 +184,15 @@ pub fn describe_all() {
         names::EMBEDDER_PRECISION,
         "1 for the precision the in-process model runs in, by requested and running precision."
     );
+    describe_histogram!(
+        names::FORWARD_PASS_TOKENS,
+        "Model tokens per forward pass of the in-process model (full passes hold batch_size x max_seq_length)."
+    );
+    describe_histogram!(
+        names::FORWARD_PASS_SECONDS,
+        metrics::Unit::Seconds,
+        "Time per forward pass of the in-process model."
+    );
 
     for outcome in OUTCOMES {
         metrics::counter!(names::MESSAGES, "outcome" => outcome).increment(0);
@@ -201,6 +216,8 @@ pub fn describe_all() {
     }
     // Registering a histogram handle makes its family show with a zero count.
     let _ = metrics::histogram!(names::EMBED_SECONDS);
+    let _ = metrics::histogram!(names::FORWARD_PASS_TOKENS);
+    let _ = metrics::histogram!(names::FORWARD_PASS_SECONDS);
     for op in STORE_OPS {
         let _ = metrics::histogram!(names::STORE_SECONDS, "op" => op);
     }
@@ -250,8 +267,16 @@ pub fn metrics_handle(
     let wait_buckets = [
         0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
     ];
+    // Passes hold from one short text to batch_size (up to 1024) x max_seq_length tokens.
+    let pass_buckets = [
+        16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 65536.0, 262144.0,
+    ];
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&buckets)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(names::FORWARD_PASS_TOKENS.to_owned()),
+            &pass_buckets,
+        )?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(names::QUEUE_WAIT.to_owned()),
             &wait_buckets,
