@@ -18,7 +18,9 @@
 //! same runtime, logging, embedder and store wiring; model load and start-up stay outside
 //! the clock.
 //!
-//! `bare_embed/all_chunks`: the same chunks embedded with `CandleEmbedder::embed_blocking`
+//! `bare_embed/all_chunks`: the texts the worker embeds for those chunks (each chunk's text
+//! with its context under the shipped `chunking.context = "headings"`:
+//! [`process::embed_texts`]) embedded with `CandleEmbedder::embed_blocking`
 //! (the pipeline's `embedder.precision`, as the worker loads it) in one call (full forward passes of `embedder.batch_size` × 256 tokens), the ceiling the
 //! pipeline can reach. `bare_embed/per_document`: one call per document, each with its own
 //! forward passes (what the pipeline would do without continuous batching).
@@ -32,10 +34,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use rag_ingest::embed::{CandleEmbedder, Embedder};
+use rag_ingest::extract::ExtractLimits;
 use rag_ingest::message::Document;
 use rag_ingest::queue::Submitter;
-use rag_ingest::setup;
 use rag_ingest::store::EdgeStore;
+use rag_ingest::{process, setup};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -50,9 +53,9 @@ struct Workload {
     docs: Vec<Document>,
     /// Chunk count of each document.
     expected: Vec<usize>,
-    /// Every chunk text, document by document.
+    /// What is embedded for every chunk (context and text), document by document.
     chunks: Vec<String>,
-    /// Model tokens of all chunks, special tokens included.
+    /// Model tokens of all embedded texts, special tokens included.
     tokens: u64,
 }
 
@@ -123,14 +126,16 @@ fn bench(c: &mut Criterion) {
     let chunker = setup::chunker(&config, &embedder).expect("chunker");
     let docs = support::realistic_docs("pipeline", DOCS);
     let expected = support::expected_chunks(&chunker, &docs);
+    // What the worker embeds: each chunk's text with its context where the pipeline's
+    // `chunking.context` asks for one (the shipped pipeline: `headings`), so that bare
+    // embedding does the very work the worker does.
+    let contextualizer = setup::contextualizer_with(&config, embedder.tokenizer());
+    let limits = ExtractLimits::from_config(&config);
     let per_doc: Vec<Vec<String>> = docs
         .iter()
         .map(|doc| {
-            chunker
-                .split(&doc.content, doc.format().expect("markdown"))
-                .into_iter()
-                .map(|c| c.text)
-                .collect()
+            process::embed_texts(&chunker, &contextualizer, &limits, doc)
+                .expect("the bench documents chunk")
         })
         .collect();
     let chunks: Vec<String> = per_doc.iter().flatten().cloned().collect();
@@ -140,13 +145,15 @@ fn bench(c: &mut Criterion) {
     };
     let bytes: usize = docs.iter().map(|d| d.content.len()).sum();
     eprintln!(
-        "pipeline: {DOCS} documents ({bytes} bytes), {} chunks (max_tokens {}, overlap {}), \
+        "pipeline: {DOCS} documents ({bytes} bytes), {} chunks (max_tokens {}, overlap {}, \
+         context {}), \
          {tokens} model tokens ([CLS]/[SEP] included); embedder.batch_size {}, \
          broker.prefetch {}, worker.concurrency {}; padding ratio 1.000 (packed forward \
          pass, no padding)",
         chunks.len(),
         config.chunking.max_tokens,
         config.chunking.overlap,
+        config.chunking.context.as_str(),
         config.embedder.batch_size,
         config.broker.prefetch,
         config.worker.concurrency,

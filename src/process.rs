@@ -606,25 +606,11 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     ) -> Result<Vec<PreparedChunk>, Failure> {
         let contextualizer = Arc::clone(&self.context);
         let sparse = Arc::clone(&self.sparse);
-        let title = context::title(&doc.metadata)
-            .map(str::to_owned)
-            .or(extracted.title);
+        let metadata_title = context::title(&doc.metadata).map(str::to_owned);
         tokio::task::spawn_blocking(move || {
-            let markdown = extracted.kind.chunk_format() == ChunkFormat::Markdown;
-            let contexts = contextualizer.contexts(
-                &extracted.text,
-                markdown,
-                title.as_deref(),
-                &extracted.chunks,
-            );
-            extracted
-                .chunks
+            contextualize(&contextualizer, metadata_title, extracted)
                 .into_iter()
-                .zip(extracted.pages)
-                .zip(contexts)
-                .map(|((chunk, page), context)| {
-                    let embed_text =
-                        context::embed_text(context.as_ref().map(|c| c.text.as_str()), &chunk.text);
+                .map(|(chunk, page, context, embed_text)| {
                     let sparse = sparse.document(&embed_text);
                     PreparedChunk {
                         chunk,
@@ -662,6 +648,57 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                 )
             })?
     }
+}
+
+/// Each chunk of `extracted` with its page, its context (titled `metadata_title`, else the
+/// title found in the content) and the text embedded for it ([`context::embed_text`]).
+fn contextualize(
+    contextualizer: &Contextualizer,
+    metadata_title: Option<String>,
+    extracted: DocumentChunks,
+) -> Vec<(Chunk, Option<u32>, Option<ChunkContext>, String)> {
+    let title = metadata_title.or(extracted.title);
+    let markdown = extracted.kind.chunk_format() == ChunkFormat::Markdown;
+    let contexts = contextualizer.contexts(
+        &extracted.text,
+        markdown,
+        title.as_deref(),
+        &extracted.chunks,
+    );
+    extracted
+        .chunks
+        .into_iter()
+        .zip(extracted.pages)
+        .zip(contexts)
+        .map(|((chunk, page), context)| {
+            let embed_text =
+                context::embed_text(context.as_ref().map(|c| c.text.as_str()), &chunk.text);
+            (chunk, page, context, embed_text)
+        })
+        .collect()
+}
+
+/// The texts a pipeline of `chunker`, `contextualizer` and `limits` embeds for a new
+/// revision of `doc`, in chunk order: each chunk's context and text, as
+/// [`Pipeline::process`] sends them to the embedder (which embeds a repeated text once).
+/// For benches and tools that must embed exactly the pipeline's work. Blocks while it
+/// extracts and chunks.
+///
+/// # Errors
+///
+/// As [`extract::chunk_document`]: content that cannot be extracted.
+pub fn embed_texts(
+    chunker: &Chunker,
+    contextualizer: &Contextualizer,
+    limits: &ExtractLimits,
+    doc: &Document,
+) -> Result<Vec<String>, Failure> {
+    let extracted = extract::chunk_document(chunker, doc, limits)?;
+    let metadata_title = context::title(&doc.metadata).map(str::to_owned);
+    Ok(contextualize(contextualizer, metadata_title, extracted)
+        .into_iter()
+        .map(|(_, _, _, embed_text)| embed_text)
+        .collect())
 }
 
 /// The order of a write of a message with `version` when the store holds `stored` (the

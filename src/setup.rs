@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use tokenizers::Tokenizer;
+
 use crate::chunk::{ChunkError, Chunker};
 use crate::config::{EmbedderConfig, EmbedderKind, PipelineConfig, StoreKind};
 use crate::context::{ContextMode, Contextualizer};
@@ -366,9 +368,14 @@ pub fn contextualizer(
     let tokenizer = embedder.tokenizer().ok_or_else(|| {
         EmbedError::Config("embedder.tokenizer is required to size chunk contexts".into())
     })?;
-    Ok(Contextualizer::new(
-        config.chunking.context,
-        tokenizer,
-        config.chunking.max_tokens,
-    ))
+    Ok(contextualizer_with(config, tokenizer))
+}
+
+/// The contextualizer `chunking.context` asks for, counting in `tokenizer`'s tokens (the
+/// in-process model's: [`CandleEmbedder::tokenizer`]).
+pub fn contextualizer_with(config: &PipelineConfig, tokenizer: &Tokenizer) -> Contextualizer {
+    match config.chunking.context {
+        ContextMode::None => Contextualizer::default(),
+        mode => Contextualizer::new(mode, tokenizer, config.chunking.max_tokens),
+    }
 }

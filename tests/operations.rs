@@ -177,6 +177,21 @@ async fn metrics_move_and_readiness_follows_the_broker() {
         sample(&after, "rag_ingest_store_seconds_count", &["op=\"upsert\""]) >= docs.len() as f64,
         "{after}"
     );
+    // Every embedded text went through a forward pass: at least one pass, holding at least
+    // each text's [CLS] and [SEP].
+    let passes = sample(&after, "rag_ingest_forward_pass_tokens_count", &[])
+        - sample(&before, "rag_ingest_forward_pass_tokens_count", &[]);
+    let pass_tokens = sample(&after, "rag_ingest_forward_pass_tokens_sum", &[])
+        - sample(&before, "rag_ingest_forward_pass_tokens_sum", &[]);
+    assert!(passes >= 1.0, "{after}");
+    assert!(
+        pass_tokens >= 2.0 * chunks as f64,
+        "{pass_tokens} tokens\n{after}"
+    );
+    assert!(
+        sample(&after, "rag_ingest_forward_pass_seconds_count", &[]) >= passes,
+        "{after}"
+    );
     assert!(
         sample(&after, "rag_ingest_last_success_timestamp_seconds", &[]) > 1.0e9,
         "{after}"

@@ -1958,6 +1958,31 @@ async fn contextual_chunks_store_their_context_and_reembed_on_a_new_title<B: Bac
             .any(|c| c.as_deref() == Some("Handbook › Retries › Backoff")),
         "{contexts:?}"
     );
+    // `process::embed_texts` (what the pipeline bench embeds as the worker's work) is
+    // exactly what was embedded for each stored chunk, in chunk order.
+    let same_chunker = Chunker::new(
+        embedder.tokenizer().clone(),
+        MAX_TOKENS - budget,
+        OVERLAP,
+        embedder.max_input_tokens(),
+    )
+    .expect("chunker");
+    let same_context =
+        rag_ingest::context::Contextualizer::new(mode, embedder.tokenizer(), MAX_TOKENS);
+    let texts = rag_ingest::process::embed_texts(
+        &same_chunker,
+        &same_context,
+        &rag_ingest::extract::ExtractLimits::default(),
+        &d,
+    )
+    .expect("embed texts");
+    let mut in_order = stored.clone();
+    in_order.sort_by_key(|c| c.chunk_index);
+    let embedded: Vec<String> = in_order
+        .iter()
+        .map(|c| rag_ingest::context::embed_text(c.context.as_deref(), &c.text))
+        .collect();
+    assert_eq!(texts, embedded);
     let tokenizer = embedder.tokenizer();
     for chunk in &stored {
         assert_eq!(
