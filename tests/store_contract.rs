@@ -1918,14 +1918,20 @@ async fn contextual_chunks_store_their_context_and_reembed_on_a_new_title<B: Bac
     let embedder = Arc::new(CountingEmbedder::new());
     let mode = rag_ingest::context::ContextMode::Headings;
     let budget = rag_ingest::context::Contextualizer::budget_for(mode, MAX_TOKENS);
-    let chunker = Chunker::new(
-        embedder.tokenizer().clone(),
-        MAX_TOKENS - budget,
-        OVERLAP,
-        embedder.max_input_tokens(),
-    )
-    .expect("chunker");
-    let context = rag_ingest::context::Contextualizer::new(mode, embedder.tokenizer(), MAX_TOKENS);
+    // The pipeline's chunker and contextualizer (built again below for `embed_texts`).
+    let stages = || {
+        let chunker = Chunker::new(
+            embedder.tokenizer().clone(),
+            MAX_TOKENS - budget,
+            OVERLAP,
+            embedder.max_input_tokens(),
+        )
+        .expect("chunker");
+        let context =
+            rag_ingest::context::Contextualizer::new(mode, embedder.tokenizer(), MAX_TOKENS);
+        (chunker, context)
+    };
+    let (chunker, context) = stages();
     let pipeline = Pipeline::new(Arc::new(chunker), Arc::clone(&embedder), Arc::clone(&store))
         .with_context(context);
 
@@ -1960,15 +1966,7 @@ async fn contextual_chunks_store_their_context_and_reembed_on_a_new_title<B: Bac
     );
     // `process::embed_texts` (what the pipeline bench embeds as the worker's work) is
     // exactly what was embedded for each stored chunk, in chunk order.
-    let same_chunker = Chunker::new(
-        embedder.tokenizer().clone(),
-        MAX_TOKENS - budget,
-        OVERLAP,
-        embedder.max_input_tokens(),
-    )
-    .expect("chunker");
-    let same_context =
-        rag_ingest::context::Contextualizer::new(mode, embedder.tokenizer(), MAX_TOKENS);
+    let (same_chunker, same_context) = stages();
     let texts = rag_ingest::process::embed_texts(
         &same_chunker,
         &same_context,
