@@ -40,6 +40,7 @@ use batcher::{Pending, Queue, TokenIds};
 use bert::{Bert, Config, Int8Plan, Sequence, Site};
 
 mod amx;
+mod attention;
 mod batcher;
 mod bert;
 mod bf16;
@@ -182,9 +183,10 @@ impl CandleEmbedder {
         let inner = Inner::load(model_dir, batch_size.max(1), precision)?;
         let reason = match precision {
             Precision::Int8 | Precision::Bf16 => format!(
-                "set in the configuration; {} products on {}",
+                "set in the configuration; {} products on {}, attention in {}",
                 precision.as_str(),
-                amx::Kernel::best().name()
+                amx::Kernel::best().name(),
+                inner.model.attention_precision()
             ),
             _ => "set in the configuration".to_owned(),
         };
@@ -239,6 +241,7 @@ impl CandleEmbedder {
             .zip(&reduced)
             .map(|(a, b)| cosine(a, b))
             .fold(f64::INFINITY, f64::min);
+        let attention = bf16.model.attention_precision();
         let (inner, choice) = if least >= min_cosine {
             drop(f32);
             (
@@ -247,9 +250,10 @@ impl CandleEmbedder {
                     requested: Precision::Auto,
                     running: Precision::Bf16,
                     reason: format!(
-                        "AVX-512 BF16 present (products on {}); self-check min cosine \
-                         {least:.6} >= {min_cosine}",
-                        kernel.name()
+                        "AVX-512 BF16 present (products on {}, attention in {}); self-check \
+                         min cosine {least:.6} >= {min_cosine}",
+                        kernel.name(),
+                        attention
                     ),
                 },
             )
@@ -668,6 +672,7 @@ fn int8_plan() -> Int8Plan {
         outlier_ratio: 3.0,
         max_outliers: 16,
         kernel: amx::Kernel::best(),
+        attention: true,
     }
 }
 

@@ -18,8 +18,10 @@
 //! - the two levels of parallelism are explicit: matrix multiplications of the linear layers
 //!   use every thread, attention runs one (sequence, head) per task on rayon's pool;
 //! - with [`Precision::Bf16`] the linear layers multiply bf16 weights (converted once at
-//!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]); everything else
-//!   (embeddings, attention, softmax, GELU, layer norm, pooling) stays f32;
+//!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]), and so do
+//!   attention's two products where the linear layers do not run on AMX
+//!   ([`Bf16Attention`], also for int8); everything else (embeddings, softmax sums, GELU,
+//!   layer norm, pooling) stays f32;
 //! - with [`Precision::Int8`] the model loads in f32, runs the built-in calibration text
 //!   once while recording each linear layer's largest input per channel ([`Bert::calibrate`]),
 //!   then [`Bert::quantize`] turns the layers an [`Int8Plan`] names into int8 weights
@@ -36,6 +38,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use super::Precision;
+use super::attention::{self, Bf16Attention, Heads};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
 use super::tile::{RowsFn, Start};
@@ -86,6 +89,9 @@ pub(crate) struct Bert {
     token_type_embeddings: Vec<f32>,
     embeddings_norm: Norm,
     layers: Vec<Layer>,
+    /// Attention's products in bf16 ([`bf16_attention`]: bf16 passes, and int8 ones whose
+    /// plan asks for it, where it pays); else f32.
+    reduced_attention: Option<Bf16Attention>,
     /// Activation buffers kept from the last call.
     buffers: Mutex<Option<Buffers>>,
 }
@@ -133,6 +139,18 @@ enum Weight {
 /// ingestion batch, so this costs next to nothing there.
 const INT8_MIN_TOKENS: usize = 16;
 
+/// Attention in bf16 ([`Bf16Attention`]) for heads of `head_dim`, where it pays: on CPUs
+/// with AVX-512 BF16 whose linear layers do not run on AMX (`kernel`); there `vdpbf16ps` is
+/// slower than f32 FMA (docs/performance.md). `None` (f32 attention) elsewhere, for head sizes
+/// the kernels do not support, or with `RAG_INGEST_BF16_ATTENTION=0` (to compare).
+fn bf16_attention(head_dim: usize, kernel: Kernel) -> Option<Bf16Attention> {
+    let disabled = std::env::var_os("RAG_INGEST_BF16_ATTENTION").is_some_and(|v| v == "0");
+    if disabled || kernel == Kernel::Amx {
+        return None;
+    }
+    Bf16Attention::new(head_dim).ok().flatten()
+}
+
 /// The four linear layers of an encoder layer, as the calibration and the int8 plan name
 /// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +194,9 @@ pub(crate) struct Int8Plan {
     pub max_outliers: usize,
     /// The kernel of the int8 products (AMX where available; same results as VNNI).
     pub kernel: Kernel,
+    /// Attention's two products (scores and context) in bf16 where it pays
+    /// ([`bf16_attention`]).
+    pub attention: bool,
 }
 
 /// The input channels of `maxima` (calibration maxima) above `ratio` × their median, the
@@ -343,8 +364,21 @@ impl Bert {
             )?,
             embeddings_norm: norm("embeddings")?,
             layers,
+            reduced_attention: match precision {
+                Precision::Bf16 => bf16_attention(head_dim, Kernel::best()),
+                Precision::F32 | Precision::Auto | Precision::Int8 => None,
+            },
             buffers: Mutex::new(None),
         })
+    }
+
+    /// What attention's products compute in: `"bf16"` or `"f32"` (for logs and `doctor`).
+    pub(crate) fn attention_precision(&self) -> &'static str {
+        if self.reduced_attention.is_some() {
+            "bf16"
+        } else {
+            "f32"
+        }
     }
 
     /// Mean-pooled, L2-normalised embeddings of `sequences`, in order.
@@ -451,6 +485,11 @@ impl Bert {
                 };
             }
         }
+        self.reduced_attention = if plan.attention {
+            bf16_attention(self.head_dim, plan.kernel)
+        } else {
+            None
+        };
         Ok(())
     }
 
@@ -597,12 +636,29 @@ impl Bert {
             per_sequence.push((w[0], w[1] - w[0], this));
             rest = tail;
         }
+        let reduced = self.reduced_attention;
         per_sequence.into_par_iter().for_each(|(start, len, out)| {
             let heads: Vec<Vec<f32>> = (0..self.heads)
                 .into_par_iter()
-                .map_init(Vec::new, |scores, head| {
-                    attention_head(qkv, h, d, start, len, head, scores)
-                })
+                .map_init(
+                    || (Vec::new(), attention::Scratch::default()),
+                    |(scores, scratch), head| match reduced {
+                        Some(reduced) => {
+                            let base = start * 3 * h + head * d;
+                            let heads = Heads {
+                                data: qkv,
+                                stride: 3 * h,
+                                q: base,
+                                k: base + h,
+                                v: base + 2 * h,
+                            };
+                            let mut values = vec![0.0; len * d];
+                            reduced.head(heads, len, scratch, &mut values);
+                            values
+                        }
+                        _ => attention_head(qkv, h, d, start, len, head, scores),
+                    },
+                )
                 .collect();
             for (head, values) in heads.iter().enumerate() {
                 for (row, v) in out.chunks_exact_mut(h).zip(values.chunks_exact(d)) {

@@ -35,15 +35,15 @@ const AMX_ROWS: usize = 2 * TILE_ROWS;
 /// the kernel does not exist, so that code using it is statically unreachable there.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Cpu(());
+pub(super) struct Cpu(());
 
 #[cfg(not(target_arch = "x86_64"))]
 #[derive(Clone, Copy)]
-enum Cpu {}
+pub(super) enum Cpu {}
 
 impl Cpu {
     /// `Some` if this CPU has AVX-512F and AVX-512 BF16.
-    fn detect() -> Option<Self> {
+    pub(super) fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             missing_features().is_none().then_some(Self(()))

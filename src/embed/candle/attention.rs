@@ -1,0 +1,547 @@
+//! Self-attention of one (sequence, head) with both products in bf16 on AVX-512 BF16
+//! (`vdpbf16ps`, f32 accumulation), for the reduced-precision forward passes (bf16, int8):
+//! `softmax(Q Kᵀ) V`.
+//!
+//! With the linear layers in bf16 or int8, attention's two f32 products were a third to
+//! almost half of a pass (`perf`, docs/performance.md), the same cost in every precision.
+//! Here Q, K, V and the softmax probabilities are rounded to bf16 (to nearest even) and the
+//! products run on `vdpbf16ps`, two multiply-adds per lane where f32 FMA does one; the
+//! scores, the softmax and the sums stay f32. Unlike int8 (tried: per-token u8/s8 Q and K,
+//! u8 probabilities), bf16 keeps each element's own 8-bit precision, so a head's few large
+//! channels do not crush the rest.
+//!
+//! Layouts, for `vdpbf16ps` (each 32-bit lane holds a pair of bf16 that multiply a pair):
+//!
+//! - Q: per token, pairs of consecutive channels (`d/2` words), broadcast one word at a time;
+//! - K: in groups of 16 keys, for each channel pair the 16 keys' words side by side;
+//! - probabilities: per query row, pairs of consecutive keys;
+//! - V: for each pair of consecutive tokens, each channel's two values in one word.
+//!
+//! Head sizes that are multiples of 16 up to 64 are supported ([`Bf16Attention::new`] says
+//! which); the fidelity of whole passes is checked by `tests/embed_precision.rs`.
+//!
+//! Everything `unsafe` here is reached only through a [`Bf16Attention`], which can only be
+//! built after run-time detection of AVX-512F and AVX-512 BF16.
+
+use super::bf16::{Cpu, missing_features};
+
+/// Query rows computed together (the kernels' register block).
+const MR: usize = 8;
+/// Keys per group: one vector of 16 f32 scores.
+const KEYS: usize = 16;
+
+/// Proof that the CPU runs the bf16 attention kernels, for one head size.
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Attention {
+    cpu: Cpu,
+    /// The head size, a multiple of 16 up to 64.
+    d: usize,
+}
+
+/// Where one head's Q, K and V are in the fused QKV activations: element `c` of token `t`
+/// of Q is `data[q + t·stride + c]`, likewise for K and V.
+#[derive(Clone, Copy)]
+pub(crate) struct Heads<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+}
+
+/// Working memory of one task (reused across heads; old contents never matter).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Q in bf16 pairs, `rows × d/2` words (rows rounded up to [`MR`], zero past `len`).
+    q: Vec<u32>,
+    /// K: `groups × d/2 × 16` words (groups of 16 keys, an even count; zero past `len`).
+    k: Vec<u32>,
+    /// V: `ceil(len / 2) × d` words, each two tokens' values of one channel.
+    v: Vec<u32>,
+    /// One block's scores, then probabilities: `MR × groups·16`.
+    scores: Vec<f32>,
+    /// One block's probabilities in bf16 pairs: `MR × groups·8` words.
+    p: Vec<u32>,
+}
+
+impl Bf16Attention {
+    /// The kernels for heads of `head_dim` values: `Ok(None)` if that size is not supported
+    /// (the caller keeps f32 attention).
+    ///
+    /// # Errors
+    ///
+    /// A message naming the missing CPU features if this CPU cannot run the kernels.
+    pub(crate) fn new(head_dim: usize) -> Result<Option<Self>, String> {
+        let cpu = Cpu::detect()
+            .ok_or_else(|| format!("this CPU lacks {}", missing_features().unwrap_or_default()))?;
+        if head_dim == 0 || !head_dim.is_multiple_of(16) || head_dim > 64 {
+            return Ok(None);
+        }
+        Ok(Some(Self { cpu, d: head_dim }))
+    }
+
+    /// `out (len × d) = softmax(Q Kᵀ) V` for the `len` tokens of one head (Q already scaled
+    /// by `1/√d`), row-major.
+    ///
+    /// # Panics
+    ///
+    /// If a token of Q, K or V lies outside `heads.data` or `out` does not hold `len × d`
+    /// values (a bug of the caller).
+    pub(crate) fn head(
+        &self,
+        heads: Heads<'_>,
+        len: usize,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let d = self.d;
+        assert_eq!(out.len(), len * d, "output shape");
+        if len == 0 {
+            return;
+        }
+        let last = (len - 1) * heads.stride + d;
+        assert!(
+            heads.q.max(heads.k).max(heads.v) + last <= heads.data.len(),
+            "head out of bounds"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            let _proof: Cpu = self.cpu;
+            // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16; the
+            // assertions above keep every token of Q, K and V inside `heads.data` and `out`
+            // at `len × d`; `d` is a multiple of 16 up to 64 (`new`).
+            unsafe { x86::head(heads, d, len, scratch, out) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (heads, scratch);
+            match self.cpu {}
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{
+        __m256i, __m512, __m512bh, __m512i, _mm256_storeu_si256, _mm512_add_ps,
+        _mm512_cvtepu16_epi32, _mm512_cvtne2ps_pbh, _mm512_cvtneps_pbh, _mm512_dpbf16_ps,
+        _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_loadu_ps, _mm512_loadu_si512,
+        _mm512_mask_loadu_ps, _mm512_maskz_mov_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_or_si512,
+        _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_roundscale_ps, _mm512_scalef_ps,
+        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+        _mm512_slli_epi32, _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_ps,
+    };
+
+    use super::{Heads, KEYS, MR, Scratch};
+
+    const LANES: usize = 16;
+
+    /// One head: Q, K and V to bf16, then for each block of [`MR`] query rows the scores,
+    /// their softmax, and the context.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F and AVX-512 BF16; every token `t < len` of Q, K and V
+    /// (`d` values at `q/k/v + t·stride`) must lie inside `heads.data`; `out` must hold
+    /// `len × d` values; `d` must be a multiple of 16 up to 64 and `len > 0`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn head(
+        heads: Heads<'_>,
+        d: usize,
+        len: usize,
+        s: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let pairs = d / 2;
+        let rows = len.next_multiple_of(MR);
+        let groups = len.div_ceil(2 * KEYS) * 2;
+        let width = groups * KEYS;
+        let token_pairs = len.div_ceil(2);
+        s.q.clear();
+        s.q.resize(rows * pairs, 0);
+        s.k.clear();
+        s.k.resize(width * pairs, 0);
+        s.v.clear();
+        s.v.resize(token_pairs * d, 0);
+        s.scores.resize(MR * width, 0.0);
+        s.p.resize(MR * width / 2, 0);
+        let base = heads.data.as_ptr();
+        // SAFETY (every `token`): token `t < len` of Q, K or V is inside `heads.data`
+        // (this function's contract).
+        let token = |offset: usize, t: usize| unsafe { base.add(offset + t * heads.stride) };
+        for t in 0..len {
+            // SAFETY: `d` values at each token; `s.q` holds `rows ≥ len` rows of `d/2` words.
+            unsafe { convert(token(heads.q, t), d, s.q[t * pairs..].as_mut_ptr()) };
+            let mut words = [0u32; 32];
+            // SAFETY: `d` values at the token; `words` holds 32 ≥ `d/2` words.
+            unsafe { convert(token(heads.k, t), d, words.as_mut_ptr()) };
+            let (group, key) = (t / KEYS, t % KEYS);
+            for (pair, &word) in words[..pairs].iter().enumerate() {
+                s.k[(group * pairs + pair) * KEYS + key] = word;
+            }
+        }
+        for pair in 0..token_pairs {
+            let second = (2 * pair + 1 < len).then(|| token(heads.v, 2 * pair + 1));
+            // SAFETY: `d` values at each existing token; `s.v` holds `token_pairs × d`
+            // words.
+            unsafe {
+                interleave(
+                    token(heads.v, 2 * pair),
+                    second,
+                    d,
+                    s.v[pair * d..].as_mut_ptr(),
+                );
+            }
+        }
+        for r0 in (0..len).step_by(MR) {
+            let valid = (len - r0).min(MR);
+            // SAFETY: `s.q` holds rows `r0..r0 + MR` of `pairs` words, `s.k` `groups` (even)
+            // groups of keys, `s.scores` `MR × width` values.
+            unsafe { scores(s, r0, pairs, groups) };
+            let mut inverse = [0f32; MR];
+            for (r, inverse) in inverse.iter_mut().enumerate() {
+                let row = &s.scores[r * width..(r + 1) * width];
+                let p = &mut s.p[r * width / 2..(r + 1) * width / 2];
+                // Rows past the last query get zero probabilities (and are not written).
+                let sum = probabilities(row, if r < valid { len } else { 0 }, p);
+                *inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            }
+            let out = &mut out[r0 * d..(r0 + valid) * d];
+            let p_width = width / 2;
+            // SAFETY: `s.p` holds `MR` rows of `p_width ≥ token_pairs` words, `s.v`
+            // `token_pairs × d` words, `out` `valid` rows of `d`.
+            unsafe {
+                match d / LANES {
+                    1 => context::<8, 1>(s, 0, (p_width, token_pairs), &inverse, valid, out, d),
+                    2 => context::<8, 2>(s, 0, (p_width, token_pairs), &inverse, valid, out, d),
+                    3 => {
+                        context::<4, 3>(s, 0, (p_width, token_pairs), &inverse, valid, out, d);
+                        context::<4, 3>(s, 4, (p_width, token_pairs), &inverse, valid, out, d);
+                    }
+                    _ => {
+                        context::<4, 4>(s, 0, (p_width, token_pairs), &inverse, valid, out, d);
+                        context::<4, 4>(s, 4, (p_width, token_pairs), &inverse, valid, out, d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `n` f32 at `x` (a multiple of 16) to `n/2` words of bf16 pairs at `words` (round to
+    /// nearest even).
+    ///
+    /// # Safety
+    ///
+    /// `n` f32 must be readable at `x` and `n/2` words writable at `words`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn convert(x: *const f32, n: usize, words: *mut u32) {
+        for i in 0..n / LANES {
+            // SAFETY: 16 f32 at `x + 16i` and 8 words at `words + 8i` (caller's contract);
+            // the transmute reinterprets 16 bf16 as 256 bits.
+            unsafe {
+                let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.add(i * LANES)));
+                _mm256_storeu_si256(
+                    words.add(i * 8).cast(),
+                    std::mem::transmute::<_, __m256i>(h),
+                );
+            }
+        }
+    }
+
+    /// The `d` channels of tokens `first` and `second` (zero if absent) as `d` words, each
+    /// `first`'s value in the low half and `second`'s in the high half.
+    ///
+    /// # Safety
+    ///
+    /// `d` f32 (a multiple of 16) must be readable at `first` and `second`, and `d` words
+    /// writable at `words`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn interleave(first: *const f32, second: Option<*const f32>, d: usize, words: *mut u32) {
+        let half = |x: *const f32, i: usize| -> __m512i {
+            // SAFETY: 16 f32 at `x + 16i` (caller's contract); the transmute reinterprets
+            // 16 bf16 as 256 bits, zero-extended to 16 lanes of 32.
+            unsafe {
+                let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.add(i * LANES)));
+                _mm512_cvtepu16_epi32(std::mem::transmute::<_, __m256i>(h))
+            }
+        };
+        for i in 0..d / LANES {
+            let low = half(first, i);
+            let high = second.map_or(_mm512_setzero_si512(), |x| {
+                _mm512_slli_epi32::<16>(half(x, i))
+            });
+            // SAFETY: 16 words at `words + 16i` (caller's contract).
+            unsafe {
+                _mm512_storeu_si512(words.add(i * LANES).cast(), _mm512_or_si512(low, high));
+            }
+        }
+    }
+
+    /// 512 bits as 32 bf16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn bf16x32(v: __m512i) -> __m512bh {
+        // SAFETY: both are 512-bit plain-data vectors.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// The f32 scores of query rows `r0..r0 + MR` against every key group, into `s.scores`
+    /// (`MR × groups·16`): two groups of keys at a time in 16 accumulators.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F and AVX-512 BF16; `s.q` must hold rows `r0..r0 + MR` of
+    /// `pairs` words, `s.k` `groups` (even) groups of `pairs × 16` words, `s.scores`
+    /// `MR × groups·16` values.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn scores(s: &mut Scratch, r0: usize, pairs: usize, groups: usize) {
+        let width = groups * KEYS;
+        let q = s.q[r0 * pairs..].as_ptr();
+        let k = s.k.as_ptr();
+        let scores = s.scores.as_mut_ptr();
+        for g in (0..groups).step_by(2) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for pair in 0..pairs {
+                // SAFETY: groups `g` and `g + 1 < groups` hold `pairs` blocks of 16 words;
+                // row `r < MR` of the block holds `pairs` words (caller's contract).
+                unsafe {
+                    let b0 = bf16x32(_mm512_loadu_si512(k.add((g * pairs + pair) * KEYS).cast()));
+                    let b1 = bf16x32(_mm512_loadu_si512(
+                        k.add(((g + 1) * pairs + pair) * KEYS).cast(),
+                    ));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = bf16x32(_mm512_set1_epi32(
+                            q.add(r * pairs + pair).read().cast_signed(),
+                        ));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], a, b0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (h, &acc) in acc.iter().enumerate() {
+                    // SAFETY: row `r < MR` of `s.scores` holds `width ≥ (g + 2)·16` values.
+                    unsafe { _mm512_storeu_ps(scores.add(r * width + (g + h) * KEYS), acc) };
+                }
+            }
+        }
+    }
+
+    /// The softmax numerators `e^(s − max)` of the first `len` scores of `row` (a multiple
+    /// of 32 long) as bf16 pairs into `p` (`row.len() / 2` words; zero past `len`); returns
+    /// their sum (in f32, from the unrounded values), by which the context is divided.
+    ///
+    /// `e^x` as `2^n · 2^f` with `n = round(x·log₂e)`, `f ∈ [−½, ½]`, `2^f` by its degree-5
+    /// Taylor polynomial (relative error below 3e-6, a thousandth of bf16's rounding) and
+    /// `vscalefps` for `2^n`: half the instructions of the f32 pass's `exp`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn probabilities(row: &[f32], len: usize, p: &mut [u32]) -> f32 {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        let (width, len) = (row.len() - row.len() % (2 * LANES), len.min(row.len()));
+        let mask = |i: usize| -> u16 {
+            let lanes = len.saturating_sub(i).min(LANES);
+            // At most 16 ones, so the cast is exact.
+            ((1u32 << lanes) - 1) as u16
+        };
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..len).step_by(LANES) {
+            // SAFETY: lanes inside the mask are `row[i..len]`; the others are not read.
+            m = _mm512_max_ps(m, unsafe {
+                _mm512_mask_loadu_ps(m, mask(i), row.as_ptr().add(i))
+            });
+        }
+        let shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * LOG2_E);
+        let log2_e = _mm512_set1_ps(LOG2_E);
+        let c = [
+            0.693_147_2,
+            0.240_226_5,
+            0.055_504_11,
+            0.009_618_129,
+            0.001_333_355_8,
+        ]
+        .map(|c| _mm512_set1_ps(c));
+        let one = _mm512_set1_ps(1.0);
+        let exp = |i: usize| -> __m512 {
+            // SAFETY: `i + 16 ≤ width ≤ row.len()`.
+            let s = unsafe { _mm512_loadu_ps(row.as_ptr().add(i)) };
+            let t = _mm512_fmsub_ps(s, log2_e, shift);
+            // Round to nearest, exceptions suppressed.
+            let n = _mm512_roundscale_ps::<0x08>(t);
+            let f = _mm512_sub_ps(t, n);
+            let mut y = c[4];
+            for &c in c[..4].iter().rev() {
+                y = _mm512_fmadd_ps(y, f, c);
+            }
+            let y = _mm512_fmadd_ps(y, f, one);
+            _mm512_maskz_mov_ps(mask(i), _mm512_scalef_ps(y, n))
+        };
+        let mut sum = _mm512_setzero_ps();
+        for (i, words) in (0..width).step_by(2 * LANES).zip(p.chunks_exact_mut(LANES)) {
+            let (low, high) = (exp(i), exp(i + LANES));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(low, high));
+            let pairs = _mm512_cvtne2ps_pbh(high, low);
+            // SAFETY: `words` holds 16 words; the transmute reinterprets 32 bf16 as 512 bits.
+            unsafe {
+                _mm512_storeu_si512(
+                    words.as_mut_ptr().cast(),
+                    std::mem::transmute::<__m512bh, __m512i>(pairs),
+                );
+            }
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// `out = (P V) · inverse` for rows `first..first + R` of the block (only those below
+    /// `valid` are written): `R` rows × `DV` vectors of accumulators.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F and AVX-512 BF16; `s.p` must hold `first + R` rows of
+    /// `p_width ≥ token_pairs` words, `s.v` `token_pairs × d` words with `d = 16·DV`, `out`
+    /// `valid` rows of `d`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn context<const R: usize, const DV: usize>(
+        s: &Scratch,
+        first: usize,
+        (p_width, token_pairs): (usize, usize),
+        inverse: &[f32; MR],
+        valid: usize,
+        out: &mut [f32],
+        d: usize,
+    ) {
+        let p = s.p[first * p_width..].as_ptr();
+        let v = s.v.as_ptr();
+        let mut acc: [[__m512; DV]; R] = [[_mm512_setzero_ps(); DV]; R];
+        for pair in 0..token_pairs {
+            // SAFETY: pair `pair < token_pairs` of V holds `d = 16·DV` words; row
+            // `first + r` of P holds `p_width > pair` words (caller's contract).
+            unsafe {
+                let mut b = [bf16x32(_mm512_setzero_si512()); DV];
+                for (i, b) in b.iter_mut().enumerate() {
+                    *b = bf16x32(_mm512_loadu_si512(v.add(pair * d + i * LANES).cast()));
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = bf16x32(_mm512_set1_epi32(
+                        p.add(r * p_width + pair).read().cast_signed(),
+                    ));
+                    for (acc, b) in acc.iter_mut().zip(&b) {
+                        *acc = _mm512_dpbf16_ps(*acc, a, *b);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row = first + r;
+            if row >= valid {
+                break;
+            }
+            let scale = _mm512_set1_ps(inverse[row]);
+            for (i, &acc) in acc.iter().enumerate() {
+                // SAFETY: row `row < valid` of `out` holds `d ≥ 16(i + 1)` values.
+                unsafe {
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr().add(row * d + i * LANES),
+                        _mm512_mul_ps(acc, scale),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embed::candle::tile::testing::values;
+
+    /// `softmax(Q Kᵀ) V` in f64 for one head.
+    fn naive(heads: Heads<'_>, d: usize, len: usize) -> Vec<f32> {
+        let at =
+            |base: usize, t: usize, c: usize| f64::from(heads.data[base + t * heads.stride + c]);
+        let mut out = vec![0f32; len * d];
+        for i in 0..len {
+            let scores: Vec<f64> = (0..len)
+                .map(|j| (0..d).map(|c| at(heads.q, i, c) * at(heads.k, j, c)).sum())
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..d {
+                let v: f64 = (0..len).map(|j| e[j] * at(heads.v, j, c)).sum();
+                out[i * d + c] = (v / sum) as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_f64_attention_within_bf16_error() {
+        if let Some(missing) = missing_features() {
+            eprintln!("SKIPPED: {missing} not available");
+            return;
+        }
+        // Edge cases of every loop: one token, odd lengths, lengths not a multiple of 8, 16
+        // or 32, several row blocks; every supported head size; a stride wider than the
+        // heads.
+        for (len, d) in [(1, 32), (5, 16), (17, 32), (33, 48), (70, 64), (256, 32)] {
+            let hidden = 3 * d + 8;
+            let mut data = values(len * hidden, 7);
+            // Keys four times the queries' range: scores spread over a few units, as in the
+            // model (some rows peaked, most not).
+            for token in data.chunks_exact_mut(hidden) {
+                for x in &mut token[d + 3..2 * d + 3] {
+                    *x *= 4.0;
+                }
+            }
+            let heads = Heads {
+                data: &data,
+                stride: hidden,
+                q: 0,
+                k: d + 3,
+                v: 2 * d + 5,
+            };
+            let attention = Bf16Attention::new(d)
+                .expect("supported CPU")
+                .expect("supported head size");
+            let mut out = vec![f32::NAN; len * d];
+            attention.head(heads, len, &mut Scratch::default(), &mut out);
+            let want = naive(heads, d, len);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = out
+                .iter()
+                .zip(&want)
+                .map(|(got, want)| (got - want).abs())
+                .fold(0f32, f32::max);
+            // bf16 keeps 8 significant bits (relative rounding error 2^-9 per value).
+            assert!(
+                worst <= 0.02 * scale,
+                "len {len}, d {d}: worst error {worst} against a largest value of {scale}"
+            );
+            // A scratch used for a longer head first gives the same result.
+            let mut again = vec![f32::NAN; len * d];
+            let mut scratch = Scratch::default();
+            let longer = 2 * len;
+            let data2 = values(longer * hidden, 8);
+            let mut wide = vec![0.0; longer * d];
+            let heads2 = Heads {
+                data: &data2,
+                ..heads
+            };
+            attention.head(heads2, longer, &mut scratch, &mut wide);
+            attention.head(heads, len, &mut scratch, &mut again);
+            assert_eq!(out, again, "len {len}, d {d}");
+        }
+    }
+
+    #[test]
+    fn unsupported_head_sizes_keep_f32() {
+        if missing_features().is_some() {
+            return;
+        }
+        for d in [0, 8, 24, 80, 128] {
+            assert!(
+                Bf16Attention::new(d).expect("supported CPU").is_none(),
+                "{d}"
+            );
+        }
+    }
+}
