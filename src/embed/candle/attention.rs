@@ -123,7 +123,7 @@ impl Bf16Attention {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m256i, __m512, __m512bh, __m512i, _mm256_storeu_si256, _mm512_add_ps,
+        __m256bh, __m256i, __m512, __m512bh, __m512i, _mm256_storeu_si256, _mm512_add_ps,
         _mm512_cvtepu16_epi32, _mm512_cvtne2ps_pbh, _mm512_cvtneps_pbh, _mm512_dpbf16_ps,
         _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_loadu_ps, _mm512_loadu_si512,
         _mm512_mask_loadu_ps, _mm512_maskz_mov_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_or_si512,
@@ -242,7 +242,7 @@ mod x86 {
                 let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.add(i * LANES)));
                 _mm256_storeu_si256(
                     words.add(i * 8).cast(),
-                    std::mem::transmute::<_, __m256i>(h),
+                    std::mem::transmute::<__m256bh, __m256i>(h),
                 );
             }
         }
@@ -262,7 +262,7 @@ mod x86 {
             // 16 bf16 as 256 bits, zero-extended to 16 lanes of 32.
             unsafe {
                 let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.add(i * LANES)));
-                _mm512_cvtepu16_epi32(std::mem::transmute::<_, __m256i>(h))
+                _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h))
             }
         };
         for i in 0..d / LANES {
@@ -352,7 +352,7 @@ mod x86 {
         let shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * LOG2_E);
         let log2_e = _mm512_set1_ps(LOG2_E);
         let c = [
-            0.693_147_2,
+            std::f32::consts::LN_2,
             0.240_226_5,
             0.055_504_11,
             0.009_618_129,
