@@ -123,15 +123,16 @@ impl Bf16Attention {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m256bh, __m256i, __m512, __m512bh, __m512i, _mm256_storeu_si256, _mm512_add_ps,
-        _mm512_cvtepu16_epi32, _mm512_cvtne2ps_pbh, _mm512_cvtneps_pbh, _mm512_dpbf16_ps,
-        _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_loadu_ps, _mm512_loadu_si512,
-        _mm512_mask_loadu_ps, _mm512_maskz_mov_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_or_si512,
-        _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_roundscale_ps, _mm512_scalef_ps,
-        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-        _mm512_slli_epi32, _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_ps,
+        __m256bh, __m256i, __m512, __m512bh, __m512i, _mm512_add_ps, _mm512_cvtepu16_epi32,
+        _mm512_cvtne2ps_pbh, _mm512_cvtneps_pbh, _mm512_dpbf16_ps, _mm512_fmadd_ps,
+        _mm512_fmsub_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_loadu_ps,
+        _mm512_maskz_mov_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_or_si512, _mm512_reduce_add_ps,
+        _mm512_reduce_max_ps, _mm512_roundscale_ps, _mm512_scalef_ps, _mm512_set1_epi32,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32,
+        _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_ps,
     };
 
+    use super::super::bf16::x86::convert_row;
     use super::{Heads, KEYS, MR, Scratch};
 
     const LANES: usize = 16;
@@ -169,12 +170,14 @@ mod x86 {
         // SAFETY (every `token`): token `t < len` of Q, K or V is inside `heads.data`
         // (this function's contract).
         let token = |offset: usize, t: usize| unsafe { base.add(offset + t * heads.stride) };
+        let row = |offset: usize, t: usize| {
+            let at = offset + t * heads.stride;
+            &heads.data[at..at + d]
+        };
         for t in 0..len {
-            // SAFETY: `d` values at each token; `s.q` holds `rows ≥ len` rows of `d/2` words.
-            unsafe { convert(token(heads.q, t), d, s.q[t * pairs..].as_mut_ptr()) };
+            convert_row(row(heads.q, t), &mut s.q[t * pairs..(t + 1) * pairs]);
             let mut words = [0u32; 32];
-            // SAFETY: `d` values at the token; `words` holds 32 ≥ `d/2` words.
-            unsafe { convert(token(heads.k, t), d, words.as_mut_ptr()) };
+            convert_row(row(heads.k, t), &mut words[..pairs]);
             let (group, key) = (t / KEYS, t % KEYS);
             for (pair, &word) in words[..pairs].iter().enumerate() {
                 s.k[(group * pairs + pair) * KEYS + key] = word;
@@ -223,27 +226,6 @@ mod x86 {
                         context::<4, 4>(s, 4, (p_width, token_pairs), &inverse, valid, out, d);
                     }
                 }
-            }
-        }
-    }
-
-    /// `n` f32 at `x` (a multiple of 16) to `n/2` words of bf16 pairs at `words` (round to
-    /// nearest even).
-    ///
-    /// # Safety
-    ///
-    /// `n` f32 must be readable at `x` and `n/2` words writable at `words`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn convert(x: *const f32, n: usize, words: *mut u32) {
-        for i in 0..n / LANES {
-            // SAFETY: 16 f32 at `x + 16i` and 8 words at `words + 8i` (caller's contract);
-            // the transmute reinterprets 16 bf16 as 256 bits.
-            unsafe {
-                let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.add(i * LANES)));
-                _mm256_storeu_si256(
-                    words.add(i * 8).cast(),
-                    std::mem::transmute::<__m256bh, __m256i>(h),
-                );
             }
         }
     }

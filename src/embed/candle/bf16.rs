@@ -208,7 +208,7 @@ fn to_bf16(value: f32) -> u16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::{
         __m256bh, __m256i, __m512, __m512bh, __m512i, _mm256_storeu_si256, _mm512_add_ps,
         _mm512_cvtneps_pbh, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_loadu_si512,
@@ -311,7 +311,7 @@ mod x86 {
     /// One row of activations to bf16 pairs (zeros after the last input, up to the end of
     /// `a`: AMX reads inputs padded to a multiple of 32).
     #[target_feature(enable = "avx512f,avx512bf16")]
-    fn convert_row(x: &[f32], a: &mut [u32]) {
+    pub(in super::super) fn convert_row(x: &[f32], a: &mut [u32]) {
         let vectors = x.len() / LANES;
         for (i, chunk) in x.chunks_exact(LANES).enumerate() {
             // SAFETY: `chunk` holds 16 f32 (an unaligned load); the store writes 8 words
