@@ -155,6 +155,8 @@ fn main() {
             }
             Err(e) => panic!("load {name}: {e}"),
         };
+        // Why this precision runs as it does (kernel, attention, auto's choice).
+        eprintln!("{name}: {}", embedder.precision().reason);
         let label = match precision {
             Precision::Auto => format!(
                 "rag-ingest auto (runs {})",

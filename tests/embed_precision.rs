@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use rag_ingest::embed::{CandleEmbedder, EmbedError, Embedder, Precision};
+use rag_ingest::embed::{BF16_SLOW_RATIO, CandleEmbedder, EmbedError, Embedder, Precision};
 
 #[path = "support/fixtures.rs"]
 mod fixtures;
@@ -182,8 +182,9 @@ fn bf16_vectors_do_not_depend_on_the_batch() {
     }
 }
 
-/// `auto` runs bf16 where the CPU has AVX-512 BF16 (the self-check passes on this model),
-/// with exactly the vectors of an explicit bf16 model; elsewhere it runs f32, saying why.
+/// `auto` runs bf16 where the CPU has AVX-512 BF16 and bf16 is the faster path (AMX tiles,
+/// or a `vdpbf16ps` measured fast against f32 FMA; the self-check passes on this model), with
+/// exactly the vectors of an explicit bf16 model; elsewhere it runs f32, saying why.
 #[test]
 fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     let dir = model_dir();
@@ -195,21 +196,109 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
         "ok",
         "Die Wartung beginnt am Montag.",
     ];
-    match load_bf16(8) {
-        Some(bf16) => {
-            assert_eq!(choice.running, Precision::Bf16, "{}", choice.reason);
-            assert!(choice.reason.contains("self-check"), "{}", choice.reason);
-            assert_eq!(
-                auto.embed_blocking(&texts).expect("auto"),
-                bf16.embed_blocking(&texts).expect("bf16"),
-                "auto's bf16 is the bf16 forward pass"
-            );
-        }
-        None => {
-            assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
-            assert!(choice.reason.contains("lacks"), "{}", choice.reason);
-        }
+    let Some(bf16) = load_bf16(8) else {
+        assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+        assert_eq!(choice.bf16_dot_ratio, None);
+        assert!(choice.reason.contains("lacks"), "{}", choice.reason);
+        return;
+    };
+    let ratio = choice
+        .bf16_dot_ratio
+        .expect("a CPU with AVX-512 BF16 has its vdpbf16ps measured");
+    assert!(ratio.is_finite() && ratio > 0.0, "ratio {ratio}");
+    let amx = cpu_has_amx() && std::env::var_os("RAG_INGEST_AMX").is_none_or(|v| v != "0");
+    if amx || ratio < BF16_SLOW_RATIO {
+        assert_eq!(choice.running, Precision::Bf16, "{}", choice.reason);
+        assert!(choice.reason.contains("self-check"), "{}", choice.reason);
+        assert_eq!(
+            auto.embed_blocking(&texts).expect("auto"),
+            bf16.embed_blocking(&texts).expect("bf16"),
+            "auto's bf16 is the bf16 forward pass"
+        );
+    } else {
+        eprintln!("this CPU's vdpbf16ps takes {ratio:.2}x an f32 FMA and AMX is not available");
+        assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
     }
+}
+
+/// Runs the test `name` of this binary again in a child process with `vars` set (the
+/// environment is process-wide; the other tests of this binary must not see them); `true` in
+/// the child, where the test itself should run.
+fn in_child(name: &str, vars: &[(&str, &str)]) -> bool {
+    if std::env::var_os("RAG_INGEST_TEST_CHILD").is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = std::process::Command::new(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("RAG_INGEST_TEST_CHILD", "1")
+        .envs(vars.iter().copied())
+        .status()
+        .expect("run the child test");
+    assert!(status.success(), "child test {name} failed: {status}");
+    false
+}
+
+/// Where `vdpbf16ps` is slow against f32 FMA (Intel's Sapphire/Emerald Rapids cores: about
+/// 4x an FMA's time for twice its multiply-adds) and AMX is not available (as when a
+/// hypervisor hides it: the CPU then does not even report AMX), `auto` keeps f32, the faster
+/// path there; an explicit bf16 still runs, and says it is the slower one; int8 keeps its
+/// other layers and attention in f32. The measurement is replaced by
+/// `RAG_INGEST_BF16_SPEED=slow` so that this runs on any CPU with AVX-512 BF16.
+#[test]
+fn auto_keeps_f32_where_vdpbf16ps_is_slow_and_amx_is_not_available() {
+    const NAME: &str = "auto_keeps_f32_where_vdpbf16ps_is_slow_and_amx_is_not_available";
+    let vars = [("RAG_INGEST_BF16_SPEED", "slow"), ("RAG_INGEST_AMX", "0")];
+    if !in_child(NAME, &vars) {
+        return;
+    }
+    let Some(bf16) = load_bf16(8) else {
+        return;
+    };
+    let dir = model_dir();
+    let auto = CandleEmbedder::load_with_precision(&dir, 8, Precision::Auto).expect("load auto");
+    let choice = auto.precision().clone();
+    assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+    assert_eq!(choice.bf16_dot_ratio, Some(4.0));
+    let f32 = CandleEmbedder::load(&dir, 8).expect("f32");
+    let texts = rag_ingest::embed::SELF_CHECK_TEXTS;
+    assert_eq!(
+        auto.embed_blocking(&texts).expect("auto"),
+        f32.embed_blocking(&texts).expect("f32"),
+        "auto's f32 is the f32 forward pass"
+    );
+    assert_eq!(bf16.precision().running, Precision::Bf16);
+}
+
+/// Where `vdpbf16ps` is fast (AMD Zen 4: one 512-bit instruction per cycle, as FMA) and the
+/// self-check passes, `auto` runs bf16 on AVX-512 (`RAG_INGEST_BF16_SPEED=fast` replaces the
+/// measurement, `RAG_INGEST_AMX=0` keeps AMX out, so this runs on any CPU with AVX-512 BF16
+/// but no AMX).
+#[test]
+fn auto_runs_bf16_where_vdpbf16ps_is_fast() {
+    const NAME: &str = "auto_runs_bf16_where_vdpbf16ps_is_fast";
+    let vars = [("RAG_INGEST_BF16_SPEED", "fast"), ("RAG_INGEST_AMX", "0")];
+    if !in_child(NAME, &vars) {
+        return;
+    }
+    if cpu_has_amx() {
+        eprintln!("SKIPPED: this CPU has AMX (auto keeps f32 when AMX is turned off)");
+        return;
+    }
+    let Some(bf16) = load_bf16(8) else {
+        return;
+    };
+    let auto =
+        CandleEmbedder::load_with_precision(&model_dir(), 8, Precision::Auto).expect("load auto");
+    let choice = auto.precision().clone();
+    assert_eq!(choice.running, Precision::Bf16, "{}", choice.reason);
+    assert_eq!(choice.bf16_dot_ratio, Some(1.0));
+    let texts = rag_ingest::embed::SELF_CHECK_TEXTS;
+    assert_eq!(
+        auto.embed_blocking(&texts).expect("auto"),
+        bf16.embed_blocking(&texts).expect("bf16"),
+        "auto's bf16 is the bf16 forward pass"
+    );
 }
 
 /// On a CPU with AMX that the process may not use (here: `RAG_INGEST_AMX=0`, as when the OS

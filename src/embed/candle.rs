@@ -45,6 +45,7 @@ mod batcher;
 mod bert;
 mod bf16;
 mod int8;
+mod probe;
 mod tile;
 
 /// The text `precision = "int8"` runs through the f32 model at load time to learn the range
@@ -71,7 +72,7 @@ pub struct CandleEmbedder {
 }
 
 /// The precision a [`CandleEmbedder`] runs in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PrecisionChoice {
     /// What the configuration asked for.
     pub requested: Precision,
@@ -79,7 +80,15 @@ pub struct PrecisionChoice {
     pub running: Precision,
     /// Why, in a sentence (the CPU features, the self-check's least cosine).
     pub reason: String,
+    /// The time of one AVX-512 BF16 `vdpbf16ps` over that of one f32 FMA, as measured in
+    /// this process (`None`: the CPU has no AVX-512 BF16). At or above
+    /// [`BF16_SLOW_RATIO`], bf16 on AVX-512 is slower than f32, and `auto` runs bf16 only on
+    /// AMX.
+    pub bf16_dot_ratio: Option<f64>,
 }
+
+/// See [`PrecisionChoice::bf16_dot_ratio`].
+pub const BF16_SLOW_RATIO: f64 = probe::SLOW_RATIO;
 
 /// Least cosine between the bf16 and f32 vectors of [`SELF_CHECK_TEXTS`] for
 /// `precision = "auto"` to run bf16.
@@ -181,26 +190,48 @@ impl CandleEmbedder {
             return Self::load_auto(model_dir, batch_size, AUTO_MIN_COSINE);
         }
         let inner = Inner::load(model_dir, batch_size.max(1), precision)?;
+        let kernel = amx::Kernel::best();
+        let speed = probe::DotSpeed::get();
         let reason = match precision {
-            Precision::Int8 | Precision::Bf16 => format!(
-                "set in the configuration; {} products on {}, attention in {}",
-                precision.as_str(),
-                amx::Kernel::best().name(),
-                inner.model.attention_precision()
-            ),
+            Precision::Int8 | Precision::Bf16 => {
+                let mut reason = format!(
+                    "set in the configuration; {} products on {}, attention in {}",
+                    precision.as_str(),
+                    kernel.name(),
+                    inner.model.attention_precision()
+                );
+                if precision == Precision::Int8 {
+                    let others = if bert::bf16_products_pay(kernel) {
+                        "bf16"
+                    } else {
+                        "f32"
+                    };
+                    reason.push_str(&format!(", short sequences in {others}"));
+                } else if !bert::bf16_products_pay(kernel)
+                    && let Some(speed) = speed
+                {
+                    reason.push_str(&format!(
+                        "; slower than f32 on this CPU (vdpbf16ps takes {:.1}x an f32 FMA)",
+                        speed.ratio
+                    ));
+                }
+                reason
+            }
             _ => "set in the configuration".to_owned(),
         };
         let choice = PrecisionChoice {
             requested: precision,
             running: precision,
             reason,
+            bf16_dot_ratio: speed.map(|s| s.ratio),
         };
         Self::start(model_dir, inner, choice)
     }
 
-    /// What `precision = "auto"` loads: the bf16 forward pass if this CPU has AVX-512 BF16
-    /// and, on [`SELF_CHECK_TEXTS`], every bf16 vector has cosine at least `min_cosine` to
-    /// the f32 one; else the f32 forward pass. Both passes are loaded for the check; the one
+    /// What `precision = "auto"` loads: the bf16 forward pass if this CPU has AVX-512 BF16,
+    /// bf16 is faster than f32 here (AMX tiles, or a fast `vdpbf16ps`:
+    /// [`PrecisionChoice::bf16_dot_ratio`]) and, on [`SELF_CHECK_TEXTS`], every bf16 vector
+    /// has cosine at least `min_cosine` to the f32 one; else the f32 forward pass. Both passes are loaded for the check; the one
     /// not chosen is dropped at once. [`CandleEmbedder::precision`] says which runs and why.
     ///
     /// # Errors
@@ -219,10 +250,13 @@ impl CandleEmbedder {
                 requested: Precision::Auto,
                 running: Precision::F32,
                 reason: format!("this CPU lacks {missing} for bf16"),
+                bf16_dot_ratio: None,
             };
             return Self::start(model_dir, f32, choice);
         }
         let kernel = amx::Kernel::best();
+        let speed = probe::DotSpeed::get();
+        let bf16_dot_ratio = speed.map(|s| s.ratio);
         if kernel != amx::Kernel::Amx && amx::in_cpu() {
             let choice = PrecisionChoice {
                 requested: Precision::Auto,
@@ -230,6 +264,22 @@ impl CandleEmbedder {
                 reason: "this CPU has AMX but this process may not use it (OS permission, or \
                          RAG_INGEST_AMX=0), and its AVX-512 BF16 path is slower than f32"
                     .to_owned(),
+                bf16_dot_ratio,
+            };
+            return Self::start(model_dir, f32, choice);
+        }
+        if !bert::bf16_products_pay(kernel) {
+            // No AMX here (none, or hidden by a hypervisor) and a slow `vdpbf16ps`: bf16 on
+            // AVX-512 would run at about half the f32 speed (docs/performance.md).
+            let ratio = bf16_dot_ratio.unwrap_or(f64::NAN);
+            let choice = PrecisionChoice {
+                requested: Precision::Auto,
+                running: Precision::F32,
+                reason: format!(
+                    "vdpbf16ps takes {ratio:.1}x an f32 FMA on this CPU (bf16 pays below \
+                     {BF16_SLOW_RATIO}x) and no AMX is available: bf16 would be slower than f32"
+                ),
+                bf16_dot_ratio,
             };
             return Self::start(model_dir, f32, choice);
         }
@@ -250,11 +300,18 @@ impl CandleEmbedder {
                     requested: Precision::Auto,
                     running: Precision::Bf16,
                     reason: format!(
-                        "AVX-512 BF16 present (products on {}, attention in {}); self-check \
+                        "AVX-512 BF16 present (products on {}{}, attention in {}); self-check \
                          min cosine {least:.6} >= {min_cosine}",
                         kernel.name(),
+                        match (kernel, bf16_dot_ratio) {
+                            (amx::Kernel::Avx512, Some(ratio)) => {
+                                format!(", vdpbf16ps {ratio:.1}x an f32 FMA")
+                            }
+                            _ => String::new(),
+                        },
                         attention
                     ),
+                    bf16_dot_ratio,
                 },
             )
         } else {
@@ -267,6 +324,7 @@ impl CandleEmbedder {
                     reason: format!(
                         "bf16 self-check min cosine {least:.6} < {min_cosine}: kept f32"
                     ),
+                    bf16_dot_ratio,
                 },
             )
         };

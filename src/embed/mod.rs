@@ -13,7 +13,9 @@ mod openai;
 pub mod rate;
 
 pub use any::AnyEmbedder;
-pub use candle::{AUTO_MIN_COSINE, CandleEmbedder, PrecisionChoice, SELF_CHECK_TEXTS};
+pub use candle::{
+    AUTO_MIN_COSINE, BF16_SLOW_RATIO, CandleEmbedder, PrecisionChoice, SELF_CHECK_TEXTS,
+};
 pub use failover::FailoverEmbedder;
 pub use openai::{ApiKey, OpenAiEmbedder, OpenAiOptions};
 

@@ -41,6 +41,7 @@ use super::Precision;
 use super::attention::{self, Bf16Attention, Heads};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
+use super::probe::DotSpeed;
 use super::tile::{RowsFn, Start};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
@@ -140,15 +141,23 @@ enum Weight {
 const INT8_MIN_TOKENS: usize = 16;
 
 /// Attention in bf16 ([`Bf16Attention`]) for heads of `head_dim`, where it pays: on CPUs
-/// with AVX-512 BF16 whose linear layers do not run on AMX (`kernel`); there `vdpbf16ps` is
-/// slower than f32 FMA (docs/performance.md). `None` (f32 attention) elsewhere, for head sizes
-/// the kernels do not support, or with `RAG_INGEST_BF16_ATTENTION=0` (to compare).
+/// whose `vdpbf16ps` is fast ([`DotSpeed::pays`]) and whose linear layers do not run on AMX
+/// (`kernel`; AMX cores are the ones with a slow `vdpbf16ps`, docs/performance.md). `None`
+/// (f32 attention) elsewhere, for head sizes the kernels do not support, or with
+/// `RAG_INGEST_BF16_ATTENTION=0` (to compare).
 fn bf16_attention(head_dim: usize, kernel: Kernel) -> Option<Bf16Attention> {
     let disabled = std::env::var_os("RAG_INGEST_BF16_ATTENTION").is_some_and(|v| v == "0");
-    if disabled || kernel == Kernel::Amx {
+    if disabled || kernel == Kernel::Amx || !DotSpeed::get().is_some_and(DotSpeed::pays) {
         return None;
     }
     Bf16Attention::new(head_dim).ok().flatten()
+}
+
+/// Whether bf16 linear layers are faster than f32 ones here: on AMX tiles (`kernel`), or on
+/// AVX-512 where `vdpbf16ps` is fast ([`DotSpeed::pays`]).
+pub(crate) fn bf16_products_pay(kernel: Kernel) -> bool {
+    bf16::missing_features().is_none()
+        && (kernel == Kernel::Amx || DotSpeed::get().is_some_and(DotSpeed::pays))
 }
 
 /// The four linear layers of an encoder layer, as the calibration and the int8 plan name
@@ -182,7 +191,7 @@ impl Site {
 /// Which linear layers [`Bert::quantize`] turns into int8, and how hard it smooths.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Int8Plan {
-    /// The sites computed in int8 (the rest in bf16, or f32 without AVX-512 BF16).
+    /// The sites computed in int8 (the rest in bf16 where [`bf16_products_pay`], else f32).
     pub sites: Vec<Site>,
     /// SmoothQuant migration strength in `[0, 1]` of each site (in [`Site::ALL`] order); 0
     /// turns smoothing off.
@@ -427,7 +436,8 @@ impl Bert {
     }
 
     /// Converts the f32 linear layers that `plan` names to int8 (smoothed with
-    /// `calibration`), and the other f32 ones to bf16 where the CPU has AVX-512 BF16.
+    /// `calibration`), and the other f32 ones to bf16 where bf16 is faster than f32
+    /// ([`bf16_products_pay`]).
     ///
     /// # Errors
     ///
@@ -437,7 +447,7 @@ impl Bert {
         calibration: &Calibration,
         plan: &Int8Plan,
     ) -> Result<(), String> {
-        let others = if bf16::missing_features().is_none() {
+        let others = if bf16_products_pay(plan.kernel) {
             Precision::Bf16
         } else {
             Precision::F32
