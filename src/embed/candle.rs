@@ -231,8 +231,9 @@ impl CandleEmbedder {
     /// What `precision = "auto"` loads: the bf16 forward pass if this CPU has AVX-512 BF16,
     /// bf16 is faster than f32 here (AMX tiles, or a fast `vdpbf16ps`:
     /// [`PrecisionChoice::bf16_dot_ratio`]) and, on [`SELF_CHECK_TEXTS`], every bf16 vector
-    /// has cosine at least `min_cosine` to the f32 one; else the f32 forward pass. Both passes are loaded for the check; the one
-    /// not chosen is dropped at once. [`CandleEmbedder::precision`] says which runs and why.
+    /// has cosine at least `min_cosine` to the f32 one; else the f32 forward pass. Both
+    /// passes are loaded for the check; the one not chosen is dropped at once.
+    /// [`CandleEmbedder::precision`] says which runs and why.
     ///
     /// # Errors
     ///

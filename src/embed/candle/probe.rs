@@ -102,73 +102,71 @@ mod x86 {
         start.elapsed()
     }
 
-    /// 12 independent `vdpbf16ps` chains, `iterations` deep, on zeros.
-    ///
-    /// # Safety
-    ///
-    /// The CPU must have AVX-512F and AVX-512 BF16.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn dot_chains(iterations: usize) {
-        // SAFETY: registers only; the features are the caller's contract.
-        unsafe {
-            asm!(
-                "vpxord zmm12, zmm12, zmm12",
-                "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
-                "vpxord zmm3, zmm3, zmm3", "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
-                "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7", "vpxord zmm8, zmm8, zmm8",
-                "vpxord zmm9, zmm9, zmm9", "vpxord zmm10, zmm10, zmm10",
-                "vpxord zmm11, zmm11, zmm11",
-                "2:",
-                "vdpbf16ps zmm0, zmm12, zmm12", "vdpbf16ps zmm1, zmm12, zmm12",
-                "vdpbf16ps zmm2, zmm12, zmm12", "vdpbf16ps zmm3, zmm12, zmm12",
-                "vdpbf16ps zmm4, zmm12, zmm12", "vdpbf16ps zmm5, zmm12, zmm12",
-                "vdpbf16ps zmm6, zmm12, zmm12", "vdpbf16ps zmm7, zmm12, zmm12",
-                "vdpbf16ps zmm8, zmm12, zmm12", "vdpbf16ps zmm9, zmm12, zmm12",
-                "vdpbf16ps zmm10, zmm12, zmm12", "vdpbf16ps zmm11, zmm12, zmm12",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) iterations.max(1) => _,
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-                out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-                out("zmm10") _, out("zmm11") _, out("zmm12") _,
-                options(nomem, nostack),
-            );
-        }
+    /// Defines `$name(iterations)`: 12 independent `$op` chains (zmm0…zmm11 accumulating
+    /// zmm12 × zmm12, all zeros), `iterations` deep.
+    macro_rules! chains {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $op:literal) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(iterations: usize) {
+                // SAFETY: registers only; the features are the caller's contract.
+                unsafe {
+                    asm!(
+                        "vpxord zmm12, zmm12, zmm12",
+                        "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1",
+                        "vpxord zmm2, zmm2, zmm2", "vpxord zmm3, zmm3, zmm3",
+                        "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
+                        "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7",
+                        "vpxord zmm8, zmm8, zmm8", "vpxord zmm9, zmm9, zmm9",
+                        "vpxord zmm10, zmm10, zmm10", "vpxord zmm11, zmm11, zmm11",
+                        "2:",
+                        concat!($op, " zmm0, zmm12, zmm12"),
+                        concat!($op, " zmm1, zmm12, zmm12"),
+                        concat!($op, " zmm2, zmm12, zmm12"),
+                        concat!($op, " zmm3, zmm12, zmm12"),
+                        concat!($op, " zmm4, zmm12, zmm12"),
+                        concat!($op, " zmm5, zmm12, zmm12"),
+                        concat!($op, " zmm6, zmm12, zmm12"),
+                        concat!($op, " zmm7, zmm12, zmm12"),
+                        concat!($op, " zmm8, zmm12, zmm12"),
+                        concat!($op, " zmm9, zmm12, zmm12"),
+                        concat!($op, " zmm10, zmm12, zmm12"),
+                        concat!($op, " zmm11, zmm12, zmm12"),
+                        "dec {n}",
+                        "jnz 2b",
+                        n = inout(reg) iterations.max(1) => _,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        out("zmm12") _,
+                        options(nomem, nostack),
+                    );
+                }
+            }
+        };
     }
 
-    /// 12 independent `vfmadd231ps` chains, `iterations` deep, on zeros.
-    ///
-    /// # Safety
-    ///
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn fma_chains(iterations: usize) {
-        // SAFETY: registers only; the feature is the caller's contract.
-        unsafe {
-            asm!(
-                "vpxord zmm12, zmm12, zmm12",
-                "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
-                "vpxord zmm3, zmm3, zmm3", "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
-                "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7", "vpxord zmm8, zmm8, zmm8",
-                "vpxord zmm9, zmm9, zmm9", "vpxord zmm10, zmm10, zmm10",
-                "vpxord zmm11, zmm11, zmm11",
-                "2:",
-                "vfmadd231ps zmm0, zmm12, zmm12", "vfmadd231ps zmm1, zmm12, zmm12",
-                "vfmadd231ps zmm2, zmm12, zmm12", "vfmadd231ps zmm3, zmm12, zmm12",
-                "vfmadd231ps zmm4, zmm12, zmm12", "vfmadd231ps zmm5, zmm12, zmm12",
-                "vfmadd231ps zmm6, zmm12, zmm12", "vfmadd231ps zmm7, zmm12, zmm12",
-                "vfmadd231ps zmm8, zmm12, zmm12", "vfmadd231ps zmm9, zmm12, zmm12",
-                "vfmadd231ps zmm10, zmm12, zmm12", "vfmadd231ps zmm11, zmm12, zmm12",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) iterations.max(1) => _,
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-                out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-                out("zmm10") _, out("zmm11") _, out("zmm12") _,
-                options(nomem, nostack),
-            );
-        }
-    }
+    chains!(
+        /// 12 independent `vdpbf16ps` chains, `iterations` deep, on zeros.
+        ///
+        /// # Safety
+        ///
+        /// The CPU must have AVX-512F and AVX-512 BF16.
+        dot_chains,
+        "avx512f,avx512bf16",
+        "vdpbf16ps"
+    );
+
+    chains!(
+        /// 12 independent `vfmadd231ps` chains, `iterations` deep, on zeros.
+        ///
+        /// # Safety
+        ///
+        /// The CPU must have AVX-512F.
+        fma_chains,
+        "avx512f",
+        "vfmadd231ps"
+    );
 }
 
 #[cfg(test)]
