@@ -308,14 +308,7 @@ fn auto_runs_bf16_where_vdpbf16ps_is_fast() {
 #[test]
 fn auto_keeps_f32_on_an_amx_cpu_that_cannot_use_amx() {
     const NAME: &str = "auto_keeps_f32_on_an_amx_cpu_that_cannot_use_amx";
-    if std::env::var_os("RAG_INGEST_AMX").is_none() {
-        let exe = std::env::current_exe().expect("test binary path");
-        let status = std::process::Command::new(exe)
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env("RAG_INGEST_AMX", "0")
-            .status()
-            .expect("run the child test");
-        assert!(status.success(), "child test failed: {status}");
+    if !in_child(NAME, &[("RAG_INGEST_AMX", "0")]) {
         return;
     }
     if !cpu_has_amx() {

@@ -147,7 +147,7 @@ const INT8_MIN_TOKENS: usize = 16;
 /// `RAG_INGEST_BF16_ATTENTION=0` (to compare).
 fn bf16_attention(head_dim: usize, kernel: Kernel) -> Option<Bf16Attention> {
     let disabled = std::env::var_os("RAG_INGEST_BF16_ATTENTION").is_some_and(|v| v == "0");
-    if disabled || kernel == Kernel::Amx || !DotSpeed::get().is_some_and(DotSpeed::pays) {
+    if disabled || kernel == Kernel::Amx || !DotSpeed::fast() {
         return None;
     }
     Bf16Attention::new(head_dim).ok().flatten()
@@ -156,8 +156,7 @@ fn bf16_attention(head_dim: usize, kernel: Kernel) -> Option<Bf16Attention> {
 /// Whether bf16 linear layers are faster than f32 ones here: on AMX tiles (`kernel`), or on
 /// AVX-512 where `vdpbf16ps` is fast ([`DotSpeed::pays`]).
 pub(crate) fn bf16_products_pay(kernel: Kernel) -> bool {
-    bf16::missing_features().is_none()
-        && (kernel == Kernel::Amx || DotSpeed::get().is_some_and(DotSpeed::pays))
+    bf16::missing_features().is_none() && (kernel == Kernel::Amx || DotSpeed::fast())
 }
 
 /// The four linear layers of an encoder layer, as the calibration and the int8 plan name

@@ -52,6 +52,12 @@ impl DotSpeed {
         self.ratio < SLOW_RATIO
     }
 
+    /// Whether this process's measurement says bf16 products on AVX-512 pay (`false` without
+    /// AVX-512 BF16).
+    pub(crate) fn fast() -> bool {
+        Self::get().is_some_and(Self::pays)
+    }
+
     /// Times both instructions (see the module doc); `None` where the CPU lacks AVX-512 BF16
     /// or the timer did not advance.
     fn measure() -> Option<Self> {
