@@ -15,7 +15,7 @@ pub use headers::{
     H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LANE, H_LAST_FAILED_AT,
     H_PANICS, H_PUBLISHED_AT_MS, H_REPROCESSED, H_TENANT,
 };
-pub use publish::{Submitter, publish_confirmed};
+pub use publish::{Submitter, publish_confirmed, publish_confirmed_within};
 pub use topology::{DLX, EXCHANGE, Topology};
 pub use worker::{RunOptions, Worker, WorkerError, WorkerReport};
 
@@ -34,6 +34,12 @@ use crate::validate::redact_url;
 /// fails with [`QueueError::ConnectTimeout`]: a broker that accepts the TCP connection but
 /// never answers the handshake must not hang a worker, a submitter or `doctor`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`publish_confirmed`] waits for the broker to take a message and confirm it
+/// before it fails with [`QueueError::ConfirmTimeout`]. A broker under a memory or disk alarm
+/// stops reading from every publishing connection until the alarm clears, and a stuck node
+/// never answers: neither may hang a worker, a submitter or `reprocess` without a word.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long closing a channel or connection waits for the broker's close-ok. The client
 /// can wait for it forever when the socket goes away during the close or when a dropped
@@ -100,6 +106,19 @@ pub enum QueueError {
         target: String,
         /// Nack or return.
         reason: String,
+    },
+    /// The broker did not confirm a publish in time ([`CONFIRM_TIMEOUT`]). The message may
+    /// still reach the queue later (the broker may be holding it), so callers treat it as not
+    /// sent and keep their original: the worker requeues the delivery it was moving, the
+    /// submitter reports the document as not submitted.
+    #[error(
+        "the broker did not confirm the publish to {target} within {secs} s (a memory or disk alarm blocks publishers until it clears: rabbitmq-diagnostics alarms)"
+    )]
+    ConfirmTimeout {
+        /// Exchange/routing key or queue.
+        target: String,
+        /// The time waited, in seconds.
+        secs: u64,
     },
     /// None of several broker URLs could be connected to.
     #[error("cannot connect to any of the {count} RabbitMQ URLs: {errors}")]

@@ -4,6 +4,8 @@
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
+use std::time::Duration;
+
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use uuid::Uuid;
 
@@ -17,10 +19,12 @@ use crate::process::content_sha256;
 /// Namespace of message ids (UUIDv5 of tenant, document, version and content hash).
 const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x0d6f_2b1e_93c4_4f7a_b8e2_51a9_7c3d_e610);
 
-/// Publishes `body` to `exchange` with `routing_key` (mandatory) and waits for the confirm.
+/// Publishes `body` to `exchange` with `routing_key` (mandatory) and waits for the confirm,
+/// at most [`CONFIRM_TIMEOUT`](super::CONFIRM_TIMEOUT).
 ///
 /// `channel` must be in confirm mode. Fails with [`QueueError::NotConfirmed`] on a nack or
-/// when the broker returns the message as unroutable, [`QueueError::Amqp`] if the channel fails.
+/// when the broker returns the message as unroutable, [`QueueError::ConfirmTimeout`] if no
+/// confirm comes in time, [`QueueError::Amqp`] if the channel fails.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
@@ -28,20 +32,52 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), QueueError> {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await?
-        .await?;
-    check_confirm(confirm, exchange, routing_key)
+    publish_confirmed_within(
+        channel,
+        exchange,
+        routing_key,
+        body,
+        properties,
+        super::CONFIRM_TIMEOUT,
+    )
+    .await
+}
+
+/// [`publish_confirmed`] with `timeout` in place of [`CONFIRM_TIMEOUT`](super::CONFIRM_TIMEOUT)
+/// for the publish and its confirm together.
+///
+/// Fails as [`publish_confirmed`] does; with [`QueueError::ConfirmTimeout`] after `timeout`.
+pub async fn publish_confirmed_within(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), QueueError> {
+    let publishing = async {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        Ok::<_, QueueError>(confirm)
+    };
+    match tokio::time::timeout(timeout, publishing).await {
+        Ok(confirm) => check_confirm(confirm?, exchange, routing_key),
+        Err(_) => Err(QueueError::ConfirmTimeout {
+            target: format!("exchange {exchange:?} key {routing_key:?}"),
+            secs: timeout.as_secs_f64().ceil() as u64,
+        }),
+    }
 }
 
 fn check_confirm(
@@ -90,6 +126,8 @@ pub struct Submitter {
     topology: Topology,
     lane: Lane,
     routing_key: String,
+    /// How long a publish may wait for its confirm ([`super::CONFIRM_TIMEOUT`] by default).
+    confirm_timeout: Duration,
 }
 
 impl Submitter {
@@ -107,6 +145,7 @@ impl Submitter {
             routing_key: topology.lane_routing_key(Lane::Live),
             topology,
             lane: Lane::Live,
+            confirm_timeout: super::CONFIRM_TIMEOUT,
         })
     }
 
@@ -165,17 +204,29 @@ impl Submitter {
         props
     }
 
+    /// Waits at most `timeout` for each confirm instead of
+    /// [`CONFIRM_TIMEOUT`](super::CONFIRM_TIMEOUT).
+    #[must_use]
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
     /// Publishes one document and waits for the broker's confirm.
     ///
-    /// Fails with [`QueueError::NotConfirmed`] or [`QueueError::Amqp`]; the document was then
-    /// not accepted by the broker and should be submitted again.
+    /// Fails with [`QueueError::NotConfirmed`], [`QueueError::ConfirmTimeout`] or
+    /// [`QueueError::Amqp`]; the document was then not accepted by the broker and should be
+    /// submitted again (after a confirm timeout the broker may still take the first copy:
+    /// submitting again is safe, a document's points have fixed ids and the newest version
+    /// wins).
     pub async fn submit(&self, doc: &Document) -> Result<(), QueueError> {
-        publish_confirmed(
+        publish_confirmed_within(
             &self.channel,
             super::EXCHANGE,
             &self.routing_key,
             &doc.to_wire(),
             self.lane_properties(doc),
+            self.confirm_timeout,
         )
         .await
     }
@@ -187,18 +238,24 @@ impl Submitter {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), QueueError> {
-        publish_confirmed(
+        publish_confirmed_within(
             &self.channel,
             super::EXCHANGE,
             &self.routing_key,
             body,
             properties,
+            self.confirm_timeout,
         )
         .await
     }
 
     /// Publishes many documents, pipelining the confirms, and reports each one's result in
     /// input order. `on_done` is called once per confirmed or failed document.
+    ///
+    /// If the broker confirms nothing for the confirm timeout (a resource alarm blocks the
+    /// connection), the documents still waiting and every later one fail with
+    /// [`QueueError::ConfirmTimeout`] at once, without being sent: one deadline for the
+    /// batch, not one per document.
     pub async fn submit_all(
         &self,
         docs: &[Document],
@@ -206,6 +263,13 @@ impl Submitter {
     ) -> Vec<Result<(), QueueError>> {
         const WINDOW: usize = 256;
         let mut results = Vec::with_capacity(docs.len());
+        let timed_out = || QueueError::ConfirmTimeout {
+            target: format!("exchange {:?} key {:?}", super::EXCHANGE, self.routing_key),
+            secs: self.confirm_timeout.as_secs_f64().ceil() as u64,
+        };
+        // Moved forward by every confirm (or failure) that arrives: the broker makes progress.
+        let mut deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        let mut stalled = false;
         for (start, window) in docs
             .chunks(WINDOW)
             .enumerate()
@@ -213,29 +277,46 @@ impl Submitter {
         {
             let mut pending = Vec::with_capacity(window.len());
             for doc in window {
-                let sent = self
-                    .channel
-                    .basic_publish(
-                        super::EXCHANGE.into(),
-                        self.routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &doc.to_wire(),
-                        self.lane_properties(doc),
-                    )
-                    .await;
-                pending.push(sent);
+                if stalled {
+                    pending.push(None);
+                    continue;
+                }
+                let body = doc.to_wire();
+                let publish = self.channel.basic_publish(
+                    super::EXCHANGE.into(),
+                    self.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    self.lane_properties(doc),
+                );
+                match tokio::time::timeout_at(deadline, publish).await {
+                    Ok(sent) => pending.push(Some(sent)),
+                    Err(_) => {
+                        stalled = true;
+                        pending.push(None);
+                    }
+                }
             }
             for (offset, sent) in pending.into_iter().enumerate() {
                 let result = match sent {
-                    Ok(confirm) => match confirm.await {
-                        Ok(c) => check_confirm(c, super::EXCHANGE, &self.routing_key),
-                        Err(e) => Err(QueueError::Amqp(e)),
+                    _ if stalled => Err(timed_out()),
+                    None => Err(timed_out()),
+                    Some(Err(e)) => Err(QueueError::Amqp(e)),
+                    Some(Ok(confirm)) => match tokio::time::timeout_at(deadline, confirm).await {
+                        Ok(Ok(c)) => check_confirm(c, super::EXCHANGE, &self.routing_key),
+                        Ok(Err(e)) => Err(QueueError::Amqp(e)),
+                        Err(_) => {
+                            stalled = true;
+                            Err(timed_out())
+                        }
                     },
-                    Err(e) => Err(QueueError::Amqp(e)),
                 };
+                if !stalled {
+                    deadline = tokio::time::Instant::now() + self.confirm_timeout;
+                }
                 on_done(start + offset, &result);
                 results.push(result);
             }
