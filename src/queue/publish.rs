@@ -302,9 +302,10 @@ impl Submitter {
             }
             for (offset, sent) in pending.into_iter().enumerate() {
                 let result = match sent {
-                    _ if stalled => Err(timed_out()),
-                    None => Err(timed_out()),
                     Some(Err(e)) => Err(QueueError::Amqp(e)),
+                    // Not sent, or sent but the broker has stopped confirming.
+                    None | Some(Ok(_)) if stalled => Err(timed_out()),
+                    None => Err(timed_out()),
                     Some(Ok(confirm)) => match tokio::time::timeout_at(deadline, confirm).await {
                         Ok(Ok(c)) => check_confirm(c, super::EXCHANGE, &self.routing_key),
                         Ok(Err(e)) => Err(QueueError::Amqp(e)),
