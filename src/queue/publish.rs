@@ -73,10 +73,20 @@ pub async fn publish_confirmed_within(
     };
     match tokio::time::timeout(timeout, publishing).await {
         Ok(confirm) => check_confirm(confirm?, exchange, routing_key),
-        Err(_) => Err(QueueError::ConfirmTimeout {
-            target: format!("exchange {exchange:?} key {routing_key:?}"),
-            secs: timeout.as_secs_f64().ceil() as u64,
-        }),
+        Err(_) => Err(confirm_timeout(exchange, routing_key, timeout)),
+    }
+}
+
+/// How a publish's destination is named in errors.
+fn target(exchange: &str, routing_key: &str) -> String {
+    format!("exchange {exchange:?} key {routing_key:?}")
+}
+
+/// [`QueueError::ConfirmTimeout`] for a publish to `exchange`/`routing_key` after `timeout`.
+fn confirm_timeout(exchange: &str, routing_key: &str, timeout: Duration) -> QueueError {
+    QueueError::ConfirmTimeout {
+        target: target(exchange, routing_key),
+        secs: timeout.as_secs_f64().ceil() as u64,
     }
 }
 
@@ -85,7 +95,7 @@ fn check_confirm(
     exchange: &str,
     routing_key: &str,
 ) -> Result<(), QueueError> {
-    let target = format!("exchange {exchange:?} key {routing_key:?}");
+    let target = target(exchange, routing_key);
     if confirm.is_nack() {
         return Err(QueueError::NotConfirmed {
             target,
@@ -263,10 +273,8 @@ impl Submitter {
     ) -> Vec<Result<(), QueueError>> {
         const WINDOW: usize = 256;
         let mut results = Vec::with_capacity(docs.len());
-        let timed_out = || QueueError::ConfirmTimeout {
-            target: format!("exchange {:?} key {:?}", super::EXCHANGE, self.routing_key),
-            secs: self.confirm_timeout.as_secs_f64().ceil() as u64,
-        };
+        let timed_out =
+            || confirm_timeout(super::EXCHANGE, &self.routing_key, self.confirm_timeout);
         // Moved forward by every confirm (or failure) that arrives: the broker makes progress.
         let mut deadline = tokio::time::Instant::now() + self.confirm_timeout;
         let mut stalled = false;
@@ -303,9 +311,10 @@ impl Submitter {
             for (offset, sent) in pending.into_iter().enumerate() {
                 let result = match sent {
                     Some(Err(e)) => Err(QueueError::Amqp(e)),
-                    // Not sent, or sent but the broker has stopped confirming.
-                    None | Some(Ok(_)) if stalled => Err(timed_out()),
+                    // Not sent (the batch had stalled), or sent but the broker has stopped
+                    // confirming.
                     None => Err(timed_out()),
+                    Some(Ok(_)) if stalled => Err(timed_out()),
                     Some(Ok(confirm)) => match tokio::time::timeout_at(deadline, confirm).await {
                         Ok(Ok(c)) => check_confirm(c, super::EXCHANGE, &self.routing_key),
                         Ok(Err(e)) => Err(QueueError::Amqp(e)),
