@@ -298,6 +298,12 @@ pub struct BrokerConfig {
     /// Broker-side crash-loop guard: a message redelivered more often is dead-lettered.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
+    /// How long a publish (a retry, deferral, DLQ or hand-back copy; a replay of
+    /// `reprocess`; a `submit`) waits for the broker's confirm before it fails as not sent
+    /// (the source is then kept). A broker under a memory or disk alarm confirms nothing
+    /// until the alarm clears.
+    #[serde(default = "default_confirm_timeout_ms")]
+    pub confirm_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -308,6 +314,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "…"))
             .field("prefetch", &self.prefetch)
             .field("delivery_limit", &self.delivery_limit)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .finish()
     }
 }
@@ -316,6 +323,11 @@ impl BrokerConfig {
     /// The broker URLs in the order given (one for a single URL); see [`split_url_list`].
     pub fn urls(&self) -> Vec<&str> {
         split_url_list(&self.url)
+    }
+
+    /// `confirm_timeout_ms` as a duration.
+    pub fn confirm_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.confirm_timeout_ms)
     }
 }
 
@@ -913,6 +925,10 @@ impl Default for WorkerConfig {
 
 /// Default of `broker.delivery_limit`.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+/// Default of `broker.confirm_timeout_ms`: [`crate::queue::CONFIRM_TIMEOUT`].
+pub const DEFAULT_CONFIRM_TIMEOUT_MS: u64 = 30_000;
+/// Largest `broker.confirm_timeout_ms`: one hour (a longer wait is a hang by another name).
+pub const MAX_CONFIRM_TIMEOUT_MS: u64 = 3_600_000;
 /// Default of `embedder.request_timeout_ms` (openai).
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Default of `embedder.max_concurrent_requests` (openai).
@@ -971,6 +987,9 @@ pub const DEFAULT_BUDGET_WINDOW_SECS: u64 = 86_400;
 
 fn default_delivery_limit() -> u32 {
     DEFAULT_DELIVERY_LIMIT
+}
+fn default_confirm_timeout_ms() -> u64 {
+    DEFAULT_CONFIRM_TIMEOUT_MS
 }
 fn default_request_timeout_ms() -> u64 {
     DEFAULT_REQUEST_TIMEOUT_MS
@@ -1245,7 +1264,8 @@ type Fail<'a> = &'a dyn Fn(&str, String) -> ConfigError;
 impl BrokerConfig {
     /// Checks `[broker]`: every URL of `url` (at least one, each `amqp://` or `amqps://` and
     /// parseable as an AMQP URI; errors show it with its password redacted), `prefetch` and
-    /// `delivery_limit` at least 1. Fails with the first problem, naming its field.
+    /// `delivery_limit` at least 1, `confirm_timeout_ms` between 1 ms and an hour. Fails with
+    /// the first problem, naming its field.
     fn validate(&self, fail: Fail<'_>) -> Result<(), ConfigError> {
         let urls = self.urls();
         if urls.is_empty() {
@@ -1285,6 +1305,12 @@ impl BrokerConfig {
         }
         if self.delivery_limit == 0 {
             return Err(fail("broker.delivery_limit", "must be at least 1".into()));
+        }
+        if !(1..=MAX_CONFIRM_TIMEOUT_MS).contains(&self.confirm_timeout_ms) {
+            return Err(fail(
+                "broker.confirm_timeout_ms",
+                format!("must be between 1 and {MAX_CONFIRM_TIMEOUT_MS} (one hour)"),
+            ));
         }
         Ok(())
     }
@@ -1732,6 +1758,21 @@ max_document_bytes = 1000
         PipelineConfig::from_toml_str(text, Path::new("p.toml"), Path::new("/base"), |_| None)
     }
 
+    #[test]
+    fn the_confirm_timeout_defaults_to_the_crate_constant_and_can_be_set() {
+        let default = parse(GOOD).expect("valid");
+        assert_eq!(
+            default.broker.confirm_timeout(),
+            crate::queue::CONFIRM_TIMEOUT
+        );
+        let set = parse(&GOOD.replace("prefetch = 8", "prefetch = 8\nconfirm_timeout_ms = 2500"))
+            .expect("valid");
+        assert_eq!(
+            set.broker.confirm_timeout(),
+            std::time::Duration::from_millis(2500)
+        );
+    }
+
     fn field_error(text: &str) -> String {
         match parse(text) {
             Err(ConfigError::Field { field, .. }) => field,
@@ -1797,6 +1838,16 @@ max_document_bytes = 1000
         let cases = [
             ("overlap = 20", "overlap = 300", "chunking.overlap"),
             ("prefetch = 8", "prefetch = 0", "broker.prefetch"),
+            (
+                "prefetch = 8",
+                "prefetch = 8\nconfirm_timeout_ms = 0",
+                "broker.confirm_timeout_ms",
+            ),
+            (
+                "prefetch = 8",
+                "prefetch = 8\nconfirm_timeout_ms = 3600001",
+                "broker.confirm_timeout_ms",
+            ),
             ("allowed = [\"acme\"]", "allowed = []", "tenants.allowed"),
             (
                 "allowed = [\"acme\"]",

@@ -3,7 +3,9 @@
 //! memory alarm, which blocks every publishing connection until it clears. A confirmed publish
 //! then fails with [`QueueError::ConfirmTimeout`] after its deadline instead of waiting
 //! forever; once the alarm clears, the broker takes the held message (it was not lost, which
-//! is why callers keep their original and treat the publish as not sent).
+//! is why callers keep their original and treat the publish as not sent). A worker process
+//! under the same alarm keeps every message: the copy it could not get confirmed leaves its
+//! delivery with the broker, and once the alarm clears everything is settled.
 
 mod common;
 
@@ -12,13 +14,49 @@ mod rabbitmq_node;
 
 use std::time::{Duration, Instant};
 
-use common::{TestPipeline, write_pipeline_file};
+use common::{
+    DEAD_LETTERED, Event, TestPipeline, WorkerProcess, final_count, short_docs, write_pipeline_file,
+};
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rabbitmq_node::RabbitNode;
 use rag_ingest::config::{ENV_AMQP_URL, PipelineConfig};
-use rag_ingest::queue::{QueueError, Submitter, publish_confirmed_within};
+use rag_ingest::queue::{
+    DlqFilter, QueueError, Submitter, Topology, inspect_dlq, publish_confirmed_within,
+};
+
+/// Raises a memory alarm on `node` (a limit of one byte, hit on its next memory check) and
+/// waits until the node reports it.
+async fn raise_memory_alarm(node: &RabbitNode) {
+    node.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
+    let until = Instant::now() + Duration::from_secs(30);
+    while !node
+        .ctl(&["eval", "rabbit_alarm:get_alarms()."])
+        .contains("resource_limit")
+    {
+        assert!(Instant::now() < until, "the memory alarm was not raised");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Messages in `queue` on `node`, ready and unacknowledged together, as of the node's last
+/// statistics (refreshed every few seconds: poll).
+fn held_messages(node: &RabbitNode, queue: &str) -> u64 {
+    node.ctl(&[
+        "list_queues",
+        "--quiet",
+        "--no-table-headers",
+        "name",
+        "messages",
+    ])
+    .lines()
+    .filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        (fields.next() == Some(queue)).then(|| fields.next()?.parse::<u64>().ok())?
+    })
+    .sum()
+}
 
 /// The message count of `queue` as the broker reports it.
 async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
@@ -88,16 +126,7 @@ async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_n
     publish().await.expect("confirmed before the alarm");
     assert_eq!(message_count(&channel, &queue).await, 1);
 
-    // A memory limit of one byte raises the alarm on the node's next memory check.
-    node.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
-    let until = Instant::now() + Duration::from_secs(30);
-    while !node
-        .ctl(&["eval", "rabbit_alarm:get_alarms()."])
-        .contains("resource_limit")
-    {
-        assert!(Instant::now() < until, "the memory alarm was not raised");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    raise_memory_alarm(&node).await;
 
     // Blocked: the publish fails after its deadline, with the target and the time waited. The
     // outer limit only keeps a hang (the old behaviour) from stalling the suite.
@@ -158,4 +187,120 @@ async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_n
     }
     // And the first connection publishes again.
     publish().await.expect("confirmed after the alarm");
+}
+
+/// A worker that must publish a copy (here: a bad message's DLQ copy) while the broker is
+/// under a memory alarm does not wait for the confirm forever: after
+/// `broker.confirm_timeout_ms` the delivery is left with the broker (`settle_failed`) and the
+/// worker reconnects, storing what needs no publish meanwhile. Once the alarm clears the bad
+/// message reaches the DLQ with its reason and nothing stays queued or unacked: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_under_a_memory_alarm_keeps_every_message_and_settles_them_when_it_clears() {
+    let state = tempfile::tempdir().expect("temp dir");
+    let name = format!(
+        "rag-blocked-worker-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let node = RabbitNode::start(&name, &state.path().join("node"), None);
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.amqp_port);
+    let mut t = TestPipeline::new(
+        "blocked-worker",
+        "[worker]\nshutdown_grace_secs = 5\nreconnect_give_up_secs = 120\n",
+    );
+    t.config.broker.url = url;
+    t.config.broker.confirm_timeout_ms = 1_500;
+    let file = write_pipeline_file(&t);
+
+    // Before the alarm: good documents and one message that is not JSON (it can only be
+    // settled by a confirmed DLQ copy).
+    let good = short_docs("acme", "blocked", 3);
+    let submitter = Submitter::connect(&t.config)
+        .await
+        .expect("connects to the test's node");
+    for result in submitter.submit_all(&good, |_, _| {}).await {
+        result.expect("confirmed before the alarm");
+    }
+    submitter
+        .submit_raw(b"{not json", BasicProperties::default())
+        .await
+        .expect("confirmed before the alarm");
+    submitter.close().await;
+    let topology = Topology::new(&t.config);
+    let (main, dlq) = (topology.main_queue(), topology.dlq());
+    // The node's queue figures are statistics, refreshed every few seconds: polled.
+    let until = Instant::now() + Duration::from_secs(30);
+    while held_messages(&node, &main) != 4 {
+        assert!(
+            Instant::now() < until,
+            "the 4 messages never showed in {main}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    raise_memory_alarm(&node).await;
+    let mut worker = WorkerProcess::start(&file, false);
+    // What needs no publish goes on: the documents are stored under the alarm.
+    worker.wait_stored(good.len()).await;
+    // The DLQ copy is not confirmed: after its deadline the worker gives the delivery back
+    // and reconnects, instead of hanging on the confirm.
+    let settle_failed = Event {
+        name: "settle_failed",
+        fields: &[],
+    };
+    worker
+        .wait_until(
+            "a publish the blocked broker did not confirm",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            |w| w.count(&settle_failed) >= 1,
+        )
+        .await;
+    assert_eq!(
+        held_messages(&node, &dlq),
+        0,
+        "nothing confirmed under the alarm"
+    );
+
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    // Cleared: the bad message is dead-lettered and nothing is left queued or unacked.
+    worker
+        .wait_until(
+            "the DLQ copy after the alarm cleared",
+            Duration::from_secs(90),
+            Duration::from_millis(200),
+            |w| w.count(&DEAD_LETTERED) >= 1,
+        )
+        .await;
+    let until = Instant::now() + Duration::from_secs(90);
+    while held_messages(&node, &main) > 0 || held_messages(&node, &dlq) == 0 {
+        assert!(
+            Instant::now() < until,
+            "messages left in {main} ({}) or none in the DLQ after the alarm cleared",
+            held_messages(&node, &main)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker.signal("TERM");
+    let (status, output) = worker.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "the worker exits cleanly: {output}");
+    assert!(
+        final_count(&output, "reconnects") >= 1,
+        "the unconfirmed publish ended the session: {output}"
+    );
+    assert!(
+        final_count(&output, "stored") + final_count(&output, "unchanged") >= good.len() as u64,
+        "{output}"
+    );
+
+    // The DLQ holds the bad message with its reason. A copy the broker held during the alarm
+    // may arrive besides the one published after the redelivery: at least once, at most twice.
+    let (summary, entries) = inspect_dlq(&t.config, &DlqFilter::default())
+        .await
+        .expect("inspect the DLQ");
+    assert!((1..=2).contains(&summary.total), "{summary:?}");
+    for entry in &entries {
+        assert_eq!(entry.body, b"{not json");
+        assert_eq!(entry.kind, "invalid_json");
+    }
+    assert_eq!(held_messages(&node, &main), 0);
 }

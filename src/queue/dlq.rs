@@ -12,7 +12,7 @@ use super::headers::{
     H_ATTEMPTS, H_ERROR, H_ERROR_KIND, H_ERROR_STAGE, H_FIRST_FAILED_AT, H_LANE, H_LAST_FAILED_AT,
     H_PANICS, H_REPROCESSED, death_queues, death_reason, get_str, get_u64, set_str, set_u64,
 };
-use super::publish::{open_channel, publish_confirmed};
+use super::publish::{Publisher, open_channel};
 use super::topology::queue_len;
 use super::{DLX, EXCHANGE, QueueError, Topology};
 use crate::config::PipelineConfig;
@@ -27,7 +27,7 @@ use crate::process::Failure;
 /// Used for the DLQ and for delayed-retry tiers. Fails with [`QueueError`]; the caller must
 /// then leave the source delivery unacked.
 pub(crate) async fn republish_failed(
-    channel: &Channel,
+    publisher: &Publisher,
     queue: &str,
     body: &[u8],
     properties: &BasicProperties,
@@ -46,7 +46,7 @@ pub(crate) async fn republish_failed(
     set_str(&mut headers, H_ERROR_STAGE, failure.stage.as_str());
     set_u64(&mut headers, H_ATTEMPTS, attempts);
     let props = properties.clone().with_headers(headers);
-    publish_confirmed(channel, "", queue, body, props).await
+    publisher.publish("", queue, body, props).await
 }
 
 /// Which DLQ messages an operation applies to. Empty fields match everything.
@@ -258,6 +258,7 @@ pub async fn reprocess(
 ) -> Result<ReprocessReport, QueueError> {
     let topology = Topology::new(config);
     let (conn, channel) = open_channel(config, &topology).await?;
+    let publisher = Publisher::new(channel.clone(), config.broker.confirm_timeout());
     let mut report = ReprocessReport::default();
     let mut held = Vec::new();
     let mut seen = 0usize;
@@ -282,7 +283,7 @@ pub async fn reprocess(
             }
             let key = topology.lane_routing_key(replay_lane(&d.properties, &topology));
             let props = replay_properties(&d.properties);
-            publish_confirmed(&channel, EXCHANGE, &key, &d.data, props).await?;
+            publisher.publish(EXCHANGE, &key, &d.data, props).await?;
             channel
                 .basic_ack(d.delivery_tag, BasicAckOptions::default())
                 .await?;

@@ -39,7 +39,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// before it fails with [`QueueError::ConfirmTimeout`]. A broker under a memory or disk alarm
 /// stops reading from every publishing connection until the alarm clears, and a stuck node
 /// never answers: neither may hang a worker, a submitter or `reprocess` without a word.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pipeline sets its own with `broker.confirm_timeout_ms` (this is its default).
+pub const CONFIRM_TIMEOUT: Duration =
+    Duration::from_millis(crate::config::DEFAULT_CONFIRM_TIMEOUT_MS);
 
 /// How long closing a channel or connection waits for the broker's close-ok. The client
 /// can wait for it forever when the socket goes away during the close or when a dropped
@@ -107,10 +109,11 @@ pub enum QueueError {
         /// Nack or return.
         reason: String,
     },
-    /// The broker did not confirm a publish in time ([`CONFIRM_TIMEOUT`]). The message may
-    /// still reach the queue later (the broker may be holding it), so callers treat it as not
-    /// sent and keep their original: the worker requeues the delivery it was moving, the
-    /// submitter reports the document as not submitted.
+    /// The broker did not confirm a publish in time (`broker.confirm_timeout_ms`, by default
+    /// [`CONFIRM_TIMEOUT`]). The message may still reach the queue later (the broker may be
+    /// holding it), so callers treat it as not sent and keep their original: the worker
+    /// requeues the delivery it was moving, the submitter reports the document as not
+    /// submitted.
     #[error(
         "the broker did not confirm the publish to {target} within {secs} s (a memory or disk alarm blocks publishers until it clears: rabbitmq-diagnostics alarms)"
     )]

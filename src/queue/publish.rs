@@ -77,6 +77,49 @@ pub async fn publish_confirmed_within(
     }
 }
 
+/// A confirm-mode channel with the pipeline's confirm deadline (`broker.confirm_timeout_ms`):
+/// what the worker, `park` and `reprocess` publish their copies through.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    channel: Channel,
+    confirm_timeout: Duration,
+}
+
+impl Publisher {
+    /// Publishes on `channel` (in confirm mode), waiting at most `confirm_timeout` per
+    /// confirm.
+    pub(crate) fn new(channel: Channel, confirm_timeout: Duration) -> Self {
+        Publisher {
+            channel,
+            confirm_timeout,
+        }
+    }
+
+    /// The channel published on.
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// [`publish_confirmed_within`] on this channel with its deadline.
+    pub(crate) async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), QueueError> {
+        publish_confirmed_within(
+            &self.channel,
+            exchange,
+            routing_key,
+            body,
+            properties,
+            self.confirm_timeout,
+        )
+        .await
+    }
+}
+
 /// How a publish's destination is named in errors.
 fn target(exchange: &str, routing_key: &str) -> String {
     format!("exchange {exchange:?} key {routing_key:?}")
@@ -136,12 +179,14 @@ pub struct Submitter {
     topology: Topology,
     lane: Lane,
     routing_key: String,
-    /// How long a publish may wait for its confirm ([`super::CONFIRM_TIMEOUT`] by default).
+    /// How long a publish may wait for its confirm (`broker.confirm_timeout_ms` by default).
     confirm_timeout: Duration,
 }
 
 impl Submitter {
-    /// Connects to `config`'s broker and declares the pipeline's topology.
+    /// Connects to `config`'s broker and declares the pipeline's topology. Each publish waits
+    /// at most `broker.confirm_timeout_ms` for its confirm
+    /// ([`Submitter::with_confirm_timeout`] changes that).
     ///
     /// Fails with [`QueueError::Connect`], [`QueueError::ConnectTimeout`] or (several URLs)
     /// [`QueueError::NoBrokerReachable`] if the broker cannot be reached, or
@@ -155,7 +200,7 @@ impl Submitter {
             routing_key: topology.lane_routing_key(Lane::Live),
             topology,
             lane: Lane::Live,
-            confirm_timeout: super::CONFIRM_TIMEOUT,
+            confirm_timeout: config.broker.confirm_timeout(),
         })
     }
 
@@ -214,8 +259,7 @@ impl Submitter {
         props
     }
 
-    /// Waits at most `timeout` for each confirm instead of
-    /// [`CONFIRM_TIMEOUT`](super::CONFIRM_TIMEOUT).
+    /// Waits at most `timeout` for each confirm instead of `broker.confirm_timeout_ms`.
     #[must_use]
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;

@@ -408,6 +408,7 @@ pub fn write_pipeline_file(t: &TestPipeline) -> PathBuf {
 url = "{url}"
 prefetch = {prefetch}
 delivery_limit = {limit}
+confirm_timeout_ms = {confirm}
 [tenants]
 allowed = [{tenants}]
 [chunking]
@@ -437,6 +438,7 @@ address = "{metrics}"
         url = c.broker.url,
         prefetch = c.broker.prefetch,
         limit = c.broker.delivery_limit,
+        confirm = c.broker.confirm_timeout_ms,
         tenants = tenants.join(", "),
         max_tokens = c.chunking.max_tokens,
         overlap = c.chunking.overlap,

@@ -22,7 +22,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use futures_lite::FutureExt;
-use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
@@ -40,7 +39,7 @@ use crate::queue::headers::{
     H_ATTEMPTS, H_LANE, H_PANICS, H_PUBLISHED_AT_MS, H_TENANT, death_queues, get_str, get_u64,
     set_str, set_u64,
 };
-use crate::queue::publish::publish_confirmed;
+use crate::queue::publish::Publisher;
 use crate::queue::{EXCHANGE, QueueError, Topology};
 use crate::retry::{tier_delay, with_retries};
 use crate::shared::budget::{Admission, TenantBudgets};
@@ -76,7 +75,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
     pub(super) fn handle(
         &self,
         delivery: Arc<Delivery>,
-        publish: Channel,
+        publish: Publisher,
         lane: Lane,
     ) -> impl Future<Output = Result<(), QueueError>> + Send + 'static {
         let message_id = delivery
@@ -121,7 +120,7 @@ struct Task<E, S> {
     counters: Arc<Counters>,
     budgets: Option<Arc<TenantBudgets>>,
     delivery: Arc<Delivery>,
-    publish: Channel,
+    publish: Publisher,
     lane: Lane,
 }
 
@@ -319,14 +318,12 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
         properties: lapin::BasicProperties,
     ) -> Result<(), QueueError> {
         let delivery = &self.delivery;
-        if let Err(e) =
-            publish_confirmed(&self.publish, exchange, key, &delivery.data, properties).await
+        if let Err(e) = self
+            .publish
+            .publish(exchange, key, &delivery.data, properties)
+            .await
         {
-            let requeue = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            let _ = delivery.acker.nack(requeue).await;
+            let _ = requeue(delivery).await;
             return Err(e);
         }
         settled(delivery.acker.ack(BasicAckOptions::default()).await).inspect_err(|e| {
@@ -399,11 +396,7 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
         .await;
         if let Err(e) = republished {
             // Not confirmed: leave the source with the broker so nothing is lost.
-            let requeue = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            let _ = delivery.acker.nack(requeue).await;
+            let _ = requeue(delivery).await;
             return Err(e);
         }
         if retry {
@@ -496,19 +489,19 @@ fn queue_wait(
 /// original's. Fails with [`QueueError`] if the copy is not confirmed or the ack cannot be
 /// sent; the original then stays with the broker.
 pub(super) async fn park(
-    publish: &Channel,
+    publish: &Publisher,
     topology: &Topology,
     lane: Lane,
     delivery: &Delivery,
 ) -> Result<(), QueueError> {
-    publish_confirmed(
-        publish,
-        EXCHANGE,
-        &topology.lane_routing_key(lane),
-        &delivery.data,
-        handed_back_properties(delivery),
-    )
-    .await?;
+    publish
+        .publish(
+            EXCHANGE,
+            &topology.lane_routing_key(lane),
+            &delivery.data,
+            handed_back_properties(delivery),
+        )
+        .await?;
     settled(delivery.acker.ack(BasicAckOptions::default()).await)
 }
 
@@ -548,7 +541,7 @@ pub(crate) fn trusted_attempts(
 pub(super) async fn give_up_on_panic(
     work: impl Future<Output = Result<(), QueueError>>,
     delivery: Arc<Delivery>,
-    publish: Channel,
+    publish: Publisher,
     topology: Topology,
     lane: Lane,
     panic_limit: u32,
@@ -585,14 +578,14 @@ pub(super) async fn give_up_on_panic(
         )
         .await
     } else {
-        publish_confirmed(
-            &publish,
-            EXCHANGE,
-            &topology.lane_routing_key(lane),
-            &delivery.data,
-            properties,
-        )
-        .await
+        publish
+            .publish(
+                EXCHANGE,
+                &topology.lane_routing_key(lane),
+                &delivery.data,
+                properties,
+            )
+            .await
     };
     match published {
         Ok(()) => settled(delivery.acker.ack(BasicAckOptions::default()).await),
@@ -601,17 +594,26 @@ pub(super) async fn give_up_on_panic(
                 error: &e,
                 consequence: "could not hand back a panicked delivery; requeued",
             });
-            settled(
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await,
-            )
+            // Requeued, the session goes on; not even the nack went out: it ends.
+            requeue(&delivery).await.unwrap_or(Err(e))
         }
     }
+}
+
+/// Nacks `delivery` with requeue, waiting at most [`CLOSE_TIMEOUT`](crate::queue::CLOSE_TIMEOUT)
+/// for the frame to go out: on a connection the broker has blocked (a memory or disk alarm)
+/// it may never be sent. Returns the nack's settlement ([`settled`]), or `None` if it did
+/// not go out in time. Nothing is lost either way: a caller that gets `None` ends the
+/// session, and the broker requeues every unacked delivery of a connection that closes.
+async fn requeue(delivery: &Delivery) -> Option<Result<(), QueueError>> {
+    let nack = delivery.acker.nack(BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    });
+    tokio::time::timeout(crate::queue::CLOSE_TIMEOUT, nack)
+        .await
+        .ok()
+        .map(settled)
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions}
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
+use super::publish::Publisher;
 use super::{Endpoints, QueueError, Topology};
 use crate::config::PipelineConfig;
 use crate::embed::Embedder;
@@ -250,10 +251,11 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
     }
 
     /// Connects to the first reachable broker URL, opens a confirming publish channel,
-    /// declares the topology and opens the consume channel.
+    /// declares the topology and opens the consume channel. Publishes on it wait at most
+    /// `broker.confirm_timeout_ms` for their confirm.
     ///
     /// Fails if no URL answers or the topology cannot be declared (or mismatches).
-    async fn connect(&self) -> Result<(Connection, Channel, Channel), QueueError> {
+    async fn connect(&self) -> Result<(Connection, Channel, Publisher), QueueError> {
         // A named connection lets operators (and tests) find this worker's connection in
         // `rabbitmqctl list_connections name client_properties`.
         let properties = ConnectionProperties::default()
@@ -268,6 +270,7 @@ impl<E: Embedder, S: VectorStore> Worker<E, S> {
             .await?;
         self.topology.declare(&conn, &publish).await?;
         let consume = conn.create_channel().await?;
+        let publish = Publisher::new(publish, self.config.broker.confirm_timeout());
         Ok((conn, consume, publish))
     }
 

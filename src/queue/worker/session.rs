@@ -24,6 +24,7 @@ use crate::embed::Embedder;
 use crate::lane::Lane;
 use crate::queue::QueueError;
 use crate::queue::budget::{ByteBudget, MessageFootprint};
+use crate::queue::publish::Publisher;
 use crate::store::VectorStore;
 use crate::telemetry::emit;
 use crate::telemetry::events::{
@@ -54,7 +55,7 @@ pub(super) struct Session<'w, E, S> {
     worker: &'w Worker<E, S>,
     conn: Connection,
     consume: Channel,
-    publish: Channel,
+    publish: Publisher,
     breaker: Option<&'w CircuitBreaker>,
     /// Breaker state changes (`None` without a breaker, or once the breaker is gone).
     changes: Option<watch::Receiver<BreakerState>>,
@@ -181,7 +182,7 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
                     }
                 }
                 _ = liveness.tick() => {
-                    if let Some(what) = closed_part(&self.conn, &self.consume, &self.publish) {
+                    if let Some(what) = closed_part(&self.conn, &self.consume, self.publish.channel()) {
                         emit(BrokerClosed { what });
                         break SessionEnd::Lost(QueueError::Closed { what: what.into() });
                     }
@@ -369,7 +370,7 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         if self.last_activity.elapsed() < options.idle_grace {
             return None;
         }
-        match self.worker.topology.pending(&self.publish).await {
+        match self.worker.topology.pending(self.publish.channel()).await {
             Ok(0) if self.empty_checks >= 1 => {
                 emit(QueuesChecked { pending: 0 });
                 Some(SessionEnd::Stopped)
@@ -406,7 +407,7 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             SessionEnd::Lost(_) => self.tasks.abort_all(),
         }
         crate::queue::close_channel(&self.consume, "bye").await;
-        crate::queue::close_channel(&self.publish, "bye").await;
+        crate::queue::close_channel(self.publish.channel(), "bye").await;
         crate::queue::close_connection(&self.conn, "bye").await;
         end
     }
