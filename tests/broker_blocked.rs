@@ -3,7 +3,8 @@
 //! memory alarm, which blocks every publishing connection until it clears. A confirmed publish
 //! then fails with [`QueueError::ConfirmTimeout`] after its deadline instead of waiting
 //! forever; once the alarm clears, the broker takes the held message (it was not lost, which
-//! is why callers keep their original and treat the publish as not sent). A worker process
+//! is why callers keep their original and treat the publish as not sent), and `reprocess`
+//! stops with that error, its dead letter kept. A worker process
 //! under the same alarm keeps every message: the copy it could not get confirmed leaves its
 //! delivery with the broker, and once the alarm clears everything is settled.
 
@@ -23,7 +24,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rabbitmq_node::RabbitNode;
 use rag_ingest::config::{ENV_AMQP_URL, PipelineConfig};
 use rag_ingest::queue::{
-    DlqFilter, QueueError, Submitter, Topology, inspect_dlq, publish_confirmed_within,
+    DlqFilter, QueueError, Submitter, Topology, inspect_dlq, publish_confirmed_within, reprocess,
 };
 
 /// Raises a memory alarm on `node` (a limit of one byte, hit on its next memory check) and
@@ -125,6 +126,18 @@ async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_n
     // Unblocked, the node confirms.
     publish().await.expect("confirmed before the alarm");
     assert_eq!(message_count(&channel, &queue).await, 1);
+    // A dead letter for `reprocess` to replay under the alarm.
+    let dlq = Topology::new(&config).dlq();
+    publish_confirmed_within(
+        &channel,
+        "",
+        &dlq,
+        b"dead",
+        BasicProperties::default(),
+        deadline,
+    )
+    .await
+    .expect("confirmed before the alarm");
 
     raise_memory_alarm(&node).await;
 
@@ -166,6 +179,21 @@ async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_n
         "one deadline for the batch, not one per document: {waited:?}"
     );
 
+    // `reprocess` under the alarm: its replay is not confirmed, so it stops with the deadline's
+    // error (after handing back what it held, within bounded waits) instead of hanging.
+    let mut replaying = config.clone();
+    replaying.broker.confirm_timeout_ms = 3_000;
+    let replayed = tokio::time::timeout(
+        Duration::from_secs(60),
+        reprocess(&replaying, &DlqFilter::default(), false, |_| {}),
+    )
+    .await
+    .expect("reprocess returned instead of hanging under the alarm");
+    assert!(
+        matches!(replayed, Err(QueueError::ConfirmTimeout { secs: 3, .. })),
+        "{replayed:?}"
+    );
+
     // Cleared, the broker takes the held message: the publish was late, not lost. The
     // connection was blocked, so the count is read on a fresh one.
     node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
@@ -182,6 +210,15 @@ async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_n
         assert!(
             Instant::now() < until,
             "the held message did not arrive after the alarm cleared ({count} queued)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The dead letter `reprocess` could not replay is back in the DLQ.
+    let until = Instant::now() + Duration::from_secs(30);
+    while message_count(&other, &dlq).await != 1 {
+        assert!(
+            Instant::now() < until,
+            "the dead letter did not return to the DLQ after the alarm cleared"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -2,7 +2,7 @@
 //! without losing anything, and replaying matching messages to the main queue.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -375,26 +375,41 @@ fn replay_properties(properties: &BasicProperties) -> BasicProperties {
 /// 5 s. A quorum queue applies returns asynchronously: without the wait, a caller reading
 /// the queue length (or inspecting again) right after this returns could see fewer messages
 /// than the DLQ holds, and a following inspection would read them in another order.
+///
+/// The nacks get at most [`CLOSE_TIMEOUT`](super::CLOSE_TIMEOUT) and the wait its 5 s, each
+/// await included: on a connection the broker has blocked (a memory or disk alarm, after a
+/// replay's publish) neither a nack nor the length query goes out. Nothing is lost then: the
+/// caller closes the connection, and the broker requeues what it held.
 async fn release(channel: &Channel, dlq: &str, tags: &[u64], ready: usize) {
-    for tag in tags {
-        let _ = channel
-            .basic_nack(
-                *tag,
-                BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                },
-            )
-            .await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match queue_len(channel, dlq).await {
-            Ok(n) if n as usize >= ready => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(_) => return,
+    let nacks = async {
+        for tag in tags {
+            let _ = channel
+                .basic_nack(
+                    *tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await;
         }
+    };
+    if tokio::time::timeout(super::CLOSE_TIMEOUT, nacks)
+        .await
+        .is_err()
+    {
+        return;
     }
+    let settled = async {
+        loop {
+            match queue_len(channel, dlq).await {
+                Ok(n) if n as usize >= ready => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), settled).await;
 }
 
 #[cfg(test)]
