@@ -27,6 +27,18 @@ use rag_ingest::queue::{
     DlqFilter, QueueError, Submitter, Topology, inspect_dlq, publish_confirmed_within, reprocess,
 };
 
+/// A RabbitMQ node of the test's own, named `prefix-<random>`, with its state under `dir`:
+/// the node, its AMQP URL and its name.
+fn own_node(prefix: &str, dir: &std::path::Path) -> (RabbitNode, String, String) {
+    let name = format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let node = RabbitNode::start(&name, &dir.join("node"), None);
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.amqp_port);
+    (node, url, name)
+}
+
 /// Raises a memory alarm on `node` (a limit of one byte, hit on its next memory check) and
 /// waits until the node reports it.
 async fn raise_memory_alarm(node: &RabbitNode) {
@@ -78,12 +90,7 @@ async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_not_lost() {
     let state = tempfile::tempdir().expect("temp dir");
-    let name = format!(
-        "rag-blocked-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let node = RabbitNode::start(&name, &state.path().join("node"), None);
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.amqp_port);
+    let (node, url, name) = own_node("rag-blocked", state.path());
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
         .expect("connects to the test's node");
@@ -234,12 +241,7 @@ async fn a_publish_the_broker_does_not_confirm_fails_after_its_deadline_and_is_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_under_a_memory_alarm_keeps_every_message_and_settles_them_when_it_clears() {
     let state = tempfile::tempdir().expect("temp dir");
-    let name = format!(
-        "rag-blocked-worker-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let node = RabbitNode::start(&name, &state.path().join("node"), None);
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.amqp_port);
+    let (node, url, _) = own_node("rag-blocked-worker", state.path());
     let mut t = TestPipeline::new(
         "blocked-worker",
         "[worker]\nshutdown_grace_secs = 5\nreconnect_give_up_secs = 120\n",
