@@ -78,7 +78,7 @@ pub async fn publish_confirmed_within(
 }
 
 /// A confirm-mode channel with the pipeline's confirm deadline (`broker.confirm_timeout_ms`):
-/// what the worker, `park` and `reprocess` publish their copies through.
+/// what the worker, `park`, `reprocess` and [`Submitter`] publish through.
 #[derive(Clone)]
 pub(crate) struct Publisher {
     channel: Channel,
@@ -175,12 +175,12 @@ pub(crate) async fn open_channel(
 /// lane) with publisher confirms.
 pub struct Submitter {
     conn: Connection,
-    channel: Channel,
+    /// The channel, with how long a publish may wait for its confirm
+    /// (`broker.confirm_timeout_ms` by default).
+    publisher: Publisher,
     topology: Topology,
     lane: Lane,
     routing_key: String,
-    /// How long a publish may wait for its confirm (`broker.confirm_timeout_ms` by default).
-    confirm_timeout: Duration,
 }
 
 impl Submitter {
@@ -196,11 +196,10 @@ impl Submitter {
         let (conn, channel) = open_channel(config, &topology).await?;
         Ok(Submitter {
             conn,
-            channel,
+            publisher: Publisher::new(channel, config.broker.confirm_timeout()),
             routing_key: topology.lane_routing_key(Lane::Live),
             topology,
             lane: Lane::Live,
-            confirm_timeout: config.broker.confirm_timeout(),
         })
     }
 
@@ -262,7 +261,7 @@ impl Submitter {
     /// Waits at most `timeout` for each confirm instead of `broker.confirm_timeout_ms`.
     #[must_use]
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
-        self.confirm_timeout = timeout;
+        self.publisher.confirm_timeout = timeout;
         self
     }
 
@@ -274,15 +273,14 @@ impl Submitter {
     /// submitting again is safe, a document's points have fixed ids and the newest version
     /// wins).
     pub async fn submit(&self, doc: &Document) -> Result<(), QueueError> {
-        publish_confirmed_within(
-            &self.channel,
-            super::EXCHANGE,
-            &self.routing_key,
-            &doc.to_wire(),
-            self.lane_properties(doc),
-            self.confirm_timeout,
-        )
-        .await
+        self.publisher
+            .publish(
+                super::EXCHANGE,
+                &self.routing_key,
+                &doc.to_wire(),
+                self.lane_properties(doc),
+            )
+            .await
     }
 
     /// Publishes a raw body as-is (for tools that forward pre-encoded messages), with
@@ -292,15 +290,9 @@ impl Submitter {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), QueueError> {
-        publish_confirmed_within(
-            &self.channel,
-            super::EXCHANGE,
-            &self.routing_key,
-            body,
-            properties,
-            self.confirm_timeout,
-        )
-        .await
+        self.publisher
+            .publish(super::EXCHANGE, &self.routing_key, body, properties)
+            .await
     }
 
     /// Publishes many documents, pipelining the confirms, and reports each one's result in
@@ -317,10 +309,15 @@ impl Submitter {
     ) -> Vec<Result<(), QueueError>> {
         const WINDOW: usize = 256;
         let mut results = Vec::with_capacity(docs.len());
-        let timed_out =
-            || confirm_timeout(super::EXCHANGE, &self.routing_key, self.confirm_timeout);
+        let timed_out = || {
+            confirm_timeout(
+                super::EXCHANGE,
+                &self.routing_key,
+                self.publisher.confirm_timeout,
+            )
+        };
         // Moved forward by every confirm (or failure) that arrives: the broker makes progress.
-        let mut deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        let mut deadline = tokio::time::Instant::now() + self.publisher.confirm_timeout;
         let mut stalled = false;
         for (start, window) in docs
             .chunks(WINDOW)
@@ -334,7 +331,7 @@ impl Submitter {
                     continue;
                 }
                 let body = doc.to_wire();
-                let publish = self.channel.basic_publish(
+                let publish = self.publisher.channel.basic_publish(
                     super::EXCHANGE.into(),
                     self.routing_key.as_str().into(),
                     BasicPublishOptions {
@@ -369,7 +366,7 @@ impl Submitter {
                     },
                 };
                 if !stalled {
-                    deadline = tokio::time::Instant::now() + self.confirm_timeout;
+                    deadline = tokio::time::Instant::now() + self.publisher.confirm_timeout;
                 }
                 on_done(start + offset, &result);
                 results.push(result);
@@ -382,7 +379,7 @@ impl Submitter {
     /// Errors and timeouts while closing are ignored: every publish has already been
     /// confirmed or reported, and the connection is dropped either way.
     pub async fn close(self) {
-        super::close_channel(&self.channel, "done").await;
+        super::close_channel(&self.publisher.channel, "done").await;
         super::close_connection(&self.conn, "done").await;
     }
 }
