@@ -9,9 +9,9 @@
 //!
 //! The texts: `ENGINES_TEXTS` (default 512) windows of 400 words of the fixture documents,
 //! each starting at a different word, so each is truncated at the model's 256 tokens (the
-//! conditions of the PERFORMANCE table). For each of `f32`, `bf16`, `int8` and `auto` (those
-//! this CPU runs): load, one untimed pass of 32 texts, then embed all texts in passes of 32
-//! texts `ENGINES_REPEAT` times (default 3) and keep the fastest. Reported: real tokens per
+//! conditions of the PERFORMANCE table). For each of `f32`, `bf16`, `int8`, `int16` and
+//! `auto` (those this CPU runs): load, one untimed pass of 32 texts, then embed all texts in
+//! passes of 32 texts `ENGINES_REPEAT` times (default 3) and keep the fastest. Reported: real tokens per
 //! second (special tokens included, after truncation) and the least and mean cosine of each
 //! vector to the f32 one of the same text.
 //!
@@ -139,7 +139,12 @@ fn main() {
         min_cosine: 1.0,
         mean_cosine: 1.0,
     }];
-    for precision in [Precision::Bf16, Precision::Int8, Precision::Auto] {
+    for precision in [
+        Precision::Bf16,
+        Precision::Int8,
+        Precision::Int16,
+        Precision::Auto,
+    ] {
         let name = precision.as_str();
         if only
             .as_ref()

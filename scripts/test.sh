@@ -32,7 +32,8 @@ cpu_banner() {
     local flags missing=()
     flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
     [[ "$flags" == *" avx512_bf16 "* ]] || missing+=(" bf16 (needs avx512_bf16)")
-    [[ "$flags" == *" avx512_vnni "* ]] || missing+=(" int8 (needs avx512_vnni)")
+    [[ "$flags" == *" avx512_vnni "* || ( "$flags" == *" avx2 "* && "$flags" == *" fma "* ) ]] ||
+        missing+=(" int8 (needs avx512_vnni, or avx2 and fma)")
     [[ "$flags" == *" amx_tile "* ]] || missing+=(" the AMX kernels (need amx_tile)")
     if [[ ${#missing[@]} -gt 0 ]]; then
         echo "################################################################################"

@@ -570,7 +570,10 @@ impl EmbedderConfig {
                 }
             }
             EmbedderKind::OpenAi => {
-                if matches!(self.precision, Precision::Bf16 | Precision::Int8) {
+                if matches!(
+                    self.precision,
+                    Precision::Bf16 | Precision::Int8 | Precision::Int16
+                ) {
                     return Err(fail(
                         &field("precision"),
                         "is only for kind \"candle\" (a remote provider computes its own vectors)"
@@ -1800,6 +1803,11 @@ max_document_bytes = 1000
         assert_eq!(
             parse(&int8).expect("valid").embedder.precision,
             Precision::Int8
+        );
+        let int16 = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"int16\"");
+        assert_eq!(
+            parse(&int16).expect("valid").embedder.precision,
+            Precision::Int16
         );
         let bad = GOOD.replace("batch_size = 16", "batch_size = 16\nprecision = \"f16\"");
         let err = parse(&bad).expect_err("f16 is not a precision").to_string();

@@ -1,11 +1,12 @@
-//! The reduced-precision forward passes ([`Precision::Bf16`], [`Precision::Int8`]) against the
-//! f32 one on real corpora: the fixture documents chunked at several sizes (up to the
-//! 256-token limit) and whole (truncated), plus short sentences (the precision corpus), and
-//! the parity corpus (with empty, non-Latin and over-long texts). Run
-//! `scripts/fetch-model.sh` first.
+//! The reduced-precision forward passes ([`Precision::Bf16`], [`Precision::Int8`],
+//! [`Precision::Int16`]) against the f32 one on real corpora: the fixture documents chunked
+//! at several sizes (up to the 256-token limit) and whole (truncated), plus short sentences
+//! (the precision corpus), and the parity corpus (with empty, non-Latin and over-long
+//! texts). Run `scripts/fetch-model.sh` first.
 //!
-//! On a CPU without AVX-512 BF16 (bf16) or AVX-512 VNNI (int8) those tests print
-//! `SKIPPED: ...` and pass.
+//! On a CPU without AVX-512 BF16 (bf16), without both AVX-512 VNNI and AVX2 (int8), or
+//! without AVX2 (int16), those tests print `SKIPPED: ...` and pass. On a CPU with AVX2 but no
+//! AVX-512 VNNI, int8 runs its AVX2 kernel.
 
 use std::path::PathBuf;
 
@@ -71,6 +72,43 @@ fn int8_vectors_match_f32_on_the_precision_and_parity_corpora() {
 fn int8_vectors_do_not_depend_on_the_batch() {
     if let Some(int8) = load_reduced(Precision::Int8, 8) {
         assert_batch_independent(&int8, 0.99999);
+    }
+}
+
+/// int16 (12-bit weights, 16-bit activations, the AVX2 kernel) keeps every vector of both
+/// corpora within cosine 0.9999 of f32's: the bar `auto` sets, which int8 does not reach.
+#[test]
+fn int16_vectors_match_f32_on_the_precision_and_parity_corpora() {
+    let Some(int16) = load_reduced(Precision::Int16, 16) else {
+        return;
+    };
+    let f32 = CandleEmbedder::load(&model_dir(), 16).expect("load f32");
+    assert_eq!(int16.precision().running, Precision::Int16);
+    assert_eq!(int16.fingerprint(), f32.fingerprint(), "one vector space");
+    let mut texts = fixtures::precision_corpus(&f32);
+    texts.extend(fixtures::parity_corpus(&f32));
+    assert_faithful(&f32, &int16, &texts, rag_ingest::embed::AUTO_MIN_COSINE);
+}
+
+/// int16, like int8, quantises each token's activations on their own.
+#[test]
+fn int16_vectors_do_not_depend_on_the_batch() {
+    if let Some(int16) = load_reduced(Precision::Int16, 8) {
+        assert_batch_independent(&int16, 0.99999);
+    }
+}
+
+/// Whether `auto` may run int16 here: a CPU with AVX2 and FMA but no AVX-512.
+fn int16_is_autos_fallback() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && !std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -184,7 +222,8 @@ fn bf16_vectors_do_not_depend_on_the_batch() {
 
 /// `auto` runs bf16 where the CPU has AVX-512 BF16 and bf16 is the faster path (AMX tiles,
 /// or a `vdpbf16ps` measured fast against f32 FMA; the self-check passes on this model), with
-/// exactly the vectors of an explicit bf16 model; elsewhere it runs f32, saying why.
+/// exactly the vectors of an explicit bf16 model; on a CPU with AVX2 and no AVX-512, int16
+/// (exactly an explicit int16 model's vectors); elsewhere f32, saying why.
 #[test]
 fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     let dir = model_dir();
@@ -197,9 +236,20 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
         "Die Wartung beginnt am Montag.",
     ];
     let Some(bf16) = load_bf16(8) else {
-        assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
         assert_eq!(choice.bf16_dot_ratio, None);
         assert!(choice.reason.contains("lacks"), "{}", choice.reason);
+        if int16_is_autos_fallback() {
+            assert_eq!(choice.running, Precision::Int16, "{}", choice.reason);
+            assert!(choice.reason.contains("self-check"), "{}", choice.reason);
+            let int16 = load_reduced(Precision::Int16, 8).expect("int16 runs on AVX2");
+            assert_eq!(
+                auto.embed_blocking(&texts).expect("auto"),
+                int16.embed_blocking(&texts).expect("int16"),
+                "auto's int16 is the int16 forward pass"
+            );
+        } else {
+            assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+        }
         return;
     };
     let ratio = choice
@@ -337,7 +387,8 @@ fn cpu_has_amx() -> bool {
     }
 }
 
-/// A self-check that bf16 cannot pass keeps f32: the vectors are exactly the reference ones.
+/// A self-check that bf16 (or int16) cannot pass keeps f32: the vectors are exactly the
+/// reference ones.
 #[test]
 fn auto_keeps_f32_when_the_self_check_fails() {
     let dir = model_dir();
@@ -351,10 +402,11 @@ fn auto_keeps_f32_when_the_self_check_fails() {
         strict.embed_blocking(&texts).expect("auto"),
         f32.embed_blocking(&texts).expect("f32")
     );
-    // And the real threshold holds on the self-check texts wherever bf16 runs.
-    if let Some(bf16) = load_bf16(8) {
+    // And the real threshold holds on the self-check texts wherever bf16 or int16 runs.
+    let candidates = [load_bf16(8), load_reduced(Precision::Int16, 8)];
+    for reduced in candidates.iter().flatten() {
         let a = f32.embed_blocking(&texts).expect("f32");
-        let b = bf16.embed_blocking(&texts).expect("bf16");
+        let b = reduced.embed_blocking(&texts).expect("reduced");
         let least = a
             .iter()
             .zip(&b)
@@ -362,7 +414,8 @@ fn auto_keeps_f32_when_the_self_check_fails() {
             .fold(f64::INFINITY, f64::min);
         assert!(
             least >= rag_ingest::embed::AUTO_MIN_COSINE,
-            "least cosine {least}"
+            "{}: least cosine {least}",
+            reduced.precision().running.as_str()
         );
     }
 }

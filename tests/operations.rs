@@ -429,7 +429,9 @@ async fn every_metric_family_is_described_and_present_at_start() {
             body.lines().any(|l| {
                 l.starts_with(&format!("{precision}{{"))
                     && l.contains("requested=\"auto\"")
-                    && (l.contains("running=\"bf16\"") || l.contains("running=\"f32\""))
+                    && ["bf16", "int16", "f32"]
+                        .iter()
+                        .any(|p| l.contains(&format!("running=\"{p}\"")))
                     && l.ends_with(" 1")
             })
         })

@@ -76,7 +76,7 @@ pub struct CandleEmbedder {
 pub struct PrecisionChoice {
     /// What the configuration asked for.
     pub requested: Precision,
-    /// What the forward pass computes in ([`Precision::F32`] or [`Precision::Bf16`]).
+    /// What the forward pass computes in (never [`Precision::Auto`]).
     pub running: Precision,
     /// Why, in a sentence (the CPU features, the self-check's least cosine).
     pub reason: String,
@@ -90,8 +90,8 @@ pub struct PrecisionChoice {
 /// See [`PrecisionChoice::bf16_dot_ratio`].
 pub const BF16_SLOW_RATIO: f64 = probe::SLOW_RATIO;
 
-/// Least cosine between the bf16 and f32 vectors of [`SELF_CHECK_TEXTS`] for
-/// `precision = "auto"` to run bf16.
+/// Least cosine between the bf16 (or int16) and f32 vectors of [`SELF_CHECK_TEXTS`] for
+/// `precision = "auto"` to run bf16 (or int16).
 pub const AUTO_MIN_COSINE: f64 = 0.9999;
 
 /// The texts `precision = "auto"` embeds both ways at load time: short and long, prose,
@@ -108,6 +108,21 @@ pub const SELF_CHECK_TEXTS: [&str; 6] = [
 ];
 
 /// Cosine similarity of two vectors (0 when either is zero).
+/// The least cosine between `reference`'s and `other`'s vectors of [`SELF_CHECK_TEXTS`].
+///
+/// # Errors
+///
+/// [`EmbedError::Inference`] if either pass fails.
+fn least_cosine(reference: &Inner, other: &Inner) -> Result<f64, EmbedError> {
+    let expected = reference.embed(&SELF_CHECK_TEXTS)?;
+    let got = other.embed(&SELF_CHECK_TEXTS)?;
+    Ok(expected
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| cosine(a, b))
+        .fold(f64::INFINITY, f64::min))
+}
+
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
@@ -217,7 +232,12 @@ impl CandleEmbedder {
                 }
                 reason
             }
-            _ => "set in the configuration".to_owned(),
+            Precision::Int16 => format!(
+                "set in the configuration; int16 products on {}, attention in {}",
+                amx::Kernel::Avx2.name(),
+                inner.model.attention_precision()
+            ),
+            Precision::F32 | Precision::Auto => "set in the configuration".to_owned(),
         };
         let choice = PrecisionChoice {
             requested: precision,
@@ -231,9 +251,10 @@ impl CandleEmbedder {
     /// What `precision = "auto"` loads: the bf16 forward pass if this CPU has AVX-512 BF16,
     /// bf16 is faster than f32 here (AMX tiles, or a fast `vdpbf16ps`:
     /// [`PrecisionChoice::bf16_dot_ratio`]) and, on [`SELF_CHECK_TEXTS`], every bf16 vector
-    /// has cosine at least `min_cosine` to the f32 one; else the f32 forward pass. Both
-    /// passes are loaded for the check; the one not chosen is dropped at once.
-    /// [`CandleEmbedder::precision`] says which runs and why.
+    /// has cosine at least `min_cosine` to the f32 one; where bf16 does not run, the int16
+    /// pass on a CPU with AVX2 and no AVX-512 if it passes the same check; else the f32
+    /// forward pass. Both passes are loaded for the check; the one not chosen is dropped at
+    /// once. [`CandleEmbedder::precision`] says which runs and why.
     ///
     /// # Errors
     ///
@@ -247,51 +268,30 @@ impl CandleEmbedder {
         let batch_size = batch_size.max(1);
         let f32 = Inner::load(model_dir, batch_size, Precision::F32)?;
         if let Some(missing) = bf16::missing_features() {
-            let choice = PrecisionChoice {
-                requested: Precision::Auto,
-                running: Precision::F32,
-                reason: format!("this CPU lacks {missing} for bf16"),
-                bf16_dot_ratio: None,
-            };
-            return Self::start(model_dir, f32, choice);
+            let why = format!("this CPU lacks {missing} for bf16");
+            return Self::auto_without_bf16(model_dir, f32, min_cosine, why, None);
         }
         let kernel = amx::Kernel::best();
         let speed = probe::DotSpeed::get();
         let bf16_dot_ratio = speed.map(|s| s.ratio);
         if kernel != amx::Kernel::Amx && amx::in_cpu() {
-            let choice = PrecisionChoice {
-                requested: Precision::Auto,
-                running: Precision::F32,
-                reason: "this CPU has AMX but this process may not use it (OS permission, or \
-                         RAG_INGEST_AMX=0), and its AVX-512 BF16 path is slower than f32"
-                    .to_owned(),
-                bf16_dot_ratio,
-            };
-            return Self::start(model_dir, f32, choice);
+            let why = "this CPU has AMX but this process may not use it (OS permission, or \
+                       RAG_INGEST_AMX=0), and its AVX-512 BF16 path is slower than f32"
+                .to_owned();
+            return Self::auto_without_bf16(model_dir, f32, min_cosine, why, bf16_dot_ratio);
         }
         if !bert::bf16_products_pay(kernel) {
             // No AMX here (none, or hidden by a hypervisor) and a slow `vdpbf16ps`: bf16 on
             // AVX-512 would run at about half the f32 speed (docs/performance.md).
             let ratio = bf16_dot_ratio.unwrap_or(f64::NAN);
-            let choice = PrecisionChoice {
-                requested: Precision::Auto,
-                running: Precision::F32,
-                reason: format!(
-                    "vdpbf16ps takes {ratio:.1}x an f32 FMA on this CPU (bf16 pays below \
-                     {BF16_SLOW_RATIO}x) and no AMX is available: bf16 would be slower than f32"
-                ),
-                bf16_dot_ratio,
-            };
-            return Self::start(model_dir, f32, choice);
+            let why = format!(
+                "vdpbf16ps takes {ratio:.1}x an f32 FMA on this CPU (bf16 pays below \
+                 {BF16_SLOW_RATIO}x) and no AMX is available: bf16 would be slower than f32"
+            );
+            return Self::auto_without_bf16(model_dir, f32, min_cosine, why, bf16_dot_ratio);
         }
         let bf16 = Inner::load(model_dir, batch_size, Precision::Bf16)?;
-        let reference = f32.embed(&SELF_CHECK_TEXTS)?;
-        let reduced = bf16.embed(&SELF_CHECK_TEXTS)?;
-        let least = reference
-            .iter()
-            .zip(&reduced)
-            .map(|(a, b)| cosine(a, b))
-            .fold(f64::INFINITY, f64::min);
+        let least = least_cosine(&f32, &bf16)?;
         let attention = bf16.model.attention_precision();
         let (inner, choice) = if least >= min_cosine {
             drop(f32);
@@ -330,6 +330,57 @@ impl CandleEmbedder {
             )
         };
         Self::start(model_dir, inner, choice)
+    }
+
+    /// `auto` where bf16 does not run (`why`): int16 where it is the faster path
+    /// ([`bert::int16_pays`]: AVX2 and FMA without AVX-512) and its vectors pass the
+    /// self-check against `f32` (the loaded f32 pass), else `f32` itself.
+    ///
+    /// # Errors
+    ///
+    /// Those of loading the int16 pass, or [`EmbedError::Inference`] if the self-check
+    /// cannot run.
+    fn auto_without_bf16(
+        model_dir: &Path,
+        f32: Inner,
+        min_cosine: f64,
+        why: String,
+        bf16_dot_ratio: Option<f64>,
+    ) -> Result<Self, EmbedError> {
+        let kept = |reason: String| PrecisionChoice {
+            requested: Precision::Auto,
+            running: Precision::F32,
+            reason,
+            bf16_dot_ratio,
+        };
+        if !bert::int16_pays() {
+            return Self::start(model_dir, f32, kept(why));
+        }
+        let int16 = Inner::load(model_dir, f32.batch_size, Precision::Int16)?;
+        let least = least_cosine(&f32, &int16)?;
+        if least >= min_cosine {
+            drop(f32);
+            let choice = PrecisionChoice {
+                requested: Precision::Auto,
+                running: Precision::Int16,
+                reason: format!(
+                    "{why}; AVX2 without AVX-512: int16 products on {}, self-check min \
+                     cosine {least:.6} >= {min_cosine}",
+                    amx::Kernel::Avx2.name()
+                ),
+                bf16_dot_ratio,
+            };
+            Self::start(model_dir, int16, choice)
+        } else {
+            drop(int16);
+            Self::start(
+                model_dir,
+                f32,
+                kept(format!(
+                    "{why}; int16 self-check min cosine {least:.6} < {min_cosine}: kept f32"
+                )),
+            )
+        }
     }
 
     /// Starts the embedding thread over `inner` and reports the load.
@@ -474,6 +525,7 @@ impl Inner {
         let missing = match precision {
             Precision::Bf16 => bf16::missing_features(),
             Precision::Int8 => int8::missing_features(),
+            Precision::Int16 => int8::avx2_missing(),
             Precision::F32 | Precision::Auto => None,
         };
         if let Some(missing) = missing {
@@ -552,9 +604,14 @@ impl Inner {
             batch_size,
             forward_passes: AtomicU64::new(0),
         };
-        if precision == Precision::Int8 {
+        let plan = match precision {
+            Precision::Int8 => Some(int8_plan()),
+            Precision::Int16 => Some(int16_plan()),
+            Precision::F32 | Precision::Bf16 | Precision::Auto => None,
+        };
+        if let Some(plan) = plan {
             inner
-                .quantize(&int8_plan())
+                .quantize(&plan)
                 .map_err(|e| load_error(&weights_path, e))?;
         }
         Ok(inner)
@@ -732,6 +789,28 @@ fn int8_plan() -> Int8Plan {
         max_outliers: 16,
         kernel: amx::Kernel::best(),
         attention: true,
+        weight_levels: int8::INT8_LEVELS,
+        short_fallback: true,
+    }
+}
+
+/// What `precision = "int16"` does: every linear layer on the AVX2 kernel with 12-bit
+/// weights ([`int8::INT16_LEVELS`]), no smoothing (it would move range into the weights,
+/// the coarser side here), input channels over 3 × the median channel's calibration
+/// maximum (at most 16 per layer) in f32, and no separate weights for short sequences.
+/// Chosen by measurement on the `engines` bench texts (min cosine to f32, machine Z):
+/// ±2047 weights 0.999985 (0.999968 without the f32 channels), ±511 0.999969, int8's ±127
+/// 0.999553 (docs/performance.md).
+fn int16_plan() -> Int8Plan {
+    Int8Plan {
+        sites: Site::ALL.to_vec(),
+        alpha: [0.0; 4],
+        outlier_ratio: 3.0,
+        max_outliers: 16,
+        kernel: amx::Kernel::Avx2,
+        attention: false,
+        weight_levels: int8::INT16_LEVELS,
+        short_fallback: false,
     }
 }
 

@@ -35,23 +35,31 @@ pub(crate) enum Kernel {
     Avx512,
     /// Intel AMX tiles, 32 × 32 output blocks.
     Amx,
+    /// The AVX2 kernel of int8 (`vpmaddwd` on i16 activations, 6 × 16 tiles), for CPUs
+    /// without AVX-512 VNNI. bf16 has none: for bf16 it means the AVX-512 kernel.
+    Avx2,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU and OS allow.
+    /// The fastest kernel this CPU and OS allow: AMX, else AVX-512 where the CPU has AVX-512
+    /// VNNI (every CPU with AVX-512 BF16 has it), else AVX2 where the CPU has AVX2 and FMA,
+    /// else AVX-512 (which then fails to load, naming the missing features).
     pub(crate) fn best() -> Self {
         if Amx::detect().is_some() {
             Self::Amx
+        } else if super::int8::vnni_missing().is_some() && super::int8::avx2_missing().is_none() {
+            Self::Avx2
         } else {
             Self::Avx512
         }
     }
 
-    /// Name for logs and `doctor`: `"amx"` or `"avx512"`.
+    /// Name for logs and `doctor`: `"amx"`, `"avx512"` or `"avx2"`.
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Avx512 => "avx512",
             Self::Amx => "amx",
+            Self::Avx2 => "avx2",
         }
     }
 }

@@ -129,8 +129,9 @@ enum Weight {
     /// Converted to bf16 and packed for the kernel.
     Bf16(Bf16Weight),
     /// Quantised to int8 per output channel and packed for the kernel, with the weight in
-    /// the precision that sequences shorter than [`INT8_MIN_TOKENS`] use (bf16, or f32).
-    Int8(Int8Weight, Box<Weight>),
+    /// the precision that sequences shorter than [`INT8_MIN_TOKENS`] use (bf16, or f32), if
+    /// the plan keeps one ([`Int8Plan::short_fallback`]).
+    Int8(Int8Weight, Option<Box<Weight>>),
 }
 
 /// Sequences shorter than this many tokens (special tokens included) skip the int8 layers
@@ -157,6 +158,20 @@ fn bf16_attention(head_dim: usize, kernel: Kernel) -> Option<Bf16Attention> {
 /// AVX-512 where `vdpbf16ps` is fast ([`DotSpeed::pays`]).
 pub(crate) fn bf16_products_pay(kernel: Kernel) -> bool {
     bf16::missing_features().is_none() && (kernel == Kernel::Amx || DotSpeed::fast())
+}
+
+/// Whether int16 products (the AVX2 kernel) are faster than f32 ones here: on a CPU with
+/// AVX2 and FMA but no AVX-512F. With AVX-512, f32 runs on 16-lane FMAs, as many
+/// multiply-adds per instruction as `vpmaddwd` on AVX2 does.
+pub(crate) fn int16_pays() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::int8::avx2_missing().is_none() && !std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The four linear layers of an encoder layer, as the calibration and the int8 plan name
@@ -200,11 +215,18 @@ pub(crate) struct Int8Plan {
     pub outlier_ratio: f32,
     /// At most this many outlier channels per layer (the largest).
     pub max_outliers: usize,
-    /// The kernel of the int8 products (AMX where available; same results as VNNI).
+    /// The kernel of the int8 products (AMX where available, same results as VNNI; AVX2
+    /// where the CPU has no AVX-512 VNNI).
     pub kernel: Kernel,
     /// Attention's two products (scores and context) in bf16 where it pays
     /// ([`bf16_attention`]).
     pub attention: bool,
+    /// The weights' levels: [`INT8_LEVELS`](super::int8::INT8_LEVELS), or wider for the
+    /// AVX2 kernel ([`INT16_LEVELS`](super::int8::INT16_LEVELS)).
+    pub weight_levels: i16,
+    /// Whether sequences under [`INT8_MIN_TOKENS`] use a bf16/f32 copy of each weight
+    /// (int8's error is too large for them; int16's is not, and the copy costs memory).
+    pub short_fallback: bool,
 }
 
 /// The input channels of `maxima` (calibration maxima) above `ratio` × their median, the
@@ -374,7 +396,7 @@ impl Bert {
             layers,
             reduced_attention: match precision {
                 Precision::Bf16 => bf16_attention(head_dim, Kernel::best()),
-                Precision::F32 | Precision::Auto | Precision::Int8 => None,
+                Precision::F32 | Precision::Auto | Precision::Int8 | Precision::Int16 => None,
             },
             buffers: Mutex::new(None),
         })
@@ -440,7 +462,7 @@ impl Bert {
     ///
     /// # Errors
     ///
-    /// A message naming the missing CPU features if this CPU has no AVX-512 VNNI.
+    /// A message naming the missing CPU features if this CPU cannot run `plan.kernel`.
     pub(crate) fn quantize(
         &mut self,
         calibration: &Calibration,
@@ -471,11 +493,14 @@ impl Bert {
                         plan.outlier_ratio,
                         plan.max_outliers,
                     );
-                    let fallback = if others == Precision::Bf16 {
-                        Weight::Bf16(Bf16Weight::new(weight, linear.outputs, linear.inputs)?)
-                    } else {
-                        Weight::F32(weight.clone())
-                    };
+                    let fallback =
+                        match (plan.short_fallback, others) {
+                            (false, _) => None,
+                            (true, Precision::Bf16) => Some(Box::new(Weight::Bf16(
+                                Bf16Weight::new(weight, linear.outputs, linear.inputs)?,
+                            ))),
+                            (true, _) => Some(Box::new(Weight::F32(weight.clone()))),
+                        };
                     Weight::Int8(
                         Int8Weight::new(
                             weight,
@@ -484,8 +509,9 @@ impl Bert {
                             smooth.as_deref(),
                             &outliers,
                             plan.kernel,
+                            plan.weight_levels,
                         )?,
-                        Box::new(fallback),
+                        fallback,
                     )
                 } else if others == Precision::Bf16 {
                     Weight::Bf16(Bf16Weight::new(weight, linear.outputs, linear.inputs)?)
@@ -767,10 +793,12 @@ impl Linear {
     ) -> Result<Self, String> {
         let outputs = bias.len();
         let weight = match precision {
-            // `Auto` is resolved to F32 or Bf16 before a model is built; were it not, f32 is
-            // the precision that is always right. `Int8` loads in f32 and is quantised after
-            // calibration ([`Bert::quantize`]).
-            Precision::F32 | Precision::Auto | Precision::Int8 => Weight::F32(weight),
+            // `Auto` is resolved to F32, Bf16 or Int16 before a model is built; were it not,
+            // f32 is the precision that is always right. `Int8` and `Int16` load in f32 and
+            // are quantised after calibration ([`Bert::quantize`]).
+            Precision::F32 | Precision::Auto | Precision::Int8 | Precision::Int16 => {
+                Weight::F32(weight)
+            }
             Precision::Bf16 => Weight::Bf16(Bf16Weight::new(&weight, outputs, inputs)?),
         };
         Ok(Self {
@@ -801,7 +829,7 @@ impl Linear {
             then: activation,
         };
         match &self.weight {
-            Weight::Int8(int8, fallback) if !short.is_empty() => {
+            Weight::Int8(int8, Some(fallback)) if !short.is_empty() => {
                 let (k, n) = (self.inputs, self.outputs);
                 let short_rows: usize = short.iter().map(ExactSizeIterator::len).sum();
                 if short_rows == rows {

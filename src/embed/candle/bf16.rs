@@ -125,7 +125,7 @@ impl Bf16Weight {
         assert_eq!(weight.len(), outputs * inputs, "weight shape");
         let amx = match kernel {
             Kernel::Amx => Amx::detect(),
-            Kernel::Avx512 => None,
+            Kernel::Avx512 | Kernel::Avx2 => None,
         };
         let tile::Packing {
             words: pairs,

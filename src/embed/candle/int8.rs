@@ -27,12 +27,28 @@
 //! AMX the weights are packed in panels of 16 outputs (so that a B tile's rows are
 //! contiguous), the inputs padded to a multiple of 64 and the panels to an even count.
 //!
+//! On a CPU without AVX-512 VNNI but with AVX2 and FMA, the products run on AVX2 instead
+//! ([`avx2`], [`Kernel::Avx2`]): the same int8 weights, but activations quantised per row
+//! to *i16*, symmetric, with as many levels as the i32 sums allow without overflow (±11,008
+//! at 1,536 inputs), multiplied in pairs by `vpmaddwd`. Its activations are thus finer than
+//! VNNI's 256 levels; the weights, the smoothing and the outlier channels are the same.
+//!
 //! Everything `unsafe` here is reached only through an [`Int8Weight`], which can only be
-//! built after run-time detection of AVX-512F, AVX-512BW and AVX-512 VNNI.
+//! built after run-time detection of AVX-512F, AVX-512BW and AVX-512 VNNI, or of AVX2 and
+//! FMA for the AVX2 kernel.
+
+mod avx2;
 
 pub(crate) use super::amx::Kernel;
 use super::amx::{Amx, TILE_BYTES, TILE_ROWS};
 use super::tile::{self, LANES, MC, Start};
+
+/// The largest magnitude of an int8 weight: what every kernel takes.
+pub(crate) const INT8_LEVELS: i16 = 127;
+/// The largest magnitude of a weight of `precision = "int16"` (12 bits): the AVX2 kernel
+/// only. Its activations then get ±683 levels at 1,536 inputs, ±2,732 at 384
+/// ([`avx2::activation_levels`]).
+pub(crate) const INT16_LEVELS: i16 = 2047;
 
 /// Columns of an output tile: three vectors of 16 i32 lanes.
 const NR: usize = 48;
@@ -41,33 +57,52 @@ const MR: usize = 8;
 /// Rows of the AMX kernel's output block (two A tiles); a multiple of it divides [`MC`].
 const AMX_ROWS: usize = 2 * TILE_ROWS;
 
-/// Proof that the CPU runs the kernel: only [`Cpu::detect`] creates one. Uninhabited where
-/// the kernel does not exist, so that code using it is statically unreachable there.
+/// Proof that the CPU runs a kernel, and which: only [`Cpu::detect`] creates one.
+/// Uninhabited where no kernel exists, so that code using it is statically unreachable
+/// there.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Cpu(());
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cpu {
+    /// AVX-512F, AVX-512BW and AVX-512 VNNI (the VNNI and AMX kernels).
+    Vnni,
+    /// AVX2 and FMA (the [`avx2`] kernel).
+    Avx2,
+}
 
 #[cfg(not(target_arch = "x86_64"))]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Cpu {}
 
 impl Cpu {
-    /// `Some` if this CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
-    fn detect() -> Option<Self> {
+    /// The CPU features `kernel` needs, if this CPU has them: AVX2 and FMA for
+    /// [`Kernel::Avx2`], AVX-512F/BW/VNNI for the others.
+    fn detect(kernel: Kernel) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            missing_features().is_none().then_some(Self(()))
+            match kernel {
+                Kernel::Avx2 => avx2_missing().is_none().then_some(Self::Avx2),
+                Kernel::Avx512 | Kernel::Amx => vnni_missing().is_none().then_some(Self::Vnni),
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
+            let _ = kernel;
             None
         }
     }
 }
 
-/// `None` if this CPU can run the kernel, else the CPU features it lacks for it (named as
-/// `is_x86_feature_detected!` names them; `/proc/cpuinfo` says `avx512_vnni`).
+/// `None` if this CPU can run an int8 kernel (AVX-512 VNNI, or AVX2 and FMA), else the CPU
+/// features it lacks (named as `is_x86_feature_detected!` names them; `/proc/cpuinfo` says
+/// `avx512_vnni`).
 pub(crate) fn missing_features() -> Option<String> {
+    let vnni = vnni_missing()?;
+    let avx2 = avx2_missing()?;
+    Some(format!("{avx2} (or AVX-512: {vnni})"))
+}
+
+/// `None` if this CPU has AVX-512F, AVX-512BW and AVX-512 VNNI, else those it lacks.
+pub(crate) fn vnni_missing() -> Option<String> {
     #[cfg(target_arch = "x86_64")]
     {
         super::tile::missing(&[
@@ -82,6 +117,21 @@ pub(crate) fn missing_features() -> Option<String> {
     #[cfg(not(target_arch = "x86_64"))]
     {
         Some("x86_64 with avx512f, avx512bw, avx512vnni".to_owned())
+    }
+}
+
+/// `None` if this CPU has AVX2 and FMA (the [`avx2`] kernel), else those it lacks.
+pub(crate) fn avx2_missing() -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::tile::missing(&[
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ])
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Some("x86_64 with avx2, fma".to_owned())
     }
 }
 
@@ -122,8 +172,15 @@ pub(crate) fn smoothing(
 /// the panel's outputs' four weights side by side. Outputs past the end of the last panel and
 /// inputs past the last full quad are zero.
 pub(crate) struct Int8Weight {
-    /// `panels × quads × width × 4` (`width` = [`NR`], or 16 for AMX).
+    /// `panels × quads × width × 4` (`width` = [`NR`], or 16 for AMX); empty for AVX2.
     data: Vec<i8>,
+    /// For the AVX2 kernel, `panels × pairs × 16 × 2`: for each panel of 16 outputs, for
+    /// each pair of inputs, the outputs' two weights side by side, widened to i16 (see
+    /// [`avx2`]); else empty.
+    pairs: Vec<i16>,
+    /// For the AVX2 kernel, the largest magnitude of a quantised activation: the i32 sums
+    /// of `inputs` products cannot overflow ([`avx2::activation_levels`]).
+    levels: i32,
     /// Scale of each output channel (at least `panels × width` and 48, zero past
     /// `outputs`).
     scales: Vec<f32>,
@@ -138,7 +195,8 @@ pub(crate) struct Int8Weight {
     outlier_weights: Vec<f32>,
     inputs: usize,
     outputs: usize,
-    /// `ceil(inputs / 4)`, rounded up to a multiple of 16 for AMX.
+    /// 32-bit words of quantised activations per row: `ceil(inputs / 4)` quads of u8,
+    /// rounded up to a multiple of 16 for AMX; for AVX2 `ceil(inputs / 2)` pairs of i16.
     quads: usize,
     cpu: Cpu,
     /// Set if the products run on AMX tiles.
@@ -153,11 +211,16 @@ impl Int8Weight {
     /// f32 instead (LLM.int8()'s decomposition): a channel tens of times larger than the
     /// rest would otherwise take most of a token's 256 levels.
     ///
-    /// The products run on `kernel` where the CPU and OS allow it, else on VNNI.
+    /// The products run on `kernel` where the CPU and OS allow it (AMX falls back to VNNI).
+    /// The weights are quantised to `±weight_levels` per output channel: [`INT8_LEVELS`],
+    /// or up to [`i16::MAX`] for the AVX2 kernel (which widens them to i16 anyway; its
+    /// activations then get fewer levels, see [`avx2::activation_levels`]).
     ///
     /// # Errors
     ///
-    /// A message naming the missing CPU features if this CPU cannot run the kernel.
+    /// A message naming the missing CPU features if this CPU cannot run the kernel (AVX2
+    /// and FMA for [`Kernel::Avx2`], AVX-512F/BW/VNNI for the others), or saying that
+    /// only the AVX2 kernel takes weights wider than int8.
     ///
     /// # Panics
     ///
@@ -170,12 +233,25 @@ impl Int8Weight {
         smooth: Option<&[f32]>,
         outliers: &[usize],
         kernel: Kernel,
+        weight_levels: i16,
     ) -> Result<Self, String> {
-        let cpu = Cpu::detect()
-            .ok_or_else(|| format!("this CPU lacks {}", missing_features().unwrap_or_default()))?;
+        if !(1..=INT8_LEVELS).contains(&weight_levels) && kernel != Kernel::Avx2 {
+            return Err(format!(
+                "weights of ±{weight_levels} levels need the AVX2 kernel (int8 kernels take \
+                 ±1 to ±{INT8_LEVELS})"
+            ));
+        }
+        let weight_levels = weight_levels.max(1);
+        let cpu = Cpu::detect(kernel).ok_or_else(|| {
+            let missing = match kernel {
+                Kernel::Avx2 => avx2_missing(),
+                Kernel::Avx512 | Kernel::Amx => vnni_missing(),
+            };
+            format!("this CPU lacks {}", missing.unwrap_or_default())
+        })?;
         let amx = match kernel {
             Kernel::Amx => Amx::detect(),
-            Kernel::Avx512 => None,
+            Kernel::Avx512 | Kernel::Avx2 => None,
         };
         assert_eq!(weight.len(), outputs * inputs, "weight shape");
         if let Some(s) = smooth {
@@ -199,11 +275,15 @@ impl Int8Weight {
             words: quads,
             width,
             panels,
-        } = tile::Packing::new(outputs, inputs, 4, amx.is_some());
+        } = if kernel == Kernel::Avx2 {
+            avx2::packing(outputs, inputs)
+        } else {
+            tile::Packing::new(outputs, inputs, 4, amx.is_some())
+        };
         let columns = panels * width;
         let mut scales = vec![0f32; columns.max(NR)];
         let mut sums = vec![0i32; columns.max(NR)];
-        let mut rows: Vec<Vec<i8>> = Vec::with_capacity(outputs);
+        let mut rows: Vec<Vec<i16>> = Vec::with_capacity(outputs);
         for (c, row) in weight.chunks_exact(inputs.max(1)).take(outputs).enumerate() {
             let mut smoothed: Vec<f32> = match smooth {
                 Some(s) => row.iter().zip(s).map(|(w, s)| w * s).collect(),
@@ -213,15 +293,33 @@ impl Int8Weight {
                 smoothed[j] = 0.0;
             }
             let max = smoothed.iter().fold(0f32, |m, w| m.max(w.abs()));
-            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            let q: Vec<i8> = smoothed
+            let limit = f32::from(weight_levels);
+            let scale = if max > 0.0 { max / limit } else { 1.0 };
+            let q: Vec<i16> = smoothed
                 .iter()
-                // Within [-127, 127] by construction of `scale`; the cast saturates anyway.
-                .map(|w| (w / scale).round_ties_even().clamp(-127.0, 127.0) as i8)
+                // Within ±limit by construction of `scale`; the cast saturates anyway.
+                .map(|w| (w / scale).round_ties_even().clamp(-limit, limit) as i16)
                 .collect();
             scales[c] = scale;
             sums[c] = q.iter().map(|&v| i32::from(v)).sum();
             rows.push(q);
+        }
+        if kernel == Kernel::Avx2 {
+            return Ok(Self {
+                data: Vec::new(),
+                pairs: avx2::pack(&rows, quads, panels),
+                levels: avx2::activation_levels(inputs, weight_levels),
+                scales,
+                sums,
+                unsmooth,
+                outliers: outliers.to_vec(),
+                outlier_weights,
+                inputs,
+                outputs,
+                quads,
+                cpu,
+                amx: None,
+            });
         }
         let mut data = vec![0i8; panels * quads * width * 4];
         for (panel, packed) in data.chunks_exact_mut(quads * width * 4).enumerate() {
@@ -232,7 +330,8 @@ impl Int8Weight {
                     };
                     for (i, value) in packed.iter_mut().enumerate() {
                         if let Some(&q) = row.get(4 * quad + i) {
-                            *value = q;
+                            // Within ±127 (`weight_levels`), so the cast is exact.
+                            *value = q as i8;
                         }
                     }
                 }
@@ -240,6 +339,8 @@ impl Int8Weight {
         }
         Ok(Self {
             data,
+            pairs: Vec::new(),
+            levels: 0,
             scales,
             sums,
             unsmooth,
@@ -277,12 +378,14 @@ impl Int8Weight {
             start,
             |x, a, out| {
                 #[cfg(target_arch = "x86_64")]
-                {
-                    let Cpu(()) = cpu;
-                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F/BW/VNNI; `par_blocks`
-                    // hands over the same rows of `x` and `out` and room in `a` for their
-                    // quads, rounded up to 32 rows for AMX.
-                    unsafe { x86::block(x, a, out, self) };
+                match cpu {
+                    // SAFETY: `Cpu::Vnni` exists only if the CPU has AVX-512F/BW/VNNI;
+                    // `par_blocks` hands over the same rows of `x` and `out` and room in `a`
+                    // for their quads, rounded up to 32 rows for AMX.
+                    Cpu::Vnni => unsafe { x86::block(x, a, out, self) },
+                    // SAFETY: `Cpu::Avx2` exists only if the CPU has AVX2 and FMA, and then
+                    // the weights were packed for it; `a` has room for the rows' pairs.
+                    Cpu::Avx2 => unsafe { avx2::block(x, a, out, self) },
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
@@ -658,22 +761,45 @@ mod tests {
         assert_eq!(s[2], 1.0);
     }
 
+    /// The kernels this CPU runs besides AMX (VNNI and/or AVX2), saying which are skipped.
+    fn vector_kernels() -> Vec<Kernel> {
+        let mut kernels = Vec::new();
+        match vnni_missing() {
+            None => kernels.push(Kernel::Avx512),
+            Some(missing) => eprintln!("SKIPPED (VNNI kernel): {missing} not available"),
+        }
+        match avx2_missing() {
+            None => kernels.push(Kernel::Avx2),
+            Some(missing) => eprintln!("SKIPPED (AVX2 kernel): {missing} not available"),
+        }
+        kernels
+    }
+
     #[test]
     fn matches_a_naive_matmul() {
-        if let Some(missing) = missing_features() {
-            eprintln!("SKIPPED: {missing} not available");
-            return;
-        }
         // Edge cases of every loop: one element, inputs not a multiple of 4 or 16, partial
         // panels and tiles, several row blocks; with and without smoothing and outliers.
-        for (rows, inputs, outputs, smooth) in [
-            (1, 1, 1, false),
-            (3, 7, 50, false),
-            (9, 33, 48, true),
-            (13, 384, 100, false),
-            (130, 64, 16, true),
-            (200, 1536, 97, false),
-        ] {
+        // The AVX2 kernel also with int16's wide weights.
+        let variants = vector_kernels().into_iter().flat_map(|kernel| {
+            let wide = (kernel == Kernel::Avx2).then_some((kernel, INT16_LEVELS));
+            [(kernel, INT8_LEVELS)].into_iter().chain(wide)
+        });
+        for ((kernel, weight_levels), (rows, inputs, outputs, smooth)) in variants
+            .collect::<Vec<_>>()
+            .into_iter()
+            .flat_map(|variant| {
+                [
+                    (1, 1, 1, false),
+                    (3, 7, 50, false),
+                    (9, 33, 48, true),
+                    (13, 384, 100, false),
+                    (130, 64, 16, true),
+                    (200, 1536, 97, false),
+                    (7, 40, 25, true),
+                ]
+                .map(|shape| (variant, shape))
+            })
+        {
             let x = values(rows * inputs, 1);
             let w = values(outputs * inputs, 2);
             let start = values(rows * outputs, 3);
@@ -691,11 +817,22 @@ mod tests {
                 inputs,
                 smooth.then_some(&s[..]),
                 &outliers,
-                Kernel::Avx512,
+                kernel,
+                weight_levels,
             )
             .expect("supported");
+            assert_eq!(packed.levels > 0, kernel == Kernel::Avx2);
+            let w_levels = f64::from(weight_levels);
+            // Half a step of the activations, relative to a row's largest magnitude: u8
+            // over the row's range (at most twice its largest magnitude), or i16 levels.
+            let x_half_step = if kernel == Kernel::Avx2 {
+                0.5 / f64::from(packed.levels)
+            } else {
+                1.0 / 255.0
+            };
             let mut out = start.clone();
-            let mut scratch = Vec::new();
+            // Stale scratch contents must not matter.
+            let mut scratch = vec![u32::MAX; 5];
             packed.matmul(&x, &mut out, &mut scratch, None);
             for r in 0..rows {
                 let row = &x[r * inputs..(r + 1) * inputs];
@@ -716,17 +853,53 @@ mod tests {
                         let (xi, wi) = (f64::from(row[i]), f64::from(w[c * inputs + i]));
                         let si = if smooth { f64::from(s[i]) } else { 1.0 };
                         exact += xi * wi;
-                        // Each factor is off by at most half a step: x by (2 x_max / 255) / 2,
-                        // w by (w_max / 127) / 2, in the smoothed coordinates.
+                        // Each factor is off by at most half a step: x by `x_half_step`
+                        // of x_max, w by (w_max / levels) / 2, in the smoothed coordinates.
                         let (xs, ws) = ((xi / si).abs(), (wi * si).abs());
-                        bound += xs * w_max / 254.0 + ws * x_max / 255.0 + x_max * w_max / 32_258.0;
+                        bound += xs * w_max / (2.0 * w_levels)
+                            + ws * x_max * x_half_step
+                            + x_max * x_half_step * w_max / w_levels;
                     }
                     let error = (f64::from(out[r * outputs + c]) - exact).abs();
                     assert!(
                         error <= bound * 1.01 + 1e-5,
-                        "{rows}×{inputs}×{outputs} [{r}, {c}]: error {error}, bound {bound}"
+                        "{kernel:?} ±{weight_levels} {rows}×{inputs}×{outputs} [{r}, {c}]: \
+                         error {error}, bound {bound}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx2_kernel_sums_the_largest_products_without_overflow() {
+        if let Some(missing) = avx2_missing() {
+            eprintln!("SKIPPED: {missing} not available");
+            return;
+        }
+        // Every activation and weight at its largest magnitude, all of one sign: the i32
+        // sums reach inputs · weight levels · levels, just under 2³¹. A wrapped sum would
+        // be off by 2³² steps.
+        for (inputs, weight_levels) in [384, 1536, 4099]
+            .into_iter()
+            .flat_map(|inputs| [(inputs, INT8_LEVELS), (inputs, INT16_LEVELS)])
+        {
+            let (rows, outputs) = (5, 30);
+            let x = vec![1.0f32; rows * inputs];
+            let w: Vec<f32> = (0..outputs * inputs)
+                .map(|i| if i / inputs % 2 == 0 { 0.5 } else { -0.5 })
+                .collect();
+            let packed =
+                Int8Weight::new(&w, outputs, inputs, None, &[], Kernel::Avx2, weight_levels)
+                    .expect("supported");
+            let mut out = vec![0.0; rows * outputs];
+            packed.matmul(&x, &mut out, &mut Vec::new(), None);
+            for (i, &v) in out.iter().enumerate() {
+                let exact = if i % outputs % 2 == 0 { 0.5 } else { -0.5 } * inputs as f32;
+                assert!(
+                    (v - exact).abs() <= exact.abs() * 1e-5,
+                    "{inputs} inputs, ±{weight_levels}, element {i}: {v} instead of {exact}"
+                );
             }
         }
     }
@@ -768,6 +941,7 @@ mod tests {
                     smooth.then_some(&s[..]),
                     &outliers,
                     kernel,
+                    INT8_LEVELS,
                 )
                 .expect("supported");
                 assert_eq!(packed.amx.is_some(), kernel == Kernel::Amx);
@@ -788,15 +962,14 @@ mod tests {
 
     #[test]
     fn a_start_is_written_block_by_block_as_a_separate_pass_would() {
-        if missing_features().is_some() {
-            eprintln!("SKIPPED: this CPU cannot run the kernel");
-            return;
+        for kernel in vector_kernels() {
+            testing::fused_start_matches_a_separate_pass(
+                |w, outputs, inputs| {
+                    Int8Weight::new(w, outputs, inputs, None, &[1], kernel, INT8_LEVELS)
+                        .expect("supported")
+                },
+                |packed, x, out, scratch, start| packed.matmul(x, out, scratch, start),
+            );
         }
-        testing::fused_start_matches_a_separate_pass(
-            |w, outputs, inputs| {
-                Int8Weight::new(w, outputs, inputs, None, &[1], Kernel::best()).expect("supported")
-            },
-            |packed, x, out, scratch, start| packed.matmul(x, out, scratch, start),
-        );
     }
 }
