@@ -304,43 +304,19 @@ impl Int8Weight {
             sums[c] = q.iter().map(|&v| i32::from(v)).sum();
             rows.push(q);
         }
-        if kernel == Kernel::Avx2 {
-            return Ok(Self {
-                data: Vec::new(),
-                pairs: avx2::pack(&rows, quads, panels),
-                levels: avx2::activation_levels(inputs, weight_levels),
-                scales,
-                sums,
-                unsmooth,
-                outliers: outliers.to_vec(),
-                outlier_weights,
-                inputs,
-                outputs,
-                quads,
-                cpu,
-                amx: None,
-            });
-        }
-        let mut data = vec![0i8; panels * quads * width * 4];
-        for (panel, packed) in data.chunks_exact_mut(quads * width * 4).enumerate() {
-            for (quad, packed) in packed.chunks_exact_mut(width * 4).enumerate() {
-                for (column, packed) in packed.chunks_exact_mut(4).enumerate() {
-                    let Some(row) = rows.get(panel * width + column) else {
-                        continue;
-                    };
-                    for (i, value) in packed.iter_mut().enumerate() {
-                        if let Some(&q) = row.get(4 * quad + i) {
-                            // Within ±127 (`weight_levels`), so the cast is exact.
-                            *value = q as i8;
-                        }
-                    }
-                }
-            }
-        }
+        let (data, pairs, levels) = if kernel == Kernel::Avx2 {
+            (
+                Vec::new(),
+                avx2::pack(&rows, quads, panels),
+                avx2::activation_levels(inputs, weight_levels),
+            )
+        } else {
+            (pack_quads(&rows, quads, width, panels), Vec::new(), 0)
+        };
         Ok(Self {
             data,
-            pairs: Vec::new(),
-            levels: 0,
+            pairs,
+            levels,
             scales,
             sums,
             unsmooth,
@@ -395,6 +371,29 @@ impl Int8Weight {
             },
         );
     }
+}
+
+/// Packs the quantised weight rows (`outputs` rows of `inputs` values within ±127) for the
+/// VNNI and AMX kernels: `panels × quads × width × 4` i8, zero past the last output and
+/// input.
+fn pack_quads(rows: &[Vec<i16>], quads: usize, width: usize, panels: usize) -> Vec<i8> {
+    let mut data = vec![0i8; panels * quads * width * 4];
+    for (panel, packed) in data.chunks_exact_mut(quads * width * 4).enumerate() {
+        for (quad, packed) in packed.chunks_exact_mut(width * 4).enumerate() {
+            for (column, packed) in packed.chunks_exact_mut(4).enumerate() {
+                let Some(row) = rows.get(panel * width + column) else {
+                    continue;
+                };
+                for (i, value) in packed.iter_mut().enumerate() {
+                    if let Some(&q) = row.get(4 * quad + i) {
+                        // Within ±127 (`INT8_LEVELS`), so the cast is exact.
+                        *value = q as i8;
+                    }
+                }
+            }
+        }
+    }
+    data
 }
 
 /// Quantisation of one row of activations: `x ≈ scale · (u − zero)`.
