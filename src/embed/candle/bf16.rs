@@ -127,25 +127,9 @@ impl Bf16Weight {
             Kernel::Amx => Amx::detect(),
             Kernel::Avx512 | Kernel::Avx2 => None,
         };
-        let tile::Packing {
-            words: pairs,
-            width,
-            panels,
-        } = tile::Packing::new(outputs, inputs, 2, amx.is_some());
-        let mut data = vec![0; panels * pairs * width * 2];
-        for (panel, packed) in data.chunks_exact_mut(pairs * width * 2).enumerate() {
-            for (pair, packed) in packed.chunks_exact_mut(width * 2).enumerate() {
-                for (column, packed) in packed.chunks_exact_mut(2).enumerate() {
-                    let output = panel * width + column;
-                    for (half, value) in packed.iter_mut().enumerate() {
-                        let input = 2 * pair + half;
-                        if output < outputs && input < inputs {
-                            *value = to_bf16(weight[output * inputs + input]);
-                        }
-                    }
-                }
-            }
-        }
+        let packing = tile::Packing::new(outputs, inputs, 2, amx.is_some());
+        let data = packing.pack(2, outputs, inputs, |o, i| to_bf16(weight[o * inputs + i]));
+        let pairs = packing.words;
         Ok(Self {
             data,
             inputs,

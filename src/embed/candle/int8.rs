@@ -271,15 +271,16 @@ impl Int8Weight {
                 u[j] = 0.0;
             }
         }
-        let tile::Packing {
-            words: quads,
-            width,
-            panels,
-        } = if kernel == Kernel::Avx2 {
+        let packing = if kernel == Kernel::Avx2 {
             avx2::packing(outputs, inputs)
         } else {
             tile::Packing::new(outputs, inputs, 4, amx.is_some())
         };
+        let tile::Packing {
+            words: quads,
+            width,
+            panels,
+        } = packing;
         let columns = panels * width;
         let mut scales = vec![0f32; columns.max(NR)];
         let mut sums = vec![0i32; columns.max(NR)];
@@ -304,14 +305,19 @@ impl Int8Weight {
             sums[c] = q.iter().map(|&v| i32::from(v)).sum();
             rows.push(q);
         }
+        let quantised = |o: usize, i: usize| -> i16 {
+            rows.get(o).and_then(|row| row.get(i)).copied().unwrap_or(0)
+        };
         let (data, pairs, levels) = if kernel == Kernel::Avx2 {
             (
                 Vec::new(),
-                avx2::pack(&rows, quads, panels),
+                packing.pack(2, outputs, inputs, quantised),
                 avx2::activation_levels(inputs, weight_levels),
             )
         } else {
-            (pack_quads(&rows, quads, width, panels), Vec::new(), 0)
+            // Within ±127 (`INT8_LEVELS`), so the cast is exact.
+            let data = packing.pack(4, outputs, inputs, |o, i| quantised(o, i) as i8);
+            (data, Vec::new(), 0)
         };
         Ok(Self {
             data,
@@ -371,29 +377,6 @@ impl Int8Weight {
             },
         );
     }
-}
-
-/// Packs the quantised weight rows (`outputs` rows of `inputs` values within ±127) for the
-/// VNNI and AMX kernels: `panels × quads × width × 4` i8, zero past the last output and
-/// input.
-fn pack_quads(rows: &[Vec<i16>], quads: usize, width: usize, panels: usize) -> Vec<i8> {
-    let mut data = vec![0i8; panels * quads * width * 4];
-    for (panel, packed) in data.chunks_exact_mut(quads * width * 4).enumerate() {
-        for (quad, packed) in packed.chunks_exact_mut(width * 4).enumerate() {
-            for (column, packed) in packed.chunks_exact_mut(4).enumerate() {
-                let Some(row) = rows.get(panel * width + column) else {
-                    continue;
-                };
-                for (i, value) in packed.iter_mut().enumerate() {
-                    if let Some(&q) = row.get(4 * quad + i) {
-                        // Within ±127 (`INT8_LEVELS`), so the cast is exact.
-                        *value = q as i8;
-                    }
-                }
-            }
-        }
-    }
-    data
 }
 
 /// Quantisation of one row of activations: `x ≈ scale · (u − zero)`.

@@ -90,6 +90,42 @@ impl Packing {
             }
         }
     }
+
+    /// Lays out an `outputs × inputs` weight, `per_word` inputs per word, in this packing:
+    /// `panels × words × width × per_word` values, where the value of output `o` and input
+    /// `i` sits in panel `o / width`, word `i / per_word`, column `o % width`, place
+    /// `i % per_word`, and `T::default()` fills what lies past the last output or input.
+    /// `value(o, i)` gives the value of output `o` and input `i`.
+    pub(super) fn pack<T: Copy + Default>(
+        &self,
+        per_word: usize,
+        outputs: usize,
+        inputs: usize,
+        value: impl Fn(usize, usize) -> T,
+    ) -> Vec<T> {
+        let panel_len = self.words * self.width * per_word;
+        let mut data = vec![T::default(); self.panels * panel_len];
+        if panel_len == 0 {
+            return data;
+        }
+        for (panel, packed) in data.chunks_exact_mut(panel_len).enumerate() {
+            for (word, packed) in packed.chunks_exact_mut(self.width * per_word).enumerate() {
+                for (column, packed) in packed.chunks_exact_mut(per_word).enumerate() {
+                    let output = panel * self.width + column;
+                    if output >= outputs {
+                        break;
+                    }
+                    for (place, packed) in packed.iter_mut().enumerate() {
+                        let input = word * per_word + place;
+                        if input < inputs {
+                            *packed = value(output, input);
+                        }
+                    }
+                }
+            }
+        }
+        data
+    }
 }
 
 /// Rows per parallel task of the bf16 and int8 kernels (a multiple of the AMX kernels' 32).
@@ -159,6 +195,42 @@ pub(super) fn missing(features: &[(&str, bool)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packs_each_value_at_its_panel_word_column_and_place() {
+        // 5 outputs × 7 inputs, panels of 2 outputs, 4 inputs per word: 3 panels × 2 words.
+        let packing = Packing {
+            words: 2,
+            width: 2,
+            panels: 3,
+        };
+        let (outputs, inputs, per_word) = (5, 7, 4);
+        let value = |o: usize, i: usize| (10 * o + i + 1) as i32;
+        let data = packing.pack(per_word, outputs, inputs, value);
+        assert_eq!(data.len(), 3 * 2 * 2 * 4);
+        for (at, &packed) in data.iter().enumerate() {
+            let (place, column) = (at % per_word, at / per_word % 2);
+            let (word, panel) = (at / (per_word * 2) % 2, at / (per_word * 2 * 2));
+            let (o, i) = (panel * 2 + column, word * per_word + place);
+            let expected = if o < outputs && i < inputs {
+                value(o, i)
+            } else {
+                0
+            };
+            assert_eq!(packed, expected, "output {o}, input {i}");
+        }
+        // The first word of panel 0: output 0's inputs 0..4, then output 1's.
+        assert_eq!(&data[..8], &[1, 2, 3, 4, 11, 12, 13, 14]);
+        // Pairs (2 per word) in the same frame.
+        let pairs = Packing {
+            words: 4,
+            width: 2,
+            panels: 3,
+        }
+        .pack(2, outputs, inputs, value);
+        assert_eq!(&pairs[..6], &[1, 2, 11, 12, 3, 4]);
+        assert_eq!(&pairs[12..16], &[7, 0, 17, 0]);
+    }
 
     #[test]
     fn masks_cover_exactly_the_columns() {

@@ -13,6 +13,11 @@
 //! for the weights, one for the broadcast activations and one for each product before it
 //! is added. (4 × 24 also takes twelve accumulators but needs seventeen registers: the
 //! spilled one cost a store-to-load round trip per step, and the kernel ran at 1.11× f32.)
+//! On Zen 3 a step (2 loads, 6 broadcasts, 12 `vpmaddwd`, 12 `vpaddd`) takes 7.5 cycles,
+//! exactly what the 24 multiply and add instructions alone take there: the loop runs at
+//! the limit of its instruction mix (in a microbenchmark, 3 rows × 32 columns, with half the
+//! broadcasts, took as long per multiply-add), and the tile's epilogue and the outlier channels use masked loads and stores only where
+//! a vector is partial, since AMD microcodes masked stores.
 
 use super::super::tile::Packing;
 use super::{Int8Weight, RowQuant};
@@ -45,27 +50,6 @@ pub(super) fn activation_levels(inputs: usize, weight_levels: i16) -> i32 {
     let levels = (i32::MAX as usize / per_term) / terms;
     // At most `i16::MAX`, so the cast is exact.
     levels.clamp(1, i16::MAX as usize) as i32
-}
-
-/// Packs the quantised weight rows (`outputs` rows of `inputs` values) for the kernel:
-/// `panels × pairs × NR × 2` i16, zero past the last output and input.
-pub(super) fn pack(rows: &[Vec<i16>], pairs: usize, panels: usize) -> Vec<i16> {
-    let mut data = vec![0i16; panels * pairs * NR * 2];
-    for (panel, packed) in data.chunks_exact_mut(pairs * NR * 2).enumerate() {
-        for (pair, packed) in packed.chunks_exact_mut(NR * 2).enumerate() {
-            for (column, packed) in packed.chunks_exact_mut(2).enumerate() {
-                let Some(row) = rows.get(panel * NR + column) else {
-                    continue;
-                };
-                for (half, value) in packed.iter_mut().enumerate() {
-                    if let Some(&q) = row.get(2 * pair + half) {
-                        *value = q;
-                    }
-                }
-            }
-        }
-    }
-    data
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -125,6 +109,7 @@ mod x86 {
                     scales,
                     quant: &quant[r0..],
                     masks,
+                    whole: columns == NR,
                     ldc: n,
                 };
                 // SAFETY (all arms): the tile's rows `r0..r0 + R` exist (`R ≤ rows - r0`), so
@@ -177,16 +162,33 @@ mod x86 {
                     *v = x[j];
                 }
                 let values = &values[..channels.len()];
-                for c0 in (0..n).step_by(LANES) {
-                    let mask = lane_masks(n - c0)[0];
-                    // SAFETY: lanes inside `mask` are columns `c0..min(c0 + 8, n)` of `out`'s
-                    // row and of each of `weights`' `values.len()` rows of `n` values; lanes
-                    // outside are neither read nor written.
+                // Whole vectors with plain loads and stores: masked stores are microcoded and
+                // slow on AMD (dropping them here and in `tile` made int16 9 % faster on Zen 3).
+                let whole = n - n % LANES;
+                for c0 in (0..whole).step_by(LANES) {
+                    // SAFETY: columns `c0..c0 + 8` (`c0 + 8 ≤ n`) of `out`'s row and of each of
+                    // `weights`' `values.len()` rows of `n` values.
                     unsafe {
                         let p = out.as_mut_ptr().add(c0);
+                        let mut acc = _mm256_loadu_ps(p);
+                        for (o, &v) in values.iter().enumerate() {
+                            let weight = _mm256_loadu_ps(weights.as_ptr().add(o * n + c0));
+                            acc = _mm256_fmadd_ps(_mm256_set1_ps(v), weight, acc);
+                        }
+                        _mm256_storeu_ps(p, acc);
+                    }
+                }
+                if whole < n {
+                    let mask = lane_masks(n - whole)[0];
+                    // SAFETY: lanes inside `mask` are columns `whole..n` of `out`'s row and of
+                    // each of `weights`' `values.len()` rows of `n` values; lanes outside are
+                    // neither read nor written.
+                    unsafe {
+                        let p = out.as_mut_ptr().add(whole);
                         let mut acc = _mm256_maskload_ps(p, mask);
                         for (o, &v) in values.iter().enumerate() {
-                            let weight = _mm256_maskload_ps(weights.as_ptr().add(o * n + c0), mask);
+                            let weight =
+                                _mm256_maskload_ps(weights.as_ptr().add(o * n + whole), mask);
                             acc = _mm256_fmadd_ps(_mm256_set1_ps(v), weight, acc);
                         }
                         _mm256_maskstore_ps(p, mask, acc);
@@ -203,6 +205,10 @@ mod x86 {
         /// The tile's rows' quantisation (from its first row on).
         quant: &'a [RowQuant],
         masks: [__m256i; VECTORS],
+        /// Whether all [`NR`] columns of the panel exist: plain loads and stores then, not
+        /// masked ones (microcoded and slow on AMD), which only the last panel of a layer
+        /// whose outputs are not a multiple of 16 needs.
+        whole: bool,
         ldc: usize,
     }
 
@@ -321,17 +327,23 @@ mod x86 {
         }
         for (r, acc) in acc.iter().enumerate() {
             let row_scale = _mm256_set1_ps(e.quant[r].scale);
-            for (v, (&sum, &mask)) in acc.iter().zip(&e.masks).enumerate() {
-                // SAFETY: `e.scales` holds NR = 2 × 8 values; lanes outside `mask` of `out`
-                // are neither read nor written, those inside are in `out` (caller's
-                // contract). (`wrapping_add`: a vector wholly past the last column may point
-                // past `out`.)
+            for (v, &sum) in acc.iter().enumerate() {
+                // SAFETY: `e.scales` holds NR = 2 × 8 values. With `e.whole`, all 16 columns
+                // of row `r` are in `out`; otherwise lanes outside the mask are neither read
+                // nor written and those inside are in `out` (caller's contract).
+                // (`wrapping_add`: a vector wholly past the last column may point past `out`.)
                 unsafe {
                     let scales = _mm256_loadu_ps(e.scales.as_ptr().add(v * LANES));
                     let value = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), scales);
                     let p = out.wrapping_add(r * e.ldc + v * LANES);
-                    let old = _mm256_maskload_ps(p, mask);
-                    _mm256_maskstore_ps(p, mask, _mm256_fmadd_ps(value, row_scale, old));
+                    if e.whole {
+                        let old = _mm256_loadu_ps(p);
+                        _mm256_storeu_ps(p, _mm256_fmadd_ps(value, row_scale, old));
+                    } else {
+                        let mask = e.masks[v];
+                        let old = _mm256_maskload_ps(p, mask);
+                        _mm256_maskstore_ps(p, mask, _mm256_fmadd_ps(value, row_scale, old));
+                    }
                 }
             }
         }
@@ -359,14 +371,17 @@ mod tests {
     #[test]
     fn packs_pairs_of_inputs_per_output() {
         // 2 outputs × 3 inputs: pairs (0, 1) and (2, pad).
-        let rows = vec![vec![1i16, 2, 3], vec![-4, -5, -6]];
-        let Packing {
-            words,
-            width,
-            panels,
-        } = packing(2, 3);
-        assert_eq!((words, width, panels), (2, NR, 1));
-        let data = pack(&rows, words, panels);
+        let rows = [[1i16, 2, 3], [-4, -5, -6]];
+        let packing = packing(2, 3);
+        assert_eq!(
+            packing,
+            Packing {
+                words: 2,
+                width: NR,
+                panels: 1
+            }
+        );
+        let data = packing.pack(2, 2, 3, |o, i| rows[o][i]);
         assert_eq!(data.len(), 2 * NR * 2);
         assert_eq!(&data[..4], &[1, 2, -4, -5]);
         assert!(data[4..NR * 2].iter().all(|&v| v == 0));
