@@ -15,9 +15,10 @@
 //! spilled one cost a store-to-load round trip per step, and the kernel ran at 1.11× f32.)
 //! On Zen 3 a step (2 loads, 6 broadcasts, 12 `vpmaddwd`, 12 `vpaddd`) takes 7.5 cycles,
 //! exactly what the 24 multiply and add instructions alone take there: the loop runs at
-//! the limit of its instruction mix (in a microbenchmark, 3 rows × 32 columns, with half the
-//! broadcasts, took as long per multiply-add), and the tile's epilogue and the outlier channels use masked loads and stores only where
-//! a vector is partial, since AMD microcodes masked stores.
+//! the limit of its instruction mix (in a microbenchmark, 3 rows × 32 columns, with half
+//! the broadcasts, took as long per multiply-add). The tile's epilogue and the outlier
+//! channels use masked loads and stores only on a partial vector: AMD microcodes masked
+//! stores, and using them on every vector cost 12 % of the int16 pass on Zen 3.
 
 use super::super::tile::Packing;
 use super::{Int8Weight, RowQuant};
@@ -162,8 +163,7 @@ mod x86 {
                     *v = x[j];
                 }
                 let values = &values[..channels.len()];
-                // Whole vectors with plain loads and stores: masked stores are microcoded and
-                // slow on AMD (dropping them here and in `tile` made int16 9 % faster on Zen 3).
+                // Whole vectors with plain loads and stores (see the module's documentation).
                 let whole = n - n % LANES;
                 for c0 in (0..whole).step_by(LANES) {
                     // SAFETY: columns `c0..c0 + 8` (`c0 + 8 ≤ n`) of `out`'s row and of each of
