@@ -16,6 +16,11 @@
 //! vector to the f32 one of the same text.
 //!
 //! `ENGINES=bf16,int8` measures only those besides f32 (the reference is always measured).
+//! `ENGINES_ROUNDS=N` measures those engines interleaved instead, for a machine whose speed
+//! drifts: each pass of 32 texts by every engine in turn, N times over the texts; reported
+//! are each engine's best and median round and the median over rounds of its speed relative
+//! to the first engine (`ENGINES=bf16,int8`: int8 / bf16), and the table's figures are the
+//! median rounds.
 //! With `ENGINES_OUT=DIR` it also writes `DIR/texts.json` (the texts), `DIR/reference.json`
 //! (their f32 vectors) and `DIR/rag-ingest.jsonl` (one JSON object per engine: `engine`,
 //! `label`, `texts`, `tokens`, `seconds`, `tokens_per_s`, `min_cosine`, `mean_cosine`), the
@@ -98,11 +103,93 @@ fn measure(embedder: &CandleEmbedder, texts: &[&str], repeat: usize) -> (f64, Ve
     (best.as_secs_f64(), vectors)
 }
 
+/// Embeds `texts` with every engine in turn, one pass of [`BATCH`] texts each (the engine
+/// going first rotating from pass to pass), `rounds` times over the texts: where the
+/// machine's speed drifts (a shared host), every engine meets the same conditions. Returns
+/// each engine's seconds per round and its vectors.
+fn measure_interleaved(
+    embedders: &[&CandleEmbedder],
+    texts: &[&str],
+    rounds: usize,
+) -> (Vec<Vec<f64>>, Vec<Vec<Vec<f32>>>) {
+    let warm = &texts[..texts.len().min(BATCH)];
+    for embedder in embedders {
+        embedder.embed_blocking(warm).expect("warm-up");
+    }
+    let mut seconds = vec![Vec::with_capacity(rounds); embedders.len()];
+    let mut vectors = vec![Vec::new(); embedders.len()];
+    for _ in 0..rounds {
+        let mut round = vec![0.0; embedders.len()];
+        for v in &mut vectors {
+            v.clear();
+        }
+        for (pass, batch) in texts.chunks(BATCH).enumerate() {
+            for turn in 0..embedders.len() {
+                let i = (pass + turn) % embedders.len();
+                let start = Instant::now();
+                let out = embedders[i].embed_blocking(batch).expect("embed");
+                round[i] += start.elapsed().as_secs_f64();
+                vectors[i].extend(out);
+            }
+        }
+        for (seconds, round) in seconds.iter_mut().zip(round) {
+            seconds.push(round);
+        }
+    }
+    (seconds, vectors)
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[mid],
+        _ => (sorted[mid - 1] + sorted[mid]) / 2.0,
+    }
+}
+
+/// Prints the interleaved rounds: each engine's best and median round, and the median over
+/// rounds of its speed relative to the first engine (its ratio in the same conditions).
+fn report_interleaved(
+    engines: &[(&str, String, CandleEmbedder)],
+    seconds: &[Vec<f64>],
+    tokens: usize,
+) {
+    let Some(first) = seconds.first() else {
+        return;
+    };
+    let first_name = engines.first().map_or("", |(name, _, _)| *name);
+    println!(
+        "interleaved, {} rounds: {:<20} {:>10} {:>10} {:>12}",
+        first.len(),
+        "engine",
+        "best",
+        "median",
+        format!("× {first_name}")
+    );
+    for ((name, _, _), rounds) in engines.iter().zip(seconds) {
+        let ratios: Vec<f64> = first.iter().zip(rounds).map(|(a, b)| a / b).collect();
+        let best = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "interleaved, {} rounds: {:<20} {:>10.0} {:>10.0} {:>12.3}",
+            first.len(),
+            name,
+            tokens as f64 / best,
+            tokens as f64 / median(rounds),
+            median(&ratios)
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken.
     let dir = model_dir();
     let count = env_count("ENGINES_TEXTS", 512);
     let repeat = env_count("ENGINES_REPEAT", 3);
+    let rounds = env_count("ENGINES_ROUNDS", 0);
     let out = std::env::var_os("ENGINES_OUT").map(PathBuf::from);
     let only: Option<Vec<String>> = std::env::var("ENGINES")
         .ok()
@@ -139,6 +226,7 @@ fn main() {
         min_cosine: 1.0,
         mean_cosine: 1.0,
     }];
+    let mut engines = Vec::new();
     for precision in [
         Precision::Bf16,
         Precision::Int8,
@@ -169,15 +257,29 @@ fn main() {
             ),
             _ => format!("rag-ingest {name}"),
         };
-        let (seconds, vectors) = measure(&embedder, &texts, repeat);
+        engines.push((name, label, embedder));
+    }
+    let measured: Vec<(f64, Vec<Vec<f32>>)> = match rounds {
+        0 => engines
+            .iter()
+            .map(|(_, _, embedder)| measure(embedder, &texts, repeat))
+            .collect(),
+        rounds => {
+            let embedders: Vec<&CandleEmbedder> = engines.iter().map(|(_, _, e)| e).collect();
+            let (seconds, vectors) = measure_interleaved(&embedders, &texts, rounds);
+            report_interleaved(&engines, &seconds, tokens);
+            seconds.iter().map(|s| median(s)).zip(vectors).collect()
+        }
+    };
+    for ((name, label, _), (seconds, vectors)) in engines.iter().zip(measured) {
         let cosines: Vec<f64> = reference
             .iter()
             .zip(&vectors)
             .map(|(a, b)| fixtures::cosine(a, b))
             .collect();
         figures.push(Figures {
-            engine: name.to_owned(),
-            label,
+            engine: (*name).to_owned(),
+            label: label.clone(),
             seconds,
             min_cosine: cosines.iter().copied().fold(f64::INFINITY, f64::min),
             mean_cosine: cosines.iter().sum::<f64>() / cosines.len().max(1) as f64,

@@ -196,11 +196,11 @@ pub(super) mod x86 {
     use std::arch::x86_64::{
         __m256bh, __m256i, __m512, __m512bh, __m512i, _mm256_storeu_si256, _mm512_add_ps,
         _mm512_cvtneps_pbh, _mm512_dpbf16_ps, _mm512_loadu_ps, _mm512_loadu_si512,
-        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_epi32, _mm512_setzero_ps,
+        _mm512_set1_epi32, _mm512_setzero_ps,
     };
 
     use super::super::amx::{TileSums, Tiles};
-    use super::super::tile::lane_masks;
+    use super::super::tile::{lane_masks, load_lanes, store_lanes};
     use super::{Amx, Bf16Weight, LANES, MR, NR, TILE_BYTES, TILE_ROWS, to_bf16};
 
     /// `out += x Wᵀ` for the rows of `x`, converting them to bf16 into `a` first.
@@ -268,12 +268,8 @@ pub(super) mod x86 {
                 // column set in `t.mask`, and lanes outside it are neither read nor written.
                 unsafe {
                     let p = out.as_mut_ptr().add((t.first + r) * n + t.column);
-                    let old = _mm512_maskz_loadu_ps(t.mask, p);
-                    _mm512_mask_storeu_ps(
-                        p,
-                        t.mask,
-                        _mm512_add_ps(old, _mm512_loadu_ps(row.as_ptr())),
-                    );
+                    let old = load_lanes(p, t.mask);
+                    store_lanes(p, t.mask, _mm512_add_ps(old, _mm512_loadu_ps(row.as_ptr())));
                 }
             }
         };
@@ -367,8 +363,8 @@ pub(super) mod x86 {
                 // (`wrapping_add`: a vector wholly past the last column may point past `out`.)
                 unsafe {
                     let p = out.wrapping_add(r * ldc + v * LANES);
-                    let old = _mm512_maskz_loadu_ps(mask, p);
-                    _mm512_mask_storeu_ps(p, mask, _mm512_add_ps(old, sum));
+                    let old = load_lanes(p, mask);
+                    store_lanes(p, mask, _mm512_add_ps(old, sum));
                 }
             }
         }

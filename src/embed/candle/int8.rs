@@ -411,14 +411,14 @@ mod x86 {
     use std::arch::x86_64::{
         __m512, __m512i, _mm_storeu_si128, _mm512_add_epi32, _mm512_cvtepi32_ps,
         _mm512_cvtps_epi32, _mm512_cvtusepi32_epi8, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
-        _mm512_loadu_epi32, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps,
-        _mm512_maskz_loadu_ps, _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32, _mm512_min_ps,
-        _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
-        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512, _mm512_sub_epi32,
+        _mm512_loadu_epi32, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_max_epi32, _mm512_max_ps,
+        _mm512_min_epi32, _mm512_min_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_reduce_max_ps,
+        _mm512_reduce_min_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_si512,
+        _mm512_sub_epi32,
     };
 
     use super::super::amx::{TileSums, Tiles};
-    use super::super::tile::lane_masks;
+    use super::super::tile::{lane_masks, load_lanes, store_lanes};
     use super::{Amx, Int8Weight, LANES, MC, MR, NR, RowQuant, TILE_BYTES, TILE_ROWS};
 
     /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
@@ -520,8 +520,8 @@ mod x86 {
                     );
                     let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
                     let p = out.as_mut_ptr().add((t.first + r) * n + t.column);
-                    let old = _mm512_maskz_loadu_ps(t.mask, p);
-                    _mm512_mask_storeu_ps(
+                    let old = load_lanes(p, t.mask);
+                    store_lanes(
                         p,
                         t.mask,
                         _mm512_fmadd_ps(value, _mm512_set1_ps(q.scale), old),
@@ -544,11 +544,13 @@ mod x86 {
         }
     }
 
-    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`: 16
-    /// outputs at a time, each loaded and stored once per 16 outlier channels.
+    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`: 64
+    /// outputs at a time (four independent sums, so the multiply-adds do not wait on each
+    /// other's latency), each loaded and stored once per 16 outlier channels.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     fn add_outliers(x: &[f32], out: &mut [f32], w: &Int8Weight) {
         const GROUP: usize = 16;
+        const VECTORS: usize = 4;
         let n = w.outputs;
         for (x, out) in x.chunks_exact(w.inputs).zip(out.chunks_exact_mut(n)) {
             for (channels, weights) in w
@@ -561,22 +563,32 @@ mod x86 {
                     *v = x[j];
                 }
                 let values = &values[..channels.len()];
-                for c0 in (0..n).step_by(LANES) {
-                    let lanes = (n - c0).min(LANES);
-                    // At most 16 ones, so the cast is exact.
-                    let mask = ((1u32 << lanes) - 1) as u16;
-                    // SAFETY: lanes inside `mask` are columns `c0..c0 + lanes` of `out`'s
-                    // row and of each of `weights`' `values.len()` rows of `n` values;
-                    // lanes outside are neither read nor written.
+                for c0 in (0..n).step_by(LANES * VECTORS) {
+                    let masks: [u16; VECTORS] = std::array::from_fn(|v| {
+                        let lanes = n.saturating_sub(c0 + v * LANES).min(LANES);
+                        // At most 16 ones, so the cast is exact.
+                        ((1u32 << lanes) - 1) as u16
+                    });
+                    // SAFETY: lanes inside a vector's mask are columns of `out`'s row and of
+                    // each of `weights`' `values.len()` rows of `n` values; lanes outside are
+                    // neither read nor written (`wrapping_add`: a vector wholly past the
+                    // last column may point past the row).
                     unsafe {
-                        let p = out.as_mut_ptr().add(c0);
-                        let mut acc = _mm512_maskz_loadu_ps(mask, p);
+                        let p = out.as_mut_ptr().wrapping_add(c0);
+                        let mut acc: [__m512; VECTORS] = std::array::from_fn(|v| {
+                            load_lanes(p.wrapping_add(v * LANES), masks[v])
+                        });
                         for (o, &v) in values.iter().enumerate() {
-                            let weight =
-                                _mm512_maskz_loadu_ps(mask, weights.as_ptr().add(o * n + c0));
-                            acc = _mm512_fmadd_ps(_mm512_set1_ps(v), weight, acc);
+                            let value = _mm512_set1_ps(v);
+                            let row = weights.as_ptr().wrapping_add(o * n + c0);
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let weight = load_lanes(row.wrapping_add(i * LANES), masks[i]);
+                                *acc = _mm512_fmadd_ps(value, weight, *acc);
+                            }
                         }
-                        _mm512_mask_storeu_ps(p, mask, acc);
+                        for (i, acc) in acc.iter().enumerate() {
+                            store_lanes(p.wrapping_add(i * LANES), masks[i], *acc);
+                        }
                     }
                 }
             }
@@ -706,8 +718,8 @@ mod x86 {
                     let exact = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zero, sums));
                     let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
                     let p = out.wrapping_add(r * e.ldc + v * LANES);
-                    let old = _mm512_maskz_loadu_ps(mask, p);
-                    _mm512_mask_storeu_ps(p, mask, _mm512_fmadd_ps(value, row_scale, old));
+                    let old = load_lanes(p, mask);
+                    store_lanes(p, mask, _mm512_fmadd_ps(value, row_scale, old));
                 }
             }
         }

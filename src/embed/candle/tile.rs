@@ -17,6 +17,54 @@ pub(super) fn lane_masks(columns: usize) -> [u16; 3] {
     })
 }
 
+/// Loads the lanes of `p` set in `mask` (zeros elsewhere): a plain load when all 16 are set.
+///
+/// A masked load or store costs more than a plain one on some CPUs (AMD microcodes the AVX2
+/// forms; on Intel a masked load cannot take its data from a pending store), and a full
+/// panel's vectors, nearly all of them, need no mask.
+///
+/// # Safety
+///
+/// The CPU must have AVX-512F; every lane set in `mask` must be inside one allocation
+/// (lanes outside it are not touched).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn load_lanes(p: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_maskz_loadu_ps};
+    // SAFETY: the lanes read are those set in `mask` (all 16 on the first arm), inside an
+    // allocation (this function's contract).
+    unsafe {
+        if mask == u16::MAX {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
+    }
+}
+
+/// Stores the lanes of `v` set in `mask` to `p`: a plain store when all 16 are set (see
+/// [`load_lanes`]).
+///
+/// # Safety
+///
+/// As [`load_lanes`], for writing.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn store_lanes(p: *mut f32, mask: u16, v: std::arch::x86_64::__m512) {
+    use std::arch::x86_64::{_mm512_mask_storeu_ps, _mm512_storeu_ps};
+    // SAFETY: the lanes written are those set in `mask` (all 16 on the first arm), inside an
+    // allocation (this function's contract).
+    unsafe {
+        if mask == u16::MAX {
+            _mm512_storeu_ps(p, v);
+        } else {
+            _mm512_mask_storeu_ps(p, mask, v);
+        }
+    }
+}
+
 /// A row-wise operation on whole output rows, in place (GELU, a layer norm).
 pub(crate) type RowsFn<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
 

@@ -31,6 +31,8 @@ const VECTORS: usize = NR / LANES;
 const MR: usize = 6;
 /// 32-bit lanes of a 256-bit vector.
 const LANES: usize = 8;
+/// Vectors of outputs the outlier channels' f32 products take at once.
+const OUTLIER_VECTORS: usize = 4;
 
 /// The packing of `outputs × inputs` weights for this kernel: pairs of inputs (one 32-bit
 /// word of two i16), panels of [`NR`] outputs.
@@ -68,7 +70,7 @@ mod x86 {
     };
 
     use super::super::MC;
-    use super::{Int8Weight, LANES, MR, NR, RowQuant, VECTORS};
+    use super::{Int8Weight, LANES, MR, NR, OUTLIER_VECTORS, RowQuant, VECTORS};
 
     /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
     ///
@@ -146,8 +148,10 @@ mod x86 {
         })
     }
 
-    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`: 8
-    /// outputs at a time, each loaded and stored once per 16 outlier channels.
+    /// `out += x[:, outliers] · W[:, outliers]ᵀ` in f32, for the rows of `x` and `out`: 32
+    /// outputs at a time where whole (four independent sums, so that the multiply-adds do
+    /// not wait on each other's latency), then 8, each loaded and stored once per 16 outlier
+    /// channels.
     #[target_feature(enable = "avx2,fma")]
     fn add_outliers(x: &[f32], out: &mut [f32], w: &Int8Weight) {
         const GROUP: usize = 16;
@@ -165,7 +169,28 @@ mod x86 {
                 let values = &values[..channels.len()];
                 // Whole vectors with plain loads and stores (see the module's documentation).
                 let whole = n - n % LANES;
-                for c0 in (0..whole).step_by(LANES) {
+                let blocks = n - n % (LANES * OUTLIER_VECTORS);
+                for c0 in (0..blocks).step_by(LANES * OUTLIER_VECTORS) {
+                    // SAFETY: columns `c0..c0 + 32` (`c0 + 32 ≤ n`) of `out`'s row and of each
+                    // of `weights`' `values.len()` rows of `n` values.
+                    unsafe {
+                        let p = out.as_mut_ptr().add(c0);
+                        let mut acc: [__m256; OUTLIER_VECTORS] =
+                            std::array::from_fn(|i| _mm256_loadu_ps(p.add(i * LANES)));
+                        for (o, &v) in values.iter().enumerate() {
+                            let value = _mm256_set1_ps(v);
+                            let row = weights.as_ptr().add(o * n + c0);
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let weight = _mm256_loadu_ps(row.add(i * LANES));
+                                *acc = _mm256_fmadd_ps(value, weight, *acc);
+                            }
+                        }
+                        for (i, acc) in acc.iter().enumerate() {
+                            _mm256_storeu_ps(p.add(i * LANES), *acc);
+                        }
+                    }
+                }
+                for c0 in (blocks..whole).step_by(LANES) {
                     // SAFETY: columns `c0..c0 + 8` (`c0 + 8 ≤ n`) of `out`'s row and of each of
                     // `weights`' `values.len()` rows of `n` values.
                     unsafe {
