@@ -1,6 +1,7 @@
 //! What the bf16 and int8 matrix kernels share: the tile width in 32-bit lanes, the masks of
-//! a partial output panel, the message naming CPU features a kernel lacks, and what an
-//! output starts from ([`Start`]), and the parallel frame of a product ([`par_blocks`]).
+//! a partial output panel and the loads and stores through them ([`load_lanes`],
+//! [`store_lanes`]), the message naming CPU features a kernel lacks, what an output starts
+//! from ([`Start`]), and the parallel frame of a product ([`par_blocks`]).
 
 use rayon::prelude::*;
 
