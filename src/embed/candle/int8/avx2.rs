@@ -170,38 +170,22 @@ mod x86 {
                 // Whole vectors with plain loads and stores (see the module's documentation).
                 let whole = n - n % LANES;
                 let blocks = n - n % (LANES * OUTLIER_VECTORS);
+                let (out, weights) = (out.as_mut_ptr(), weights.as_ptr());
+                // SAFETY (both loops): the columns `c0..c0 + 8V` that a call adds to are
+                // whole (`c0 + 8V ≤ blocks` or `≤ whole`, both `≤ n`), so they are in `out`'s
+                // row and in each of `weights`' `values.len()` rows of `n` values.
                 for c0 in (0..blocks).step_by(LANES * OUTLIER_VECTORS) {
-                    // SAFETY: columns `c0..c0 + 32` (`c0 + 32 ≤ n`) of `out`'s row and of each
-                    // of `weights`' `values.len()` rows of `n` values.
                     unsafe {
-                        let p = out.as_mut_ptr().add(c0);
-                        let mut acc: [__m256; OUTLIER_VECTORS] =
-                            std::array::from_fn(|i| _mm256_loadu_ps(p.add(i * LANES)));
-                        for (o, &v) in values.iter().enumerate() {
-                            let value = _mm256_set1_ps(v);
-                            let row = weights.as_ptr().add(o * n + c0);
-                            for (i, acc) in acc.iter_mut().enumerate() {
-                                let weight = _mm256_loadu_ps(row.add(i * LANES));
-                                *acc = _mm256_fmadd_ps(value, weight, *acc);
-                            }
-                        }
-                        for (i, acc) in acc.iter().enumerate() {
-                            _mm256_storeu_ps(p.add(i * LANES), *acc);
-                        }
-                    }
+                        add_outlier_columns::<OUTLIER_VECTORS>(
+                            out.add(c0),
+                            weights.add(c0),
+                            n,
+                            values,
+                        )
+                    };
                 }
                 for c0 in (blocks..whole).step_by(LANES) {
-                    // SAFETY: columns `c0..c0 + 8` (`c0 + 8 ≤ n`) of `out`'s row and of each of
-                    // `weights`' `values.len()` rows of `n` values.
-                    unsafe {
-                        let p = out.as_mut_ptr().add(c0);
-                        let mut acc = _mm256_loadu_ps(p);
-                        for (o, &v) in values.iter().enumerate() {
-                            let weight = _mm256_loadu_ps(weights.as_ptr().add(o * n + c0));
-                            acc = _mm256_fmadd_ps(_mm256_set1_ps(v), weight, acc);
-                        }
-                        _mm256_storeu_ps(p, acc);
-                    }
+                    unsafe { add_outlier_columns::<1>(out.add(c0), weights.add(c0), n, values) };
                 }
                 if whole < n {
                     let mask = lane_masks(n - whole)[0];
@@ -209,16 +193,47 @@ mod x86 {
                     // each of `weights`' `values.len()` rows of `n` values; lanes outside are
                     // neither read nor written.
                     unsafe {
-                        let p = out.as_mut_ptr().add(whole);
+                        let p = out.add(whole);
                         let mut acc = _mm256_maskload_ps(p, mask);
                         for (o, &v) in values.iter().enumerate() {
-                            let weight =
-                                _mm256_maskload_ps(weights.as_ptr().add(o * n + whole), mask);
+                            let weight = _mm256_maskload_ps(weights.add(o * n + whole), mask);
                             acc = _mm256_fmadd_ps(_mm256_set1_ps(v), weight, acc);
                         }
                         _mm256_maskstore_ps(p, mask, acc);
                     }
                 }
+            }
+        }
+    }
+
+    /// `out[0..8V] += Σ_o values[o] · weights[o·n..o·n + 8V]` in f32, with `V` independent
+    /// sums (plain loads and stores: whole vectors only).
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX2 and FMA; `out` must reach `8V` values and `weights`
+    /// `values.len()` rows, `n` apart, of `8V` values each.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn add_outlier_columns<const V: usize>(
+        out: *mut f32,
+        weights: *const f32,
+        n: usize,
+        values: &[f32],
+    ) {
+        // SAFETY: every load and store stays within the `8V` values of `out` or of a row of
+        // `weights` (this function's contract).
+        unsafe {
+            let mut acc: [__m256; V] = std::array::from_fn(|i| _mm256_loadu_ps(out.add(i * LANES)));
+            for (o, &v) in values.iter().enumerate() {
+                let value = _mm256_set1_ps(v);
+                let row = weights.add(o * n);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(value, _mm256_loadu_ps(row.add(i * LANES)), *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(i * LANES), *acc);
             }
         }
     }
