@@ -15,7 +15,9 @@
 //! second (special tokens included, after truncation) and the least and mean cosine of each
 //! vector to the f32 one of the same text.
 //!
-//! `ENGINES=bf16,int8` measures only those besides f32 (the reference is always measured).
+//! `ENGINES=bf16,int8` measures only those besides f32 (the reference is always measured;
+//! naming `f32` makes it an engine too, so that `ENGINES=f32,int16 ENGINES_ROUNDS=5`
+//! interleaves it with the others and reports each relative to it).
 //! `ENGINES_ROUNDS=N` measures those engines interleaved instead, for a machine whose speed
 //! drifts: each pass of 32 texts by every engine in turn, N times over the texts; reported
 //! are each engine's best and median round and the median over rounds of its speed relative
@@ -228,16 +230,18 @@ fn main() {
     }];
     let mut engines = Vec::new();
     for precision in [
+        Precision::F32,
         Precision::Bf16,
         Precision::Int8,
         Precision::Int16,
         Precision::Auto,
     ] {
         let name = precision.as_str();
-        if only
+        let named = only
             .as_ref()
-            .is_some_and(|only| !only.iter().any(|o| o == name))
-        {
+            .is_some_and(|only| only.iter().any(|o| o == name));
+        // f32 is an engine too only where named (to interleave it with the others).
+        if !named && (only.is_some() || precision == Precision::F32) {
             continue;
         }
         let embedder = match CandleEmbedder::load_with_precision(&dir, BATCH, precision) {
@@ -255,6 +259,7 @@ fn main() {
                 "rag-ingest auto (runs {})",
                 embedder.precision().running.as_str()
             ),
+            Precision::F32 => "rag-ingest f32 (as an engine)".to_owned(),
             _ => format!("rag-ingest {name}"),
         };
         engines.push((name, label, embedder));
@@ -278,7 +283,12 @@ fn main() {
             .map(|(a, b)| fixtures::cosine(a, b))
             .collect();
         figures.push(Figures {
-            engine: (*name).to_owned(),
+            // Distinct from the reference's "f32" in `ENGINES_OUT`.
+            engine: if *name == "f32" {
+                "f32-engine".to_owned()
+            } else {
+                (*name).to_owned()
+            },
             label: label.clone(),
             seconds,
             min_cosine: cosines.iter().copied().fold(f64::INFINITY, f64::min),

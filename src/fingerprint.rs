@@ -56,7 +56,8 @@ impl Fingerprint {
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// The default: [`Precision::Bf16`] where the CPU has AVX-512 BF16 (and bf16 is the
-    /// faster path there), [`Precision::Int16`] on a CPU with AVX2 and no AVX-512, in either
+    /// faster path there), else [`Precision::Int16`] on a CPU with AVX-512 VNNI (whose
+    /// `vpdpwssd` issues as fast as an f32 FMA) or with AVX2 and no AVX-512, in either
     /// case only if the model passes a fidelity self-check at load time (a few built-in
     /// sentences embedded both ways, every cosine ≥ 0.9999 to f32); else [`Precision::F32`].
     /// Resolved once, when the model loads. All precisions share one vector space: the
@@ -77,9 +78,11 @@ pub enum Precision {
     /// `avx2` and `fma` (the same int8 weights times i16 activations, `vpmaddwd`).
     Int8,
     /// 12-bit integer weights (per output channel) times 16-bit integer activations (per
-    /// token, as many levels as exact i32 sums allow), with AVX2 (`vpmaddwd`): vectors within
-    /// cosine 0.9999 of [`Precision::F32`]'s, as bf16's are, and ≈ 1.4× f32 on a CPU
-    /// without AVX-512. [`Precision::Auto`] runs it on such CPUs. Needs `avx2` and `fma`.
+    /// token, as many levels as exact i32 sums allow), with AVX-512 VNNI (`vpdpwssd`) where
+    /// it is fast, else AVX2 (`vpmaddwd`), bit-identical either way: vectors within cosine
+    /// 0.9999 of [`Precision::F32`]'s, as bf16's are, and ≈ 1.4× f32 on a CPU without
+    /// AVX-512 or without a fast bf16. [`Precision::Auto`] runs it on such CPUs. Needs `avx2`
+    /// and `fma`.
     Int16,
 }
 

@@ -10,7 +10,9 @@
 
 use std::path::PathBuf;
 
-use rag_ingest::embed::{BF16_SLOW_RATIO, CandleEmbedder, EmbedError, Embedder, Precision};
+use rag_ingest::embed::{
+    BF16_SLOW_RATIO, CandleEmbedder, EmbedError, Embedder, Precision, PrecisionChoice,
+};
 
 #[path = "support/fixtures.rs"]
 mod fixtures;
@@ -98,8 +100,17 @@ fn int16_vectors_do_not_depend_on_the_batch() {
     }
 }
 
-/// Whether `auto` may run int16 here: a CPU with AVX2 and FMA but no AVX-512.
-fn int16_is_autos_fallback() -> bool {
+/// Whether `auto` may run int16 here where bf16 does not run: AVX-512 VNNI with a fast
+/// `vpdpwssd` (as `choice` measured it), or a CPU with AVX2 and FMA but no AVX-512.
+fn int16_is_autos_fallback(choice: &PrecisionChoice) -> bool {
+    choice
+        .int16_dot_ratio
+        .is_some_and(|ratio| ratio < BF16_SLOW_RATIO)
+        || avx2_without_avx512()
+}
+
+/// Whether the CPU has AVX2 and FMA but no AVX-512F (the AVX2 int16 kernel's home).
+fn avx2_without_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
@@ -110,6 +121,45 @@ fn int16_is_autos_fallback() -> bool {
     {
         false
     }
+}
+
+/// Whether the CPU has AVX-512F and AVX-512 BF16.
+fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has AVX-512F.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Asserts that `auto` runs exactly the int16 forward pass, and says so.
+fn assert_auto_is_int16(auto: &CandleEmbedder) {
+    let choice = auto.precision();
+    assert_eq!(choice.running, Precision::Int16, "{}", choice.reason);
+    assert!(choice.reason.contains("self-check"), "{}", choice.reason);
+    let int16 = load_reduced(Precision::Int16, 8).expect("int16 runs where auto chose it");
+    let texts = rag_ingest::embed::SELF_CHECK_TEXTS;
+    assert_eq!(
+        auto.embed_blocking(&texts).expect("auto"),
+        int16.embed_blocking(&texts).expect("int16"),
+        "auto's int16 is the int16 forward pass"
+    );
 }
 
 /// Embeds the precision corpus together, reversed (other neighbours in each pass) and every
@@ -222,8 +272,9 @@ fn bf16_vectors_do_not_depend_on_the_batch() {
 
 /// `auto` runs bf16 where the CPU has AVX-512 BF16 and bf16 is the faster path (AMX tiles,
 /// or a `vdpbf16ps` measured fast against f32 FMA; the self-check passes on this model), with
-/// exactly the vectors of an explicit bf16 model; on a CPU with AVX2 and no AVX-512, int16
-/// (exactly an explicit int16 model's vectors); elsewhere f32, saying why.
+/// exactly the vectors of an explicit bf16 model; where bf16 does not run, int16 on AVX-512
+/// VNNI with a fast `vpdpwssd` or on a CPU with AVX2 and no AVX-512 (exactly an explicit
+/// int16 model's vectors); elsewhere f32, saying why.
 #[test]
 fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     let dir = model_dir();
@@ -238,15 +289,8 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     let Some(bf16) = load_bf16(8) else {
         assert_eq!(choice.bf16_dot_ratio, None);
         assert!(choice.reason.contains("lacks"), "{}", choice.reason);
-        if int16_is_autos_fallback() {
-            assert_eq!(choice.running, Precision::Int16, "{}", choice.reason);
-            assert!(choice.reason.contains("self-check"), "{}", choice.reason);
-            let int16 = load_reduced(Precision::Int16, 8).expect("int16 runs on AVX2");
-            assert_eq!(
-                auto.embed_blocking(&texts).expect("auto"),
-                int16.embed_blocking(&texts).expect("int16"),
-                "auto's int16 is the int16 forward pass"
-            );
+        if int16_is_autos_fallback(&choice) {
+            assert_auto_is_int16(&auto);
         } else {
             assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
         }
@@ -265,6 +309,9 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
             bf16.embed_blocking(&texts).expect("bf16"),
             "auto's bf16 is the bf16 forward pass"
         );
+    } else if int16_is_autos_fallback(&choice) {
+        eprintln!("this CPU's vdpbf16ps takes {ratio:.2}x an f32 FMA and AMX is not available");
+        assert_auto_is_int16(&auto);
     } else {
         eprintln!("this CPU's vdpbf16ps takes {ratio:.2}x an f32 FMA and AMX is not available");
         assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
@@ -290,26 +337,38 @@ fn in_child(name: &str, vars: &[(&str, &str)]) -> bool {
 }
 
 /// Where `vdpbf16ps` is slow against f32 FMA (Intel's Sapphire/Emerald Rapids cores: about
-/// 4x an FMA's time for twice its multiply-adds) and AMX is not available (as when a
-/// hypervisor hides it: the CPU then does not even report AMX), `auto` keeps f32, the faster
-/// path there; an explicit bf16 still runs, and says it is the slower one; int8 keeps its
-/// other layers and attention in f32. The measurement is replaced by
-/// `RAG_INGEST_BF16_SPEED=slow` so that this runs on any CPU with AVX-512 BF16.
+/// 4x an FMA's time for twice its multiply-adds), or absent, and AMX is not available (as
+/// when a hypervisor hides it: the CPU then does not even report AMX), and `vpdpwssd` is
+/// slow too (or absent), `auto` keeps f32, the faster path there; an explicit bf16 still
+/// runs where the CPU has it. The measurements are replaced by `RAG_INGEST_BF16_SPEED=slow`
+/// and `RAG_INGEST_INT16_SPEED=slow` so that this runs on any CPU with AVX-512 (without it,
+/// int16 on AVX2 is the faster path).
 #[test]
-fn auto_keeps_f32_where_vdpbf16ps_is_slow_and_amx_is_not_available() {
-    const NAME: &str = "auto_keeps_f32_where_vdpbf16ps_is_slow_and_amx_is_not_available";
-    let vars = [("RAG_INGEST_BF16_SPEED", "slow"), ("RAG_INGEST_AMX", "0")];
+fn auto_keeps_f32_on_avx512_where_neither_bf16_nor_int16_pays() {
+    const NAME: &str = "auto_keeps_f32_on_avx512_where_neither_bf16_nor_int16_pays";
+    let vars = [
+        ("RAG_INGEST_BF16_SPEED", "slow"),
+        ("RAG_INGEST_INT16_SPEED", "slow"),
+        ("RAG_INGEST_AMX", "0"),
+    ];
     if !in_child(NAME, &vars) {
         return;
     }
-    let Some(bf16) = load_bf16(8) else {
+    if !has_avx512() {
+        eprintln!("SKIPPED: no AVX-512F (int16 on AVX2 is auto's choice there)");
         return;
-    };
+    }
     let dir = model_dir();
     let auto = CandleEmbedder::load_with_precision(&dir, 8, Precision::Auto).expect("load auto");
     let choice = auto.precision().clone();
     assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
-    assert_eq!(choice.bf16_dot_ratio, Some(4.0));
+    let bf16 = cpu_has_bf16().then(|| load_bf16(8)).flatten();
+    assert_eq!(choice.bf16_dot_ratio, cpu_has_bf16().then_some(4.0));
+    if choice.int16_dot_ratio.is_none() {
+        eprintln!("(no AVX-512 VNNI here: int16 could only run on AVX2)");
+    } else {
+        assert_eq!(choice.int16_dot_ratio, Some(4.0));
+    }
     let f32 = CandleEmbedder::load(&dir, 8).expect("f32");
     let texts = rag_ingest::embed::SELF_CHECK_TEXTS;
     assert_eq!(
@@ -317,7 +376,51 @@ fn auto_keeps_f32_where_vdpbf16ps_is_slow_and_amx_is_not_available() {
         f32.embed_blocking(&texts).expect("f32"),
         "auto's f32 is the f32 forward pass"
     );
-    assert_eq!(bf16.precision().running, Precision::Bf16);
+    if let Some(bf16) = bf16 {
+        assert_eq!(bf16.precision().running, Precision::Bf16);
+    }
+}
+
+/// Where bf16 does not run (slow `vdpbf16ps` and no AMX, or no AVX-512 BF16: Intel Cascade
+/// Lake, Ice Lake, Sapphire/Emerald Rapids with AMX hidden) and `vpdpwssd` is fast, `auto`
+/// runs int16 on the AVX-512 kernel: exactly an explicit int16 model's vectors
+/// (`RAG_INGEST_BF16_SPEED=slow` and `RAG_INGEST_INT16_SPEED=fast` replace the
+/// measurements, so that this runs on any CPU with AVX-512 VNNI).
+#[test]
+fn auto_runs_int16_on_avx512_where_bf16_does_not_run_and_vpdpwssd_is_fast() {
+    const NAME: &str = "auto_runs_int16_on_avx512_where_bf16_does_not_run_and_vpdpwssd_is_fast";
+    let vars = [
+        ("RAG_INGEST_BF16_SPEED", "slow"),
+        ("RAG_INGEST_INT16_SPEED", "fast"),
+        ("RAG_INGEST_AMX", "0"),
+    ];
+    if !in_child(NAME, &vars) {
+        return;
+    }
+    if !has_avx512() || !vnni_present() {
+        eprintln!("SKIPPED: no AVX-512 VNNI here");
+        return;
+    }
+    let auto =
+        CandleEmbedder::load_with_precision(&model_dir(), 8, Precision::Auto).expect("load auto");
+    let choice = auto.precision().clone();
+    assert_eq!(choice.int16_dot_ratio, Some(1.0));
+    assert!(choice.reason.contains("avx512"), "{}", choice.reason);
+    assert_auto_is_int16(&auto);
+}
+
+/// Whether the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+fn vnni_present() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Where `vdpbf16ps` is fast (AMD Zen 4: one 512-bit instruction per cycle, as FMA) and the
@@ -352,7 +455,8 @@ fn auto_runs_bf16_where_vdpbf16ps_is_fast() {
 }
 
 /// On a CPU with AMX that the process may not use (here: `RAG_INGEST_AMX=0`, as when the OS
-/// refuses the tile state), `auto` keeps f32: there AVX-512 BF16 alone is slower than f32.
+/// refuses the tile state), `auto` does not run bf16: there AVX-512 BF16 alone is slower
+/// than f32. It runs int16 where `vpdpwssd` is fast, else f32.
 /// Runs itself again in a child process with the variable set (the environment is
 /// process-wide; the other tests of this binary must see AMX).
 #[test]
@@ -368,7 +472,11 @@ fn auto_keeps_f32_on_an_amx_cpu_that_cannot_use_amx() {
     let dir = model_dir();
     let auto = CandleEmbedder::load_with_precision(&dir, 8, Precision::Auto).expect("load auto");
     let choice = auto.precision().clone();
-    assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+    if int16_is_autos_fallback(&choice) {
+        assert_auto_is_int16(&auto);
+    } else {
+        assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
+    }
     // An explicit bf16 still runs (on the AVX-512 kernel).
     let bf16 = load_bf16(8).expect("bf16 loads on a CPU with AMX");
     assert_eq!(bf16.precision().running, Precision::Bf16);

@@ -85,6 +85,11 @@ pub struct PrecisionChoice {
     /// [`BF16_SLOW_RATIO`], bf16 on AVX-512 is slower than f32, and `auto` runs bf16 only on
     /// AMX.
     pub bf16_dot_ratio: Option<f64>,
+    /// The time of one AVX-512 VNNI `vpdpwssd` (the int16 kernel on AVX-512) over that of
+    /// one f32 FMA, as measured in this process (`None`: the CPU has no AVX-512 VNNI).
+    /// Below [`BF16_SLOW_RATIO`] (the same threshold: both do two multiply-adds per lane),
+    /// int16 products run on AVX-512 and `auto` may choose int16 where bf16 does not run.
+    pub int16_dot_ratio: Option<f64>,
 }
 
 /// See [`PrecisionChoice::bf16_dot_ratio`].
@@ -234,7 +239,7 @@ impl CandleEmbedder {
             }
             Precision::Int16 => format!(
                 "set in the configuration; int16 products on {}, attention in {}",
-                amx::Kernel::Avx2.name(),
+                bert::int16_kernel().name(),
                 inner.model.attention_precision()
             ),
             Precision::F32 | Precision::Auto => "set in the configuration".to_owned(),
@@ -244,6 +249,7 @@ impl CandleEmbedder {
             running: precision,
             reason,
             bf16_dot_ratio: speed.map(|s| s.ratio),
+            int16_dot_ratio: probe::PairSpeed::get().map(|s| s.ratio),
         };
         Self::start(model_dir, inner, choice)
     }
@@ -252,7 +258,8 @@ impl CandleEmbedder {
     /// bf16 is faster than f32 here (AMX tiles, or a fast `vdpbf16ps`:
     /// [`PrecisionChoice::bf16_dot_ratio`]) and, on [`SELF_CHECK_TEXTS`], every bf16 vector
     /// has cosine at least `min_cosine` to the f32 one; where bf16 does not run, the int16
-    /// pass on a CPU with AVX2 and no AVX-512 if it passes the same check; else the f32
+    /// pass where int16 products pay ([`PrecisionChoice::int16_dot_ratio`] on AVX-512 VNNI,
+    /// or AVX2 without AVX-512) if it passes the same check; else the f32
     /// forward pass. Both passes are loaded for the check; the one not chosen is dropped at
     /// once. [`CandleEmbedder::precision`] says which runs and why.
     ///
@@ -313,6 +320,7 @@ impl CandleEmbedder {
                         attention
                     ),
                     bf16_dot_ratio,
+                    int16_dot_ratio: probe::PairSpeed::get().map(|s| s.ratio),
                 },
             )
         } else {
@@ -326,6 +334,7 @@ impl CandleEmbedder {
                         "bf16 self-check min cosine {least:.6} < {min_cosine}: kept f32"
                     ),
                     bf16_dot_ratio,
+                    int16_dot_ratio: probe::PairSpeed::get().map(|s| s.ratio),
                 },
             )
         };
@@ -333,8 +342,9 @@ impl CandleEmbedder {
     }
 
     /// `auto` where bf16 does not run (`why`): int16 where it is the faster path
-    /// ([`bert::int16_pays`]: AVX2 and FMA without AVX-512) and its vectors pass the
-    /// self-check against `f32` (the loaded f32 pass), else `f32` itself.
+    /// ([`bert::int16_pays`]: AVX-512 VNNI with a fast `vpdpwssd`, or AVX2 and FMA without
+    /// AVX-512) and its vectors pass the self-check against `f32` (the loaded f32 pass),
+    /// else `f32` itself.
     ///
     /// # Errors
     ///
@@ -347,11 +357,13 @@ impl CandleEmbedder {
         why: String,
         bf16_dot_ratio: Option<f64>,
     ) -> Result<Self, EmbedError> {
+        let int16_dot_ratio = probe::PairSpeed::get().map(|s| s.ratio);
         let kept = |reason: String| PrecisionChoice {
             requested: Precision::Auto,
             running: Precision::F32,
             reason,
             bf16_dot_ratio,
+            int16_dot_ratio,
         };
         if !bert::int16_pays() {
             return Self::start(model_dir, f32, kept(why));
@@ -360,15 +372,23 @@ impl CandleEmbedder {
         let least = least_cosine(&f32, &int16)?;
         if least >= min_cosine {
             drop(f32);
+            let kernel = bert::int16_kernel();
+            let because = match (kernel, int16_dot_ratio) {
+                (amx::Kernel::Avx512, Some(ratio)) => {
+                    format!("AVX-512 VNNI, vpdpwssd {ratio:.1}x an f32 FMA")
+                }
+                _ => "AVX2 without AVX-512".to_owned(),
+            };
             let choice = PrecisionChoice {
                 requested: Precision::Auto,
                 running: Precision::Int16,
                 reason: format!(
-                    "{why}; AVX2 without AVX-512: int16 products on {}, self-check min \
-                     cosine {least:.6} >= {min_cosine}",
-                    amx::Kernel::Avx2.name()
+                    "{why}; {because}: int16 products on {}, self-check min cosine \
+                     {least:.6} >= {min_cosine}",
+                    kernel.name()
                 ),
                 bf16_dot_ratio,
+                int16_dot_ratio,
             };
             Self::start(model_dir, int16, choice)
         } else {
@@ -794,7 +814,8 @@ fn int8_plan() -> Int8Plan {
     }
 }
 
-/// What `precision = "int16"` does: every linear layer on the AVX2 kernel with 12-bit
+/// What `precision = "int16"` does: every linear layer on the int16 kernel
+/// ([`bert::int16_kernel`]: AVX-512 VNNI's `vpdpwssd` where fast, else AVX2) with 12-bit
 /// weights ([`int8::INT16_LEVELS`]), no smoothing (it would move range into the weights,
 /// the coarser side here), input channels over 3 × the median channel's calibration
 /// maximum (at most 16 per layer) in f32, and no separate weights for short sequences.
@@ -807,7 +828,7 @@ fn int16_plan() -> Int8Plan {
         alpha: [0.0; 4],
         outlier_ratio: 3.0,
         max_outliers: 16,
-        kernel: amx::Kernel::Avx2,
+        kernel: bert::int16_kernel(),
         attention: false,
         weight_levels: int8::INT16_LEVELS,
         short_fallback: false,

@@ -31,12 +31,14 @@ pub(super) const TILE_BYTES: usize = 64;
 /// Which kernel computes a reduced-precision product (AMX where the CPU and OS allow it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
-    /// The AVX-512 kernel (VNNI `vpdpbusd` for int8, `vdpbf16ps` for bf16), 8 × 48 tiles.
+    /// The AVX-512 kernel (VNNI `vpdpbusd` for int8, `vpdpwssd` for int16, `vdpbf16ps` for
+    /// bf16), 8 × 48 tiles.
     Avx512,
     /// Intel AMX tiles, 32 × 32 output blocks.
     Amx,
-    /// The AVX2 kernel of int8 (`vpmaddwd` on i16 activations, 6 × 16 tiles), for CPUs
-    /// without AVX-512 VNNI. bf16 has none: for bf16 it means the AVX-512 kernel.
+    /// The AVX2 kernel of int8 and int16 (`vpmaddwd` on i16 activations, 6 × 16 tiles),
+    /// for CPUs without AVX-512 VNNI (int16: without a fast `vpdpwssd`). bf16 has none: for
+    /// bf16 it means the AVX-512 kernel.
     Avx2,
 }
 

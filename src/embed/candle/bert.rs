@@ -41,7 +41,7 @@ use super::Precision;
 use super::attention::{self, Bf16Attention, Heads};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
-use super::probe::DotSpeed;
+use super::probe::{DotSpeed, PairSpeed};
 use super::tile::{RowsFn, Start};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
@@ -160,17 +160,32 @@ pub(crate) fn bf16_products_pay(kernel: Kernel) -> bool {
     bf16::missing_features().is_none() && (kernel == Kernel::Amx || DotSpeed::fast())
 }
 
-/// Whether int16 products (the AVX2 kernel) are faster than f32 ones here: on a CPU with
-/// AVX2 and FMA but no AVX-512F. With AVX-512, f32 runs on 16-lane FMAs, as many
-/// multiply-adds per instruction as `vpmaddwd` on AVX2 does.
+/// Whether int16 products are faster than f32 ones here: on AVX-512 VNNI where `vpdpwssd`
+/// issues about as often as an f32 FMA ([`PairSpeed`]: 32 multiply-adds per instruction
+/// against 16), or on a CPU with AVX2 and FMA but no AVX-512F (the AVX2 kernel: with
+/// AVX-512F and no VNNI, f32 runs on 16-lane FMAs, as many multiply-adds per instruction
+/// as `vpmaddwd` on AVX2 does).
 pub(crate) fn int16_pays() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::int8::avx2_missing().is_none() && !std::arch::is_x86_feature_detected!("avx512f")
+        PairSpeed::fast()
+            || (super::int8::avx2_missing().is_none()
+                && !std::arch::is_x86_feature_detected!("avx512f"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// The kernel of int16 products here: AVX-512 (`vpdpwssd`, 8 × 48 tiles) where the CPU has
+/// AVX-512 VNNI and that instruction is fast ([`PairSpeed`]), else AVX2 (`vpmaddwd`,
+/// 6 × 16 tiles). Both give bit-identical products.
+pub(crate) fn int16_kernel() -> Kernel {
+    if PairSpeed::fast() {
+        Kernel::Avx512
+    } else {
+        Kernel::Avx2
     }
 }
 
@@ -221,8 +236,9 @@ pub(crate) struct Int8Plan {
     /// Attention's two products (scores and context) in bf16 where it pays
     /// ([`bf16_attention`]).
     pub attention: bool,
-    /// The weights' levels: [`INT8_LEVELS`](super::int8::INT8_LEVELS), or wider for the
-    /// AVX2 kernel ([`INT16_LEVELS`](super::int8::INT16_LEVELS)).
+    /// The weights' levels: [`INT8_LEVELS`](super::int8::INT8_LEVELS), or wider
+    /// ([`INT16_LEVELS`](super::int8::INT16_LEVELS)) for the AVX2 and AVX-512 kernels with
+    /// i16 activations.
     pub weight_levels: i16,
     /// Whether sequences under [`INT8_MIN_TOKENS`] use a bf16/f32 copy of each weight
     /// (int8's error is too large for them; int16's is not, and the copy costs memory).

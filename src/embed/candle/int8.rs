@@ -33,6 +33,13 @@
 //! at 1,536 inputs), multiplied in pairs by `vpmaddwd`. Its activations are thus finer than
 //! VNNI's 256 levels; the weights, the smoothing and the outlier channels are the same.
 //!
+//! Weights wider than int8 (`precision = "int16"`: ±2,047) take 16-bit activations on
+//! either kernel: on AVX2 as above, on AVX-512 VNNI with `vpdpwssd` (two i16 multiply-adds
+//! per i32 lane, accumulated: 32 per instruction, twice an f32 FMA's) in the same 8 × 48
+//! tiles as int8, the pairs of i16 weights packed where int8's quads of bytes are. Both
+//! compute the same exact i32 sums and the same f32 epilogue, so their outputs are
+//! bit-identical.
+//!
 //! Everything `unsafe` here is reached only through an [`Int8Weight`], which can only be
 //! built after run-time detection of AVX-512F, AVX-512BW and AVX-512 VNNI, or of AVX2 and
 //! FMA for the AVX2 kernel.
@@ -45,9 +52,9 @@ use super::tile::{self, LANES, MC, Start};
 
 /// The largest magnitude of an int8 weight: what every kernel takes.
 pub(crate) const INT8_LEVELS: i16 = 127;
-/// The largest magnitude of a weight of `precision = "int16"` (12 bits): the AVX2 kernel
-/// only. Its activations then get ±683 levels at 1,536 inputs, ±2,732 at 384
-/// ([`avx2::activation_levels`]).
+/// The largest magnitude of a weight of `precision = "int16"` (12 bits), on the AVX2 or the
+/// AVX-512 kernel with 16-bit activations. Its activations then get ±683 levels at 1,536
+/// inputs, ±2,732 at 384 ([`avx2::activation_levels`]).
 pub(crate) const INT16_LEVELS: i16 = 2047;
 
 /// Columns of an output tile: three vectors of 16 i32 lanes.
@@ -65,6 +72,8 @@ const AMX_ROWS: usize = 2 * TILE_ROWS;
 enum Cpu {
     /// AVX-512F, AVX-512BW and AVX-512 VNNI (the VNNI and AMX kernels).
     Vnni,
+    /// The same, for weights wider than int8 and i16 activations (`vpdpwssd`).
+    VnniPairs,
     /// AVX2 and FMA (the [`avx2`] kernel).
     Avx2,
 }
@@ -75,18 +84,20 @@ enum Cpu {}
 
 impl Cpu {
     /// The CPU features `kernel` needs, if this CPU has them: AVX2 and FMA for
-    /// [`Kernel::Avx2`], AVX-512F/BW/VNNI for the others.
-    fn detect(kernel: Kernel) -> Option<Self> {
+    /// [`Kernel::Avx2`], AVX-512F/BW/VNNI for the others; `pairs` if the weights are wider
+    /// than int8 (i16 activations).
+    fn detect(kernel: Kernel, pairs: bool) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             match kernel {
                 Kernel::Avx2 => avx2_missing().is_none().then_some(Self::Avx2),
+                Kernel::Avx512 if pairs => vnni_missing().is_none().then_some(Self::VnniPairs),
                 Kernel::Avx512 | Kernel::Amx => vnni_missing().is_none().then_some(Self::Vnni),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = kernel;
+            let _ = (kernel, pairs);
             None
         }
     }
@@ -172,14 +183,18 @@ pub(crate) fn smoothing(
 /// the panel's outputs' four weights side by side. Outputs past the end of the last panel and
 /// inputs past the last full quad are zero.
 pub(crate) struct Int8Weight {
-    /// `panels × quads × width × 4` (`width` = [`NR`], or 16 for AMX); empty for AVX2.
+    /// `panels × quads × width × 4` bytes (`width` = [`NR`], or 16 for AMX): for each
+    /// quad of inputs, each output's four int8 weights; for weights wider than int8 on
+    /// AVX-512, for each pair of inputs, each output's two i16 weights (little-endian
+    /// bytes). Empty for AVX2.
     data: Vec<i8>,
     /// For the AVX2 kernel, `panels × pairs × 16 × 2`: for each panel of 16 outputs, for
     /// each pair of inputs, the outputs' two weights side by side, widened to i16 (see
     /// [`avx2`]); else empty.
     pairs: Vec<i16>,
-    /// For the AVX2 kernel, the largest magnitude of a quantised activation: the i32 sums
-    /// of `inputs` products cannot overflow ([`avx2::activation_levels`]).
+    /// Where activations are i16 (the AVX2 kernel, and weights wider than int8 on
+    /// AVX-512), the largest magnitude of a quantised activation: the i32 sums of `inputs`
+    /// products cannot overflow ([`avx2::activation_levels`]); else 0.
     levels: i32,
     /// Scale of each output channel (at least `panels × width` and 48, zero past
     /// `outputs`).
@@ -196,7 +211,8 @@ pub(crate) struct Int8Weight {
     inputs: usize,
     outputs: usize,
     /// 32-bit words of quantised activations per row: `ceil(inputs / 4)` quads of u8,
-    /// rounded up to a multiple of 16 for AMX; for AVX2 `ceil(inputs / 2)` pairs of i16.
+    /// rounded up to a multiple of 16 for AMX; with i16 activations `ceil(inputs / 2)`
+    /// pairs.
     quads: usize,
     cpu: Cpu,
     /// Set if the products run on AMX tiles.
@@ -213,14 +229,15 @@ impl Int8Weight {
     ///
     /// The products run on `kernel` where the CPU and OS allow it (AMX falls back to VNNI).
     /// The weights are quantised to `±weight_levels` per output channel: [`INT8_LEVELS`],
-    /// or up to [`i16::MAX`] for the AVX2 kernel (which widens them to i16 anyway; its
-    /// activations then get fewer levels, see [`avx2::activation_levels`]).
+    /// or up to [`i16::MAX`] on the AVX2 kernel (which widens them to i16 anyway) and the
+    /// AVX-512 one (which then takes i16 activations and `vpdpwssd`); the activations get
+    /// fewer levels the wider the weights ([`avx2::activation_levels`]).
     ///
     /// # Errors
     ///
     /// A message naming the missing CPU features if this CPU cannot run the kernel (AVX2
-    /// and FMA for [`Kernel::Avx2`], AVX-512F/BW/VNNI for the others), or saying that
-    /// only the AVX2 kernel takes weights wider than int8.
+    /// and FMA for [`Kernel::Avx2`], AVX-512F/BW/VNNI for the others), or saying that AMX
+    /// takes no weights wider than int8.
     ///
     /// # Panics
     ///
@@ -235,14 +252,15 @@ impl Int8Weight {
         kernel: Kernel,
         weight_levels: i16,
     ) -> Result<Self, String> {
-        if !(1..=INT8_LEVELS).contains(&weight_levels) && kernel != Kernel::Avx2 {
+        let avx512_pairs = weight_levels > INT8_LEVELS && kernel == Kernel::Avx512;
+        if weight_levels > INT8_LEVELS && kernel == Kernel::Amx {
             return Err(format!(
-                "weights of ±{weight_levels} levels need the AVX2 kernel (int8 kernels take \
-                 ±1 to ±{INT8_LEVELS})"
+                "weights of ±{weight_levels} levels need the AVX2 or AVX-512 kernel (AMX \
+                 takes ±1 to ±{INT8_LEVELS})"
             ));
         }
         let weight_levels = weight_levels.max(1);
-        let cpu = Cpu::detect(kernel).ok_or_else(|| {
+        let cpu = Cpu::detect(kernel, avx512_pairs).ok_or_else(|| {
             let missing = match kernel {
                 Kernel::Avx2 => avx2_missing(),
                 Kernel::Avx512 | Kernel::Amx => vnni_missing(),
@@ -273,6 +291,8 @@ impl Int8Weight {
         }
         let packing = if kernel == Kernel::Avx2 {
             avx2::packing(outputs, inputs)
+        } else if avx512_pairs {
+            tile::Packing::new(outputs, inputs, 2, false)
         } else {
             tile::Packing::new(outputs, inputs, 4, amx.is_some())
         };
@@ -312,6 +332,20 @@ impl Int8Weight {
             (
                 Vec::new(),
                 packing.pack(2, outputs, inputs, quantised),
+                avx2::activation_levels(inputs, weight_levels),
+            )
+        } else if avx512_pairs {
+            // Each 32-bit word: two i16 weights, the first in the low half (as `vpdpwssd`
+            // pairs them with the activations' words).
+            let data = packing
+                .pack(2, outputs, inputs, quantised)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .map(u8::cast_signed)
+                .collect();
+            (
+                data,
+                Vec::new(),
                 avx2::activation_levels(inputs, weight_levels),
             )
         } else {
@@ -361,10 +395,10 @@ impl Int8Weight {
             |x, a, out| {
                 #[cfg(target_arch = "x86_64")]
                 match cpu {
-                    // SAFETY: `Cpu::Vnni` exists only if the CPU has AVX-512F/BW/VNNI;
-                    // `par_blocks` hands over the same rows of `x` and `out` and room in `a`
-                    // for their quads, rounded up to 32 rows for AMX.
-                    Cpu::Vnni => unsafe { x86::block(x, a, out, self) },
+                    // SAFETY: `Cpu::Vnni` and `Cpu::VnniPairs` exist only if the CPU has
+                    // AVX-512F/BW/VNNI; `par_blocks` hands over the same rows of `x` and
+                    // `out` and room in `a` for their words, rounded up to 32 rows for AMX.
+                    Cpu::Vnni | Cpu::VnniPairs => unsafe { x86::block(x, a, out, self) },
                     // SAFETY: `Cpu::Avx2` exists only if the CPU has AVX2 and FMA, and then
                     // the weights were packed for it; `a` has room for the rows' pairs.
                     Cpu::Avx2 => unsafe { avx2::block(x, a, out, self) },
@@ -408,6 +442,7 @@ impl RowQuant {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::arch::asm;
     use std::arch::x86_64::{
         __m512, __m512i, _mm_storeu_si128, _mm512_add_epi32, _mm512_cvtepi32_ps,
         _mm512_cvtps_epi32, _mm512_cvtusepi32_epi8, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
@@ -419,9 +454,10 @@ mod x86 {
 
     use super::super::amx::{TileSums, Tiles};
     use super::super::tile::{lane_masks, load_lanes, store_lanes};
-    use super::{Amx, Int8Weight, LANES, MC, MR, NR, RowQuant, TILE_BYTES, TILE_ROWS};
+    use super::{Amx, Cpu, Int8Weight, LANES, MC, MR, NR, RowQuant, TILE_BYTES, TILE_ROWS, avx2};
 
-    /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first.
+    /// `out += x Wᵀ` for the rows of `x` (at most [`MC`]), quantising them into `a` first
+    /// (u8 quads, or i16 pairs for [`Cpu::VnniPairs`]).
     ///
     /// # Safety
     ///
@@ -432,6 +468,7 @@ mod x86 {
     pub(super) unsafe fn block(x: &[f32], a: &mut [u32], out: &mut [f32], w: &Int8Weight) {
         let (k, n, quads) = (w.inputs, w.outputs, w.quads);
         let rows = out.len() / n;
+        let pairs = w.cpu == Cpu::VnniPairs;
         let mut quant = [RowQuant {
             scale: 1.0,
             zero: 0,
@@ -441,7 +478,13 @@ mod x86 {
             .zip(a.chunks_exact_mut(quads))
             .zip(quant.iter_mut())
         {
-            *q = quantise_row(x, w.unsmooth.as_deref(), a);
+            *q = if pairs {
+                // The AVX2 kernel's quantisation (this CPU has AVX2 and FMA, implied by
+                // AVX-512F), so that both kernels multiply the same activations.
+                avx2::quantise_row(x, w.unsmooth.as_deref(), w.levels, a)
+            } else {
+                quantise_row(x, w.unsmooth.as_deref(), a)
+            };
         }
         add_outliers(x, out, w);
         if let Some(amx) = w.amx {
@@ -450,6 +493,34 @@ mod x86 {
             unsafe { amx_block(a, &quant[..rows], out, w, amx) };
             return;
         }
+        // SAFETY: `a` holds `rows` rows of `quads` words and `out` `rows × n` values (this
+        // function's contract); `quant` has `rows` entries.
+        unsafe {
+            if pairs {
+                panels::<true>(a, &quant[..rows], out, w);
+            } else {
+                panels::<false>(a, &quant[..rows], out, w);
+            }
+        }
+    }
+
+    /// `out += sa·sw·(a·Bᵀ − zp·Σq)` in tiles of [`MR`] × [`NR`], for the `quant.len()`
+    /// rows of `out`: i16 pairs (`vpdpwssd`, no zero point) if `PAIRS`, else u8 quads
+    /// (`vpdpbusd`).
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F/BW/VNNI; `a` must hold `quant.len()` rows of `w.quads`
+    /// words, `out` `quant.len() × w.outputs` values; `w.data` must be packed for this
+    /// kernel (panels of [`NR`] outputs).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn panels<const PAIRS: bool>(
+        a: &[u32],
+        quant: &[RowQuant],
+        out: &mut [f32],
+        w: &Int8Weight,
+    ) {
+        let (n, quads, rows) = (w.outputs, w.quads, quant.len());
         for panel in 0..n.div_ceil(NR) {
             let columns = (n - panel * NR).min(NR);
             let masks = lane_masks(columns);
@@ -474,14 +545,14 @@ mod x86 {
                 // precondition.
                 unsafe {
                     match rows - r0 {
-                        8.. => tile::<8>(a, quads, b, out, &epilogue),
-                        7 => tile::<7>(a, quads, b, out, &epilogue),
-                        6 => tile::<6>(a, quads, b, out, &epilogue),
-                        5 => tile::<5>(a, quads, b, out, &epilogue),
-                        4 => tile::<4>(a, quads, b, out, &epilogue),
-                        3 => tile::<3>(a, quads, b, out, &epilogue),
-                        2 => tile::<2>(a, quads, b, out, &epilogue),
-                        _ => tile::<1>(a, quads, b, out, &epilogue),
+                        8.. => tile::<8, PAIRS>(a, quads, b, out, &epilogue),
+                        7 => tile::<7, PAIRS>(a, quads, b, out, &epilogue),
+                        6 => tile::<6, PAIRS>(a, quads, b, out, &epilogue),
+                        5 => tile::<5, PAIRS>(a, quads, b, out, &epilogue),
+                        4 => tile::<4, PAIRS>(a, quads, b, out, &epilogue),
+                        3 => tile::<3, PAIRS>(a, quads, b, out, &epilogue),
+                        2 => tile::<2, PAIRS>(a, quads, b, out, &epilogue),
+                        _ => tile::<1, PAIRS>(a, quads, b, out, &epilogue),
                     }
                 }
             }
@@ -595,6 +666,28 @@ mod x86 {
         }
     }
 
+    /// `acc + Σ_pairs a·b` in each i32 lane (`vpdpwssd`, wrapping), as inline assembly:
+    /// through `_mm512_dpwssd_epi32`, LLVM's machine combiner split most of them into
+    /// `vpmaddwd` + `vpaddd` (a shorter dependency chain through the accumulator, at twice
+    /// the vector instructions), which made the int16 kernel no faster than f32 on Intel
+    /// Cascade Lake; the tile's 24 independent accumulators hide the latency anyway.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+        let mut acc = acc;
+        // SAFETY: registers only, no flags; AVX-512F and VNNI are this function's features.
+        unsafe {
+            asm!(
+                "vpdpwssd {acc}, {a}, {b}",
+                acc = inout(zmm_reg) acc,
+                a = in(zmm_reg) a,
+                b = in(zmm_reg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+
     /// What turns a tile's i32 sums into f32 and adds them to the output.
     struct Epilogue<'a> {
         /// The panel's output scales.
@@ -667,16 +760,19 @@ mod x86 {
     }
 
     /// `out[r][0..48] += sa[r]·sw·(Σ_quads a[r]·b − zp[r]·Σq)` for `R` rows: the micro-kernel.
+    /// With `PAIRS`, each word of `a` and `b` holds two i16 (`vpdpwssd`) and the zero
+    /// point is 0; else four u8 of `a` and four i8 of `b` (`vpdpbusd`).
     ///
     /// # Safety
     ///
     /// The CPU must have AVX-512F/BW/VNNI; `a` must hold `R` rows of `quads` words each,
-    /// `quads` apart, `b` `quads × NR × 4` values, `e.quant` at least `R` entries, `e.scales`
+    /// `quads` apart, `b` `quads × NR × 4` bytes, `e.quant` at least `R` entries, `e.scales`
     /// and `e.sums` [`NR`] each, and `out` rows `e.ldc` apart reaching every lane set in
-    /// `e.masks` of row `R - 1`.
+    /// `e.masks` of row `R - 1`. With `PAIRS`, the rows' zero points must be 0 and
+    /// `Σ|a·b|` of a row and column below 2³¹.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<const R: usize, const PAIRS: bool>(
         a: &[u32],
         quads: usize,
         b: &[i8],
@@ -695,9 +791,16 @@ mod x86 {
                 let b2 = _mm512_loadu_si512(bp.add(128).cast());
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_epi32(a.add(r * quads + quad).read().cast_signed());
-                    acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
-                    acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
-                    acc[2] = _mm512_dpbusd_epi32(acc[2], av, b2);
+                    if PAIRS {
+                        // Exact: the sums stay below 2³¹ (this function's contract).
+                        acc[0] = dpwssd(acc[0], av, b0);
+                        acc[1] = dpwssd(acc[1], av, b1);
+                        acc[2] = dpwssd(acc[2], av, b2);
+                    } else {
+                        acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
+                        acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
+                        acc[2] = _mm512_dpbusd_epi32(acc[2], av, b2);
+                    }
                 }
             }
         }
@@ -714,8 +817,12 @@ mod x86 {
                     let sums = _mm512_loadu_epi32(e.sums.as_ptr().add(v * LANES));
                     let scales = _mm512_loadu_ps(e.scales.as_ptr().add(v * LANES));
                     // |Σ u·q| ≤ 255 · 127 · inputs and |zp · Σq| ≤ 255 · 127 · inputs: no
-                    // overflow below 33,000 inputs.
-                    let exact = _mm512_sub_epi32(sum, _mm512_mullo_epi32(zero, sums));
+                    // overflow below 33,000 inputs. Pairs have no zero point.
+                    let exact = if PAIRS {
+                        sum
+                    } else {
+                        _mm512_sub_epi32(sum, _mm512_mullo_epi32(zero, sums))
+                    };
                     let value = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scales);
                     let p = out.wrapping_add(r * e.ldc + v * LANES);
                     let old = load_lanes(p, mask);
@@ -773,11 +880,10 @@ mod tests {
     fn matches_a_naive_matmul() {
         // Edge cases of every loop: one element, inputs not a multiple of 4 or 16, partial
         // panels and tiles, several row blocks; with and without smoothing and outliers.
-        // The AVX2 kernel also with int16's wide weights.
-        let variants = vector_kernels().into_iter().flat_map(|kernel| {
-            let wide = (kernel == Kernel::Avx2).then_some((kernel, INT16_LEVELS));
-            [(kernel, INT8_LEVELS)].into_iter().chain(wide)
-        });
+        // Both kernels also with int16's wide weights (i16 activations).
+        let variants = vector_kernels()
+            .into_iter()
+            .flat_map(|kernel| [(kernel, INT8_LEVELS), (kernel, INT16_LEVELS)]);
         for ((kernel, weight_levels), (rows, inputs, outputs, smooth)) in variants
             .collect::<Vec<_>>()
             .into_iter()
@@ -815,11 +921,12 @@ mod tests {
                 weight_levels,
             )
             .expect("supported");
-            assert_eq!(packed.levels > 0, kernel == Kernel::Avx2);
+            let i16_activations = kernel == Kernel::Avx2 || weight_levels > INT8_LEVELS;
+            assert_eq!(packed.levels > 0, i16_activations);
             let w_levels = f64::from(weight_levels);
             // Half a step of the activations, relative to a row's largest magnitude: u8
             // over the row's range (at most twice its largest magnitude), or i16 levels.
-            let x_half_step = if kernel == Kernel::Avx2 {
+            let x_half_step = if i16_activations {
                 0.5 / f64::from(packed.levels)
             } else {
                 1.0 / 255.0
@@ -866,36 +973,96 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_kernel_sums_the_largest_products_without_overflow() {
-        if let Some(missing) = avx2_missing() {
-            eprintln!("SKIPPED: {missing} not available");
-            return;
-        }
+    fn the_i16_kernels_sum_the_largest_products_without_overflow() {
         // Every activation and weight at its largest magnitude, all of one sign: the i32
         // sums reach inputs · weight levels · levels, just under 2³¹. A wrapped sum would
-        // be off by 2³² steps.
-        for (inputs, weight_levels) in [384, 1536, 4099]
-            .into_iter()
-            .flat_map(|inputs| [(inputs, INT8_LEVELS), (inputs, INT16_LEVELS)])
-        {
+        // be off by 2³² steps. The AVX2 kernel with int8 and int16 weights, the AVX-512
+        // one with int16 weights (with int8 weights it takes u8 activations).
+        let kernels = vector_kernels();
+        for (kernel, inputs, weight_levels) in [384, 1536, 4099].into_iter().flat_map(|inputs| {
+            [
+                (Kernel::Avx2, inputs, INT8_LEVELS),
+                (Kernel::Avx2, inputs, INT16_LEVELS),
+                (Kernel::Avx512, inputs, INT16_LEVELS),
+            ]
+        }) {
+            if !kernels.contains(&kernel) {
+                continue;
+            }
             let (rows, outputs) = (5, 30);
             let x = vec![1.0f32; rows * inputs];
             let w: Vec<f32> = (0..outputs * inputs)
                 .map(|i| if i / inputs % 2 == 0 { 0.5 } else { -0.5 })
                 .collect();
-            let packed =
-                Int8Weight::new(&w, outputs, inputs, None, &[], Kernel::Avx2, weight_levels)
-                    .expect("supported");
+            let packed = Int8Weight::new(&w, outputs, inputs, None, &[], kernel, weight_levels)
+                .expect("supported");
             let mut out = vec![0.0; rows * outputs];
             packed.matmul(&x, &mut out, &mut Vec::new(), None);
             for (i, &v) in out.iter().enumerate() {
                 let exact = if i % outputs % 2 == 0 { 0.5 } else { -0.5 } * inputs as f32;
                 assert!(
                     (v - exact).abs() <= exact.abs() * 1e-5,
-                    "{inputs} inputs, ±{weight_levels}, element {i}: {v} instead of {exact}"
+                    "{kernel:?}, {inputs} inputs, ±{weight_levels}, element {i}: {v} instead \
+                     of {exact}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn int16_on_avx512_and_on_avx2_gives_identical_products() {
+        if let Some(missing) = vnni_missing() {
+            eprintln!("SKIPPED: {missing} not available");
+            return;
+        }
+        // Both kernels quantise the activations alike, sum the same i16 products exactly
+        // in i32 and share the epilogue's and the outlier channels' f32 arithmetic, so the
+        // outputs must be bit-identical. Shapes cover partial 8-row tiles and 48- and
+        // 16-column panels, odd inputs, several parallel row blocks, smoothing, outliers
+        // and a start.
+        for (rows, inputs, outputs, smooth) in [
+            (1, 1, 1, false),
+            (3, 7, 50, true),
+            (17, 64, 16, false),
+            (33, 101, 48, true),
+            (65, 384, 1536, true),
+            (130, 1536, 384, false),
+            (9, 384, 1152, true),
+        ] {
+            let x: Vec<f32> = values(rows * inputs, 9).iter().map(|v| v * 3.0).collect();
+            let w = values(outputs * inputs, 10);
+            let start = values(rows * outputs, 11);
+            let s: Vec<f32> = values(inputs, 12).iter().map(|v| 1.5 + v).collect();
+            let outliers: Vec<usize> = if smooth { vec![inputs / 2] } else { Vec::new() };
+            let [avx512, avx2] = [Kernel::Avx512, Kernel::Avx2].map(|kernel| {
+                let packed = Int8Weight::new(
+                    &w,
+                    outputs,
+                    inputs,
+                    smooth.then_some(&s[..]),
+                    &outliers,
+                    kernel,
+                    INT16_LEVELS,
+                )
+                .expect("supported");
+                let mut out = start.clone();
+                let mut scratch = vec![u32::MAX; 3];
+                packed.matmul(&x, &mut out, &mut scratch, None);
+                out
+            });
+            for (i, (a, b)) in avx512.iter().zip(&avx2).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{rows}×{inputs}×{outputs} element {i}: avx512 {a}, avx2 {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn amx_takes_no_weights_wider_than_int8() {
+        let w = values(16 * 32, 13);
+        assert!(Int8Weight::new(&w, 16, 32, None, &[], Kernel::Amx, INT16_LEVELS).is_err());
     }
 
     #[test]
@@ -957,13 +1124,15 @@ mod tests {
     #[test]
     fn a_start_is_written_block_by_block_as_a_separate_pass_would() {
         for kernel in vector_kernels() {
-            testing::fused_start_matches_a_separate_pass(
-                |w, outputs, inputs| {
-                    Int8Weight::new(w, outputs, inputs, None, &[1], kernel, INT8_LEVELS)
-                        .expect("supported")
-                },
-                |packed, x, out, scratch, start| packed.matmul(x, out, scratch, start),
-            );
+            for levels in [INT8_LEVELS, INT16_LEVELS] {
+                testing::fused_start_matches_a_separate_pass(
+                    |w, outputs, inputs| {
+                        Int8Weight::new(w, outputs, inputs, None, &[1], kernel, levels)
+                            .expect("supported")
+                    },
+                    |packed, x, out, scratch, start| packed.matmul(x, out, scratch, start),
+                );
+            }
         }
     }
 }

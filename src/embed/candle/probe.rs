@@ -1,4 +1,5 @@
-//! Whether AVX-512 BF16's `vdpbf16ps` is fast on this CPU, measured once per process.
+//! Whether AVX-512 BF16's `vdpbf16ps` and AVX-512 VNNI's `vpdpwssd` are fast on this CPU,
+//! measured once per process.
 //!
 //! `vdpbf16ps` does two multiply-adds per f32 lane, so a bf16 product beats an f32 one only
 //! where the instruction issues at least about half as often as an f32 FMA. That holds on
@@ -8,11 +9,17 @@
 //! hypervisor may hide AMX from the guest (CPUID without it): the CPU model or the AMX bit
 //! cannot tell, so [`DotSpeed::measure`] times the two instructions.
 //!
-//! The measurement: 12 independent accumulator chains (more than latency × ports on any
-//! current core) of 2,048 instructions each, register-only, alternating the two instructions
-//! over 7 trials and keeping each one's fastest (well under a millisecond in all; the fastest
-//! trial is the one no interrupt or frequency change disturbed). The inputs are zeros, so
-//! there are no denormal assists.
+//! `vpdpwssd` (two 16-bit integer multiply-adds per i32 lane, the int16 kernel on AVX-512)
+//! is in the same position against f32: [`PairSpeed`] times it the same way. On the Intel
+//! cores seen so far (Cascade Lake, Ice Lake, Emerald Rapids) it issues as often as an FMA.
+//!
+//! The measurement: 2 ms of f32 FMAs first (the first 512-bit multiply-adds after a pause
+//! can run at a fraction of their speed while the core settles), then 12 independent
+//! accumulator chains (more than latency × ports on any current core) of 2,048 instructions
+//! each, register-only, alternating the two instructions over 15 trials and keeping each
+//! one's fastest (about 2.5 ms in all; the fastest trial is the one no interrupt, frequency
+//! change or busy sibling hyperthread disturbed). The inputs are zeros, so there are no
+//! denormal assists.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -66,24 +73,103 @@ impl DotSpeed {
             if super::bf16::missing_features().is_some() {
                 return None;
             }
-            const TRIALS: usize = 7;
-            let (mut dot, mut fma) = (Duration::MAX, Duration::MAX);
-            for _ in 0..TRIALS {
-                // SAFETY: AVX-512F and AVX-512 BF16 were detected just above.
-                unsafe {
-                    dot = dot.min(x86::time(x86::dot_chains));
-                    fma = fma.min(x86::time(x86::fma_chains));
-                }
-            }
-            (!fma.is_zero()).then(|| Self {
-                ratio: dot.as_secs_f64() / fma.as_secs_f64(),
-            })
+            // SAFETY: AVX-512F and AVX-512 BF16 were detected just above.
+            unsafe { ratio_to_fma(x86::dot_chains) }.map(|ratio| Self { ratio })
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             None
         }
     }
+}
+
+/// The measured issue cost of AVX-512 VNNI's `vpdpwssd` (16-bit integer pairs, the int16
+/// kernel on AVX-512) against `vfmadd231ps`, 512-bit forms, measured as [`DotSpeed`] is.
+/// It does two multiply-adds per i32 lane, as `vdpbf16ps` does per f32 lane, so the same
+/// [`SLOW_RATIO`] decides whether int16 products beat f32 ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PairSpeed {
+    /// Time of one `vpdpwssd` over the time of one f32 FMA, throughput-bound.
+    pub ratio: f64,
+}
+
+impl PairSpeed {
+    /// The measurement of this process (made on first use, then cached); `None` where the
+    /// CPU has no AVX-512 VNNI. `RAG_INGEST_INT16_SPEED=fast|slow` replaces the measurement
+    /// (ratio 1 or 4) to test either decision on any such CPU.
+    pub(crate) fn get() -> Option<Self> {
+        static SPEED: OnceLock<Option<PairSpeed>> = OnceLock::new();
+        *SPEED.get_or_init(|| {
+            super::int8::vnni_missing()
+                .is_none()
+                .then(
+                    || match std::env::var("RAG_INGEST_INT16_SPEED").as_deref() {
+                        Ok("fast") => Some(Self { ratio: 1.0 }),
+                        Ok("slow") => Some(Self { ratio: 4.0 }),
+                        _ => Self::measure(),
+                    },
+                )
+                .flatten()
+        })
+    }
+
+    /// Whether int16 products on AVX-512 pay here (`ratio` below [`SLOW_RATIO`]).
+    pub(crate) fn pays(self) -> bool {
+        self.ratio < SLOW_RATIO
+    }
+
+    /// Whether this process's measurement says int16 products on AVX-512 pay (`false`
+    /// without AVX-512 VNNI).
+    pub(crate) fn fast() -> bool {
+        Self::get().is_some_and(Self::pays)
+    }
+
+    /// Times both instructions; `None` where the CPU lacks AVX-512F/BW/VNNI or the timer did
+    /// not advance.
+    fn measure() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::int8::vnni_missing().is_some() {
+                return None;
+            }
+            // SAFETY: AVX-512F and AVX-512 VNNI were detected just above.
+            unsafe { ratio_to_fma(x86::pair_chains) }.map(|ratio| Self { ratio })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+}
+
+/// Alternating trials of each instruction, after the warm-up.
+const TRIALS: usize = 15;
+
+/// How long f32 FMAs run before the trials: the first 512-bit multiply-adds after a
+/// pause ran at up to 3x their time for tens of microseconds on an Intel Cascade Lake
+/// (measured: the trials of one instruction or the other slow at random, the ratio 0.7 to
+/// 1.5 for instructions of equal speed), while the core's vector units and clock settle.
+const WARM_UP: Duration = Duration::from_millis(2);
+
+/// Time of `chains` over [`x86::fma_chains`], fastest of [`TRIALS`] alternating trials
+/// each, after [`WARM_UP`]; `None` if the timer did not advance.
+///
+/// # Safety
+///
+/// The CPU must run `chains`' instructions and AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn ratio_to_fma(chains: unsafe fn(usize)) -> Option<f64> {
+    let (mut dot, mut fma) = (Duration::MAX, Duration::MAX);
+    // SAFETY: the caller's (AVX-512F).
+    unsafe { x86::warm_up(WARM_UP) };
+    for _ in 0..TRIALS {
+        // SAFETY: the caller's.
+        unsafe {
+            dot = dot.min(x86::time(chains));
+            fma = fma.min(x86::time(x86::fma_chains));
+        }
+    }
+    (!fma.is_zero()).then(|| dot.as_secs_f64() / fma.as_secs_f64())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -106,6 +192,19 @@ mod x86 {
         // SAFETY: the caller's.
         unsafe { chains(ITERATIONS) };
         start.elapsed()
+    }
+
+    /// Runs [`fma_chains`] for at least `duration`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F.
+    pub(super) unsafe fn warm_up(duration: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            // SAFETY: the caller's.
+            unsafe { fma_chains(ITERATIONS) };
+        }
     }
 
     /// Defines `$name(iterations)`: 12 independent `$op` chains (zmm0…zmm11 accumulating
@@ -164,6 +263,17 @@ mod x86 {
     );
 
     chains!(
+        /// 12 independent `vpdpwssd` chains, `iterations` deep, on zeros.
+        ///
+        /// # Safety
+        ///
+        /// The CPU must have AVX-512F and AVX-512 VNNI.
+        pair_chains,
+        "avx512f,avx512vnni",
+        "vpdpwssd"
+    );
+
+    chains!(
         /// 12 independent `vfmadd231ps` chains, `iterations` deep, on zeros.
         ///
         /// # Safety
@@ -188,6 +298,18 @@ mod tests {
                 speed.ratio
             ),
             None => assert!(super::super::bf16::missing_features().is_some()),
+        }
+    }
+
+    #[test]
+    fn measures_a_finite_positive_pair_ratio_where_the_cpu_has_vnni() {
+        match PairSpeed::measure() {
+            Some(speed) => assert!(
+                speed.ratio.is_finite() && speed.ratio > 0.0,
+                "ratio {}",
+                speed.ratio
+            ),
+            None => assert!(super::super::int8::vnni_missing().is_some()),
         }
     }
 

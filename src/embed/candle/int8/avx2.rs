@@ -56,7 +56,7 @@ pub(super) fn activation_levels(inputs: usize, weight_levels: i16) -> i32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::block;
+pub(super) use x86::{block, quantise_row};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -255,7 +255,12 @@ mod x86 {
     /// One row of activations (multiplied by `unsmooth`, if any) to i16 pairs within
     /// `±levels` (zero after the last input); returns its quantisation (`zero` is 0).
     #[target_feature(enable = "avx2,fma")]
-    fn quantise_row(x: &[f32], unsmooth: Option<&[f32]>, levels: i32, a: &mut [u32]) -> RowQuant {
+    pub(in super::super) fn quantise_row(
+        x: &[f32],
+        unsmooth: Option<&[f32]>,
+        levels: i32,
+        a: &mut [u32],
+    ) -> RowQuant {
         // Two vectors (16 values, 8 words) at a time.
         const STEP: usize = 2 * LANES;
         let steps = x.len() / STEP;
