@@ -10,9 +10,7 @@
 
 use std::path::PathBuf;
 
-use rag_ingest::embed::{
-    BF16_SLOW_RATIO, CandleEmbedder, EmbedError, Embedder, Precision, PrecisionChoice,
-};
+use rag_ingest::embed::{BF16_SLOW_RATIO, CandleEmbedder, EmbedError, Embedder, Precision};
 
 #[path = "support/fixtures.rs"]
 mod fixtures;
@@ -100,13 +98,11 @@ fn int16_vectors_do_not_depend_on_the_batch() {
     }
 }
 
-/// Whether `auto` may run int16 here where bf16 does not run: AVX-512 VNNI with a fast
-/// `vpdpwssd` (as `choice` measured it), or a CPU with AVX2 and FMA but no AVX-512.
-fn int16_is_autos_fallback(choice: &PrecisionChoice) -> bool {
-    choice
-        .int16_dot_ratio
-        .is_some_and(|ratio| ratio < BF16_SLOW_RATIO)
-        || avx2_without_avx512()
+/// Whether `auto` may run int16 here where bf16 does not run: AVX-512 VNNI (unless
+/// `RAG_INGEST_INT16_AVX512=0`), or a CPU with AVX2 and FMA but no AVX-512.
+fn int16_is_autos_fallback() -> bool {
+    let avx512_off = std::env::var_os("RAG_INGEST_INT16_AVX512").is_some_and(|v| v == "0");
+    (vnni_present() && !avx512_off) || avx2_without_avx512()
 }
 
 /// Whether the CPU has AVX2 and FMA but no AVX-512F (the AVX2 int16 kernel's home).
@@ -273,8 +269,8 @@ fn bf16_vectors_do_not_depend_on_the_batch() {
 /// `auto` runs bf16 where the CPU has AVX-512 BF16 and bf16 is the faster path (AMX tiles,
 /// or a `vdpbf16ps` measured fast against f32 FMA; the self-check passes on this model), with
 /// exactly the vectors of an explicit bf16 model; where bf16 does not run, int16 on AVX-512
-/// VNNI with a fast `vpdpwssd` or on a CPU with AVX2 and no AVX-512 (exactly an explicit
-/// int16 model's vectors); elsewhere f32, saying why.
+/// VNNI or on a CPU with AVX2 and no AVX-512 (exactly an explicit int16 model's vectors);
+/// elsewhere f32, saying why.
 #[test]
 fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     let dir = model_dir();
@@ -289,7 +285,7 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
     let Some(bf16) = load_bf16(8) else {
         assert_eq!(choice.bf16_dot_ratio, None);
         assert!(choice.reason.contains("lacks"), "{}", choice.reason);
-        if int16_is_autos_fallback(&choice) {
+        if int16_is_autos_fallback() {
             assert_auto_is_int16(&auto);
         } else {
             assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
@@ -309,7 +305,7 @@ fn auto_runs_bf16_where_the_cpu_has_it_and_says_why() {
             bf16.embed_blocking(&texts).expect("bf16"),
             "auto's bf16 is the bf16 forward pass"
         );
-    } else if int16_is_autos_fallback(&choice) {
+    } else if int16_is_autos_fallback() {
         eprintln!("this CPU's vdpbf16ps takes {ratio:.2}x an f32 FMA and AMX is not available");
         assert_auto_is_int16(&auto);
     } else {
@@ -338,17 +334,17 @@ fn in_child(name: &str, vars: &[(&str, &str)]) -> bool {
 
 /// Where `vdpbf16ps` is slow against f32 FMA (Intel's Sapphire/Emerald Rapids cores: about
 /// 4x an FMA's time for twice its multiply-adds), or absent, and AMX is not available (as
-/// when a hypervisor hides it: the CPU then does not even report AMX), and `vpdpwssd` is
-/// slow too (or absent), `auto` keeps f32, the faster path there; an explicit bf16 still
-/// runs where the CPU has it. The measurements are replaced by `RAG_INGEST_BF16_SPEED=slow`
-/// and `RAG_INGEST_INT16_SPEED=slow` so that this runs on any CPU with AVX-512 (without it,
-/// int16 on AVX2 is the faster path).
+/// when a hypervisor hides it: the CPU then does not even report AMX), and int16 has no
+/// AVX-512 kernel (no VNNI, or `RAG_INGEST_INT16_AVX512=0`), `auto` keeps f32, the faster
+/// path there; an explicit bf16 still runs where the CPU has it, and an explicit int16 runs
+/// on AVX2. `RAG_INGEST_BF16_SPEED=slow` replaces bf16's measurement so that this runs on
+/// any CPU with AVX-512 (without it, int16 on AVX2 is the faster path).
 #[test]
 fn auto_keeps_f32_on_avx512_where_neither_bf16_nor_int16_pays() {
     const NAME: &str = "auto_keeps_f32_on_avx512_where_neither_bf16_nor_int16_pays";
     let vars = [
         ("RAG_INGEST_BF16_SPEED", "slow"),
-        ("RAG_INGEST_INT16_SPEED", "slow"),
+        ("RAG_INGEST_INT16_AVX512", "0"),
         ("RAG_INGEST_AMX", "0"),
     ];
     if !in_child(NAME, &vars) {
@@ -364,10 +360,9 @@ fn auto_keeps_f32_on_avx512_where_neither_bf16_nor_int16_pays() {
     assert_eq!(choice.running, Precision::F32, "{}", choice.reason);
     let bf16 = cpu_has_bf16().then(|| load_bf16(8)).flatten();
     assert_eq!(choice.bf16_dot_ratio, cpu_has_bf16().then_some(4.0));
-    if choice.int16_dot_ratio.is_none() {
-        eprintln!("(no AVX-512 VNNI here: int16 could only run on AVX2)");
-    } else {
-        assert_eq!(choice.int16_dot_ratio, Some(4.0));
+    if let Some(int16) = load_reduced(Precision::Int16, 8) {
+        let reason = &int16.precision().reason;
+        assert!(reason.contains("on avx2"), "{reason}");
     }
     let f32 = CandleEmbedder::load(&dir, 8).expect("f32");
     let texts = rag_ingest::embed::SELF_CHECK_TEXTS;
@@ -382,18 +377,14 @@ fn auto_keeps_f32_on_avx512_where_neither_bf16_nor_int16_pays() {
 }
 
 /// Where bf16 does not run (slow `vdpbf16ps` and no AMX, or no AVX-512 BF16: Intel Cascade
-/// Lake, Ice Lake, Sapphire/Emerald Rapids with AMX hidden) and `vpdpwssd` is fast, `auto`
-/// runs int16 on the AVX-512 kernel: exactly an explicit int16 model's vectors
-/// (`RAG_INGEST_BF16_SPEED=slow` and `RAG_INGEST_INT16_SPEED=fast` replace the
-/// measurements, so that this runs on any CPU with AVX-512 VNNI).
+/// Lake, Ice Lake, Sapphire/Emerald Rapids with AMX hidden) and the CPU has AVX-512 VNNI,
+/// `auto` runs int16 on the AVX-512 kernel (`vpdpwssd`): exactly an explicit int16 model's
+/// vectors (`RAG_INGEST_BF16_SPEED=slow` replaces bf16's measurement, so that this runs on
+/// any CPU with AVX-512 VNNI).
 #[test]
-fn auto_runs_int16_on_avx512_where_bf16_does_not_run_and_vpdpwssd_is_fast() {
-    const NAME: &str = "auto_runs_int16_on_avx512_where_bf16_does_not_run_and_vpdpwssd_is_fast";
-    let vars = [
-        ("RAG_INGEST_BF16_SPEED", "slow"),
-        ("RAG_INGEST_INT16_SPEED", "fast"),
-        ("RAG_INGEST_AMX", "0"),
-    ];
+fn auto_runs_int16_on_avx512_vnni_where_bf16_does_not_run() {
+    const NAME: &str = "auto_runs_int16_on_avx512_vnni_where_bf16_does_not_run";
+    let vars = [("RAG_INGEST_BF16_SPEED", "slow"), ("RAG_INGEST_AMX", "0")];
     if !in_child(NAME, &vars) {
         return;
     }
@@ -404,8 +395,7 @@ fn auto_runs_int16_on_avx512_where_bf16_does_not_run_and_vpdpwssd_is_fast() {
     let auto =
         CandleEmbedder::load_with_precision(&model_dir(), 8, Precision::Auto).expect("load auto");
     let choice = auto.precision().clone();
-    assert_eq!(choice.int16_dot_ratio, Some(1.0));
-    assert!(choice.reason.contains("avx512"), "{}", choice.reason);
+    assert!(choice.reason.contains("on avx512"), "{}", choice.reason);
     assert_auto_is_int16(&auto);
 }
 
@@ -472,7 +462,7 @@ fn auto_keeps_f32_on_an_amx_cpu_that_cannot_use_amx() {
     let dir = model_dir();
     let auto = CandleEmbedder::load_with_precision(&dir, 8, Precision::Auto).expect("load auto");
     let choice = auto.precision().clone();
-    if int16_is_autos_fallback(&choice) {
+    if int16_is_autos_fallback() {
         assert_auto_is_int16(&auto);
     } else {
         assert_eq!(choice.running, Precision::F32, "{}", choice.reason);

@@ -85,11 +85,6 @@ pub struct PrecisionChoice {
     /// [`BF16_SLOW_RATIO`], bf16 on AVX-512 is slower than f32, and `auto` runs bf16 only on
     /// AMX.
     pub bf16_dot_ratio: Option<f64>,
-    /// The time of one AVX-512 VNNI `vpdpwssd` (the int16 kernel on AVX-512) over that of
-    /// one f32 FMA, as measured in this process (`None`: the CPU has no AVX-512 VNNI).
-    /// Below [`BF16_SLOW_RATIO`] (the same threshold: both do two multiply-adds per lane),
-    /// int16 products run on AVX-512 and `auto` may choose int16 where bf16 does not run.
-    pub int16_dot_ratio: Option<f64>,
 }
 
 /// See [`PrecisionChoice::bf16_dot_ratio`].
@@ -249,7 +244,6 @@ impl CandleEmbedder {
             running: precision,
             reason,
             bf16_dot_ratio: speed.map(|s| s.ratio),
-            int16_dot_ratio: probe::PairSpeed::get().map(|s| s.ratio),
         };
         Self::start(model_dir, inner, choice)
     }
@@ -258,8 +252,8 @@ impl CandleEmbedder {
     /// bf16 is faster than f32 here (AMX tiles, or a fast `vdpbf16ps`:
     /// [`PrecisionChoice::bf16_dot_ratio`]) and, on [`SELF_CHECK_TEXTS`], every bf16 vector
     /// has cosine at least `min_cosine` to the f32 one; where bf16 does not run, the int16
-    /// pass where int16 products pay ([`PrecisionChoice::int16_dot_ratio`] on AVX-512 VNNI,
-    /// or AVX2 without AVX-512) if it passes the same check; else the f32
+    /// pass where int16 products pay (AVX-512 VNNI, or AVX2 without AVX-512:
+    /// [`bert::int16_fast_kernel`]) if it passes the same check; else the f32
     /// forward pass. Both passes are loaded for the check; the one not chosen is dropped at
     /// once. [`CandleEmbedder::precision`] says which runs and why.
     ///
@@ -320,7 +314,6 @@ impl CandleEmbedder {
                         attention
                     ),
                     bf16_dot_ratio,
-                    int16_dot_ratio: probe::PairSpeed::get().map(|s| s.ratio),
                 },
             )
         } else {
@@ -334,7 +327,6 @@ impl CandleEmbedder {
                         "bf16 self-check min cosine {least:.6} < {min_cosine}: kept f32"
                     ),
                     bf16_dot_ratio,
-                    int16_dot_ratio: probe::PairSpeed::get().map(|s| s.ratio),
                 },
             )
         };
@@ -342,9 +334,9 @@ impl CandleEmbedder {
     }
 
     /// `auto` where bf16 does not run (`why`): int16 where it is the faster path
-    /// ([`bert::int16_pays`]: AVX-512 VNNI with a fast `vpdpwssd`, or AVX2 and FMA without
-    /// AVX-512) and its vectors pass the self-check against `f32` (the loaded f32 pass),
-    /// else `f32` itself.
+    /// ([`bert::int16_fast_kernel`]: AVX-512 VNNI, or AVX2 and FMA without AVX-512) and its
+    /// vectors pass the self-check against `f32` (the loaded f32 pass), else `f32` itself,
+    /// saying why.
     ///
     /// # Errors
     ///
@@ -357,27 +349,23 @@ impl CandleEmbedder {
         why: String,
         bf16_dot_ratio: Option<f64>,
     ) -> Result<Self, EmbedError> {
-        let int16_dot_ratio = probe::PairSpeed::get().map(|s| s.ratio);
         let kept = |reason: String| PrecisionChoice {
             requested: Precision::Auto,
             running: Precision::F32,
             reason,
             bf16_dot_ratio,
-            int16_dot_ratio,
         };
-        if !bert::int16_pays() {
-            return Self::start(model_dir, f32, kept(why));
-        }
+        let kernel = match bert::int16_fast_kernel() {
+            Ok(kernel) => kernel,
+            Err(not) => return Self::start(model_dir, f32, kept(format!("{why}; {not}"))),
+        };
         let int16 = Inner::load(model_dir, f32.batch_size, Precision::Int16)?;
         let least = least_cosine(&f32, &int16)?;
         if least >= min_cosine {
             drop(f32);
-            let kernel = bert::int16_kernel();
-            let because = match (kernel, int16_dot_ratio) {
-                (amx::Kernel::Avx512, Some(ratio)) => {
-                    format!("AVX-512 VNNI, vpdpwssd {ratio:.1}x an f32 FMA")
-                }
-                _ => "AVX2 without AVX-512".to_owned(),
+            let because = match kernel {
+                amx::Kernel::Avx512 => "AVX-512 VNNI",
+                amx::Kernel::Avx2 | amx::Kernel::Amx => "AVX2 without AVX-512",
             };
             let choice = PrecisionChoice {
                 requested: Precision::Auto,
@@ -388,7 +376,6 @@ impl CandleEmbedder {
                     kernel.name()
                 ),
                 bf16_dot_ratio,
-                int16_dot_ratio,
             };
             Self::start(model_dir, int16, choice)
         } else {
@@ -815,7 +802,7 @@ fn int8_plan() -> Int8Plan {
 }
 
 /// What `precision = "int16"` does: every linear layer on the int16 kernel
-/// ([`bert::int16_kernel`]: AVX-512 VNNI's `vpdpwssd` where fast, else AVX2) with 12-bit
+/// ([`bert::int16_kernel`]: AVX-512 VNNI's `vpdpwssd`, else AVX2) with 12-bit
 /// weights ([`int8::INT16_LEVELS`]), no smoothing (it would move range into the weights,
 /// the coarser side here), input channels over 3 × the median channel's calibration
 /// maximum (at most 16 per layer) in f32, and no separate weights for short sequences.

@@ -41,7 +41,7 @@ use super::Precision;
 use super::attention::{self, Bf16Attention, Heads};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
-use super::probe::{DotSpeed, PairSpeed};
+use super::probe::DotSpeed;
 use super::tile::{RowsFn, Start};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
@@ -160,33 +160,50 @@ pub(crate) fn bf16_products_pay(kernel: Kernel) -> bool {
     bf16::missing_features().is_none() && (kernel == Kernel::Amx || DotSpeed::fast())
 }
 
-/// Whether int16 products are faster than f32 ones here: on AVX-512 VNNI where `vpdpwssd`
-/// issues about as often as an f32 FMA ([`PairSpeed`]: 32 multiply-adds per instruction
-/// against 16), or on a CPU with AVX2 and FMA but no AVX-512F (the AVX2 kernel: with
-/// AVX-512F and no VNNI, f32 runs on 16-lane FMAs, as many multiply-adds per instruction
-/// as `vpmaddwd` on AVX2 does).
-pub(crate) fn int16_pays() -> bool {
+/// The kernel on which int16 products are faster than f32 ones here, or why there is none:
+///
+/// - AVX-512 where the CPU has AVX-512 VNNI (`vpdpwssd`: 32 multiply-adds per instruction
+///   against an f32 FMA's 16, issued as often as an FMA on every such CPU measured: Intel
+///   Cascade Lake, Ice Lake and Emerald Rapids, docs/performance.md), unless
+///   `RAG_INGEST_INT16_AVX512=0` turns that kernel off;
+/// - AVX2 on a CPU with AVX2 and FMA but no AVX-512F (with AVX-512F and no VNNI, f32 runs
+///   on 16-lane FMAs, as many multiply-adds per instruction as `vpmaddwd` on AVX2 does).
+///
+/// Decided from CPUID, not timed like bf16's `vdpbf16ps` ([`DotSpeed`]): no CPU with a slow
+/// `vpdpwssd` is known, and the same timing, tried for it, read 0.6–1.5× an FMA from one
+/// process to the next on a 2-vCPU guest whose other vCPU shares the core.
+pub(crate) fn int16_fast_kernel() -> Result<Kernel, &'static str> {
     #[cfg(target_arch = "x86_64")]
     {
-        PairSpeed::fast()
-            || (super::int8::avx2_missing().is_none()
-                && !std::arch::is_x86_feature_detected!("avx512f"))
+        let avx512_off = std::env::var_os("RAG_INGEST_INT16_AVX512").is_some_and(|v| v == "0");
+        if super::int8::vnni_missing().is_none() {
+            if avx512_off {
+                Err(
+                    "RAG_INGEST_INT16_AVX512=0 turns the AVX-512 int16 kernel off, and AVX2's is \
+                     slower than f32 on AVX-512",
+                )
+            } else {
+                Ok(Kernel::Avx512)
+            }
+        } else if std::arch::is_x86_feature_detected!("avx512f") {
+            Err("no AVX-512 VNNI for int16, and AVX2's int16 kernel is slower than f32 on AVX-512")
+        } else if super::int8::avx2_missing().is_none() {
+            Ok(Kernel::Avx2)
+        } else {
+            Err("no AVX2 and FMA for int16")
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Err("int16 needs x86_64")
     }
 }
 
-/// The kernel of int16 products here: AVX-512 (`vpdpwssd`, 8 × 48 tiles) where the CPU has
-/// AVX-512 VNNI and that instruction is fast ([`PairSpeed`]), else AVX2 (`vpmaddwd`,
-/// 6 × 16 tiles). Both give bit-identical products.
+/// The kernel of `precision = "int16"` here: [`int16_fast_kernel`]'s, else AVX2 (which
+/// fails to load, naming the missing features, where the CPU lacks AVX2 and FMA). Both
+/// kernels give bit-identical products.
 pub(crate) fn int16_kernel() -> Kernel {
-    if PairSpeed::fast() {
-        Kernel::Avx512
-    } else {
-        Kernel::Avx2
-    }
+    int16_fast_kernel().unwrap_or(Kernel::Avx2)
 }
 
 /// The four linear layers of an encoder layer, as the calibration and the int8 plan name

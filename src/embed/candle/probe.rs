@@ -1,5 +1,4 @@
-//! Whether AVX-512 BF16's `vdpbf16ps` and AVX-512 VNNI's `vpdpwssd` are fast on this CPU,
-//! measured once per process.
+//! Whether AVX-512 BF16's `vdpbf16ps` is fast on this CPU, measured once per process.
 //!
 //! `vdpbf16ps` does two multiply-adds per f32 lane, so a bf16 product beats an f32 one only
 //! where the instruction issues at least about half as often as an f32 FMA. That holds on
@@ -8,10 +7,6 @@
 //! runs at half the f32 speed. Those cores have AMX, which is the fast bf16 path, but a
 //! hypervisor may hide AMX from the guest (CPUID without it): the CPU model or the AMX bit
 //! cannot tell, so [`DotSpeed::measure`] times the two instructions.
-//!
-//! `vpdpwssd` (two 16-bit integer multiply-adds per i32 lane, the int16 kernel on AVX-512)
-//! is in the same position against f32: [`PairSpeed`] times it the same way. On the Intel
-//! cores seen so far (Cascade Lake, Ice Lake, Emerald Rapids) it issues as often as an FMA.
 //!
 //! The measurement: 2 ms of f32 FMAs first (the first 512-bit multiply-adds after a pause
 //! can run at a fraction of their speed while the core settles), then 12 independent
@@ -75,65 +70,6 @@ impl DotSpeed {
             }
             // SAFETY: AVX-512F and AVX-512 BF16 were detected just above.
             unsafe { ratio_to_fma(x86::dot_chains) }.map(|ratio| Self { ratio })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            None
-        }
-    }
-}
-
-/// The measured issue cost of AVX-512 VNNI's `vpdpwssd` (16-bit integer pairs, the int16
-/// kernel on AVX-512) against `vfmadd231ps`, 512-bit forms, measured as [`DotSpeed`] is.
-/// It does two multiply-adds per i32 lane, as `vdpbf16ps` does per f32 lane, so the same
-/// [`SLOW_RATIO`] decides whether int16 products beat f32 ones.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct PairSpeed {
-    /// Time of one `vpdpwssd` over the time of one f32 FMA, throughput-bound.
-    pub ratio: f64,
-}
-
-impl PairSpeed {
-    /// The measurement of this process (made on first use, then cached); `None` where the
-    /// CPU has no AVX-512 VNNI. `RAG_INGEST_INT16_SPEED=fast|slow` replaces the measurement
-    /// (ratio 1 or 4) to test either decision on any such CPU.
-    pub(crate) fn get() -> Option<Self> {
-        static SPEED: OnceLock<Option<PairSpeed>> = OnceLock::new();
-        *SPEED.get_or_init(|| {
-            super::int8::vnni_missing()
-                .is_none()
-                .then(
-                    || match std::env::var("RAG_INGEST_INT16_SPEED").as_deref() {
-                        Ok("fast") => Some(Self { ratio: 1.0 }),
-                        Ok("slow") => Some(Self { ratio: 4.0 }),
-                        _ => Self::measure(),
-                    },
-                )
-                .flatten()
-        })
-    }
-
-    /// Whether int16 products on AVX-512 pay here (`ratio` below [`SLOW_RATIO`]).
-    pub(crate) fn pays(self) -> bool {
-        self.ratio < SLOW_RATIO
-    }
-
-    /// Whether this process's measurement says int16 products on AVX-512 pay (`false`
-    /// without AVX-512 VNNI).
-    pub(crate) fn fast() -> bool {
-        Self::get().is_some_and(Self::pays)
-    }
-
-    /// Times both instructions; `None` where the CPU lacks AVX-512F/BW/VNNI or the timer did
-    /// not advance.
-    fn measure() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if super::int8::vnni_missing().is_some() {
-                return None;
-            }
-            // SAFETY: AVX-512F and AVX-512 VNNI were detected just above.
-            unsafe { ratio_to_fma(x86::pair_chains) }.map(|ratio| Self { ratio })
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -263,17 +199,6 @@ mod x86 {
     );
 
     chains!(
-        /// 12 independent `vpdpwssd` chains, `iterations` deep, on zeros.
-        ///
-        /// # Safety
-        ///
-        /// The CPU must have AVX-512F and AVX-512 VNNI.
-        pair_chains,
-        "avx512f,avx512vnni",
-        "vpdpwssd"
-    );
-
-    chains!(
         /// 12 independent `vfmadd231ps` chains, `iterations` deep, on zeros.
         ///
         /// # Safety
@@ -298,18 +223,6 @@ mod tests {
                 speed.ratio
             ),
             None => assert!(super::super::bf16::missing_features().is_some()),
-        }
-    }
-
-    #[test]
-    fn measures_a_finite_positive_pair_ratio_where_the_cpu_has_vnni() {
-        match PairSpeed::measure() {
-            Some(speed) => assert!(
-                speed.ratio.is_finite() && speed.ratio > 0.0,
-                "ratio {}",
-                speed.ratio
-            ),
-            None => assert!(super::super::int8::vnni_missing().is_some()),
         }
     }
 
