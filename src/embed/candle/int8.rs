@@ -1009,6 +1009,53 @@ mod tests {
         }
     }
 
+    /// Asserts that the two `kernels` give bit-identical products with `weight_levels` on
+    /// each `(rows, inputs, outputs, smooth)` shape (a smoothed shape also computes its
+    /// middle input channel in f32, as an outlier), from stale scratch; `seed` picks the
+    /// values.
+    fn assert_identical_products(
+        kernels: [Kernel; 2],
+        weight_levels: i16,
+        shapes: &[(usize, usize, usize, bool)],
+        seed: u64,
+    ) {
+        for &(rows, inputs, outputs, smooth) in shapes {
+            let x: Vec<f32> = values(rows * inputs, seed)
+                .iter()
+                .map(|v| v * 3.0)
+                .collect();
+            let w = values(outputs * inputs, seed + 1);
+            let start = values(rows * outputs, seed + 2);
+            let s: Vec<f32> = values(inputs, seed + 3).iter().map(|v| 1.5 + v).collect();
+            let outliers: Vec<usize> = if smooth { vec![inputs / 2] } else { Vec::new() };
+            let [first, second] = kernels.map(|kernel| {
+                let packed = Int8Weight::new(
+                    &w,
+                    outputs,
+                    inputs,
+                    smooth.then_some(&s[..]),
+                    &outliers,
+                    kernel,
+                    weight_levels,
+                )
+                .expect("supported");
+                assert_eq!(packed.amx.is_some(), kernel == Kernel::Amx);
+                let mut out = start.clone();
+                // Stale scratch contents must not matter (AMX reads padding rows).
+                let mut scratch = vec![u32::MAX; 7];
+                packed.matmul(&x, &mut out, &mut scratch, None);
+                out
+            });
+            for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{kernels:?} ±{weight_levels} {rows}×{inputs}×{outputs} element {i}: \
+                     {a} vs {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn int16_on_avx512_and_on_avx2_gives_identical_products() {
         if let Some(missing) = vnni_missing() {
@@ -1018,45 +1065,21 @@ mod tests {
         // Both kernels quantise the activations alike, sum the same i16 products exactly
         // in i32 and share the epilogue's and the outlier channels' f32 arithmetic, so the
         // outputs must be bit-identical. Shapes cover partial 8-row tiles and 48- and
-        // 16-column panels, odd inputs, several parallel row blocks, smoothing, outliers
-        // and a start.
-        for (rows, inputs, outputs, smooth) in [
-            (1, 1, 1, false),
-            (3, 7, 50, true),
-            (17, 64, 16, false),
-            (33, 101, 48, true),
-            (65, 384, 1536, true),
-            (130, 1536, 384, false),
-            (9, 384, 1152, true),
-        ] {
-            let x: Vec<f32> = values(rows * inputs, 9).iter().map(|v| v * 3.0).collect();
-            let w = values(outputs * inputs, 10);
-            let start = values(rows * outputs, 11);
-            let s: Vec<f32> = values(inputs, 12).iter().map(|v| 1.5 + v).collect();
-            let outliers: Vec<usize> = if smooth { vec![inputs / 2] } else { Vec::new() };
-            let [avx512, avx2] = [Kernel::Avx512, Kernel::Avx2].map(|kernel| {
-                let packed = Int8Weight::new(
-                    &w,
-                    outputs,
-                    inputs,
-                    smooth.then_some(&s[..]),
-                    &outliers,
-                    kernel,
-                    INT16_LEVELS,
-                )
-                .expect("supported");
-                let mut out = start.clone();
-                let mut scratch = vec![u32::MAX; 3];
-                packed.matmul(&x, &mut out, &mut scratch, None);
-                out
-            });
-            for (i, (a, b)) in avx512.iter().zip(&avx2).enumerate() {
-                assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{rows}×{inputs}×{outputs} element {i}: avx512 {a}, avx2 {b}"
-                );
-            }
-        }
+        // 16-column panels, odd inputs, several parallel row blocks, smoothing and outliers.
+        assert_identical_products(
+            [Kernel::Avx512, Kernel::Avx2],
+            INT16_LEVELS,
+            &[
+                (1, 1, 1, false),
+                (3, 7, 50, true),
+                (17, 64, 16, false),
+                (33, 101, 48, true),
+                (65, 384, 1536, true),
+                (130, 1536, 384, false),
+                (9, 384, 1152, true),
+            ],
+            9,
+        );
     }
 
     #[test]
@@ -1079,46 +1102,21 @@ mod tests {
         // arithmetic, so the outputs must be bit-identical. Shapes cover partial 32-row
         // blocks, inputs not a multiple of 64, outputs not a multiple of 16 or 48, odd
         // panel counts, several parallel row chunks, smoothing and outliers.
-        for (rows, inputs, outputs, smooth) in [
-            (1, 1, 1, false),
-            (3, 7, 50, true),
-            (17, 64, 16, false),
-            (33, 100, 48, true),
-            (64, 384, 384, false),
-            (65, 384, 1536, true),
-            (300, 1536, 384, true),
-            (31, 130, 97, false),
-        ] {
-            let x: Vec<f32> = values(rows * inputs, 5).iter().map(|v| v * 3.0).collect();
-            let w = values(outputs * inputs, 6);
-            let start = values(rows * outputs, 7);
-            let s: Vec<f32> = values(inputs, 8).iter().map(|v| 1.5 + v).collect();
-            let outliers: Vec<usize> = if smooth { vec![inputs / 2] } else { Vec::new() };
-            let [vnni, amx] = [Kernel::Avx512, Kernel::Amx].map(|kernel| {
-                let packed = Int8Weight::new(
-                    &w,
-                    outputs,
-                    inputs,
-                    smooth.then_some(&s[..]),
-                    &outliers,
-                    kernel,
-                    INT8_LEVELS,
-                )
-                .expect("supported");
-                assert_eq!(packed.amx.is_some(), kernel == Kernel::Amx);
-                let mut out = start.clone();
-                // Stale scratch contents must not matter (AMX reads padding rows).
-                let mut scratch = vec![u32::MAX; 7];
-                packed.matmul(&x, &mut out, &mut scratch, None);
-                out
-            });
-            for (i, (v, a)) in vnni.iter().zip(&amx).enumerate() {
-                assert!(
-                    v.to_bits() == a.to_bits(),
-                    "{rows}×{inputs}×{outputs} element {i}: vnni {v}, amx {a}"
-                );
-            }
-        }
+        assert_identical_products(
+            [Kernel::Avx512, Kernel::Amx],
+            INT8_LEVELS,
+            &[
+                (1, 1, 1, false),
+                (3, 7, 50, true),
+                (17, 64, 16, false),
+                (33, 100, 48, true),
+                (64, 384, 384, false),
+                (65, 384, 1536, true),
+                (300, 1536, 384, true),
+                (31, 130, 97, false),
+            ],
+            5,
+        );
     }
 
     #[test]
