@@ -399,6 +399,38 @@ fn auto_runs_int16_on_avx512_vnni_where_bf16_does_not_run() {
     assert_auto_is_int16(&auto);
 }
 
+/// Where `vdpbf16ps` is slow (Intel's AMX-class cores) or absent and the CPU has AVX-512
+/// VNNI, int8 computes attention's two products in int16 (`vpdpwssd`, exact i32 sums) and
+/// keeps int8's fidelity; int16 keeps f32 attention (int16 attention bought it no speed
+/// there and cost fidelity); f32 is the reference. `RAG_INGEST_BF16_SPEED=slow` replaces
+/// bf16's measurement, so that this runs on any CPU with AVX-512 VNNI (on AMD Zen 4 int8
+/// otherwise computes attention in bf16).
+#[test]
+fn int8_computes_attention_in_int16_where_bf16_is_slow() {
+    const NAME: &str = "int8_computes_attention_in_int16_where_bf16_is_slow";
+    let vars = [("RAG_INGEST_BF16_SPEED", "slow"), ("RAG_INGEST_AMX", "0")];
+    if !in_child(NAME, &vars) {
+        return;
+    }
+    if !vnni_present() {
+        eprintln!("SKIPPED: no AVX-512 VNNI here");
+        return;
+    }
+    let int8 = load_reduced(Precision::Int8, 16).expect("int8 runs on AVX-512 VNNI");
+    assert_eq!(
+        int8.precision().attention,
+        "int16",
+        "{}",
+        int8.precision().reason
+    );
+    let f32 = CandleEmbedder::load(&model_dir(), 16).expect("load f32");
+    assert_eq!(f32.precision().attention, "f32");
+    let texts = fixtures::precision_corpus(&f32);
+    assert_faithful(&f32, &int8, &texts, 0.999);
+    let int16 = load_reduced(Precision::Int16, 8).expect("int16 runs on AVX-512 VNNI");
+    assert_eq!(int16.precision().attention, "f32");
+}
+
 /// Whether the CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
 fn vnni_present() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -80,6 +80,10 @@ pub struct PrecisionChoice {
     pub running: Precision,
     /// Why, in a sentence (the CPU features, the self-check's least cosine).
     pub reason: String,
+    /// What attention's two products (scores and context) compute in: `"bf16"`, `"int16"`
+    /// or `"f32"` (the f32 pass always; the others where a 16-bit format is faster than f32
+    /// here, docs/configuration.md).
+    pub attention: &'static str,
     /// The time of one AVX-512 BF16 `vdpbf16ps` over that of one f32 FMA, as measured in
     /// this process (`None`: the CPU has no AVX-512 BF16). At or above
     /// [`BF16_SLOW_RATIO`], bf16 on AVX-512 is slower than f32, and `auto` runs bf16 only on
@@ -243,6 +247,7 @@ impl CandleEmbedder {
             requested: precision,
             running: precision,
             reason,
+            attention: inner.model.attention_precision(),
             bf16_dot_ratio: speed.map(|s| s.ratio),
         };
         Self::start(model_dir, inner, choice)
@@ -313,6 +318,7 @@ impl CandleEmbedder {
                         },
                         attention
                     ),
+                    attention,
                     bf16_dot_ratio,
                 },
             )
@@ -326,6 +332,7 @@ impl CandleEmbedder {
                     reason: format!(
                         "bf16 self-check min cosine {least:.6} < {min_cosine}: kept f32"
                     ),
+                    attention: "f32",
                     bf16_dot_ratio,
                 },
             )
@@ -353,6 +360,7 @@ impl CandleEmbedder {
             requested: Precision::Auto,
             running: Precision::F32,
             reason,
+            attention: "f32",
             bf16_dot_ratio,
         };
         let kernel = match bert::int16_fast_kernel() {
@@ -371,10 +379,12 @@ impl CandleEmbedder {
                 requested: Precision::Auto,
                 running: Precision::Int16,
                 reason: format!(
-                    "{why}; {because}: int16 products on {}, self-check min cosine \
-                     {least:.6} >= {min_cosine}",
-                    kernel.name()
+                    "{why}; {because}: int16 products on {}, attention in {}, self-check min \
+                     cosine {least:.6} >= {min_cosine}",
+                    kernel.name(),
+                    int16.model.attention_precision()
                 ),
+                attention: int16.model.attention_precision(),
                 bf16_dot_ratio,
             };
             Self::start(model_dir, int16, choice)
@@ -410,6 +420,7 @@ impl CandleEmbedder {
             precision: choice.running.as_str(),
             requested_precision: choice.requested.as_str(),
             precision_reason: &choice.reason,
+            attention: choice.attention,
             dir: &model_dir.display().to_string(),
         });
         Ok(Self {
@@ -805,10 +816,12 @@ fn int8_plan() -> Int8Plan {
 /// ([`bert::int16_kernel`]: AVX-512 VNNI's `vpdpwssd`, else AVX2) with 12-bit
 /// weights ([`int8::INT16_LEVELS`]), no smoothing (it would move range into the weights,
 /// the coarser side here), input channels over 3 × the median channel's calibration
-/// maximum (at most 16 per layer) in f32, and no separate weights for short sequences.
-/// Chosen by measurement on the `engines` bench texts (min cosine to f32, machine Z):
-/// ±2047 weights 0.999985 (0.999968 without the f32 channels), ±511 0.999969, int8's ±127
-/// 0.999553 (docs/performance.md).
+/// maximum (at most 16 per layer) in f32, no separate weights for short sequences, and
+/// attention in f32 (int16 attention measured no faster for this pass, within noise, and
+/// cost fidelity: min cosine 0.999981 against 0.999987, docs/performance.md). Chosen by
+/// measurement on the `engines` bench texts (min cosine to f32, machine Z): ±2047 weights
+/// 0.999985 (0.999968 without the f32 channels), ±511 0.999969, int8's ±127 0.999553
+/// (docs/performance.md).
 fn int16_plan() -> Int8Plan {
     Int8Plan {
         sites: Site::ALL.to_vec(),

@@ -763,12 +763,15 @@ pub struct ModelLoaded<'a> {
     pub max_seq_length: usize,
     /// Chunks per forward pass.
     pub batch_size: usize,
-    /// The precision the forward pass runs in (`f32`, `bf16` or `int8`).
+    /// The precision the forward pass runs in (`f32`, `bf16`, `int8` or `int16`).
     pub precision: &'a str,
-    /// The precision the configuration asked for (`auto`, `f32`, `bf16` or `int8`).
+    /// The precision the configuration asked for (`auto`, `f32`, `bf16`, `int8` or
+    /// `int16`).
     pub requested_precision: &'a str,
     /// Why that precision runs.
     pub precision_reason: &'a str,
+    /// What attention's products compute in (`f32`, `bf16` or `int16`).
+    pub attention: &'a str,
     /// Where the model files are.
     pub dir: &'a str,
 }
@@ -784,6 +787,7 @@ impl InternalEvent for ModelLoaded<'_> {
             precision = self.precision,
             requested_precision = self.requested_precision,
             precision_reason = self.precision_reason,
+            attention = self.attention,
             dir = self.dir,
             "embedding model loaded"
         );

@@ -1,41 +1,59 @@
-//! Self-attention of one (sequence, head) with both products in bf16 on AVX-512 BF16
-//! (`vdpbf16ps`, f32 accumulation), for the reduced-precision forward passes (bf16, int8):
-//! `softmax(Q Kᵀ) V`.
+//! Self-attention of one (sequence, head) with both products in a 16-bit format, for the
+//! reduced-precision forward passes (bf16, int8, int16): `softmax(Q Kᵀ) V`.
 //!
 //! With the linear layers in bf16 or int8, attention's two f32 products were a third to
 //! almost half of a pass (`perf`, docs/performance.md), the same cost in every precision.
-//! Here Q, K, V and the softmax probabilities are rounded to bf16 (to nearest even) and the
-//! products run on `vdpbf16ps`, two multiply-adds per lane where f32 FMA does one; the
-//! scores, the softmax and the sums stay f32. Unlike int8 (tried: per-token u8/s8 Q and K,
-//! u8 probabilities), bf16 keeps each element's own 8-bit precision, so a head's few large
-//! channels do not crush the rest.
+//! Here Q, K, V and the softmax probabilities are rounded to 16 bits and the products run on
+//! an instruction with two multiply-adds per 32-bit lane where f32 FMA does one; the scores,
+//! the softmax and the sums stay f32. Two formats ([`ReducedAttention::name`]):
 //!
-//! Layouts, for `vdpbf16ps` (each 32-bit lane holds a pair of bf16 that multiply a pair):
+//! - **bf16** (`vdpbf16ps`, f32 accumulation), where that instruction is fast (AMD Zen 4);
+//!   bf16 keeps each element's own 8-bit precision, so a head's few large channels do not
+//!   crush the rest (int8 attention, tried: per-token u8/s8 Q and K, u8 probabilities, fell
+//!   below int8's fidelity bar);
+//! - **int16** (AVX-512 VNNI's `vpdpwssd`, exact i32 accumulation, [`int16`]), where
+//!   `vdpbf16ps` is slow or absent (Intel): Q and K per token, V per channel and the
+//!   probabilities per row scaled to as many levels as exact i32 sums allow (±8,191 for Q/K
+//!   at 32 channels, ±2,896 for P/V at 256 keys: finer than bf16's 8 bits for all but
+//!   values far below their row's or channel's largest).
+//!
+//! Layouts (each 32-bit lane holds a pair of 16-bit values that multiply a pair):
 //!
 //! - Q: per token, pairs of consecutive channels (`d/2` words), broadcast one word at a time;
 //! - K: in groups of 16 keys, for each channel pair the 16 keys' words side by side;
 //! - probabilities: per query row, pairs of consecutive keys;
 //! - V: for each pair of consecutive tokens, each channel's two values in one word.
 //!
-//! Head sizes that are multiples of 16 up to 64 are supported ([`Bf16Attention::new`] says
-//! which); the fidelity of whole passes is checked by `tests/embed_precision.rs`.
+//! Head sizes that are multiples of 16 up to 64 are supported ([`ReducedAttention::bf16`]
+//! says which); the fidelity of whole passes is checked by `tests/embed_precision.rs`.
 //!
-//! Everything `unsafe` here is reached only through a [`Bf16Attention`], which can only be
-//! built after run-time detection of AVX-512F and AVX-512 BF16.
+//! Everything `unsafe` here is reached only through a [`ReducedAttention`], which can only
+//! be built after run-time detection of the CPU features its format needs.
 
 use super::bf16::{Cpu, missing_features};
+
+mod int16;
 
 /// Query rows computed together (the kernels' register block).
 const MR: usize = 8;
 /// Keys per group: one vector of 16 f32 scores.
 const KEYS: usize = 16;
 
-/// Proof that the CPU runs the bf16 attention kernels, for one head size.
+/// Proof that the CPU runs one format's attention kernels, for one head size.
 #[derive(Clone, Copy)]
-pub(crate) struct Bf16Attention {
-    cpu: Cpu,
+pub(crate) struct ReducedAttention {
+    format: Format,
     /// The head size, a multiple of 16 up to 64.
     d: usize,
+}
+
+/// The 16-bit format of the products, with the proof of the CPU features its kernels need.
+#[derive(Clone, Copy)]
+enum Format {
+    /// `vdpbf16ps`: AVX-512F and AVX-512 BF16.
+    Bf16(Cpu),
+    /// `vpdpwssd`: AVX-512F, AVX-512BW and AVX-512 VNNI.
+    Int16(int16::Vnni),
 }
 
 /// Where one head's Q, K and V are in the fused QKV activations: element `c` of token `t`
@@ -60,24 +78,51 @@ pub(crate) struct Scratch {
     v: Vec<u32>,
     /// One block's scores, then probabilities: `MR × groups·16`.
     scores: Vec<f32>,
-    /// One block's probabilities in bf16 pairs: `MR × groups·8` words.
+    /// One block's probabilities in 16-bit pairs: `MR × groups·8` words.
     p: Vec<u32>,
+    /// int16: Q's scale per row (`rows`, zero past `len`).
+    q_scales: Vec<f32>,
+    /// int16: K's scale per key (`groups·16`, zero past `len`).
+    k_scales: Vec<f32>,
+    /// int16: V's scale per channel (`d`).
+    v_scales: Vec<f32>,
 }
 
-impl Bf16Attention {
-    /// The kernels for heads of `head_dim` values: `Ok(None)` if that size is not supported
-    /// (the caller keeps f32 attention).
+impl ReducedAttention {
+    /// The bf16 kernels for heads of `head_dim` values: `Ok(None)` if that size is not
+    /// supported (the caller keeps f32 attention).
     ///
     /// # Errors
     ///
     /// A message naming the missing CPU features if this CPU cannot run the kernels.
-    pub(crate) fn new(head_dim: usize) -> Result<Option<Self>, String> {
+    pub(crate) fn bf16(head_dim: usize) -> Result<Option<Self>, String> {
         let cpu = Cpu::detect()
             .ok_or_else(|| format!("this CPU lacks {}", missing_features().unwrap_or_default()))?;
-        if head_dim == 0 || !head_dim.is_multiple_of(16) || head_dim > 64 {
-            return Ok(None);
+        Ok(Self::sized(Format::Bf16(cpu), head_dim))
+    }
+
+    /// The int16 kernels ([`int16`]) for heads of `head_dim` values: `Ok(None)` if that size
+    /// is not supported (the caller keeps f32 attention).
+    ///
+    /// # Errors
+    ///
+    /// A message naming the missing CPU features if this CPU cannot run the kernels.
+    pub(crate) fn int16(head_dim: usize) -> Result<Option<Self>, String> {
+        let vnni = int16::Vnni::detect()?;
+        Ok(Self::sized(Format::Int16(vnni), head_dim))
+    }
+
+    /// `format` for heads of `d` values, if the kernels support that size.
+    fn sized(format: Format, d: usize) -> Option<Self> {
+        (d != 0 && d.is_multiple_of(16) && d <= 64).then_some(Self { format, d })
+    }
+
+    /// The products' format: `"bf16"` or `"int16"` (for logs and `doctor`).
+    pub(crate) fn name(&self) -> &'static str {
+        match self.format {
+            Format::Bf16(_) => "bf16",
+            Format::Int16(_) => "int16",
         }
-        Ok(Some(Self { cpu, d: head_dim }))
     }
 
     /// `out (len × d) = softmax(Q Kᵀ) V` for the `len` tokens of one head (Q already scaled
@@ -105,17 +150,22 @@ impl Bf16Attention {
             "head out of bounds"
         );
         #[cfg(target_arch = "x86_64")]
-        {
-            let _proof: Cpu = self.cpu;
+        match self.format {
             // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16; the
             // assertions above keep every token of Q, K and V inside `heads.data` and `out`
-            // at `len × d`; `d` is a multiple of 16 up to 64 (`new`).
-            unsafe { x86::head(heads, d, len, scratch, out) };
+            // at `len × d`; `d` is a multiple of 16 up to 64 (`sized`).
+            Format::Bf16(_) => unsafe { x86::head(heads, d, len, scratch, out) },
+            // SAFETY: a `Vnni` exists only if the CPU has AVX-512F/BW/VNNI; the rest as
+            // above.
+            Format::Int16(_) => unsafe { int16::x86::head(heads, d, len, scratch, out) },
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (heads, scratch);
-            match self.cpu {}
+            match self.format {
+                Format::Bf16(cpu) => match cpu {},
+                Format::Int16(vnni) => match vnni {},
+            }
         }
     }
 }
@@ -135,7 +185,7 @@ mod x86 {
     use super::super::bf16::x86::convert_row;
     use super::{Heads, KEYS, MR, Scratch};
 
-    const LANES: usize = 16;
+    pub(super) const LANES: usize = 16;
 
     /// One head: Q, K and V to bf16, then for each block of [`MR`] query rows the scores,
     /// their softmax, and the context.
@@ -311,12 +361,38 @@ mod x86 {
     /// The softmax numerators `e^(s − max)` of the first `len` scores of `row` (a multiple
     /// of 32 long) as bf16 pairs into `p` (`row.len() / 2` words; zero past `len`); returns
     /// their sum (in f32, from the unrounded values), by which the context is divided.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn probabilities(row: &[f32], len: usize, p: &mut [u32]) -> f32 {
+        numerators(row, len, |chunk, low, high| {
+            let pairs = _mm512_cvtne2ps_pbh(high, low);
+            if let Some(words) = p.get_mut(chunk * LANES..(chunk + 1) * LANES) {
+                // SAFETY: `words` holds 16 words; the transmute reinterprets 32 bf16 as 512
+                // bits.
+                unsafe {
+                    _mm512_storeu_si512(
+                        words.as_mut_ptr().cast(),
+                        std::mem::transmute::<__m512bh, __m512i>(pairs),
+                    );
+                }
+            }
+        })
+    }
+
+    /// The softmax numerators `e^(s − max)` of the first `len` scores of `row` (zero past
+    /// `len`), 32 at a time: `store(c, low, high)` gets those of scores `32c..32c + 16` and
+    /// `32c + 16..32c + 32`, for every whole 32 of `row`; returns their sum.
     ///
     /// `e^x` as `2^n · 2^f` with `n = round(x·log₂e)`, `f ∈ [−½, ½]`, `2^f` by its degree-5
     /// Taylor polynomial (relative error below 3e-6, a thousandth of bf16's rounding) and
-    /// `vscalefps` for `2^n`: half the instructions of the f32 pass's `exp`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    fn probabilities(row: &[f32], len: usize, p: &mut [u32]) -> f32 {
+    /// `vscalefps` for `2^n`: half the instructions of the f32 pass's `exp`. The largest
+    /// score's numerator is 1 (or within an ulp of it).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn numerators(
+        row: &[f32],
+        len: usize,
+        mut store: impl FnMut(usize, __m512, __m512),
+    ) -> f32 {
         const LOG2_E: f32 = std::f32::consts::LOG2_E;
         let (width, len) = (row.len() - row.len() % (2 * LANES), len.min(row.len()));
         let mask = |i: usize| -> u16 {
@@ -357,17 +433,10 @@ mod x86 {
             _mm512_maskz_mov_ps(mask(i), _mm512_scalef_ps(y, n))
         };
         let mut sum = _mm512_setzero_ps();
-        for (i, words) in (0..width).step_by(2 * LANES).zip(p.chunks_exact_mut(LANES)) {
+        for (chunk, i) in (0..width).step_by(2 * LANES).enumerate() {
             let (low, high) = (exp(i), exp(i + LANES));
             sum = _mm512_add_ps(sum, _mm512_add_ps(low, high));
-            let pairs = _mm512_cvtne2ps_pbh(high, low);
-            // SAFETY: `words` holds 16 words; the transmute reinterprets 32 bf16 as 512 bits.
-            unsafe {
-                _mm512_storeu_si512(
-                    words.as_mut_ptr().cast(),
-                    std::mem::transmute::<__m512bh, __m512i>(pairs),
-                );
-            }
+            store(chunk, low, high);
         }
         _mm512_reduce_add_ps(sum)
     }
@@ -455,16 +524,43 @@ mod tests {
         out
     }
 
-    #[test]
-    fn matches_f64_attention_within_bf16_error() {
-        if let Some(missing) = missing_features() {
-            eprintln!("SKIPPED: {missing} not available");
-            return;
+    /// The formats this CPU runs, with the largest error each may make on
+    /// [`matches_f64_attention_within_each_formats_error`]'s cases, as a share of the
+    /// largest output.
+    fn formats(d: usize) -> Vec<(ReducedAttention, f32)> {
+        let mut formats = Vec::new();
+        match ReducedAttention::bf16(d) {
+            // bf16 keeps 8 significant bits (relative rounding error 2^-9 per value): an
+            // emulation of exactly these roundings (numpy) gives at most 0.4 % of the largest
+            // value on these cases.
+            Ok(attention) => formats.push((attention.expect("supported head size"), 0.01)),
+            Err(missing) => eprintln!("SKIPPED bf16: {missing}"),
         }
+        match ReducedAttention::int16(d) {
+            // At least ±1,891 levels per token, channel or row (600 keys): measured 0.01 % of
+            // the largest output at 5 tokens, 0.16 % at 256, 0.53 % at 600 (where outputs,
+            // averages of many values, are smallest beside the values' own scale; bf16
+            // 0.39 %, 0.38 %, 0.55 %).
+            Ok(attention) => formats.push((attention.expect("supported head size"), 0.01)),
+            Err(missing) => eprintln!("SKIPPED int16: {missing}"),
+        }
+        formats
+    }
+
+    #[test]
+    fn matches_f64_attention_within_each_formats_error() {
         // Edge cases of every loop: one token, odd lengths, lengths not a multiple of 8, 16
         // or 32, several row blocks; every supported head size; a stride wider than the
-        // heads.
-        for (len, d) in [(1, 32), (5, 16), (17, 32), (33, 48), (70, 64), (256, 32)] {
+        // heads; a head longer than the model's positions (sums near i32's limit for int16).
+        for (len, d) in [
+            (1, 32),
+            (5, 16),
+            (17, 32),
+            (33, 48),
+            (70, 64),
+            (256, 32),
+            (600, 64),
+        ] {
             let hidden = 3 * d + 8;
             let mut data = values(len * hidden, 7);
             // Q scaled by 1/√d as the model folds it into Q's weights, keys four times the
@@ -487,51 +583,82 @@ mod tests {
                 k: d + 3,
                 v: 2 * d + 5,
             };
-            let attention = Bf16Attention::new(d)
-                .expect("supported CPU")
-                .expect("supported head size");
-            let mut out = vec![f32::NAN; len * d];
-            attention.head(heads, len, &mut Scratch::default(), &mut out);
             let want = naive(heads, d, len);
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = out
-                .iter()
-                .zip(&want)
-                .map(|(got, want)| (got - want).abs())
-                .fold(0f32, f32::max);
-            // bf16 keeps 8 significant bits (relative rounding error 2^-9 per value): an
-            // emulation of exactly these roundings (numpy) gives at most 0.4 % of the largest
-            // value on these cases; a wrong layout or mask gives errors of the values' size.
-            assert!(
-                worst <= 0.01 * scale,
-                "len {len}, d {d}: worst error {worst} against a largest value of {scale}"
-            );
-            // A scratch used for a longer head first gives the same result.
-            let mut again = vec![f32::NAN; len * d];
-            let mut scratch = Scratch::default();
-            let longer = 2 * len;
-            let data2 = values(longer * hidden, 8);
-            let mut wide = vec![0.0; longer * d];
-            let heads2 = Heads {
-                data: &data2,
-                ..heads
-            };
-            attention.head(heads2, longer, &mut scratch, &mut wide);
-            attention.head(heads, len, &mut scratch, &mut again);
-            assert_eq!(out, again, "len {len}, d {d}");
+            for (attention, bound) in formats(d) {
+                let name = attention.name();
+                let mut out = vec![f32::NAN; len * d];
+                attention.head(heads, len, &mut Scratch::default(), &mut out);
+                let worst = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(got, want)| (got - want).abs())
+                    .fold(0f32, f32::max);
+                // A wrong layout, mask or scale gives errors of the values' size.
+                assert!(
+                    worst <= bound * scale,
+                    "{name}, len {len}, d {d}: worst error {worst} against a largest value of \
+                     {scale}"
+                );
+                // A scratch used for a longer head first gives the same result.
+                let mut again = vec![f32::NAN; len * d];
+                let mut scratch = Scratch::default();
+                let longer = 2 * len;
+                let data2 = values(longer * hidden, 8);
+                let mut wide = vec![0.0; longer * d];
+                let heads2 = Heads {
+                    data: &data2,
+                    ..heads
+                };
+                attention.head(heads2, longer, &mut scratch, &mut wide);
+                attention.head(heads, len, &mut scratch, &mut again);
+                assert_eq!(out, again, "{name}, len {len}, d {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn int16_keeps_tokens_and_channels_of_zeros_exact() {
+        let Ok(Some(attention)) = ReducedAttention::int16(32) else {
+            eprintln!("SKIPPED: no AVX-512 VNNI");
+            return;
+        };
+        // Token 1's Q, K and V are all zero, and V's channel 3 is zero in every token: no
+        // 0/0 scale, and those outputs are exactly 0 (channel 3) or an average (token 1).
+        let (len, d, hidden) = (9, 32, 96);
+        let mut data = values(len * hidden, 3);
+        for (t, token) in data.chunks_exact_mut(hidden).enumerate() {
+            if t == 1 {
+                token.fill(0.0);
+            }
+            token[2 * d + 3] = 0.0;
+        }
+        let heads = Heads {
+            data: &data,
+            stride: hidden,
+            q: 0,
+            k: d,
+            v: 2 * d,
+        };
+        let mut out = vec![f32::NAN; len * d];
+        attention.head(heads, len, &mut Scratch::default(), &mut out);
+        assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
+        assert!(out.chunks_exact(d).all(|row| row[3] == 0.0));
+        let want = naive(heads, d, len);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (got, want) in out.iter().zip(&want) {
+            assert!((got - want).abs() <= 0.002 * scale, "{got} vs {want}");
         }
     }
 
     #[test]
     fn unsupported_head_sizes_keep_f32() {
-        if missing_features().is_some() {
-            return;
-        }
         for d in [0, 8, 24, 80, 128] {
-            assert!(
-                Bf16Attention::new(d).expect("supported CPU").is_none(),
-                "{d}"
-            );
+            for attention in [ReducedAttention::bf16(d), ReducedAttention::int16(d)] {
+                if let Ok(attention) = attention {
+                    assert!(attention.is_none(), "{d}");
+                }
+            }
         }
     }
 }

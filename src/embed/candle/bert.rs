@@ -18,10 +18,10 @@
 //! - the two levels of parallelism are explicit: matrix multiplications of the linear layers
 //!   use every thread, attention runs one (sequence, head) per task on rayon's pool;
 //! - with [`Precision::Bf16`] the linear layers multiply bf16 weights (converted once at
-//!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]), and so do
-//!   attention's two products where the linear layers do not run on AMX
-//!   ([`Bf16Attention`], also for int8); everything else (embeddings, softmax sums, GELU,
-//!   layer norm, pooling) stays f32;
+//!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]); attention's two
+//!   products run in bf16 or int16 where either is faster than f32 ([`reduced_attention`],
+//!   also for int8 and int16); everything else (embeddings, softmax sums, GELU, layer norm,
+//!   pooling) stays f32;
 //! - with [`Precision::Int8`] the model loads in f32, runs the built-in calibration text
 //!   once while recording each linear layer's largest input per channel ([`Bert::calibrate`]),
 //!   then [`Bert::quantize`] turns the layers an [`Int8Plan`] names into int8 weights
@@ -38,7 +38,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use super::Precision;
-use super::attention::{self, Bf16Attention, Heads};
+use super::attention::{self, Heads, ReducedAttention};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
 use super::probe::DotSpeed;
@@ -90,9 +90,9 @@ pub(crate) struct Bert {
     token_type_embeddings: Vec<f32>,
     embeddings_norm: Norm,
     layers: Vec<Layer>,
-    /// Attention's products in bf16 ([`bf16_attention`]: bf16 passes, and int8 ones whose
-    /// plan asks for it, where it pays); else f32.
-    reduced_attention: Option<Bf16Attention>,
+    /// Attention's products in bf16 or int16 ([`reduced_attention`]: bf16 passes, and
+    /// int8/int16 ones whose plan asks for it, where it pays); else f32.
+    reduced_attention: Option<ReducedAttention>,
     /// Activation buffers kept from the last call.
     buffers: Mutex<Option<Buffers>>,
 }
@@ -141,17 +141,29 @@ enum Weight {
 /// ingestion batch, so this costs next to nothing there.
 const INT8_MIN_TOKENS: usize = 16;
 
-/// Attention in bf16 ([`Bf16Attention`]) for heads of `head_dim`, where it pays: on CPUs
-/// whose `vdpbf16ps` is fast ([`DotSpeed::pays`]) and whose linear layers do not run on AMX
-/// (`kernel`; AMX cores are the ones with a slow `vdpbf16ps`, docs/performance.md). `None`
-/// (f32 attention) elsewhere, for head sizes the kernels do not support, or with
-/// `RAG_INGEST_BF16_ATTENTION=0` (to compare).
-fn bf16_attention(head_dim: usize, kernel: Kernel) -> Option<Bf16Attention> {
-    let disabled = std::env::var_os("RAG_INGEST_BF16_ATTENTION").is_some_and(|v| v == "0");
-    if disabled || kernel == Kernel::Amx || !DotSpeed::fast() {
+/// Attention's products in 16 bits ([`ReducedAttention`]) for heads of `head_dim`, where
+/// that is faster than f32:
+///
+/// - in bf16 on CPUs whose `vdpbf16ps` is fast ([`DotSpeed::pays`]) and whose linear layers
+///   do not run on AMX (`kernel`; AMX cores are the ones with a slow `vdpbf16ps`,
+///   docs/performance.md), unless `RAG_INGEST_BF16_ATTENTION=0`;
+/// - else in int16 where [`int16_fast_kernel`] is AVX-512 (VNNI's `vpdpwssd`, as fast as an
+///   f32 FMA with twice its multiply-adds), unless `RAG_INGEST_INT16_ATTENTION=0`.
+///
+/// `None` (f32 attention) elsewhere, for head sizes the kernels do not support, or with
+/// both switches at `0` (to compare).
+fn reduced_attention(head_dim: usize, kernel: Kernel) -> Option<ReducedAttention> {
+    let off = |name: &str| std::env::var_os(name).is_some_and(|v| v == "0");
+    if kernel != Kernel::Amx && DotSpeed::fast() {
+        if off("RAG_INGEST_BF16_ATTENTION") {
+            return None;
+        }
+        return ReducedAttention::bf16(head_dim).ok().flatten();
+    }
+    if off("RAG_INGEST_INT16_ATTENTION") || int16_fast_kernel() != Ok(Kernel::Avx512) {
         return None;
     }
-    Bf16Attention::new(head_dim).ok().flatten()
+    ReducedAttention::int16(head_dim).ok().flatten()
 }
 
 /// Whether bf16 linear layers are faster than f32 ones here: on AMX tiles (`kernel`), or on
@@ -250,8 +262,8 @@ pub(crate) struct Int8Plan {
     /// The kernel of the int8 products (AMX where available, same results as VNNI; AVX2
     /// where the CPU has no AVX-512 VNNI).
     pub kernel: Kernel,
-    /// Attention's two products (scores and context) in bf16 where it pays
-    /// ([`bf16_attention`]).
+    /// Attention's two products (scores and context) in bf16 or int16 where either pays
+    /// ([`reduced_attention`]).
     pub attention: bool,
     /// The weights' levels: [`INT8_LEVELS`](super::int8::INT8_LEVELS), or wider
     /// ([`INT16_LEVELS`](super::int8::INT16_LEVELS)) for the AVX2 and AVX-512 kernels with
@@ -428,20 +440,19 @@ impl Bert {
             embeddings_norm: norm("embeddings")?,
             layers,
             reduced_attention: match precision {
-                Precision::Bf16 => bf16_attention(head_dim, Kernel::best()),
+                Precision::Bf16 => reduced_attention(head_dim, Kernel::best()),
                 Precision::F32 | Precision::Auto | Precision::Int8 | Precision::Int16 => None,
             },
             buffers: Mutex::new(None),
         })
     }
 
-    /// What attention's products compute in: `"bf16"` or `"f32"` (for logs and `doctor`).
+    /// What attention's products compute in: `"bf16"`, `"int16"` or `"f32"` (for logs and
+    /// `doctor`).
     pub(crate) fn attention_precision(&self) -> &'static str {
-        if self.reduced_attention.is_some() {
-            "bf16"
-        } else {
-            "f32"
-        }
+        self.reduced_attention
+            .as_ref()
+            .map_or("f32", ReducedAttention::name)
     }
 
     /// Mean-pooled, L2-normalised embeddings of `sequences`, in order.
@@ -554,7 +565,7 @@ impl Bert {
             }
         }
         self.reduced_attention = if plan.attention {
-            bf16_attention(self.head_dim, plan.kernel)
+            reduced_attention(self.head_dim, plan.kernel)
         } else {
             None
         };

@@ -441,7 +441,7 @@ impl RowQuant {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::{
         __m512, __m512i, _mm_storeu_si128, _mm512_add_epi32, _mm512_cvtepi32_ps,
@@ -673,7 +673,7 @@ mod x86 {
     /// Cascade Lake; the tile's 24 independent accumulators hide the latency anyway.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    pub(in super::super) fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
         let mut acc = acc;
         // SAFETY: registers only, no flags; AVX-512F and VNNI are this function's features.
         unsafe {
