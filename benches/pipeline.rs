@@ -28,6 +28,12 @@
 //! Criterion's throughput is documents/s for `end_to_end` and tokens/s for `bare_embed`; the
 //! summary printed at the end gives docs/s, tokens/s (model tokens, `[CLS]`/`[SEP]`
 //! included) and the ratio end-to-end / bare (target >= 90 %), from the medians of every run.
+//!
+//! `PIPELINE_ROUNDS=N` runs the three cases interleaved instead of criterion's groups (each
+//! case's runs one after the other, minutes apart): N rounds of one end-to-end run, one bare
+//! all-chunks run and one bare per-document run, for a host whose speed drifts from minute
+//! to minute, where a ratio of two medians taken minutes apart measures the drift. It prints
+//! each round and, besides the summary, the median over rounds of each round's own ratio.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
@@ -169,6 +175,61 @@ fn bench(c: &mut Criterion) {
     let end_to_end = RefCell::new(Vec::new());
     let bare_all = RefCell::new(Vec::new());
     let bare_per_doc = RefCell::new(Vec::new());
+    let e2e_once = || {
+        let elapsed = run_once(&rt, &binary, &work, &embedder);
+        end_to_end.borrow_mut().push(elapsed);
+        elapsed
+    };
+    let all_once = || {
+        let started = Instant::now();
+        let vectors = embedder.embed_blocking(&chunk_refs).expect("embed");
+        let elapsed = started.elapsed();
+        assert_eq!(vectors.len(), chunk_refs.len());
+        bare_all.borrow_mut().push(elapsed);
+        elapsed
+    };
+    let per_doc_once = || {
+        let started = Instant::now();
+        for texts in &per_doc {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            embedder.embed_blocking(&refs).expect("embed");
+        }
+        let elapsed = started.elapsed();
+        bare_per_doc.borrow_mut().push(elapsed);
+        elapsed
+    };
+
+    if let Some(rounds) = rounds() {
+        let mut ratios = Vec::with_capacity(rounds);
+        for round in 1..=rounds {
+            let (e2e, all, doc) = (e2e_once(), all_once(), per_doc_once());
+            let ratio = all.as_secs_f64() / e2e.as_secs_f64();
+            ratios.push(ratio);
+            eprintln!(
+                "round {round}/{rounds}: end to end {:.3} s, bare all chunks {:.3} s, bare per \
+                 document {:.3} s: {:.1} % of bare",
+                e2e.as_secs_f64(),
+                all.as_secs_f64(),
+                doc.as_secs_f64(),
+                100.0 * ratio
+            );
+        }
+        summary(
+            &work,
+            &end_to_end.borrow(),
+            &bare_all.borrow(),
+            &bare_per_doc.borrow(),
+        );
+        ratios.sort_by(f64::total_cmp);
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{:.1}", 100.0 * r)).collect();
+        eprintln!(
+            "  interleaved: median over {rounds} rounds of each round's end-to-end / bare (all \
+             chunks): {:.1} % (rounds, sorted: {} %)",
+            100.0 * ratios[ratios.len() / 2],
+            listed.join(" · ")
+        );
+        return;
+    }
 
     let mut group = c.benchmark_group("pipeline");
     // One run per sample: each takes seconds, and criterion's minimum is 10 samples.
@@ -179,47 +240,15 @@ fn bench(c: &mut Criterion) {
 
     group.throughput(Throughput::Elements(DOCS as u64));
     group.bench_function("end_to_end", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let elapsed = run_once(&rt, &binary, &work, &embedder);
-                    end_to_end.borrow_mut().push(elapsed);
-                    elapsed
-                })
-                .sum()
-        });
+        b.iter_custom(|iters| (0..iters).map(|_| e2e_once()).sum());
     });
 
     group.throughput(Throughput::Elements(work.tokens));
     group.bench_function("bare_embed/all_chunks", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let started = Instant::now();
-                    let vectors = embedder.embed_blocking(&chunk_refs).expect("embed");
-                    let elapsed = started.elapsed();
-                    assert_eq!(vectors.len(), chunk_refs.len());
-                    bare_all.borrow_mut().push(elapsed);
-                    elapsed
-                })
-                .sum()
-        });
+        b.iter_custom(|iters| (0..iters).map(|_| all_once()).sum());
     });
     group.bench_function("bare_embed/per_document", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    let started = Instant::now();
-                    for texts in &per_doc {
-                        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                        embedder.embed_blocking(&refs).expect("embed");
-                    }
-                    let elapsed = started.elapsed();
-                    bare_per_doc.borrow_mut().push(elapsed);
-                    elapsed
-                })
-                .sum()
-        });
+        b.iter_custom(|iters| (0..iters).map(|_| per_doc_once()).sum());
     });
     group.finish();
 
@@ -229,6 +258,20 @@ fn bench(c: &mut Criterion) {
         &bare_all.borrow(),
         &bare_per_doc.borrow(),
     );
+}
+
+/// `PIPELINE_ROUNDS`, if set to a positive number.
+///
+/// # Panics
+///
+/// If it is set to anything else (a bench's misconfiguration should stop it, not be
+/// ignored).
+fn rounds() -> Option<usize> {
+    let value = std::env::var("PIPELINE_ROUNDS").ok()?;
+    match value.parse::<usize>() {
+        Ok(rounds) if rounds > 0 => Some(rounds),
+        _ => panic!("PIPELINE_ROUNDS={value:?}: expected a positive number of rounds"),
+    }
 }
 
 /// Prints the medians as docs/s, tokens/s and the end-to-end / bare ratio.

@@ -20,7 +20,7 @@
 //! - with [`Precision::Bf16`] the linear layers multiply bf16 weights (converted once at
 //!   load) by bf16 activations with f32 accumulation ([`Bf16Weight`]); attention's two
 //!   products run in bf16 or int16 where either is faster than f32 ([`reduced_attention`],
-//!   also for int8 and int16); everything else (embeddings, softmax sums, GELU, layer norm,
+//!   also for int8); everything else (embeddings, softmax sums, GELU, layer norm,
 //!   pooling) stays f32;
 //! - with [`Precision::Int8`] the model loads in f32, runs the built-in calibration text
 //!   once while recording each linear layer's largest input per channel ([`Bert::calibrate`]),
@@ -90,8 +90,8 @@ pub(crate) struct Bert {
     token_type_embeddings: Vec<f32>,
     embeddings_norm: Norm,
     layers: Vec<Layer>,
-    /// Attention's products in bf16 or int16 ([`reduced_attention`]: bf16 passes, and
-    /// int8/int16 ones whose plan asks for it, where it pays); else f32.
+    /// Attention's products in bf16 or int16 ([`reduced_attention`]: bf16 passes, and int8
+    /// ones, whose plan asks for it, where it pays); else f32.
     reduced_attention: Option<ReducedAttention>,
     /// Activation buffers kept from the last call.
     buffers: Mutex<Option<Buffers>>,
