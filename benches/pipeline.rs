@@ -31,9 +31,12 @@
 //!
 //! `PIPELINE_ROUNDS=N` runs the three cases interleaved instead of criterion's groups (each
 //! case's runs one after the other, minutes apart): N rounds of one end-to-end run, one bare
-//! all-chunks run and one bare per-document run, for a host whose speed drifts from minute
-//! to minute, where a ratio of two medians taken minutes apart measures the drift. It prints
-//! each round and, besides the summary, the median over rounds of each round's own ratio.
+//! all-chunks run and one bare per-document run (after one more bare all-chunks run first),
+//! for a host whose speed drifts from minute to minute, where a ratio of two medians taken
+//! minutes apart measures the drift. It prints each round and, besides the summary, two
+//! medians over rounds: end to end against the bare all-chunks run right after it, and
+//! against the bare time interpolated (by the runs' midpoints) between the bare runs before
+//! and after it, which cancels a drift linear over that minute.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
@@ -200,19 +203,40 @@ fn bench(c: &mut Criterion) {
     };
 
     if let Some(rounds) = rounds() {
-        let mut ratios = Vec::with_capacity(rounds);
+        // Bare all-chunks runs bracket every end-to-end run (one more before the first), and
+        // each run's midpoint is kept: the bare time at an end-to-end run's midpoint is
+        // interpolated between its two neighbours, which cancels a drift that is linear over
+        // the minute they span.
+        let midpoint = |started: Instant, elapsed: Duration| started + elapsed / 2;
+        let timed_all = || {
+            let started = Instant::now();
+            let elapsed = all_once();
+            (midpoint(started, elapsed), elapsed)
+        };
+        let mut before = timed_all();
+        let mut same_round = Vec::with_capacity(rounds);
+        let mut bracketed = Vec::with_capacity(rounds);
         for round in 1..=rounds {
-            let (e2e, all, doc) = (e2e_once(), all_once(), per_doc_once());
-            let ratio = all.as_secs_f64() / e2e.as_secs_f64();
-            ratios.push(ratio);
+            let started = Instant::now();
+            let e2e = e2e_once();
+            let e2e_mid = midpoint(started, e2e);
+            let after = timed_all();
+            let doc = per_doc_once();
+            let (all, bare_at_e2e) = (after.1, interpolated(before, after, e2e_mid));
+            same_round.push(all.as_secs_f64() / e2e.as_secs_f64());
+            bracketed.push(bare_at_e2e / e2e.as_secs_f64());
             eprintln!(
-                "round {round}/{rounds}: end to end {:.3} s, bare all chunks {:.3} s, bare per \
-                 document {:.3} s: {:.1} % of bare",
+                "round {round}/{rounds}: end to end {:.3} s, bare all chunks {:.3} s (before \
+                 it {:.3} s), bare per document {:.3} s: {:.1} % of bare after it, {:.1} % of \
+                 bare interpolated between both",
                 e2e.as_secs_f64(),
                 all.as_secs_f64(),
+                before.1.as_secs_f64(),
                 doc.as_secs_f64(),
-                100.0 * ratio
+                100.0 * same_round[same_round.len() - 1],
+                100.0 * bracketed[bracketed.len() - 1],
             );
+            before = after;
         }
         summary(
             &work,
@@ -220,14 +244,22 @@ fn bench(c: &mut Criterion) {
             &bare_all.borrow(),
             &bare_per_doc.borrow(),
         );
-        ratios.sort_by(f64::total_cmp);
-        let listed: Vec<String> = ratios.iter().map(|r| format!("{:.1}", 100.0 * r)).collect();
-        eprintln!(
-            "  interleaved: median over {rounds} rounds of each round's end-to-end / bare (all \
-             chunks): {:.1} % (rounds, sorted: {} %)",
-            100.0 * ratios[ratios.len() / 2],
-            listed.join(" · ")
-        );
+        for (what, ratios) in [
+            ("bare all chunks right after it", &mut same_round),
+            (
+                "bare all chunks interpolated between the runs before and after it",
+                &mut bracketed,
+            ),
+        ] {
+            ratios.sort_by(f64::total_cmp);
+            let listed: Vec<String> = ratios.iter().map(|r| format!("{:.1}", 100.0 * r)).collect();
+            eprintln!(
+                "  interleaved: median over {rounds} rounds of end-to-end / {what}: {:.1} % \
+                 (rounds, sorted: {} %)",
+                100.0 * median_of_sorted(ratios),
+                listed.join(" · ")
+            );
+        }
         return;
     }
 
@@ -271,6 +303,26 @@ fn rounds() -> Option<usize> {
     match value.parse::<usize>() {
         Ok(rounds) if rounds > 0 => Some(rounds),
         _ => panic!("PIPELINE_ROUNDS={value:?}: expected a positive number of rounds"),
+    }
+}
+
+/// The bare all-chunks time, in seconds, at instant `at`, interpolated linearly between
+/// two runs given as (midpoint, duration); the earlier run's if both have one midpoint.
+fn interpolated((t0, d0): (Instant, Duration), (t1, d1): (Instant, Duration), at: Instant) -> f64 {
+    let span = t1.saturating_duration_since(t0).as_secs_f64();
+    if span <= 0.0 {
+        return d0.as_secs_f64();
+    }
+    let share = at.saturating_duration_since(t0).as_secs_f64() / span;
+    d0.as_secs_f64() + (d1.as_secs_f64() - d0.as_secs_f64()) * share.clamp(0.0, 1.0)
+}
+
+/// The median of sorted `values` (the mean of the middle two for an even count); 0 if empty.
+fn median_of_sorted(values: &[f64]) -> f64 {
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 

@@ -114,6 +114,17 @@ struct Buffers {
     bf16: Vec<u32>,
 }
 
+/// The first `len` elements of `buffer`, which is lengthened (with default values) if it is
+/// shorter but never shortened: a buffer reused for passes or layers of varying sizes is
+/// zeroed once, when it first reaches a size, instead of at every growth after a shrink.
+/// For buffers whose every element is written before it is read.
+pub(super) fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
+}
+
 /// A linear layer `y = x Wᵀ + b`.
 struct Linear {
     weight: Weight,
@@ -615,11 +626,11 @@ impl Bert {
             inter,
             bf16,
         } = &mut buffers;
-        x.resize(tokens * h, 0.0);
-        qkv.resize(tokens * 3 * h, 0.0);
-        context.resize(tokens * h, 0.0);
-        attended.resize(tokens * h, 0.0);
-        inter.resize(tokens * self.intermediate, 0.0);
+        let x = grown(x, tokens * h);
+        let qkv = grown(qkv, tokens * 3 * h);
+        let context = grown(context, tokens * h);
+        let attended = grown(attended, tokens * h);
+        let inter = grown(inter, tokens * self.intermediate);
         self.embeddings(sequences, x)?;
         // The rows of sequences too short for int8 (ignored by f32 and bf16 weights).
         let short: Vec<Range<usize>> = starts
@@ -763,8 +774,8 @@ fn attention_head(
 ) -> Vec<f32> {
     let stride = 3 * hidden;
     let base = start * stride + head * d;
-    scores.clear();
-    scores.resize(len * len + len, 0.0);
+    // The product overwrites the scores (`accumulate` is false): stale values do not matter.
+    let scores = grown(scores, len * len + len);
     let (scores, inverse_sums) = scores.split_at_mut(len * len);
     // scores (len × len) = Q (len × d) · Kᵀ (d × len)
     matmul(
@@ -1295,6 +1306,19 @@ fn erf(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grown_buffers_never_shrink_and_keep_their_contents() {
+        let mut buffer: Vec<u32> = Vec::new();
+        grown(&mut buffer, 6).copy_from_slice(&[1, 2, 3, 4, 5, 6]);
+        // A smaller request: a prefix, the rest kept (not zeroed again later).
+        assert_eq!(grown(&mut buffer, 2), &[1, 2]);
+        assert_eq!(buffer.len(), 6);
+        // A larger one: the old contents stay, only the new tail is zero.
+        assert_eq!(grown(&mut buffer, 8), &[1, 2, 3, 4, 5, 6, 0, 0]);
+        assert!(grown(&mut buffer, 0).is_empty());
+        assert_eq!(buffer.len(), 8);
+    }
 
     #[test]
     fn exp_is_accurate() {

@@ -212,8 +212,10 @@ pub(super) fn par_blocks(
         );
     }
     // Padding rows' sums are computed and discarded; `MC` is a multiple of `pad_rows`, so
-    // the chunks of `scratch`, `x` and `out` pair up.
-    scratch.resize(rows.next_multiple_of(pad_rows.max(1)) * words, 0);
+    // the chunks of `scratch`, `x` and `out` pair up. `scratch` only grows: the layers of a
+    // pass share it with different `words`, and shrinking it would zero the difference
+    // again, serially on the calling thread, at every layer.
+    let scratch = super::bert::grown(scratch, rows.next_multiple_of(pad_rows.max(1)) * words);
     scratch
         .par_chunks_mut(MC * words)
         .zip(x.par_chunks(MC * k))
