@@ -42,7 +42,7 @@ use super::attention::{self, Heads, ReducedAttention};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
 use super::probe::DotSpeed;
-use super::tile::{RowsFn, Start};
+use super::tile::{RowsFn, Start, grown};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
 const ROWS_PER_TASK: usize = 32;
@@ -112,17 +112,6 @@ struct Buffers {
     inter: Vec<f32>,
     /// Activations converted to bf16 pairs for a [`Bf16Weight`] (unused in f32).
     bf16: Vec<u32>,
-}
-
-/// The first `len` elements of `buffer`, which is lengthened (with default values) if it is
-/// shorter but never shortened: a buffer reused for passes or layers of varying sizes is
-/// zeroed once, when it first reaches a size, instead of at every growth after a shrink.
-/// For buffers whose every element is written before it is read.
-pub(super) fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
-    if buffer.len() < len {
-        buffer.resize(len, T::default());
-    }
-    &mut buffer[..len]
 }
 
 /// A linear layer `y = x Wᵀ + b`.
@@ -1306,19 +1295,6 @@ fn erf(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grown_buffers_never_shrink_and_keep_their_contents() {
-        let mut buffer: Vec<u32> = Vec::new();
-        grown(&mut buffer, 6).copy_from_slice(&[1, 2, 3, 4, 5, 6]);
-        // A smaller request: a prefix, the rest kept (not zeroed again later).
-        assert_eq!(grown(&mut buffer, 2), &[1, 2]);
-        assert_eq!(buffer.len(), 6);
-        // A larger one: the old contents stay, only the new tail is zero.
-        assert_eq!(grown(&mut buffer, 8), &[1, 2, 3, 4, 5, 6, 0, 0]);
-        assert!(grown(&mut buffer, 0).is_empty());
-        assert_eq!(buffer.len(), 8);
-    }
 
     #[test]
     fn exp_is_accurate() {

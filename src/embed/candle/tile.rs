@@ -177,6 +177,17 @@ impl Packing {
     }
 }
 
+/// The first `len` elements of `buffer`, which is lengthened (with default values) if it is
+/// shorter but never shortened: a buffer reused for passes or layers of varying sizes is
+/// zeroed once, when it first reaches a size, instead of at every growth after a shrink.
+/// For buffers whose every element is written before it is read.
+pub(super) fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
+}
+
 /// Rows per parallel task of the bf16 and int8 kernels (a multiple of the AMX kernels' 32).
 pub(super) const MC: usize = 64;
 
@@ -215,7 +226,7 @@ pub(super) fn par_blocks(
     // the chunks of `scratch`, `x` and `out` pair up. `scratch` only grows: the layers of a
     // pass share it with different `words`, and shrinking it would zero the difference
     // again, serially on the calling thread, at every layer.
-    let scratch = super::bert::grown(scratch, rows.next_multiple_of(pad_rows.max(1)) * words);
+    let scratch = grown(scratch, rows.next_multiple_of(pad_rows.max(1)) * words);
     scratch
         .par_chunks_mut(MC * words)
         .zip(x.par_chunks(MC * k))
@@ -246,6 +257,19 @@ pub(super) fn missing(features: &[(&str, bool)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grown_buffers_never_shrink_and_keep_their_contents() {
+        let mut buffer: Vec<u32> = Vec::new();
+        grown(&mut buffer, 6).copy_from_slice(&[1, 2, 3, 4, 5, 6]);
+        // A smaller request: a prefix, the rest kept (not zeroed again later).
+        assert_eq!(grown(&mut buffer, 2), &[1, 2]);
+        assert_eq!(buffer.len(), 6);
+        // A larger one: the old contents stay, only the new tail is zero.
+        assert_eq!(grown(&mut buffer, 8), &[1, 2, 3, 4, 5, 6, 0, 0]);
+        assert!(grown(&mut buffer, 0).is_empty());
+        assert_eq!(buffer.len(), 8);
+    }
 
     #[test]
     fn packs_each_value_at_its_panel_word_column_and_place() {
