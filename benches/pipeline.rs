@@ -36,10 +36,14 @@
 //! minutes apart measures the drift. It prints each round and, besides the summary, two
 //! medians over rounds: end to end against the bare all-chunks run right after it, and
 //! against the bare time interpolated (by the runs' midpoints) between the bare runs before
-//! and after it, which cancels a drift linear over that minute.
+//! and after it, which cancels a drift linear over that minute. Each round also prints the
+//! windows of its end-to-end run and of the bare all-chunks run after it in Unix seconds, so
+//! that a `perf record -a -k CLOCK_REALTIME` taken around the bench can be cut to the clocked
+//! runs (`perf script -F comm,tid,time,…`): CPU shares within a window do not move with the
+//! host's speed as wall-clock times do.
 
 use std::cell::RefCell;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use rag_ingest::embed::{CandleEmbedder, Embedder};
@@ -68,13 +72,14 @@ struct Workload {
     tokens: u64,
 }
 
-/// One end-to-end run; returns the time from the first publish to the last stored document.
+/// One end-to-end run; returns the time from the first publish to the last stored document,
+/// and the wall-clock time the clock started (for cutting the run's window out of a profile).
 fn run_once(
     rt: &tokio::runtime::Runtime,
     binary: &WorkerBinary,
     work: &Workload,
     embedder: &CandleEmbedder,
-) -> Duration {
+) -> (Duration, SystemTime) {
     let pipeline = BenchPipeline::new("pipeline", |_| {});
     let mut worker = WorkerProcess::start(binary, &pipeline.file, &[]);
     worker.wait_for(&support::CONSUMING, 1, Duration::from_secs(120));
@@ -82,7 +87,7 @@ fn run_once(
         .block_on(Submitter::connect(&pipeline.config))
         .expect("the submitter connects");
 
-    let started = Instant::now();
+    let (started, wall) = (Instant::now(), SystemTime::now());
     let results = rt.block_on(submitter.submit_all(&work.docs, |_, _| {}));
     for (doc, result) in work.docs.iter().zip(&results) {
         if let Err(e) = result {
@@ -109,7 +114,7 @@ fn run_once(
         .block_on(support::verify_stored(&[store], &work.docs, &work.expected))
         .unwrap_or_else(|e| panic!("BENCH FAILED: the store does not hold every chunk:\n{e}"));
     assert_eq!(stored, work.chunks.len(), "points stored");
-    elapsed
+    (elapsed, wall)
 }
 
 fn bench(c: &mut Criterion) {
@@ -179,9 +184,9 @@ fn bench(c: &mut Criterion) {
     let bare_all = RefCell::new(Vec::new());
     let bare_per_doc = RefCell::new(Vec::new());
     let e2e_once = || {
-        let elapsed = run_once(&rt, &binary, &work, &embedder);
+        let (elapsed, wall) = run_once(&rt, &binary, &work, &embedder);
         end_to_end.borrow_mut().push(elapsed);
-        elapsed
+        (elapsed, wall)
     };
     let all_once = || {
         let started = Instant::now();
@@ -209,32 +214,38 @@ fn bench(c: &mut Criterion) {
         // the minute they span.
         let midpoint = |started: Instant, elapsed: Duration| started + elapsed / 2;
         let timed_all = || {
-            let started = Instant::now();
+            let (started, wall) = (Instant::now(), SystemTime::now());
             let elapsed = all_once();
-            (midpoint(started, elapsed), elapsed)
+            (midpoint(started, elapsed), elapsed, wall)
         };
         let mut before = timed_all();
         let mut same_round = Vec::with_capacity(rounds);
         let mut bracketed = Vec::with_capacity(rounds);
         for round in 1..=rounds {
             let started = Instant::now();
-            let e2e = e2e_once();
+            let (e2e, wall) = e2e_once();
             let e2e_mid = midpoint(started, e2e);
             let after = timed_all();
             let doc = per_doc_once();
-            let (all, bare_at_e2e) = (after.1, interpolated(before, after, e2e_mid));
+            let (all, bare_at_e2e) = (
+                after.1,
+                interpolated((before.0, before.1), (after.0, after.1), e2e_mid),
+            );
             same_round.push(all.as_secs_f64() / e2e.as_secs_f64());
             bracketed.push(bare_at_e2e / e2e.as_secs_f64());
             eprintln!(
                 "round {round}/{rounds}: end to end {:.3} s, bare all chunks {:.3} s (before \
                  it {:.3} s), bare per document {:.3} s: {:.1} % of bare after it, {:.1} % of \
-                 bare interpolated between both",
+                 bare interpolated between both; end-to-end window {}, bare all-chunks window \
+                 {} (Unix seconds: `perf record -k CLOCK_REALTIME` timestamps)",
                 e2e.as_secs_f64(),
                 all.as_secs_f64(),
                 before.1.as_secs_f64(),
                 doc.as_secs_f64(),
                 100.0 * same_round[same_round.len() - 1],
                 100.0 * bracketed[bracketed.len() - 1],
+                unix_window(wall, e2e),
+                unix_window(after.2, after.1),
             );
             before = after;
         }
@@ -272,7 +283,7 @@ fn bench(c: &mut Criterion) {
 
     group.throughput(Throughput::Elements(DOCS as u64));
     group.bench_function("end_to_end", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| e2e_once()).sum());
+        b.iter_custom(|iters| (0..iters).map(|_| e2e_once().0).sum());
     });
 
     group.throughput(Throughput::Elements(work.tokens));
@@ -290,6 +301,14 @@ fn bench(c: &mut Criterion) {
         &bare_all.borrow(),
         &bare_per_doc.borrow(),
     );
+}
+
+/// `start–end` of a run that started at `wall` and took `elapsed`, in Unix seconds with
+/// microseconds (what `perf script` prints for a `perf record -k CLOCK_REALTIME` profile).
+fn unix_window(wall: SystemTime, elapsed: Duration) -> String {
+    let start = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let end = start + elapsed;
+    format!("{:.6}–{:.6}", start.as_secs_f64(), end.as_secs_f64())
 }
 
 /// `PIPELINE_ROUNDS`, if set to a positive number.

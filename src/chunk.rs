@@ -8,8 +8,13 @@
 //! candidate was most of the chunking time, so the document is tokenised once
 //! ([`DocumentTokens`]) and a candidate's size is the number of the document's tokens it
 //! overlaps. A token cut by a candidate's edge counts whole, so that size can only
-//! over-estimate; the chunk finally emitted is tokenised on its own, and that exact count is
-//! what is checked and reported. The check also catches what text-splitter itself does not
+//! over-estimate; the chunk finally emitted needs its exact count, which is what is checked
+//! and reported. For a word-local tokenizer (BERT's normaliser, pre-tokenizer and WordPiece:
+//! every token belongs to one word, and words are tokenised independently) a chunk whose
+//! edges fall between words of the document tokenises on its own into exactly the document's
+//! tokens inside it, so that count is taken from the document's tokenisation
+//! ([`DocumentTokens::exact`]); any other chunk, or any other tokenizer, is tokenised on its
+//! own. The check also catches what text-splitter itself does not
 //! measure (sections of at most `max_tokens` bytes, assuming a token spans at least one byte,
 //! which a tokenizer whose normaliser expands text — NFKC `ﷺ`, a `Replace` rule — can break;
 //! BERT WordPiece never does).
@@ -202,7 +207,9 @@ impl Chunker {
         };
         let mut chunks = Vec::with_capacity(pieces.len());
         for (offset, text) in pieces {
-            let tokens = self.count(text);
+            let tokens = sizer
+                .exact(offset..offset + text.len())
+                .unwrap_or_else(|| self.count(text));
             if tokens <= self.max_tokens {
                 self.push(&mut chunks, content, offset..offset + text.len(), tokens);
             } else {
@@ -304,28 +311,66 @@ struct DocumentTokens<'a> {
     starts: Option<Vec<usize>>,
     /// Byte offset in `document` where each token ends, ascending.
     ends: Vec<usize>,
+    /// For [`exact`](Self::exact): whether each token begins another word than the token
+    /// before it (both words known; the first token: `true`). `None` unless the tokenizer is
+    /// word-local ([`word_local`]) and the tokens follow each other without overlapping (so
+    /// that `starts[i]` and `ends[i]` are the same token's). One byte per token.
+    new_word: Option<Vec<bool>>,
+    /// Where one segment ends and the next begins, inside the document.
+    cuts: Vec<usize>,
 }
 
 impl<'a> DocumentTokens<'a> {
     fn new(tokenizer: &'a Tokenizer, document: &'a str) -> Self {
         let mut starts = Vec::new();
         let mut ends = Vec::new();
+        let mut new_word = word_local(tokenizer).then(Vec::new);
+        let mut cuts = Vec::new();
+        // Word numbers continue from one segment to the next.
+        let (mut first_word, mut last_word): (u64, Option<u64>) = (0, None);
         let mut ok = true;
         let mut at = 0;
         while ok && at < document.len() {
+            if at > 0 {
+                cuts.push(at);
+            }
             let end = segment_end(document, at);
             match tokenizer.encode(&document[at..end], false) {
                 Ok(encoding) => {
-                    for &(start, stop) in encoding.get_offsets() {
-                        starts.push(at + start);
-                        ends.push(at + stop);
+                    let mut next_first = first_word;
+                    for (&(start, stop), &word) in
+                        encoding.get_offsets().iter().zip(encoding.get_word_ids())
+                    {
+                        let (start, stop) = (at + start, at + stop);
+                        let word = word.map(|w| first_word.saturating_add(u64::from(w)));
+                        if let Some(w) = word {
+                            next_first = next_first.max(w.saturating_add(1));
+                        }
+                        if let Some(flags) = &mut new_word {
+                            // Exact counts need the tokens in order, none overlapping the
+                            // next (WordPiece's are); else they are not given.
+                            if start > stop || ends.last().is_some_and(|&e| e > start) {
+                                new_word = None;
+                            } else {
+                                flags.push(match (last_word, word) {
+                                    _ if flags.is_empty() => true,
+                                    (Some(a), Some(b)) => a != b,
+                                    _ => false,
+                                });
+                            }
+                        }
+                        last_word = word;
+                        starts.push(start);
+                        ends.push(stop);
                     }
+                    first_word = next_first;
                 }
                 Err(_) => ok = false,
             }
             at = end;
         }
-        // Counting by binary search needs each list sorted; for WordPiece they already are.
+        // Counting by binary search needs each list sorted; for WordPiece they already are
+        // (and where `new_word` is kept, sorting them moves nothing).
         starts.sort_unstable();
         ends.sort_unstable();
         Self {
@@ -333,7 +378,35 @@ impl<'a> DocumentTokens<'a> {
             document,
             starts: ok.then_some(starts),
             ends,
+            new_word: new_word.filter(|_| ok),
+            cuts,
         }
+    }
+
+    /// The exact token count of `document[range]` tokenised on its own, when the document's
+    /// tokenisation gives it: the tokenizer is word-local, `range` lies within one segment,
+    /// and neither edge cuts a token or separates two tokens of one word. Then the slice
+    /// holds whole words only, and it tokenises into exactly the document's tokens inside
+    /// it. `None` otherwise (tokenise the slice instead).
+    fn exact(&self, range: Range<usize>) -> Option<usize> {
+        let (Some(starts), Some(new_word)) = (&self.starts, &self.new_word) else {
+            return None;
+        };
+        if range.start > range.end
+            || range.end > self.document.len()
+            || self.cuts.iter().any(|&c| range.start < c && c < range.end)
+        {
+            return None;
+        }
+        let between_words = |i: usize, at: usize| {
+            // The token before `at` ends by it, and the one from it on starts another word.
+            i.checked_sub(1)
+                .is_none_or(|before| self.ends.get(before).is_some_and(|&e| e <= at))
+                && new_word.get(i).is_none_or(|&new| new)
+        };
+        let first = starts.partition_point(|&s| s < range.start);
+        let past = starts.partition_point(|&s| s < range.end);
+        (between_words(first, range.start) && between_words(past, range.end)).then(|| past - first)
     }
 
     /// Where `chunk` is in the document, if it is a slice of it.
@@ -360,6 +433,25 @@ impl ChunkSizer for DocumentTokens<'_> {
             _ => count_tokens(self.tokenizer, chunk),
         }
     }
+}
+
+/// Whether `tokenizer` is word-local: its normaliser works character by character (BERT's,
+/// or none), its pre-tokenizer splits words at whitespace and punctuation (BERT's), and its
+/// model tokenises each word on its own (WordPiece). A slice of a text that starts and ends
+/// between words then tokenises into exactly the text's tokens inside it. Other tokenizers
+/// (byte-level BPE, whose tokens carry the space before a word; Metaspace; sequences of
+/// rules) are not assumed to be.
+fn word_local(tokenizer: &Tokenizer) -> bool {
+    use tokenizers::{ModelWrapper, NormalizerWrapper, PreTokenizerWrapper};
+    matches!(tokenizer.get_model(), ModelWrapper::WordPiece(_))
+        && matches!(
+            tokenizer.get_pre_tokenizer(),
+            Some(PreTokenizerWrapper::BertPreTokenizer(_))
+        )
+        && matches!(
+            tokenizer.get_normalizer(),
+            None | Some(NormalizerWrapper::BertNormalizer(_))
+        )
 }
 
 /// The end of the segment of `document` starting at `at`: the whole rest if it is short,
@@ -395,4 +487,132 @@ fn trimmed(content: &str, range: Range<usize>) -> Option<Range<usize>> {
     let start = range.start + (text.len() - text.trim_start().len());
     let end = range.end - (text.len() - text.trim_end().len());
     (start < end).then_some(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        let mut tokenizer = Tokenizer::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/all-MiniLM-L6-v2/tokenizer.json"
+        ))
+        .expect("the model's tokenizer (scripts/fetch-model.sh installs it)");
+        // As `Chunker::new` configures it: every token counts.
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).expect("no truncation");
+        tokenizer
+    }
+
+    /// Text where words meet in every way BERT's tokenizer treats specially: punctuation,
+    /// removed control and zero-width characters gluing words, accents (precomposed and
+    /// combining), CJK, an added token written out, words longer than WordPiece's 100
+    /// characters, and runs of whitespace.
+    fn tricky(len: usize, seed: u64) -> String {
+        const PIECES: &[&str] = &[
+            "retry",
+            "unbelievable",
+            "Qdrant",
+            " ",
+            "  ",
+            "\n",
+            "\n\n",
+            "\t",
+            ".",
+            ",",
+            "-",
+            "(",
+            ")",
+            "x\u{1}y",
+            "ab\u{200b}cd",
+            "zw\u{200d}j",
+            "café",
+            "cafe\u{301}",
+            "\u{301}",
+            "東京都",
+            "[MASK]",
+            "[SEP]x",
+            "naïve",
+            "1,234.5",
+            "https://example.com/a_b",
+            "ﬁ",
+            "Ⅻ",
+            "🙂",
+        ];
+        let mut state = seed;
+        let mut text = String::new();
+        while text.len() < len {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let pick = (state >> 33) as usize;
+            if pick % 97 == 0 {
+                text.push_str(&"w".repeat(120));
+            } else {
+                text.push_str(PIECES[pick % PIECES.len()]);
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn exact_counts_equal_tokenising_the_slice_on_its_own() {
+        let tokenizer = tokenizer();
+        assert!(word_local(&tokenizer), "BERT's tokenizer is word-local");
+        let mut checked = 0;
+        for seed in 0..6 {
+            let text = tricky(600, seed);
+            let doc = DocumentTokens::new(&tokenizer, &text);
+            let bounds: Vec<usize> = (0..=text.len())
+                .filter(|&i| text.is_char_boundary(i))
+                .collect();
+            for (a, &start) in bounds.iter().enumerate() {
+                for &end in bounds[a..].iter().step_by(7) {
+                    if let Some(count) = doc.exact(start..end) {
+                        assert_eq!(
+                            count,
+                            count_tokens(&tokenizer, &text[start..end]),
+                            "{:?}",
+                            &text[start..end]
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 1_000, "only {checked} slices had an exact count");
+    }
+
+    #[test]
+    fn slices_cutting_a_word_or_a_segment_are_not_given_an_exact_count() {
+        let tokenizer = tokenizer();
+        let text = "unbelievable retries, again.";
+        let doc = DocumentTokens::new(&tokenizer, text);
+        assert_eq!(
+            doc.exact(0..text.len()),
+            Some(count_tokens(&tokenizer, text))
+        );
+        assert_eq!(
+            doc.exact(0..12),
+            Some(count_tokens(&tokenizer, "unbelievable"))
+        );
+        // Inside a word, at a boundary between two of its tokens, and inside a token.
+        assert_eq!(doc.exact(2..12), None);
+        assert_eq!(doc.exact(0..5), None);
+        // Words glued by a removed control character are one word.
+        let glued = "ab\u{1}cd ef";
+        let doc = DocumentTokens::new(&tokenizer, glued);
+        assert_eq!(doc.exact(3..glued.len()), None);
+        assert_eq!(
+            doc.exact(5..glued.len()),
+            Some(count_tokens(&tokenizer, " ef"))
+        );
+        // A slice across a segment cut is tokenised on its own.
+        let long = "word ".repeat(TOKENIZE_SEGMENT_BYTES / 5 + 100);
+        let doc = DocumentTokens::new(&tokenizer, &long);
+        let cut = doc.cuts[0];
+        assert_eq!(doc.exact(cut - 10..cut + 10), None);
+        assert_eq!(doc.exact(cut..cut + 10), Some(2));
+    }
 }

@@ -402,6 +402,10 @@ impl CandleEmbedder {
 
     /// Starts the embedding thread over `inner` and reports the load.
     fn start(model_dir: &Path, inner: Inner, choice: PrecisionChoice) -> Result<Self, EmbedError> {
+        // The largest pass: a full budget, or one text of the model's length.
+        inner
+            .model
+            .reserve(inner.pass_budget().max(inner.max_seq_length));
         let inner = Arc::new(inner);
         let (requests, receiver) = mpsc::channel();
         let worker_inner = Arc::clone(&inner);

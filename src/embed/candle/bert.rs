@@ -42,7 +42,7 @@ use super::attention::{self, Heads, ReducedAttention};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
 use super::probe::DotSpeed;
-use super::tile::{RowsFn, Start, grown};
+use super::tile::{self, RowsFn, Start, grown};
 
 /// Rows per parallel task for the row-wise kernels (layer norm, GELU, bias copies).
 const ROWS_PER_TASK: usize = 32;
@@ -112,6 +112,19 @@ struct Buffers {
     inter: Vec<f32>,
     /// Activations converted to bf16 pairs for a [`Bf16Weight`] (unused in f32).
     bf16: Vec<u32>,
+}
+
+/// Grows `buffer` to `len` elements (zeroed, so that its pages are touched now), unless it
+/// already has them; `false` if the memory cannot be allocated.
+fn reserved<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> bool {
+    if buffer.len() >= len {
+        return true;
+    }
+    if buffer.try_reserve_exact(len - buffer.len()).is_err() {
+        return false;
+    }
+    buffer.resize(len, T::default());
+    true
 }
 
 /// A linear layer `y = x Wᵀ + b`.
@@ -453,6 +466,43 @@ impl Bert {
         self.reduced_attention
             .as_ref()
             .map_or("f32", ReducedAttention::name)
+    }
+
+    /// Allocates the activation buffers a forward pass of `tokens` tokens needs (the
+    /// largest pass the caller will run) and touches their memory now, so that later passes
+    /// up to that size neither allocate nor take page faults: a worker pays them while it
+    /// loads instead of on its first documents, and its resident set reaches its working
+    /// size at start (a memory limit too small for a full pass shows there, not under
+    /// load). The products' activation scratch is sized for the widest layer input, rows
+    /// rounded up as the AMX kernels read them. Sizes saturate; if the memory cannot be
+    /// allocated, nothing is reserved (the passes allocate as before).
+    pub(crate) fn reserve(&self, tokens: usize) {
+        let Ok(mut cached) = self.buffers.lock() else {
+            return;
+        };
+        let buffers = cached.get_or_insert_with(Buffers::default);
+        let reduced = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.attention_output, &l.intermediate, &l.output])
+            .any(|linear| !matches!(linear.weight, Weight::F32(_)));
+        let widest = self.hidden.max(self.intermediate);
+        let h = |width: usize| tokens.saturating_mul(width);
+        let ok = reserved(&mut buffers.x, h(self.hidden))
+            && reserved(&mut buffers.qkv, h(self.hidden.saturating_mul(3)))
+            && reserved(&mut buffers.context, h(self.hidden))
+            && reserved(&mut buffers.attended, h(self.hidden))
+            && reserved(&mut buffers.inter, h(self.intermediate))
+            && (!reduced
+                || reserved(
+                    &mut buffers.bf16,
+                    tokens
+                        .saturating_add(tile::MC)
+                        .saturating_mul(widest.div_ceil(2).saturating_add(tile::MC)),
+                ));
+        if !ok {
+            *cached = None;
+        }
     }
 
     /// Mean-pooled, L2-normalised embeddings of `sequences`, in order.
@@ -1295,6 +1345,58 @@ fn erf(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_buffers_serve_passes_up_to_their_size_without_allocating() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+        let config: Config = serde_json::from_slice(
+            &std::fs::read(dir.join("config.json"))
+                .expect("the model's config.json (scripts/fetch-model.sh installs it)"),
+        )
+        .expect("config.json parses");
+        let ids: Vec<Vec<u32>> = [5u32, 40, 200]
+            .iter()
+            .map(|&n| (0..n).map(|i| 1_000 + 7 * i).collect())
+            .collect();
+        let type_ids: Vec<Vec<u32>> = ids.iter().map(|s| vec![0; s.len()]).collect();
+        let sequences: Vec<Sequence<'_>> = ids
+            .iter()
+            .zip(&type_ids)
+            .map(|(ids, type_ids)| Sequence { ids, type_ids })
+            .collect();
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        let mut precisions = vec![Precision::F32];
+        if super::super::bf16::missing_features().is_none() {
+            precisions.push(Precision::Bf16);
+        }
+        let addresses = |model: &Bert| {
+            let cached = model.buffers.lock().expect("not poisoned");
+            let b = cached.as_ref().expect("buffers are cached");
+            [
+                b.x.as_ptr().addr(),
+                b.qkv.as_ptr().addr(),
+                b.context.as_ptr().addr(),
+                b.attended.as_ptr().addr(),
+                b.inter.as_ptr().addr(),
+                b.bf16.as_ptr().addr(),
+            ]
+        };
+        for precision in precisions {
+            let load =
+                || Bert::load(&dir.join("model.safetensors"), &config, precision).expect("loads");
+            let want = load().embed(&sequences).expect("embeds");
+            let model = load();
+            model.reserve(tokens);
+            let reserved = addresses(&model);
+            let got = model.embed(&sequences).expect("embeds");
+            assert_eq!(
+                addresses(&model),
+                reserved,
+                "{precision:?}: a pass within the reserved size allocated a buffer again"
+            );
+            assert_eq!(got, want, "{precision:?}: reserving changed the vectors");
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {
