@@ -316,7 +316,7 @@ struct DocumentTokens<'a> {
     /// word-local ([`word_local`]) and the tokens follow each other without overlapping (so
     /// that `starts[i]` and `ends[i]` are the same token's). One byte per token.
     new_word: Option<Vec<bool>>,
-    /// Where one segment ends and the next begins, inside the document.
+    /// Where one segment ends and the next begins, inside the document, ascending.
     cuts: Vec<usize>,
 }
 
@@ -392,9 +392,10 @@ impl<'a> DocumentTokens<'a> {
         let (Some(starts), Some(new_word)) = (&self.starts, &self.new_word) else {
             return None;
         };
+        let next_cut = self.cuts.partition_point(|&c| c <= range.start);
         if range.start > range.end
             || range.end > self.document.len()
-            || self.cuts.iter().any(|&c| range.start < c && c < range.end)
+            || self.cuts.get(next_cut).is_some_and(|&c| c < range.end)
         {
             return None;
         }
@@ -490,10 +491,12 @@ fn trimmed(content: &str, range: Range<usize>) -> Option<Range<usize>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tokenizer() -> Tokenizer {
+    /// The model's tokenizer, every token counted (no padding, no truncation); for this
+    /// crate's unit tests.
+    pub(crate) fn tokenizer() -> Tokenizer {
         let mut tokenizer = Tokenizer::from_file(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/models/all-MiniLM-L6-v2/tokenizer.json"

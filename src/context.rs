@@ -329,14 +329,8 @@ mod tests {
 
     #[test]
     fn long_paths_keep_the_title_and_the_deepest_headings_within_the_budget() {
-        let mut tokenizer = Tokenizer::from_file(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/all-MiniLM-L6-v2/tokenizer.json"
-        ))
-        .expect("the model's tokenizer (scripts/fetch-model.sh installs it)");
         // As `Contextualizer::new` configures it: every token counts.
-        tokenizer.with_padding(None);
-        tokenizer.with_truncation(None).expect("no truncation");
+        let tokenizer = crate::chunk::tests::tokenizer();
         let path: Vec<String> = ["Operations handbook"]
             .into_iter()
             .map(str::to_owned)
