@@ -550,7 +550,7 @@ pub(crate) mod tests {
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
             let pick = (state >> 33) as usize;
-            if pick % 97 == 0 {
+            if pick.is_multiple_of(97) {
                 text.push_str(&"w".repeat(120));
             } else {
                 text.push_str(PIECES[pick % PIECES.len()]);
