@@ -114,16 +114,14 @@ struct Buffers {
     bf16: Vec<u32>,
 }
 
-/// Grows `buffer` to `len` elements (zeroed, so that its pages are touched now), unless it
-/// already has them; `false` if the memory cannot be allocated.
+/// [`grown`] to `len` elements (the new ones zeroed, so that their pages are touched now),
+/// asking for the memory first: `false` if it cannot be allocated.
 fn reserved<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> bool {
-    if buffer.len() >= len {
-        return true;
-    }
-    if buffer.try_reserve_exact(len - buffer.len()).is_err() {
+    let more = len.saturating_sub(buffer.len());
+    if buffer.try_reserve_exact(more).is_err() {
         return false;
     }
-    buffer.resize(len, T::default());
+    grown(buffer, len);
     true
 }
 
