@@ -204,9 +204,19 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
                     version,
                     stored_version: head_order.version,
                 });
-                // Leftovers of an interrupted older write are removed on the way.
+                // Leftovers of an interrupted older write — this message's own earlier
+                // attempt, typically — are removed on the way. Always with a delete, not
+                // only when a count finds some: a write is ordered after every write the
+                // store has accepted before it, so a request of the earlier attempt that
+                // was still on its way (its worker killed or cut off mid-write) lands
+                // before this delete and is removed by it; a count would not see it yet.
                 if head.order.is_some() {
-                    self.settle(doc, head_order, head.chunk_count).await?;
+                    timed(
+                        "delete",
+                        self.store
+                            .delete_older(&doc.tenant, &doc.document_id, head_order),
+                    )
+                    .await?;
                 }
                 return Ok(Processed::Stale {
                     stored: head_order.version,

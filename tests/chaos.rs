@@ -1,10 +1,10 @@
 //! Chaos soak that checks state, not counts: two worker processes share one queue and one
 //! collection on a Qdrant server of the test's own. They get a shuffled stream of upserts of
 //! several versions per document, deletes at some versions, and bad messages, while the test
-//! kills a worker with SIGKILL (and starts it again), drops the workers' broker connections,
-//! takes the embedding provider down (the workers use the OpenAI client against a local
-//! server that answers 503 while down and the real model's vectors while up), and kills and
-//! restarts the Qdrant server. At the end the store is compared with a model
+//! kills a worker with SIGKILL (and starts it again), drops the workers' broker connections
+//! (twice), takes the embedding provider down (the workers use the OpenAI client against a
+//! local server that answers 503 while down and the real model's vectors while up), and kills
+//! and restarts the Qdrant server. At the end the store is compared with a model
 //! computed from the messages alone: per document, the message with the highest version
 //! decides (absent if it is a delete, otherwise exactly its chunks). It prints
 //! `chaos: docs=N wrong=0 lost=0 duplicated=0 dead_lettered=K (expected K)`.
@@ -161,6 +161,25 @@ fn use_remote_embedder(file: &std::path::Path, server: &Embedder503) {
     std::fs::write(file, text).expect("write pipeline file");
 }
 
+/// The stored chunks as `index/count@version (order, worker-side ingestion time)`, to tell
+/// which writes left them.
+fn describe(chunks: &[rag_ingest::store::StoredChunk]) -> String {
+    chunks
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}@{:?} ({:?}, {})",
+                c.payload.chunk_index,
+                c.payload.chunk_count,
+                c.payload.version,
+                c.payload.order,
+                c.payload.ingested_at
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Waits until at most `left` messages are ready in the main and retry queues.
 async fn wait_backlog(t: &TestPipeline, left: u64) {
     common::eventually(
@@ -219,7 +238,10 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     wait_backlog(&t, total * 4 / 5).await;
     workers[0].signal("KILL");
     let killed = workers.remove(0);
-    let (status, _) = killed.wait_exit(Duration::from_secs(20)).await;
+    // Every worker's log, kept for a failure's report.
+    let mut logs = Vec::new();
+    let (status, log) = killed.wait_exit(Duration::from_secs(20)).await;
+    logs.push(log);
     assert!(!status.success(), "killed");
     workers.push(WorkerProcess::start(&file, false));
     // Fault 3: the broker drops every worker connection.
@@ -229,6 +251,10 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     wait_backlog(&t, total * 2 / 5).await;
     server.kill();
     server.restart().await;
+    // Fault 5: the broker drops the connections again, near the end (messages in flight
+    // are redelivered to the other worker while their first copy may still be writing).
+    wait_backlog(&t, total / 5).await;
+    let dropped = dropped + common::close_worker_connections(&t.config.name);
 
     // Let the workers finish what is queued, stop them, and drain what they returned.
     wait_backlog(&t, 0).await;
@@ -238,10 +264,12 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
     for worker in workers {
         let (status, log) = worker.wait_exit(Duration::from_secs(60)).await;
         assert!(status.success(), "a stopped worker exits 0:\n{log}");
+        logs.push(log);
     }
     let last = WorkerProcess::start(&file, true);
     let (status, log) = last.wait_exit(Duration::from_secs(300)).await;
     assert!(status.success(), "{log}");
+    logs.push(log);
 
     // The model: the highest version per document decides.
     let store = Arc::new(
@@ -283,7 +311,11 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
                     problems.push(format!("{} lost", doc.document_id));
                 } else if count > expected {
                     duplicated += 1;
-                    problems.push(format!("{} holds {count} > {expected}", doc.document_id));
+                    problems.push(format!(
+                        "{} holds {count} > {expected}: {}",
+                        doc.document_id,
+                        describe(&chunks)
+                    ));
                 } else if count != expected
                     || chunks.len() != expected
                     || chunks.iter().any(|c| {
@@ -292,12 +324,9 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
                 {
                     wrong += 1;
                     problems.push(format!(
-                        "{} holds another revision: {:?}",
+                        "{} holds another revision: {}",
                         doc.document_id,
-                        chunks
-                            .iter()
-                            .map(|c| (c.payload.chunk_index, c.payload.version))
-                            .collect::<Vec<_>>()
+                        describe(&chunks)
                     ));
                 }
             }
@@ -313,7 +342,15 @@ async fn chaos_several_workers_faults_and_shuffled_versions_leave_the_newest_sta
         bad.len(),
         provider.requests.load(std::sync::atomic::Ordering::SeqCst)
     );
-    assert!(problems.is_empty(), "{problems:#?}");
+    if !problems.is_empty() {
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{}-workers.log", t.config.name));
+        let written = std::fs::write(&path, logs.join("\n----- next worker -----\n"));
+        panic!(
+            "{problems:#?}\nthe workers' logs: {} ({written:?})",
+            path.display()
+        );
+    }
     // What the DLQ holds, by kind, tenant and stage, to explain a mismatch.
     let dlq_list = std::process::Command::new(env!("CARGO_BIN_EXE_rag-ingest"))
         .args(["dlq", "list", "--pipeline"])

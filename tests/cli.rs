@@ -585,3 +585,88 @@ async fn reindex_migrates_a_collection_created_before_keyword_vectors(store: Tes
         .expect("cleanup");
     }
 }
+
+on_both_stores!(
+    /// `reindex` while a worker already writes the new collection: a document the worker
+    /// rewrote shorter keeps only the worker's chunks — the copied page that brings the old
+    /// revision's other chunks (spread over pages: ids are hashes) is settled after the
+    /// copy. Failed on the old code: the target held the old revision's chunks 1.. beside
+    /// the worker's chunk 0.
+    reindex_alongside_a_worker_leaves_only_the_newest_revision
+);
+
+async fn reindex_alongside_a_worker_leaves_only_the_newest_revision(store: TestStore) {
+    use rag_ingest::embed::Embedder;
+    use rag_ingest::message::Document;
+    use rag_ingest::store::{Store, VectorStore};
+
+    let mut t = TestPipeline::on(store, "reindex-race", "");
+    let embedder = common::embedder();
+    let new_collection = t.config.store.collection.clone();
+    t.config.store.collection = format!("{new_collection}-old");
+    let source = Arc::new(
+        rag_ingest::setup::open_vector_store(&t.config, embedder.fingerprint())
+            .await
+            .expect("source opens"),
+    );
+    t.config.store.collection = new_collection;
+    let target = Arc::new(
+        rag_ingest::setup::open_vector_store(&t.config, embedder.fingerprint())
+            .await
+            .expect("target opens"),
+    );
+    let chunker = Arc::new(rag_ingest::setup::chunker(&t.config, &embedder).expect("chunker"));
+    let into = |store: &Arc<Store>| {
+        rag_ingest::process::Pipeline::new(
+            Arc::clone(&chunker),
+            Arc::clone(&embedder),
+            Arc::clone(store),
+        )
+    };
+    let acme = rag_ingest::tenant::TenantId::new("acme").expect("tenant");
+    let long = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/docs/acme/retries.md"),
+    )
+    .expect("fixture");
+    let mut old = Document::upsert(acme.clone(), "raced", long);
+    old.version = Some(1);
+    let mut other = Document::upsert(acme.clone(), "quiet", "A document nobody rewrites.");
+    other.version = Some(1);
+    into(&source).process(&old).await.expect("stored");
+    into(&source).process(&other).await.expect("stored");
+    let old_chunks = source.count(&acme, Some("raced")).await.expect("count");
+    assert!(old_chunks >= 3, "the old revision has several chunks");
+    // The worker on the new collection has version 2 already, one chunk.
+    let mut new = Document::upsert(acme.clone(), "raced", "Version two: one short chunk.");
+    new.version = Some(2);
+    into(&target).process(&new).await.expect("stored");
+
+    let sparse = rag_ingest::sparse::SparseEncoder::bm25();
+    let report = rag_ingest::reindex::copy_collection(&source, &target, &sparse, 2, |_| {})
+        .await
+        .expect("copied");
+    assert_eq!(report.settled, 1, "{report:?}");
+    assert_eq!(
+        target.count(&acme, Some("raced")).await.expect("count"),
+        1,
+        "only version 2's chunk: {report:?}"
+    );
+    let chunks = target
+        .chunk_vectors(&acme, "raced", 64)
+        .await
+        .expect("read");
+    assert!(
+        chunks.iter().all(|c| c.payload.version == Some(2)),
+        "{:?}",
+        chunks
+            .iter()
+            .map(|c| (c.payload.chunk_index, c.payload.version))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(target.count(&acme, Some("quiet")).await.expect("count"), 1);
+    for store in [target, source] {
+        if let Ok(Store::Qdrant(q)) = Arc::try_unwrap(store) {
+            q.delete_collection().await.expect("cleanup");
+        }
+    }
+}

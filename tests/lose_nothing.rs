@@ -508,6 +508,61 @@ async fn lose_nothing_inflight_byte_budget_bounds_the_documents_processed_at_onc
     }
 }
 
+/// A broker connection lost while a message is being written: the write runs to its end
+/// (the message is redelivered and stored again, idempotently) instead of being abandoned
+/// midway. An abandoned write is a request that may still land after the redelivered copy
+/// has settled the document, leaving an older revision's chunks behind (found by the
+/// chaos soak). Failed on the old code: the session aborted its tasks, so the held upsert
+/// never ended (`active_upserts` stayed 1, "the held write ended" timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lose_nothing_a_lost_connection_lets_running_writes_finish() {
+    let t = TestPipeline::new("ln-lost-write", FAST);
+    let (pipeline, store) = faulty_pipeline(&t).await;
+    store.hold_upserts_ms.store(2_000, Ordering::SeqCst);
+    let docs = short_docs("acme", "lost-write", 1);
+    common::submit(&t.config, &docs).await;
+    let (stop, handle) = spawn_worker(&t, &pipeline);
+    eventually(Duration::from_secs(60), "a write under way", || async {
+        store.active_upserts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        common::close_worker_connections(&t.config.name) > 0,
+        "the worker's connection was closed"
+    );
+    // The held write ends (the redelivered copy then finds the document stored).
+    eventually(Duration::from_secs(60), "the held write ended", || async {
+        store.upserts_done.load(Ordering::SeqCst) >= 1
+            && store.active_upserts.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "the worker reconnected",
+        || async { common::worker_connections(&t.config.name).len() == 1 },
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the queues drained", || async {
+        common::pending(&t.config).await == 0
+    })
+    .await;
+    let _ = stop.send(());
+    let report = tokio::time::timeout(Duration::from_secs(60), handle)
+        .await
+        .expect("the worker stops")
+        .expect("the worker task")
+        .expect("the worker's report");
+    assert_eq!(
+        store.active_upserts.load(Ordering::SeqCst),
+        0,
+        "a write was abandoned midway: {report:?}"
+    );
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert_stored_once(&t, &*store, &docs).await;
+    t.delete_queues().await;
+}
+
 on_both_stores!(
     /// A store outage outlasting every attempt: the message is dead-lettered after exactly
     /// `max_attempts` (kind store_unavailable, stage store, x-attempts = 3, first failure before

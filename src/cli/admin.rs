@@ -88,12 +88,14 @@ pub async fn reindex(args: ReindexArgs) -> Result<ExitCode> {
     .await?;
     bar.finish_and_clear();
     println!(
-        "copied {} point(s) ({} tombstone(s)) from {} collection {} into {}, with keyword vectors",
+        "copied {} point(s) ({} tombstone(s)) from {} collection {} into {}, with keyword \
+         vectors; {} document(s) written by a worker meanwhile kept only their newest revision",
         report.points,
         report.tombstones,
         source.kind(),
         args.from,
-        config.store.collection
+        config.store.collection,
+        report.settled
     );
     Ok(ExitCode::SUCCESS)
 }

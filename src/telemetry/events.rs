@@ -693,6 +693,39 @@ impl InternalEvent for ShutdownGraceExpired {
     }
 }
 
+/// A lost broker session's running messages ended: `finished` ran to the end of their
+/// store writes (their acks failed; the broker redelivers them), `aborted` were still
+/// running after the grace period.
+#[derive(Debug)]
+pub struct SessionLostTasksEnded {
+    /// Messages that ran to the end.
+    pub finished: usize,
+    /// Messages aborted after the grace period.
+    pub aborted: usize,
+}
+
+impl InternalEvent for SessionLostTasksEnded {
+    fn emit(self) {
+        if self.aborted > 0 {
+            tracing::warn!(
+                event = "session_lost_tasks_ended",
+                finished = self.finished,
+                aborted = self.aborted,
+                "the broker connection was lost; messages still running after the grace \
+                 period were aborted (the broker redelivers them)"
+            );
+        } else {
+            tracing::info!(
+                event = "session_lost_tasks_ended",
+                finished = self.finished,
+                aborted = self.aborted,
+                "the broker connection was lost; the running messages finished their writes \
+                 (the broker redelivers them)"
+            );
+        }
+    }
+}
+
 /// The metrics and health endpoints are served.
 #[derive(Debug)]
 pub struct MetricsServing<'a> {

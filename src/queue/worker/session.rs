@@ -3,6 +3,12 @@
 //! it is asked to stop (in-flight messages finish within the grace period, the rest is
 //! handed back), when the queues are idle with `--exit-when-idle`, or when the broker side
 //! is lost (the worker then reconnects).
+//!
+//! A lost session does not abort its running tasks: each finishes its store writes (its
+//! ack then fails and the broker redelivers the message, which is idempotent). An aborted
+//! task could leave a request on its way to the store that lands after the redelivered
+//! copy has settled the document — a "ghost" write of an older revision that nobody would
+//! clean up. Only tasks still running after the grace period are aborted.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,7 +35,8 @@ use crate::store::VectorStore;
 use crate::telemetry::emit;
 use crate::telemetry::events::{
     BreakerProbeAllowed, BrokerClosed, ConsumerPaused, InFlight, MessageParked, MessageTaskFailed,
-    PrefetchedHandedBack, QueuesChecked, SettleFailed, ShutdownGraceExpired, ShutdownRequested,
+    PrefetchedHandedBack, QueuesChecked, SessionLostTasksEnded, SettleFailed, ShutdownGraceExpired,
+    ShutdownRequested,
 };
 
 /// How often the session checks that its connection and channels are still open.
@@ -390,8 +397,8 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
 
     /// Ends the session: on a stop, hands back what was prefetched and lets the running
     /// tasks finish within the grace period (handing back the unfinished ones); on a loss,
-    /// aborts them (their deliveries return with the channel). Closes the channels and
-    /// the connection.
+    /// lets them finish within the grace period too (their deliveries return with the
+    /// channel; see the module documentation). Closes the channels and the connection.
     async fn close(mut self, end: SessionEnd) -> SessionEnd {
         self.worker.set_connected(false);
         self.worker.set_consuming(false);
@@ -402,9 +409,9 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
                         self.hand_back_prefetched(sub).await;
                     }
                 }
-                self.finish_tasks().await;
+                self.finish_tasks(true).await;
             }
-            SessionEnd::Lost(_) => self.tasks.abort_all(),
+            SessionEnd::Lost(_) => self.finish_tasks(false).await,
         }
         crate::queue::close_channel(&self.consume, "bye").await;
         crate::queue::close_channel(self.publish.channel(), "bye").await;
@@ -413,19 +420,29 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
     }
 
     /// Waits for the running tasks for at most the shutdown grace period, then aborts the
-    /// rest and hands their deliveries back to the queue (see [`park`]).
-    async fn finish_tasks(&mut self) {
+    /// rest; on a stop (`hand_back`) their deliveries are handed back to the queue (see
+    /// [`park`]), on a loss they return with the closed channel.
+    async fn finish_tasks(&mut self, hand_back: bool) {
         let grace = self.worker.config.shutdown_grace();
+        let running = self.tasks.len();
         let (tasks, held) = (&mut self.tasks, &mut self.held);
+        let consequence = if hand_back {
+            "left unacked during shutdown; redelivered by the broker"
+        } else {
+            "left unacked: the broker connection was lost; redelivered by the broker"
+        };
         let drained = tokio::time::timeout(grace, async {
             while let Some(joined) = tasks.join_next_with_id().await {
                 match joined {
                     Ok((id, result)) => {
                         held.remove(&id);
-                        if let Err(e) = result {
+                        // After a loss every ack fails: that is expected, not news.
+                        if let Err(e) = result
+                            && hand_back
+                        {
                             emit(SettleFailed {
                                 error: &e,
-                                consequence: "left unacked during shutdown; redelivered by the broker",
+                                consequence,
                             });
                         }
                     }
@@ -436,14 +453,31 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
             }
         })
         .await;
-        if drained.is_ok() {
+        let aborted = if drained.is_ok() {
+            0
+        } else {
+            self.tasks.abort_all();
+            let mut aborted = 0usize;
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                aborted += 1;
+                if let Ok((id, _)) = joined {
+                    self.held.remove(&id);
+                }
+            }
+            aborted
+        };
+        if !hand_back {
+            if running > 0 {
+                emit(SessionLostTasksEnded {
+                    finished: running.saturating_sub(aborted),
+                    aborted,
+                });
+            }
+            self.held.clear();
             return;
         }
-        self.tasks.abort_all();
-        while let Some(joined) = self.tasks.join_next_with_id().await {
-            if let Ok((id, _)) = joined {
-                self.held.remove(&id);
-            }
+        if drained.is_ok() {
+            return;
         }
         let mut handed_back = 0usize;
         for (delivery, lane) in self.held.values() {
