@@ -426,11 +426,6 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
         let grace = self.worker.config.shutdown_grace();
         let running = self.tasks.len();
         let (tasks, held) = (&mut self.tasks, &mut self.held);
-        let consequence = if hand_back {
-            "left unacked during shutdown; redelivered by the broker"
-        } else {
-            "left unacked: the broker connection was lost; redelivered by the broker"
-        };
         let drained = tokio::time::timeout(grace, async {
             while let Some(joined) = tasks.join_next_with_id().await {
                 match joined {
@@ -442,7 +437,7 @@ impl<'w, E: Embedder, S: VectorStore> Session<'w, E, S> {
                         {
                             emit(SettleFailed {
                                 error: &e,
-                                consequence,
+                                consequence: "left unacked during shutdown; redelivered by the broker",
                             });
                         }
                     }
