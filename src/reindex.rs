@@ -30,14 +30,17 @@ pub struct CopyReport {
     pub tombstones: u64,
     /// Pages read from the source.
     pub pages: u64,
-    /// Documents whose head in the target was newer than the copy (a worker wrote them
-    /// meanwhile): their older points, copied or not, were deleted.
+    /// Documents checked after the copy (one read each).
+    pub checked: u64,
+    /// Of those, documents whose head in the target was newer than the copy (a worker wrote
+    /// them meanwhile): their older points, copied or not, were deleted.
     pub settled: u64,
 }
 
 /// Copies every point of `source` into `target` with a keyword vector from `sparse`, reading
 /// `page` points at a time, then settles the documents a worker wrote meanwhile (see the
-/// module documentation); `progress` is called with the running report after each page.
+/// module documentation); `progress` is called with the running report after each page and
+/// every 256 documents checked.
 /// Holds the newest copied order of every document in memory (about 100 bytes each).
 ///
 /// Fails with the first [`StoreError`] of a read or a write (what was written stays written;
@@ -86,6 +89,10 @@ pub async fn copy_collection(
         }
     }
     for ((tenant, document_id), newest) in copied {
+        report.checked += 1;
+        if report.checked.is_multiple_of(256) {
+            progress(&report);
+        }
         // Ids come from stored payloads; one that is not a tenant id cannot be read back.
         let Ok(tenant) = TenantId::new(&tenant) else {
             continue;

@@ -83,7 +83,14 @@ pub async fn reindex(args: ReindexArgs) -> Result<ExitCode> {
         &target,
         &sparse,
         args.page as usize,
-        |report| bar.set_position(report.points),
+        |report| {
+            if report.checked > 0 {
+                bar.set_message("documents checked for writes made meanwhile");
+                bar.set_position(report.checked);
+            } else {
+                bar.set_position(report.points);
+            }
+        },
     )
     .await?;
     bar.finish_and_clear();
