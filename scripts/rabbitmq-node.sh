@@ -138,6 +138,15 @@ start() {
         fi
         sleep 0.2
     done
+    # An open port is not a booted node: AMQP connections can still be aborted while the
+    # node finishes booting. Wait for the boot to complete too.
+    local left=$((deadline - SECONDS))
+    ((left > 5)) || left=5
+    if ! ctl "$name" "$dir" await_startup --timeout "$left" >/dev/null 2>&1; then
+        tail -n 30 "$dir/log/console.log" >&2 || true
+        stop "$name" "$dir" || true
+        die "node $name@localhost listened on $port but did not finish booting within ${RABBITMQ_NODE_START_TIMEOUT:-90} s"
+    fi
     echo "rabbitmq-node: $name@localhost up: amqp://127.0.0.1:$port${tls_port:+, amqps://127.0.0.1:$tls_port}, dist $dist_port, state in $dir"
 }
 

@@ -318,6 +318,7 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
         properties: lapin::BasicProperties,
     ) -> Result<(), QueueError> {
         let delivery = &self.delivery;
+        settleable(delivery)?;
         if let Err(e) = self
             .publish
             .publish(exchange, key, &delivery.data, properties)
@@ -359,8 +360,9 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
     /// breaker refusal, which does not burn an attempt) or to the DLQ, with its failure in
     /// the headers.
     ///
-    /// Fails when the copy is not confirmed; the delivery is then nacked with requeue so the
-    /// broker keeps it.
+    /// Fails when the delivery can no longer be settled (nothing is published: the broker
+    /// redelivers it), or when the copy is not confirmed; the delivery is then nacked with
+    /// requeue so the broker keeps it.
     async fn fail(
         &self,
         failure: &Failure,
@@ -385,6 +387,7 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
             self.topology.dlq()
         };
         let delivery = &self.delivery;
+        settleable(delivery)?;
         let republished = republish_failed(
             &self.publish,
             &queue,
@@ -412,6 +415,18 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
             emit(MessageDeadLettered { failure, attempts });
         }
         Ok(())
+    }
+}
+
+/// Fails like an ack on a closed channel ([`settled`]) when `delivery` can no longer be
+/// settled: a copy published now (to a delay tier, the DLQ or the parked queue) would be a
+/// duplicate, since the broker redelivers the original. A message that finishes after its
+/// session was lost (see the session module) stops here instead of copying itself.
+fn settleable(delivery: &Delivery) -> Result<(), QueueError> {
+    if delivery.acker.usable() {
+        Ok(())
+    } else {
+        settled(Ok(false))
     }
 }
 
