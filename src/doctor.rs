@@ -21,6 +21,9 @@ pub struct Check {
     pub detail: String,
     /// How to fix it (failed checks only).
     pub hint: Option<String>,
+    /// What works but should be changed (passed checks only), e.g. a Qdrant server older
+    /// than recommended.
+    pub warning: Option<String>,
 }
 
 impl Check {
@@ -30,7 +33,13 @@ impl Check {
             ok: true,
             detail: detail.into(),
             hint: None,
+            warning: None,
         }
+    }
+
+    fn warn(mut self, warning: Option<String>) -> Self {
+        self.warning = warning;
+        self
     }
 
     fn fail(name: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Self {
@@ -39,14 +48,17 @@ impl Check {
             ok: false,
             detail: detail.into(),
             hint: Some(hint.into()),
+            warning: None,
         }
     }
 
-    /// One line: `✓ name: detail` or `✗ name: detail (fix: hint)`.
+    /// One line: `✓ name: detail` (followed by `    warning: …` on a second line when there
+    /// is a warning) or `✗ name: detail` followed by `    fix: hint`.
     pub fn line(&self) -> String {
-        match &self.hint {
-            None => format!("✓ {}: {}", self.name, self.detail),
-            Some(h) => format!("✗ {}: {}\n    fix: {h}", self.name, self.detail),
+        match (&self.hint, &self.warning) {
+            (None, None) => format!("✓ {}: {}", self.name, self.detail),
+            (None, Some(w)) => format!("✓ {}: {}\n    warning: {w}", self.name, self.detail),
+            (Some(h), _) => format!("✗ {}: {}\n    fix: {h}", self.name, self.detail),
         }
     }
 }
@@ -203,20 +215,44 @@ async fn model(embedder: &crate::embed::AnyEmbedder) -> Check {
 
 async fn store(config: &PipelineConfig, fingerprint: &crate::embed::Fingerprint) -> Check {
     match setup::open_vector_store(config, fingerprint).await {
-        Ok(_) => Check::pass(
-            "store",
-            format!(
-                "collection {} opens with embedder {}",
-                config.store.collection,
-                fingerprint.id()
-            ),
-        ),
+        Ok(store) => {
+            let (server, warning) = match &store {
+                crate::store::Store::Qdrant(qdrant) => server_version(qdrant.server_version()),
+                crate::store::Store::Edge(_) => (String::new(), None),
+            };
+            Check::pass(
+                "store",
+                format!(
+                    "collection {} opens with embedder {}{server}",
+                    config.store.collection,
+                    fingerprint.id()
+                ),
+            )
+            .warn(warning)
+        }
         Err(e) => Check::fail(
             "store",
             e.to_string(),
-            "a fingerprint mismatch needs another store.collection (or re-ingesting into a new one); a lock error means a worker holds the embedded store — stop it or check a running worker's /readyz instead",
+            "a fingerprint mismatch needs another store.collection (or re-ingesting into a new one); a lock error means a worker holds the embedded store — stop it or check a running worker's /readyz instead; an unsupported Qdrant server needs an upgrade",
         ),
     }
+}
+
+/// The store check's words on a Qdrant server's `version`: a suffix for its detail, and a
+/// warning when the version is older than recommended.
+fn server_version(version: Option<&str>) -> (String, Option<String>) {
+    use crate::store::{SAFE_SERVER_VERSION, ServerSupport};
+    let Some(version) = version else {
+        return (String::new(), None);
+    };
+    let warning = (ServerSupport::of(version) == ServerSupport::Outdated).then(|| {
+        format!(
+            "Qdrant {version} is older than {}.{}: after a crash of the server, replaying its \
+             write-ahead log can bring deleted points back (qdrant/qdrant#9575); upgrade it",
+            SAFE_SERVER_VERSION.0, SAFE_SERVER_VERSION.1
+        )
+    });
+    (format!(" on Qdrant server {version}"), warning)
 }
 
 #[cfg(test)]
@@ -232,6 +268,19 @@ mod tests {
         assert!(check.hint.is_some());
         assert!(check.detail.contains("7 s"), "{}", check.detail);
         assert_eq!(started.elapsed(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn an_outdated_qdrant_server_passes_with_a_warning() {
+        let (detail, warning) = server_version(Some("1.18.2"));
+        assert!(detail.contains("1.18.2"), "{detail}");
+        let check = Check::pass("store", detail).warn(warning);
+        assert!(check.ok);
+        assert!(check.warning.is_some());
+        assert!(check.line().starts_with('✓'), "{}", check.line());
+        assert_eq!(server_version(Some("1.19.0")).1, None);
+        assert_eq!(server_version(Some("dev")).1, None);
+        assert_eq!(server_version(None), (String::new(), None));
     }
 
     #[tokio::test]

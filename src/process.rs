@@ -71,6 +71,11 @@ pub enum Processed {
     },
     /// The document's chunks were deleted.
     Deleted,
+    /// Nothing was written: before its first write, the caller's check
+    /// ([`Pipeline::process_while`]) said the result was no longer wanted (the queue layer:
+    /// the message's delivery can no longer be settled, and the broker hands the message to
+    /// another worker). Never returned by [`Pipeline::process`].
+    Abandoned,
 }
 
 impl Processed {
@@ -81,6 +86,7 @@ impl Processed {
             Processed::Unchanged => "unchanged",
             Processed::Stale { .. } => "stale",
             Processed::Deleted => "deleted",
+            Processed::Abandoned => "abandoned",
         }
     }
 }
@@ -192,6 +198,27 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     /// Fails with a [`Failure`] from the chunk, embed or store stage; transient kinds may
     /// be retried with the same document (every write is idempotent).
     pub async fn process(&self, doc: &Document) -> Result<Processed, Failure> {
+        self.process_while(doc, || true).await
+    }
+
+    /// Like [`process`](Pipeline::process), but asks `wanted` right before the first write
+    /// (the upsert of new chunks, a tombstone, a relabelling) and writes nothing, returning
+    /// [`Processed::Abandoned`], if it answers `false`. The queue layer passes "the delivery
+    /// can still be settled": a message whose broker connection was lost while it was being
+    /// embedded is redelivered (perhaps to another worker, which may already have stored a
+    /// newer version and settled the document), so a write of this attempt could only land
+    /// behind that settling and leave chunks nobody removes.
+    ///
+    /// Cleanup deletes (points older than the stored head) are not writes of this message's
+    /// content and run regardless.
+    ///
+    /// Fails like [`process`](Pipeline::process).
+    pub async fn process_while(
+        &self,
+        doc: &Document,
+        wanted: impl Fn() -> bool + Send + Sync,
+    ) -> Result<Processed, Failure> {
+        let wanted: &(dyn Fn() -> bool + Send + Sync) = &wanted;
         let stored = timed(
             "read_head",
             self.store.first_chunk(&doc.tenant, &doc.document_id),
@@ -226,12 +253,15 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         let stored_order = stored.as_ref().map(ChunkPayload::effective_order);
         match doc.op {
             Op::Delete => {
+                if !wanted() {
+                    return Ok(Processed::Abandoned);
+                }
                 self.delete(doc, write_order(doc.version, stored_order))
                     .await
             }
             Op::Upsert => {
                 let stored = stored.filter(|head| !head.tombstone);
-                self.upsert(doc, stored, stored_order).await
+                self.upsert(doc, stored, stored_order, wanted).await
             }
         }
     }
@@ -273,6 +303,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         doc: &Document,
         stored: Option<ChunkPayload>,
         stored_order: Option<Order>,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<Processed, Failure> {
         let sha = content_sha256(&doc.content);
         let fingerprint = self.embedded_with();
@@ -292,7 +323,7 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             && same_title
         {
             let order = write_order(doc.version, stored_order);
-            return self.keep_unchanged(doc, stored, order).await;
+            return self.keep_unchanged(doc, stored, order, wanted).await;
         }
 
         let extracted = self.extract_and_chunk(doc).await?;
@@ -309,6 +340,9 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             None => HashMap::new(),
         };
         let vectors = self.embed_new(doc, &chunks, reusable).await?;
+        if !wanted() {
+            return Ok(Processed::Abandoned);
+        }
 
         let order = write_order(doc.version, stored_order);
         let chunk_count = chunks.len();
@@ -485,18 +519,27 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
     }
 
     /// The stored revision (`stored` is its chunk 0) has `doc`'s content and embedder: records
-    /// `doc`'s version, metadata and `order` if the version or metadata differ (no embedding;
-    /// only on points older than `order`), then removes points of older writes (left by a
-    /// crash or a concurrent older write). Writes nothing when the stored revision is `doc`'s
-    /// exactly and complete.
+    /// `doc`'s version, metadata and `order` if the version or metadata differ or the revision
+    /// has no write order yet (no embedding; only on points older than `order`), then removes
+    /// points of older writes (left by a crash or a concurrent older write). Writes nothing
+    /// when the stored revision is `doc`'s exactly and complete.
     async fn keep_unchanged(
         &self,
         doc: &Document,
         stored: ChunkPayload,
         order: Order,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<Processed, Failure> {
-        let relabel = stored.version != doc.version || stored.metadata != doc.metadata;
+        // A revision written before write orders existed is relabelled too: it gets `order`,
+        // and the settle below removes whatever is older by order (a count, then a delete of
+        // the other revisions, would ignore orders and could remove a newer concurrent write).
+        let relabel = stored.version != doc.version
+            || stored.metadata != doc.metadata
+            || stored.order.is_none();
         let settled = if relabel {
+            if !wanted() {
+                return Ok(Processed::Abandoned);
+            }
             timed(
                 "relabel",
                 self.store.relabel_document(
@@ -510,29 +553,9 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             )
             .await?;
             self.settle(doc, order, stored.chunk_count).await?
-        } else if stored.order.is_some() {
+        } else {
             self.settle(doc, stored.effective_order(), stored.chunk_count)
                 .await?
-        } else {
-            // Written before write orders existed: a full write would be needed to clean up
-            // by order; the stored revision is complete unless the document has more points.
-            let count = timed(
-                "count",
-                self.store.count(&doc.tenant, Some(&doc.document_id)),
-            )
-            .await?;
-            if count != stored.chunk_count {
-                timed(
-                    "delete",
-                    self.store.delete_document(
-                        &doc.tenant,
-                        &doc.document_id,
-                        Some(&stored.revision()),
-                    ),
-                )
-                .await?;
-            }
-            None
         };
         Ok(match settled {
             Some(newer) => Processed::Stale {

@@ -5,9 +5,12 @@ mod common;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{TestPipeline, output_within, write_pipeline_file};
-use rag_ingest::embed::Fingerprint;
-use rag_ingest::store::EdgeStore;
+use common::{
+    TestPipeline, output_within, qdrant_url_or_skip, write_pipeline_file,
+    write_qdrant_pipeline_file,
+};
+use rag_ingest::embed::{Embedder, Fingerprint};
+use rag_ingest::store::{EdgeStore, QdrantOptions, QdrantStore, ServerSupport};
 
 fn doctor(t: &TestPipeline, env: &[(&str, String)]) -> (Output, String) {
     let file = write_pipeline_file(t);
@@ -122,5 +125,58 @@ async fn a_healthy_pipeline_logs_no_warning_or_error() {
         lines > 0,
         "no log lines at info level: is --log-format json applied?"
     );
+    t.delete_queues().await;
+}
+
+/// On a Qdrant server, the store check reads the server's version (the store refuses one
+/// older than 1.16 and warns below 1.19) and names it; the tests' server (1.19 or later)
+/// passes without a warning.
+#[tokio::test]
+async fn the_store_check_names_the_qdrant_servers_version() {
+    let Some(url) = qdrant_url_or_skip("the_store_check_names_the_qdrant_servers_version") else {
+        return;
+    };
+    let t = TestPipeline::new("doctor-qdrant", "");
+    let key = std::env::var("QDRANT_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    let extra = if key.is_some() {
+        "api_key_env = \"QDRANT_API_KEY\""
+    } else {
+        ""
+    };
+    let file = write_qdrant_pipeline_file(&t, &url, extra);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rag-ingest"));
+    cmd.args(["doctor", "--pipeline"]).arg(&file);
+    let out = output_within(&mut cmd, Duration::from_secs(300));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut options = QdrantOptions::new(&url);
+    options.api_key = key.map(rag_ingest::secret::Secret::new);
+    let fingerprint = rag_ingest::setup::collection_fingerprint(common::embedder().fingerprint());
+    let store = QdrantStore::open(&options, &t.config.name, &fingerprint)
+        .await
+        .expect("the collection doctor created opens");
+    let version = store
+        .server_version()
+        .expect("the server's version is read at open")
+        .to_owned();
+    assert_eq!(
+        ServerSupport::of(&version),
+        ServerSupport::Supported,
+        "{version}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("✓ store:"))
+        .unwrap_or_else(|| panic!("no passed store check:\n{stdout}"));
+    assert!(line.contains(&version), "{line}");
+    assert!(!stdout.contains("warning:"), "{stdout}");
+    store.delete_collection().await.expect("delete collection");
     t.delete_queues().await;
 }

@@ -100,6 +100,10 @@ struct Faults {
     /// Upserts under way (holding or writing) now, and the most ever at once.
     active_upserts: AtomicU32,
     max_active_upserts: AtomicU32,
+    /// The next read of the stored revision, once answered, waits this long before its
+    /// answer is returned (reset to 0 when used); `read_held` is set while it waits.
+    hold_after_read_ms: AtomicU64,
+    read_held: AtomicBool,
 }
 
 /// The real store (Edge or server) with switchable [`Faults`].
@@ -119,6 +123,8 @@ fn faulty_store(inner: impl Into<Store>) -> FaultyStore {
         hold_upserts_ms: AtomicU64::new(0),
         active_upserts: AtomicU32::new(0),
         max_active_upserts: AtomicU32::new(0),
+        hold_after_read_ms: AtomicU64::new(0),
+        read_held: AtomicBool::new(false),
     };
     FaultStore::new(Arc::new(inner.into()), faults)
 }
@@ -184,6 +190,14 @@ impl Hook for Faults {
     }
 
     async fn after(&self, op: Op, ok: bool) -> Result<(), StoreError> {
+        if op == Op::FirstChunk {
+            let hold = self.hold_after_read_ms.swap(0, Ordering::SeqCst);
+            if hold > 0 {
+                self.read_held.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                self.read_held.store(false, Ordering::SeqCst);
+            }
+        }
         if matches!(op, Op::Upsert | Op::UpsertNewer) {
             self.active_upserts.fetch_sub(1, Ordering::SeqCst);
             if ok {
@@ -560,6 +574,93 @@ async fn lose_nothing_a_lost_connection_lets_running_writes_finish() {
     assert!(report.reconnects >= 1, "{report:?}");
     assert_eq!(report.dead_lettered, 0, "{report:?}");
     assert_stored_once(&t, &*store, &docs).await;
+    t.delete_queues().await;
+}
+
+/// A broker connection lost while a message is read and embedded, before it writes: the
+/// message writes nothing (outcome `abandoned`), since its redelivered copy may already have
+/// been processed by another worker that stored a newer version and settled the document; a
+/// write landing after that would leave chunks nobody removes. Here another worker stores v2
+/// while v1 is held; v1's redelivered copy is then `stale`. Failed on the old code: v1
+/// went on to write its chunks after its connection was gone (`upsert_calls` 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lose_nothing_a_message_whose_connection_is_lost_before_its_write_writes_nothing() {
+    let t = TestPipeline::new("ln-lost-before-write", FAST);
+    let (pipeline, store) = faulty_pipeline(&t).await;
+    let tenant = TenantId::new("acme").expect("tenant");
+    let mut v1 = Document::upsert(
+        tenant.clone(),
+        "lost-before-write",
+        (0..12)
+            .map(|i| format!("Sentence {i} of the first version tells about harbour number {i} and its lanterns."))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    v1.version = Some(1);
+    let mut v2 = Document::upsert(tenant, "lost-before-write", "The second version is short.");
+    v2.version = Some(2);
+    assert!(expected_chunks(&t.config, &v1) > expected_chunks(&t.config, &v2));
+
+    store.hold_after_read_ms.store(3_000, Ordering::SeqCst);
+    common::submit(&t.config, std::slice::from_ref(&v1)).await;
+    let (stop, handle) = spawn_worker(&t, &pipeline);
+    eventually(Duration::from_secs(60), "v1's read is held", || async {
+        store.read_held.load(Ordering::SeqCst)
+    })
+    .await;
+    assert!(
+        common::close_worker_connections(&t.config.name) > 0,
+        "the worker's connection was closed"
+    );
+    // Another worker stores v2 meanwhile.
+    let model = embedder();
+    let other = Pipeline::new(
+        Arc::new(setup::chunker(&t.config, &model).expect("chunker")),
+        model,
+        Arc::clone(&store.inner),
+    );
+    let stored = other.process(&v2).await.expect("v2 is stored");
+    assert!(
+        matches!(stored, rag_ingest::process::Processed::Stored { .. }),
+        "{stored:?}"
+    );
+    eventually(Duration::from_secs(60), "the held read ended", || async {
+        !store.read_held.load(Ordering::SeqCst)
+    })
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "the worker reconnected",
+        || async { common::worker_connections(&t.config.name).len() == 1 },
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the queues drained", || async {
+        common::pending(&t.config).await == 0
+    })
+    .await;
+    let _ = stop.send(());
+    let report = tokio::time::timeout(Duration::from_secs(60), handle)
+        .await
+        .expect("the worker stops")
+        .expect("the worker task")
+        .expect("the worker's report");
+    assert_eq!(
+        store.upsert_calls.load(Ordering::SeqCst),
+        0,
+        "v1 wrote after its connection was lost: {report:?}"
+    );
+    assert_eq!(
+        (report.stored, report.stale, report.dead_lettered),
+        (0, 1, 0),
+        "v1's redelivered copy is stale: {report:?}"
+    );
+    assert_stored_once(&t, &*store, std::slice::from_ref(&v2)).await;
+    let head = store
+        .first_chunk(&v2.tenant, &v2.document_id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(head.version, Some(2));
     t.delete_queues().await;
 }
 

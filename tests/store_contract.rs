@@ -23,7 +23,7 @@ use rag_ingest::message::Document;
 use rag_ingest::process::{Pipeline, Processed};
 use rag_ingest::search::{SearchMode, SearchOptions, Searcher};
 use rag_ingest::store::{
-    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, QdrantOptions, QdrantStore, Revision,
+    BatchLimits, ChunkPayload, ChunkPoint, EdgeStore, Order, QdrantOptions, QdrantStore, Revision,
     SearchFilter, SearchRequest, StoreError, VectorStore, point_id,
 };
 use rag_ingest::tenant::TenantId;
@@ -192,6 +192,101 @@ contract!(keyword_and_hybrid_search_find_exact_terms_with_ranks_per_branch);
 contract!(keyword_and_hybrid_search_stay_in_the_tenant_and_apply_filters_to_every_branch);
 contract!(a_collection_without_keyword_vectors_is_refused_with_the_migration);
 contract!(contextual_chunks_store_their_context_and_reembed_on_a_new_title);
+contract!(an_unchanged_revision_without_an_order_keeps_a_newer_write_in_progress);
+
+/// A collection written before write orders existed: an unchanged document whose stored
+/// revision has no order is given one and settled by order. A newer write in progress (its
+/// chunks beyond the old count stored, its chunk 0 not yet) is kept; a leftover of an older
+/// revision without an order is removed. (It used to count the points and delete every
+/// other revision, the newer write's chunks included.)
+async fn an_unchanged_revision_without_an_order_keeps_a_newer_write_in_progress<B: Backend>(
+    backend: B,
+) {
+    let store = Arc::new(open(&backend).await);
+    let a = tenant("acme");
+    let (pipeline, embedder) = pipeline(Arc::clone(&store));
+    let content = paragraphs("legacy", 3);
+    let v1 = doc("acme", "old", &content, Some(1));
+    pipeline.process(&v1).await.expect("v1");
+    let stored = stored_chunks(&*store, &a, "old").await;
+    let n = stored.len();
+    assert_eq!(n, chunk_count(&content));
+
+    // As an older release stored it: the same payloads without an order.
+    let mut points: Vec<ChunkPoint> = stored
+        .iter()
+        .map(|payload| ChunkPoint {
+            id: point_id(&a, "old", payload.chunk_index),
+            vector: unit_vector(payload.chunk_index as u64),
+            payload: ChunkPayload {
+                order: None,
+                ..payload.clone()
+            },
+            sparse: None,
+        })
+        .collect();
+    // A leftover of an older revision, also without an order.
+    let mut leftover = stored[0].clone();
+    leftover.chunk_index = n + 5;
+    leftover.chunk_count = n + 6;
+    leftover.content_sha256 = "older".into();
+    leftover.order = None;
+    points.push(ChunkPoint {
+        id: point_id(&a, "old", n + 5),
+        vector: unit_vector(99),
+        payload: leftover,
+        sparse: None,
+    });
+    // The newer write in progress: version 2, chunks n and n + 1 of n + 2 stored.
+    for index in [n, n + 1] {
+        let mut newer = stored[0].clone();
+        newer.chunk_index = index;
+        newer.chunk_count = n + 2;
+        newer.version = Some(2);
+        newer.content_sha256 = "newer".into();
+        newer.order = Some(Order { version: 2, seq: 1 });
+        points.push(ChunkPoint {
+            id: point_id(&a, "old", index),
+            vector: unit_vector(200 + index as u64),
+            payload: newer,
+            sparse: None,
+        });
+    }
+    store.upsert(points).await.expect("legacy points");
+    assert_eq!(store.count(&a, Some("old")).await.expect("count"), n + 3);
+
+    let calls = embedder.calls();
+    assert_eq!(
+        pipeline.process(&v1).await.expect("redelivered v1"),
+        Processed::Unchanged
+    );
+    assert_eq!(embedder.calls(), calls, "unchanged content is not embedded");
+    let after = stored_chunks(&*store, &a, "old").await;
+    let newer: Vec<usize> = after
+        .iter()
+        .filter(|p| p.content_sha256 == "newer")
+        .map(|p| p.chunk_index)
+        .collect();
+    assert_eq!(newer, vec![n, n + 1], "the newer write's chunks are kept");
+    assert!(
+        after.iter().all(|p| p.content_sha256 != "older"),
+        "the older revision's leftover is removed"
+    );
+    let kept: Vec<&ChunkPayload> = after
+        .iter()
+        .filter(|p| p.content_sha256 == stored[0].content_sha256)
+        .collect();
+    assert_eq!(kept.len(), n, "the unchanged revision is whole");
+    assert!(
+        kept.iter()
+            .all(|p| p.order.is_some_and(|o| o.version == 1 && o.seq > 0)),
+        "the unchanged revision now has a write order: {kept:?}"
+    );
+
+    drop(pipeline);
+    drop(store);
+    backend.finish().await;
+}
 
 // ---------------------------------------------------------------------------------------
 // Helpers

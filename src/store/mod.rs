@@ -22,7 +22,10 @@ mod edge;
 mod qdrant;
 
 pub use edge::{EdgeMaintenance, EdgeStore, disk_usage};
-pub use qdrant::{CollectionLayout, QdrantOptions, QdrantStore};
+pub use qdrant::{
+    CollectionLayout, MIN_SERVER_VERSION, QdrantOptions, QdrantStore, SAFE_SERVER_VERSION,
+    ServerSupport,
+};
 
 use std::fmt;
 use std::future::Future;

@@ -76,6 +76,54 @@ use crate::sparse::SPARSE_VECTOR_NAME;
 use crate::tenant::TenantId;
 use crate::validate::redact_url;
 
+/// The oldest Qdrant server version `QdrantStore` opens (major, minor): conditional upserts
+/// (`update_filter`) and collection metadata came with 1.16. An older server would ignore the
+/// condition of a write, so an older version could overwrite a newer one.
+pub const MIN_SERVER_VERSION: (u64, u64) = (1, 16);
+
+/// The oldest Qdrant server version without a known defect for this store's writes (major,
+/// minor): before 1.19, a server replaying its write-ahead log after a crash evaluated
+/// conditional upserts and deletes by filter again, and could bring deleted points back
+/// (qdrant/qdrant#9575). Older servers from [`MIN_SERVER_VERSION`] on are accepted with a
+/// warning.
+pub const SAFE_SERVER_VERSION: (u64, u64) = (1, 19);
+
+/// How a Qdrant server version suits this store (see [`MIN_SERVER_VERSION`] and
+/// [`SAFE_SERVER_VERSION`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerSupport {
+    /// [`SAFE_SERVER_VERSION`] or later.
+    Supported,
+    /// From [`MIN_SERVER_VERSION`] up to [`SAFE_SERVER_VERSION`]: works, with a known
+    /// defect after a server crash.
+    Outdated,
+    /// Older than [`MIN_SERVER_VERSION`]: refused.
+    Unsupported,
+    /// Not a `major.minor[.patch]` version (a development build, say): accepted.
+    Unknown,
+}
+
+impl ServerSupport {
+    /// Classifies the version string a server reports (`1.19.0`, `v1.18.2`, `1.19.0-rc.1`).
+    pub fn of(version: &str) -> Self {
+        let version = version.trim();
+        let version = version.strip_prefix('v').unwrap_or(version);
+        let mut parts = version.split(['.', '-', '+']);
+        let major = parts.next().and_then(|p| p.parse::<u64>().ok());
+        let minor = parts.next().and_then(|p| p.parse::<u64>().ok());
+        match (major, minor) {
+            (Some(major), Some(minor)) if (major, minor) >= SAFE_SERVER_VERSION => {
+                ServerSupport::Supported
+            }
+            (Some(major), Some(minor)) if (major, minor) >= MIN_SERVER_VERSION => {
+                ServerSupport::Outdated
+            }
+            (Some(_), Some(_)) => ServerSupport::Unsupported,
+            _ => ServerSupport::Unknown,
+        }
+    }
+}
+
 /// Collection metadata key holding the embedder [`Fingerprint`] (a JSON object with `model`,
 /// `dims`, `pooling` and `normalized`).
 pub const FINGERPRINT_METADATA_KEY: &str = "rag_ingest_embedder";
@@ -222,6 +270,8 @@ pub struct QdrantStore {
     /// What to tell a user whose credentials the server refuses.
     auth_hint: String,
     layout: CollectionLayout,
+    /// The server's version as its health check reported it when the store was opened.
+    server_version: Option<String>,
 }
 
 impl fmt::Debug for QdrantStore {
@@ -249,7 +299,8 @@ impl QdrantStore {
         collection: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Self, StoreError> {
-        let store = Self::connect(options, collection, fingerprint)?;
+        let mut store = Self::connect(options, collection, fingerprint)?;
+        store.check_server_version().await?;
         store.bootstrap(fingerprint).await?;
         Ok(store)
     }
@@ -307,6 +358,7 @@ impl QdrantStore {
             },
             auth_hint: auth_hint(options),
             layout: options.layout,
+            server_version: None,
         };
         Ok(store)
     }
@@ -332,6 +384,7 @@ impl QdrantStore {
             sparse: None,
         };
         let mut store = Self::connect(options, collection, &placeholder)?;
+        store.check_server_version().await?;
         let name = collection.to_owned();
         let exists = store
             .call("check collection", || {
@@ -353,6 +406,52 @@ impl QdrantStore {
         store.dims = recorded.dims;
         store.sparse = recorded.sparse.is_some();
         Ok((store, recorded))
+    }
+
+    /// The server's version as its health check reported it when the store was opened
+    /// (`None` only before that).
+    pub fn server_version(&self) -> Option<&str> {
+        self.server_version.as_deref()
+    }
+
+    /// Asks the server its version (gRPC health check) and keeps it. A server older than
+    /// [`MIN_SERVER_VERSION`] is refused; one older than [`SAFE_SERVER_VERSION`] is accepted
+    /// with a warning ([`QdrantServerOutdated`](crate::telemetry::events::QdrantServerOutdated));
+    /// a version that does not read as `major.minor[.patch]` (a development build) is accepted
+    /// as it is.
+    ///
+    /// Fails with [`StoreError::Rejected`] for a server older than [`MIN_SERVER_VERSION`],
+    /// [`StoreError::Unavailable`] if the server cannot be reached.
+    async fn check_server_version(&mut self) -> Result<(), StoreError> {
+        let reply = self
+            .call("health check", || self.client.health_check())
+            .await?;
+        let version = reply.version;
+        match ServerSupport::of(&version) {
+            ServerSupport::Unsupported => {
+                return Err(StoreError::rejected(format!(
+                    "the Qdrant server at {} is version {version}: rag-ingest needs {}.{} or \
+                     later (conditional writes, which let the newest version win, and \
+                     collection metadata, which records the embedder), and recommends {}.{} \
+                     or later; upgrade the server",
+                    self.url,
+                    MIN_SERVER_VERSION.0,
+                    MIN_SERVER_VERSION.1,
+                    SAFE_SERVER_VERSION.0,
+                    SAFE_SERVER_VERSION.1
+                )));
+            }
+            ServerSupport::Outdated => {
+                crate::telemetry::emit(crate::telemetry::events::QdrantServerOutdated {
+                    url: &self.url,
+                    version: &version,
+                    recommended: SAFE_SERVER_VERSION,
+                });
+            }
+            ServerSupport::Supported | ServerSupport::Unknown => {}
+        }
+        self.server_version = Some(version);
+        Ok(())
     }
 
     /// The collection this store writes to.
@@ -1550,6 +1649,27 @@ fn sanitized(e: &QdrantError) -> BoxError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_versions_are_classified_by_major_and_minor() {
+        for (version, support) in [
+            ("1.19.0", ServerSupport::Supported),
+            ("v1.19.3", ServerSupport::Supported),
+            ("1.20.0-rc.1", ServerSupport::Supported),
+            ("2.0.0", ServerSupport::Supported),
+            (" 1.18.2 ", ServerSupport::Outdated),
+            ("1.16", ServerSupport::Outdated),
+            ("1.15.5", ServerSupport::Unsupported),
+            ("0.99.0", ServerSupport::Unsupported),
+            ("dev", ServerSupport::Unknown),
+            ("", ServerSupport::Unknown),
+            ("1", ServerSupport::Unknown),
+            ("1.x", ServerSupport::Unknown),
+            ("99999999999999999999999.1", ServerSupport::Unknown),
+        ] {
+            assert_eq!(ServerSupport::of(version), support, "{version:?}");
+        }
+    }
 
     fn response(code: Code, message: &str) -> QdrantError {
         QdrantError::ResponseError {

@@ -56,10 +56,27 @@ impl InternalEvent for MessageSettled<'_> {
                 stored_version = stored,
                 "older version skipped"
             ),
-            Processed::Unchanged | Processed::Deleted => {
+            Processed::Unchanged | Processed::Deleted | Processed::Abandoned => {
                 tracing::info!(event = "message_settled", outcome, "document processed")
             }
         }
+    }
+}
+
+/// A message's delivery could no longer be settled (its broker connection or channel was
+/// lost while it was processed), so it wrote nothing: the broker redelivers it. Counts
+/// `rag_ingest_messages_total{outcome="abandoned"}`.
+#[derive(Debug)]
+pub struct MessageAbandoned;
+
+impl InternalEvent for MessageAbandoned {
+    fn emit(self) {
+        metrics::counter!(names::MESSAGES, "outcome" => "abandoned").increment(1);
+        tracing::info!(
+            event = "message_abandoned",
+            "the delivery was lost before the message's write: nothing written, the broker \
+             redelivers it"
+        );
     }
 }
 
@@ -1031,6 +1048,31 @@ impl InternalEvent for CollectionLayoutDiffers<'_> {
             actual = self.actual,
             "the existing collection has another layout than store.qdrant configures; \
              it keeps its own (change it with a Qdrant collection update)"
+        );
+    }
+}
+
+/// The Qdrant server is older than the recommended version: it works, but a crash of the
+/// server can bring deleted points back (qdrant/qdrant#9575, fixed in 1.19).
+#[derive(Debug)]
+pub struct QdrantServerOutdated<'a> {
+    /// The server's URL (password redacted).
+    pub url: &'a str,
+    /// The version the server reports.
+    pub version: &'a str,
+    /// The recommended minimum (major, minor).
+    pub recommended: (u64, u64),
+}
+
+impl InternalEvent for QdrantServerOutdated<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            event = "qdrant_server_outdated",
+            url = self.url,
+            version = self.version,
+            recommended = %format!("{}.{}", self.recommended.0, self.recommended.1),
+            "the Qdrant server is older than recommended: after a server crash, replaying its \
+             write-ahead log can bring deleted points back (qdrant/qdrant#9575); upgrade it"
         );
     }
 }

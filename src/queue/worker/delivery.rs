@@ -46,9 +46,9 @@ use crate::shared::budget::{Admission, TenantBudgets};
 use crate::store::VectorStore;
 use crate::telemetry::emit;
 use crate::telemetry::events::{
-    MessageDeadLettered, MessageDeferred, MessagePanicked, MessageRetried, MessageSettled,
-    MessageStarted, SettleFailed, SharedStateUnavailable, TenantBudgetExhausted, TenantInFlight,
-    UntrustedAttempts,
+    MessageAbandoned, MessageDeadLettered, MessageDeferred, MessagePanicked, MessageRetried,
+    MessageSettled, MessageStarted, SettleFailed, SharedStateUnavailable, TenantBudgetExhausted,
+    TenantInFlight, UntrustedAttempts,
 };
 
 /// How long after its budget window rolls a deferred message comes back: enough that the
@@ -184,6 +184,11 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
             }
         };
         match outcome {
+            Ok(Processed::Abandoned) => {
+                emit(MessageAbandoned);
+                // Not acked (it cannot be): the broker redelivers the message.
+                return settled(Ok(false));
+            }
             Ok(done) => {
                 self.counters.count(&done);
                 emit(MessageSettled { outcome: &done });
@@ -343,7 +348,12 @@ impl<E: Embedder, S: VectorStore> Task<E, S> {
         let _guard = lock.lock().await;
         with_retries(
             &self.config.retry,
-            || self.pipeline.process(doc),
+            // Nothing is written once the delivery can no longer be settled: the broker
+            // redelivers the message, perhaps to a worker that settles the document first.
+            || {
+                self.pipeline
+                    .process_while(doc, || self.delivery.acker.usable())
+            },
             |failure, delay| {
                 emit(MessageRetried {
                     failure,
@@ -569,6 +579,9 @@ pub(super) async fn give_up_on_panic(
         .saturating_add(1);
     let give_up = panics >= u64::from(panic_limit);
     emit(MessagePanicked { panics, give_up });
+    // A delivery that can no longer be settled publishes no copy: the broker redelivers it
+    // (and the copy would come on top of the redelivered original).
+    settleable(&delivery)?;
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     set_u64(&mut headers, H_PANICS, panics);
     let properties = lane_marked(&delivery.properties.clone().with_headers(headers), lane);

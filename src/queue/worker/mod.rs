@@ -101,6 +101,8 @@ impl Counters {
             Processed::Unchanged => &self.unchanged,
             Processed::Stale { .. } => &self.stale,
             Processed::Deleted => &self.deleted,
+            // Not settled: the broker redelivers it, and that delivery is counted.
+            Processed::Abandoned => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
