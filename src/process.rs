@@ -71,7 +71,7 @@ pub enum Processed {
     },
     /// The document's chunks were deleted.
     Deleted,
-    /// Nothing was written: before its first write, the caller's check
+    /// Nothing was written: before the first write, the caller's check
     /// ([`Pipeline::process_while`]) said the result was no longer wanted (the queue layer:
     /// the message's delivery can no longer be settled, and the broker hands the message to
     /// another worker). Never returned by [`Pipeline::process`].
@@ -201,13 +201,16 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         self.process_while(doc, || true).await
     }
 
-    /// Like [`process`](Pipeline::process), but asks `wanted` right before the first write
-    /// (the upsert of new chunks, a tombstone, a relabelling) and writes nothing, returning
-    /// [`Processed::Abandoned`], if it answers `false`. The queue layer passes "the delivery
-    /// can still be settled": a message whose broker connection was lost while it was being
-    /// embedded is redelivered (perhaps to another worker, which may already have stored a
-    /// newer version and settled the document), so a write of this attempt could only land
-    /// behind that settling and leave chunks nobody removes.
+    /// Like [`process`](Pipeline::process), but asks `wanted` before reading, before
+    /// embedding and right before the first write (the upsert of new chunks, a tombstone, a
+    /// relabelling), and stops there, writing nothing and returning
+    /// [`Processed::Abandoned`], once it answers `false`. The queue layer passes "the
+    /// delivery can still be settled": a message whose broker connection was lost is
+    /// redelivered, perhaps to another worker that stores it and then newer messages about
+    /// the same document; a write of this attempt landing after those would take the place
+    /// of newer content (a message without a version takes the order of its processing
+    /// time) or leave chunks that no settling removes. The check is a snapshot: a loss the
+    /// client has not noticed yet, or one right after the check, does not stop the write.
     ///
     /// Cleanup deletes (points older than the stored head) are not writes of this message's
     /// content and run regardless.
@@ -219,6 +222,9 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
         wanted: impl Fn() -> bool + Send + Sync,
     ) -> Result<Processed, Failure> {
         let wanted: &(dyn Fn() -> bool + Send + Sync) = &wanted;
+        if !wanted() {
+            return Ok(Processed::Abandoned);
+        }
         let stored = timed(
             "read_head",
             self.store.first_chunk(&doc.tenant, &doc.document_id),
@@ -335,6 +341,9 @@ impl<E: Embedder, S: VectorStore> Pipeline<E, S> {
             ));
         }
         let chunks = self.prepare(doc, extracted).await?;
+        if !wanted() {
+            return Ok(Processed::Abandoned);
+        }
         let reusable = match stored_chunks {
             Some(count) => self.reusable_vectors(doc, count, &fingerprint).await?,
             None => HashMap::new(),

@@ -61,6 +61,10 @@ pub fn embedder_with_env(
         return Ok(primary);
     };
     let fallback = single_embedder(fallback, env, None)?;
+    // A fallback runs only while the primary fails: it does not keep a full pass's buffers.
+    if let AnyEmbedder::Candle(candle) = &fallback {
+        candle.release_buffers();
+    }
     Ok(AnyEmbedder::Failover(Box::new(FailoverEmbedder::new(
         primary, fallback,
     )?)))

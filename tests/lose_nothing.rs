@@ -100,10 +100,11 @@ struct Faults {
     /// Upserts under way (holding or writing) now, and the most ever at once.
     active_upserts: AtomicU32,
     max_active_upserts: AtomicU32,
-    /// The next read of the stored revision, once answered, waits this long before its
-    /// answer is returned (reset to 0 when used); `read_held` is set while it waits.
-    hold_after_read_ms: AtomicU64,
+    /// While set, the next read of the stored revision, once answered, is held (the switch
+    /// is reset when used): `read_held` is set until the test sets `release_read`.
+    hold_next_read: AtomicBool,
     read_held: AtomicBool,
+    release_read: AtomicBool,
 }
 
 /// The real store (Edge or server) with switchable [`Faults`].
@@ -123,8 +124,9 @@ fn faulty_store(inner: impl Into<Store>) -> FaultyStore {
         hold_upserts_ms: AtomicU64::new(0),
         active_upserts: AtomicU32::new(0),
         max_active_upserts: AtomicU32::new(0),
-        hold_after_read_ms: AtomicU64::new(0),
+        hold_next_read: AtomicBool::new(false),
         read_held: AtomicBool::new(false),
+        release_read: AtomicBool::new(false),
     };
     FaultStore::new(Arc::new(inner.into()), faults)
 }
@@ -190,13 +192,15 @@ impl Hook for Faults {
     }
 
     async fn after(&self, op: Op, ok: bool) -> Result<(), StoreError> {
-        if op == Op::FirstChunk {
-            let hold = self.hold_after_read_ms.swap(0, Ordering::SeqCst);
-            if hold > 0 {
-                self.read_held.store(true, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                self.read_held.store(false, Ordering::SeqCst);
-            }
+        if op == Op::FirstChunk && self.hold_next_read.swap(false, Ordering::SeqCst) {
+            self.read_held.store(true, Ordering::SeqCst);
+            eventually(
+                Duration::from_secs(120),
+                "the test releases the read",
+                || async { self.release_read.load(Ordering::SeqCst) },
+            )
+            .await;
+            self.read_held.store(false, Ordering::SeqCst);
         }
         if matches!(op, Op::Upsert | Op::UpsertNewer) {
             self.active_upserts.fetch_sub(1, Ordering::SeqCst);
@@ -577,90 +581,109 @@ async fn lose_nothing_a_lost_connection_lets_running_writes_finish() {
     t.delete_queues().await;
 }
 
-/// A broker connection lost while a message is read and embedded, before it writes: the
-/// message writes nothing (outcome `abandoned`), since its redelivered copy may already have
-/// been processed by another worker that stored a newer version and settled the document; a
-/// write landing after that would leave chunks nobody removes. Here another worker stores v2
-/// while v1 is held; v1's redelivered copy is then `stale`. Failed on the old code: v1
-/// went on to write its chunks after its connection was gone (`upsert_calls` 1).
+/// A broker connection lost while a message is processed, before it writes: the message
+/// writes nothing (outcome `abandoned`). Here worker 1 holds message A (no version) when its
+/// connection is closed; worker 2 gets the redelivered A and stores it, then B (no version,
+/// submitted later) is stored. Had worker 1 gone on to write A, its write — ordered by its
+/// later processing time — would have replaced B. Failed on the old code: worker 1 wrote A
+/// after its connection was gone (`upsert_calls` 1) and A's content was left in place of B's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lose_nothing_a_message_whose_connection_is_lost_before_its_write_writes_nothing() {
     let t = TestPipeline::new("ln-lost-before-write", FAST);
     let (pipeline, store) = faulty_pipeline(&t).await;
     let tenant = TenantId::new("acme").expect("tenant");
-    let mut v1 = Document::upsert(
+    let a = Document::upsert(
         tenant.clone(),
         "lost-before-write",
         (0..12)
-            .map(|i| format!("Sentence {i} of the first version tells about harbour number {i} and its lanterns."))
+            .map(|i| {
+                format!("Sentence {i} of the first text tells about harbour {i} and its lanterns.")
+            })
             .collect::<Vec<_>>()
             .join(" "),
     );
-    v1.version = Some(1);
-    let mut v2 = Document::upsert(tenant, "lost-before-write", "The second version is short.");
-    v2.version = Some(2);
-    assert!(expected_chunks(&t.config, &v1) > expected_chunks(&t.config, &v2));
+    let b = Document::upsert(tenant, "lost-before-write", "The second text is short.");
+    assert!(expected_chunks(&t.config, &a) > expected_chunks(&t.config, &b));
+    let model = embedder();
+    let healthy = Pipeline::new(
+        Arc::new(setup::chunker(&t.config, &model).expect("chunker")),
+        model,
+        Arc::clone(&store.inner),
+    );
 
-    store.hold_after_read_ms.store(3_000, Ordering::SeqCst);
-    common::submit(&t.config, std::slice::from_ref(&v1)).await;
-    let (stop, handle) = spawn_worker(&t, &pipeline);
-    eventually(Duration::from_secs(60), "v1's read is held", || async {
+    store.hold_next_read.store(true, Ordering::SeqCst);
+    common::submit(&t.config, std::slice::from_ref(&a)).await;
+    let (stop_1, worker_1) = spawn_worker(&t, &pipeline);
+    eventually(Duration::from_secs(60), "A's read is held", || async {
         store.read_held.load(Ordering::SeqCst)
     })
     .await;
     assert!(
         common::close_worker_connections(&t.config.name) > 0,
-        "the worker's connection was closed"
+        "worker 1's connection was closed"
     );
-    // Another worker stores v2 meanwhile.
-    let model = embedder();
-    let other = Pipeline::new(
-        Arc::new(setup::chunker(&t.config, &model).expect("chunker")),
-        model,
-        Arc::clone(&store.inner),
-    );
-    let stored = other.process(&v2).await.expect("v2 is stored");
+    // Worker 1 waits for its running message before it reconnects; worker 2 gets A.
+    let (stop_2, worker_2) = spawn_worker(&t, &healthy);
+    let sha = |doc: &Document| rag_ingest::process::content_sha256(&doc.content);
+    eventually(Duration::from_secs(60), "worker 2 stored A", || async {
+        store
+            .inner
+            .first_chunk(&a.tenant, &a.document_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|head| head.content_sha256 == sha(&a))
+    })
+    .await;
+    let stored = healthy.process(&b).await.expect("B is stored");
     assert!(
         matches!(stored, rag_ingest::process::Processed::Stored { .. }),
         "{stored:?}"
     );
-    eventually(Duration::from_secs(60), "the held read ended", || async {
-        !store.read_held.load(Ordering::SeqCst)
-    })
-    .await;
+    store.release_read.store(true, Ordering::SeqCst);
     eventually(
         Duration::from_secs(60),
-        "the worker reconnected",
-        || async { common::worker_connections(&t.config.name).len() == 1 },
+        "worker 1's message ended",
+        || async { !store.read_held.load(Ordering::SeqCst) },
     )
+    .await;
+    eventually(Duration::from_secs(60), "worker 1 reconnected", || async {
+        common::worker_connections(&t.config.name).len() == 2
+    })
     .await;
     eventually(Duration::from_secs(30), "the queues drained", || async {
         common::pending(&t.config).await == 0
     })
     .await;
-    let _ = stop.send(());
-    let report = tokio::time::timeout(Duration::from_secs(60), handle)
-        .await
-        .expect("the worker stops")
-        .expect("the worker task")
-        .expect("the worker's report");
+    let mut reports = Vec::new();
+    for (stop, worker) in [(stop_1, worker_1), (stop_2, worker_2)] {
+        let _ = stop.send(());
+        reports.push(
+            tokio::time::timeout(Duration::from_secs(60), worker)
+                .await
+                .expect("the worker stops")
+                .expect("the worker task")
+                .expect("the worker's report"),
+        );
+    }
     assert_eq!(
         store.upsert_calls.load(Ordering::SeqCst),
         0,
-        "v1 wrote after its connection was lost: {report:?}"
+        "worker 1 wrote A after its connection was lost: {reports:?}"
     );
     assert_eq!(
-        (report.stored, report.stale, report.dead_lettered),
-        (0, 1, 0),
-        "v1's redelivered copy is stale: {report:?}"
+        reports.iter().map(|r| r.dead_lettered).sum::<u64>(),
+        0,
+        "{reports:?}"
     );
-    assert_stored_once(&t, &*store, std::slice::from_ref(&v2)).await;
     let head = store
-        .first_chunk(&v2.tenant, &v2.document_id)
+        .inner
+        .first_chunk(&b.tenant, &b.document_id)
         .await
         .expect("read")
         .expect("stored");
-    assert_eq!(head.version, Some(2));
+    assert_eq!(head.content_sha256, sha(&b), "B, the newest, is stored");
+    assert_stored_once(&t, &*store, std::slice::from_ref(&b)).await;
     t.delete_queues().await;
 }
 

@@ -434,6 +434,14 @@ impl CandleEmbedder {
         })
     }
 
+    /// Frees the forward pass's working buffers, which loading allocates for a full pass
+    /// (up to `batch_size` × 256 tokens of activations, ≈ 150 MB at the defaults); the next
+    /// pass allocates what it needs again. Meant for a model that may never run, such as
+    /// the candle fallback behind a remote provider.
+    pub fn release_buffers(&self) {
+        self.inner.model.release();
+    }
+
     /// Which precision the forward pass runs in, what was asked for, and why.
     pub fn precision(&self) -> &PrecisionChoice {
         &self.precision

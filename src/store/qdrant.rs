@@ -291,9 +291,9 @@ impl QdrantStore {
     /// Fails with [`StoreError::FingerprintMismatch`] if the collection was created for another
     /// embedder (or has another vector size or distance); [`StoreError::Rejected`] if
     /// `collection` is not a plain name (`[A-Za-z0-9_.-]`, 1 to 255 characters), the URL is
-    /// invalid, `fingerprint.dims` is 0, the collection has no recorded fingerprint or the
-    /// server refuses a request (e.g. a wrong API key); [`StoreError::Unavailable`] if the
-    /// server cannot be reached within the retries.
+    /// invalid, `fingerprint.dims` is 0, the collection has no recorded fingerprint, the
+    /// server is older than [`MIN_SERVER_VERSION`] or refuses a request (e.g. a wrong API
+    /// key); [`StoreError::Unavailable`] if the server cannot be reached within the retries.
     pub async fn open(
         options: &QdrantOptions,
         collection: &str,
@@ -409,7 +409,7 @@ impl QdrantStore {
     }
 
     /// The server's version as its health check reported it when the store was opened
-    /// (`None` only before that).
+    /// (`None` before that, or where the health check is not routed to the server).
     pub fn server_version(&self) -> Option<&str> {
         self.server_version.as_deref()
     }
@@ -417,15 +417,26 @@ impl QdrantStore {
     /// Asks the server its version (gRPC health check) and keeps it. A server older than
     /// [`MIN_SERVER_VERSION`] is refused; one older than [`SAFE_SERVER_VERSION`] is accepted
     /// with a warning ([`QdrantServerOutdated`](crate::telemetry::events::QdrantServerOutdated));
-    /// a version that does not read as `major.minor[.patch]` (a development build) is accepted
-    /// as it is.
+    /// a version that does not read as `major.minor[.patch]` (a development build), or no
+    /// version because a proxy in front of the server does not route the health check
+    /// (`Unimplemented`, `NotFound`), is accepted as it is.
     ///
-    /// Fails with [`StoreError::Rejected`] for a server older than [`MIN_SERVER_VERSION`],
-    /// [`StoreError::Unavailable`] if the server cannot be reached.
+    /// Fails with [`StoreError::Rejected`] for a server older than [`MIN_SERVER_VERSION`] (or
+    /// a refused request), [`StoreError::Unavailable`] if the server cannot be reached.
     async fn check_server_version(&mut self) -> Result<(), StoreError> {
-        let reply = self
-            .call("health check", || self.client.health_check())
-            .await?;
+        let reply = match self
+            .call_raw("health check", || self.client.health_check())
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e)
+                if status(&e)
+                    .is_some_and(|s| matches!(s.code(), Code::Unimplemented | Code::NotFound)) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(self.map_error("health check", &e)),
+        };
         let version = reply.version;
         match ServerSupport::of(&version) {
             ServerSupport::Unsupported => {

@@ -82,7 +82,7 @@ pub mod names {
 }
 
 /// Every `outcome` of [`names::MESSAGES`].
-pub const OUTCOMES: [&str; 8] = [
+pub const OUTCOMES: [&str; 9] = [
     "stored",
     "unchanged",
     "stale",
@@ -91,6 +91,7 @@ pub const OUTCOMES: [&str; 8] = [
     "dead_lettered",
     "parked",
     "deferred",
+    "abandoned",
 ];
 
 /// Every `op` of [`names::STORE_SECONDS`], as the pipeline names its store calls.
@@ -109,7 +110,7 @@ pub const STORE_OPS: [&str; 6] = [
 pub fn describe_all() {
     describe_counter!(
         names::MESSAGES,
-        "Messages settled, by outcome (stored, unchanged, stale, deleted, retried, dead_lettered, parked, deferred)."
+        "Messages settled, by outcome (stored, unchanged, stale, deleted, retried, dead_lettered, parked, deferred), and messages abandoned before their write because their delivery was lost (abandoned)."
     );
     describe_counter!(
         names::CHUNKS_EMBEDDED,

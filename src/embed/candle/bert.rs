@@ -466,6 +466,15 @@ impl Bert {
             .map_or("f32", ReducedAttention::name)
     }
 
+    /// Frees the pass buffers (those [`reserve`](Bert::reserve) made or passes grew); the
+    /// next pass allocates what it needs again. For a model that may never run, such as a
+    /// fallback embedder.
+    pub(crate) fn release(&self) {
+        if let Ok(mut cached) = self.buffers.lock() {
+            *cached = None;
+        }
+    }
+
     /// Allocates the activation buffers a forward pass of `tokens` tokens needs (the
     /// largest pass the caller will run) and touches their memory now, so that later passes
     /// up to that size neither allocate nor take page faults: a worker pays them while it
@@ -1393,6 +1402,13 @@ mod tests {
                 "{precision:?}: a pass within the reserved size allocated a buffer again"
             );
             assert_eq!(got, want, "{precision:?}: reserving changed the vectors");
+            model.release();
+            assert!(
+                model.buffers.lock().expect("not poisoned").is_none(),
+                "{precision:?}: released buffers are freed"
+            );
+            let again = model.embed(&sequences).expect("embeds after a release");
+            assert_eq!(again, want, "{precision:?}: releasing changed the vectors");
         }
     }
 
