@@ -186,7 +186,8 @@ impl InternalEvent for MessagePanicked {
             event = "message_panicked",
             panics = self.panics,
             give_up = self.give_up,
-            "message processing panicked; handing the delivery back with its panic count"
+            "message processing panicked; the delivery is handed back with its panic count \
+             (or, if it can no longer be settled, redelivered by the broker)"
         );
     }
 }
