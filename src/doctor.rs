@@ -241,14 +241,13 @@ async fn store(config: &PipelineConfig, fingerprint: &crate::embed::Fingerprint)
 /// The store check's words on a Qdrant server's `version`: a suffix for its detail, and a
 /// warning when the version is older than recommended.
 fn server_version(version: Option<&str>) -> (String, Option<String>) {
-    use crate::store::{SAFE_SERVER_VERSION, ServerSupport};
+    use crate::store::{OUTDATED_SERVER_RISK, SAFE_SERVER_VERSION, ServerSupport};
     let Some(version) = version else {
         return (String::new(), None);
     };
     let warning = (ServerSupport::of(version) == ServerSupport::Outdated).then(|| {
         format!(
-            "Qdrant {version} is older than {}.{}: after a crash of the server, replaying its \
-             write-ahead log can bring deleted points back (qdrant/qdrant#9575); upgrade it",
+            "Qdrant {version} is older than {}.{}: {OUTDATED_SERVER_RISK}; upgrade it",
             SAFE_SERVER_VERSION.0, SAFE_SERVER_VERSION.1
         )
     });

@@ -270,6 +270,19 @@ async fn run_until_idle<E: Embedder, S: VectorStore>(
     common::drain(&t.config, pipeline.clone(), timeout, grace).await
 }
 
+/// Stops a worker of [`spawn_worker`] and returns its report (fails the test after a minute).
+async fn stop_worker(
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<WorkerReport, WorkerError>>,
+) -> WorkerReport {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(60), handle)
+        .await
+        .expect("the worker stops")
+        .expect("the worker task")
+        .expect("the worker's report")
+}
+
 /// A worker running in the background until the returned sender fires (or is dropped).
 fn spawn_worker<E: Embedder, S: VectorStore>(
     t: &TestPipeline,
@@ -564,12 +577,7 @@ async fn lose_nothing_a_lost_connection_lets_running_writes_finish() {
         common::pending(&t.config).await == 0
     })
     .await;
-    let _ = stop.send(());
-    let report = tokio::time::timeout(Duration::from_secs(60), handle)
-        .await
-        .expect("the worker stops")
-        .expect("the worker task")
-        .expect("the worker's report");
+    let report = stop_worker(stop, handle).await;
     assert_eq!(
         store.active_upserts.load(Ordering::SeqCst),
         0,
@@ -655,17 +663,10 @@ async fn lose_nothing_a_message_whose_connection_is_lost_before_its_write_writes
         common::pending(&t.config).await == 0
     })
     .await;
-    let mut reports = Vec::new();
-    for (stop, worker) in [(stop_1, worker_1), (stop_2, worker_2)] {
-        let _ = stop.send(());
-        reports.push(
-            tokio::time::timeout(Duration::from_secs(60), worker)
-                .await
-                .expect("the worker stops")
-                .expect("the worker task")
-                .expect("the worker's report"),
-        );
-    }
+    let reports = [
+        stop_worker(stop_1, worker_1).await,
+        stop_worker(stop_2, worker_2).await,
+    ];
     assert_eq!(
         store.upsert_calls.load(Ordering::SeqCst),
         0,

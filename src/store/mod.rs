@@ -23,8 +23,8 @@ mod qdrant;
 
 pub use edge::{EdgeMaintenance, EdgeStore, disk_usage};
 pub use qdrant::{
-    CollectionLayout, MIN_SERVER_VERSION, QdrantOptions, QdrantStore, SAFE_SERVER_VERSION,
-    ServerSupport,
+    CollectionLayout, MIN_SERVER_VERSION, OUTDATED_SERVER_RISK, QdrantOptions, QdrantStore,
+    SAFE_SERVER_VERSION, ServerSupport,
 };
 
 use std::fmt;

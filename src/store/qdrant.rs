@@ -88,6 +88,10 @@ pub const MIN_SERVER_VERSION: (u64, u64) = (1, 16);
 /// warning.
 pub const SAFE_SERVER_VERSION: (u64, u64) = (1, 19);
 
+/// What can go wrong on a server older than [`SAFE_SERVER_VERSION`] (for warnings).
+pub const OUTDATED_SERVER_RISK: &str = "after a crash of the server, replaying its write-ahead \
+     log can bring deleted points back (qdrant/qdrant#9575)";
+
 /// How a Qdrant server version suits this store (see [`MIN_SERVER_VERSION`] and
 /// [`SAFE_SERVER_VERSION`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1072,8 +1072,8 @@ impl InternalEvent for QdrantServerOutdated<'_> {
             url = self.url,
             version = self.version,
             recommended = %format!("{}.{}", self.recommended.0, self.recommended.1),
-            "the Qdrant server is older than recommended: after a server crash, replaying its \
-             write-ahead log can bring deleted points back (qdrant/qdrant#9575); upgrade it"
+            "the Qdrant server is older than recommended: {}; upgrade it",
+            crate::store::OUTDATED_SERVER_RISK
         );
     }
 }
