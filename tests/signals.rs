@@ -187,13 +187,16 @@ async fn signals_sigint_mid_batch_behaves_like_sigterm() {
 }
 
 /// The broker closes the worker's connection mid-batch (only that connection, found by its
-/// name): the worker reconnects, finishes the batch and exits 0; nothing lost, nothing
-/// stored twice.
+/// name): the worker reconnects, finishes the batch and stops cleanly; nothing lost, nothing
+/// stored twice. Half the documents are submitted only after the close, so the worker has
+/// work left to reconnect for however fast it is (on a fast CPU the whole first half can be
+/// done before the close takes effect).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_connection_closed_by_broker_worker_reconnects_and_finishes() {
     let docs = docs("drop", 60);
-    let (t, file) = setup_pipeline("sig-drop", &docs).await;
-    let mut worker = WorkerProcess::start(&file, true);
+    let (first, rest) = docs.split_at(docs.len() / 2);
+    let (t, file) = setup_pipeline("sig-drop", first).await;
+    let mut worker = WorkerProcess::start(&file, false);
     worker.wait_stored(5).await;
     let name = t.config.name.clone();
     eventually(
@@ -206,9 +209,35 @@ async fn signals_connection_closed_by_broker_worker_reconnects_and_finishes() {
     )
     .await;
     assert_eq!(common::close_worker_connections(&t.config.name), 1);
-    // 60 documents through the dev build's model: about 50 s alone, more beside the other
-    // tests of this file (each runs a worker); the deadline only bounds a hang.
-    let (status, log) = worker.wait_exit(Duration::from_secs(180)).await;
+    common::submit(&t.config, rest).await;
+    // Every document settled (stored, or found unchanged when redelivered after the close).
+    // The deadline only bounds a hang: 60 documents through the dev build's model take up
+    // to about 50 s beside the other tests of this file.
+    let settled = |w: &WorkerProcess| {
+        w.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["fields"]["event"] == "message_settled")
+            .filter_map(|e| {
+                let span = &e["span"];
+                Some((
+                    span["tenant_id"].as_str()?.to_owned(),
+                    span["document_id"].as_str()?.to_owned(),
+                ))
+            })
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    worker
+        .wait_until(
+            "every document settled",
+            Duration::from_secs(180),
+            Duration::from_millis(100),
+            |w| settled(w) == docs.len(),
+        )
+        .await;
+    worker.signal("TERM");
+    let (status, log) = worker.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{log}");
     assert!(
         count_events(&log, &Event::named("broker_connection_lost")) >= 1,
