@@ -47,48 +47,73 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A TCP proxy to RabbitMQ that the test can cut and restore.
+/// A TCP proxy to RabbitMQ that the test can cut and restore. It keeps its listener (bound
+/// to a port the OS picks) for its whole life, so a restore never has to bind again: while
+/// cut, every proxied connection is closed and new ones are closed as soon as accepted.
 struct BrokerProxy {
     port: u16,
-    task: Option<JoinHandle<()>>,
+    cut: tokio::sync::watch::Sender<bool>,
+    _task: JoinHandle<()>,
 }
 
 impl BrokerProxy {
-    async fn start(port: u16) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port))
+    async fn start() -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("proxy binds");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (cut, mut cuts) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut links = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    break;
-                };
-                links.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:5672").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else {
+                            break;
+                        };
+                        if *cuts.borrow() {
+                            continue; // dropped: the connection closes at once
+                        }
+                        links.spawn(async move {
+                            if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:5672").await {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
                     }
-                });
+                    changed = cuts.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        if *cuts.borrow() {
+                            links.abort_all();
+                        }
+                    }
+                }
             }
         });
         BrokerProxy {
             port,
-            task: Some(task),
+            cut,
+            _task: task,
         }
     }
 
-    /// Closes the listener and every proxied connection (dropping the JoinSet aborts them).
-    fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    /// Closes every proxied connection and refuses new ones until [`BrokerProxy::restore`].
+    fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    /// Proxies new connections again.
+    fn restore(&self) {
+        let _ = self.cut.send(false);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_and_readiness_follows_the_broker() {
-    let proxy_port = free_port();
-    let mut proxy = BrokerProxy::start(proxy_port).await;
+    let proxy = BrokerProxy::start().await;
+    let proxy_port = proxy.port;
     let metrics_port = free_port();
     let extra = format!(
         "[metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n[worker]\nreconnect_give_up_secs = 120"
@@ -218,7 +243,7 @@ async fn metrics_move_and_readiness_follows_the_broker() {
     assert_eq!(status, 200);
 
     // The broker comes back: ready again.
-    let _proxy = BrokerProxy::start(proxy.port).await;
+    proxy.restore();
     eventually(
         Duration::from_secs(60),
         "/readyz 200 after the broker is back",
