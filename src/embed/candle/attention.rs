@@ -31,6 +31,7 @@
 //! be built after run-time detection of the CPU features its format needs.
 
 use super::bf16::{Cpu, missing_features};
+use super::tile::grown;
 
 mod int16;
 
@@ -86,6 +87,101 @@ pub(crate) struct Scratch {
     k_scales: Vec<f32>,
     /// int16: V's scale per channel (`d`).
     v_scales: Vec<f32>,
+}
+
+/// Every head's Q, K and V of one sequence, gathered in one pass over its tokens in order
+/// ([`ReducedAttention::pack`]), for [`Packed::head`].
+///
+/// Reading a head straight from the QKV rows takes 128 bytes of each token's row (4.6 KB
+/// apart at `hidden` 384) per head: a new page per token, which the hardware prefetchers do
+/// not follow, and after the QKV product the rows are mostly out of cache — on AMD Zen 5 the
+/// conversion of Q and K was 13 % of a bf16 or int8 pass (docs/performance.md). One sweep
+/// reads the rows as they lie in memory, and the heads then find their inputs in cache:
+///
+/// - bf16: Q, K and V converted into [`head`](ReducedAttention::head)'s layouts, head after
+///   head;
+/// - int16: each head's rows copied, head after head (its scales are per head: the heads
+///   quantise from there as [`head`](ReducedAttention::head) does).
+#[derive(Default)]
+pub(crate) struct Packed {
+    /// The format and its proof of the CPU features, set by [`ReducedAttention::pack`].
+    format: Option<Format>,
+    heads: usize,
+    d: usize,
+    len: usize,
+    /// bf16: per head, [`Scratch::q`]'s layout (`rows × d/2` words, rows rounded up to
+    /// [`MR`]).
+    q: Vec<u32>,
+    /// bf16: per head, [`Scratch::k`]'s layout (`groups × d/2 × 16` words).
+    k: Vec<u32>,
+    /// bf16: per head, [`Scratch::v`]'s layout (`ceil(len / 2) × d` words).
+    v: Vec<u32>,
+    /// int16: per head, `len` tokens of Q, K and V (`3·d` values each).
+    rows: Vec<f32>,
+}
+
+/// The words one head takes in [`Packed`]'s (and [`Scratch`]'s) bf16 Q, K and V for `len`
+/// tokens of `d` values.
+fn head_words(d: usize, len: usize) -> (usize, usize, usize) {
+    let pairs = d / 2;
+    let rows = len.next_multiple_of(MR);
+    let width = len.div_ceil(2 * KEYS) * 2 * KEYS;
+    (rows * pairs, width * pairs, len.div_ceil(2) * d)
+}
+
+impl Packed {
+    /// `out (len × d) = softmax(Q Kᵀ) V` for head `head` of the packed sequence, as
+    /// [`ReducedAttention::head`] computes it (bit-identical).
+    ///
+    /// # Panics
+    ///
+    /// If nothing was packed, `head` is not one of the packed heads or `out` does not hold
+    /// `len × d` values (bugs of the caller).
+    pub(crate) fn head(&self, head: usize, scratch: &mut Scratch, out: &mut [f32]) {
+        let Some(format) = self.format else {
+            panic!("nothing packed");
+        };
+        let (d, len) = (self.d, self.len);
+        assert!(head < self.heads, "head {head} of {}", self.heads);
+        assert_eq!(out.len(), len * d, "output shape");
+        if len == 0 {
+            return;
+        }
+        match format {
+            Format::Bf16(cpu) => {
+                let (qs, ks, vs) = head_words(d, len);
+                let q = &self.q[head * qs..(head + 1) * qs];
+                let k = &self.k[head * ks..(head + 1) * ks];
+                let v = &self.v[head * vs..(head + 1) * vs];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let _ = cpu;
+                    let buffers = (&mut scratch.scores, &mut scratch.p);
+                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16;
+                    // `pack` wrote each head's Q, K and V in the layouts `compute` reads for
+                    // `len` tokens of `d` values (a multiple of 16 up to 64), sliced above
+                    // to their sizes.
+                    unsafe { x86::compute(q, k, v, d, len, buffers, out) };
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (q, k, v, scratch);
+                    match cpu {}
+                }
+            }
+            Format::Int16(_) => {
+                let at = head * len * 3 * d;
+                let heads = Heads {
+                    data: &self.rows[at..at + len * 3 * d],
+                    stride: 3 * d,
+                    q: 0,
+                    k: d,
+                    v: 2 * d,
+                };
+                ReducedAttention { format, d }.head(heads, len, scratch, out);
+            }
+        }
+    }
 }
 
 impl ReducedAttention {
@@ -168,6 +264,55 @@ impl ReducedAttention {
             }
         }
     }
+
+    /// Gathers every head of one sequence into `packed` in one pass over its tokens in
+    /// order, for [`Packed::head`]: `rows` holds `len` tokens of `3 · heads · d` values (Q,
+    /// K and V, each `heads` heads of `d`).
+    ///
+    /// # Panics
+    ///
+    /// If `rows` holds fewer than `len` such tokens (a bug of the caller).
+    pub(crate) fn pack<'p>(
+        &self,
+        rows: &[f32],
+        heads: usize,
+        len: usize,
+        packed: &'p mut Packed,
+    ) -> &'p Packed {
+        let d = self.d;
+        let (hidden, width) = (heads * d, 3 * d);
+        assert!(rows.len() >= len * 3 * hidden, "rows shape");
+        packed.format = Some(self.format);
+        (packed.heads, packed.d, packed.len) = (heads, d, len);
+        match self.format {
+            Format::Bf16(cpu) => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let _ = cpu;
+                    // SAFETY: a `Cpu` exists only if the CPU has AVX-512F and AVX-512 BF16;
+                    // `rows` holds `len` tokens (asserted); `d` is a multiple of 16 up to 64
+                    // (`sized`).
+                    unsafe { x86::pack(rows, heads, d, len, packed) };
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                match cpu {}
+            }
+            Format::Int16(_) => {
+                let gathered = grown(&mut packed.rows, heads * len * width);
+                for (t, row) in rows.chunks_exact(3 * hidden).take(len).enumerate() {
+                    for head in 0..heads {
+                        let to = (head * len + t) * width;
+                        for (part, value) in [0, hidden, 2 * hidden].into_iter().enumerate() {
+                            let from = value + head * d;
+                            gathered[to + part * d..to + (part + 1) * d]
+                                .copy_from_slice(&row[from..from + d]);
+                        }
+                    }
+                }
+            }
+        }
+        packed
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -183,7 +328,7 @@ mod x86 {
     };
 
     use super::super::bf16::x86::convert_row;
-    use super::{Heads, KEYS, MR, Scratch};
+    use super::{Heads, KEYS, MR, Packed, Scratch, grown, head_words};
 
     pub(super) const LANES: usize = 16;
 
@@ -204,18 +349,13 @@ mod x86 {
         out: &mut [f32],
     ) {
         let pairs = d / 2;
-        let rows = len.next_multiple_of(MR);
-        let groups = len.div_ceil(2 * KEYS) * 2;
-        let width = groups * KEYS;
-        let token_pairs = len.div_ceil(2);
+        let (qs, ks, vs) = head_words(d, len);
         s.q.clear();
-        s.q.resize(rows * pairs, 0);
+        s.q.resize(qs, 0);
         s.k.clear();
-        s.k.resize(width * pairs, 0);
+        s.k.resize(ks, 0);
         s.v.clear();
-        s.v.resize(token_pairs * d, 0);
-        s.scores.resize(MR * width, 0.0);
-        s.p.resize(MR * width / 2, 0);
+        s.v.resize(vs, 0);
         let base = heads.data.as_ptr();
         // SAFETY (every `token`): token `t < len` of Q, K or V is inside `heads.data`
         // (this function's contract).
@@ -226,16 +366,11 @@ mod x86 {
         };
         for t in 0..len {
             convert_row(row(heads.q, t), &mut s.q[t * pairs..(t + 1) * pairs]);
-            let mut words = [0u32; 32];
-            convert_row(row(heads.k, t), &mut words[..pairs]);
-            let (group, key) = (t / KEYS, t % KEYS);
-            for (pair, &word) in words[..pairs].iter().enumerate() {
-                s.k[(group * pairs + pair) * KEYS + key] = word;
-            }
+            convert_key(row(heads.k, t), t, pairs, &mut s.k);
         }
-        for pair in 0..token_pairs {
+        for pair in 0..len.div_ceil(2) {
             let second = (2 * pair + 1 < len).then(|| token(heads.v, 2 * pair + 1));
-            // SAFETY: `d` values at each existing token; `s.v` holds `token_pairs × d`
+            // SAFETY: `d` values at each existing token; `s.v` holds `ceil(len / 2) × d`
             // words.
             unsafe {
                 interleave(
@@ -246,34 +381,151 @@ mod x86 {
                 );
             }
         }
+        let Scratch {
+            q, k, v, scores, p, ..
+        } = s;
+        // SAFETY: the CPU features (this function's contract); Q, K and V converted above
+        // in `compute`'s layouts and sizes.
+        unsafe { compute(q, k, v, d, len, (scores, p), out) };
+    }
+
+    /// Key `t` (`d = 2·pairs` values) to bf16 pairs at its place in `k` (groups of 16
+    /// keys, for each channel pair the 16 keys' words side by side).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn convert_key(key: &[f32], t: usize, pairs: usize, k: &mut [u32]) {
+        let mut words = [0u32; 32];
+        convert_row(key, &mut words[..pairs]);
+        let (group, key) = (t / KEYS, t % KEYS);
+        for (pair, &word) in words[..pairs].iter().enumerate() {
+            k[(group * pairs + pair) * KEYS + key] = word;
+        }
+    }
+
+    /// Every head of one sequence (`len` tokens of `3 · heads · d` values in `rows`) into
+    /// `packed`'s Q, K and V, head after head as [`head`] lays out one head, reading the
+    /// tokens in order.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F and AVX-512 BF16; `rows` must hold `len` such tokens; `d`
+    /// must be a multiple of 16 up to 64.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack(rows: &[f32], heads: usize, d: usize, len: usize, p: &mut Packed) {
+        let (hidden, pairs) = (heads * d, d / 2);
+        let stride = 3 * hidden;
+        let (qs, ks, vs) = head_words(d, len);
+        let q = grown(&mut p.q, heads * qs);
+        let k = grown(&mut p.k, heads * ks);
+        let v = grown(&mut p.v, heads * vs);
+        // Old contents are overwritten below, except padding: Q's rows and K's keys past
+        // `len` must be zero (V's are written as zeros by `interleave`).
+        for head in 0..heads {
+            q[head * qs + len * pairs..(head + 1) * qs].fill(0);
+            let k = &mut k[head * ks..(head + 1) * ks];
+            for key in len..ks / pairs {
+                let (group, key) = (key / KEYS, key % KEYS);
+                for pair in 0..pairs {
+                    k[(group * pairs + pair) * KEYS + key] = 0;
+                }
+            }
+        }
+        for t in 0..len {
+            let row = &rows[t * stride..(t + 1) * stride];
+            for head in 0..heads {
+                let at = head * d;
+                convert_row(
+                    &row[at..at + d],
+                    &mut q[head * qs + t * pairs..head * qs + (t + 1) * pairs],
+                );
+                convert_key(
+                    &row[hidden + at..hidden + at + d],
+                    t,
+                    pairs,
+                    &mut k[head * ks..(head + 1) * ks],
+                );
+            }
+            // After the second token of a pair (or a last lone one), the pair's V.
+            if t % 2 == 1 || t + 1 == len {
+                let pair = t / 2;
+                let first = &rows[2 * pair * stride + 2 * hidden..][..hidden];
+                let second = (2 * pair + 1 < len).then_some(&row[2 * hidden..]);
+                for head in 0..heads {
+                    let at = head * d;
+                    let out = &mut v[head * vs + pair * d..head * vs + (pair + 1) * d];
+                    // SAFETY: `d` values at `first[at..]` and `second[at..]` (both `hidden`
+                    // long, `at + d ≤ hidden`), `d` words at `out`.
+                    unsafe {
+                        interleave(
+                            first[at..].as_ptr(),
+                            second.map(|second| second[at..].as_ptr()),
+                            d,
+                            out.as_mut_ptr(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// For each block of [`MR`] query rows of one head: the scores, their softmax and the
+    /// context, from Q, K and V in bf16 pairs (`head`'s layouts), into `out` (`len × d`);
+    /// `scores` and `p` are scratch.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512F and AVX-512 BF16; `q`, `k` and `v` must hold the words
+    /// [`head_words`] gives for `d` and `len`, in `head`'s layouts (zero padding included);
+    /// `out` must hold `len × d` values; `d` must be a multiple of 16 up to 64.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn compute(
+        q: &[u32],
+        k: &[u32],
+        v: &[u32],
+        d: usize,
+        len: usize,
+        (scores_buffer, p_buffer): (&mut Vec<f32>, &mut Vec<u32>),
+        out: &mut [f32],
+    ) {
+        let pairs = d / 2;
+        let groups = len.div_ceil(2 * KEYS) * 2;
+        let width = groups * KEYS;
+        let token_pairs = len.div_ceil(2);
+        let (qs, ks, vs) = head_words(d, len);
+        assert!(
+            q.len() >= qs && k.len() >= ks && v.len() >= vs,
+            "packed shapes"
+        );
+        let scores_buffer = grown(scores_buffer, MR * width);
+        let p_buffer = grown(p_buffer, MR * width / 2);
         for r0 in (0..len).step_by(MR) {
             let valid = (len - r0).min(MR);
-            // SAFETY: `s.q` holds rows `r0..r0 + MR` of `pairs` words, `s.k` `groups` (even)
-            // groups of keys, `s.scores` `MR × width` values.
-            unsafe { scores(s, r0, pairs, groups) };
+            // SAFETY: `q` holds rows `r0..r0 + MR` of `pairs` words, `k` `groups` (even)
+            // groups of keys, `scores_buffer` `MR × width` values.
+            unsafe { scores(q, k, scores_buffer, r0, pairs, groups) };
             let mut inverse = [0f32; MR];
             for (r, inverse) in inverse.iter_mut().enumerate() {
-                let row = &s.scores[r * width..(r + 1) * width];
-                let p = &mut s.p[r * width / 2..(r + 1) * width / 2];
+                let row = &scores_buffer[r * width..(r + 1) * width];
+                let p = &mut p_buffer[r * width / 2..(r + 1) * width / 2];
                 // Rows past the last query get zero probabilities (and are not written).
                 let sum = probabilities(row, if r < valid { len } else { 0 }, p);
                 *inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
             }
             let out = &mut out[r0 * d..(r0 + valid) * d];
-            let p_width = width / 2;
-            // SAFETY: `s.p` holds `MR` rows of `p_width ≥ token_pairs` words, `s.v`
+            let shape = (width / 2, token_pairs);
+            let p: &[u32] = p_buffer;
+            // SAFETY: `p` holds `MR` rows of `width / 2 ≥ token_pairs` words, `v`
             // `token_pairs × d` words, `out` `valid` rows of `d`.
             unsafe {
                 match d / LANES {
-                    1 => context::<8, 1>(s, 0, (p_width, token_pairs), &inverse, valid, out, d),
-                    2 => context::<8, 2>(s, 0, (p_width, token_pairs), &inverse, valid, out, d),
+                    1 => context::<8, 1>((p, v), 0, shape, &inverse, valid, out, d),
+                    2 => context::<8, 2>((p, v), 0, shape, &inverse, valid, out, d),
                     3 => {
-                        context::<4, 3>(s, 0, (p_width, token_pairs), &inverse, valid, out, d);
-                        context::<4, 3>(s, 4, (p_width, token_pairs), &inverse, valid, out, d);
+                        context::<4, 3>((p, v), 0, shape, &inverse, valid, out, d);
+                        context::<4, 3>((p, v), 4, shape, &inverse, valid, out, d);
                     }
                     _ => {
-                        context::<4, 4>(s, 0, (p_width, token_pairs), &inverse, valid, out, d);
-                        context::<4, 4>(s, 4, (p_width, token_pairs), &inverse, valid, out, d);
+                        context::<4, 4>((p, v), 0, shape, &inverse, valid, out, d);
+                        context::<4, 4>((p, v), 4, shape, &inverse, valid, out, d);
                     }
                 }
             }
@@ -325,11 +577,18 @@ mod x86 {
     /// `pairs` words, `s.k` `groups` (even) groups of `pairs × 16` words, `s.scores`
     /// `MR × groups·16` values.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn scores(s: &mut Scratch, r0: usize, pairs: usize, groups: usize) {
+    unsafe fn scores(
+        q: &[u32],
+        k: &[u32],
+        scores: &mut [f32],
+        r0: usize,
+        pairs: usize,
+        groups: usize,
+    ) {
         let width = groups * KEYS;
-        let q = s.q[r0 * pairs..].as_ptr();
-        let k = s.k.as_ptr();
-        let scores = s.scores.as_mut_ptr();
+        let q = q[r0 * pairs..].as_ptr();
+        let k = k.as_ptr();
+        let scores = scores.as_mut_ptr();
         for g in (0..groups).step_by(2) {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR];
             for pair in 0..pairs {
@@ -451,7 +710,7 @@ mod x86 {
     /// `valid` rows of `d`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn context<const R: usize, const DV: usize>(
-        s: &Scratch,
+        (p, v): (&[u32], &[u32]),
         first: usize,
         (p_width, token_pairs): (usize, usize),
         inverse: &[f32; MR],
@@ -459,8 +718,8 @@ mod x86 {
         out: &mut [f32],
         d: usize,
     ) {
-        let p = s.p[first * p_width..].as_ptr();
-        let v = s.v.as_ptr();
+        let p = p[first * p_width..].as_ptr();
+        let v = v.as_ptr();
         let mut acc: [[__m512; DV]; R] = [[_mm512_setzero_ps(); DV]; R];
         for pair in 0..token_pairs {
             // SAFETY: pair `pair < token_pairs` of V holds `d = 16·DV` words; row
@@ -613,6 +872,47 @@ mod tests {
                 attention.head(heads2, longer, &mut scratch, &mut wide);
                 attention.head(heads, len, &mut scratch, &mut again);
                 assert_eq!(out, again, "{name}, len {len}, d {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_packed_sequence_gives_each_head_what_head_by_head_conversion_gives() {
+        for (d, attention) in [16, 32, 48, 64]
+            .into_iter()
+            .flat_map(|d| formats(d).into_iter().map(move |(a, _)| (d, a)))
+        {
+            let heads = 3;
+            let hidden = heads * d;
+            // One `Packed` and one `Scratch` for all lengths, the longest first: stale
+            // contents of a longer sequence must not leak into a shorter one's padding.
+            let mut packed = Packed::default();
+            let mut scratch = Scratch::default();
+            for (seed, len) in [70, 1, 2, 7, 15, 16, 17, 33, 64, 65]
+                .into_iter()
+                .enumerate()
+            {
+                let data = values(len * 3 * hidden, seed as u64 + 11);
+                let sequence = attention.pack(&data, heads, len, &mut packed);
+                for head in 0..heads {
+                    let one = Heads {
+                        data: &data,
+                        stride: 3 * hidden,
+                        q: head * d,
+                        k: hidden + head * d,
+                        v: 2 * hidden + head * d,
+                    };
+                    let mut want = vec![f32::NAN; len * d];
+                    attention.head(one, len, &mut Scratch::default(), &mut want);
+                    let mut got = vec![f32::NAN; len * d];
+                    sequence.head(head, &mut scratch, &mut got);
+                    let name = attention.name();
+                    assert!(
+                        want.iter().all(|v| v.is_finite()),
+                        "{name}, d {d}, len {len}"
+                    );
+                    assert_eq!(got, want, "{name}, d {d}, len {len}, head {head}");
+                }
             }
         }
     }

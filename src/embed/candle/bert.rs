@@ -38,7 +38,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use super::Precision;
-use super::attention::{self, Heads, ReducedAttention};
+use super::attention::{self, ReducedAttention};
 use super::bf16::{self, Bf16Weight};
 use super::int8::{Int8Weight, Kernel, smoothing};
 use super::probe::DotSpeed;
@@ -773,35 +773,40 @@ impl Bert {
             rest = tail;
         }
         let reduced = self.reduced_attention;
-        per_sequence.into_par_iter().for_each(|(start, len, out)| {
-            let heads: Vec<Vec<f32>> = (0..self.heads)
-                .into_par_iter()
-                .map_init(
-                    || (Vec::new(), attention::Scratch::default()),
-                    |(scores, scratch), head| match reduced {
-                        Some(reduced) => {
-                            let base = start * 3 * h + head * d;
-                            let heads = Heads {
-                                data: qkv,
-                                stride: 3 * h,
-                                q: base,
-                                k: base + h,
-                                v: base + 2 * h,
-                            };
-                            let mut values = vec![0.0; len * d];
-                            reduced.head(heads, len, scratch, &mut values);
-                            values
-                        }
-                        _ => attention_head(qkv, h, d, start, len, head, scores),
-                    },
-                )
-                .collect();
-            for (head, values) in heads.iter().enumerate() {
-                for (row, v) in out.chunks_exact_mut(h).zip(values.chunks_exact(d)) {
-                    row[head * d..(head + 1) * d].copy_from_slice(v);
+        let stride = 3 * h;
+        per_sequence.into_par_iter().for_each_init(
+            attention::Packed::default,
+            |packed, (start, len, out)| {
+                // Every head gathered in one pass over the sequence's rows in order.
+                let packed = reduced.map(|reduced| {
+                    reduced.pack(
+                        &qkv[start * stride..(start + len) * stride],
+                        self.heads,
+                        len,
+                        packed,
+                    )
+                });
+                let heads: Vec<Vec<f32>> = (0..self.heads)
+                    .into_par_iter()
+                    .map_init(
+                        || (Vec::new(), attention::Scratch::default()),
+                        |(scores, scratch), head| match packed {
+                            Some(packed) => {
+                                let mut values = vec![0.0; len * d];
+                                packed.head(head, scratch, &mut values);
+                                values
+                            }
+                            None => attention_head(qkv, h, d, start, len, head, scores),
+                        },
+                    )
+                    .collect();
+                for (head, values) in heads.iter().enumerate() {
+                    for (row, v) in out.chunks_exact_mut(h).zip(values.chunks_exact(d)) {
+                        row[head * d..(head + 1) * d].copy_from_slice(v);
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 }
 
