@@ -24,6 +24,10 @@
 //! - probabilities: per query row, pairs of consecutive keys;
 //! - V: for each pair of consecutive tokens, each channel's two values in one word.
 //!
+//! The forward pass gathers every head of a sequence in one pass over its QKV rows
+//! ([`Packed`]) rather than reading each head's strided slices of them ([`ReducedAttention::head`],
+//! which the tests keep as the reference).
+//!
 //! Head sizes that are multiples of 16 up to 64 are supported ([`ReducedAttention::bf16`]
 //! says which); the fidelity of whole passes is checked by `tests/embed_precision.rs`.
 //!
@@ -568,13 +572,13 @@ mod x86 {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
-    /// The f32 scores of query rows `r0..r0 + MR` against every key group, into `s.scores`
+    /// The f32 scores of query rows `r0..r0 + MR` against every key group, into `scores`
     /// (`MR × groups·16`): two groups of keys at a time in 16 accumulators.
     ///
     /// # Safety
     ///
-    /// The CPU must have AVX-512F and AVX-512 BF16; `s.q` must hold rows `r0..r0 + MR` of
-    /// `pairs` words, `s.k` `groups` (even) groups of `pairs × 16` words, `s.scores`
+    /// The CPU must have AVX-512F and AVX-512 BF16; `q` must hold rows `r0..r0 + MR` of
+    /// `pairs` words, `k` `groups` (even) groups of `pairs × 16` words, `scores`
     /// `MR × groups·16` values.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn scores(
@@ -610,7 +614,7 @@ mod x86 {
             }
             for (r, acc) in acc.iter().enumerate() {
                 for (h, &acc) in acc.iter().enumerate() {
-                    // SAFETY: row `r < MR` of `s.scores` holds `width ≥ (g + 2)·16` values.
+                    // SAFETY: row `r < MR` of `scores` holds `width ≥ (g + 2)·16` values.
                     unsafe { _mm512_storeu_ps(scores.add(r * width + (g + h) * KEYS), acc) };
                 }
             }
@@ -705,8 +709,8 @@ mod x86 {
     ///
     /// # Safety
     ///
-    /// The CPU must have AVX-512F and AVX-512 BF16; `s.p` must hold `first + R` rows of
-    /// `p_width ≥ token_pairs` words, `s.v` `token_pairs × d` words with `d = 16·DV`, `out`
+    /// The CPU must have AVX-512F and AVX-512 BF16; `p` must hold `first + R` rows of
+    /// `p_width ≥ token_pairs` words, `v` `token_pairs × d` words with `d = 16·DV`, `out`
     /// `valid` rows of `d`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn context<const R: usize, const DV: usize>(
