@@ -25,8 +25,9 @@
 //! - V: for each pair of consecutive tokens, each channel's two values in one word.
 //!
 //! The forward pass gathers every head of a sequence in one pass over its QKV rows
-//! ([`Packed`]) rather than reading each head's strided slices of them ([`ReducedAttention::head`],
-//! which the tests keep as the reference).
+//! ([`Packed`]) instead of reading each head's strided slices of them; int16 heads then run
+//! [`ReducedAttention::head`] on the gathered copy, and for bf16 that function stays the
+//! tests' reference.
 //!
 //! Head sizes that are multiples of 16 up to 64 are supported ([`ReducedAttention::bf16`]
 //! says which); the fidelity of whole passes is checked by `tests/embed_precision.rs`.
