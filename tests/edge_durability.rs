@@ -142,8 +142,8 @@ mod edge_churn;
 /// Issue 15, item 4: 20 documents written 150 times each (3,000 versions, each an upsert and
 /// a delete of the previous revision's stale chunks, with 3 and 6 chunks alternating) take at
 /// most 3 times the disk space of their final versions written once into a fresh store, plus
-/// the WAL's fixed allowance (its compaction threshold and two segments, 1.5 MiB by default,
-/// which dominates for so little live data). Before the WAL was compacted and deleted points
+/// the WAL's fixed allowance (its compaction threshold, 1 MiB here, and two segments, which
+/// dominates for so little live data). Before the WAL was compacted and deleted points
 /// vacuumed, the directory grew with every version: 44.3 MiB (WAL 36.9) for 0.4 MiB of live
 /// data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,13 +170,20 @@ async fn disk_use_stays_within_a_small_multiple_of_the_live_data() {
     }
     let live = edge_churn::disk_use(live_dir.path());
 
+    // The default compaction threshold (16 MiB) would compact this churn only twice: a
+    // 1 MiB threshold makes the store compact (reload) many times under concurrent writes.
+    let maintenance = EdgeMaintenance {
+        wal_compact_bytes: 1024 * 1024,
+        ..EdgeMaintenance::default()
+    };
     let dir = tempfile::tempdir().unwrap();
     let (compactions, optimizations) = {
         let store = Arc::new(
-            EdgeStore::open(
+            EdgeStore::open_with_maintenance(
                 dir.path(),
                 edge_churn::COLLECTION,
                 &edge_churn::fingerprint(),
+                maintenance,
             )
             .unwrap(),
         );
@@ -200,7 +207,10 @@ async fn disk_use_stays_within_a_small_multiple_of_the_live_data() {
         edge_churn::mib(churned.wal),
         edge_churn::mib(churned.segments),
     );
-    let maintenance = EdgeMaintenance::default();
+    assert!(
+        compactions >= 5,
+        "the WAL was compacted {compactions} times; this churn writes tens of MiB of WAL"
+    );
     let wal_allowance = maintenance.wal_compact_bytes + 2 * maintenance.wal_segment_bytes as u64;
     assert!(
         churned.total <= 3 * live.total + wal_allowance,

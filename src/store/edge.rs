@@ -48,9 +48,9 @@
 //!   segments), every closed WAL segment but the newest is deleted, and the shard is loaded
 //!   again. The newest closed segment is kept because the WAL's numbering continues from it:
 //!   operation numbers are point versions, and a WAL restarting at 0 would make the segments
-//!   ignore every later write as older. Reads and writes wait for the reopen (milliseconds
-//!   for a small shard); if it fails, the store fails every call with `Unavailable` until it
-//!   is opened again.
+//!   ignore every later write as older. Reads and writes wait for the reopen (tens of
+//!   milliseconds for a small shard); if it fails, the store fails every call with
+//!   `Unavailable` until it is opened again.
 //! - **Vacuum.** Every [`EdgeMaintenance::optimize_every_writes`] committed writes the
 //!   shard's optimizers run (as [`EdgeStore::optimize`]): segments with more than 20 %
 //!   deleted points (at least [`EdgeMaintenance::vacuum_min_points`] points) are rebuilt
@@ -122,8 +122,11 @@ pub struct EdgeMaintenance {
     /// size). Applies to segments created from the next open on. Default 256 KiB.
     pub wal_segment_bytes: usize,
     /// The WAL is compacted once its files take more than this many bytes on disk (and more
-    /// than a quarter of the segments). Default 1 MiB: reloading a small shard takes
-    /// milliseconds, and a large one is reloaded after a quarter of its size instead.
+    /// than a quarter of the segments). Default 16 MiB: a compaction reloads the shard
+    /// (tens of milliseconds of CPU and every file mapped again, even for a small shard), so
+    /// it is paid once per 16 MiB of writes (about a thousand documents of a few chunks)
+    /// for at most 16 MiB more on disk; a large shard is reloaded after a quarter of its
+    /// size instead.
     pub wal_compact_bytes: u64,
     /// The optimizers run after this many committed writes (0: never on their own; use
     /// [`EdgeStore::optimize`]). Default 512.
@@ -137,7 +140,7 @@ impl Default for EdgeMaintenance {
     fn default() -> Self {
         EdgeMaintenance {
             wal_segment_bytes: 256 * 1024,
-            wal_compact_bytes: 1024 * 1024,
+            wal_compact_bytes: 16 * 1024 * 1024,
             optimize_every_writes: 512,
             vacuum_min_points: 256,
         }
